@@ -1,0 +1,19 @@
+"""grouploss: the Group Loss for deep metric learning, with a Rust core.
+
+>>> from grouploss import GroupLoss
+>>> loss_fn = GroupLoss(num_classes=100)          # the release's CUB defaults
+>>> loss = loss_fn(embeddings, labels, logits)   # doctest: +SKIP
+
+See ``help(grouploss.GroupLoss)`` for the computation and its options.
+"""
+
+# torch first: the native module links the libtorch that torch loads.
+import torch  # noqa: F401  isort: skip
+
+from . import _native  # noqa: E402  isort: skip
+from . import functional  # noqa: E402
+from .loss import GroupLoss  # noqa: E402
+
+__version__: str = _native.__version__
+
+__all__ = ["GroupLoss", "functional", "__version__"]

@@ -1,0 +1,215 @@
+"""Stateless Group Loss functions.
+
+Every function takes and returns ``torch.Tensor`` objects; the work is done
+in Rust over libtorch with the GIL released, and autograd flows through it
+like through any PyTorch op. Results keep the inputs' device; float64 stays
+float64, half and bfloat16 inputs (e.g. under ``torch.autocast``) are computed
+in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _native
+
+__all__ = [
+    "GroupLossOutput",
+    "anchor_mask",
+    "group_loss",
+    "refine",
+    "similarity",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class GroupLossOutput(NamedTuple):
+    """The parts of one Group Loss evaluation.
+
+    Attributes:
+        loss: ``gtg_weight * nll + ce_weight * ce``, a 0-d tensor.
+        nll: NLL of the refined probabilities, or None when ``gtg_weight == 0``.
+        ce: cross-entropy of the raw logits, or None when ``ce_weight == 0``.
+        probs: refined probabilities X (batch x classes), or None when
+            ``gtg_weight == 0``. With ``batch_classes_only`` its columns are
+            the classes in ``classes``.
+        classes: with ``batch_classes_only``, the sorted classes present in the
+            batch; else None.
+    """
+
+    loss: torch.Tensor
+    nll: Optional[torch.Tensor]
+    ce: Optional[torch.Tensor]
+    probs: Optional[torch.Tensor]
+    classes: Optional[torch.Tensor]
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
+def _no_autocast(device: torch.device):
+    """Our ops pick their own precision; autocast would cast them to half."""
+    kind = device.type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):
+        enabled = False
+    return torch.autocast(kind, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _draw_seed(seed: Optional[int]) -> int:
+    """A seed for random anchors: `seed` itself, else one drawn from torch's
+    global generator, so ``torch.manual_seed`` makes runs repeatable."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed}")
+    return int(seed)
+
+
+def group_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    temperature: float = 24.0,
+    num_anchors: int = 2,
+    num_iters: int = 1,
+    gtg_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    similarity: str = "correlation",
+    sigma: float = 1.0,
+    zero_diagonal: bool = False,
+    anchors: str = "first",
+    seed: Optional[int] = None,
+    batch_classes_only: bool = False,
+    num_classes: Optional[int] = None,
+    return_details: bool = False,
+):
+    """The Group Loss of one batch (see :class:`grouploss.GroupLoss`).
+
+    Args:
+        embeddings: (batch, dims) floating tensor.
+        labels: (batch,) integer class indices in ``[0, num_classes)``.
+        logits: (batch, num_classes) classifier outputs on the embeddings.
+        temperature: T of the prior ``softmax(logits / T)``.
+        num_anchors: anchors (labelled points) per class and batch.
+        num_iters: replicator-dynamics steps.
+        gtg_weight: weight of the NLL of the refined probabilities.
+        ce_weight: weight of the cross-entropy of the raw logits.
+        similarity: ``"correlation"`` (release), ``"cosine"`` or ``"gaussian"``.
+        sigma: bandwidth of the gaussian similarity.
+        zero_diagonal: zero W's diagonal (paper's text) instead of 1 (release).
+        anchors: ``"first"`` per class in batch order (release) or ``"random"``.
+        seed: seed of ``anchors="random"``; None draws one from torch's
+            global generator.
+        batch_classes_only: refine over the classes present in the batch
+            (prior columns restricted and renormalised).
+        num_classes: if given, ``logits`` must have this many columns.
+        return_details: return a :class:`GroupLossOutput` instead of the loss.
+
+    Returns:
+        The 0-d loss tensor, or a :class:`GroupLossOutput`.
+
+    Raises:
+        ValueError: naming the argument, for wrong shapes, dtypes, devices,
+            label ranges, NaN/Inf values or option values.
+    """
+    embeddings = _require_tensor("embeddings", embeddings)
+    labels = _require_tensor("labels", labels)
+    logits = _require_tensor("logits", logits)
+    run_seed = _draw_seed(seed) if anchors == "random" else 0
+    with _no_autocast(embeddings.device):
+        loss, nll, ce, probs, classes = _native.group_loss(
+            _upcast(embeddings),
+            labels,
+            _upcast(logits),
+            temperature=float(temperature),
+            num_anchors=int(num_anchors),
+            num_iters=int(num_iters),
+            gtg_weight=float(gtg_weight),
+            ce_weight=float(ce_weight),
+            similarity=similarity,
+            sigma=float(sigma),
+            zero_diagonal=bool(zero_diagonal),
+            anchors=anchors,
+            seed=run_seed,
+            batch_classes_only=bool(batch_classes_only),
+            num_classes=None if num_classes is None else int(num_classes),
+        )
+    if return_details:
+        return GroupLossOutput(loss, nll, ce, probs, classes)
+    return loss
+
+
+def similarity(
+    embeddings: torch.Tensor,
+    kind: str = "correlation",
+    zero_diagonal: bool = False,
+    *,
+    sigma: float = 1.0,
+) -> torch.Tensor:
+    """Pairwise similarity W (batch x batch) of the rows of ``embeddings``.
+
+    * ``"correlation"``: rows centred by their mean, then cosine, then
+      ``relu`` (Pearson correlation clipped at 0; the release).
+    * ``"cosine"``: ``relu`` of the cosine similarity.
+    * ``"gaussian"``: ``exp(-|x_i - x_j|^2 / (2 sigma^2))``.
+
+    The diagonal is 1, or 0 with ``zero_diagonal``. A row with zero variance
+    (correlation) or zero norm (cosine) is similar to no other row (the
+    release would give NaN); rows whose centred norm is below 64 machine
+    epsilons of their own norm count as such.
+    """
+    embeddings = _require_tensor("embeddings", embeddings)
+    with _no_autocast(embeddings.device):
+        return _native.similarity(
+            _upcast(embeddings), kind=kind, zero_diagonal=bool(zero_diagonal), sigma=float(sigma)
+        )
+
+
+def anchor_mask(
+    labels: torch.Tensor, num_anchors: int, mode: str = "first", seed: Optional[int] = None
+) -> torch.Tensor:
+    """Boolean mask of the anchors of a batch.
+
+    ``mode="first"`` takes the first ``num_anchors`` samples of every class in
+    batch order (the release); ``mode="random"`` draws them with ``seed``
+    (None: from torch's global generator). A class with fewer samples than
+    ``num_anchors`` has all of them as anchors.
+    """
+    labels = _require_tensor("labels", labels)
+    return _native.anchor_mask(
+        labels, int(num_anchors), mode=mode, seed=_draw_seed(seed) if mode == "random" else 0
+    )
+
+
+def refine(
+    probs: torch.Tensor,
+    W: torch.Tensor,  # noqa: N803 - the paper's name
+    labels: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    num_iters: int = 1,
+) -> torch.Tensor:
+    """Label propagation: anchors, then replicator dynamics.
+
+    Rows of ``probs`` (batch x classes) flagged in ``anchor_mask`` become the
+    one-hot vectors of their labels, then ``num_iters`` times
+    ``X <- X * (W @ X)`` and each row is divided by its sum. A row whose
+    update sums to 0 is left unchanged (the release divides 0 by 0 there).
+    """
+    for name, t in (("probs", probs), ("W", W), ("labels", labels), ("anchor_mask", anchor_mask)):
+        _require_tensor(name, t)
+    with _no_autocast(probs.device):
+        return _native.refine(_upcast(probs), _upcast(W), labels, anchor_mask, int(num_iters))

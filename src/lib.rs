@@ -1,0 +1,15 @@
+//! grouploss: the Group Loss for deep metric learning (Elezi et al., ECCV
+//! 2020) with label-propagation refinement, sampling, data, evaluation and
+//! training over libtorch tensors.
+//!
+//! The core is plain Rust over `tch`; the Python bindings live in
+//! [`python`] behind the `python` cargo feature.
+
+pub mod error;
+pub mod loss;
+pub mod rng;
+
+#[cfg(feature = "python")]
+pub mod python;
+
+pub use error::{Error, Result};

@@ -1,0 +1,319 @@
+//! The Group Loss (Elezi et al., ECCV 2020) over libtorch tensors.
+//!
+//! One step, as in the authors' release (`shared/spec/group-loss.md`):
+//!
+//! 1. `W = relu(corr(emb))`, the Pearson correlation between samples;
+//! 2. `X0 = softmax(logits / T)`;
+//! 3. the first `A` samples of every class become anchors: one-hot rows;
+//! 4. `num_iters` replicator steps `X <- X * (W X)`, rows renormalised;
+//! 5. `loss = gtg_weight * NLL(log(X + 1e-12), y) + ce_weight * CE(logits, y)`.
+//!
+//! Everything is built from differentiable libtorch ops, so gradients reach
+//! `emb` and `logits` through whatever autograd graph they carry.
+
+pub mod anchors;
+mod checks;
+pub mod refine;
+pub mod similarity;
+
+use tch::{Kind, Tensor};
+
+pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
+pub use checks::{check_inputs, check_logits_width};
+pub use refine::{apply_anchors, refine, replicator};
+pub use similarity::{similarity, Similarity};
+
+use crate::error::Result;
+
+/// The hyperparameters of the Group Loss. `Default` is the release's CUB
+/// setting (T = 24, 2 anchors, 1 iteration, both terms weighted 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupLossOptions {
+    /// Softmax temperature T of the prior `softmax(logits / T)`.
+    pub temperature: f64,
+    /// Anchors (labelled points) per class in each batch.
+    pub num_anchors: i64,
+    /// Replicator steps.
+    pub num_iters: i64,
+    /// Weight of the refined NLL term.
+    pub gtg_weight: f64,
+    /// Weight of the cross-entropy on the raw logits.
+    pub ce_weight: f64,
+    /// The similarity W.
+    pub similarity: Similarity,
+    /// Zero the diagonal of W (the paper's text) instead of keeping it at 1.
+    pub zero_diagonal: bool,
+    /// How anchors are chosen.
+    pub anchors: AnchorMode,
+    /// Refine over the classes present in the batch only: the prior's columns
+    /// are restricted to them and renormalised (for thousands of classes).
+    pub batch_classes_only: bool,
+}
+
+impl Default for GroupLossOptions {
+    fn default() -> Self {
+        GroupLossOptions {
+            temperature: 24.0,
+            num_anchors: 2,
+            num_iters: 1,
+            gtg_weight: 1.0,
+            ce_weight: 1.0,
+            similarity: Similarity::Correlation,
+            zero_diagonal: false,
+            anchors: AnchorMode::First,
+            batch_classes_only: false,
+        }
+    }
+}
+
+/// The result of one loss evaluation.
+#[derive(Debug)]
+pub struct GroupLossOutput {
+    /// `gtg_weight * nll + ce_weight * ce`, a 0-d tensor.
+    pub loss: Tensor,
+    /// The NLL of the refined probabilities (None when `gtg_weight == 0`).
+    pub nll: Option<Tensor>,
+    /// The cross-entropy of the raw logits (None when `ce_weight == 0`).
+    pub ce: Option<Tensor>,
+    /// The refined probabilities X, n x m (n x c with `batch_classes_only`,
+    /// columns in the order of `classes`). None when `gtg_weight == 0`.
+    pub probs: Option<Tensor>,
+    /// With `batch_classes_only`: the sorted classes the columns of `probs`
+    /// stand for.
+    pub classes: Option<Tensor>,
+}
+
+/// The Group Loss of a batch: `emb` (n x d), `logits` (n x m), `labels` (n,
+/// integers in `[0, m)`). Half inputs are computed in float32; float64 stays
+/// float64. The result lives on the inputs' device.
+pub fn group_loss(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    opts: &GroupLossOptions,
+) -> Result<GroupLossOutput> {
+    check_inputs(emb, logits, labels, opts)?;
+    let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
+    let emb = emb.to_kind(kind);
+    let logits = logits.to_kind(kind);
+    let labels = labels.to_kind(Kind::Int64);
+
+    let (nll, probs, classes) = if opts.gtg_weight != 0.0 {
+        let w = similarity(&emb, opts.similarity, opts.zero_diagonal);
+        let mut prior = (&logits / opts.temperature).softmax(1, kind);
+        let (targets, classes) = if opts.batch_classes_only {
+            let (classes, inverse, _) = labels.internal_unique2(true, true, false);
+            prior = prior.index_select(1, &classes);
+            prior = &prior / prior.sum_dim_intlist([1i64].as_slice(), true, kind);
+            (inverse, Some(classes))
+        } else {
+            (labels.shallow_clone(), None)
+        };
+        let mask = anchor_mask(&labels, opts.num_anchors, opts.anchors)?;
+        let x = refine(&prior, &w, &targets, &mask, opts.num_iters);
+        let nll = refine::log_probs(&x).nll_loss(&targets);
+        (Some(nll), Some(x), classes)
+    } else {
+        (None, None, None)
+    };
+    let ce = if opts.ce_weight != 0.0 {
+        Some(logits.log_softmax(1, kind).nll_loss(&labels))
+    } else {
+        None
+    };
+    let loss = match (&nll, &ce) {
+        (Some(n), Some(c)) => n * opts.gtg_weight + c * opts.ce_weight,
+        (Some(n), None) => n * opts.gtg_weight,
+        (None, Some(c)) => c * opts.ce_weight,
+        (None, None) => unreachable!("check_inputs rejects two zero weights"),
+    };
+    Ok(GroupLossOutput {
+        loss,
+        nll,
+        ce,
+        probs,
+        classes,
+    })
+}
+
+/// [`similarity`] after checking `emb` (2-D, floating, finite, n >= 1).
+pub fn similarity_checked(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Result<Tensor> {
+    checks::check_matrix(emb, "embeddings", "batch x embedding dims")?;
+    let k = refine::compute_kind(&[emb.kind()]);
+    Ok(similarity(&emb.to_kind(k), kind, zero_diagonal))
+}
+
+/// [`anchor_mask`] after checking that `labels` are 1-D non-negative integers.
+pub fn anchor_mask_checked(labels: &Tensor, num_anchors: i64, mode: AnchorMode) -> Result<Tensor> {
+    checks::check_labels(labels, None, None)?;
+    anchor_mask(labels, num_anchors, mode)
+}
+
+/// [`refine`] after checking that the shapes agree: `probs` n x m, `w` n x n,
+/// `labels` n in `[0, m)`, `anchor_mask` n booleans, `num_iters >= 1`.
+pub fn refine_checked(
+    probs: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    anchor_mask: &Tensor,
+    num_iters: i64,
+) -> Result<Tensor> {
+    use crate::error::ensure;
+    checks::check_matrix(probs, "probs", "batch x classes")?;
+    let (n, m) = (probs.size()[0], probs.size()[1]);
+    checks::check_matrix(w, "W", "batch x batch")?;
+    ensure(
+        w.size() == [n, n],
+        "W",
+        || format!("shape {}", checks::shape(w)),
+        format!("shape [{n}, {n}] (batch x batch)"),
+    )?;
+    checks::check_labels(labels, Some(n), Some(m))?;
+    ensure(
+        anchor_mask.kind() == Kind::Bool && anchor_mask.size() == [n],
+        "anchor_mask",
+        || {
+            format!(
+                "dtype {:?}, shape {}",
+                anchor_mask.kind(),
+                checks::shape(anchor_mask)
+            )
+        },
+        format!("a bool tensor of shape [{n}]"),
+    )?;
+    ensure(
+        num_iters >= 1,
+        "num_iters",
+        || num_iters.to_string(),
+        "an integer >= 1",
+    )?;
+    for (arg, t) in [("W", w), ("labels", labels), ("anchor_mask", anchor_mask)] {
+        ensure(
+            t.device() == probs.device(),
+            arg,
+            || format!("device {:?}", t.device()),
+            format!("the device of probs ({:?})", probs.device()),
+        )?;
+    }
+    let k = refine::compute_kind(&[probs.kind(), w.kind()]);
+    Ok(refine(
+        &probs.to_kind(k),
+        &w.to_kind(k),
+        &labels.to_kind(Kind::Int64),
+        anchor_mask,
+        num_iters,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn golden() -> (Tensor, Tensor, Tensor) {
+        let o = (Kind::Double, Device::Cpu);
+        let emb = Tensor::from_slice(&[
+            0.9, 0.1, 0.4, 0.7, 0.2, 0.8, 0.3, 0.5, 0.6, 0.1, 0.1, 0.9, 0.2, 0.3, 0.8, 0.2, 0.7,
+            0.1, 0.4, 0.9,
+        ])
+        .reshape([4, 5])
+        .to_kind(o.0);
+        let logits =
+            Tensor::from_slice(&[2.0, 1.0, 0.0, 1.0, 2.0, 0.5, 0.0, 1.0, 3.0, 0.5, 0.2, 0.1])
+                .reshape([4, 3]);
+        let y = Tensor::from_slice(&[0i64, 0, 1, 1]);
+        (emb, logits, y)
+    }
+
+    fn opts(iters: i64) -> GroupLossOptions {
+        GroupLossOptions {
+            temperature: 2.0,
+            num_anchors: 1,
+            num_iters: iters,
+            ..Default::default()
+        }
+    }
+
+    fn close(t: &Tensor, expected: &[f64], tol: f64) {
+        let got = Vec::<f64>::try_from(&t.flatten(0, -1)).unwrap();
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() <= tol, "got {got:?}, expected {expected:?}");
+        }
+    }
+
+    #[test]
+    fn golden_vector_of_the_spec() {
+        let (emb, logits, y) = golden();
+        let w = similarity(&emb, Similarity::Correlation, false);
+        #[rustfmt::skip]
+        close(&w, &[1.0, 0.913855, 0.0, 0.0, 0.913855, 1.0, 0.0, 0.0,
+                    0.0, 0.0, 1.0, 0.921751, 0.0, 0.0, 0.921751, 1.0], 1e-6);
+        let out = group_loss(&emb, &logits, &y, &opts(1)).unwrap();
+        #[rustfmt::skip]
+        close(out.probs.as_ref().unwrap(), &[1.0, 0.0, 0.0, 0.554140, 0.364524, 0.081336,
+                                             0.0, 1.0, 0.0, 0.220415, 0.631836, 0.147749], 1e-6);
+        close(out.nll.as_ref().unwrap(), &[0.2623659], 1e-6);
+        close(out.ce.as_ref().unwrap(), &[1.3054799], 1e-6);
+        close(&out.loss, &[1.5678459], 1e-6);
+        let three = group_loss(&emb, &logits, &y, &opts(3)).unwrap();
+        close(three.nll.as_ref().unwrap(), &[0.0035789], 1e-6);
+    }
+
+    #[test]
+    fn gradients_reach_both_inputs() {
+        let (emb, logits, y) = golden();
+        let emb = emb.set_requires_grad(true);
+        let logits = logits.set_requires_grad(true);
+        let out = group_loss(&emb, &logits, &y, &opts(2)).unwrap();
+        out.loss.backward();
+        for g in [emb.grad(), logits.grad()] {
+            assert!(g.defined());
+            assert!(bool::try_from(g.isfinite().all()).unwrap());
+            assert!(f64::try_from(g.abs().sum(Kind::Double)).unwrap() > 0.0);
+        }
+    }
+
+    #[test]
+    fn constant_rows_do_not_give_nan() {
+        let (_, logits, y) = golden();
+        let emb = Tensor::from_slice(&[0.3f64; 20])
+            .reshape([4, 5])
+            .set_requires_grad(true);
+        let out = group_loss(&emb, &logits, &y, &opts(1)).unwrap();
+        out.loss.backward();
+        assert!(bool::try_from(out.loss.isfinite()).unwrap());
+        assert!(bool::try_from(emb.grad().isfinite().all()).unwrap());
+    }
+
+    #[test]
+    fn batch_classes_only_renormalises_the_present_columns() {
+        let (emb, logits, _) = golden();
+        let y = Tensor::from_slice(&[2i64, 2, 0, 0]);
+        let o = GroupLossOptions {
+            batch_classes_only: true,
+            num_anchors: 0,
+            ..opts(1)
+        };
+        let out = group_loss(&emb, &logits, &y, &o).unwrap();
+        let x = out.probs.unwrap();
+        assert_eq!(x.size(), vec![4, 2]);
+        let sums = x.sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
+        close(&sums, &[1.0; 4], 1e-12);
+        close(
+            &out.classes.unwrap().to_kind(Kind::Double),
+            &[0.0, 2.0],
+            0.0,
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let (emb, logits, y) = golden();
+        let e = group_loss(&emb.view([-1]), &logits, &y, &opts(1)).unwrap_err();
+        assert!(e.to_string().starts_with("embeddings:"), "{e}");
+        let bad = Tensor::from_slice(&[0i64, 0, 1, 5]);
+        let e = group_loss(&emb, &logits, &bad, &opts(1)).unwrap_err();
+        assert!(e.to_string().contains("labels"), "{e}");
+    }
+}

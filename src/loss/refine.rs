@@ -1,0 +1,54 @@
+//! Label propagation by replicator dynamics.
+
+use tch::{Kind, Tensor};
+
+/// Replaces the rows of `probs` flagged in `anchor_mask` (bool, n) by the
+/// one-hot vectors of their `labels` (int64 in `[0, probs.size(1))`).
+/// No renormalisation, as in the release.
+pub fn apply_anchors(probs: &Tensor, labels: &Tensor, anchor_mask: &Tensor) -> Tensor {
+    let m = probs.size()[1];
+    let one_hot = labels.one_hot(m).to_kind(probs.kind());
+    one_hot.where_self(&anchor_mask.unsqueeze(1), probs)
+}
+
+/// `num_iters` replicator steps `X <- X * (W X) / rowsum(X * (W X))`.
+///
+/// A row whose update sums to zero (a sample similar to nothing, with a zeroed
+/// diagonal, or whose support vanished) is left as it is: the release divides
+/// 0 by 0 there. Everywhere else the result is exactly the release's.
+pub fn replicator(probs: &Tensor, w: &Tensor, num_iters: i64) -> Tensor {
+    let mut x = probs.shallow_clone();
+    for _ in 0..num_iters {
+        let num = &x * w.mm(&x);
+        let total = num.sum_dim_intlist([1i64].as_slice(), true, num.kind());
+        let ok = tch::no_grad(|| total.gt(0.0));
+        let safe_total = total.where_scalarother(&ok, 1.0);
+        x = (num / safe_total).where_self(&ok, &x);
+    }
+    x
+}
+
+/// Anchors, then replicator steps: the refined probabilities.
+pub fn refine(
+    probs: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    anchor_mask: &Tensor,
+    num_iters: i64,
+) -> Tensor {
+    replicator(&apply_anchors(probs, labels, anchor_mask), w, num_iters)
+}
+
+/// `log(X + 1e-12)`, the release's guard against log(0).
+pub fn log_probs(x: &Tensor) -> Tensor {
+    (x + 1e-12).log()
+}
+
+/// The kind arithmetic runs in: at least float32.
+pub fn compute_kind(kinds: &[Kind]) -> Kind {
+    if kinds.contains(&Kind::Double) {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}

@@ -1,0 +1,16 @@
+//! Python bindings (feature `python`): argument conversion, GIL release and
+//! error mapping only; the work is done by the core modules.
+
+mod errors;
+mod loss;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::install_panic_hook();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    loss::register(m)?;
+    Ok(())
+}

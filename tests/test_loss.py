@@ -1,0 +1,565 @@
+"""GroupLoss and grouploss.functional against the spec and a brute-force
+reference, on every dtype and device present."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+import pathlib
+import threading
+import time
+
+import pytest
+import torch
+
+import grouploss
+from grouploss import GroupLoss
+from grouploss import functional as F
+from reference import pk_batch, reference_group_loss, reference_similarity
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def golden():
+    emb = torch.tensor(
+        [
+            [0.9, 0.1, 0.4, 0.7, 0.2],
+            [0.8, 0.3, 0.5, 0.6, 0.1],
+            [0.1, 0.9, 0.2, 0.3, 0.8],
+            [0.2, 0.7, 0.1, 0.4, 0.9],
+        ],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor([[2, 1, 0], [1, 2, 0.5], [0, 1, 3], [0.5, 0.2, 0.1]], dtype=torch.float64)
+    return emb, labels, logits
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_golden_vector_of_the_spec(device):
+    emb, labels, logits = (t.to(device) for t in golden())
+    w = F.similarity(emb)
+    expected_w = torch.tensor(
+        [[1, 0.913855, 0, 0], [0.913855, 1, 0, 0], [0, 0, 1, 0.921751], [0, 0, 0.921751, 1]],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(w.cpu(), expected_w, atol=1e-6, rtol=0)
+    out = F.group_loss(emb, labels, logits, temperature=2, num_anchors=1, return_details=True)
+    expected_x = torch.tensor(
+        [[1, 0, 0], [0.554140, 0.364524, 0.081336], [0, 1, 0], [0.220415, 0.631836, 0.147749]],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(out.probs.cpu(), expected_x, atol=1e-6, rtol=0)
+    assert abs(out.nll.item() - 0.2623659) < 1e-6
+    assert abs(out.ce.item() - 1.3054799) < 1e-6
+    assert abs(out.loss.item() - 1.5678459) < 1e-6
+    assert out.loss.device.type == device and out.loss.dtype == torch.float64
+    three = F.group_loss(
+        emb, labels, logits, temperature=2, num_anchors=1, num_iters=3, return_details=True
+    )
+    assert abs(three.nll.item() - 0.0035789) < 1e-6
+
+
+def test_module_reproduces_the_golden_vector():
+    emb, labels, logits = golden()
+    loss_fn = GroupLoss(3, temperature=2, num_anchors=1)
+    assert abs(loss_fn(emb, labels, logits).item() - 1.5678459) < 1e-6
+
+
+# ------------------------------------------------- against the reference
+
+
+def _grads(fn, emb, labels, logits):
+    e = emb.clone().requires_grad_(True)
+    lg = logits.clone().requires_grad_(True)
+    loss = fn(e, labels, lg)
+    loss.backward()
+    return loss.detach(), e.grad, lg.grad
+
+
+GRID = list(itertools.product([1, 2, 3], [0, 1, 2, 3], [1.0, 24.0, 79.0]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("num_iters,num_anchors,temperature", GRID)
+def test_loss_and_gradients_match_the_reference(dtype, tol, num_iters, num_anchors, temperature):
+    seed = hash((num_iters, num_anchors, temperature)) % 1000
+    p, k = [(3, 4), (5, 3), (6, 9), (2, 2)][seed % 4]
+    emb, labels, logits = pk_batch(p, k, m=11, d=16, dtype=dtype, seed=seed)
+    opts = dict(temperature=temperature, num_anchors=num_anchors, num_iters=num_iters)
+
+    ours = _grads(lambda e, y, lg: F.group_loss(e, y, lg, **opts), emb, labels, logits)
+    ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
+    for a, b in zip(ours, ref):
+        assert a.dtype == dtype
+        scale = max(b.abs().max().item(), 1e-3)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("zero_diagonal", [False, True])
+def test_similarity_matches_the_definition(zero_diagonal):
+    emb, _, _ = pk_batch(4, 5, m=8, d=12, seed=3)
+    torch.testing.assert_close(
+        F.similarity(emb, zero_diagonal=zero_diagonal),
+        reference_similarity(emb, zero_diagonal),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_cosine_and_gaussian_similarities():
+    emb, _, _ = pk_batch(3, 4, m=8, d=6, seed=4)
+    u = emb / emb.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(
+        F.similarity(emb, "cosine"),
+        torch.relu(u @ u.t()).fill_diagonal_(1.0),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    d2 = torch.cdist(emb, emb) ** 2
+    torch.testing.assert_close(
+        F.similarity(emb, "gaussian", sigma=2.0), torch.exp(-d2 / 8.0), rtol=1e-10, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("kind", ["correlation", "cosine", "gaussian"])
+def test_gradcheck_float64(kind):
+    emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=7)
+    emb.requires_grad_(True)
+    logits.requires_grad_(True)
+
+    def fn(e, lg):
+        return F.group_loss(
+            e, labels, lg, temperature=2.0, num_anchors=1, num_iters=2, similarity=kind, sigma=3.0
+        )
+
+    assert torch.autograd.gradcheck(fn, (emb, logits), eps=1e-6, atol=1e-7)
+
+
+def test_zero_diagonal_matches_the_reference():
+    emb, labels, logits = pk_batch(4, 4, m=9, d=10, seed=11)
+    ours = _grads(
+        lambda e, y, lg: F.group_loss(e, y, lg, zero_diagonal=True, num_iters=2),
+        emb,
+        labels,
+        logits,
+    )
+    ref = _grads(
+        lambda e, y, lg: reference_group_loss(e, y, lg, zero_diagonal=True, num_iters=2)[0],
+        emb,
+        labels,
+        logits,
+    )
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_and_the_ce_only_baseline():
+    emb, labels, logits = pk_batch(4, 4, m=9, d=10, seed=12)
+    _, _, nll, ce = reference_group_loss(emb, labels, logits)
+    got = F.group_loss(emb, labels, logits, gtg_weight=0.5, ce_weight=2.0)
+    torch.testing.assert_close(got, 0.5 * nll + 2.0 * ce)
+    ce_only = F.group_loss(emb, labels, logits, gtg_weight=0.0, return_details=True)
+    torch.testing.assert_close(ce_only.loss, ce)
+    assert ce_only.probs is None and ce_only.nll is None
+
+
+# ------------------------------------------------------------- the options
+
+
+def test_random_anchors_are_seeded_and_per_class():
+    labels = torch.arange(5).repeat_interleave(6)[torch.randperm(30)]
+    a = F.anchor_mask(labels, 2, "random", seed=3)
+    assert a.dtype == torch.bool and a.shape == (30,)
+    for c in range(5):
+        assert int(a[labels == c].sum()) == 2
+    assert torch.equal(a, F.anchor_mask(labels, 2, "random", seed=3))
+    assert not all(torch.equal(a, F.anchor_mask(labels, 2, "random", seed=s)) for s in range(4, 9))
+    first = F.anchor_mask(torch.tensor([2, 1, 2, 2, 1]), 2)
+    assert first.tolist() == [True, True, True, False, True]
+
+
+def test_module_random_anchors_repeat_with_the_same_seed():
+    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
+
+    def losses(seed):
+        fn = GroupLoss(9, anchors="random", seed=seed)
+        return [fn(emb, labels, logits).item() for _ in range(4)]
+
+    first = losses(5)
+    assert first == losses(5)
+    assert len(set(first)) > 1  # new anchors every call
+    torch.manual_seed(0)
+    a = GroupLoss(9, anchors="random")(emb, labels, logits)
+    torch.manual_seed(0)
+    b = GroupLoss(9, anchors="random")(emb, labels, logits)
+    assert a.item() == b.item()
+
+
+def test_refine_matches_the_loss_probabilities():
+    emb, labels, logits = pk_batch(3, 5, m=7, d=8, seed=14)
+    w = F.similarity(emb)
+    prior = torch.softmax(logits / 24.0, dim=1)
+    mask = F.anchor_mask(labels, 2)
+    x = F.refine(prior, w, labels, mask, num_iters=2)
+    _, ref_x, _, _ = reference_group_loss(emb, labels, logits, num_iters=2)
+    torch.testing.assert_close(x, ref_x, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_classes_only_equals_refining_the_restricted_prior():
+    emb, labels, logits = pk_batch(3, 4, m=50, d=8, seed=15)
+    out = F.group_loss(emb, labels, logits, batch_classes_only=True, return_details=True)
+    classes = torch.unique(labels)
+    assert torch.equal(out.classes, classes)
+    prior = torch.softmax(logits / 24.0, dim=1)[:, classes]
+    prior = prior / prior.sum(1, keepdim=True)
+    remapped = torch.searchsorted(classes, labels)
+    x = F.refine(prior, F.similarity(emb), remapped, F.anchor_mask(labels, 2))
+    torch.testing.assert_close(out.probs, x)
+    nll = torch.nn.functional.nll_loss(torch.log(x + 1e-12), remapped)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(out.loss, nll + ce)
+
+
+def test_zero_variance_rows_give_no_nan():
+    emb, labels, logits = pk_batch(2, 3, m=4, d=5, seed=16)
+    emb[0] = 0.7  # constant row: the release gives 0/0 here
+    emb[1] = 0.0
+    emb.requires_grad_(True)
+    for zero_diagonal in (False, True):
+        loss = F.group_loss(emb, labels, logits, zero_diagonal=zero_diagonal)
+        (g,) = torch.autograd.grad(loss, emb)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+    w = F.similarity(emb.detach())
+    assert w[0, 0] == 1 and (w[0, 1:] == 0).all()
+
+
+# ------------------------------------------------------ dtypes and devices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_half_inputs(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 6).to(device)
+    head = torch.nn.Linear(6, 5).to(device)
+    x = torch.randn(12, 8, device=device)
+    labels = torch.arange(4, device=device).repeat_interleave(3)
+    with torch.autocast(device, dtype=dtype):
+        emb = net(x)
+        logits = head(emb)
+        assert emb.dtype == dtype
+        loss = GroupLoss(5)(emb, labels, logits)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(net.weight.grad).all() and net.weight.grad.abs().sum() > 0
+    ref = GroupLoss(5)(emb.float(), labels, logits.float())
+    torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    emb, labels, logits = pk_batch(6, 9, m=100, d=64, dtype=dtype, seed=17)
+    cpu = _grads(lambda e, y, lg: F.group_loss(e, y, lg), emb, labels, logits)
+    gpu = _grads(lambda e, y, lg: F.group_loss(e, y, lg), emb.cuda(), labels.cuda(), logits.cuda())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, b in zip(gpu, cpu):
+        assert a.device.type == "cuda" and a.dtype == dtype
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol * max(b.abs().max().item(), 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.int16])
+def test_any_integer_label_dtype(dtype):
+    emb, labels, logits = golden()
+    got = F.group_loss(emb, labels.to(dtype), logits, temperature=2, num_anchors=1)
+    assert abs(got.item() - 1.5678459) < 1e-6
+
+
+def test_non_contiguous_inputs():
+    emb, labels, logits = pk_batch(3, 4, m=7, d=8, seed=18)
+    emb_t = emb.t().contiguous().t()
+    logits_t = logits.t().contiguous().t()
+    assert not emb_t.is_contiguous()
+    torch.testing.assert_close(
+        F.group_loss(emb_t, labels, logits_t), F.group_loss(emb, labels, logits)
+    )
+
+
+# --------------------------------------------------------------- bad input
+
+
+def _raises(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+def test_bad_inputs_name_the_argument():
+    emb, labels, logits = golden()
+    g = F.group_loss
+    _raises(
+        r"^embeddings: expected a 2-D tensor .* got a tensor of shape \[20\]",
+        g,
+        emb.reshape(-1),
+        labels,
+        logits,
+    )
+    _raises(
+        r"^labels: expected a 1-D tensor .* got a tensor of shape \[4, 1\]",
+        g,
+        emb,
+        labels[:, None],
+        logits,
+    )
+    _raises(r"^labels: expected an integer dtype, got dtype Float", g, emb, labels.float(), logits)
+    _raises(
+        r"^labels: expected one label per embedding \(4\), got 3 labels", g, emb, labels[:3], logits
+    )
+    _raises(
+        r"^logits: expected one row per embedding \(4\), got 3 rows", g, emb, labels, logits[:3]
+    )
+    _raises(
+        r"^labels: expected labels >= 0, got a label -1",
+        g,
+        emb,
+        torch.tensor([0, 0, 1, -1]),
+        logits,
+    )
+    _raises(
+        r"^labels: expected labels < num_classes \(3\), got a label 3",
+        g,
+        emb,
+        torch.tensor([0, 0, 1, 3]),
+        logits,
+    )
+    _raises(
+        r"^logits: expected 4 columns, one per class \(num_classes\), got shape \[4, 3\]",
+        GroupLoss(4),
+        emb,
+        labels,
+        logits,
+    )
+    _raises(
+        r"^embeddings: expected a batch of at least 2 samples, got 1 sample",
+        g,
+        emb[:1],
+        labels[:1],
+        logits[:1],
+    )
+    _raises(
+        r"^num_anchors: expected an integer >= 0, got -1", g, emb, labels, logits, num_anchors=-1
+    )
+    _raises(r"^num_iters: expected an integer >= 1, got 0", g, emb, labels, logits, num_iters=0)
+    _raises(
+        r"^temperature: expected a finite number > 0, got 0", g, emb, labels, logits, temperature=0
+    )
+    _raises(
+        r"^temperature: expected a finite number > 0, got -1",
+        g,
+        emb,
+        labels,
+        logits,
+        temperature=-1,
+    )
+    bad = emb.clone()
+    bad[1, 2] = float("nan")
+    _raises(
+        r"^embeddings: expected finite values, got 1 NaN and 0 Inf values", g, bad, labels, logits
+    )
+    bad_logits = logits.clone()
+    bad_logits[0, 0] = float("inf")
+    _raises(
+        r"^logits: expected finite values, got 0 NaN and 1 Inf values", g, emb, labels, bad_logits
+    )
+    _raises(r"^similarity: expected one of", g, emb, labels, logits, similarity="l2")
+    _raises(r"^anchors: expected", g, emb, labels, logits, anchors="last")
+    _raises(
+        r"^gtg_weight: expected at least one", g, emb, labels, logits, gtg_weight=0, ce_weight=0
+    )
+    _raises(
+        r"^ce_weight: expected a finite number >= 0, got -1", g, emb, labels, logits, ce_weight=-1
+    )
+    _raises(r"^embeddings: expected at least one column", g, emb[:, :0], labels, logits)
+    _raises(r"^embeddings: expected a floating-point dtype", g, emb.long(), labels, logits)
+
+
+def test_bad_module_options_name_the_argument():
+    _raises(r"^num_classes: expected an integer >= 1, got 0", GroupLoss, 0)
+    _raises(r"^temperature: expected a finite number > 0", GroupLoss, 3, temperature=0.0)
+    _raises(r"^num_anchors: expected an integer >= 0", GroupLoss, 3, num_anchors=-2)
+    _raises(r"^num_iters: expected an integer >= 1", GroupLoss, 3, num_iters=0)
+    _raises(r"^similarity: expected one of", GroupLoss, 3, similarity="dot")
+    _raises(r"^anchors: expected", GroupLoss, 3, anchors="middle")
+    emb, labels, _ = golden()
+    _raises(r"^logits: expected .* got None", GroupLoss(3), emb, labels)
+    _raises(
+        r"^embeddings: expected shape \(batch, 7\)", GroupLoss(3, embedding_size=7), emb, labels
+    )
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_devices_that_differ_are_named():
+    emb, labels, logits = golden()
+    _raises(
+        r"^logits: expected the device of embeddings",
+        F.group_loss,
+        emb.cuda(),
+        labels.cuda(),
+        logits,
+    )
+    _raises(
+        r"^labels: expected the device of embeddings",
+        F.group_loss,
+        emb.cuda(),
+        labels,
+        logits.cuda(),
+    )
+
+
+def test_no_panic_reaches_python():
+    emb, labels, logits = golden()
+    cases = [
+        lambda: F.group_loss(emb.to_sparse(), labels, logits),
+        lambda: F.group_loss(emb, labels, logits.to("meta")),
+        lambda: F.refine(logits, emb, labels, labels.bool()),
+        lambda: F.refine(
+            logits.softmax(1),
+            torch.ones(4, 4, dtype=torch.float64),
+            labels,
+            torch.ones(3, dtype=torch.bool),
+        ),
+        lambda: F.anchor_mask(labels.float(), 1),
+        lambda: F.similarity(torch.empty(3, 2).to_sparse()),
+        lambda: F.group_loss(torch.empty(0, 3), labels[:0], logits[:0]),
+    ]
+    for case in cases:
+        with pytest.raises(Exception) as info:
+            case()
+        assert "Panic" not in type(info.value).__name__, info.value
+        assert isinstance(info.value, (ValueError, RuntimeError, TypeError))
+
+
+def test_non_tensor_arguments_raise_type_error():
+    emb, labels, logits = golden()
+    with pytest.raises(TypeError, match="^embeddings: expected a torch.Tensor, got list"):
+        F.group_loss(emb.tolist(), labels, logits)
+
+
+# --------------------------------------------------------------- training
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, dims=16, emb=8, classes=0):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(dims, 32), torch.nn.ReLU(), torch.nn.Linear(32, emb)
+        )
+        self.head = torch.nn.Linear(emb, classes) if classes else None
+
+    def forward(self, x):
+        e = self.body(x)
+        return e, (self.head(e) if self.head is not None else None)
+
+
+def _toy_batches(steps, p=4, k=5, classes=8, dims=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(classes, dims, generator=g)
+    for _ in range(steps):
+        cls = torch.randperm(classes, generator=g)[:p]
+        y = cls.repeat_interleave(k)
+        yield centres[y] + torch.randn(p * k, dims, generator=g), y
+
+
+@pytest.mark.parametrize("form", ["user_logits", "module_classifier"])
+def test_both_call_forms_train_a_model(form):
+    torch.manual_seed(0)
+    if form == "user_logits":
+        net = _Net(classes=8)
+        loss_fn = GroupLoss(8, temperature=10.0)
+        params = list(net.parameters())
+    else:
+        net = _Net()
+        loss_fn = GroupLoss(8, embedding_size=8, temperature=10.0)
+        params = [*net.parameters(), *loss_fn.parameters()]
+        assert len(list(loss_fn.parameters())) == 2
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for x, y in _toy_batches(60):
+        emb, logits = net(x)
+        loss = loss_fn(emb, y, logits) if logits is not None else loss_fn(emb, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.3 * first, (first, last)
+
+
+def test_module_classifier_follows_the_embeddings_dtype():
+    loss_fn = GroupLoss(3, embedding_size=5)
+    emb, labels, _ = golden()
+    loss = loss_fn(emb.requires_grad_(True), labels)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    assert loss_fn.classifier.weight.grad is not None
+    assert loss_fn.classifier.weight.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------ the surface
+
+
+def test_help_shows_every_parameter_the_formula_and_an_example():
+    doc = inspect.getdoc(GroupLoss)
+    params = inspect.signature(GroupLoss.__init__).parameters
+    for name in params:
+        if name != "self":
+            assert f"{name}:" in doc, name
+    for piece in ("X * (W @ X)", "softmax(logits / temperature)", "Example::", "relu(corr"):
+        assert piece in doc
+
+
+def test_stubs_match_the_native_module():
+    stub = pathlib.Path(grouploss.__file__).with_name("_native.pyi")
+    tree = ast.parse(stub.read_text())
+    stubbed = {
+        node.name: [a.arg for a in node.args.args + node.args.kwonlyargs]
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+    }
+    native = {
+        name: list(inspect.signature(obj).parameters)
+        for name, obj in vars(grouploss._native).items()
+        if callable(obj) and not name.startswith("_")
+    }
+    assert stubbed == native
+
+
+def test_native_calls_release_the_gil():
+    emb, labels, logits = pk_batch(40, 50, m=400, d=256, dtype=torch.float32, seed=19)
+    ticks = []
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=count)
+    t.start()
+    try:
+        time.sleep(0.01)
+        start = time.perf_counter()
+        for _ in range(3):
+            F.group_loss(emb, labels, logits, num_iters=3)
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        t.join()
+    during = [x for x in ticks if start < x < end]
+    # With the GIL held the counter could not run at all during the calls.
+    assert len(during) > 0.2 * (end - start) / 0.0005 * 0.2, (len(during), end - start)
