@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod loss;
+pub mod model;
 pub mod rng;
 
 #[cfg(feature = "python")]

@@ -83,17 +83,24 @@ def _grads(fn, emb, labels, logits):
 
 
 GRID = list(itertools.product([1, 2, 3], [0, 1, 2, 3], [1.0, 24.0, 79.0]))
+IMPLEMENTATIONS = ["auto", "fused_cpu", "libtorch", "autograd"]
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("num_iters,num_anchors,temperature", GRID)
-def test_loss_and_gradients_match_the_reference(dtype, tol, num_iters, num_anchors, temperature):
+def test_loss_and_gradients_match_the_reference(
+    implementation, dtype, tol, num_iters, num_anchors, temperature
+):
     seed = hash((num_iters, num_anchors, temperature)) % 1000
     p, k = [(3, 4), (5, 3), (6, 9), (2, 2)][seed % 4]
     emb, labels, logits = pk_batch(p, k, m=11, d=16, dtype=dtype, seed=seed)
     opts = dict(temperature=temperature, num_anchors=num_anchors, num_iters=num_iters)
 
-    ours = _grads(lambda e, y, lg: F.group_loss(e, y, lg, **opts), emb, labels, logits)
+    ours = _grads(
+        lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
+        emb, labels, logits,
+    )
     ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
     for a, b in zip(ours, ref):
         assert a.dtype == dtype
@@ -127,15 +134,17 @@ def test_cosine_and_gaussian_similarities():
     )
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind", ["correlation", "cosine", "gaussian"])
-def test_gradcheck_float64(kind):
+def test_gradcheck_float64(kind, implementation):
     emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=7)
     emb.requires_grad_(True)
     logits.requires_grad_(True)
 
     def fn(e, lg):
         return F.group_loss(
-            e, labels, lg, temperature=2.0, num_anchors=1, num_iters=2, similarity=kind, sigma=3.0
+            e, labels, lg, temperature=2.0, num_anchors=1, num_iters=2, similarity=kind, sigma=3.0,
+            implementation=implementation,
         )
 
     assert torch.autograd.gradcheck(fn, (emb, logits), eps=1e-6, atol=1e-7)

@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from torch.autograd.function import once_differentiable
+
 from . import _native
 
 __all__ = [
@@ -46,6 +48,34 @@ class GroupLossOutput(NamedTuple):
     ce: Optional[torch.Tensor]
     probs: Optional[torch.Tensor]
     classes: Optional[torch.Tensor]
+
+
+class _GroupLossFunction(torch.autograd.Function):
+    """Autograd node of the closed-form implementation: the Rust core returns
+    the loss and, in the same call, its gradients; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, embeddings, logits, labels, options, want_probs):
+        want_grads = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss, nll, ce, probs, classes, g_emb, g_logits = _native.group_loss_with_grads(
+            embeddings, labels, logits, want_grads=want_grads, want_probs=want_probs, **options
+        )
+        ctx.grads = (g_emb, g_logits)
+        extras = [t for t in (nll, ce, probs, classes) if t is not None]
+        if extras:
+            ctx.mark_non_differentiable(*extras)
+        return loss, nll, ce, probs, classes
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_unused):
+        g_emb, g_logits = ctx.grads
+        d_emb = g_emb * grad_loss if ctx.needs_input_grad[0] else None
+        d_logits = g_logits * grad_loss if ctx.needs_input_grad[1] else None
+        return d_emb, d_logits, None, None, None
+
+
+_IMPLEMENTATIONS = ("auto", "fused_cpu", "libtorch", "autograd")
 
 
 def _require_tensor(name: str, value) -> torch.Tensor:
@@ -96,6 +126,7 @@ def group_loss(
     batch_classes_only: bool = False,
     num_classes: Optional[int] = None,
     return_details: bool = False,
+    implementation: str = "auto",
 ):
     """The Group Loss of one batch (see :class:`grouploss.GroupLoss`).
 
@@ -118,6 +149,10 @@ def group_loss(
             (prior columns restricted and renormalised).
         num_classes: if given, ``logits`` must have this many columns.
         return_details: return a :class:`GroupLossOutput` instead of the loss.
+        implementation: ``"auto"`` (closed-form gradients: fused kernels on
+            CPU, libtorch ops on other devices), ``"fused_cpu"``,
+            ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
+            slower, but supports double backward). All give the same values.
 
     Returns:
         The 0-d loss tensor, or a :class:`GroupLossOutput`.
@@ -129,25 +164,49 @@ def group_loss(
     embeddings = _require_tensor("embeddings", embeddings)
     labels = _require_tensor("labels", labels)
     logits = _require_tensor("logits", logits)
-    run_seed = _draw_seed(seed) if anchors == "random" else 0
-    with _no_autocast(embeddings.device):
-        loss, nll, ce, probs, classes = _native.group_loss(
-            _upcast(embeddings),
-            labels,
-            _upcast(logits),
-            temperature=float(temperature),
-            num_anchors=int(num_anchors),
-            num_iters=int(num_iters),
-            gtg_weight=float(gtg_weight),
-            ce_weight=float(ce_weight),
-            similarity=similarity,
-            sigma=float(sigma),
-            zero_diagonal=bool(zero_diagonal),
-            anchors=anchors,
-            seed=run_seed,
-            batch_classes_only=bool(batch_classes_only),
-            num_classes=None if num_classes is None else int(num_classes),
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation: expected one of {', '.join(map(repr, _IMPLEMENTATIONS))}, "
+            f"got {implementation!r}"
         )
+    options = dict(
+        temperature=float(temperature),
+        num_anchors=int(num_anchors),
+        num_iters=int(num_iters),
+        gtg_weight=float(gtg_weight),
+        ce_weight=float(ce_weight),
+        similarity=similarity,
+        sigma=float(sigma),
+        zero_diagonal=bool(zero_diagonal),
+        anchors=anchors,
+        seed=_draw_seed(seed) if anchors == "random" else 0,
+        batch_classes_only=bool(batch_classes_only),
+        num_classes=None if num_classes is None else int(num_classes),
+    )
+    embeddings, logits = _upcast(embeddings), _upcast(logits)
+    with _no_autocast(embeddings.device):
+        if implementation == "autograd":
+            loss, nll, ce, probs, classes = _native.group_loss(
+                embeddings, labels, logits, **options
+            )
+        elif torch.is_grad_enabled() and (embeddings.requires_grad or logits.requires_grad):
+            loss, nll, ce, probs, classes = _GroupLossFunction.apply(
+                embeddings,
+                logits,
+                labels,
+                dict(options, implementation=implementation),
+                return_details,
+            )
+        else:
+            loss, nll, ce, probs, classes, _, _ = _native.group_loss_with_grads(
+                embeddings,
+                labels,
+                logits,
+                want_grads=False,
+                want_probs=return_details,
+                implementation=implementation,
+                **options,
+            )
     if return_details:
         return GroupLossOutput(loss, nll, ce, probs, classes)
     return loss

@@ -66,6 +66,11 @@ class GroupLoss(nn.Module):
         batch_classes_only: refine over the classes present in the batch only
             (prior columns restricted and renormalised); for datasets with
             thousands of classes.
+        implementation: ``"auto"`` computes the gradients in closed form in
+            the same call as the loss (fused kernels on CPU, libtorch ops on
+            CUDA); ``"fused_cpu"`` and ``"libtorch"`` force one of them;
+            ``"autograd"`` records libtorch ops for autograd instead (slower,
+            supports double backward). All give the same values.
 
     Guards: a zero-variance embedding row (correlation) or zero row (cosine)
     is similar to no other sample instead of producing NaN, and a row whose
@@ -116,6 +121,7 @@ class GroupLoss(nn.Module):
         anchors: str = "first",
         seed: Optional[int] = None,
         batch_classes_only: bool = False,
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         _check_int("num_classes", num_classes, 1)
@@ -140,6 +146,10 @@ class GroupLoss(nn.Module):
             raise ValueError(f"anchors: expected 'first' or 'random', got {anchors!r}")
         if seed is not None:
             _check_int("seed", seed, 0)
+        if implementation not in F._IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation: expected one of {F._IMPLEMENTATIONS}, got {implementation!r}"
+            )
 
         self.num_classes = int(num_classes)
         self.embedding_size = embedding_size
@@ -154,6 +164,7 @@ class GroupLoss(nn.Module):
         self.anchors = anchors
         self.seed = seed
         self.batch_classes_only = bool(batch_classes_only)
+        self.implementation = implementation
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator().manual_seed(int(seed))
@@ -232,6 +243,7 @@ class GroupLoss(nn.Module):
             batch_classes_only=self.batch_classes_only,
             num_classes=self.num_classes,
             return_details=return_details,
+            implementation=self.implementation,
         )
 
 

@@ -37,6 +37,12 @@ pub(crate) fn check_dense(t: &Tensor, arg: &str) -> Result<()> {
 
 /// A floating tensor of rank 2 with no NaN or Inf.
 pub(crate) fn check_matrix(t: &Tensor, arg: &str, what: &str) -> Result<()> {
+    check_matrix_shape(t, arg, what)?;
+    check_finite(t, arg)
+}
+
+/// A dense floating tensor of rank 2 with at least one column (reads no data).
+pub(crate) fn check_matrix_shape(t: &Tensor, arg: &str, what: &str) -> Result<()> {
     check_dense(t, arg)?;
     ensure(
         t.dim() == 2,
@@ -55,8 +61,7 @@ pub(crate) fn check_matrix(t: &Tensor, arg: &str, what: &str) -> Result<()> {
         arg,
         || format!("a tensor of shape {}", shape(t)),
         format!("at least one column ({what})"),
-    )?;
-    check_finite(t, arg)
+    )
 }
 
 /// No NaN or Inf.
@@ -68,13 +73,18 @@ pub(crate) fn check_finite(t: &Tensor, arg: &str) -> Result<()> {
     if !finite {
         let nan = i64::try_from(t.isnan().sum(Kind::Int64))?;
         let inf = i64::try_from(t.isinf().sum(Kind::Int64))?;
-        return Err(Error::invalid(
-            arg,
-            format!("{nan} NaN and {inf} Inf values"),
-            "finite values",
-        ));
+        return Err(not_finite(arg, nan, inf));
     }
     Ok(())
+}
+
+/// The error for `nan` NaN and `inf` Inf values in `arg`.
+pub(crate) fn not_finite(arg: &str, nan: i64, inf: i64) -> Error {
+    Error::invalid(
+        arg,
+        format!("{nan} NaN and {inf} Inf values"),
+        "finite values",
+    )
 }
 
 /// Integer labels of rank 1 with values in `[0, num_classes)`.
@@ -83,6 +93,31 @@ pub(crate) fn check_labels(
     n: Option<i64>,
     num_classes: Option<i64>,
 ) -> Result<()> {
+    check_labels_shape(labels, n)?;
+    if labels.numel() > 0 {
+        let lo = i64::try_from(labels.min())?;
+        let hi = i64::try_from(labels.max())?;
+        check_label_range(lo, hi, num_classes)?;
+    }
+    Ok(())
+}
+
+/// `lo` and `hi`, the smallest and largest label, lie in `[0, num_classes)`.
+pub(crate) fn check_label_range(lo: i64, hi: i64, num_classes: Option<i64>) -> Result<()> {
+    ensure(lo >= 0, "labels", || format!("a label {lo}"), "labels >= 0")?;
+    if let Some(m) = num_classes {
+        ensure(
+            hi < m,
+            "labels",
+            || format!("a label {hi}"),
+            format!("labels < num_classes ({m})"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Dense integer labels of rank 1, `n` of them if given (reads no data).
+pub(crate) fn check_labels_shape(labels: &Tensor, n: Option<i64>) -> Result<()> {
     check_dense(labels, "labels")?;
     ensure(
         labels.dim() == 1,
@@ -103,19 +138,6 @@ pub(crate) fn check_labels(
             || format!("{} labels", labels.size()[0]),
             format!("one label per embedding ({n})"),
         )?;
-    }
-    if labels.numel() > 0 {
-        let lo = i64::try_from(labels.min())?;
-        let hi = i64::try_from(labels.max())?;
-        ensure(lo >= 0, "labels", || format!("a label {lo}"), "labels >= 0")?;
-        if let Some(m) = num_classes {
-            ensure(
-                hi < m,
-                "labels",
-                || format!("a label {hi}"),
-                format!("labels < num_classes ({m})"),
-            )?;
-        }
     }
     Ok(())
 }
@@ -168,8 +190,22 @@ pub fn check_inputs(
     labels: &Tensor,
     opts: &GroupLossOptions,
 ) -> Result<()> {
+    check_structure(emb, logits, labels, opts)?;
+    check_finite(emb, "embeddings")?;
+    check_finite(logits, "logits")?;
+    check_labels(labels, None, Some(logits.size()[1]))
+}
+
+/// The checks of [`check_inputs`] that read no tensor data: options, shapes,
+/// dtypes and devices.
+pub(crate) fn check_structure(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    opts: &GroupLossOptions,
+) -> Result<()> {
     check_options(opts)?;
-    check_matrix(emb, "embeddings", "batch x embedding dims")?;
+    check_matrix_shape(emb, "embeddings", "batch x embedding dims")?;
     let n = emb.size()[0];
     ensure(
         n >= 2,
@@ -189,14 +225,14 @@ pub fn check_inputs(
         || format!("device {:?}", labels.device()),
         format!("the device of embeddings ({:?})", emb.device()),
     )?;
-    check_matrix(logits, "logits", "batch x classes")?;
+    check_matrix_shape(logits, "logits", "batch x classes")?;
     ensure(
         logits.size()[0] == n,
         "logits",
         || format!("{} rows", logits.size()[0]),
         format!("one row per embedding ({n})"),
     )?;
-    check_labels(labels, Some(n), Some(logits.size()[1]))
+    check_labels_shape(labels, Some(n))
 }
 
 /// `logits` has one column per class of the loss.

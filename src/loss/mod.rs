@@ -11,13 +11,17 @@
 //! Everything is built from differentiable libtorch ops, so gradients reach
 //! `emb` and `logits` through whatever autograd graph they carry.
 
+pub mod analytic;
 pub mod anchors;
 mod checks;
+mod fused_cpu;
+mod kernels;
 pub mod refine;
 pub mod similarity;
 
 use tch::{Kind, Tensor};
 
+pub use analytic::LossWithGrads;
 pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
 pub use checks::{check_inputs, check_logits_width};
 pub use refine::{apply_anchors, refine, replicator};
@@ -62,6 +66,58 @@ impl Default for GroupLossOptions {
             zero_diagonal: false,
             anchors: AnchorMode::First,
             batch_classes_only: false,
+        }
+    }
+}
+
+/// Which implementation of the closed-form loss and gradients runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implementation {
+    /// The fused CPU kernels for CPU tensors, libtorch ops elsewhere.
+    Auto,
+    /// Fused loops over raw buffers (CPU tensors only).
+    FusedCpu,
+    /// libtorch ops, on any device.
+    Libtorch,
+}
+
+impl Implementation {
+    /// Parses `"auto" | "fused_cpu" | "libtorch"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(Implementation::Auto),
+            "fused_cpu" => Ok(Implementation::FusedCpu),
+            "libtorch" => Ok(Implementation::Libtorch),
+            other => Err(crate::Error::invalid(
+                "implementation",
+                format!("{other:?}"),
+                "one of \"auto\", \"fused_cpu\", \"libtorch\"",
+            )),
+        }
+    }
+}
+
+/// The loss with closed-form gradients (see [`analytic`]), by the chosen
+/// implementation. `want_grads` computes d loss / d embeddings and d loss /
+/// d logits; `want_probs` returns the refined probabilities.
+pub fn group_loss_with_grads(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+    implementation: Implementation,
+) -> Result<LossWithGrads> {
+    match implementation {
+        Implementation::Auto if emb.device() == tch::Device::Cpu => {
+            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
+        }
+        Implementation::FusedCpu => {
+            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
+        }
+        Implementation::Auto | Implementation::Libtorch => {
+            analytic::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
         }
     }
 }
@@ -315,5 +371,170 @@ mod tests {
         let bad = Tensor::from_slice(&[0i64, 0, 1, 5]);
         let e = group_loss(&emb, &logits, &bad, &opts(1)).unwrap_err();
         assert!(e.to_string().contains("labels"), "{e}");
+    }
+
+    fn random_batch(p: i64, k: i64, m: i64, d: i64, seed: i64) -> (Tensor, Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let o = (Kind::Double, Device::Cpu);
+        let labels = Tensor::randperm(m, (Kind::Int64, Device::Cpu))
+            .narrow(0, 0, p)
+            .repeat_interleave_self_int(k, 0, None);
+        let labels = labels.index_select(0, &Tensor::randperm(p * k, (Kind::Int64, Device::Cpu)));
+        let centres = Tensor::randn([m, d], o);
+        let emb = centres.index_select(0, &labels) + Tensor::randn([p * k, d], o) * 0.8;
+        let logits = Tensor::randn([p * k, m], o) * 2.0;
+        (emb, logits, labels)
+    }
+
+    fn autograd_grads(
+        emb: &Tensor,
+        logits: &Tensor,
+        y: &Tensor,
+        o: &GroupLossOptions,
+    ) -> (f64, Tensor, Tensor) {
+        let e = emb.detach().set_requires_grad(true);
+        let l = logits.detach().set_requires_grad(true);
+        let out = group_loss(&e, &l, y, o).unwrap();
+        out.loss.backward();
+        (f64::try_from(&out.loss).unwrap(), e.grad(), l.grad())
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let scale = f64::try_from(b.abs().max()).unwrap().max(1e-3);
+        f64::try_from((a - b).abs().max()).unwrap() / scale
+    }
+
+    #[test]
+    fn analytic_gradients_equal_autograd() {
+        let sims = [
+            Similarity::Correlation,
+            Similarity::Cosine,
+            Similarity::Gaussian { sigma: 3.0 },
+        ];
+        let mut case = 0;
+        for iters in 1..=3 {
+            for anchors in 0..=3 {
+                for (t, zero_diag, restrict) in [
+                    (1.0, false, false),
+                    (24.0, true, false),
+                    (79.0, false, true),
+                ] {
+                    case += 1;
+                    let (emb, logits, y) = random_batch(4, 5, 11, 8, case);
+                    let o = GroupLossOptions {
+                        temperature: t,
+                        num_anchors: anchors,
+                        num_iters: iters,
+                        zero_diagonal: zero_diag,
+                        batch_classes_only: restrict,
+                        similarity: sims[case as usize % 3],
+                        gtg_weight: 0.7,
+                        ce_weight: 1.3,
+                        ..Default::default()
+                    };
+                    let (loss, ge, gl) = autograd_grads(&emb, &logits, &y, &o);
+                    let out = group_loss_with_grads(
+                        &emb,
+                        &logits,
+                        &y,
+                        &o,
+                        true,
+                        true,
+                        Implementation::Libtorch,
+                    )
+                    .unwrap();
+                    let l2 = f64::try_from(&out.loss).unwrap();
+                    assert!(
+                        (loss - l2).abs() < 1e-12 * loss.abs().max(1.0),
+                        "{o:?}: {loss} vs {l2}"
+                    );
+                    let de = max_rel_diff(out.grad_embeddings.as_ref().unwrap(), &ge);
+                    let dl = max_rel_diff(out.grad_logits.as_ref().unwrap(), &gl);
+                    assert!(de < 1e-10 && dl < 1e-10, "{o:?}: emb {de}, logits {dl}");
+                    let probs = group_loss(&emb, &logits, &y, &o).unwrap().probs.unwrap();
+                    assert!(max_rel_diff(out.probs.as_ref().unwrap(), &probs) < 1e-12);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_cpu_equals_libtorch() {
+        let sims = [
+            Similarity::Correlation,
+            Similarity::Cosine,
+            Similarity::Gaussian { sigma: 3.0 },
+        ];
+        let mut case = 100;
+        for kind in [Kind::Double, Kind::Float] {
+            let tol = if kind == Kind::Double { 1e-10 } else { 2e-5 };
+            for iters in 1..=3 {
+                for anchors in 0..=3 {
+                    for (t, zero_diag, restrict, gw, cw) in [
+                        (1.0, false, false, 1.0, 1.0),
+                        (24.0, true, false, 0.7, 0.0),
+                        (79.0, false, true, 1.0, 1.3),
+                        (10.0, false, false, 0.0, 1.0),
+                    ] {
+                        case += 1;
+                        let (emb, logits, y) = random_batch(4, 5, 11, 8, case);
+                        let (emb, logits) = (emb.to_kind(kind), logits.to_kind(kind));
+                        let o = GroupLossOptions {
+                            temperature: t,
+                            num_anchors: anchors,
+                            num_iters: iters,
+                            zero_diagonal: zero_diag,
+                            batch_classes_only: restrict,
+                            similarity: sims[case as usize % 3],
+                            gtg_weight: gw,
+                            ce_weight: cw,
+                            ..Default::default()
+                        };
+                        let a = group_loss_with_grads(
+                            &emb,
+                            &logits,
+                            &y,
+                            &o,
+                            true,
+                            true,
+                            Implementation::Libtorch,
+                        )
+                        .unwrap();
+                        let b = group_loss_with_grads(
+                            &emb,
+                            &logits,
+                            &y,
+                            &o,
+                            true,
+                            true,
+                            Implementation::FusedCpu,
+                        )
+                        .unwrap();
+                        assert_eq!(b.loss.kind(), kind);
+                        let pairs = [
+                            (Some(&a.loss), Some(&b.loss)),
+                            (a.grad_embeddings.as_ref(), b.grad_embeddings.as_ref()),
+                            (a.grad_logits.as_ref(), b.grad_logits.as_ref()),
+                            (a.probs.as_ref(), b.probs.as_ref()),
+                            (a.nll.as_ref(), b.nll.as_ref()),
+                            (a.ce.as_ref(), b.ce.as_ref()),
+                        ];
+                        for (k, (x, z)) in pairs.into_iter().enumerate() {
+                            match (x, z) {
+                                (Some(x), Some(z)) => {
+                                    let d = max_rel_diff(
+                                        &z.to_kind(Kind::Double),
+                                        &x.to_kind(Kind::Double),
+                                    );
+                                    assert!(d < tol, "{o:?} {kind:?} part {k}: {d}");
+                                }
+                                (None, None) => {}
+                                _ => panic!("{o:?} part {k}: one side missing"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

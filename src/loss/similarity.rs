@@ -102,3 +102,100 @@ pub fn similarity(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Tensor
     };
     with_diagonal(&w, if zero_diagonal { 0.0 } else { 1.0 })
 }
+
+/// The similarity's forward pass with what its analytic backward needs.
+pub(crate) struct SimilarityPass {
+    kind: Similarity,
+    /// Unit rows (correlation, cosine) or the embeddings (gaussian).
+    rows: Tensor,
+    /// Row norms before normalisation, clamped (correlation, cosine).
+    norms: Option<Tensor>,
+    /// Rows treated as degenerate (correlation, cosine).
+    degenerate: Option<Tensor>,
+    /// Where the pre-clip similarity is positive, off the diagonal.
+    active: Tensor,
+    /// W.
+    pub w: Tensor,
+}
+
+impl SimilarityPass {
+    /// W and saved state. `emb` must not require grad (use a detached view).
+    pub(crate) fn forward(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Self {
+        let n = emb.size()[0];
+        let eye = Tensor::eye(n, (Kind::Bool, emb.device()));
+        let diag = if zero_diagonal { 0.0 } else { 1.0 };
+        match kind {
+            Similarity::Correlation | Similarity::Cosine => {
+                let x = if kind == Similarity::Correlation {
+                    emb - emb.mean_dim([1i64].as_slice(), true, emb.kind())
+                } else {
+                    emb.shallow_clone()
+                };
+                let norm = x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+                let ref_norm = emb.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+                let (eps, tiny) = match x.kind() {
+                    Kind::Double => (f64::EPSILON, 1e-300),
+                    _ => (f32::EPSILON as f64, 1e-30),
+                };
+                let degenerate = norm.le_tensor(&(&ref_norm * (64.0 * eps)));
+                let norm = norm.clamp_min(tiny);
+                let u = (&x / &norm).masked_fill(&degenerate, 0.0);
+                let c = u.mm(&u.transpose(0, 1));
+                let active = c.gt(0.0).logical_and(&eye.logical_not());
+                let w = c.relu().masked_fill(&eye, diag);
+                SimilarityPass {
+                    kind,
+                    rows: u,
+                    norms: Some(norm),
+                    degenerate: Some(degenerate),
+                    active,
+                    w,
+                }
+            }
+            Similarity::Gaussian { .. } => {
+                let w = similarity(emb, kind, zero_diagonal);
+                let active = eye.logical_not();
+                SimilarityPass {
+                    kind,
+                    rows: emb.shallow_clone(),
+                    norms: None,
+                    degenerate: None,
+                    active,
+                    w,
+                }
+            }
+        }
+    }
+
+    /// The gradient of the embeddings given the gradient of W (any n x n
+    /// matrix; W is symmetric, so only its symmetric part matters).
+    pub(crate) fn backward(&self, dw: &Tensor) -> Tensor {
+        let dw = dw.where_scalarother(&self.active, 0.0);
+        let sym = &dw + dw.transpose(0, 1);
+        match self.kind {
+            Similarity::Correlation | Similarity::Cosine => {
+                let u = &self.rows;
+                let du = sym.mm(u);
+                let radial = (&du * u).sum_dim_intlist([1i64].as_slice(), true, u.kind());
+                let norms = self.norms.as_ref().expect("set for correlation and cosine");
+                let degenerate = self
+                    .degenerate
+                    .as_ref()
+                    .expect("set for correlation and cosine");
+                let dx = ((du - u * radial) / norms).masked_fill(degenerate, 0.0);
+                if self.kind == Similarity::Correlation {
+                    &dx - dx.mean_dim([1i64].as_slice(), true, dx.kind())
+                } else {
+                    dx
+                }
+            }
+            Similarity::Gaussian { sigma } => {
+                // W = exp(-D / (2 sigma^2)), D_ij = |x_i|^2 + |x_j|^2 - 2 x_i.x_j
+                let d_d = &sym * &self.w * (-0.5 / (sigma * sigma));
+                let x = &self.rows;
+                let rowsum = d_d.sum_dim_intlist([1i64].as_slice(), true, x.kind());
+                (x * rowsum - d_d.mm(x)) * 2.0
+            }
+        }
+    }
+}

@@ -67,6 +67,84 @@ fn group_loss(
     ))
 }
 
+type LossAndGrads = (
+    PyTensor,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+);
+
+/// Group Loss of a batch with closed-form gradients; returns (loss, nll, ce,
+/// probs, classes, grad_embeddings, grad_logits).
+#[pyfunction]
+#[pyo3(signature = (
+    embeddings, labels, logits, *, temperature = 24.0, num_anchors = 2, num_iters = 1,
+    gtg_weight = 1.0, ce_weight = 1.0, similarity = "correlation", sigma = 1.0,
+    zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
+    num_classes = None, want_grads = true, want_probs = false, implementation = "auto"
+))]
+#[allow(clippy::too_many_arguments)]
+fn group_loss_with_grads(
+    py: Python<'_>,
+    embeddings: PyTensor,
+    labels: PyTensor,
+    logits: PyTensor,
+    temperature: f64,
+    num_anchors: i64,
+    num_iters: i64,
+    gtg_weight: f64,
+    ce_weight: f64,
+    similarity: &str,
+    sigma: f64,
+    zero_diagonal: bool,
+    anchors: &str,
+    seed: u64,
+    batch_classes_only: bool,
+    num_classes: Option<i64>,
+    want_grads: bool,
+    want_probs: bool,
+    implementation: &str,
+) -> PyResult<LossAndGrads> {
+    let opts = GroupLossOptions {
+        temperature,
+        num_anchors,
+        num_iters,
+        gtg_weight,
+        ce_weight,
+        similarity: Similarity::parse(similarity, sigma)?,
+        zero_diagonal,
+        anchors: AnchorMode::parse(anchors, seed)?,
+        batch_classes_only,
+    };
+    let implementation = loss::Implementation::parse(implementation)?;
+    let out = without_gil(py, move || {
+        if let Some(m) = num_classes {
+            loss::check_logits_width(&logits, m)?;
+        }
+        loss::group_loss_with_grads(
+            &embeddings,
+            &logits,
+            &labels,
+            &opts,
+            want_grads,
+            want_probs,
+            implementation,
+        )
+    })?;
+    Ok((
+        PyTensor(out.loss),
+        out.nll.map(PyTensor),
+        out.ce.map(PyTensor),
+        out.probs.map(PyTensor),
+        out.classes.map(PyTensor),
+        out.grad_embeddings.map(PyTensor),
+        out.grad_logits.map(PyTensor),
+    ))
+}
+
 /// Pairwise similarity W of the rows of `embeddings`.
 #[pyfunction]
 #[pyo3(signature = (embeddings, kind = "correlation", zero_diagonal = false, sigma = 1.0))]
@@ -120,6 +198,7 @@ fn refine(
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(group_loss_with_grads, m)?)?;
     m.add_function(wrap_pyfunction!(similarity, m)?)?;
     m.add_function(wrap_pyfunction!(anchor_mask, m)?)?;
     m.add_function(wrap_pyfunction!(refine, m)?)?;

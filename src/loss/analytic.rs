@@ -1,0 +1,244 @@
+//! The Group Loss with its gradients in closed form, over libtorch ops on any
+//! device.
+//!
+//! Autograd through the replicator dynamics keeps every intermediate and runs
+//! three n x n x m products per step. Here the backward is written out:
+//!
+//! * the NLL reads one entry per row of the last X, so the gradient entering
+//!   the last step is one-hot per row, and the last step needs only
+//!   `s_i = sum_j W_ij G_ij` with `G = X X^T` in the forward, and one product
+//!   `(W o (b 1^T + 1 b^T)) X` in the backward (W is symmetric);
+//! * earlier steps (num_iters > 1) take two products each;
+//! * softmax, cross-entropy and the similarity have their textbook gradients.
+//!
+//! Nothing here records an autograd graph: callers hand the gradients to the
+//! autograd engine (`torch.autograd.Function` in Python, `run_backward` in the
+//! Rust training loop).
+
+use tch::{Kind, Tensor};
+
+use super::anchors::anchor_mask;
+use super::checks::check_inputs;
+use super::refine::{apply_anchors, compute_kind};
+use super::similarity::SimilarityPass;
+use super::GroupLossOptions;
+use crate::error::Result;
+
+/// Loss, its parts and the gradients of `gtg_weight * nll + ce_weight * ce`.
+#[derive(Debug)]
+pub struct LossWithGrads {
+    /// The loss, 0-d.
+    pub loss: Tensor,
+    /// The NLL term (None when `gtg_weight == 0`).
+    pub nll: Option<Tensor>,
+    /// The CE term (None when `ce_weight == 0`).
+    pub ce: Option<Tensor>,
+    /// The refined probabilities, when asked for.
+    pub probs: Option<Tensor>,
+    /// The classes of the columns of `probs` with `batch_classes_only`.
+    pub classes: Option<Tensor>,
+    /// d loss / d embeddings, when gradients were asked for.
+    pub grad_embeddings: Option<Tensor>,
+    /// d loss / d logits, when gradients were asked for.
+    pub grad_logits: Option<Tensor>,
+}
+
+fn rowsum(t: &Tensor) -> Tensor {
+    t.sum_dim_intlist([1i64].as_slice(), true, t.kind())
+}
+
+/// One replicator step of the forward pass, kept for the backward.
+struct Step {
+    x_prev: Tensor,
+    a: Tensor,
+    s: Tensor,
+    ok: Tensor,
+    x: Tensor,
+}
+
+/// The loss and, if `want_grads`, its gradients; the refined probabilities if
+/// `want_probs`. Same inputs and semantics as [`super::group_loss`].
+pub fn group_loss_with_grads(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+) -> Result<LossWithGrads> {
+    check_inputs(emb, logits, labels, opts)?;
+    let _guard = tch::no_grad_guard();
+    let kind = compute_kind(&[emb.kind(), logits.kind()]);
+    let emb = emb.detach().to_kind(kind);
+    let logits = logits.detach().to_kind(kind);
+    let labels = labels.to_kind(Kind::Int64);
+    let n = emb.size()[0];
+    let nf = n as f64;
+
+    let mut grad_logits = if want_grads {
+        Some(logits.zeros_like())
+    } else {
+        None
+    };
+    let mut grad_emb = None;
+
+    let ce = if opts.ce_weight != 0.0 {
+        let lse = logits.logsumexp([1i64].as_slice(), true);
+        let picked = logits.gather(1, &labels.unsqueeze(1), false);
+        let ce = (&lse - picked).mean(kind);
+        if let Some(g) = grad_logits.as_mut() {
+            let p = (&logits - &lse).exp();
+            let one_hot = labels.one_hot(logits.size()[1]).to_kind(kind);
+            *g += (p - one_hot) * (opts.ce_weight / nf);
+        }
+        Some(ce)
+    } else {
+        None
+    };
+
+    let (nll, probs, classes) = if opts.gtg_weight != 0.0 {
+        let sim = SimilarityPass::forward(&emb, opts.similarity, opts.zero_diagonal);
+        let w = &sim.w;
+        let (selected, targets, classes) = if opts.batch_classes_only {
+            let (classes, inverse, _) = labels.internal_unique2(true, true, false);
+            // softmax over all classes, restricted and renormalised, is the
+            // softmax over the restricted columns.
+            (logits.index_select(1, &classes), inverse, Some(classes))
+        } else {
+            (logits.shallow_clone(), labels.shallow_clone(), None)
+        };
+        let prior = (&selected / opts.temperature).softmax(1, kind);
+        let mask = anchor_mask(&labels, opts.num_anchors, opts.anchors)?;
+        let x0 = apply_anchors(&prior, &targets, &mask);
+
+        let mut steps: Vec<Step> = Vec::new();
+        let mut x = x0.shallow_clone();
+        for _ in 1..opts.num_iters {
+            let a = w.mm(&x);
+            let num = &x * &a;
+            let s = rowsum(&num);
+            let ok = s.gt(0.0);
+            let next = (num / s.where_scalarother(&ok, 1.0)).where_self(&ok, &x);
+            steps.push(Step {
+                x_prev: x,
+                a,
+                s,
+                ok,
+                x: next.shallow_clone(),
+            });
+            x = next;
+        }
+
+        // The last step, through the Gram matrix of X with each row's own
+        // label entry left out (X~): every quantity below is then a sum of
+        // non-negative terms, and 1 - p comes without cancellation, which
+        // keeps float32 gradients as accurate as autograd's when X is close
+        // to one-hot.
+        let t1 = targets.unsqueeze(1);
+        let xy = x.gather(1, &t1, false).squeeze_dim(1);
+        let x_off = x.scatter(1, &t1, &xy.zeros_like().unsqueeze(1));
+        let g_off = x_off.mm(&x.transpose(0, 1));
+        let s_off = (w * &g_off).sum_dim_intlist([1i64].as_slice(), false, kind);
+        // q[j, i] = X[j, y_i]; A[i, y_i] = sum_j W_ij X[j, y_i]
+        let q = x.index_select(1, &targets);
+        let wq = w * q.transpose(0, 1);
+        let ay = wq.sum_dim_intlist([1i64].as_slice(), false, kind);
+        let s = &s_off + &xy * &ay;
+        let ok = s.gt(0.0);
+        let safe_s = s.where_scalarother(&ok, 1.0);
+        let p = (&xy * &ay / &safe_s).where_self(&ok, &xy);
+        let nll = -(&p + 1e-12).log().mean(kind);
+
+        let probs = if want_probs {
+            let a = w.mm(&x);
+            let s2 = safe_s.unsqueeze(1);
+            Some((&x * a / s2).where_self(&ok.unsqueeze(1), &x))
+        } else {
+            None
+        };
+
+        if want_grads {
+            // Gradient of the NLL w.r.t. X_T[i, y_i], then through the row
+            // normalisation: dN[i, k] = b_i + [k = y_i] a_i, with
+            // c_i = a_i + b_i = g_i (1 - p_i) / s_i and 1 - p_i = s~_i / s_i.
+            let gi = (&p + 1e-12).reciprocal() * (-opts.gtg_weight / nf);
+            let zero = gi.zeros_like();
+            let a_coef = (&gi / &safe_s).where_self(&ok, &zero);
+            let b_coef = (-&gi * &p / &safe_s).where_self(&ok, &zero);
+            let c_coef = (&gi * &s_off / (&safe_s * &safe_s)).where_self(&ok, &zero);
+
+            // dX[j, k] = dN[j, k] A[j, k] + sum_i W_ij dN[i, k] X[i, k], split
+            // into the off-label entries (one product with X~) and the label
+            // entries, where same-class pairs take c instead of a + b.
+            let m = w * (b_coef.unsqueeze(1) + b_coef.unsqueeze(0));
+            let mut dx = m.mm(&x_off);
+            let same = targets.unsqueeze(1).eq_tensor(&targets.unsqueeze(0));
+            let b_other = b_coef
+                .unsqueeze(1)
+                .where_scalarother(&same.logical_not(), 0.0);
+            let label_src = w * (&xy * &c_coef).unsqueeze(0) + w * xy.unsqueeze(0) * b_other;
+            let _ = dx.index_add_(1, &targets, &label_src);
+            let own_class =
+                wq.where_scalarother(&same, 0.0)
+                    .sum_dim_intlist([1i64].as_slice(), false, kind);
+            let other_class = wq
+                .where_scalarother(&same.logical_not(), 0.0)
+                .sum_dim_intlist([1i64].as_slice(), false, kind);
+            let diag = &c_coef * own_class
+                + &a_coef * other_class
+                + gi.where_self(&ok.logical_not(), &zero);
+            let _ = dx.scatter_add_(1, &t1, &diag.unsqueeze(1));
+            // dW_ij = sum_k dN[i, k] X[i, k] X[j, k]
+            let mut dw =
+                (&c_coef * &xy).unsqueeze(1) * q.transpose(0, 1) + b_coef.unsqueeze(1) * &g_off;
+
+            for st in steps.iter().rev() {
+                let r = rowsum(&(&dx * &st.x));
+                // st.s and st.ok keep their row dimension (n x 1).
+                let ok2 = &st.ok;
+                let dn =
+                    ((&dx - r) / &st.s.where_scalarother(ok2, 1.0)).where_scalarother(ok2, 0.0);
+                let da = &dn * &st.x_prev;
+                let pass = dx.where_scalarother(&ok2.logical_not(), 0.0);
+                dw += da.mm(&st.x_prev.transpose(0, 1));
+                dx = &dn * &st.a + w.mm(&da) + pass;
+            }
+
+            // Through the anchors (constant rows) and the softmax prior.
+            let r0 = rowsum(&(&dx * &prior));
+            let dprior = (&prior * (dx - r0) / opts.temperature)
+                .where_scalarother(&mask.unsqueeze(1).logical_not(), 0.0);
+            if let Some(gl) = grad_logits.as_mut() {
+                match &classes {
+                    Some(c) => {
+                        let _ = gl.index_add_(1, c, &dprior);
+                    }
+                    None => *gl += dprior,
+                }
+            }
+            grad_emb = Some(sim.backward(&dw));
+        }
+        (Some(nll), probs, classes)
+    } else {
+        (None, None, None)
+    };
+
+    if want_grads && grad_emb.is_none() {
+        grad_emb = Some(emb.zeros_like());
+    }
+    let loss = match (&nll, &ce) {
+        (Some(a), Some(b)) => a * opts.gtg_weight + b * opts.ce_weight,
+        (Some(a), None) => a * opts.gtg_weight,
+        (None, Some(b)) => b * opts.ce_weight,
+        (None, None) => unreachable!("check_inputs rejects two zero weights"),
+    };
+    Ok(LossWithGrads {
+        loss,
+        nll,
+        ce,
+        probs,
+        classes,
+        grad_embeddings: grad_emb,
+        grad_logits,
+    })
+}

@@ -1,0 +1,842 @@
+//! The closed-form loss and gradients of [`super::analytic`], fused into
+//! loops over raw CPU buffers.
+//!
+//! Same math as the libtorch version, but every elementwise pass, reduction
+//! and n x n bookkeeping step is a loop over the buffers (vectorised, rows in
+//! parallel when they are long), and libtorch is called only for the matrix
+//! products (MKL). The input checks that read data (finite values, label
+//! range) are fused into the first passes.
+
+// Numeric loops index several buffers by the same row and column; iterator
+// chains over four zipped slices would be harder to check against the math.
+#![allow(clippy::needless_range_loop)]
+
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use super::analytic::LossWithGrads;
+use super::anchors::anchor_flags;
+use super::checks::{check_label_range, check_structure, not_finite};
+use super::kernels::{dot, grad_row, logits_row, max_and_finite, sum, Real, RowForward};
+use super::similarity::Similarity;
+use super::GroupLossOptions;
+use crate::error::{Error, Result};
+
+/// A contiguous CPU tensor viewed as a slice of `T`.
+struct Buf<T: Real> {
+    t: Tensor,
+    len: usize,
+    _p: PhantomData<T>,
+}
+
+impl<T: Real> Buf<T> {
+    fn new(t: Tensor) -> Self {
+        debug_assert!(t.is_contiguous() && t.kind() == T::KIND && t.device() == Device::Cpu);
+        let len = t.numel();
+        Buf {
+            t,
+            len,
+            _p: PhantomData,
+        }
+    }
+
+    fn empty(shape: &[i64]) -> Self {
+        Buf::new(Tensor::empty(shape, (T::KIND, Device::Cpu)))
+    }
+
+    fn zeros(shape: &[i64]) -> Self {
+        Buf::new(Tensor::zeros(shape, (T::KIND, Device::Cpu)))
+    }
+
+    fn s(&self) -> &[T] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the tensor is contiguous, of kind T, and owned by self.
+        unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const T, self.len) }
+    }
+
+    fn m(&mut self) -> &mut [T] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `s`; `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.t.data_ptr() as *mut T, self.len) }
+    }
+
+    /// `self @ self^T`, computing only the blocks on and below the diagonal
+    /// and mirroring them: 62-75% of the multiply-adds of a full product for
+    /// the batch sizes where the products dominate.
+    fn gram(&self) -> Buf<T> {
+        let n = self.t.size()[0];
+        let blocks = match n {
+            0..=127 => 1,
+            128..=511 => 2,
+            _ => 4,
+        };
+        if blocks == 1 {
+            return self.mm(self, true);
+        }
+        let mut out = Buf::<T>::empty(&[n, n]);
+        let bounds: Vec<(i64, i64)> = (0..blocks)
+            .map(|b| (b * n / blocks, (b + 1) * n / blocks))
+            .collect();
+        for (bi, &(i0, i1)) in bounds.iter().enumerate() {
+            let rows_i = self.t.narrow(0, i0, i1 - i0);
+            for &(j0, j1) in &bounds[..=bi] {
+                let rows_j = self.t.narrow(0, j0, j1 - j0);
+                let block = rows_i.mm(&rows_j.transpose(0, 1));
+                out.t
+                    .narrow(0, i0, i1 - i0)
+                    .narrow(1, j0, j1 - j0)
+                    .copy_(&block);
+            }
+        }
+        let (n, o) = (n as usize, out.m());
+        let upper_start = bounds.iter().map(|&(a, b)| (a as usize, b as usize));
+        for (a, b) in upper_start {
+            // Mirror every entry above the computed blocks.
+            for i in a..b {
+                for j in b..n {
+                    o[i * n + j] = o[j * n + i];
+                }
+            }
+        }
+        out
+    }
+
+    /// `self @ other^T` or `self @ other`.
+    fn mm(&self, other: &Buf<T>, transpose_other: bool) -> Buf<T> {
+        let b = if transpose_other {
+            other.t.transpose(0, 1)
+        } else {
+            other.t.shallow_clone()
+        };
+        Buf::new(self.t.mm(&b))
+    }
+}
+
+/// Rows of a buffer shared between threads, each thread writing its own rows.
+#[derive(Clone, Copy)]
+struct Rows<T> {
+    ptr: *mut T,
+    width: usize,
+}
+
+// SAFETY: used only by `par_rows`, where each index (row) is visited once.
+unsafe impl<T> Send for Rows<T> {}
+unsafe impl<T> Sync for Rows<T> {}
+
+impl<T> Rows<T> {
+    fn of(buf: &mut [T], width: usize) -> Self {
+        Rows {
+            ptr: buf.as_mut_ptr(),
+            width,
+        }
+    }
+
+    /// SAFETY: `i` in range, the buffer outlives `'a`, and no other live
+    /// reference to row `i`.
+    unsafe fn row<'a>(self, i: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.ptr.add(i * self.width), self.width)
+    }
+}
+
+/// Rows are processed in parallel only when there is enough work to pay for
+/// the hand-off.
+const PARALLEL_ELEMENTS: usize = 1 << 16;
+
+fn pool() -> Arc<rayon::ThreadPool> {
+    static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    // The same thread count as libtorch, so `torch.set_num_threads` governs both.
+    let threads = tch::get_num_threads().max(1) as usize;
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((n, p)) = guard.as_ref() {
+        if *n == threads {
+            return p.clone();
+        }
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("grouploss-{i}"))
+            .build()
+            .unwrap_or_else(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a one-thread pool can always be built")
+            }),
+    );
+    *guard = Some((threads, p.clone()));
+    p
+}
+
+fn par_rows<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+    if work >= PARALLEL_ELEMENTS && tch::get_num_threads() > 1 {
+        pool().install(|| (0..n).into_par_iter().map(f).collect())
+    } else {
+        (0..n).map(f).collect()
+    }
+}
+
+fn scalar<T: Real>(v: f64) -> Tensor {
+    Tensor::scalar_tensor(v, (T::KIND, Device::Cpu))
+}
+
+/// Entry point: checks and dispatch on the dtype.
+pub(crate) fn group_loss_with_grads(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+) -> Result<LossWithGrads> {
+    check_structure(emb, logits, labels, opts)?;
+    if emb.device() != Device::Cpu {
+        return Err(Error::invalid(
+            "implementation",
+            format!("\"fused_cpu\" with tensors on {:?}", emb.device()),
+            "CPU tensors (use \"auto\" or \"libtorch\" on other devices)",
+        ));
+    }
+    let kind = super::refine::compute_kind(&[emb.kind(), logits.kind()]);
+    let emb = emb.detach().to_kind(kind).contiguous();
+    let logits = logits.detach().to_kind(kind).contiguous();
+    let y = super::anchors::labels_to_vec(labels)?;
+    let m = logits.size()[1];
+    let lo = y.iter().copied().min().unwrap_or(0);
+    let hi = y.iter().copied().max().unwrap_or(0);
+    check_label_range(lo, hi, Some(m))?;
+    let _guard = tch::no_grad_guard();
+    match kind {
+        Kind::Double => run::<f64>(&emb, &logits, &y, opts, want_grads, want_probs),
+        _ => run::<f32>(&emb, &logits, &y, opts, want_grads, want_probs),
+    }
+}
+
+fn count_not_finite(t: &Tensor, arg: &str) -> Error {
+    let nan = i64::try_from(t.isnan().sum(Kind::Int64)).unwrap_or(-1);
+    let inf = i64::try_from(t.isinf().sum(Kind::Int64)).unwrap_or(-1);
+    not_finite(arg, nan, inf)
+}
+
+/// The similarity of the embeddings and what its backward needs.
+struct Sim<T: Real> {
+    /// Unit rows (correlation, cosine) or the embeddings (gaussian), n x d.
+    rows: Buf<T>,
+    norms: Vec<T>,
+    degenerate: Vec<bool>,
+    /// W, n x n.
+    w: Buf<T>,
+    /// Off-diagonal entries whose pre-clip similarity is positive.
+    active: Vec<bool>,
+}
+
+fn similarity_forward<T: Real>(
+    emb: &Tensor,
+    kind: Similarity,
+    zero_diagonal: bool,
+) -> Result<Sim<T>> {
+    let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
+    let src = Buf::<T>::new(emb.shallow_clone());
+    let diag = if zero_diagonal { T::ZERO } else { T::ONE };
+    let mut active = vec![false; n * n];
+    match kind {
+        Similarity::Correlation | Similarity::Cosine => {
+            let mut rows = Buf::<T>::empty(&[n as i64, d as i64]);
+            let mut norms = vec![T::ONE; n];
+            let mut degenerate = vec![false; n];
+            let tol = T::from_f64(64.0 * T::EPS);
+            {
+                let x = src.s();
+                let u = rows.m();
+                for i in 0..n {
+                    let xi = &x[i * d..(i + 1) * d];
+                    if !max_and_finite(xi).1 {
+                        return Err(count_not_finite(emb, "embeddings"));
+                    }
+                    let ui = &mut u[i * d..(i + 1) * d];
+                    let mean = if kind == Similarity::Correlation {
+                        sum(xi) / T::from_f64(d as f64)
+                    } else {
+                        T::ZERO
+                    };
+                    for k in 0..d {
+                        ui[k] = xi[k] - mean;
+                    }
+                    let norm = dot(ui, ui).sqrt();
+                    let ref_norm = dot(xi, xi).sqrt();
+                    degenerate[i] = norm <= ref_norm * tol;
+                    let safe = if norm > T::TINY { norm } else { T::TINY };
+                    norms[i] = safe;
+                    let inv = if degenerate[i] {
+                        T::ZERO
+                    } else {
+                        T::ONE / safe
+                    };
+                    for v in ui.iter_mut() {
+                        *v *= inv;
+                    }
+                }
+            }
+            let mut w = rows.gram();
+            {
+                let c = w.m();
+                for i in 0..n {
+                    for j in 0..n {
+                        let v = c[i * n + j];
+                        if i == j {
+                            c[i * n + j] = diag;
+                        } else if v > T::ZERO {
+                            active[i * n + j] = true;
+                        } else {
+                            c[i * n + j] = T::ZERO;
+                        }
+                    }
+                }
+            }
+            Ok(Sim {
+                rows,
+                norms,
+                degenerate,
+                w,
+                active,
+            })
+        }
+        Similarity::Gaussian { sigma } => {
+            let x = src.s();
+            for i in 0..n {
+                if !max_and_finite(&x[i * d..(i + 1) * d]).1 {
+                    return Err(count_not_finite(emb, "embeddings"));
+                }
+            }
+            let sq: Vec<T> = (0..n)
+                .map(|i| dot(&x[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]))
+                .collect();
+            let mut w = src.gram();
+            let scale = T::from_f64(-0.5 / (sigma * sigma));
+            let two = T::from_f64(2.0);
+            {
+                let g = w.m();
+                for i in 0..n {
+                    for j in 0..n {
+                        if i == j {
+                            g[i * n + j] = diag;
+                        } else {
+                            let d2 = sq[i] + sq[j] - two * g[i * n + j];
+                            let d2 = if d2 > T::ZERO { d2 } else { T::ZERO };
+                            g[i * n + j] = (d2 * scale).exp();
+                            active[i * n + j] = true;
+                        }
+                    }
+                }
+            }
+            Ok(Sim {
+                rows: src,
+                norms: Vec::new(),
+                degenerate: Vec::new(),
+                w,
+                active,
+            })
+        }
+    }
+}
+
+fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf<T> {
+    let n = sim.w.t.size()[0] as usize;
+    let d = sim.rows.t.size()[1] as usize;
+    let mut sym = Buf::<T>::empty(&[n as i64, n as i64]);
+    {
+        let s = sym.m();
+        let w = sim.w.s();
+        let scale = match kind {
+            Similarity::Gaussian { sigma } => T::from_f64(-0.5 / (sigma * sigma)),
+            _ => T::ONE,
+        };
+        for i in 0..n {
+            for j in 0..n {
+                let k = i * n + j;
+                s[k] = if sim.active[k] {
+                    let v = dw[k] + dw[j * n + i];
+                    match kind {
+                        Similarity::Gaussian { .. } => v * w[k] * scale,
+                        _ => v,
+                    }
+                } else {
+                    T::ZERO
+                };
+            }
+        }
+    }
+    let mut du = sym.mm(&sim.rows, false);
+    match kind {
+        Similarity::Correlation | Similarity::Cosine => {
+            let u = sim.rows.s();
+            let g = du.m();
+            for i in 0..n {
+                let gi = &mut g[i * d..(i + 1) * d];
+                if sim.degenerate[i] {
+                    gi.fill(T::ZERO);
+                    continue;
+                }
+                let ui = &u[i * d..(i + 1) * d];
+                let radial = dot(gi, ui);
+                let inv = T::ONE / sim.norms[i];
+                for k in 0..d {
+                    gi[k] = (gi[k] - ui[k] * radial) * inv;
+                }
+                if kind == Similarity::Correlation {
+                    let mean = sum(gi) / T::from_f64(d as f64);
+                    for v in gi.iter_mut() {
+                        *v -= mean;
+                    }
+                }
+            }
+            du
+        }
+        Similarity::Gaussian { .. } => {
+            // dx_i = 2 (x_i sum_j S_ij - (S x)_i)
+            let x = sim.rows.s();
+            let s = sym.s();
+            let two = T::from_f64(2.0);
+            let g = du.m();
+            for i in 0..n {
+                let rs = sum(&s[i * n..(i + 1) * n]);
+                for k in 0..d {
+                    g[i * d + k] = two * (x[i * d + k] * rs - g[i * d + k]);
+                }
+            }
+            du
+        }
+    }
+}
+
+/// One replicator step of the forward pass, kept for the backward.
+struct Step<T: Real> {
+    x_prev: Buf<T>,
+    a: Buf<T>,
+    s: Vec<T>,
+    x: Buf<T>,
+}
+
+fn run<T: Real>(
+    emb: &Tensor,
+    logits: &Tensor,
+    y: &[i64],
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+) -> Result<LossWithGrads> {
+    let n = y.len();
+    let m = logits.size()[1] as usize;
+    let nf = n as f64;
+    let inv_t = T::from_f64(1.0 / opts.temperature);
+    let want_ce = opts.ce_weight != 0.0;
+    let want_gtg = opts.gtg_weight != 0.0;
+
+    // Classes of the prior's columns and each sample's column.
+    let classes: Option<Vec<usize>> = opts.batch_classes_only.then(|| {
+        let mut c: Vec<usize> = y.iter().map(|&v| v as usize).collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    });
+    let targets: Vec<usize> = match &classes {
+        Some(c) => y
+            .iter()
+            .map(|&v| c.binary_search(&(v as usize)).unwrap_or(0))
+            .collect(),
+        None => y.iter().map(|&v| v as usize).collect(),
+    };
+    let mp = classes.as_ref().map_or(m, |c| c.len());
+
+    // Logits: row max, finite check, log-sum-exp and the prior, row by row.
+    let lg = Buf::<T>::new(logits.shallow_clone());
+    let mut ce_exp = want_ce.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
+    let mut prior = want_gtg.then(|| Buf::<T>::empty(&[n as i64, mp as i64]));
+    let row_info: Vec<RowForward<T>> = {
+        let l = lg.s();
+        let ce_rows = ce_exp.as_mut().map(|b| Rows::of(b.m(), m));
+        let prior_rows = prior.as_mut().map(|b| Rows::of(b.m(), mp));
+        let cls = classes.as_deref();
+        par_rows(n, n * m, |i| {
+            let row = &l[i * m..(i + 1) * m];
+            // SAFETY: each row index is visited once.
+            let ce_row = ce_rows.map(|r| unsafe { r.row(i) });
+            match (cls, prior_rows) {
+                (None, p) => logits_row(row, inv_t, ce_row, p.map(|r| unsafe { r.row(i) })),
+                (Some(cls), p) => {
+                    let f = logits_row(row, inv_t, ce_row, None);
+                    if let (Some(p), true) = (p, f.finite) {
+                        let out = unsafe { p.row(i) };
+                        restricted_prior(row, cls, inv_t, out);
+                    }
+                    f
+                }
+            }
+        })
+    };
+    if row_info.iter().any(|f| !f.finite) {
+        return Err(count_not_finite(logits, "logits"));
+    }
+    let ce_value = if want_ce {
+        let l = lg.s();
+        let total: f64 = (0..n)
+            .map(|i| (row_info[i].lse - l[i * m + y[i] as usize]).to_f64())
+            .sum();
+        Some(total / nf)
+    } else {
+        None
+    };
+
+    let mut grad_logits = want_grads.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
+    let mut grad_emb: Option<Buf<T>> = None;
+    let mut nll_value = None;
+    let mut probs = None;
+
+    if let Some(mut x0) = prior {
+        let sim = similarity_forward::<T>(emb, opts.similarity, opts.zero_diagonal)?;
+        let w = sim.w.s();
+        let flags = anchor_flags(y, opts.num_anchors as usize, opts.anchors);
+        {
+            let x = x0.m();
+            for i in (0..n).filter(|&i| flags[i]) {
+                let row = &mut x[i * mp..(i + 1) * mp];
+                row.fill(T::ZERO);
+                row[targets[i]] = T::ONE;
+            }
+        }
+
+        let mut steps: Vec<Step<T>> = Vec::new();
+        for _ in 1..opts.num_iters {
+            let x_prev = match steps.last() {
+                Some(st) => Buf::new(st.x.t.shallow_clone()),
+                None => Buf::new(x0.t.shallow_clone()),
+            };
+            let a = sim.w.mm(&x_prev, false);
+            let mut next = Buf::<T>::empty(&[n as i64, mp as i64]);
+            let s = replicator_rows(x_prev.s(), a.s(), next.m(), n, mp);
+            steps.push(Step {
+                x_prev,
+                a,
+                s,
+                x: next,
+            });
+        }
+        let mut x = match steps.last() {
+            Some(st) => Buf::new(st.x.t.shallow_clone()),
+            None => Buf::new(x0.t.shallow_clone()),
+        };
+
+        // The last step through the Gram matrix of X with each row's own
+        // label entry left out (see `analytic`).
+        let xy: Vec<T> = (0..n).map(|i| x.s()[i * mp + targets[i]]).collect();
+        for i in 0..n {
+            x.m()[i * mp + targets[i]] = T::ZERO;
+        }
+        let g_hat = x.gram();
+        let (xs, gh) = (x.s(), g_hat.s());
+        // q[i][j] = X[j, t_i]; g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k]
+        let mut q = vec![T::ZERO; n * n];
+        let mut g_off = vec![T::ZERO; n * n];
+        let mut ay = vec![T::ZERO; n];
+        let mut own = vec![T::ZERO; n];
+        let mut other = vec![T::ZERO; n];
+        let mut s_off = vec![T::ZERO; n];
+        for i in 0..n {
+            let (ti, wi) = (targets[i], &w[i * n..(i + 1) * n]);
+            for j in 0..n {
+                let tj = targets[j];
+                let same = ti == tj;
+                let qv = if same { xy[j] } else { xs[j * mp + ti] };
+                let gv = gh[i * n + j]
+                    + if same {
+                        T::ZERO
+                    } else {
+                        xs[i * mp + tj] * xy[j]
+                    };
+                q[i * n + j] = qv;
+                g_off[i * n + j] = gv;
+                let wq = wi[j] * qv;
+                if same {
+                    own[i] += wq;
+                } else {
+                    other[i] += wq;
+                }
+                s_off[i] += wi[j] * gv;
+            }
+            ay[i] = own[i] + other[i];
+        }
+        let s: Vec<T> = (0..n).map(|i| s_off[i] + xy[i] * ay[i]).collect();
+        let ok: Vec<bool> = s.iter().map(|&v| v > T::ZERO).collect();
+        let p: Vec<T> = (0..n)
+            .map(|i| if ok[i] { xy[i] * ay[i] / s[i] } else { xy[i] })
+            .collect();
+        let eps = T::from_f64(1e-12);
+        nll_value = Some(-p.iter().map(|&v| (v + eps).ln().to_f64()).sum::<f64>() / nf);
+
+        let last_grads = if want_grads {
+            let gw = T::from_f64(-opts.gtg_weight / nf);
+            let gi: Vec<T> = p.iter().map(|&v| gw / (v + eps)).collect();
+            let coef = |f: &dyn Fn(usize) -> T| -> Vec<T> {
+                (0..n).map(|i| if ok[i] { f(i) } else { T::ZERO }).collect()
+            };
+            let a_c = coef(&|i| gi[i] / s[i]);
+            let b_c = coef(&|i| -gi[i] * p[i] / s[i]);
+            let c_c = coef(&|i| gi[i] * s_off[i] / (s[i] * s[i]));
+
+            let mut mmat = Buf::<T>::empty(&[n as i64, n as i64]);
+            {
+                let mv = mmat.m();
+                for i in 0..n {
+                    for j in 0..n {
+                        mv[i * n + j] = w[i * n + j] * (b_c[i] + b_c[j]);
+                    }
+                }
+            }
+            let mut dx = mmat.mm(&x, false);
+            let mut dw = vec![T::ZERO; n * n];
+            {
+                let dxs = dx.m();
+                for j in 0..n {
+                    let row = &mut dxs[j * mp..(j + 1) * mp];
+                    for i in 0..n {
+                        let b = if targets[i] == targets[j] {
+                            T::ZERO
+                        } else {
+                            b_c[j]
+                        };
+                        row[targets[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
+                    }
+                    let pass = if ok[j] { T::ZERO } else { gi[j] };
+                    row[targets[j]] += c_c[j] * own[j] + a_c[j] * other[j] + pass;
+                }
+                for i in 0..n {
+                    for j in 0..n {
+                        dw[i * n + j] = c_c[i] * xy[i] * q[i * n + j] + b_c[i] * g_off[i * n + j];
+                    }
+                }
+            }
+            Some((dx, dw))
+        } else {
+            None
+        };
+        for i in 0..n {
+            x.m()[i * mp + targets[i]] = xy[i];
+        }
+
+        if let Some((mut dx, mut dw)) = last_grads {
+            for st in steps.iter().rev() {
+                let (mut dn, mut da) = (
+                    Buf::<T>::empty(&[n as i64, mp as i64]),
+                    Buf::<T>::empty(&[n as i64, mp as i64]),
+                );
+                let mut pass = vec![false; n];
+                {
+                    let (dxs, xt, xp) = (dx.s(), st.x.s(), st.x_prev.s());
+                    let (dns, das) = (dn.m(), da.m());
+                    for i in 0..n {
+                        let r = i * mp..(i + 1) * mp;
+                        if st.s[i] > T::ZERO {
+                            let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
+                            let inv = T::ONE / st.s[i];
+                            for k in r {
+                                dns[k] = (dxs[k] - rr) * inv;
+                                das[k] = dns[k] * xp[k];
+                            }
+                        } else {
+                            pass[i] = true;
+                            for k in r {
+                                dns[k] = T::ZERO;
+                                das[k] = T::ZERO;
+                            }
+                        }
+                    }
+                }
+                let dw_step = da.mm(&st.x_prev, true);
+                for (a, b) in dw.iter_mut().zip(dw_step.s()) {
+                    *a += *b;
+                }
+                let mut next = sim.w.mm(&da, false);
+                {
+                    let (nx, dns, am, dxs) = (next.m(), dn.s(), st.a.s(), dx.s());
+                    for i in 0..n {
+                        for k in i * mp..(i + 1) * mp {
+                            nx[k] += dns[k] * am[k];
+                            if pass[i] {
+                                nx[k] += dxs[k];
+                            }
+                        }
+                    }
+                }
+                dx = next;
+            }
+
+            if let Some(gl) = grad_logits.as_mut() {
+                logits_grad(
+                    gl,
+                    Some((&x0, &dx, &flags, classes.as_deref())),
+                    ce_exp.as_ref(),
+                    &row_info,
+                    y,
+                    opts,
+                    inv_t,
+                    m,
+                    mp,
+                );
+            }
+            grad_emb = Some(similarity_backward(&sim, &dw, opts.similarity));
+        }
+
+        if want_probs {
+            let a = sim.w.mm(&x, false);
+            let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
+            {
+                let (o, xs, am) = (out.m(), x.s(), a.s());
+                for i in 0..n {
+                    for k in i * mp..(i + 1) * mp {
+                        o[k] = if ok[i] { xs[k] * am[k] / s[i] } else { xs[k] };
+                    }
+                }
+            }
+            probs = Some(out.t);
+        }
+        drop(x0);
+    } else {
+        let e = Buf::<T>::new(emb.shallow_clone());
+        if !max_and_finite(e.s()).1 {
+            return Err(count_not_finite(emb, "embeddings"));
+        }
+    }
+    if let (None, Some(gl)) = (nll_value, grad_logits.as_mut()) {
+        logits_grad(gl, None, ce_exp.as_ref(), &row_info, y, opts, inv_t, m, mp);
+    }
+
+    if want_grads && grad_emb.is_none() {
+        grad_emb = Some(Buf::zeros(&emb.size()));
+    }
+    let loss =
+        nll_value.unwrap_or(0.0) * opts.gtg_weight + ce_value.unwrap_or(0.0) * opts.ce_weight;
+    let classes_tensor = classes.map(|c| {
+        let v: Vec<i64> = c.iter().map(|&k| k as i64).collect();
+        Tensor::from_slice(&v)
+    });
+    Ok(LossWithGrads {
+        loss: scalar::<T>(loss),
+        nll: nll_value.map(scalar::<T>),
+        ce: ce_value.map(scalar::<T>),
+        probs,
+        classes: classes_tensor,
+        grad_embeddings: grad_emb.map(|b| b.t),
+        grad_logits: grad_logits.map(|b| b.t),
+    })
+}
+
+/// `softmax(row[cls] / T)` into `out`.
+fn restricted_prior<T: Real>(row: &[T], cls: &[usize], inv_t: T, out: &mut [T]) {
+    let mut mx = row[cls[0]];
+    for &c in cls {
+        if row[c] > mx {
+            mx = row[c];
+        }
+    }
+    let mut z = T::ZERO;
+    for (o, &c) in out.iter_mut().zip(cls) {
+        *o = ((row[c] - mx) * inv_t).exp();
+        z += *o;
+    }
+    let inv = T::ONE / z;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// One replicator step on raw rows: `next = x * a / rowsum(x * a)`, rows
+/// whose sum is 0 copied unchanged. Returns the row sums.
+fn replicator_rows<T: Real>(x: &[T], a: &[T], next: &mut [T], n: usize, m: usize) -> Vec<T> {
+    let mut sums = vec![T::ZERO; n];
+    for i in 0..n {
+        let r = i * m..(i + 1) * m;
+        let (xr, ar, nr) = (&x[r.clone()], &a[r.clone()], &mut next[r]);
+        for k in 0..m {
+            nr[k] = xr[k] * ar[k];
+        }
+        let s = sum(nr);
+        sums[i] = s;
+        if s > T::ZERO {
+            let inv = T::ONE / s;
+            for v in nr.iter_mut() {
+                *v *= inv;
+            }
+        } else {
+            nr.copy_from_slice(xr);
+        }
+    }
+    sums
+}
+
+/// The gradient of the logits: through the prior (when the refinement ran;
+/// not on anchor rows) and through the cross-entropy.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn logits_grad<T: Real>(
+    out: &mut Buf<T>,
+    refined: Option<(&Buf<T>, &Buf<T>, &[bool], Option<&[usize]>)>,
+    ce_exp: Option<&Buf<T>>,
+    rows: &[RowForward<T>],
+    y: &[i64],
+    opts: &GroupLossOptions,
+    inv_t: T,
+    m: usize,
+    mp: usize,
+) {
+    let n = y.len();
+    let ce_coef = T::from_f64(opts.ce_weight / n as f64);
+    let out_rows = Rows::of(out.m(), m);
+    let ce = ce_exp.map(|b| b.s());
+    let refined = refined.map(|(x0, dx, flags, cls)| (x0.s(), dx.s(), flags, cls));
+    par_rows(n, n * m, |i| {
+        // SAFETY: each row index is visited once.
+        let o = unsafe { out_rows.row(i) };
+        let ce_row = ce.map(|e| {
+            let scale = (rows[i].max - rows[i].lse).exp();
+            (&e[i * m..(i + 1) * m], scale)
+        });
+        let prior_row = refined.and_then(|(x0, dx, flags, _)| {
+            (!flags[i]).then(|| (&x0[i * mp..(i + 1) * mp], &dx[i * mp..(i + 1) * mp]))
+        });
+        let coef = if ce_row.is_some() { ce_coef } else { T::ZERO };
+        match refined.and_then(|r| r.3) {
+            None => grad_row(o, prior_row, inv_t, ce_row, y[i] as usize, coef),
+            Some(cls) => {
+                grad_row(o, None, inv_t, ce_row, y[i] as usize, coef);
+                if let Some((p, dx)) = prior_row {
+                    let r = dot(p, dx);
+                    for (k, &c) in cls.iter().enumerate() {
+                        o[c] += p[k] * (dx[k] - r) * inv_t;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gram_by_blocks_equals_the_full_product() {
+        for n in [5, 130, 600] {
+            let x = Buf::<f64>::new(Tensor::randn([n, 7], (Kind::Double, Device::Cpu)));
+            let full = x.mm(&x, true);
+            let blocked = x.gram();
+            let diff = f64::try_from((&full.t - &blocked.t).abs().max()).unwrap_or(1.0);
+            assert!(diff < 1e-12, "n = {n}: {diff}");
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! Row kernels over raw buffers for the fused CPU loss: the scalar type, a
+//! vectorisable exp, reductions with independent accumulators (LLVM keeps
+//! floating-point sums in order, so one accumulator would not vectorise), and
+//! AVX2 builds of the heavy row loops chosen at run time.
+
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// f32 or f64.
+pub(crate) trait Real:
+    tch::kind::Element
+    + Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Default
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + 'static
+{
+    /// 1 (ZERO comes from `tch::kind::Element`).
+    const ONE: Self;
+    /// Machine epsilon.
+    const EPS: f64;
+    /// Smallest divisor used for norms.
+    const TINY: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+}
+
+impl Real for f64 {
+    const ONE: Self = 1.0;
+    const EPS: f64 = f64::EPSILON;
+    const TINY: Self = 1e-300;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+impl Real for f32 {
+    const ONE: Self = 1.0;
+    const EPS: f64 = f32::EPSILON as f64;
+    const TINY: Self = 1e-30;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+/// exp for f32 without branches or calls, so loops over it vectorise
+/// (Cephes' expf: range reduction by ln 2 in two parts, degree-5
+/// polynomial; within 2 ulp on [-87.3, 88.7]). Inputs are clamped to that
+/// range: exp(-100) gives 1.2e-38 rather than 0, which no sum of the
+/// softmax can tell apart, and a conditional there would stop the
+/// vectoriser.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = if x < -87.336_54 { -87.336_54 } else { x };
+    let xc = if xc > 88.722_84 { 88.722_84 } else { xc };
+    let k = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - k * C1 - k * C2;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * z + r + 1.0;
+    // 2^k from the bits of k + 127 + 2^23, whose low mantissa bits hold
+    // k + 127 (a float-to-int cast would not vectorise).
+    let bits = (k + 8_388_735.0).to_bits() << 23;
+    y * f32::from_bits(bits)
+}
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn fold<T: Real>(acc: [T; LANES], f: impl Fn(T, T) -> T) -> T {
+    let mut r = acc[0];
+    for &a in &acc[1..] {
+        r = f(r, a);
+    }
+    r
+}
+
+#[inline(always)]
+fn maxr<T: Real>(a: T, b: T) -> T {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// The largest element and whether every element is finite.
+#[inline(always)]
+pub(crate) fn max_and_finite<T: Real>(x: &[T]) -> (T, bool) {
+    let first = x[0];
+    let mut mx = [first; LANES];
+    // x * 0 is 0 for finite x and NaN for NaN or infinite x.
+    let mut chk = [T::ZERO; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            mx[k] = maxr(mx[k], c[k]);
+            chk[k] += c[k] * T::ZERO;
+        }
+    }
+    for (k, &v) in rest.iter().enumerate() {
+        mx[k] = maxr(mx[k], v);
+        chk[k] += v * T::ZERO;
+    }
+    let c = fold(chk, |a, b| a + b);
+    (fold(mx, maxr), c == T::ZERO)
+}
+
+/// `sum_k a_k b_k`.
+#[inline(always)]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    for (k, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[k] += x * y;
+    }
+    fold(acc, |p, q| p + q)
+}
+
+/// `sum_k a_k`.
+#[inline(always)]
+pub(crate) fn sum<T: Real>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let ca = a.chunks_exact(LANES);
+    let ra = ca.remainder();
+    for x in ca {
+        for k in 0..LANES {
+            acc[k] += x[k];
+        }
+    }
+    for (k, &x) in ra.iter().enumerate() {
+        acc[k] += x;
+    }
+    fold(acc, |p, q| p + q)
+}
+
+/// `out_k = exp((x_k - shift) * scale)`, returning their sum.
+#[inline(always)]
+pub(crate) fn exp_into<T: Real>(x: &[T], shift: T, scale: T, out: &mut [T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let cx = x.chunks_exact(LANES);
+    let rx = cx.remainder();
+    let mut co = out.chunks_exact_mut(LANES);
+    for (xs, os) in cx.zip(&mut co) {
+        for k in 0..LANES {
+            let e = ((xs[k] - shift) * scale).exp();
+            os[k] = e;
+            acc[k] += e;
+        }
+    }
+    for (k, (&v, o)) in rx.iter().zip(co.into_remainder()).enumerate() {
+        let e = ((v - shift) * scale).exp();
+        *o = e;
+        acc[k] += e;
+    }
+    fold(acc, |p, q| p + q)
+}
+
+/// Everything the forward pass computes on one row of logits.
+pub(crate) struct RowForward<T> {
+    /// log-sum-exp of the row (for the cross-entropy).
+    pub lse: T,
+    /// Largest logit of the row.
+    pub max: T,
+    /// Whether the row is free of NaN and Inf.
+    pub finite: bool,
+}
+
+/// One row of logits: its log-sum-exp, `exp(l - max)` into `ce_exp` if given
+/// (kept for the gradient), and the prior `softmax(l / T)` into `prior` if
+/// given (over all columns; restricted priors are handled by the caller).
+#[inline(always)]
+fn logits_row_impl<T: Real>(
+    row: &[T],
+    inv_t: T,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+) -> RowForward<T> {
+    let (mx, finite) = max_and_finite(row);
+    if !finite {
+        return RowForward {
+            lse: T::ZERO,
+            max: mx,
+            finite,
+        };
+    }
+    let mut lse = T::ZERO;
+    if let Some(out) = ce_exp {
+        lse = mx + exp_into(row, mx, T::ONE, out).ln();
+    }
+    if let Some(out) = prior {
+        let z = exp_into(row, mx, inv_t, out);
+        let inv = T::ONE / z;
+        for v in out.iter_mut() {
+            *v *= inv;
+        }
+    }
+    RowForward {
+        lse,
+        max: mx,
+        finite,
+    }
+}
+
+/// The gradient of one row of logits:
+/// `out = prior (dx - r) / T + ce_coef (exp(l - lse) - onehot(label))`,
+/// the first term only where `dx` is given. `ce_exp` holds `exp(l - max)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_row_impl<T: Real>(
+    out: &mut [T],
+    prior: Option<(&[T], &[T])>,
+    inv_t: T,
+    ce: Option<(&[T], T)>,
+    label: usize,
+    ce_coef: T,
+) {
+    match (prior, ce) {
+        (Some((p, dx)), Some((e, scale))) => {
+            let r = dot(p, dx);
+            let c = ce_coef * scale;
+            for k in 0..out.len() {
+                out[k] = p[k] * (dx[k] - r) * inv_t + c * e[k];
+            }
+        }
+        (Some((p, dx)), None) => {
+            let r = dot(p, dx);
+            for k in 0..out.len() {
+                out[k] = p[k] * (dx[k] - r) * inv_t;
+            }
+        }
+        (None, Some((e, scale))) => {
+            let c = ce_coef * scale;
+            for k in 0..out.len() {
+                out[k] = c * e[k];
+            }
+        }
+        (None, None) => {
+            for v in out.iter_mut() {
+                *v = T::ZERO;
+            }
+        }
+    }
+    if ce.is_some() {
+        out[label] -= ce_coef;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn logits_row_avx2<T: Real>(
+    row: &[T],
+    inv_t: T,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+) -> RowForward<T> {
+    logits_row_impl(row, inv_t, ce_exp, prior)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_row_avx2<T: Real>(
+    out: &mut [T],
+    prior: Option<(&[T], &[T])>,
+    inv_t: T,
+    ce: Option<(&[T], T)>,
+    label: usize,
+    ce_coef: T,
+) {
+    grad_row_impl(out, prior, inv_t, ce, label, ce_coef)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`logits_row_impl`] with the best instruction set of this CPU.
+pub(crate) fn logits_row<T: Real>(
+    row: &[T],
+    inv_t: T,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+) -> RowForward<T> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { logits_row_avx2(row, inv_t, ce_exp, prior) };
+    }
+    logits_row_impl(row, inv_t, ce_exp, prior)
+}
+
+/// [`grad_row_impl`] with the best instruction set of this CPU.
+pub(crate) fn grad_row<T: Real>(
+    out: &mut [T],
+    prior: Option<(&[T], &[T])>,
+    inv_t: T,
+    ce: Option<(&[T], T)>,
+    label: usize,
+    ce_coef: T,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { grad_row_avx2(out, prior, inv_t, ce, label, ce_coef) };
+    }
+    grad_row_impl(out, prior, inv_t, ce, label, ce_coef)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let got = exp_f32(x);
+            let want = (x as f64).exp();
+            let rel = ((got as f64 - want) / want).abs();
+            assert!(
+                rel < 2.5 * f32::EPSILON as f64,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert!(exp_f32(-100.0) < 1.3e-38);
+        assert!(exp_f32(100.0) > 3.0e38);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn reductions_match_plain_loops() {
+        let a: Vec<f64> = (0..37).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..37).map(|i| (i as f64 * 0.11).cos()).collect();
+        let plain: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - plain).abs() < 1e-12);
+        assert!((sum(&a) - a.iter().sum::<f64>()).abs() < 1e-12);
+        let (mx, fin) = max_and_finite(&a);
+        assert_eq!(mx, a.iter().cloned().fold(f64::MIN, f64::max));
+        assert!(fin);
+        let mut c = a.clone();
+        c[30] = f64::NAN;
+        assert!(!max_and_finite(&c).1);
+        c[30] = f64::NEG_INFINITY;
+        assert!(!max_and_finite(&c).1);
+    }
+
+    #[test]
+    fn logits_row_gives_softmax_and_logsumexp() {
+        let row: Vec<f32> = (0..21).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+        let mut e = vec![0.0; 21];
+        let mut p = vec![0.0; 21];
+        let f = logits_row(&row, 0.5, Some(&mut e), Some(&mut p));
+        let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        assert!((f.lse as f64 - lse).abs() < 1e-5);
+        let z: f64 = row.iter().map(|&v| (v as f64 * 0.5).exp()).sum();
+        for (k, &v) in row.iter().enumerate() {
+            assert!((p[k] as f64 - (v as f64 * 0.5).exp() / z).abs() < 1e-6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_logits_row() {
+        let row: Vec<f32> = (0..11318).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+        let mut e = vec![0.0; 11318];
+        let mut p = vec![0.0; 11318];
+        let t0 = std::time::Instant::now();
+        for _ in 0..600 {
+            std::hint::black_box(logits_row(&row, 1.0 / 54.0, Some(&mut e), Some(&mut p)));
+        }
+        let dt = t0.elapsed().as_secs_f64() / 600.0;
+        println!(
+            "row: {:.1} us, per element {:.2} ns",
+            dt * 1e6,
+            dt * 1e9 / 11318.0
+        );
+        let t0 = std::time::Instant::now();
+        let mut s = 0.0;
+        for _ in 0..600 {
+            s += exp_into(&row, 0.0, 1.0, &mut e);
+        }
+        let dt = t0.elapsed().as_secs_f64() / 600.0;
+        println!("exp_into generic: {:.1} us {s}", dt * 1e6);
+    }
+}
