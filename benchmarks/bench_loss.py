@@ -21,9 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from reference import pk_batch, reference_group_loss  # noqa: E402
-
 from grouploss import functional as F  # noqa: E402
+from reference import pk_batch, reference_group_loss  # noqa: E402
 
 # (P, K, m, d, num_iters, num_anchors, temperature)
 SHAPES = {

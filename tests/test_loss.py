@@ -99,7 +99,9 @@ def test_loss_and_gradients_match_the_reference(
 
     ours = _grads(
         lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
-        emb, labels, logits,
+        emb,
+        labels,
+        logits,
     )
     ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
     for a, b in zip(ours, ref):
@@ -143,7 +145,14 @@ def test_gradcheck_float64(kind, implementation):
 
     def fn(e, lg):
         return F.group_loss(
-            e, labels, lg, temperature=2.0, num_anchors=1, num_iters=2, similarity=kind, sigma=3.0,
+            e,
+            labels,
+            lg,
+            temperature=2.0,
+            num_anchors=1,
+            num_iters=2,
+            similarity=kind,
+            sigma=3.0,
             implementation=implementation,
         )
 

@@ -13,7 +13,6 @@ import contextlib
 from typing import NamedTuple, Optional
 
 import torch
-
 from torch.autograd.function import once_differentiable
 
 from . import _native
