@@ -9,6 +9,7 @@ pub mod error;
 pub mod loss;
 pub mod model;
 pub mod rng;
+pub mod train;
 
 #[cfg(feature = "python")]
 pub mod python;

@@ -1,0 +1,240 @@
+//! Checkpoints: one safetensors file holding the network's variables
+//! (`model.*`), the optimizer's state (`optim.*`) and, in the file's
+//! metadata, the trainer's state as JSON. Written to a temporary file,
+//! flushed to disk and renamed, so a crash or a full disk never leaves a
+//! broken checkpoint in place of a good one. safetensors holds tensors and
+//! strings only: loading one can never run code.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The metadata key of the trainer state.
+const STATE_KEY: &str = "grouploss.trainer_state";
+/// The metadata key of the format tag.
+const FORMAT_KEY: &str = "grouploss.format";
+const FORMAT: &str = "grouploss-checkpoint-1";
+
+fn dtype(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("a tensor of kind {other:?}"),
+                "a kind safetensors stores",
+            ))
+        }
+    })
+}
+
+fn kind(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("a tensor of dtype {other:?}"),
+                "a dtype libtorch reads",
+            ))
+        }
+    })
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut out = vec![0u8; n];
+    t.copy_data_u8(&mut out, t.numel());
+    out
+}
+
+/// Writes `tensors` and `metadata` to `path` atomically: a temporary file
+/// in the same folder, fsync, rename, fsync of the folder.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        data.push((name.clone(), dtype(t.kind())?, t.size(), bytes_of(t)));
+    }
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, d, s, b)| {
+            let shape: Vec<usize> = s.iter().map(|&x| x as usize).collect();
+            TensorView::new(*d, shape, b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::invalid("checkpoint", format!("{n}: {e}"), "a valid tensor"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &Some(metadata))
+        .map_err(|e| Error::invalid("checkpoint", e.to_string(), "serialisable tensors"))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let file_name = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or("checkpoint");
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file and its metadata.
+pub fn read_safetensors_with_metadata(
+    path: &Path,
+) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind(view.dtype())?)
+            .map_err(|e| Error::format(path, None, format!("tensor {name}: {e}")))?;
+        out.push((name, t));
+    }
+    Ok((out, metadata))
+}
+
+/// A checkpoint in memory.
+pub struct Checkpoint {
+    /// Network variables by their VarStore names.
+    pub model: Vec<(String, Tensor)>,
+    /// Optimizer state by `{param}.m` / `{param}.v`.
+    pub optimizer: Vec<(String, Tensor)>,
+    /// The trainer state (JSON).
+    pub state: serde_json::Value,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(self.model.len() + self.optimizer.len());
+        for (k, t) in &self.model {
+            tensors.push((format!("model.{k}"), t.shallow_clone()));
+        }
+        for (k, t) in &self.optimizer {
+            tensors.push((format!("optim.{k}"), t.shallow_clone()));
+        }
+        let metadata = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (STATE_KEY.to_string(), self.state.to_string()),
+        ]);
+        write_safetensors_atomic(path, &tensors, metadata)
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+        if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+            return Err(Error::format(
+                path,
+                None,
+                format!("not a grouploss checkpoint (no {FORMAT_KEY}: {FORMAT} metadata)"),
+            ));
+        }
+        let state = metadata
+            .get(STATE_KEY)
+            .map(|s| serde_json::from_str(s))
+            .transpose()
+            .map_err(|e| Error::format(path, None, format!("trainer state: {e}")))?
+            .unwrap_or(serde_json::Value::Null);
+        let mut model = Vec::new();
+        let mut optimizer = Vec::new();
+        for (name, t) in tensors {
+            if let Some(k) = name.strip_prefix("model.") {
+                model.push((k.to_string(), t));
+            } else if let Some(k) = name.strip_prefix("optim.") {
+                optimizer.push((k.to_string(), t));
+            }
+        }
+        Ok(Checkpoint {
+            model,
+            optimizer,
+            state,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_round_trip_and_replace_atomically() {
+        let dir = std::env::temp_dir().join(format!("gl-ckpt-{}", std::process::id()));
+        let path = dir.join("last.safetensors");
+        let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let b = Tensor::from_slice(&[1i64, 2, 3]);
+        let ck = Checkpoint {
+            model: vec![("w".into(), a.shallow_clone())],
+            optimizer: vec![("w.m".into(), b.shallow_clone())],
+            state: serde_json::json!({"epoch": 3}),
+        };
+        ck.save(&path).unwrap();
+        let back = Checkpoint::load(&path).unwrap();
+        assert!(back.model[0].1.equal(&a));
+        assert!(back.optimizer[0].1.equal(&b));
+        assert_eq!(back.state["epoch"], 3);
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A file that is not a checkpoint is named in the error.
+        fs::write(dir.join("junk.safetensors"), b"not at all").unwrap();
+        let e = Checkpoint::load(&dir.join("junk.safetensors"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("junk.safetensors") && e.contains("not a safetensors file"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,352 @@
+//! The configuration of a training run: one vocabulary for the CLI
+//! (`--data-root`), TOML files (`data_root`) and Python keywords
+//! (`data_root`).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Every option of a run. `Default` is the `fashion-mnist` preset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The preset this configuration started from (informational).
+    pub preset: String,
+    /// Dataset: fashion-mnist, glyphs, cub200, cars196, sop, inshop,
+    /// image-folder, csv.
+    pub dataset: String,
+    /// Where the dataset's files are; empty: the dataset's default place.
+    pub data_root: Option<PathBuf>,
+    /// The run folder; empty: `runs/<preset>-<date>-<time>`.
+    pub out_dir: Option<PathBuf>,
+    pub epochs: usize,
+    /// Caps the steps of an epoch (0: no cap); for smoke tests.
+    pub max_steps_per_epoch: usize,
+    pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when present).
+    pub device: String,
+    /// bfloat16 autocast of the network on CUDA.
+    pub bf16: bool,
+
+    // Network.
+    /// convnet, resnet18, resnet50, bn_inception or torchscript:PATH.
+    pub backbone: String,
+    /// Backbone weights: a `.safetensors` state dict (torchvision names).
+    pub pretrained: Option<PathBuf>,
+    /// Embedding width; 0: the backbone's feature width (the release).
+    pub embedding_size: i64,
+    /// `linear` (the release) or `cosine`.
+    pub classifier: String,
+    /// Scale of the cosine classifier's logits.
+    pub classifier_scale: f64,
+    /// L2-normalise embeddings before the loss.
+    pub normalize_embeddings: bool,
+    /// BatchNorm momentum, PyTorch convention.
+    pub bn_momentum: f64,
+
+    // Batches.
+    /// P: distinct classes per batch.
+    pub classes_per_batch: usize,
+    /// K: samples per class in a batch.
+    pub samples_per_class: usize,
+
+    // Loss (see `GroupLoss`).
+    pub temperature: f64,
+    pub num_anchors: i64,
+    pub num_iters: i64,
+    pub gtg_weight: f64,
+    pub ce_weight: f64,
+    pub similarity: String,
+    pub sigma: f64,
+    pub zero_diagonal: bool,
+    pub anchors: String,
+    pub batch_classes_only: bool,
+    /// Epochs of CE only before the Group Loss term is switched on (the
+    /// release starts from a CE-finetuned network instead).
+    pub gtg_warmup_epochs: usize,
+
+    // Optimisation.
+    /// adam, adamw, radam (the release) or sgd.
+    pub optimizer: String,
+    /// Learning rate of the head (embedding layer and classifier).
+    pub lr: f64,
+    /// Learning rate of the backbone; 0: `lr`.
+    pub backbone_lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    /// `step` (the release), `cosine` or `constant`.
+    pub schedule: String,
+    /// Epochs (1-based) at whose start the learning rate is multiplied by
+    /// `lr_decay`, for `step`.
+    pub lr_decay_epochs: Vec<usize>,
+    pub lr_decay: f64,
+    /// Linear warm-up of the learning rate over this many epochs.
+    pub warmup_epochs: f64,
+
+    // Data pipeline.
+    /// Side of the training crop and evaluation centre crop (0: the
+    /// image's own size, for 28-32 px datasets).
+    pub image_size: i64,
+    /// Short side before the evaluation centre crop.
+    pub resize_size: i64,
+    /// `imagenet`, `caffe_bgr` or `none` (x / 255), or `mean_std` with the
+    /// dataset's grey statistics.
+    pub normalization: String,
+    /// Pixels of random translation for small grey images.
+    pub pad_jitter: i64,
+    /// Horizontal flips in training.
+    pub flip: bool,
+    pub num_workers: usize,
+    pub prefetch: usize,
+    /// Fraction of the training classes held out for model selection.
+    pub val_fraction: f64,
+
+    // Evaluation.
+    /// `val` (honest) or `test` (the release's protocol).
+    pub select_on: String,
+    /// Metric that picks the best epoch: `map@r` or `recall@1`, ...
+    pub select_metric: String,
+    /// Recall@K values to report.
+    pub recall_ks: Vec<usize>,
+    pub eval_batch_size: usize,
+    /// Train this many models with seeds seed, seed+1, ... and evaluate
+    /// their concatenated embeddings too (the paper's naive ensemble).
+    pub ensemble: usize,
+
+    /// Progress bar on stderr; false: one line per epoch.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        super::presets::preset("fashion-mnist").expect("the default preset exists")
+    }
+}
+
+impl TrainConfig {
+    /// The configuration of a run: the preset (`preset`, else the config
+    /// file's `preset` key, else `fashion-mnist`), then the config file's
+    /// keys, then `overrides` (CLI options or Python keywords).
+    pub fn resolve(
+        preset: Option<&str>,
+        file: Option<(&str, &str)>,
+        overrides: toml::Table,
+    ) -> Result<Self> {
+        let file_table: toml::Table = match file {
+            Some((text, source)) => text
+                .parse()
+                .map_err(|e: toml::de::Error| Error::format(source, None, e.to_string()))?,
+            None => toml::Table::new(),
+        };
+        let name = match (preset, file_table.get("preset"), overrides.get("preset")) {
+            (Some(p), _, _) => p.to_string(),
+            (None, _, Some(toml::Value::String(p))) => p.clone(),
+            (None, Some(toml::Value::String(p)), _) => p.clone(),
+            (None, Some(other), _) => {
+                return Err(Error::invalid(
+                    "preset",
+                    other.to_string(),
+                    "a preset name (a string)",
+                ))
+            }
+            _ => "fashion-mnist".to_string(),
+        };
+        let base = super::presets::preset(&name)?;
+        let source = file.map_or("config", |f| f.1);
+        let merged = base.merge_table(file_table, source)?;
+        merged.merge_table(overrides, "options")
+    }
+
+    /// Parses a TOML document: a full or partial configuration whose keys
+    /// override `self`.
+    pub fn merge_toml(&self, text: &str, source: &str) -> Result<Self> {
+        let overrides: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::format(source, None, e.to_string()))?;
+        self.merge_table(overrides, source)
+    }
+
+    /// Overrides keys of `self` with those of `table`; an unknown key is an
+    /// error naming it.
+    pub fn merge_table(&self, table: toml::Table, source: &str) -> Result<Self> {
+        let mut base = toml::Table::try_from(self)
+            .map_err(|e| Error::invalid("config", e.to_string(), "a serialisable configuration"))?;
+        for (k, v) in table {
+            if k == "preset" {
+                continue;
+            }
+            base.insert(k, v);
+        }
+        let merged: TrainConfig = toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::format(source, None, e.to_string()))?;
+        merged.validate()?;
+        Ok(merged)
+    }
+
+    /// The configuration as TOML (what `config.toml` of a run holds).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::invalid("config", e.to_string(), "serialisable"))
+    }
+
+    /// Checks every value, naming the option at fault.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(name, v, "a finite number > 0"))
+            }
+        };
+        let nonneg = |name: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(name, v, "a finite number >= 0"))
+            }
+        };
+        let one_of = |name: &str, v: &str, allowed: &[&str]| -> Result<()> {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    name,
+                    format!("{v:?}"),
+                    format!("one of {allowed:?}"),
+                ))
+            }
+        };
+        if self.epochs < 1 {
+            return Err(Error::invalid("epochs", self.epochs, "an integer >= 1"));
+        }
+        if self.classes_per_batch < 2 {
+            return Err(Error::invalid(
+                "classes_per_batch",
+                self.classes_per_batch,
+                "an integer >= 2",
+            ));
+        }
+        if self.samples_per_class < 1 {
+            return Err(Error::invalid(
+                "samples_per_class",
+                self.samples_per_class,
+                "an integer >= 1",
+            ));
+        }
+        pos("temperature", self.temperature)?;
+        pos("lr", self.lr)?;
+        nonneg("backbone_lr", self.backbone_lr)?;
+        nonneg("weight_decay", self.weight_decay)?;
+        nonneg("gtg_weight", self.gtg_weight)?;
+        nonneg("ce_weight", self.ce_weight)?;
+        nonneg("warmup_epochs", self.warmup_epochs)?;
+        pos("lr_decay", self.lr_decay)?;
+        pos("classifier_scale", self.classifier_scale)?;
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(Error::invalid(
+                "val_fraction",
+                self.val_fraction,
+                "a number in [0, 1)",
+            ));
+        }
+        if self.num_anchors < 0 {
+            return Err(Error::invalid(
+                "num_anchors",
+                self.num_anchors,
+                "an integer >= 0",
+            ));
+        }
+        if self.num_iters < 1 {
+            return Err(Error::invalid(
+                "num_iters",
+                self.num_iters,
+                "an integer >= 1",
+            ));
+        }
+        if self.embedding_size < 0 {
+            return Err(Error::invalid(
+                "embedding_size",
+                self.embedding_size,
+                "an integer >= 0",
+            ));
+        }
+        if self.ensemble < 1 {
+            return Err(Error::invalid("ensemble", self.ensemble, "an integer >= 1"));
+        }
+        if self.eval_batch_size < 1 {
+            return Err(Error::invalid(
+                "eval_batch_size",
+                self.eval_batch_size,
+                "an integer >= 1",
+            ));
+        }
+        if self.recall_ks.is_empty() || self.recall_ks.contains(&0) {
+            return Err(Error::invalid(
+                "recall_ks",
+                format!("{:?}", self.recall_ks),
+                "a non-empty list of integers >= 1",
+            ));
+        }
+        one_of(
+            "optimizer",
+            &self.optimizer,
+            &["adam", "adamw", "radam", "sgd"],
+        )?;
+        one_of("schedule", &self.schedule, &["step", "cosine", "constant"])?;
+        one_of("select_on", &self.select_on, &["val", "test"])?;
+        one_of(
+            "similarity",
+            &self.similarity,
+            &["correlation", "cosine", "gaussian"],
+        )?;
+        one_of("anchors", &self.anchors, &["first", "random"])?;
+        one_of("classifier", &self.classifier, &["linear", "cosine"])?;
+        one_of(
+            "normalization",
+            &self.normalization,
+            &["imagenet", "caffe_bgr", "none", "mean_std"],
+        )?;
+        let metric_ok = self.select_metric == "map@r"
+            || self.select_metric == "r_precision"
+            || self.select_metric == "nmi"
+            || self
+                .select_metric
+                .strip_prefix("recall@")
+                .and_then(|k| k.parse::<usize>().ok())
+                .is_some_and(|k| self.recall_ks.contains(&k));
+        if !metric_ok {
+            return Err(Error::invalid(
+                "select_metric",
+                format!("{:?}", self.select_metric),
+                "map@r, r_precision, nmi or recall@K with K in recall_ks",
+            ));
+        }
+        if self.select_on == "val" && self.val_fraction == 0.0 {
+            return Err(Error::invalid(
+                "val_fraction",
+                0.0,
+                "a fraction > 0 when select_on = \"val\" (or select_on = \"test\")",
+            ));
+        }
+        if self.gtg_weight == 0.0 && self.ce_weight == 0.0 {
+            return Err(Error::invalid(
+                "gtg_weight",
+                "gtg_weight = ce_weight = 0",
+                "at least one of gtg_weight and ce_weight > 0",
+            ));
+        }
+        crate::model::BackboneSpec::parse(&self.backbone)?;
+        Ok(())
+    }
+
+    /// The learning rate of the backbone.
+    pub fn backbone_lr(&self) -> f64 {
+        if self.backbone_lr > 0.0 {
+            self.backbone_lr
+        } else {
+            self.lr
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The training loop and everything around it: configuration, presets,
+//! optimizers, checkpoints and the run folder.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod presets;
+
+pub use config::TrainConfig;
+pub use presets::{preset, PRESETS};

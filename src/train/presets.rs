@@ -1,0 +1,241 @@
+//! Presets: complete configurations that any option overrides.
+//!
+//! `cub200`, `cars196` and `sop` carry the hyperparameters of the authors'
+//! release (random-searched per dataset; `shared/spec/group-loss.md`):
+//! BN-Inception with 1024-d features, RAdam with decoupled weight decay,
+//! 70 epochs, learning rate / 10 at epochs 31 and 51, BatchNorm momentum 0.9,
+//! RandomResizedCrop(227) + flip for training, Resize(256) + CenterCrop(227)
+//! for evaluation, Caffe BGR input. `inshop` was not in the release: it uses
+//! the SOP values.
+
+use super::config::TrainConfig;
+use crate::error::{Error, Result};
+
+/// The names [`preset`] accepts.
+pub const PRESETS: [&str; 6] = [
+    "fashion-mnist",
+    "glyphs",
+    "cub200",
+    "cars196",
+    "sop",
+    "inshop",
+];
+
+fn small_grey(dataset: &str) -> TrainConfig {
+    TrainConfig {
+        preset: dataset.into(),
+        dataset: dataset.into(),
+        data_root: None,
+        out_dir: None,
+        epochs: 3,
+        max_steps_per_epoch: 0,
+        seed: 0,
+        device: "auto".into(),
+        bf16: false,
+        backbone: "convnet".into(),
+        pretrained: None,
+        embedding_size: 64,
+        classifier: "linear".into(),
+        classifier_scale: 16.0,
+        normalize_embeddings: false,
+        bn_momentum: 0.1,
+        classes_per_batch: 10,
+        samples_per_class: 6,
+        temperature: 10.0,
+        num_anchors: 2,
+        num_iters: 1,
+        gtg_weight: 1.0,
+        ce_weight: 1.0,
+        similarity: "correlation".into(),
+        sigma: 1.0,
+        zero_diagonal: false,
+        anchors: "first".into(),
+        batch_classes_only: false,
+        gtg_warmup_epochs: 0,
+        optimizer: "adam".into(),
+        lr: 1e-3,
+        backbone_lr: 0.0,
+        weight_decay: 0.0,
+        momentum: 0.9,
+        schedule: "constant".into(),
+        lr_decay_epochs: Vec::new(),
+        lr_decay: 0.1,
+        warmup_epochs: 0.0,
+        image_size: 0,
+        resize_size: 0,
+        normalization: "mean_std".into(),
+        pad_jitter: 2,
+        flip: false,
+        num_workers: 2,
+        prefetch: 4,
+        val_fraction: 0.2,
+        select_on: "val".into(),
+        select_metric: "map@r".into(),
+        recall_ks: vec![1, 2, 4, 8],
+        eval_batch_size: 500,
+        ensemble: 1,
+        progress: true,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn release(
+    dataset: &str,
+    p: usize,
+    k: usize,
+    anchors: i64,
+    t: f64,
+    lr: f64,
+    wd: f64,
+    ks: Vec<usize>,
+) -> TrainConfig {
+    TrainConfig {
+        epochs: 70,
+        backbone: "bn_inception".into(),
+        embedding_size: 0,
+        bn_momentum: 0.9,
+        classes_per_batch: p,
+        samples_per_class: k,
+        num_anchors: anchors,
+        temperature: t,
+        optimizer: "radam".into(),
+        lr,
+        weight_decay: wd,
+        schedule: "step".into(),
+        lr_decay_epochs: vec![31, 51],
+        lr_decay: 0.1,
+        image_size: 227,
+        resize_size: 256,
+        normalization: "caffe_bgr".into(),
+        pad_jitter: 0,
+        flip: true,
+        num_workers: 8,
+        eval_batch_size: 128,
+        recall_ks: ks,
+        select_metric: "recall@1".into(),
+        ..small_grey(dataset)
+    }
+}
+
+/// A preset by name.
+pub fn preset(name: &str) -> Result<TrainConfig> {
+    let cfg = match name {
+        // Zero-shot: classes 0-4 train (2 of them held out for validation),
+        // 5-9 test.
+        "fashion-mnist" => TrainConfig {
+            epochs: 4,
+            classes_per_batch: 3,
+            samples_per_class: 20,
+            val_fraction: 0.4,
+            ..small_grey("fashion-mnist")
+        },
+        "glyphs" => small_grey("glyphs"),
+        "cub200" => release(
+            "cub200",
+            6,
+            9,
+            2,
+            24.0,
+            1.5637e-4,
+            6.0597e-6,
+            vec![1, 2, 4, 8],
+        ),
+        "cars196" => release("cars196", 5, 7, 3, 79.0, 2e-4, 4.8637e-7, vec![1, 2, 4, 8]),
+        "sop" => release(
+            "sop",
+            10,
+            6,
+            2,
+            54.0,
+            6.0777e-4,
+            5.2725e-12,
+            vec![1, 10, 100, 1000],
+        ),
+        "inshop" => release(
+            "inshop",
+            10,
+            6,
+            2,
+            54.0,
+            6.0777e-4,
+            5.2725e-12,
+            vec![1, 10, 20, 30],
+        ),
+        other => {
+            return Err(Error::invalid(
+                "preset",
+                format!("{other:?}"),
+                format!("one of {PRESETS:?}"),
+            ))
+        }
+    };
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_valid() {
+        for name in PRESETS {
+            let cfg = preset(name).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.preset, name);
+        }
+    }
+
+    #[test]
+    fn release_hyperparameters() {
+        let cub = preset("cub200").unwrap();
+        assert_eq!((cub.classes_per_batch, cub.samples_per_class), (6, 9));
+        assert_eq!((cub.num_anchors, cub.temperature), (2, 24.0));
+        assert_eq!((cub.lr, cub.weight_decay), (1.5637e-4, 6.0597e-6));
+        assert_eq!(cub.lr_decay_epochs, vec![31, 51]);
+        let cars = preset("cars196").unwrap();
+        assert_eq!((cars.classes_per_batch, cars.samples_per_class), (5, 7));
+        assert_eq!(
+            (cars.num_anchors, cars.temperature, cars.lr),
+            (3, 79.0, 2e-4)
+        );
+        let sop = preset("sop").unwrap();
+        assert_eq!(
+            (sop.temperature, sop.lr, sop.weight_decay),
+            (54.0, 6.0777e-4, 5.2725e-12)
+        );
+    }
+
+    #[test]
+    fn toml_overrides_and_unknown_keys() {
+        let base = preset("glyphs").unwrap();
+        let cfg = base
+            .merge_toml("epochs = 7\ntemperature = 2.5\n", "cfg.toml")
+            .unwrap();
+        assert_eq!((cfg.epochs, cfg.temperature), (7, 2.5));
+        assert_eq!(cfg.lr, base.lr);
+        let e = base
+            .merge_toml("epoch = 7\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cfg.toml") && e.contains("epoch"), "{e}");
+        let e = base
+            .merge_toml("lr = -1.0\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("lr: expected a finite number > 0"), "{e}");
+        let round = TrainConfig::resolve(
+            None,
+            Some((&cfg.to_toml().unwrap(), "x")),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(round, cfg);
+        let mut over = toml::Table::new();
+        over.insert("lr".into(), toml::Value::Float(0.5));
+        let r = TrainConfig::resolve(Some("sop"), Some(("epochs = 2", "f")), over).unwrap();
+        assert_eq!(
+            (r.preset.as_str(), r.epochs, r.lr, r.temperature),
+            ("sop", 2, 0.5, 54.0)
+        );
+    }
+}
