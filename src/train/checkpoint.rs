@@ -119,10 +119,13 @@ pub fn write_safetensors_atomic(
     Ok(())
 }
 
+/// Named tensors, in file order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads every tensor of a safetensors file and its metadata.
 pub fn read_safetensors_with_metadata(
     path: &Path,
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+) -> Result<(NamedTensors, HashMap<String, String>)> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
