@@ -5,9 +5,11 @@
 //! The core is plain Rust over `tch`; the Python bindings live in
 //! [`python`] behind the `python` cargo feature.
 
+pub mod data;
 pub mod error;
 pub mod loss;
 pub mod rng;
+pub mod sampler;
 
 #[cfg(feature = "python")]
 pub mod python;
