@@ -7,7 +7,6 @@
 //! DCT. A random crop of a training transform thus costs a fraction of a full
 //! decode.
 
-use std::cell::RefCell;
 use std::ffi::{c_int, CStr};
 
 use turbojpeg_sys as tj;
@@ -109,7 +108,11 @@ impl Decoder {
     fn header(&mut self, data: &[u8]) -> Result<Header, String> {
         // SAFETY: data is a valid buffer of data.len() bytes.
         let rc = unsafe { tj::tj3DecompressHeader(self.handle, data.as_ptr(), data.len() as _) };
-        self.check(rc)?;
+        // Unlike pixel data, a header with a warning is not usable: the
+        // handle may still hold the previous image's parameters.
+        if rc != 0 {
+            return Err(format!("corrupt JPEG file ({})", self.error()));
+        }
         // SAFETY: valid handle.
         let get = |p: tj::TJPARAM| unsafe { tj::tj3Get(self.handle, p as c_int) };
         let header = Header {
@@ -217,23 +220,11 @@ impl Drop for Decoder {
     }
 }
 
-thread_local! {
-    /// One decompressor per thread: handles are not thread-safe, and making
-    /// one per image would cost more than decoding a small one.
-    static DECODER: RefCell<Option<Decoder>> = const { RefCell::new(None) };
-}
-
+/// A fresh decompressor for each file: a handle that decoded an image keeps
+/// its parameters, and libjpeg-turbo reports success on some garbage
+/// headers without overwriting them; a new handle costs microseconds.
 fn with_decoder<T>(f: impl FnOnce(&mut Decoder) -> Result<T, String>) -> Result<T, String> {
-    DECODER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(Decoder::new()?);
-        }
-        match slot.as_mut() {
-            Some(d) => f(d),
-            None => Err("cannot initialise libjpeg-turbo".into()),
-        }
-    })
+    f(&mut Decoder::new()?)
 }
 
 /// The header of a JPEG file.

@@ -340,8 +340,9 @@ impl Transform {
                 };
                 let (ow, oh) = (ow.max(1), oh.max(1));
                 let s = self.size as f64;
-                let top = ((oh as f64 - s) / 2.0).round().max(0.0);
-                let left = ((ow as f64 - s) / 2.0).round().max(0.0);
+                // Python's round(): ties to even.
+                let top = ((oh as f64 - s) / 2.0).round_ties_even().max(0.0);
+                let left = ((ow as f64 - s) / 2.0).round_ties_even().max(0.0);
                 let (sx, sy) = (wf / ow as f64, hf / oh as f64);
                 CropBox {
                     x: left * sx,
