@@ -52,8 +52,12 @@ fn open_dataset(
         csv_file,
     };
     let kind = kind.to_string();
-    let ds = without_gil(py, move || data::open(&kind, root.as_deref(), &options, &extra))?;
-    Ok(PyDataset { inner: Arc::new(ds) })
+    let ds = without_gil(py, move || {
+        data::open(&kind, root.as_deref(), &options, &extra)
+    })?;
+    Ok(PyDataset {
+        inner: Arc::new(ds),
+    })
 }
 
 impl PyDataset {
@@ -62,7 +66,11 @@ impl PyDataset {
             .ok()
             .filter(|&i| i < self.inner.len())
             .ok_or_else(|| {
-                Error::invalid("index", index, format!("an index in [0, {})", self.inner.len()))
+                Error::invalid(
+                    "index",
+                    index,
+                    format!("an index in [0, {})", self.inner.len()),
+                )
             })
     }
 }
@@ -123,7 +131,10 @@ impl PyDataset {
     }
 
     fn path(&self, index: i64) -> PyResult<Option<String>> {
-        Ok(self.inner.path(self.index(index)?).map(|p| p.display().to_string()))
+        Ok(self
+            .inner
+            .path(self.index(index)?)
+            .map(|p| p.display().to_string()))
     }
 
     /// Sample `index` decoded, uint8 `(H, W, C)` with C = 1 or 3.
@@ -135,7 +146,13 @@ impl PyDataset {
     }
 
     /// Sample `index` through `transform`, float32 `(C, H, W)`.
-    fn load_transformed(&self, py: Python<'_>, index: i64, transform: &PyTransform, seed: u64) -> PyResult<PyTensor> {
+    fn load_transformed(
+        &self,
+        py: Python<'_>,
+        index: i64,
+        transform: &PyTransform,
+        seed: u64,
+    ) -> PyResult<PyTensor> {
         let i = self.index(index)?;
         let (ds, t) = (&self.inner, &transform.inner);
         let values = without_gil(py, || {
@@ -153,10 +170,18 @@ pub(crate) struct PyTransform {
     inner: Transform,
 }
 
-fn normalization(name: &str, mean: Option<Vec<f32>>, std: Option<Vec<f32>>) -> Result<Normalization, Error> {
+fn normalization(
+    name: &str,
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
+) -> Result<Normalization, Error> {
     match (name, mean, std) {
         ("mean_std", Some(mean), Some(std)) => Ok(Normalization::MeanStd { mean, std }),
-        ("mean_std", _, _) => Err(Error::invalid("normalize", "(mean, std) without both", "a mean and a std")),
+        ("mean_std", _, _) => Err(Error::invalid(
+            "normalize",
+            "(mean, std) without both",
+            "a mean and a std",
+        )),
         (name, None, None) => Normalization::parse(name),
         (name, _, _) => Err(Error::invalid(
             "normalize",
@@ -243,23 +268,41 @@ impl PyTransform {
     #[pyo3(signature = (image, seed = 0))]
     fn __call__(&self, py: Python<'_>, image: &Bound<'_, PyAny>, seed: u64) -> PyResult<PyTensor> {
         let arr = image.downcast::<numpy::PyArrayDyn<u8>>().map_err(|_| {
-            Error::invalid("image", image.get_type().to_string(), "a numpy uint8 array (H, W) or (H, W, C)")
+            Error::invalid(
+                "image",
+                image.get_type().to_string(),
+                "a numpy uint8 array (H, W) or (H, W, C)",
+            )
         })?;
         let shape = arr.shape().to_vec();
         let (h, w, c) = match shape[..] {
             [h, w] => (h, w, 1),
             [h, w, c] if c == 1 || c == 3 => (h, w, c),
-            _ => return Err(Error::invalid("image", format!("shape {shape:?}"), "(H, W), (H, W, 1) or (H, W, 3)").into()),
+            _ => {
+                return Err(Error::invalid(
+                    "image",
+                    format!("shape {shape:?}"),
+                    "(H, W), (H, W, 1) or (H, W, 3)",
+                )
+                .into())
+            }
         };
         if h == 0 || w == 0 {
-            return Err(Error::invalid("image", format!("shape {shape:?}"), "a non-empty image").into());
+            return Err(
+                Error::invalid("image", format!("shape {shape:?}"), "a non-empty image").into(),
+            );
         }
         let data: Vec<u8> = arr.readonly().as_array().iter().copied().collect();
         let t = &self.inner;
         let values = without_gil(py, move || {
             let mut out = vec![0f32; t.output_len()];
-            t.apply(&Image::new(w, h, c, data), &mut Rng::new(seed), &mut out, &mut Workspace::new())
-                .map_err(|m| Error::invalid("image", m, "a decodable image"))?;
+            t.apply(
+                &Image::new(w, h, c, data),
+                &mut Rng::new(seed),
+                &mut out,
+                &mut Workspace::new(),
+            )
+            .map_err(|m| Error::invalid("image", m, "a decodable image"))?;
             Ok(out)
         })?;
         Ok(chw_tensor(values, t.output_shape()))
@@ -306,11 +349,19 @@ fn batches_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<usize>>> {
         return Ok(a
             .rows()
             .into_iter()
-            .map(|r| r.iter().map(|&v| to_index(v)).collect::<Result<Vec<_>, _>>())
+            .map(|r| {
+                r.iter()
+                    .map(|&v| to_index(v))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .collect::<Result<Vec<_>, _>>()?);
     }
     let lists: Vec<Vec<i64>> = obj.extract().map_err(|_| {
-        Error::invalid("batch_sampler", obj.get_type().to_string(), "batches: lists of integer indices")
+        Error::invalid(
+            "batch_sampler",
+            obj.get_type().to_string(),
+            "batches: lists of integer indices",
+        )
     })?;
     Ok(lists
         .into_iter()
@@ -337,7 +388,9 @@ impl PyLoader {
             on_error: OnError::parse(on_error)?,
         };
         let inner = Loader::new(Arc::clone(&dataset.inner), transform.inner.clone(), options)?;
-        Ok(PyLoader { inner: Arc::new(inner) })
+        Ok(PyLoader {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Starts loading `batches` (int64 array `(n, b)` or lists of indices).
@@ -351,7 +404,13 @@ impl PyLoader {
     }
 
     /// One batch, loaded in the calling thread: `(images, labels, indices)`.
-    fn load_batch(&self, py: Python<'_>, batch: Vec<i64>, epoch: u64, batch_index: usize) -> PyResult<(PyTensor, PyTensor, Vec<usize>)> {
+    fn load_batch(
+        &self,
+        py: Python<'_>,
+        batch: Vec<i64>,
+        epoch: u64,
+        batch_index: usize,
+    ) -> PyResult<(PyTensor, PyTensor, Vec<usize>)> {
         let batch = batch
             .into_iter()
             .map(|v| count("batch", v, "non-negative indices"))

@@ -39,7 +39,9 @@ impl PySampler {
             num_replicas: count("num_replicas", num_replicas, "an integer >= 1")?,
             rank: count("rank", rank, "an integer >= 0")?,
         };
-        let inner = without_gil(py, move || ClassBalancedSampler::new(&labels, p, k, options))?;
+        let inner = without_gil(py, move || {
+            ClassBalancedSampler::new(&labels, p, k, options)
+        })?;
         Ok(PySampler { inner })
     }
 
@@ -95,7 +97,11 @@ impl PySampler {
     fn plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
         let sampler = &self.inner;
         let flat = without_gil(py, || {
-            Ok(sampler.plan_flat().into_iter().map(|i| i as i64).collect::<Vec<i64>>())
+            Ok(sampler
+                .plan_flat()
+                .into_iter()
+                .map(|i| i as i64)
+                .collect::<Vec<i64>>())
         })?;
         PyArray1::from_vec(py, flat).reshape([self.inner.len(), self.inner.batch_size()])
     }

@@ -20,8 +20,6 @@
 use crate::error::{ensure, Error, Result};
 use crate::rng::Rng;
 
-use super::weighted::WeightTree;
-
 /// Stream id of the sampler in `derive_seed(seed, [epoch, SAMPLER_STREAM])`.
 const SAMPLER_STREAM: u64 = 0x5A4D_504C;
 
@@ -193,8 +191,11 @@ impl ClassBalancedSampler {
     /// [`batches`](Self::batches) concatenated: `len() * batch_size()` indices.
     pub fn plan_flat(&self) -> Vec<usize> {
         let all = self.plan_all_ranks();
-        let n = self.batch_size();
         let r = self.options.num_replicas;
+        if r == 1 {
+            return all;
+        }
+        let n = self.batch_size();
         let mut out = Vec::with_capacity(self.len() * n);
         for b in (self.options.rank..self.total_batches).step_by(r) {
             out.extend_from_slice(&all[b * n..(b + 1) * n]);
@@ -209,17 +210,23 @@ impl ClassBalancedSampler {
         let mut rng = Rng::derived(self.options.seed, &[self.epoch, SAMPLER_STREAM]);
 
         let mut order = self.members.clone();
-        let mut remaining = vec![0u64; num_classes];
+        let mut remaining = vec![0u32; num_classes];
+        // One pool entry per unplanned chunk: a uniform entry is a class
+        // drawn with probability proportional to its remaining chunks.
+        let mut pool: Vec<u32> = Vec::with_capacity(self.members.len() / k + num_classes);
         for c in 0..num_classes {
             let seg = &mut order[self.offsets[c]..self.offsets[c + 1]];
             rng.shuffle(seg);
-            remaining[c] = seg.len().div_ceil(k) as u64;
+            remaining[c] = seg.len().div_ceil(k) as u32;
+            pool.extend(std::iter::repeat_n(c as u32, remaining[c] as usize));
         }
+        // Entries of chunks already planned as forced picks, dropped when drawn.
+        let mut stale = vec![0u32; num_classes];
+        let mut alive = num_classes;
         let mut next_chunk = vec![0usize; num_classes];
-        let mut weights = WeightTree::new(&remaining);
 
         // Lazy buckets by remaining chunks: a class sits in bucket r when it
-        // had r chunks left; entries whose count moved on are stale.
+        // had r chunks left; entries whose count moved on are ignored.
         let b_total = self.total_batches;
         let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); b_total + 1];
         for (c, &r) in remaining.iter().enumerate() {
@@ -230,24 +237,21 @@ impl ClassBalancedSampler {
         let mut plan = Vec::with_capacity(b_total * p * k);
         let mut picked: Vec<(usize, bool)> = Vec::with_capacity(p);
         for b in 0..b_total {
-            let left = (b_total - b) as u64;
+            let left = (b_total - b) as u32;
             picked.clear();
             for c in std::mem::take(&mut buckets[left as usize]) {
                 let c = c as usize;
                 if remaining[c] == left && !in_batch[c] {
                     in_batch[c] = true;
+                    stale[c] += 1;
                     picked.push((c, true));
-                    weights.set(c, 0);
                 }
             }
             debug_assert!(picked.len() <= p, "more forced classes than places");
-            while picked.len() < p {
-                let Some(c) = weights.draw(&mut rng) else {
-                    break;
-                };
+            while picked.len() < p && picked.len() < alive {
+                let c = draw_class(&mut pool, &mut stale, &in_batch, &remaining, &mut rng);
                 in_batch[c] = true;
                 picked.push((c, true));
-                weights.set(c, 0);
             }
             while picked.len() < p {
                 let c = self.extra_class(&mut rng, &in_batch);
@@ -261,9 +265,10 @@ impl ClassBalancedSampler {
                     self.push_chunk(&mut plan, &order, c, next_chunk[c], &mut rng);
                     next_chunk[c] += 1;
                     remaining[c] -= 1;
-                    weights.set(c, remaining[c]);
                     if remaining[c] > 0 {
                         buckets[remaining[c] as usize].push(c as u32);
+                    } else {
+                        alive -= 1;
                     }
                 } else {
                     self.push_extra(&mut plan, c, &mut rng);
@@ -348,6 +353,50 @@ impl ClassBalancedSampler {
             }
         }
     }
+}
+
+/// Draws a class not in the batch with probability proportional to its
+/// remaining chunks, removing one of its pool entries. Entries of classes in
+/// the batch are redrawn; after many redraws (a few classes hold most
+/// chunks) the choice is made over the other classes directly.
+fn draw_class(
+    pool: &mut Vec<u32>,
+    stale: &mut [u32],
+    in_batch: &[bool],
+    remaining: &[u32],
+    rng: &mut Rng,
+) -> usize {
+    let mut misses = 0;
+    while misses < 64 && !pool.is_empty() {
+        let i = rng.below(pool.len() as u64) as usize;
+        let c = pool[i] as usize;
+        if stale[c] > 0 {
+            stale[c] -= 1;
+            pool.swap_remove(i);
+        } else if in_batch[c] {
+            misses += 1;
+        } else {
+            pool.swap_remove(i);
+            return c;
+        }
+    }
+    // Weighted choice among the classes outside the batch, by a scan.
+    let total: u64 = (0..remaining.len())
+        .filter(|&c| !in_batch[c])
+        .map(|c| remaining[c] as u64)
+        .sum();
+    let mut target = rng.below(total.max(1));
+    let mut chosen = 0;
+    for c in (0..remaining.len()).filter(|&c| !in_batch[c] && remaining[c] > 0) {
+        chosen = c;
+        if target < remaining[c] as u64 {
+            break;
+        }
+        target -= remaining[c] as u64;
+    }
+    // Its entry stays in the pool; mark one stale so it is dropped later.
+    stale[chosen] += 1;
+    chosen
 }
 
 /// Sample indices grouped by class, classes in increasing label order, as

@@ -7,6 +7,5 @@
 //! rank of a distributed run.
 
 mod class_balanced;
-mod weighted;
 
 pub use class_balanced::{ClassBalancedSampler, SamplerOptions};
