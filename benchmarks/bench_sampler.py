@@ -60,8 +60,10 @@ def main() -> None:
     t_peer, flat = best(peer, max(1, args.repeats - 1))
     n_ours = sum(len(b) for b in batches)
     print(f"{args.labels:,} labels, {args.classes:,} classes, P={p}, K={k}")
-    print(f"grouploss ClassBalancedBatchSampler: {t_ours:.3f} s "
-          f"({len(batches)} batches, {n_ours:,} indices, as lists); plan() array: {t_arr:.3f} s")
+    print(
+        f"grouploss ClassBalancedBatchSampler: {t_ours:.3f} s "
+        f"({len(batches)} batches, {n_ours:,} indices, as lists); plan() array: {t_arr:.3f} s"
+    )
     print(f"pml MPerClassSampler:                {t_peer:.3f} s ({len(flat):,} indices)")
     print(f"speed-up: {t_peer / t_ours:.1f}x (lists), {t_peer / t_arr:.1f}x (array)")
 

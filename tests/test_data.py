@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from data_fixtures import GLYPHS, make_cub, photo, write_image
 from PIL import Image
 
-from data_fixtures import GLYPHS, make_cub, photo, write_image
 from grouploss import ClassBalancedBatchSampler
 from grouploss.data import Loader, eval_transform, small_transform, train_transform
 from grouploss.datasets import CUB200, Glyphs, ImageFolder
@@ -45,8 +45,9 @@ def test_eval_transform_matches_torchvision(tmp_path):
 def test_random_resized_crop_of_the_whole_image_is_a_resize(tmp_path):
     img = photo(2, 120, 90)
     ref = T.Compose([T.Resize((64, 64)), T.ToTensor()])(Image.fromarray(img))
-    t = train_transform(64, scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90), flip=True,
-                        normalize="none")
+    t = train_transform(
+        64, scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90), flip=True, normalize="none"
+    )
     outs = [t(img, seed=s) for s in range(8)]
     for out in outs:
         a, b = (out - ref).abs().max(), (out.flip(-1) - ref).abs().max()
@@ -92,7 +93,9 @@ def test_caffe_bgr_and_grey_conversions(tmp_path):
     assert torch.equal(grey[0], torch.from_numpy(pil_l))
     g = photo(6, 32, 32, grey=True)
     three = eval_transform(32, resize=32, normalize="none")(g)
-    assert torch.equal(three[0], three[2]) and torch.equal(three[1] * 255, torch.from_numpy(g).float())
+    assert torch.equal(three[0], three[2]) and torch.equal(
+        three[1] * 255, torch.from_numpy(g).float()
+    )
     custom = eval_transform(32, resize=32, normalize=([0.5, 0.5, 0.5], [0.25, 0.5, 1.0]))(rgb)
     assert torch.allclose(custom[0], (torch.from_numpy(rgb[..., 0]).float() / 255 - 0.5) / 0.25)
 
@@ -181,8 +184,9 @@ def test_augmentation_does_not_depend_on_threads_or_prefetch(cub):
         sampler = ClassBalancedBatchSampler(ds.labels, 2, 3, seed=1)
         runs.append(collect(Loader(ds, sampler, train_transform(32), n, prefetch, seed=9)))
     for other in runs[1:]:
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                   for a, b in zip(runs[0], other))
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(runs[0], other)
+        )
     sampler = ClassBalancedBatchSampler(ds.labels, 2, 3, seed=1)
     reseeded = collect(Loader(ds, sampler, train_transform(32), 2, seed=10))
     assert not torch.equal(reseeded[0][0], runs[0][0][0])
@@ -238,8 +242,9 @@ def test_stopping_mid_epoch_stops_the_threads(cub):
 
 def test_waiting_for_a_batch_releases_the_gil(cub):
     ds = CUB200(cub)
-    loader = Loader(ds, [[i % 24] * 24 for i in range(30)], train_transform(160), num_threads=1,
-                    prefetch=1)
+    loader = Loader(
+        ds, [[i % 24] * 24 for i in range(30)], train_transform(160), num_threads=1, prefetch=1
+    )
     ticks, stop = [], threading.Event()
 
     def count():
@@ -337,5 +342,5 @@ def test_skip_policy_fails_when_a_whole_class_is_unreadable(tmp_path):
     loader = Loader(CUB200(tmp_path, split="all"), [[0, 2]], train_transform(8), on_error="skip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="no other sample of class \"001.Bird_1\" could be read"):
+        with pytest.raises(ValueError, match='no other sample of class "001.Bird_1" could be read'):
             list(loader)

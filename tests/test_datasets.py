@@ -9,9 +9,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-
 from data_fixtures import (
     FASHION,
     GLYPHS,
@@ -24,6 +21,9 @@ from data_fixtures import (
     read_idx,
     write_image,
 )
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from grouploss import ClassBalancedBatchSampler
 from grouploss.data import eval_transform
 from grouploss.datasets import (
@@ -74,8 +74,10 @@ def test_val_split_is_class_disjoint_seeded_and_carved_from_train(tmp_path):
     assert sorted(train.classes + val.classes) == CUB200(tmp_path).classes
     assert val.labels.tolist() == [0, 0, 1, 1]  # renumbered from 0
     assert CUB200(tmp_path, split="val", **kw).classes == val.classes
-    other = {tuple(CUB200(tmp_path, split="val", val_fraction=0.34, split_seed=s).classes)
-             for s in range(6)}
+    other = {
+        tuple(CUB200(tmp_path, split="val", val_fraction=0.34, split_seed=s).classes)
+        for s in range(6)
+    }
     assert len(other) > 1
     assert len(CUB200(tmp_path, split="test", **kw)) == 12  # test untouched
     with pytest.raises(ValueError, match="val_fraction: expected a fraction > 0"):
@@ -101,8 +103,11 @@ def test_transform_and_dataloader(tmp_path):
     # Pickling (DataLoader workers under spawn) reopens the dataset.
     clone = pickle.loads(pickle.dumps(CUB200(tmp_path, split="test")))
     assert clone.labels.tolist() == CUB200(tmp_path, split="test").labels.tolist()
-    batches = list(DataLoader(CUB200(tmp_path, transform=eval_transform(16, resize=16)),
-                              batch_size=4, num_workers=2))
+    batches = list(
+        DataLoader(
+            CUB200(tmp_path, transform=eval_transform(16, resize=16)), batch_size=4, num_workers=2
+        )
+    )
     assert sum(len(b[1]) for b in batches) == 8
 
 
@@ -236,10 +241,10 @@ def test_csv_dataset(tmp_path):
 @pytest.mark.parametrize(
     "row,match",
     [
-        ("cat,im/0.jpg,holdout", "line 3: split \"holdout\" is not train, val or test"),
+        ("cat,im/0.jpg,holdout", 'line 3: split "holdout" is not train, val or test'),
         ("cat,im/0.jpg", "line 3: 2 fields, the header has 3"),
-        ("cat,../secret.jpg,train", "line 3: image path \"../secret.jpg\" leaves the dataset root"),
-        ("cat,/etc/passwd,train", "line 3: image path \"/etc/passwd\" is absolute"),
+        ("cat,../secret.jpg,train", 'line 3: image path "../secret.jpg" leaves the dataset root'),
+        ("cat,/etc/passwd,train", 'line 3: image path "/etc/passwd" is absolute'),
         (",im/0.jpg,train", "line 3: empty label"),
     ],
 )
@@ -261,9 +266,18 @@ def test_csv_missing_column(tmp_path):
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda t: t.replace("3 001.Bird_1/Bird_1_0002.jpg", "3"), "images.txt, line 3: expected '<image id> <path>'"),
-        (lambda t: t.replace("5 002.Bird_2/", "5 ../../"), r"images.txt, line 5: image path .* leaves"),
-        (lambda t: t.replace("6 002.Bird_2/", "6 /etc/"), r"images.txt, line 6: image path .* is absolute"),
+        (
+            lambda t: t.replace("3 001.Bird_1/Bird_1_0002.jpg", "3"),
+            "images.txt, line 3: expected '<image id> <path>'",
+        ),
+        (
+            lambda t: t.replace("5 002.Bird_2/", "5 ../../"),
+            r"images.txt, line 5: image path .* leaves",
+        ),
+        (
+            lambda t: t.replace("6 002.Bird_2/", "6 /etc/"),
+            r"images.txt, line 6: image path .* is absolute",
+        ),
         (lambda t: t + "99 x.jpg\n", "images.txt, line 13: image id 99 has no class"),
         (lambda t: t + "1 x.jpg\n", "images.txt, line 13: image id 1 listed twice"),
     ],
@@ -324,13 +338,18 @@ def test_idx_fixture_in_the_fashion_layout(tmp_path, gz, int32):
     make_idx_pair(tmp_path, "train", tr_img, tr_lab, gz=gz, int32=int32)
     make_idx_pair(tmp_path, "t10k", te_img, te_lab, gz=gz, int32=int32)
     train = FashionMNIST(tmp_path)
-    assert len(train) == 20 and train.classes == ["T-shirt/top", "Trouser", "Pullover",
-                                                  "Dress", "Coat"]
+    assert len(train) == 20 and train.classes == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+    ]
     first = np.flatnonzero(tr_lab < 5)
     image, label = train[3]
     assert image.shape == (1, 28, 28)
     assert np.array_equal(image[0].numpy(), tr_img[first[3]]) and label == tr_lab[first[3]]
-    assert "image %d of" % first[3] in train.describe(3)
+    assert f"image {first[3]} of" in train.describe(3)
     test = FashionMNIST(tmp_path, split="test")
     assert test.labels.tolist() == (te_lab[te_lab >= 5] - 5).tolist()
     std = FashionMNIST(tmp_path, split="test", zero_shot=False)

@@ -544,9 +544,7 @@ def test_stubs_match_the_native_module():
     classes = {n: o for n, o in public.items() if isinstance(o, type)}
     assert set(stub_classes) == set(classes)
     for name, cls in classes.items():
-        methods = {
-            n.name: n for n in stub_classes[name].body if isinstance(n, ast.FunctionDef)
-        }
+        methods = {n.name: n for n in stub_classes[name].body if isinstance(n, ast.FunctionDef)}
         assert {m for m in methods if not m.startswith("_")} == {
             m for m in vars(cls) if not m.startswith("_")
         }, name

@@ -82,11 +82,11 @@ def test_properties_hold_for_any_label_set(sizes, k, data):
     replicas = data.draw(st.integers(1, 3))
     seed = data.draw(st.integers(0, 2**32))
     labels = labels_of(sizes, seed=seed % 1000)
+    epoch = data.draw(st.integers(0, 5))
     plans = []
     for rank in range(replicas):
         s = ClassBalancedBatchSampler(labels, p, k, seed=seed, num_replicas=replicas, rank=rank)
-        s.set_epoch(data.draw(st.integers(0, 5)) if rank == 0 else plans_epoch)
-        plans_epoch = s.epoch
+        s.set_epoch(epoch)
         assert len(s) == expected_len(labels, p, k, replicas)
         plans.append(list(s))
     check_plan(labels, [b for plan in plans for b in plan], p, k)
@@ -145,9 +145,7 @@ def test_ranks_share_one_plan_disjointly():
 
 def test_uneven_ranks_get_the_same_count():
     labels = labels_of([7, 7, 7])  # 6 chunks of K=4, P=2: 3 batches
-    lens = [
-        len(ClassBalancedBatchSampler(labels, 2, 4, num_replicas=4, rank=r)) for r in range(4)
-    ]
+    lens = [len(ClassBalancedBatchSampler(labels, 2, 4, num_replicas=4, rank=r)) for r in range(4)]
     assert lens == [1, 1, 1, 1]
 
 

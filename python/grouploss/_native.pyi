@@ -3,7 +3,6 @@
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-
 import torch
 
 __version__: str
@@ -165,7 +164,9 @@ class Loader:
         seed: int = 0,
         on_error: str = "raise",
     ) -> None: ...
-    def epoch(self, batches: Union[np.ndarray, Sequence[Sequence[int]]], epoch: int) -> LoaderEpoch: ...
+    def epoch(
+        self, batches: Union[np.ndarray, Sequence[Sequence[int]]], epoch: int
+    ) -> LoaderEpoch: ...
     def load_batch(
         self, batch: Sequence[int], epoch: int, batch_index: int
     ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...

@@ -390,7 +390,7 @@ pub(crate) mod tests {
         let mut out = ty.to_le_bytes().to_vec();
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
         out.extend_from_slice(data);
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
         out
