@@ -490,3 +490,126 @@ impl Drop for Epoch {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::dataset::{DatasetOptions, Split};
+    use crate::data::readers::cub200;
+    use crate::data::testing;
+    use crate::data::transform::Normalization;
+
+    fn setup(name: &str) -> (std::path::PathBuf, Arc<Dataset>) {
+        let root = testing::cub(name, 4, 4);
+        let opts = DatasetOptions {
+            split: Split::All,
+            ..Default::default()
+        };
+        let ds = Arc::new(cub200(Some(&root), &opts).unwrap());
+        (root, ds)
+    }
+
+    fn transform() -> Transform {
+        Transform::random_resized_crop(
+            24,
+            (0.08, 1.0),
+            (0.75, 4.0 / 3.0),
+            true,
+            Normalization::Imagenet,
+            3,
+        )
+        .unwrap()
+    }
+
+    fn run(
+        ds: &Arc<Dataset>,
+        threads: usize,
+        prefetch: usize,
+        on_error: OnError,
+    ) -> Vec<Result<Batch>> {
+        let options = LoaderOptions {
+            num_threads: threads,
+            prefetch,
+            seed: 7,
+            on_error,
+        };
+        let loader = Loader::new(Arc::clone(ds), transform(), options).unwrap();
+        let batches: Vec<Vec<usize>> = (0..10)
+            .map(|j| (0..6).map(|i| (i * 5 + j) % 16).collect())
+            .collect();
+        loader.epoch(batches, 3).unwrap().collect()
+    }
+
+    #[test]
+    fn batches_come_in_order_and_do_not_depend_on_threads() {
+        let (root, ds) = setup("loader-order");
+        let one = run(&ds, 1, 1, OnError::Raise);
+        let four = run(&ds, 4, 3, OnError::Raise);
+        assert_eq!(one.len(), 10);
+        for (j, (a, b)) in one.iter().zip(&four).enumerate() {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!(a.images.size(), vec![6, 3, 24, 24]);
+            assert_eq!(
+                a.indices,
+                (0..6).map(|i| (i * 5 + j) % 16).collect::<Vec<_>>()
+            );
+            assert!(a.images.equal(&b.images) && a.labels.equal(&b.labels));
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn bad_files_raise_or_are_replaced_by_their_class() {
+        let (root, ds) = setup("loader-errors");
+        // Sample 5 (class 2) is empty.
+        std::fs::write(ds.path(5).unwrap(), b"").unwrap();
+        let raised = run(&ds, 2, 2, OnError::Raise);
+        let err = raised
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("1.jpg (line 6 of") && err.ends_with("empty file"),
+            "{err}"
+        );
+        assert!(raised.len() < 10, "the epoch ends at its error");
+        let skipped = run(&ds, 2, 2, OnError::Skip);
+        let mut replaced = 0;
+        for (j, b) in skipped.iter().enumerate() {
+            let b = b.as_ref().unwrap();
+            let planned: Vec<usize> = (0..6).map(|i| (i * 5 + j) % 16).collect();
+            for (pos, &p) in planned.iter().enumerate() {
+                if p == 5 {
+                    // Class 2 is samples 4..8.
+                    assert!((4..8).contains(&b.indices[pos]) && b.indices[pos] != 5);
+                    replaced += 1;
+                } else {
+                    assert_eq!(b.indices[pos], p);
+                }
+            }
+        }
+        assert!(replaced > 0);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn dropping_an_epoch_midway_stops_its_threads() {
+        let (root, ds) = setup("loader-drop");
+        let options = LoaderOptions {
+            num_threads: 3,
+            prefetch: 2,
+            seed: 0,
+            on_error: OnError::Raise,
+        };
+        let loader = Loader::new(Arc::clone(&ds), transform(), options).unwrap();
+        let mut epoch = loader.epoch(vec![(0..16).collect(); 500], 0).unwrap();
+        assert!(epoch.next().unwrap().is_ok());
+        let start = std::time::Instant::now();
+        drop(epoch);
+        assert!(start.elapsed().as_secs_f64() < 2.0);
+        let err = loader.epoch(vec![vec![16]], 0).err().unwrap().to_string();
+        assert!(err.contains("index 16 in batch 0"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

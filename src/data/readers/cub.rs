@@ -129,3 +129,34 @@ pub fn cub200(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> 
     }
     listing.select(options)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::dataset::Split;
+    use crate::data::testing;
+
+    #[test]
+    fn zero_shot_splits_and_malformed_lines() {
+        let root = testing::cub("cub-reader", 4, 2);
+        let opts = |split| DatasetOptions {
+            split,
+            ..Default::default()
+        };
+        let train = cub200(Some(&root), &opts(Split::Train)).unwrap();
+        let test = cub200(Some(&root), &opts(Split::Test)).unwrap();
+        assert_eq!((train.len(), test.len()), (4, 4));
+        assert_eq!(test.labels(), &[0, 0, 1, 1]);
+        assert_eq!(train.classes(), &["class 1", "class 2"]);
+        assert_eq!(test.load(3).unwrap().width, 60);
+        std::fs::write(root.join("images.txt"), "1 ../../etc/passwd\n").unwrap();
+        let err = cub200(Some(&root), &opts(Split::Train))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("images.txt, line 1: image path") && err.contains("'..'"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
