@@ -228,9 +228,9 @@ impl ClassBalancedSampler {
         // Lazy buckets by remaining chunks: a class sits in bucket r when it
         // had r chunks left; entries whose count moved on are ignored.
         let b_total = self.total_batches;
-        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); b_total + 1];
+        let mut buckets = Buckets::new(b_total + 1, num_classes + pool.len());
         for (c, &r) in remaining.iter().enumerate() {
-            buckets[r as usize].push(c as u32);
+            buckets.push(r as usize, c as u32);
         }
 
         let mut in_batch = vec![false; num_classes];
@@ -239,7 +239,10 @@ impl ClassBalancedSampler {
         for b in 0..b_total {
             let left = (b_total - b) as u32;
             picked.clear();
-            for c in std::mem::take(&mut buckets[left as usize]) {
+            let mut node = buckets.head[left as usize];
+            while node != NONE {
+                let (c, next) = buckets.nodes[node as usize];
+                node = next;
                 let c = c as usize;
                 if remaining[c] == left && !in_batch[c] {
                     in_batch[c] = true;
@@ -266,7 +269,7 @@ impl ClassBalancedSampler {
                     next_chunk[c] += 1;
                     remaining[c] -= 1;
                     if remaining[c] > 0 {
-                        buckets[remaining[c] as usize].push(c as u32);
+                        buckets.push(remaining[c] as usize, c as u32);
                     } else {
                         alive -= 1;
                     }
@@ -352,6 +355,29 @@ impl ClassBalancedSampler {
                 plan.push(s);
             }
         }
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// Lists of classes by remaining chunks, as linked lists in two flat arrays
+/// (one node per push, no allocation per bucket).
+struct Buckets {
+    head: Vec<u32>,
+    nodes: Vec<(u32, u32)>,
+}
+
+impl Buckets {
+    fn new(buckets: usize, capacity: usize) -> Self {
+        Buckets {
+            head: vec![NONE; buckets],
+            nodes: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn push(&mut self, bucket: usize, class: u32) {
+        self.nodes.push((class, self.head[bucket]));
+        self.head[bucket] = (self.nodes.len() - 1) as u32;
     }
 }
 
