@@ -414,3 +414,19 @@ def test_real_glyphs_match_classes_tsv_and_files():
         assert np.array_equal(ids[ds.labels], raw)
         assert ds[0][0].shape == (1, 32, 32)
     assert set(Glyphs(split="train").classes).isdisjoint(Glyphs(split="test").classes)
+
+
+def test_grey_and_cmyk_jpegs_decode_like_pil(tmp_path):
+    from data_fixtures import photo
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(photo(1, 40, 30)).convert("CMYK").save(tmp_path / "a" / "cmyk.jpg")
+    Image.fromarray(photo(2, 40, 30, grey=True)).save(tmp_path / "a" / "grey.jpg")
+    ds = ImageFolder(tmp_path, split="all")
+    assert torch.equal(ds.load(0), pil_chw(ds.path(0)))  # Adobe CMYK -> RGB as PIL does
+    grey = ds.load(1)
+    assert grey.shape == (1, 30, 40)
+    assert torch.equal(grey[0], pil_chw(ds.path(1))[0])
+    ds.transform = eval_transform(24, resize=24, normalize="none")
+    rgb, _ = ds[1]
+    assert rgb.shape == (3, 24, 24) and torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])
