@@ -5,10 +5,12 @@
 //! The core is plain Rust over `tch`; the Python bindings live in
 //! [`python`] behind the `python` cargo feature.
 
+pub mod data;
 pub mod error;
 pub mod loss;
 pub mod model;
 pub mod rng;
+pub mod sampler;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -544,17 +544,37 @@ def test_help_shows_every_parameter_the_formula_and_an_example():
 def test_stubs_match_the_native_module():
     stub = pathlib.Path(grouploss.__file__).with_name("_native.pyi")
     tree = ast.parse(stub.read_text())
-    stubbed = {
-        node.name: [a.arg for a in node.args.args + node.args.kwonlyargs]
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef)
-    }
+
+    def params(fn):
+        return [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg != "self"]
+
+    stubbed = {node.name: params(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    public = {n: o for n, o in vars(grouploss._native).items() if not n.startswith("_")}
     native = {
         name: list(inspect.signature(obj).parameters)
-        for name, obj in vars(grouploss._native).items()
-        if callable(obj) and not name.startswith("_")
+        for name, obj in public.items()
+        if callable(obj) and not isinstance(obj, type)
     }
     assert stubbed == native
+    # Classes: the same public members, and the same parameters wherever the
+    # native side exposes a signature.
+    stub_classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    classes = {n: o for n, o in public.items() if isinstance(o, type)}
+    assert set(stub_classes) == set(classes)
+    for name, cls in classes.items():
+        methods = {n.name: n for n in stub_classes[name].body if isinstance(n, ast.FunctionDef)}
+        assert {m for m in methods if not m.startswith("_")} == {
+            m for m in vars(cls) if not m.startswith("_")
+        }, name
+        for m, node in methods.items():
+            target = cls if m == "__init__" else getattr(cls, m)
+            try:
+                sig = list(inspect.signature(target).parameters)
+            except (TypeError, ValueError):  # properties, slots without a signature
+                continue
+            if sig[-2:] == ["args", "kwargs"]:  # a slot wrapper's generic signature
+                continue
+            assert [p for p in sig if p != "self"] == params(node), (name, m)
 
 
 def test_native_calls_release_the_gil():

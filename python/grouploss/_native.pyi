@@ -1,7 +1,8 @@
 """Typed surface of the Rust extension ``grouploss._native``."""
 
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 __version__: str
@@ -75,3 +76,133 @@ def refine(
     anchor_mask: torch.Tensor,
     num_iters: int = 1,
 ) -> torch.Tensor: ...
+
+# ------------------------------------------------------------ sampler
+
+class ClassBalancedSampler:
+    def __init__(
+        self,
+        labels: np.ndarray,
+        classes_per_batch: int,
+        samples_per_class: int,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    @property
+    def epoch(self) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def classes_per_batch(self) -> int: ...
+    @property
+    def samples_per_class(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def num_replicas(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    def plan(self) -> np.ndarray: ...
+
+# ------------------------------------------------------------ data
+
+class Dataset:
+    def __len__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def root(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def labels(self) -> np.ndarray: ...
+    @property
+    def classes(self) -> List[str]: ...
+    @property
+    def is_query(self) -> Optional[np.ndarray]: ...
+    @property
+    def is_gallery(self) -> Optional[np.ndarray]: ...
+    def describe(self, index: int) -> str: ...
+    def path(self, index: int) -> Optional[str]: ...
+    def load(self, index: int) -> np.ndarray: ...
+    def load_transformed(self, index: int, transform: Transform, seed: int) -> torch.Tensor: ...
+
+def open_dataset(
+    kind: str,
+    root: Optional[str] = None,
+    split: str = "train",
+    *,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    zero_shot: bool = True,
+    train_fraction: float = 0.5,
+    csv_file: Optional[str] = None,
+) -> Dataset: ...
+
+class Transform:
+    def __call__(self, image: np.ndarray, seed: int = 0) -> torch.Tensor: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def output_shape(self) -> Tuple[int, int, int]: ...
+
+def random_resized_crop(
+    size: int,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    ratio: Tuple[float, float] = (0.75, 4.0 / 3.0),
+    flip: bool = True,
+    normalize: str = "imagenet",
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    channels: int = 3,
+) -> Transform: ...
+def resize_center_crop(
+    size: int,
+    resize: int,
+    normalize: str = "imagenet",
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    channels: int = 3,
+) -> Transform: ...
+def pad_crop(
+    size: int,
+    pad: int = 0,
+    flip: bool = False,
+    normalize: str = "none",
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    channels: int = 1,
+) -> Transform: ...
+
+class Loader:
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Transform,
+        *,
+        num_threads: int,
+        prefetch: int,
+        seed: int = 0,
+        on_error: str = "raise",
+    ) -> None: ...
+    def epoch(
+        self, batches: Union[np.ndarray, Sequence[Sequence[int]]], epoch: int
+    ) -> LoaderEpoch: ...
+    def load_batch(
+        self, batch: Sequence[int], epoch: int, batch_index: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...
+    def take_skipped(self) -> List[Tuple[int, str]]: ...
+
+class LoaderEpoch:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[int]]]: ...
+    def __next__(self) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...
+    def __len__(self) -> int: ...
+    def close(self) -> None: ...

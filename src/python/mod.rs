@@ -1,8 +1,10 @@
 //! Python bindings (feature `python`): argument conversion, GIL release and
 //! error mapping only; the work is done by the core modules.
 
+mod data;
 mod errors;
 mod loss;
+mod sampler;
 
 use pyo3::prelude::*;
 
@@ -12,5 +14,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     loss::register(m)?;
+    sampler::register(m)?;
+    data::register(m)?;
     Ok(())
 }

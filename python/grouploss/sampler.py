@@ -1,0 +1,151 @@
+"""Class-balanced P x K batch sampling, planned in Rust."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from . import _native
+
+__all__ = ["ClassBalancedBatchSampler"]
+
+
+def _as_labels(labels: Any) -> np.ndarray:
+    """Labels as a contiguous int64 numpy array, or ValueError."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("labels: expected at least one label, got an empty sequence")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels: expected integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"labels: expected values below 2**63, got {int(arr.max())}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+class ClassBalancedBatchSampler(Sampler[List[int]]):
+    r"""Batches of ``classes_per_batch`` (P) classes x ``samples_per_class`` (K).
+
+    The Group Loss refines the predictions of a batch jointly, so each batch
+    must hold several samples of each of its classes. For every epoch:
+
+    - every batch holds exactly P distinct classes, K samples each, the K
+      samples of a class next to each other;
+    - every sample is drawn at least once; a class with fewer than K samples
+      (or a last chunk short of K) is topped up with other samples of the
+      class, repeated if the class is smaller than K;
+    - ``len(sampler)`` batches, exactly: with ``m_c = ceil(n_c / K)`` chunks
+      per class, ``max(ceil(sum m_c / P), max m_c)`` batches in all, rounded
+      up to a multiple of ``num_replicas`` and shared among them;
+    - the plan depends only on (labels, P, K, ``seed``, epoch,
+      ``num_replicas``), identically on every machine; :meth:`set_epoch`
+      selects the epoch (a new order each epoch);
+    - rank ``r`` of ``num_replicas`` gets its own batches, disjoint from the
+      other ranks', the same number for all.
+
+    Planning runs in Rust: an epoch of a million labels in 100,000 classes
+    takes a few tens of milliseconds.
+
+    Args:
+        labels: class of every sample of the dataset: a 1-D list, numpy
+            array or torch tensor of non-negative integers.
+        classes_per_batch: P, at most the number of distinct labels.
+        samples_per_class: K >= 1.
+        seed: seed of the plans.
+        num_replicas: number of processes sharing an epoch (distributed).
+        rank: this process, in ``[0, num_replicas)``.
+
+    Raises:
+        ValueError: labels not 1-D integers (or negative), P larger than the
+            number of classes, K < 1, or a bad rank.
+
+    Example::
+
+        >>> sampler = ClassBalancedBatchSampler(dataset.labels, 8, 4, seed=0)
+        >>> loader = DataLoader(dataset, batch_sampler=sampler)  # doctest: +SKIP
+        >>> for epoch in range(10):                               # doctest: +SKIP
+        ...     sampler.set_epoch(epoch)
+        ...     for images, labels in loader: ...
+    """
+
+    def __init__(
+        self,
+        labels: Any,
+        classes_per_batch: int,
+        samples_per_class: int,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self._native = _native.ClassBalancedSampler(
+            _as_labels(labels),
+            _as_int("classes_per_batch", classes_per_batch),
+            _as_int("samples_per_class", samples_per_class),
+            seed=_as_int("seed", seed),
+            num_replicas=_as_int("num_replicas", num_replicas),
+            rank=_as_int("rank", rank),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose plan the next iteration yields."""
+        self._native.set_epoch(_as_int("epoch", epoch))
+
+    @property
+    def epoch(self) -> int:
+        return self._native.epoch
+
+    def plan(self) -> np.ndarray:
+        """This rank's batches of the current epoch, int64 ``(len, P * K)``."""
+        return self._native.plan()
+
+    def __iter__(self) -> Iterator[List[int]]:
+        yield from self._native.plan().tolist()
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    @property
+    def classes_per_batch(self) -> int:
+        return self._native.classes_per_batch
+
+    @property
+    def samples_per_class(self) -> int:
+        return self._native.samples_per_class
+
+    @property
+    def batch_size(self) -> int:
+        """P x K."""
+        return self._native.batch_size
+
+    @property
+    def num_classes(self) -> int:
+        """Distinct labels."""
+        return self._native.num_classes
+
+    @property
+    def num_replicas(self) -> int:
+        return self._native.num_replicas
+
+    @property
+    def rank(self) -> int:
+        return self._native.rank
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassBalancedBatchSampler(classes_per_batch={self.classes_per_batch}, "
+            f"samples_per_class={self.samples_per_class}, batches={len(self)}, "
+            f"num_replicas={self.num_replicas}, rank={self.rank})"
+        )

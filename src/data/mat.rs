@@ -1,0 +1,524 @@
+//! MATLAB level-5 MAT-files: enough of the format to read Cars196's
+//! `cars_annos.mat` (a struct array and a cell array of strings), with or
+//! without zlib compression, in either byte order.
+//!
+//! A file is a 128-byte header followed by data elements, each a tag (type,
+//! byte count; or the "small element" form packing both and up to 4 bytes of
+//! data into 8 bytes) and its data padded to 8 bytes. Variables are
+//! `miMATRIX` elements, possibly wrapped in `miCOMPRESSED` ones. Nothing in
+//! the file is trusted: every length is checked against the bytes present,
+//! decompression is capped, and nesting is limited.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+const MI_INT8: u32 = 1;
+const MI_UINT8: u32 = 2;
+const MI_INT16: u32 = 3;
+const MI_UINT16: u32 = 4;
+const MI_INT32: u32 = 5;
+const MI_UINT32: u32 = 6;
+const MI_SINGLE: u32 = 7;
+const MI_DOUBLE: u32 = 9;
+const MI_INT64: u32 = 12;
+const MI_UINT64: u32 = 13;
+const MI_MATRIX: u32 = 14;
+const MI_COMPRESSED: u32 = 15;
+const MI_UTF8: u32 = 16;
+const MI_UTF16: u32 = 17;
+
+const MX_CELL: u8 = 1;
+const MX_STRUCT: u8 = 2;
+const MX_CHAR: u8 = 4;
+
+/// Largest decompressed variable accepted.
+const MAX_INFLATED: u64 = 1 << 30;
+const MAX_DEPTH: usize = 32;
+
+/// A MATLAB value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MatValue {
+    /// Any numeric class, converted to f64, column-major.
+    Numeric { dims: Vec<usize>, data: Vec<f64> },
+    /// A char array; rows joined by newlines.
+    Char { dims: Vec<usize>, text: String },
+    Cell {
+        dims: Vec<usize>,
+        items: Vec<MatValue>,
+    },
+    /// `items[element][field]`, elements in column-major order.
+    Struct {
+        dims: Vec<usize>,
+        fields: Vec<String>,
+        items: Vec<Vec<MatValue>>,
+    },
+    /// An empty element, or a class this reader does not decode.
+    Other,
+}
+
+impl MatValue {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MatValue::Char { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The single number of a 1 x 1 numeric array.
+    pub fn as_scalar(&self) -> Option<f64> {
+        match self {
+            MatValue::Numeric { data, .. } if data.len() == 1 => Some(data[0]),
+            _ => None,
+        }
+    }
+
+    /// The value of `field` in element `i` of a struct array.
+    pub fn field(&self, i: usize, field: &str) -> Option<&MatValue> {
+        match self {
+            MatValue::Struct { fields, items, .. } => {
+                let f = fields.iter().position(|n| n == field)?;
+                items.get(i)?.get(f)
+            }
+            _ => None,
+        }
+    }
+
+    /// Number of elements of an array.
+    pub fn len(&self) -> usize {
+        match self {
+            MatValue::Numeric { data, .. } => data.len(),
+            MatValue::Char { text, .. } => text.chars().count(),
+            MatValue::Cell { items, .. } => items.len(),
+            MatValue::Struct { items, .. } => items.len(),
+            MatValue::Other => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The variables of a MAT-file, in file order.
+pub fn read(path: &Path) -> Result<Vec<(String, MatValue)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(&bytes).map_err(|msg| Error::format(path, None, msg))
+}
+
+/// Parses the bytes of a MAT-file.
+pub fn parse(bytes: &[u8]) -> std::result::Result<Vec<(String, MatValue)>, String> {
+    if bytes.len() < 128 {
+        return Err("not a MATLAB 5 MAT-file (shorter than its header)".into());
+    }
+    if bytes.starts_with(b"\x89HDF") || bytes[..116].windows(10).any(|w| w == b"MATLAB 7.3") {
+        return Err("MATLAB 7.3 (HDF5) MAT-files are not supported; save with -v7 or older".into());
+    }
+    let big = match &bytes[126..128] {
+        b"IM" => false,
+        b"MI" => true,
+        _ => return Err("not a MATLAB 5 MAT-file (bad endian indicator)".into()),
+    };
+    let mut reader = Reader {
+        buf: &bytes[128..],
+        pos: 0,
+        big,
+    };
+    let mut vars = Vec::new();
+    while reader.pos < reader.buf.len() {
+        let (ty, data) = reader.element()?;
+        match ty {
+            MI_MATRIX => vars.push(matrix(data, big, 0)?),
+            MI_COMPRESSED => {
+                let mut inflated = Vec::new();
+                flate2::read::ZlibDecoder::new(data)
+                    .take(MAX_INFLATED)
+                    .read_to_end(&mut inflated)
+                    .map_err(|e| format!("corrupt compressed variable ({e})"))?;
+                let mut inner = Reader {
+                    buf: &inflated,
+                    pos: 0,
+                    big,
+                };
+                let (ty, data) = inner.element()?;
+                if ty == MI_MATRIX {
+                    vars.push(matrix(data, big, 0)?);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(vars)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    big: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn u32_at(&self, at: usize) -> std::result::Result<u32, String> {
+        let b: [u8; 4] = self
+            .buf
+            .get(at..at + 4)
+            .and_then(|s| s.try_into().ok())
+            .ok_or("truncated MAT-file")?;
+        Ok(if self.big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    /// The next element's type and data.
+    fn element(&mut self) -> std::result::Result<(u32, &'a [u8]), String> {
+        let first = self.u32_at(self.pos)?;
+        let (ty, start, n, next);
+        if first >> 16 != 0 {
+            ty = first & 0xFFFF;
+            n = (first >> 16) as usize;
+            if n > 4 {
+                return Err("corrupt MAT-file (small element longer than 4 bytes)".into());
+            }
+            start = self.pos + 4;
+            next = self.pos + 8;
+        } else {
+            ty = first;
+            n = self.u32_at(self.pos + 4)? as usize;
+            start = self.pos + 8;
+            // Compressed elements are not padded.
+            let padded = if ty == MI_COMPRESSED {
+                n
+            } else {
+                n.div_ceil(8) * 8
+            };
+            next = start.checked_add(padded).ok_or("corrupt MAT-file")?;
+        }
+        let data = self
+            .buf
+            .get(start..start + n)
+            .ok_or("truncated MAT-file (element past the end)")?;
+        self.pos = next.min(self.buf.len());
+        Ok((ty, data))
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+}
+
+fn numbers(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<f64>, String> {
+    macro_rules! conv {
+        ($t:ty, $n:expr) => {
+            data.chunks_exact($n)
+                .map(|c| {
+                    let a: [u8; $n] = c.try_into().unwrap_or([0; $n]);
+                    (if big {
+                        <$t>::from_be_bytes(a)
+                    } else {
+                        <$t>::from_le_bytes(a)
+                    }) as f64
+                })
+                .collect()
+        };
+    }
+    Ok(match ty {
+        MI_INT8 => data.iter().map(|&b| b as i8 as f64).collect(),
+        MI_UINT8 => data.iter().map(|&b| b as f64).collect(),
+        MI_INT16 => conv!(i16, 2),
+        MI_UINT16 => conv!(u16, 2),
+        MI_INT32 => conv!(i32, 4),
+        MI_UINT32 => conv!(u32, 4),
+        MI_SINGLE => conv!(f32, 4),
+        MI_DOUBLE => conv!(f64, 8),
+        MI_INT64 => conv!(i64, 8),
+        MI_UINT64 => conv!(u64, 8),
+        other => return Err(format!("corrupt MAT-file (numeric data of type {other})")),
+    })
+}
+
+fn text(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<char>, String> {
+    match ty {
+        MI_UTF8 | MI_UINT8 | MI_INT8 => Ok(String::from_utf8_lossy(data).chars().collect()),
+        MI_UINT16 | MI_UTF16 => {
+            let units: Vec<u16> = data
+                .chunks_exact(2)
+                .map(|c| {
+                    if big {
+                        u16::from_be_bytes([c[0], c[1]])
+                    } else {
+                        u16::from_le_bytes([c[0], c[1]])
+                    }
+                })
+                .collect();
+            Ok(char::decode_utf16(units)
+                .map(|r| r.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect())
+        }
+        other => Err(format!("corrupt MAT-file (char data of type {other})")),
+    }
+}
+
+fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, MatValue), String> {
+    if data.is_empty() {
+        return Ok((String::new(), MatValue::Other));
+    }
+    if depth > MAX_DEPTH {
+        return Err("MAT-file nests arrays too deeply".into());
+    }
+    let mut r = Reader {
+        buf: data,
+        pos: 0,
+        big,
+    };
+    let (_, flags) = r.element()?;
+    let class = *flags.first().ok_or("corrupt MAT-file (no array flags)")?;
+    let class = if big {
+        *flags.get(3).unwrap_or(&class)
+    } else {
+        class
+    };
+    let (ty, dims_raw) = r.element()?;
+    let dims: Vec<usize> = numbers(ty, dims_raw, big)?
+        .into_iter()
+        .map(|d| d.max(0.0) as usize)
+        .collect();
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("corrupt MAT-file")?;
+    let (_, name) = r.element()?;
+    let name = String::from_utf8_lossy(name).into_owned();
+    let value = match class {
+        MX_CELL => {
+            let mut items = Vec::with_capacity(count.min(data.len() / 8));
+            for _ in 0..count {
+                let (ty, d) = r.element()?;
+                if ty != MI_MATRIX {
+                    return Err("corrupt MAT-file (cell item is not an array)".into());
+                }
+                items.push(matrix(d, big, depth + 1)?.1);
+            }
+            MatValue::Cell { dims, items }
+        }
+        MX_STRUCT => {
+            let (ty, len_raw) = r.element()?;
+            let len = numbers(ty, len_raw, big)?.first().copied().unwrap_or(0.0) as usize;
+            let (_, names) = r.element()?;
+            if len == 0 {
+                return Err("corrupt MAT-file (struct field name length 0)".into());
+            }
+            let fields: Vec<String> = names
+                .chunks(len)
+                .map(|c| {
+                    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+                    String::from_utf8_lossy(&c[..end]).into_owned()
+                })
+                .collect();
+            let mut items = Vec::with_capacity(count.min(data.len() / 8));
+            for _ in 0..count {
+                let mut values = Vec::with_capacity(fields.len());
+                for _ in 0..fields.len() {
+                    let (ty, d) = r.element()?;
+                    if ty != MI_MATRIX {
+                        return Err("corrupt MAT-file (struct field is not an array)".into());
+                    }
+                    values.push(matrix(d, big, depth + 1)?.1);
+                }
+                items.push(values);
+            }
+            MatValue::Struct {
+                dims,
+                fields,
+                items,
+            }
+        }
+        MX_CHAR => {
+            let chars = if r.done() {
+                Vec::new()
+            } else {
+                let (ty, d) = r.element()?;
+                text(ty, d, big)?
+            };
+            // Column-major: character (i, j) is at i + j * rows.
+            let rows = dims.first().copied().unwrap_or(1).max(1);
+            let cols = chars.len() / rows;
+            let text = (0..rows)
+                .map(|i| (0..cols).map(|j| chars[i + j * rows]).collect::<String>())
+                .collect::<Vec<_>>()
+                .join("\n");
+            MatValue::Char { dims, text }
+        }
+        6..=15 => {
+            let data = if r.done() {
+                Vec::new()
+            } else {
+                let (ty, d) = r.element()?;
+                numbers(ty, d, big)?
+            };
+            if data.len() != count {
+                return Err(format!(
+                    "corrupt MAT-file (array {name:?} of {count} elements has {} values)",
+                    data.len()
+                ));
+            }
+            MatValue::Numeric { dims, data }
+        }
+        _ => MatValue::Other,
+    };
+    Ok((name, value))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A little-endian MAT-file writer for fixtures: enough for structs of
+    /// strings and numbers, and cells of strings.
+    pub(crate) enum W {
+        Str(String),
+        Num(f64),
+        U8(u8),
+        Cell(Vec<W>),
+        Struct(Vec<String>, Vec<Vec<W>>),
+    }
+
+    fn element(ty: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = ty.to_le_bytes().to_vec();
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(8) {
+            out.push(0);
+        }
+        out
+    }
+
+    fn matrix_bytes(name: &str, v: &W) -> Vec<u8> {
+        let (class, dims, body): (u8, Vec<i32>, Vec<u8>) = match v {
+            W::Str(s) => {
+                let units: Vec<u8> = s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+                (
+                    MX_CHAR,
+                    vec![1, s.encode_utf16().count() as i32],
+                    element(MI_UINT16, &units),
+                )
+            }
+            W::Num(x) => (6, vec![1, 1], element(MI_DOUBLE, &x.to_le_bytes())),
+            W::U8(x) => (9, vec![1, 1], element(MI_UINT8, &[*x])),
+            W::Cell(items) => (
+                MX_CELL,
+                vec![1, items.len() as i32],
+                items.iter().flat_map(|i| matrix_bytes("", i)).collect(),
+            ),
+            W::Struct(fields, items) => {
+                let mut body = Vec::new();
+                // Small element: the field-name length.
+                body.extend_from_slice(&((4u32 << 16) | MI_INT32).to_le_bytes());
+                body.extend_from_slice(&32i32.to_le_bytes());
+                let names: Vec<u8> = fields
+                    .iter()
+                    .flat_map(|f| {
+                        let mut b = f.as_bytes().to_vec();
+                        b.resize(32, 0);
+                        b
+                    })
+                    .collect();
+                body.extend(element(MI_INT8, &names));
+                for item in items {
+                    for v in item {
+                        body.extend(matrix_bytes("", v));
+                    }
+                }
+                (MX_STRUCT, vec![1, items.len() as i32], body)
+            }
+        };
+        let mut inner = element(MI_UINT32, &[class, 0, 0, 0, 0, 0, 0, 0]);
+        inner.extend(element(
+            MI_INT32,
+            &dims
+                .iter()
+                .flat_map(|d| d.to_le_bytes())
+                .collect::<Vec<_>>(),
+        ));
+        inner.extend(element(MI_INT8, name.as_bytes()));
+        inner.extend(body);
+        element(MI_MATRIX, &inner)
+    }
+
+    pub(crate) fn write_mat(vars: &[(&str, W)], compress: bool) -> Vec<u8> {
+        let mut out = b"MATLAB 5.0 MAT-file, written by grouploss tests".to_vec();
+        out.resize(116, b' ');
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&[0x00, 0x01]);
+        out.extend_from_slice(b"IM");
+        for (name, v) in vars {
+            let m = matrix_bytes(name, v);
+            if compress {
+                let mut z =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                z.write_all(&m).unwrap();
+                let z = z.finish().unwrap();
+                out.extend_from_slice(&MI_COMPRESSED.to_le_bytes());
+                out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+                out.extend(z);
+            } else {
+                out.extend(m);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reads_structs_cells_strings_and_numbers() {
+        for compress in [false, true] {
+            let bytes = write_mat(
+                &[
+                    (
+                        "annotations",
+                        W::Struct(
+                            vec!["relative_im_path".into(), "class".into()],
+                            vec![
+                                vec![W::Str("car_ims/000001.jpg".into()), W::U8(1)],
+                                vec![W::Str("car_ims/000002.jpg".into()), W::Num(196.0)],
+                            ],
+                        ),
+                    ),
+                    (
+                        "class_names",
+                        W::Cell(vec![W::Str("AM General".into()), W::Str("Zoë".into())]),
+                    ),
+                ],
+                compress,
+            );
+            let vars = parse(&bytes).unwrap();
+            assert_eq!(vars[0].0, "annotations");
+            let a = &vars[0].1;
+            assert_eq!(a.len(), 2);
+            assert_eq!(
+                a.field(1, "relative_im_path").unwrap().as_str(),
+                Some("car_ims/000002.jpg")
+            );
+            assert_eq!(a.field(0, "class").unwrap().as_scalar(), Some(1.0));
+            assert_eq!(a.field(1, "class").unwrap().as_scalar(), Some(196.0));
+            match &vars[1].1 {
+                MatValue::Cell { items, .. } => assert_eq!(items[1].as_str(), Some("Zoë")),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_truncated_and_foreign_files() {
+        let bytes = write_mat(&[("x", W::Num(1.0))], false);
+        assert!(parse(&bytes[..bytes.len() - 9])
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(parse(b"hello").unwrap_err().contains("not a MATLAB 5"));
+        let mut hdf = bytes.clone();
+        hdf[..10].copy_from_slice(b"MATLAB 7.3");
+        assert!(parse(&hdf).unwrap_err().contains("7.3"));
+    }
+}

@@ -1,0 +1,84 @@
+//! Cars196: `cars_annos.mat` (MATLAB 5) with a struct array `annotations`
+//! (`relative_im_path`, `class`, ...) and a cell array `class_names`.
+
+use std::path::Path;
+
+use super::first_half;
+use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
+use crate::data::mat::{self, MatValue};
+use crate::data::paths::{join_inside, resolve_root};
+use crate::error::{Error, Result};
+
+/// Stanford Cars: classes 1-98 train, 99-196 test.
+pub fn cars196(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
+    let root = resolve_root(
+        "Cars196",
+        root,
+        &["cars196", "Cars196", "stanford_cars", "CARS196"],
+        &["cars_annos.mat"],
+        &[],
+    )?;
+    let file = root.join("cars_annos.mat");
+    let vars = mat::read(&file)?;
+    let get = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let Some(annos @ MatValue::Struct { .. }) = get("annotations") else {
+        return Err(Error::format(&file, None, "no struct array 'annotations'"));
+    };
+    let names: Vec<String> = match get("class_names") {
+        Some(MatValue::Cell { items, .. }) => items
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut listing = Listing::new("Cars196", &root, "annotation");
+    listing.sources = vec![file.clone()];
+    let mut rows = Vec::with_capacity(annos.len());
+    for i in 0..annos.len() {
+        let bad = |m: String| Error::format(&file, None, format!("annotation {}: {m}", i + 1));
+        let path = annos
+            .field(i, "relative_im_path")
+            .and_then(MatValue::as_str)
+            .ok_or_else(|| bad("no string field 'relative_im_path'".into()))?;
+        let class = annos
+            .field(i, "class")
+            .and_then(MatValue::as_scalar)
+            .ok_or_else(|| bad("no numeric field 'class'".into()))?;
+        if class < 1.0 || class.fract() != 0.0 {
+            return Err(bad(format!("class {class} is not a positive integer")));
+        }
+        let path = join_inside(&root, path.trim()).map_err(bad)?;
+        rows.push((path, class as i64, i + 1));
+    }
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    listing.class_names = ids
+        .iter()
+        .map(|&id| {
+            names
+                .get(id as usize - 1)
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .unwrap_or_else(|| format!("class {id}"))
+        })
+        .collect();
+    let n = ids.len();
+    for (path, class, line) in rows {
+        let c = ids.binary_search(&class).unwrap_or_default();
+        listing.records.push(Record {
+            item: Item::File(path),
+            class: c,
+            part: if first_half(c, n) {
+                Part::Train
+            } else {
+                Part::Test
+            },
+            source: 0,
+            line,
+            query: true,
+            gallery: true,
+        });
+    }
+    listing.select(options)
+}

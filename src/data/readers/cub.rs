@@ -1,0 +1,162 @@
+//! CUB-200-2011: `images.txt` (`<id> <path>` under `images/`),
+//! `image_class_labels.txt` (`<id> <class>`), optional `classes.txt`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::{first_half, read_lines};
+use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
+use crate::data::paths::{join_inside, resolve_root};
+use crate::error::{Error, Result};
+
+/// Caltech-UCSD Birds: classes 1-100 train, 101-200 test.
+pub fn cub200(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
+    let root = resolve_root(
+        "CUB200",
+        root,
+        &["CUB_200_2011", "cub200", "CUB200"],
+        &["images.txt"],
+        &[],
+    )?;
+    let images_txt = root.join("images.txt");
+    let labels_txt = root.join("image_class_labels.txt");
+    let mut listing = Listing::new("CUB200", &root, "line");
+    listing.sources = vec![images_txt.clone(), labels_txt.clone()];
+
+    let mut class_of: HashMap<String, (i64, usize)> = HashMap::new();
+    for (line, text) in read_lines(&labels_txt)? {
+        let mut f = text.split_whitespace();
+        let (Some(id), Some(class), None) = (f.next(), f.next(), f.next()) else {
+            return Err(Error::format(
+                &labels_txt,
+                Some(line),
+                "expected '<image id> <class id>'",
+            ));
+        };
+        let class: i64 = class.parse().map_err(|_| {
+            Error::format(
+                &labels_txt,
+                Some(line),
+                format!("class id {class:?} is not an integer"),
+            )
+        })?;
+        if class_of.insert(id.to_string(), (class, line)).is_some() {
+            return Err(Error::format(
+                &labels_txt,
+                Some(line),
+                format!("image id {id} listed twice"),
+            ));
+        }
+    }
+    let mut names: BTreeMap<i64, String> = BTreeMap::new();
+    let classes_txt = root.join("classes.txt");
+    if classes_txt.is_file() {
+        for (line, text) in read_lines(&classes_txt)? {
+            let Some((id, name)) = text.trim().split_once(char::is_whitespace) else {
+                return Err(Error::format(
+                    &classes_txt,
+                    Some(line),
+                    "expected '<class id> <name>'",
+                ));
+            };
+            let id: i64 = id.parse().map_err(|_| {
+                Error::format(
+                    &classes_txt,
+                    Some(line),
+                    format!("class id {id:?} is not an integer"),
+                )
+            })?;
+            names.insert(id, name.trim().to_string());
+        }
+    }
+    let images = root.join("images");
+    let mut rows: Vec<(PathBuf, i64, usize)> = Vec::new();
+    let mut seen = HashMap::new();
+    for (line, text) in read_lines(&images_txt)? {
+        let Some((id, path)) = text.trim().split_once(char::is_whitespace) else {
+            return Err(Error::format(
+                &images_txt,
+                Some(line),
+                "expected '<image id> <path>'",
+            ));
+        };
+        if seen.insert(id.to_string(), line).is_some() {
+            return Err(Error::format(
+                &images_txt,
+                Some(line),
+                format!("image id {id} listed twice"),
+            ));
+        }
+        let path = join_inside(&images, path.trim())
+            .map_err(|m| Error::format(&images_txt, Some(line), m))?;
+        let Some(&(class, _)) = class_of.get(id) else {
+            return Err(Error::format(
+                &images_txt,
+                Some(line),
+                format!("image id {id} has no class in {}", labels_txt.display()),
+            ));
+        };
+        rows.push((path, class, line));
+    }
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    listing.class_names = ids
+        .iter()
+        .map(|id| {
+            names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("class {id}"))
+        })
+        .collect();
+    let n = ids.len();
+    for (path, class, line) in rows {
+        let c = ids.binary_search(&class).unwrap_or_default();
+        listing.records.push(Record {
+            item: Item::File(path),
+            class: c,
+            part: if first_half(c, n) {
+                Part::Train
+            } else {
+                Part::Test
+            },
+            source: 0,
+            line,
+            query: true,
+            gallery: true,
+        });
+    }
+    listing.select(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::dataset::Split;
+    use crate::data::testing;
+
+    #[test]
+    fn zero_shot_splits_and_malformed_lines() {
+        let root = testing::cub("cub-reader", 4, 2);
+        let opts = |split| DatasetOptions {
+            split,
+            ..Default::default()
+        };
+        let train = cub200(Some(&root), &opts(Split::Train)).unwrap();
+        let test = cub200(Some(&root), &opts(Split::Test)).unwrap();
+        assert_eq!((train.len(), test.len()), (4, 4));
+        assert_eq!(test.labels(), &[0, 0, 1, 1]);
+        assert_eq!(train.classes(), &["class 1", "class 2"]);
+        assert_eq!(test.load(3).unwrap().width, 60);
+        std::fs::write(root.join("images.txt"), "1 ../../etc/passwd\n").unwrap();
+        let err = cub200(Some(&root), &opts(Split::Train))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("images.txt, line 1: image path") && err.contains("'..'"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! Readers of the published dataset layouts.
+//!
+//! Each turns a dataset folder into a [`Listing`](super::dataset::Listing)
+//! and selects the split asked for. The zero-shot protocols: CUB200 and
+//! Cars196 train on the first half of their classes and test on the second;
+//! Stanford Online Products and InShop ship their train/test files;
+//! Fashion-MNIST trains on classes 0-4 of its train file and tests on 5-9 of
+//! its test file (or the standard split, `zero_shot = false`); glyphs ships
+//! disjoint train and test classes; ImageFolder splits its sorted classes
+//! by `train_fraction`; a CSV says it in its `split` column.
+
+mod cars;
+mod csv;
+mod cub;
+mod folder;
+mod idx_sets;
+mod inshop;
+mod sop;
+
+use std::path::{Path, PathBuf};
+
+use super::dataset::{Dataset, DatasetOptions};
+use crate::error::{Error, Result};
+
+pub use self::cars::cars196;
+pub use self::csv::csv;
+pub use self::cub::cub200;
+pub use self::folder::image_folder;
+pub use self::idx_sets::{fashion_mnist, glyphs};
+pub use self::inshop::inshop;
+pub use self::sop::stanford_online_products;
+
+/// Options that only some readers take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReaderOptions {
+    /// Fashion-MNIST: classes 0-4 / 5-9 (true) or the standard split.
+    pub zero_shot: bool,
+    /// ImageFolder: fraction of the sorted classes used for training.
+    pub train_fraction: f64,
+    /// CSV: the file, relative to the root (default `dataset.csv`).
+    pub csv_file: Option<PathBuf>,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            zero_shot: true,
+            train_fraction: 0.5,
+            csv_file: None,
+        }
+    }
+}
+
+/// The dataset `kind` (`"fashion_mnist"`, `"glyphs"`, `"cub200"`,
+/// `"cars196"`, `"sop"`, `"inshop"`, `"image_folder"`, `"csv"`).
+pub fn open(
+    kind: &str,
+    root: Option<&Path>,
+    options: &DatasetOptions,
+    extra: &ReaderOptions,
+) -> Result<Dataset> {
+    let need_root = |what: &str| {
+        root.ok_or_else(|| Error::invalid("root", "None", format!("the folder of the {what}")))
+    };
+    match kind {
+        "fashion_mnist" => fashion_mnist(root, options, extra.zero_shot),
+        "glyphs" => glyphs(root, options),
+        "cub200" => cub200(root, options),
+        "cars196" => cars196(root, options),
+        "sop" => stanford_online_products(root, options),
+        "inshop" => inshop(root, options),
+        "image_folder" => image_folder(need_root("image folder")?, options, extra.train_fraction),
+        "csv" => csv(
+            need_root("CSV dataset")?,
+            extra.csv_file.as_deref(),
+            options,
+        ),
+        other => Err(Error::invalid(
+            "kind",
+            format!("{other:?}"),
+            "one of fashion_mnist, glyphs, cub200, cars196, sop, inshop, image_folder, csv",
+        )),
+    }
+}
+
+/// The non-empty lines of a text file with their 1-based numbers.
+pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        Error::format(path, Some(line), "not UTF-8 text")
+    })?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end_matches('\r').to_string()))
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect())
+}
+
+/// The first half of `n` sorted classes is for training (CUB, Cars).
+pub(crate) fn first_half(rank: usize, n: usize) -> bool {
+    rank < n / 2
+}
