@@ -164,11 +164,19 @@ impl Loader {
     /// Starts loading `batches` (dataset indices) of `epoch` in the
     /// background; the returned iterator yields them in order.
     pub fn epoch(&self, batches: Vec<Vec<usize>>, epoch: u64) -> Result<Epoch> {
+        self.epoch_from(batches, epoch, 0)
+    }
+
+    /// Like [`Loader::epoch`] for the tail of an epoch whose first batch is
+    /// batch `first` of the epoch: augmentations are those that batch
+    /// would get in a whole epoch (a resumed run continues exactly).
+    pub fn epoch_from(&self, batches: Vec<Vec<usize>>, epoch: u64, first: usize) -> Result<Epoch> {
         self.check_batches(&batches)?;
         let total = batches.len();
         let shared = Arc::new(Shared {
             work: self.work(epoch),
             batches,
+            first,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             window: self.options.prefetch,
@@ -351,6 +359,8 @@ struct State {
 struct Shared {
     work: Work,
     batches: Vec<Vec<usize>>,
+    /// Index in the whole epoch of `batches[0]`.
+    first: usize,
     state: Mutex<State>,
     wake: Condvar,
     window: usize,
@@ -375,7 +385,7 @@ fn worker(shared: &Shared, tx: &Sender<Message>) {
         };
         let stopped = || lock(&shared.state).stop;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            shared.work.build(&shared.batches[j], j, &mut ws, &stopped)
+            shared.work.build(&shared.batches[j], shared.first + j, &mut ws, &stopped)
         }))
         .unwrap_or_else(|p| {
             let msg = p

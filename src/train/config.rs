@@ -100,6 +100,9 @@ pub struct TrainConfig {
     pub flip: bool,
     pub num_workers: usize,
     pub prefetch: usize,
+    /// A missing or corrupt image: `raise` an error naming the file, or
+    /// `skip` it (reported once, replaced by another image of its class).
+    pub on_error: String,
     /// Fraction of the training classes held out for model selection.
     pub val_fraction: f64,
 
@@ -296,6 +299,14 @@ impl TrainConfig {
         )?;
         one_of("schedule", &self.schedule, &["step", "cosine", "constant"])?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
+        one_of("on_error", &self.on_error, &["raise", "skip"])?;
+        if self.gtg_warmup_epochs > 0 && self.ce_weight == 0.0 {
+            return Err(Error::invalid(
+                "gtg_warmup_epochs",
+                self.gtg_warmup_epochs,
+                "0 when ce_weight = 0 (the warm-up trains with CE alone)",
+            ));
+        }
         one_of(
             "similarity",
             &self.similarity,
@@ -339,6 +350,19 @@ impl TrainConfig {
         }
         crate::model::BackboneSpec::parse(&self.backbone)?;
         Ok(())
+    }
+
+    /// The options that shape the results, without those that only change
+    /// how the run is carried out (progress display, loader threads, run
+    /// folder): two runs with equal fingerprints compute the same thing.
+    pub fn fingerprint(&self) -> TrainConfig {
+        TrainConfig {
+            progress: true,
+            num_workers: 0,
+            prefetch: 0,
+            out_dir: None,
+            ..self.clone()
+        }
     }
 
     /// The learning rate of the backbone.

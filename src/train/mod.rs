@@ -8,3 +8,8 @@ pub mod presets;
 
 pub use config::TrainConfig;
 pub use presets::{preset, PRESETS};
+pub mod progress;
+pub mod run_dir;
+pub mod runner;
+
+pub use runner::{train, TrainOutcome};

@@ -68,6 +68,7 @@ fn small_grey(dataset: &str) -> TrainConfig {
         flip: false,
         num_workers: 2,
         prefetch: 4,
+        on_error: "raise".into(),
         val_fraction: 0.2,
         select_on: "val".into(),
         select_metric: "map@r".into(),

@@ -1,0 +1,744 @@
+//! A whole run: data, network, Group Loss, optimizer, evaluation on the
+//! validation classes every epoch, checkpoints, the best epoch's test
+//! metrics, and the naive ensemble.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::config::TrainConfig;
+use super::optim::{Optimizer, OptimizerKind, Schedule};
+use super::progress::Progress;
+use super::run_dir::{write_atomic, RunDir};
+use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
+use crate::data::{ReaderOptions, Split, Transform};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalOptions, Metric};
+use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, Similarity};
+use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig};
+use crate::rng::derive_seed;
+use crate::sampler::{ClassBalancedSampler, SamplerOptions};
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    /// Per-epoch records of the first model (as in `metrics.jsonl`).
+    pub history: Vec<Value>,
+    /// 1-based epoch whose weights were kept.
+    pub best_epoch: usize,
+    /// Test metrics of the best epoch (first model).
+    pub test: Map<String, Value>,
+    /// Test metrics of the ensemble, with `ensemble > 1`.
+    pub ensemble_test: Option<Map<String, Value>>,
+    /// The whole `summary.json`.
+    pub summary: Value,
+}
+
+/// The evaluation data of a split: all against all, or queries against a
+/// gallery (In-Shop).
+pub enum EvalSet {
+    All(Arc<Dataset>),
+    QueryGallery {
+        query: Arc<Dataset>,
+        gallery: Arc<Dataset>,
+    },
+}
+
+/// The datasets of a run.
+pub struct RunData {
+    pub train: Arc<Dataset>,
+    /// Where the best epoch is chosen (validation classes, or the test
+    /// classes under the release's protocol).
+    pub select: EvalSet,
+    pub test: EvalSet,
+    pub train_transform: Transform,
+    pub eval_transform: Transform,
+    pub channels: i64,
+}
+
+fn dataset_kind(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn open(cfg: &TrainConfig, split: Split) -> Result<Arc<Dataset>> {
+    let options = DatasetOptions {
+        split,
+        val_fraction: cfg.val_fraction,
+        split_seed: cfg.seed,
+    };
+    let extra = ReaderOptions::default();
+    Ok(Arc::new(data::open(
+        &dataset_kind(&cfg.dataset),
+        cfg.data_root.as_deref(),
+        &options,
+        &extra,
+    )?))
+}
+
+fn eval_set(cfg: &TrainConfig, split: Split) -> Result<EvalSet> {
+    if cfg.dataset == "inshop" && split == Split::Test {
+        return Ok(EvalSet::QueryGallery {
+            query: open(cfg, Split::Query)?,
+            gallery: open(cfg, Split::Gallery)?,
+        });
+    }
+    Ok(EvalSet::All(open(cfg, split)?))
+}
+
+/// Per-channel mean and std of pixel / 255 over up to 2000 training images.
+fn grey_statistics(ds: &Dataset, channels: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let n = ds.len();
+    let take = n.min(2000);
+    let mut sum = vec![0f64; channels];
+    let mut sq = vec![0f64; channels];
+    let mut count = 0f64;
+    for j in 0..take {
+        let img = ds.load(j * n / take)?.into_channels(channels);
+        for px in img.data.chunks_exact(channels) {
+            for c in 0..channels {
+                let v = px[c] as f64 / 255.0;
+                sum[c] += v;
+                sq[c] += v * v;
+            }
+        }
+        count += (img.width * img.height) as f64;
+    }
+    let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
+    let std: Vec<f32> = sq
+        .iter()
+        .zip(&mean)
+        .map(|(q, &m)| ((q / count - (m as f64).powi(2)).max(1e-12)).sqrt() as f32)
+        .collect();
+    Ok((mean, std))
+}
+
+impl RunData {
+    /// Opens the splits of `cfg.dataset` and builds the transforms.
+    pub fn open(cfg: &TrainConfig) -> Result<Self> {
+        let train = open(cfg, Split::Train)?;
+        if train.is_empty() {
+            return Err(Error::invalid("dataset", "an empty training split", "images"));
+        }
+        let select = if cfg.select_on == "test" {
+            eval_set(cfg, Split::Test)?
+        } else {
+            eval_set(cfg, Split::Val)?
+        };
+        let test = eval_set(cfg, Split::Test)?;
+        let (train_transform, eval_transform, channels) = if cfg.image_size == 0 {
+            let first = train.load(0)?;
+            let (size, channels) = (first.width.max(first.height), first.channels);
+            let norm = normalization(cfg, &train, channels)?;
+            (
+                Transform::pad_crop(size, cfg.pad_jitter as usize, cfg.flip, norm.clone(), channels)?,
+                Transform::pad_crop(size, 0, false, norm, channels)?,
+                channels as i64,
+            )
+        } else {
+            let norm = normalization(cfg, &train, 3)?;
+            let size = cfg.image_size as usize;
+            let resize = (cfg.resize_size as usize).max(size);
+            (
+                Transform::random_resized_crop(
+                    size,
+                    (0.08, 1.0),
+                    (3.0 / 4.0, 4.0 / 3.0),
+                    cfg.flip,
+                    norm.clone(),
+                    3,
+                )?,
+                Transform::resize_center_crop(size, resize, norm, 3)?,
+                3,
+            )
+        };
+        Ok(RunData {
+            train,
+            select,
+            test,
+            train_transform,
+            eval_transform,
+            channels,
+        })
+    }
+}
+
+fn normalization(cfg: &TrainConfig, train: &Dataset, channels: usize) -> Result<Normalization> {
+    match cfg.normalization.as_str() {
+        "mean_std" => {
+            let (mean, std) = grey_statistics(train, channels)?;
+            Ok(Normalization::MeanStd { mean, std })
+        }
+        other => Normalization::parse(other),
+    }
+}
+
+/// The device a configuration asks for.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(Error::invalid("device", "\"cuda\"", "a CUDA device (none is available)"))
+            }
+        }
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(i)),
+            _ => Err(Error::invalid(
+                "device",
+                format!("{other:?}"),
+                "cpu, cuda, cuda:N (an existing device) or auto",
+            )),
+        },
+    }
+}
+
+/// The network of a configuration (variables in `vs`).
+pub fn build_network(
+    cfg: &TrainConfig,
+    vs: &nn::VarStore,
+    channels: i64,
+    num_classes: i64,
+) -> Result<EmbeddingNet> {
+    let config = ModelConfig {
+        backbone: BackboneSpec::parse(&cfg.backbone)?,
+        in_channels: channels,
+        embedding_size: (cfg.embedding_size > 0).then_some(cfg.embedding_size),
+        num_classes,
+        classifier: ClassifierKind::parse(&cfg.classifier, cfg.classifier_scale)?,
+        normalize_embeddings: cfg.normalize_embeddings,
+        bn_momentum: cfg.bn_momentum,
+    };
+    EmbeddingNet::new(vs, &config)
+}
+
+fn loss_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
+    Ok(GroupLossOptions {
+        temperature: cfg.temperature,
+        num_anchors: cfg.num_anchors,
+        num_iters: cfg.num_iters,
+        gtg_weight: if epoch < cfg.gtg_warmup_epochs {
+            0.0
+        } else {
+            cfg.gtg_weight
+        },
+        ce_weight: cfg.ce_weight,
+        similarity: Similarity::parse(&cfg.similarity, cfg.sigma)?,
+        zero_diagonal: cfg.zero_diagonal,
+        anchors: AnchorMode::parse(&cfg.anchors, derive_seed(cfg.seed, &[epoch as u64, 7]))?,
+        batch_classes_only: cfg.batch_classes_only,
+    })
+}
+
+/// Embeddings of every image of `ds` (evaluation transform, no gradients),
+/// on `device`, with their labels.
+pub fn embed_dataset(
+    net: &EmbeddingNet,
+    ds: &Arc<Dataset>,
+    transform: &Transform,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let loader = Loader::new(
+        Arc::clone(ds),
+        transform.clone(),
+        LoaderOptions {
+            num_threads: cfg.num_workers.max(1),
+            prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
+            seed: cfg.seed,
+            on_error: OnError::Raise,
+        },
+    )?;
+    let n = ds.len();
+    let batches: Vec<Vec<usize>> = (0..n)
+        .step_by(cfg.eval_batch_size)
+        .map(|s| (s..(s + cfg.eval_batch_size).min(n)).collect())
+        .collect();
+    let mut embs = Vec::with_capacity(batches.len());
+    let mut labels = Vec::with_capacity(batches.len());
+    for b in loader.epoch(batches, 0)? {
+        let b = b?;
+        embs.push(net.embed(&b.images.to_device(device)).to_kind(Kind::Float));
+        labels.push(b.labels);
+    }
+    Ok((Tensor::cat(&embs, 0), Tensor::cat(&labels, 0).to_device(device)))
+}
+
+/// Embeddings of an evaluation set: (gallery or all, labels, optional query
+/// embeddings and labels).
+pub type SetEmbeddings = (Tensor, Tensor, Option<(Tensor, Tensor)>);
+
+fn embed_set(
+    net: &EmbeddingNet,
+    set: &EvalSet,
+    transform: &Transform,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<SetEmbeddings> {
+    match set {
+        EvalSet::All(ds) => {
+            let (e, l) = embed_dataset(net, ds, transform, cfg, device)?;
+            Ok((e, l, None))
+        }
+        EvalSet::QueryGallery { query, gallery } => {
+            let (ge, gl) = embed_dataset(net, gallery, transform, cfg, device)?;
+            let (qe, ql) = embed_dataset(net, query, transform, cfg, device)?;
+            Ok((ge, gl, Some((qe, ql))))
+        }
+    }
+}
+
+/// Recall@K, MAP@R, R-Precision and NMI of embeddings, as a JSON map.
+pub fn evaluate_embeddings(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map<String, Value>> {
+    let (e, l, q) = emb;
+    let opts = EvalOptions {
+        ks: cfg.recall_ks.iter().map(|&k| k as i64).collect(),
+        include: Metric::ALL.to_vec(),
+        normalize: true,
+        batch_size: None,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let query = q.as_ref().map(|(a, b)| (a, b));
+    let m = eval::evaluate(e, l, query, &opts)?;
+    let mut out = Map::new();
+    for (k, v) in m.to_pairs() {
+        out.insert(k, json!(v));
+    }
+    out.insert("left_out".into(), json!(m.left_out));
+    Ok(out)
+}
+
+fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Copies checkpointed variables into `vs` (every variable must be there).
+pub fn load_model(vs: &nn::VarStore, tensors: &[(String, Tensor)], source: &Path) -> Result<()> {
+    let mut vars = vs.variables();
+    let mut found = 0;
+    tch::no_grad(|| -> Result<()> {
+        for (name, t) in tensors {
+            if let Some(v) = vars.get_mut(name) {
+                if v.size() != t.size() {
+                    return Err(Error::format(
+                        source,
+                        None,
+                        format!("{name} has shape {:?}, the network {:?}", t.size(), v.size()),
+                    ));
+                }
+                v.copy_(&t.to_device(v.device()).to_kind(v.kind()));
+                found += 1;
+            }
+        }
+        Ok(())
+    })?;
+    if found != vars.len() {
+        return Err(Error::format(
+            source,
+            None,
+            format!("holds {found} of the network's {} variables", vars.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The variables of `vs` in learning-rate groups: backbone (0) and head (1).
+fn parameter_groups(vs: &nn::VarStore) -> Vec<(String, Tensor, usize)> {
+    model_tensors(vs)
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, t)| {
+            let group = usize::from(!name.starts_with("backbone."));
+            (name, t, group)
+        })
+        .collect()
+}
+
+fn selection_key(cfg: &TrainConfig) -> &'static str {
+    if cfg.select_on == "test" {
+        "test"
+    } else {
+        "val"
+    }
+}
+
+/// Trains one model (ensemble member `member`) in `dir`, resuming from its
+/// `last` checkpoint if there is one. Returns the network with its best
+/// weights and the history.
+#[allow(clippy::too_many_arguments)]
+fn train_member(
+    cfg: &TrainConfig,
+    data: &RunData,
+    dir: &RunDir,
+    member: usize,
+    members: usize,
+    device: Device,
+    stop: &AtomicBool,
+    progress: &mut Progress,
+) -> Result<(nn::VarStore, EmbeddingNet, Vec<Value>, usize)> {
+    let seed = cfg.seed + member as u64;
+    let num_classes = data.train.classes().len() as i64;
+    tch::manual_seed(seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let net = build_network(cfg, &vs, data.channels, num_classes)?;
+    if let Some(path) = &cfg.pretrained {
+        let tensors = model::read_safetensors(path)?;
+        model::load_into(&vs, "backbone.", tensors, &path.display().to_string())?;
+    }
+    let mut opt = Optimizer::new(
+        OptimizerKind::parse(&cfg.optimizer)?,
+        parameter_groups(&vs),
+        vec![cfg.backbone_lr(), cfg.lr],
+        cfg.weight_decay,
+        cfg.momentum,
+    );
+    let schedule = Schedule {
+        kind: cfg.schedule.clone(),
+        epochs: cfg.epochs,
+        decay_epochs: cfg.lr_decay_epochs.clone(),
+        decay: cfg.lr_decay,
+        warmup_epochs: cfg.warmup_epochs,
+    };
+
+    let mut start_epoch = 0usize;
+    let mut start_step = 0usize;
+    let mut history: Vec<Value> = Vec::new();
+    let mut best: Option<(usize, f64)> = None;
+    if dir.last().exists() {
+        let ck = Checkpoint::load(&dir.last())?;
+        load_model(&vs, &ck.model, &dir.last())?;
+        let st = &ck.state;
+        opt.load_state(
+            ck.optimizer.into_iter().collect(),
+            st["optimizer_steps"].as_i64().unwrap_or(0),
+        )?;
+        start_epoch = st["epoch"].as_u64().unwrap_or(0) as usize;
+        start_step = st["step"].as_u64().unwrap_or(0) as usize;
+        history = st["history"].as_array().cloned().unwrap_or_default();
+        if let (Some(e), Some(v)) = (st["best_epoch"].as_u64(), st["best_value"].as_f64()) {
+            best = Some((e as usize, v));
+        }
+        dir.write_metrics(&history)?;
+    }
+
+    let mut sampler = ClassBalancedSampler::new(
+        data.train.labels(),
+        cfg.classes_per_batch,
+        cfg.samples_per_class,
+        SamplerOptions {
+            seed,
+            num_replicas: 1,
+            rank: 0,
+        },
+    )?;
+    let loader = Loader::new(
+        Arc::clone(&data.train),
+        data.train_transform.clone(),
+        LoaderOptions {
+            num_threads: cfg.num_workers.max(1),
+            prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
+            seed,
+            on_error: OnError::parse(&cfg.on_error)?,
+        },
+    )?;
+    let label = if members > 1 {
+        format!("[model {}/{members}] ", member + 1)
+    } else {
+        String::new()
+    };
+    let autocast = cfg.bf16 && device.is_cuda();
+    let save_last = |vs: &nn::VarStore,
+                     opt: &Optimizer,
+                     epoch: usize,
+                     step: usize,
+                     history: &[Value],
+                     best: Option<(usize, f64)>|
+     -> Result<()> {
+        Checkpoint {
+            model: model_tensors(vs),
+            optimizer: opt.state_tensors(),
+            state: json!({
+                "epoch": epoch,
+                "step": step,
+                "optimizer_steps": opt.steps(),
+                "history": history,
+                "best_epoch": best.map(|b| b.0),
+                "best_value": best.map(|b| b.1),
+                "seed": seed,
+                "member": member,
+            }),
+        }
+        .save(&dir.last())
+    };
+
+    for epoch in start_epoch..cfg.epochs {
+        sampler.set_epoch(epoch as u64);
+        let mut plan = sampler.batches();
+        if cfg.max_steps_per_epoch > 0 {
+            plan.truncate(cfg.max_steps_per_epoch);
+        }
+        let steps = plan.len();
+        let first = if epoch == start_epoch { start_step.min(steps) } else { 0 };
+        let lopts = loss_options(cfg, epoch)?;
+        let started = Instant::now();
+        let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) = (0.0, 0.0, 0.0, 0usize, 0usize);
+        let batches = plan[first..].to_vec();
+        for (j, batch) in loader.epoch_from(batches, epoch as u64, first)?.enumerate() {
+            let step = first + j;
+            if stop.load(Ordering::SeqCst) {
+                save_last(&vs, &opt, epoch, step, &history, best)?;
+                return Err(Error::Interrupted);
+            }
+            let batch = batch?;
+            opt.set_lr_factor(schedule.factor(epoch, step as f64 / steps.max(1) as f64));
+            tch::manual_seed(derive_seed(seed, &[epoch as u64, step as u64, 1]) as i64 & i64::MAX);
+            let images = batch.images.to_device(device);
+            let labels = batch.labels.to_device(device);
+            let (emb, logits) = if autocast {
+                tch::autocast(true, || net.forward_t(&images, true))
+            } else {
+                net.forward_t(&images, true)
+            };
+            let out = loss::group_loss_with_grads(
+                &emb,
+                &logits,
+                &labels,
+                &lopts,
+                true,
+                false,
+                Implementation::Auto,
+            )?;
+            let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
+                (Some(a), Some(b)) => (a, b),
+                _ => return Err(Error::invalid("loss", "no gradients", "gradients")),
+            };
+            // Hands the closed-form gradients to autograd for the network.
+            let surrogate = (emb.to_kind(ge.kind()) * ge).sum(ge.kind())
+                + (logits.to_kind(gl.kind()) * gl).sum(gl.kind());
+            opt.zero_grad();
+            surrogate.backward();
+            opt.step();
+            let loss_value = f64::try_from(&out.loss)?;
+            if !loss_value.is_finite() {
+                return Err(Error::invalid(
+                    "loss",
+                    format!("{loss_value} at epoch {}, step {step}", epoch + 1),
+                    "a finite loss (lower lr or temperature?)",
+                ));
+            }
+            loss_sum += loss_value;
+            nll_sum += out.nll.as_ref().map_or(Ok(0.0), f64::try_from)?;
+            ce_sum += out.ce.as_ref().map_or(Ok(0.0), f64::try_from)?;
+            seen += batch.indices.len();
+            done += 1;
+            let elapsed = started.elapsed().as_secs_f64();
+            progress.step(
+                &label,
+                epoch + 1,
+                cfg.epochs,
+                step + 1,
+                steps,
+                loss_sum / done as f64,
+                seen as f64 / elapsed.max(1e-9),
+                elapsed,
+            );
+        }
+        for s in loader.take_skipped() {
+            progress.line(&format!("skipped {}: {}", data.train.describe(s.index), s.message));
+        }
+        let train_time = started.elapsed().as_secs_f64();
+        if stop.load(Ordering::SeqCst) {
+            save_last(&vs, &opt, epoch, steps, &history, best)?;
+            return Err(Error::Interrupted);
+        }
+        let embeddings = embed_set(&net, &data.select, &data.eval_transform, cfg, device)?;
+        let metrics = evaluate_embeddings(&embeddings, cfg)?;
+        let value = metrics
+            .get(&cfg.select_metric)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
+        let done_f = done.max(1) as f64;
+        let mut record = json!({
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / done_f,
+            "train_nll": nll_sum / done_f,
+            "train_ce": ce_sum / done_f,
+            "images_per_s": seen as f64 / train_time.max(1e-9),
+            "lr": opt.lrs()[1],
+            "backbone_lr": opt.lrs()[0],
+            "time_s": started.elapsed().as_secs_f64(),
+        });
+        record[selection_key(cfg)] = Value::Object(metrics);
+        history.push(record);
+        let improved = best.is_none_or(|(_, b)| value > b || b.is_nan());
+        if improved {
+            best = Some((epoch + 1, value));
+            Checkpoint {
+                model: model_tensors(&vs),
+                optimizer: Vec::new(),
+                state: json!({"epoch": epoch + 1, "value": value, "metric": cfg.select_metric}),
+            }
+            .save(&dir.best())?;
+        }
+        save_last(&vs, &opt, epoch + 1, 0, &history, best)?;
+        dir.write_metrics(&history)?;
+        progress.line(&format!(
+            "{label}epoch {}/{}: loss {:.4}, {:.0} img/s, {} {} {:.4}{}",
+            epoch + 1,
+            cfg.epochs,
+            loss_sum / done_f,
+            seen as f64 / train_time.max(1e-9),
+            selection_key(cfg),
+            cfg.select_metric,
+            value,
+            if improved { " (best)" } else { "" }
+        ));
+    }
+
+    let best_epoch = match best {
+        Some((e, _)) => e,
+        None => return Err(Error::invalid("epochs", 0, "at least one trained epoch")),
+    };
+    let ck = Checkpoint::load(&dir.best())?;
+    load_model(&vs, &ck.model, &dir.best())?;
+    vs.freeze();
+    Ok((vs, net, history, best_epoch))
+}
+
+fn round_map(m: &Map<String, Value>) -> String {
+    m.iter()
+        .filter(|(k, _)| *k != "left_out")
+        .map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The default run folder of a configuration.
+pub fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (d, s) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970 (Howard Hinnant's algorithm).
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "{}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        cfg.preset,
+        s / 3600,
+        (s / 60) % 60,
+        s % 60
+    ))
+}
+
+/// Runs `cfg` to the end in `run_dir` (a new folder, or the folder of an
+/// interrupted run with the same configuration: it resumes). `stop` is
+/// polled every step: when set, `last` is saved and `Error::Interrupted`
+/// returned.
+pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let dir = RunDir::new(run_dir);
+    let text = cfg.to_toml()?;
+    if dir.config().exists() {
+        let existing = std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
+        let previous = TrainConfig::resolve(None, Some((&existing, &dir.config().display().to_string())), Default::default())?;
+        if previous.fingerprint() != cfg.fingerprint() {
+            return Err(Error::invalid(
+                "out_dir",
+                format!("{} holds a run with another configuration", run_dir.display()),
+                "an empty folder, or --resume with that run",
+            ));
+        }
+    }
+    write_atomic(&dir.config(), text.as_bytes())?;
+    let device = device(&cfg.device)?;
+    let mut progress = Progress::new(cfg.progress);
+    progress.line(&format!(
+        "run {} on {:?}: {} ({}), {} epochs",
+        run_dir.display(),
+        device,
+        cfg.dataset,
+        cfg.backbone,
+        cfg.epochs
+    ));
+    let data = RunData::open(cfg)?;
+    let mut members = Vec::new();
+    let mut first_history = Vec::new();
+    let mut first_best = 0;
+    let mut member_summaries = Vec::new();
+    for i in 0..cfg.ensemble {
+        let mdir = dir.member(i, cfg.ensemble);
+        let (vs, net, history, best_epoch) =
+            train_member(cfg, &data, &mdir, i, cfg.ensemble, device, stop, &mut progress)?;
+        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device)?;
+        let test = evaluate_embeddings(&test_emb, cfg)?;
+        progress.line(&format!("model {}: test (best epoch {best_epoch}): {}", i + 1, round_map(&test)));
+        member_summaries.push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
+        if i == 0 {
+            first_history = history;
+            first_best = best_epoch;
+        }
+        members.push((vs, net, test_emb));
+    }
+    let test = member_summaries[0]["test"].as_object().cloned().unwrap_or_default();
+    let ensemble_test = if members.len() > 1 {
+        let norm = |t: &Tensor| model::l2_normalize(t);
+        let cat = |f: &dyn Fn(&SetEmbeddings) -> Tensor| {
+            Tensor::cat(&members.iter().map(|m| norm(&f(&m.2))).collect::<Vec<_>>(), 1)
+        };
+        let gallery = cat(&|e| e.0.shallow_clone());
+        let labels = members[0].2 .1.shallow_clone();
+        let query = members[0].2 .2.as_ref().map(|(_, ql)| {
+            let q = cat(&|e| e.2.as_ref().map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone()));
+            (q, ql.shallow_clone())
+        });
+        let m = evaluate_embeddings(&(gallery, labels, query), cfg)?;
+        progress.line(&format!("ensemble of {}: test: {}", members.len(), round_map(&m)));
+        Some(m)
+    } else {
+        None
+    };
+    let selected_on = if cfg.select_on == "test" {
+        "test (the release's protocol: the best epoch was picked on the test classes)"
+    } else {
+        "val (classes held out of the training classes)"
+    };
+    let summary = json!({
+        "best_epoch": first_best,
+        "selected_on": selected_on,
+        "select_metric": cfg.select_metric,
+        "test": test,
+        "ensemble_test": ensemble_test,
+        "members": member_summaries,
+        "train_classes": data.train.classes().len(),
+        "train_images": data.train.len(),
+        "device": format!("{device:?}"),
+    });
+    dir.write_summary(&summary)?;
+    Ok(TrainOutcome {
+        run_dir: run_dir.to_path_buf(),
+        history: first_history,
+        best_epoch: first_best,
+        test,
+        ensemble_test,
+        summary,
+    })
+}
