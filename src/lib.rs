@@ -6,6 +6,7 @@
 //! [`python`] behind the `python` cargo feature.
 
 pub mod error;
+pub mod eval;
 pub mod loss;
 pub mod rng;
 

@@ -11,9 +11,9 @@ See ``help(grouploss.GroupLoss)`` for the computation and its options.
 import torch  # noqa: F401  isort: skip
 
 from . import _native  # noqa: E402  isort: skip
-from . import functional  # noqa: E402
+from . import functional, metrics  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 
 __version__: str = _native.__version__
 
-__all__ = ["GroupLoss", "functional", "__version__"]
+__all__ = ["GroupLoss", "functional", "metrics", "__version__"]

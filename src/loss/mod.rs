@@ -12,7 +12,7 @@
 //! `emb` and `logits` through whatever autograd graph they carry.
 
 pub mod anchors;
-mod checks;
+pub(crate) mod checks;
 pub mod refine;
 pub mod similarity;
 

@@ -2,6 +2,7 @@
 //! error mapping only; the work is done by the core modules.
 
 mod errors;
+mod eval;
 mod loss;
 
 use pyo3::prelude::*;
@@ -12,5 +13,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::install_panic_hook();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     loss::register(m)?;
+    eval::register(m)?;
     Ok(())
 }
