@@ -148,8 +148,10 @@ def evaluate(
         include: any of ``"recall"``, ``"map_at_r"``, ``"r_precision"``,
             ``"nmi"``.
         normalize: L2-normalise the embeddings first (cosine similarity).
-        batch_size: rows per block of similarities (the side of a tile on
-            CPU) and of k-means distances; None keeps a block near 128 MiB.
+        batch_size: rows per block of similarities (the side of a square
+            tile on CPU) and of k-means distances; None picks them from a
+            memory budget (2048 x 2048 float32 tiles on CPU, blocks near
+            128 MiB elsewhere).
         seed: seed of k-means (one k-means++ run of at most 300 Lloyd
             iterations).
 

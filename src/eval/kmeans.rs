@@ -127,15 +127,20 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
 }
 
 /// Squared distances (n x c) of the rows of `x` (squared norms `sq`) to the
-/// rows of `c`, clamped at 0 against cancellation.
+/// rows of `c`, clamped at 0 against cancellation: one matrix product into
+/// the broadcast norms and two in-place passes.
 fn sq_dist(x: &Tensor, sq: &Tensor, c: &Tensor) -> Tensor {
     let csq = c.square().sum_dim_intlist(1, false, c.kind());
-    (sq.unsqueeze(1) + csq.unsqueeze(0) - x.matmul(&c.tr()) * 2.0).clamp_min(0.0)
+    let mut d = sq.unsqueeze(1).addmm(x, &(c * -2.0).tr());
+    let _ = d.g_add_(&csq.unsqueeze(0));
+    let _ = d.clamp_min_(0.0);
+    d
 }
 
 /// Greedy k-means++ (Arthur and Vassilvitskii 2007, with scikit-learn's
 /// local trials). Everything stays on the device: the host only draws the
-/// uniform numbers.
+/// uniform numbers. As in scikit-learn, distances are in the data's dtype and
+/// their running sums in float64.
 fn seed_plus_plus(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<Tensor> {
     let (n, d) = (x.size()[0], x.size()[1]);
     let device = x.device();
@@ -143,9 +148,7 @@ fn seed_plus_plus(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<Tens
     let centres = Tensor::zeros([k, d], (x.kind(), device));
     let first = rng.below(n as u64) as i64;
     centres.narrow(0, 0, 1).copy_(&x.narrow(0, first, 1));
-    let mut closest = sq_dist(x, sq, &x.narrow(0, first, 1))
-        .squeeze_dim(1)
-        .to_kind(Kind::Double);
+    let mut closest = sq_dist(x, sq, &x.narrow(0, first, 1)).squeeze_dim(1);
     for c in 1..k {
         let u: Vec<f64> = (0..trials).map(|_| rng.next_f64()).collect();
         let cum = closest.cumsum(0, Kind::Double);
@@ -155,9 +158,7 @@ fn seed_plus_plus(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<Tens
             .f_searchsorted(&cum, false, false, "left", None::<Tensor>)?
             .clamp_max(n - 1);
         let candidates = x.index_select(0, &ids);
-        let dist = sq_dist(x, sq, &candidates)
-            .to_kind(Kind::Double)
-            .minimum(&closest.unsqueeze(1));
+        let dist = sq_dist(x, sq, &candidates).minimum(&closest.unsqueeze(1));
         let pots = dist.sum_dim_intlist(0, false, Kind::Double);
         let best = pots.argmin(0, true);
         closest = dist.index_select(1, &best).squeeze_dim(1);

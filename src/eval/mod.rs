@@ -99,8 +99,9 @@ pub struct EvalOptions {
     pub include: Vec<Metric>,
     /// L2-normalise the embeddings first (cosine similarity).
     pub normalize: bool,
-    /// Rows per block of similarities (the side of a tile on CPU) and of
-    /// k-means distances; `None` keeps a block near 128 MiB.
+    /// Rows per block of similarities (the side of a square tile on CPU) and
+    /// of k-means distances; `None` picks them from a memory budget: 2048 x
+    /// 2048 float32 tiles on CPU, blocks near 128 MiB elsewhere.
     pub batch_size: Option<i64>,
     /// Seed of k-means.
     pub seed: u64,

@@ -211,6 +211,16 @@ fn scan_segment<T: Sim>(states: &mut [RowState<T>], los: &mut [T], seg: &[T], g:
     }
 }
 
+/// Threads for a tile of `elements`: one for small tiles, where starting
+/// threads would cost more than the scan.
+fn threads_for(elements: usize, threads: usize) -> usize {
+    if elements < 1 << 16 {
+        1
+    } else {
+        threads.max(1)
+    }
+}
+
 /// Rows of `tile` (`width` columns: gallery items `col0..`) for the queries
 /// `states`, one per row, split over `threads`.
 #[allow(clippy::too_many_arguments)]
@@ -223,7 +233,10 @@ fn rows_pass<T: Sim>(
     labels: &[i64],
     threads: usize,
 ) {
-    let per = states.len().div_ceil(threads.max(1)).max(1);
+    let per = states
+        .len()
+        .div_ceil(threads_for(tile.len(), threads))
+        .max(1);
     let work = |base: usize, st: &mut [RowState<T>], lo: &mut [T]| {
         for (r, (s, l)) in st.iter_mut().zip(lo.iter_mut()).enumerate() {
             let row = &tile[(base + r) * width..(base + r + 1) * width];
@@ -253,7 +266,7 @@ fn cols_pass<T: Sim>(
     labels: &[i64],
     threads: usize,
 ) {
-    let per = width.div_ceil(threads.max(1)).max(1);
+    let per = width.div_ceil(threads_for(tile.len(), threads)).max(1);
     let work = |base: usize, st: &mut [RowState<T>], lo: &mut [T]| {
         for (r, &label) in labels.iter().enumerate().take(rows) {
             let start = r * width + base;
