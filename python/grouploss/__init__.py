@@ -11,7 +11,7 @@ See ``help(grouploss.GroupLoss)`` for the computation and its options.
 import torch  # noqa: F401  isort: skip
 
 from . import _native  # noqa: E402  isort: skip
-from . import data, datasets, functional  # noqa: E402
+from . import data, datasets, functional, metrics  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
 
@@ -23,5 +23,6 @@ __all__ = [
     "data",
     "datasets",
     "functional",
+    "metrics",
     "__version__",
 ]

@@ -206,3 +206,31 @@ class LoaderEpoch:
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
+# ---- eval (grouploss.metrics wraps these)
+
+def evaluate(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    query_embeddings: Optional[torch.Tensor] = None,
+    query_labels: Optional[torch.Tensor] = None,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    include: Optional[Sequence[str]] = None,
+    normalize: bool = True,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    kmeans_n_init: int = 1,
+    kmeans_max_iter: int = 300,
+) -> Tuple[List[Tuple[str, float]], int]: ...
+def kmeans(
+    x: torch.Tensor, k: int, *, n_init: int = 1, max_iter: int = 300, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor, float]: ...
+def nmi(labels: torch.Tensor, assignments: torch.Tensor) -> float: ...
+def knn(
+    embeddings: torch.Tensor,
+    k: int,
+    query_embeddings: Optional[torch.Tensor] = None,
+    *,
+    normalize: bool = True,
+    batch_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]: ...

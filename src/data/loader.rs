@@ -385,7 +385,9 @@ fn worker(shared: &Shared, tx: &Sender<Message>) {
         };
         let stopped = || lock(&shared.state).stop;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            shared.work.build(&shared.batches[j], shared.first + j, &mut ws, &stopped)
+            shared
+                .work
+                .build(&shared.batches[j], shared.first + j, &mut ws, &stopped)
         }))
         .unwrap_or_else(|p| {
             let msg = p

@@ -13,7 +13,7 @@
 
 pub mod analytic;
 pub mod anchors;
-mod checks;
+pub(crate) mod checks;
 mod fused_cpu;
 mod kernels;
 pub mod refine;

@@ -3,6 +3,7 @@
 
 mod data;
 mod errors;
+mod eval;
 mod loss;
 mod sampler;
 
@@ -16,5 +17,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     loss::register(m)?;
     sampler::register(m)?;
     data::register(m)?;
+    eval::register(m)?;
     Ok(())
 }

@@ -68,6 +68,10 @@ impl Progress {
         if self.bar {
             let _ = write!(err, "\r{:100}\r", "");
         }
-        let _ = writeln!(err, "[{}] {text}", hms(self.started.elapsed().as_secs_f64()));
+        let _ = writeln!(
+            err,
+            "[{}] {text}",
+            hms(self.started.elapsed().as_secs_f64())
+        );
     }
 }

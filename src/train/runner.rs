@@ -123,7 +123,11 @@ impl RunData {
     pub fn open(cfg: &TrainConfig) -> Result<Self> {
         let train = open(cfg, Split::Train)?;
         if train.is_empty() {
-            return Err(Error::invalid("dataset", "an empty training split", "images"));
+            return Err(Error::invalid(
+                "dataset",
+                "an empty training split",
+                "images",
+            ));
         }
         let select = if cfg.select_on == "test" {
             eval_set(cfg, Split::Test)?
@@ -136,7 +140,13 @@ impl RunData {
             let (size, channels) = (first.width.max(first.height), first.channels);
             let norm = normalization(cfg, &train, channels)?;
             (
-                Transform::pad_crop(size, cfg.pad_jitter as usize, cfg.flip, norm.clone(), channels)?,
+                Transform::pad_crop(
+                    size,
+                    cfg.pad_jitter as usize,
+                    cfg.flip,
+                    norm.clone(),
+                    channels,
+                )?,
                 Transform::pad_crop(size, 0, false, norm, channels)?,
                 channels as i64,
             )
@@ -187,10 +197,17 @@ pub fn device(name: &str) -> Result<Device> {
             if tch::Cuda::is_available() {
                 Ok(Device::Cuda(0))
             } else {
-                Err(Error::invalid("device", "\"cuda\"", "a CUDA device (none is available)"))
+                Err(Error::invalid(
+                    "device",
+                    "\"cuda\"",
+                    "a CUDA device (none is available)",
+                ))
             }
         }
-        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
             Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(i)),
             _ => Err(Error::invalid(
                 "device",
@@ -269,7 +286,10 @@ pub fn embed_dataset(
         embs.push(net.embed(&b.images.to_device(device)).to_kind(Kind::Float));
         labels.push(b.labels);
     }
-    Ok((Tensor::cat(&embs, 0), Tensor::cat(&labels, 0).to_device(device)))
+    Ok((
+        Tensor::cat(&embs, 0),
+        Tensor::cat(&labels, 0).to_device(device),
+    ))
 }
 
 /// Embeddings of an evaluation set: (gallery or all, labels, optional query
@@ -334,7 +354,11 @@ pub fn load_model(vs: &nn::VarStore, tensors: &[(String, Tensor)], source: &Path
                     return Err(Error::format(
                         source,
                         None,
-                        format!("{name} has shape {:?}, the network {:?}", t.size(), v.size()),
+                        format!(
+                            "{name} has shape {:?}, the network {:?}",
+                            t.size(),
+                            v.size()
+                        ),
                     ));
                 }
                 v.copy_(&t.to_device(v.device()).to_kind(v.kind()));
@@ -489,10 +513,15 @@ fn train_member(
             plan.truncate(cfg.max_steps_per_epoch);
         }
         let steps = plan.len();
-        let first = if epoch == start_epoch { start_step.min(steps) } else { 0 };
+        let first = if epoch == start_epoch {
+            start_step.min(steps)
+        } else {
+            0
+        };
         let lopts = loss_options(cfg, epoch)?;
         let started = Instant::now();
-        let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) = (0.0, 0.0, 0.0, 0usize, 0usize);
+        let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) =
+            (0.0, 0.0, 0.0, 0usize, 0usize);
         let batches = plan[first..].to_vec();
         for (j, batch) in loader.epoch_from(batches, epoch as u64, first)?.enumerate() {
             let step = first + j;
@@ -555,7 +584,11 @@ fn train_member(
             );
         }
         for s in loader.take_skipped() {
-            progress.line(&format!("skipped {}: {}", data.train.describe(s.index), s.message));
+            progress.line(&format!(
+                "skipped {}: {}",
+                data.train.describe(s.index),
+                s.message
+            ));
         }
         let train_time = started.elapsed().as_secs_f64();
         if stop.load(Ordering::SeqCst) {
@@ -658,12 +691,20 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
     let dir = RunDir::new(run_dir);
     let text = cfg.to_toml()?;
     if dir.config().exists() {
-        let existing = std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
-        let previous = TrainConfig::resolve(None, Some((&existing, &dir.config().display().to_string())), Default::default())?;
+        let existing =
+            std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
+        let previous = TrainConfig::resolve(
+            None,
+            Some((&existing, &dir.config().display().to_string())),
+            Default::default(),
+        )?;
         if previous.fingerprint() != cfg.fingerprint() {
             return Err(Error::invalid(
                 "out_dir",
-                format!("{} holds a run with another configuration", run_dir.display()),
+                format!(
+                    "{} holds a run with another configuration",
+                    run_dir.display()
+                ),
                 "an empty folder, or --resume with that run",
             ));
         }
@@ -686,32 +727,58 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
     let mut member_summaries = Vec::new();
     for i in 0..cfg.ensemble {
         let mdir = dir.member(i, cfg.ensemble);
-        let (vs, net, history, best_epoch) =
-            train_member(cfg, &data, &mdir, i, cfg.ensemble, device, stop, &mut progress)?;
+        let (vs, net, history, best_epoch) = train_member(
+            cfg,
+            &data,
+            &mdir,
+            i,
+            cfg.ensemble,
+            device,
+            stop,
+            &mut progress,
+        )?;
         let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device)?;
         let test = evaluate_embeddings(&test_emb, cfg)?;
-        progress.line(&format!("model {}: test (best epoch {best_epoch}): {}", i + 1, round_map(&test)));
-        member_summaries.push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
+        progress.line(&format!(
+            "model {}: test (best epoch {best_epoch}): {}",
+            i + 1,
+            round_map(&test)
+        ));
+        member_summaries
+            .push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
         if i == 0 {
             first_history = history;
             first_best = best_epoch;
         }
         members.push((vs, net, test_emb));
     }
-    let test = member_summaries[0]["test"].as_object().cloned().unwrap_or_default();
+    let test = member_summaries[0]["test"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let ensemble_test = if members.len() > 1 {
         let norm = |t: &Tensor| model::l2_normalize(t);
         let cat = |f: &dyn Fn(&SetEmbeddings) -> Tensor| {
-            Tensor::cat(&members.iter().map(|m| norm(&f(&m.2))).collect::<Vec<_>>(), 1)
+            Tensor::cat(
+                &members.iter().map(|m| norm(&f(&m.2))).collect::<Vec<_>>(),
+                1,
+            )
         };
         let gallery = cat(&|e| e.0.shallow_clone());
         let labels = members[0].2 .1.shallow_clone();
         let query = members[0].2 .2.as_ref().map(|(_, ql)| {
-            let q = cat(&|e| e.2.as_ref().map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone()));
+            let q = cat(&|e| {
+                e.2.as_ref()
+                    .map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone())
+            });
             (q, ql.shallow_clone())
         });
         let m = evaluate_embeddings(&(gallery, labels, query), cfg)?;
-        progress.line(&format!("ensemble of {}: test: {}", members.len(), round_map(&m)));
+        progress.line(&format!(
+            "ensemble of {}: test: {}",
+            members.len(),
+            round_map(&m)
+        ));
         Some(m)
     } else {
         None

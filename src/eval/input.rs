@@ -1,0 +1,146 @@
+//! Argument checks and the preparation of embeddings shared by the metrics.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{ensure, Result};
+use crate::loss::checks::{check_dense, check_matrix, is_integer, shape};
+
+/// Bytes one block of similarities (or distances) may take when the caller
+/// gives no block size: large enough for efficient matrix products, small
+/// enough to keep the whole evaluation far below the memory of a laptop.
+pub(crate) const BLOCK_BYTES: i64 = 128 << 20;
+
+/// The dtype the metrics compute in: float64 stays float64, every other
+/// floating dtype (float32, and the halves, whose sums would round) is float32.
+pub(crate) fn compute_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// Bytes per element of `kind` (float32 or float64).
+pub(crate) fn elt_size(kind: Kind) -> i64 {
+    if kind == Kind::Double {
+        8
+    } else {
+        4
+    }
+}
+
+/// A contiguous copy (or view) of `x` in the compute dtype, detached from
+/// autograd, with rows divided by `max(|row|, 1e-12)` when `normalize` is set
+/// (`torch.nn.functional.normalize`'s rule, so zero rows stay zero).
+pub(crate) fn prepare(x: &Tensor, normalize: bool) -> Tensor {
+    let x = x.detach().to_kind(compute_kind(x.kind()));
+    if !normalize {
+        return x.contiguous();
+    }
+    let norm = x
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    (&x / norm).contiguous()
+}
+
+/// A host vector of the elements of `t` (any device, any shape) as `T`.
+pub(crate) fn host_vec<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>> {
+    let flat = t
+        .to_device(Device::Cpu)
+        .to_kind(T::KIND)
+        .contiguous()
+        .reshape([-1]);
+    Ok(Vec::<T>::try_from(&flat)?)
+}
+
+/// Embeddings: a dense 2-D floating tensor with finite values and at least
+/// `min_rows` rows.
+pub(crate) fn check_embeddings(x: &Tensor, arg: &str, min_rows: i64) -> Result<()> {
+    check_matrix(x, arg, "samples x embedding dims")?;
+    let n = x.size()[0];
+    ensure(
+        n >= min_rows,
+        arg,
+        || format!("{n} sample(s)"),
+        format!("at least {min_rows} samples"),
+    )
+}
+
+/// Integer labels of rank 1 (any values), one per row of `of` (`n` rows),
+/// as a host vector.
+pub(crate) fn labels_vec(labels: &Tensor, arg: &str, n: Option<(i64, &str)>) -> Result<Vec<i64>> {
+    check_dense(labels, arg)?;
+    ensure(
+        labels.dim() == 1,
+        arg,
+        || format!("a tensor of shape {}", shape(labels)),
+        "a 1-D tensor of integer labels",
+    )?;
+    ensure(
+        is_integer(labels.kind()),
+        arg,
+        || format!("dtype {:?}", labels.kind()),
+        "an integer dtype",
+    )?;
+    if let Some((n, of)) = n {
+        ensure(
+            labels.size()[0] == n,
+            arg,
+            || format!("{} labels", labels.size()[0]),
+            format!("one label per row of {of} ({n})"),
+        )?;
+    }
+    host_vec::<i64>(labels)
+}
+
+/// An optional block size: `None` or an integer >= 1.
+pub(crate) fn check_batch_size(batch_size: Option<i64>) -> Result<()> {
+    if let Some(b) = batch_size {
+        ensure(
+            b >= 1,
+            "batch_size",
+            || b.to_string(),
+            "None or an integer >= 1",
+        )?;
+    }
+    Ok(())
+}
+
+/// Rows per block so that `rows x cols` elements of `kind` take about
+/// [`BLOCK_BYTES`], unless the caller chose a block size.
+pub(crate) fn block_rows(batch_size: Option<i64>, cols: i64, kind: Kind) -> i64 {
+    batch_size
+        .unwrap_or_else(|| BLOCK_BYTES / (cols.max(1) * elt_size(kind)))
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_normalises_rows_and_keeps_zero_rows() {
+        let x = Tensor::from_slice(&[3.0f64, 4.0, 0.0, 0.0]).reshape([2, 2]);
+        let p = prepare(&x, true);
+        assert_eq!(host_vec::<f64>(&p).unwrap(), vec![0.6, 0.8, 0.0, 0.0]);
+        assert_eq!(p.kind(), Kind::Double);
+        let h = prepare(&x.to_kind(Kind::Half), false);
+        assert_eq!(h.kind(), Kind::Float);
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        let y = Tensor::from_slice(&[1.0f32, 2.0]);
+        let e = labels_vec(&y, "labels", None).unwrap_err().to_string();
+        assert!(e.starts_with("labels: expected an integer dtype"), "{e}");
+        let y = Tensor::from_slice(&[-4i32, 7]);
+        let e = labels_vec(&y, "labels", Some((3, "embeddings")))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "labels: expected one label per row of embeddings (3), got 2 labels"
+        );
+        assert_eq!(labels_vec(&y, "labels", None).unwrap(), vec![-4, 7]);
+    }
+}

@@ -1,0 +1,351 @@
+//! Evaluation of embeddings: retrieval (Recall@K, MAP@R, R-Precision) and
+//! clustering (NMI of k-means) at any scale, on CPU or CUDA tensors.
+//!
+//! Definitions (the docstrings of `grouploss.metrics` repeat them):
+//!
+//! * Embeddings are L2-normalised unless `normalize` is off; neighbours are
+//!   ranked by inner product (cosine similarity), larger first, ties broken
+//!   by the smaller gallery index.
+//! * Without a query set every sample queries all the others (itself
+//!   excluded); with one, the queries search the gallery (`embeddings`).
+//! * Recall@K: the fraction of queries with at least one same-class item
+//!   among their K nearest. A query whose class has no other item counts as
+//!   a miss.
+//! * MAP@R and R-Precision (Musgrave et al., "A Metric Learning Reality
+//!   Check", 2020): R is the number of same-class items in the gallery;
+//!   `R-Precision = (same-class items in the first R) / R` and
+//!   `MAP@R = (1/R) sum_{i <= R, item i same-class} precision@i`. Queries with
+//!   R = 0 are left out of both and counted in [`Metrics::left_out`].
+//! * NMI: k-means ([`kmeans()`]) of the query embeddings with k = the number of
+//!   their classes, then [`nmi()`] of classes and clusters.
+//!
+//! Similarities are computed in float64 for float64 inputs and in float32
+//! otherwise, in blocks: memory is O(block x n + sum of R), never n x n.
+
+pub(crate) mod input;
+pub mod kmeans;
+pub mod knn;
+pub mod nmi;
+mod positives;
+mod retrieval;
+mod scan_cpu;
+mod scan_torch;
+
+use std::collections::BTreeSet;
+
+use tch::Tensor;
+
+use crate::error::{ensure, Error, Result};
+use input::{check_batch_size, check_embeddings, labels_vec, prepare};
+use retrieval::{Need, Strategy};
+
+pub use kmeans::{kmeans, kmeans_with, KMeans, KMeansOptions};
+pub use knn::{knn, KnnOptions};
+pub use nmi::nmi;
+
+/// One metric of [`evaluate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Recall@K for every K of [`EvalOptions::ks`].
+    Recall,
+    /// MAP@R.
+    MapAtR,
+    /// R-Precision.
+    RPrecision,
+    /// NMI of k-means clusters.
+    Nmi,
+}
+
+impl Metric {
+    /// Every metric, in the order of [`Metrics::to_pairs`].
+    pub const ALL: [Metric; 4] = [
+        Metric::Recall,
+        Metric::MapAtR,
+        Metric::RPrecision,
+        Metric::Nmi,
+    ];
+
+    /// Parses `"recall" | "map_at_r" | "r_precision" | "nmi"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "include",
+                    format!("{name:?}"),
+                    "names among \"recall\", \"map_at_r\", \"r_precision\", \"nmi\"",
+                )
+            })
+    }
+
+    /// The name accepted by [`Metric::parse`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Metric::Recall => "recall",
+            Metric::MapAtR => "map_at_r",
+            Metric::RPrecision => "r_precision",
+            Metric::Nmi => "nmi",
+        }
+    }
+}
+
+/// Options of [`evaluate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalOptions {
+    /// The K of Recall@K.
+    pub ks: Vec<i64>,
+    /// The metrics to compute.
+    pub include: Vec<Metric>,
+    /// L2-normalise the embeddings first (cosine similarity).
+    pub normalize: bool,
+    /// Rows per block of similarities (the side of a square tile on CPU) and
+    /// of k-means distances; `None` picks them from a memory budget: 2048 x
+    /// 2048 float32 tiles on CPU, blocks near 128 MiB elsewhere.
+    pub batch_size: Option<i64>,
+    /// Seed of k-means.
+    pub seed: u64,
+    /// k-means runs for NMI (the lowest inertia wins).
+    pub kmeans_n_init: usize,
+    /// Lloyd iterations for NMI at most.
+    pub kmeans_max_iter: usize,
+}
+
+impl Default for EvalOptions {
+    /// Recall@1/2/4/8, MAP@R, R-Precision and NMI of normalised embeddings,
+    /// k-means with scikit-learn's defaults (1 run, 300 iterations).
+    fn default() -> Self {
+        EvalOptions {
+            ks: vec![1, 2, 4, 8],
+            include: Metric::ALL.to_vec(),
+            normalize: true,
+            batch_size: None,
+            seed: 0,
+            kmeans_n_init: 1,
+            kmeans_max_iter: 300,
+        }
+    }
+}
+
+impl EvalOptions {
+    fn wants(&self, m: Metric) -> bool {
+        self.include.contains(&m)
+    }
+}
+
+/// The result of [`evaluate`]: the metrics that were asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metrics {
+    /// `(K, Recall@K)` in the order of [`EvalOptions::ks`].
+    pub recall: Vec<(i64, f64)>,
+    pub map_at_r: Option<f64>,
+    pub r_precision: Option<f64>,
+    pub nmi: Option<f64>,
+    /// Queries evaluated.
+    pub num_queries: usize,
+    /// Queries left out of MAP@R and R-Precision: no other item of their
+    /// class in the gallery. (When all are, those metrics are NaN.)
+    pub left_out: usize,
+}
+
+impl Metrics {
+    /// `(key, value)` pairs in a fixed order: `recall@K` for every K, then
+    /// `map@r`, `r_precision`, `nmi`, each if computed.
+    pub fn to_pairs(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .recall
+            .iter()
+            .map(|(k, v)| (format!("recall@{k}"), *v))
+            .collect();
+        for (key, v) in [
+            ("map@r", self.map_at_r),
+            ("r_precision", self.r_precision),
+            ("nmi", self.nmi),
+        ] {
+            if let Some(v) = v {
+                out.push((key.to_string(), v));
+            }
+        }
+        out
+    }
+}
+
+/// Evaluates `embeddings` (n x d) with class `labels` (n integers). With
+/// `query = Some((query_embeddings, query_labels))` the queries search the
+/// rows of `embeddings` (the gallery); else every row queries the others.
+/// See the module documentation for the definitions.
+///
+/// Errors name the argument: embeddings not 2-D, floating and finite, fewer
+/// than 2 samples (1 per side with a query set), labels of another length or
+/// dtype, a query set of another width or device, a K outside
+/// `1..=gallery size`, an empty `ks` with Recall asked for, `batch_size < 1`.
+pub fn evaluate(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    query: Option<(&Tensor, &Tensor)>,
+    opts: &EvalOptions,
+) -> Result<Metrics> {
+    evaluate_with(embeddings, labels, query, opts, Strategy::Auto)
+}
+
+pub(crate) fn evaluate_with(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    query: Option<(&Tensor, &Tensor)>,
+    opts: &EvalOptions,
+    strategy: Strategy,
+) -> Result<Metrics> {
+    let _guard = tch::no_grad_guard();
+    let same_set = query.is_none();
+    check_embeddings(embeddings, "embeddings", if same_set { 2 } else { 1 })?;
+    let n = embeddings.size()[0];
+    let yg = labels_vec(labels, "labels", Some((n, "embeddings")))?;
+    let yq = match query {
+        Some((qe, ql)) => {
+            knn::check_query_like(qe, "query_embeddings", embeddings, "embeddings", 1)?;
+            let m = qe.size()[0];
+            Some(labels_vec(
+                ql,
+                "query_labels",
+                Some((m, "query_embeddings")),
+            )?)
+        }
+        None => None,
+    };
+    check_batch_size(opts.batch_size)?;
+    let gallery_size = if same_set { n - 1 } else { n };
+    let need = Need {
+        count: opts.wants(Metric::Recall),
+        negatives: opts.wants(Metric::MapAtR) || opts.wants(Metric::RPrecision),
+    };
+    if need.count {
+        ensure(
+            !opts.ks.is_empty(),
+            "ks",
+            || "no K".to_string(),
+            "at least one K for Recall@K",
+        )?;
+        for &k in &opts.ks {
+            ensure(
+                k >= 1 && k <= gallery_size,
+                "ks",
+                || format!("K = {k}"),
+                format!("1 <= K <= {gallery_size}, the number of gallery items per query"),
+            )?;
+        }
+    }
+
+    let g = prepare(embeddings, opts.normalize);
+    let (q, yq) = match (query, yq) {
+        (Some((qe, _)), Some(yq)) => (prepare(qe, opts.normalize), yq),
+        _ => (g.shallow_clone(), yg.clone()),
+    };
+    let mut out = Metrics {
+        recall: Vec::new(),
+        map_at_r: None,
+        r_precision: None,
+        nmi: None,
+        num_queries: yq.len(),
+        left_out: 0,
+    };
+    if need.count || need.negatives {
+        let gallery = if same_set {
+            None
+        } else {
+            Some((&g, yg.as_slice()))
+        };
+        let ks = if need.count { opts.ks.as_slice() } else { &[] };
+        let r = retrieval::retrieval(&q, &yq, gallery, ks, need, opts.batch_size, strategy)?;
+        out.recall = r.recall;
+        out.left_out = r.left_out;
+        out.map_at_r = opts.wants(Metric::MapAtR).then_some(r.map_at_r);
+        out.r_precision = opts.wants(Metric::RPrecision).then_some(r.r_precision);
+    }
+    if opts.wants(Metric::Nmi) {
+        let k = yq.iter().collect::<BTreeSet<_>>().len() as i64;
+        let clusters = kmeans_with(
+            &q,
+            k,
+            &KMeansOptions {
+                n_init: opts.kmeans_n_init,
+                max_iter: opts.kmeans_max_iter,
+                seed: opts.seed,
+                batch_size: opts.batch_size,
+                ..Default::default()
+            },
+        )?;
+        let assigned = input::host_vec::<i64>(&clusters.assignments)?;
+        out.nmi = Some(nmi(&yq, &assigned)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy() -> (Tensor, Tensor) {
+        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.9, 0.1, 0.0, 1.0, 0.1, 0.9, 0.7, 0.7])
+            .reshape([5, 2]);
+        let y = Tensor::from_slice(&[0i64, 0, 1, 1, 2]);
+        (x, y)
+    }
+
+    #[test]
+    fn evaluate_reports_in_a_fixed_order() {
+        let (x, y) = toy();
+        let opts = EvalOptions {
+            ks: vec![1, 2],
+            ..Default::default()
+        };
+        let m = evaluate(&x, &y, None, &opts).unwrap();
+        let keys: Vec<String> = m.to_pairs().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            ["recall@1", "recall@2", "map@r", "r_precision", "nmi"]
+        );
+        // Four queries find their pair first; the singleton is a miss.
+        assert_eq!(m.recall, vec![(1, 0.8), (2, 0.8)]);
+        assert_eq!(m.map_at_r, Some(1.0));
+        assert_eq!(m.left_out, 1);
+        assert_eq!(m.nmi, Some(1.0));
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        let (x, y) = toy();
+        let o = EvalOptions {
+            ks: vec![5],
+            ..Default::default()
+        };
+        let e = evaluate(&x, &y, None, &o).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "ks: expected 1 <= K <= 4, the number of gallery items per query, got K = 5"
+        );
+        let e = evaluate(&x, &y.narrow(0, 0, 4), None, &EvalOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "labels: expected one label per row of embeddings (5), got 4 labels"
+        );
+        let q = Tensor::from_slice(&[1.0f32, 0.0, 0.0]).reshape([1, 3]);
+        let ql = Tensor::from_slice(&[0i64]);
+        let e = evaluate(&x, &y, Some((&q, &ql)), &EvalOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "query_embeddings: expected as many columns as embeddings (2), got 3 columns"
+        );
+        let e = evaluate(&x.narrow(0, 0, 1), &y.narrow(0, 0, 1), None, &o)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "embeddings: expected at least 2 samples, got 1 sample(s)"
+        );
+        assert!(Metric::parse("recall@1").is_err());
+    }
+}
