@@ -14,15 +14,19 @@ from . import _native  # noqa: E402  isort: skip
 from . import data, datasets, functional, metrics  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
+from .training import TrainResult, load_run, train  # noqa: E402
 
 __version__: str = _native.__version__
 
 __all__ = [
     "ClassBalancedBatchSampler",
     "GroupLoss",
+    "TrainResult",
     "data",
     "datasets",
     "functional",
+    "load_run",
     "metrics",
+    "train",
     "__version__",
 ]

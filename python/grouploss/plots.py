@@ -57,9 +57,7 @@ def loss_curve(history: Sequence[dict], path: Optional[PathLike] = None):
     return save(fig, path)
 
 
-def metric_curves(
-    history: Sequence[dict], split: str = "val", path: Optional[PathLike] = None
-):
+def metric_curves(history: Sequence[dict], split: str = "val", path: Optional[PathLike] = None):
     """Recall@K, MAP@R and NMI per epoch on ``split`` (``history[i][split]``)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -188,7 +186,10 @@ def probability_heatmaps(
         before, after = before[:, classes], after[:, classes]
     order = np.argsort(labels, kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.5), sharey=True)
-    for ax, x, name in ((axes[0], before, "prior softmax(logits / T)"), (axes[1], after, "refined X")):
+    for ax, x, name in (
+        (axes[0], before, "prior softmax(logits / T)"),
+        (axes[1], after, "refined X"),
+    ):
         im = ax.imshow(x[order], aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("class (of the batch)")

@@ -183,7 +183,7 @@ impl Listing {
                 "a fraction > 0 of the training classes for split='val'",
             )?;
         }
-        let val_classes = if vf > 0.0 && split != Split::All {
+        let val_classes = if vf > 0.0 && matches!(split, Split::Train | Split::Val) {
             self.carve_val(vf, options.split_seed)?
         } else {
             HashSet::new()

@@ -20,7 +20,7 @@ use crate::rng::Rng;
 /// One split of a dataset read by the Rust readers.
 #[pyclass(name = "Dataset", module = "grouploss._native", frozen)]
 pub(crate) struct PyDataset {
-    inner: Arc<Dataset>,
+    pub(crate) inner: Arc<Dataset>,
 }
 
 /// Opens a dataset (see `grouploss.datasets`).

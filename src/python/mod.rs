@@ -6,6 +6,7 @@ mod errors;
 mod eval;
 mod loss;
 mod sampler;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -18,5 +19,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sampler::register(m)?;
     data::register(m)?;
     eval::register(m)?;
+    train::register(m)?;
     Ok(())
 }

@@ -10,6 +10,7 @@ pub use config::TrainConfig;
 pub use presets::{preset, PRESETS};
 pub mod progress;
 pub mod run_dir;
+pub mod run_model;
 pub mod runner;
 
 pub use runner::{train, TrainOutcome};

@@ -1,0 +1,227 @@
+"""Training runs driven by the Rust core, and trained models loaded back.
+
+>>> import grouploss
+>>> result = grouploss.train(preset="glyphs", epochs=1)   # doctest: +SKIP
+>>> result.test["recall@1"], result.run_dir                # doctest: +SKIP
+>>> model = grouploss.load_run(result.run_dir)              # doctest: +SKIP
+>>> emb, labels = model.embed("test")                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _native
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PathLike = Union[str, pathlib.Path]
+
+__all__ = ["PRESETS", "RunModel", "TrainResult", "load_run", "resolve_config", "train"]
+
+PRESETS: tuple = tuple(_native.presets())
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the run folder (``config.toml``, ``metrics.jsonl``,
+            ``summary.json``, ``checkpoints/``, plots).
+        history: one dict per epoch: ``epoch``, ``train_loss``,
+            ``images_per_s``, ``lr``, and the selection split's metrics under
+            ``"val"`` (or ``"test"`` with ``select_on="test"``).
+        best_epoch: the 1-based epoch whose weights were kept.
+        test: test metrics of the best epoch: ``recall@K``, ``map@r``,
+            ``r_precision``, ``nmi``.
+        ensemble_test: test metrics of the naive ensemble (``ensemble > 1``).
+        summary: the whole ``summary.json``.
+    """
+
+    run_dir: pathlib.Path
+    history: list
+    best_epoch: int
+    test: dict
+    ensemble_test: Optional[dict]
+    summary: dict
+
+
+def resolve_config(
+    preset: Optional[str] = None, config: Optional[PathLike] = None, **options: Any
+) -> dict:
+    """The full configuration of a run: ``preset`` (else the config file's
+    ``preset`` key, else ``fashion-mnist``), then the TOML file ``config``,
+    then ``options``. Unknown options raise ``ValueError`` naming them."""
+    options = {k: _plain(v) for k, v in options.items()}
+    text = _native.resolve_config(
+        preset, None if config is None else str(config), json.dumps(options)
+    )
+    return tomllib.loads(text)
+
+
+def _plain(v):
+    if isinstance(v, pathlib.Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _toml(cfg: dict) -> str:
+    return _native.resolve_config(None, None, json.dumps(cfg))
+
+
+def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
+    """A ``.pt``/``.pth`` state dict is read with ``weights_only=True`` (so it
+    cannot run code) and handed to the Rust core as safetensors."""
+    path = cfg.get("pretrained")
+    if not path or pathlib.Path(path).suffix not in (".pt", ".pth", ".bin"):
+        return cfg
+    from safetensors.torch import save_file
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    out = run_dir / "pretrained.safetensors"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return dict(cfg, pretrained=str(out))
+
+
+def train(
+    preset: Optional[str] = None,
+    *,
+    config: Optional[PathLike] = None,
+    resume: Optional[PathLike] = None,
+    plots: bool = True,
+    **options: Any,
+) -> TrainResult:
+    """Runs a whole training in the Rust core (GIL released): the dataset's
+    class-disjoint splits, P x K sampling, the threaded loader, the network,
+    GroupLoss, the optimizer and schedule, evaluation of the validation classes
+    every epoch with the best epoch kept, and the test metrics of that epoch.
+
+    Args:
+        preset: ``fashion-mnist`` (default), ``glyphs``, ``cub200``,
+            ``cars196``, ``sop`` or ``inshop``.
+        config: a TOML file of options (the same names as the keywords).
+        resume: a run folder to continue (its own configuration is used).
+        plots: write ``loss.png`` and ``metrics.png`` into the run folder.
+        **options: any option, e.g. ``epochs=3``, ``data_root=...``,
+            ``out_dir=...``, ``device="cuda"``, ``temperature=10.0``; see
+            ``grouploss train --help``.
+
+    Ctrl-C saves ``checkpoints/last.safetensors`` and raises
+    ``KeyboardInterrupt``; ``train(resume=run_dir)`` continues from there.
+    """
+    if resume is not None:
+        run_dir = pathlib.Path(resume)
+        cfg_path = run_dir / "config.toml"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"resume: {cfg_path} does not exist (not a run folder)")
+        overrides = {k: _plain(v) for k, v in options.items() if k in ("progress", "num_workers")}
+        cfg = tomllib.loads(_native.resolve_config(None, str(cfg_path), json.dumps(overrides)))
+    else:
+        cfg = resolve_config(preset, config, **options)
+        run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(_toml(cfg)))
+        cfg["out_dir"] = str(run_dir)
+        cfg = _convert_pt(cfg, run_dir)
+    raw = _native.train_run(_toml(cfg), str(run_dir))
+    out = json.loads(raw)
+    result = TrainResult(
+        run_dir=pathlib.Path(out["run_dir"]),
+        history=out["history"],
+        best_epoch=out["best_epoch"],
+        test=out["test"],
+        ensemble_test=out["ensemble_test"],
+        summary=out["summary"],
+    )
+    if plots:
+        write_plots(result.run_dir, result.history, cfg.get("select_on", "val"))
+    return result
+
+
+def write_plots(run_dir: PathLike, history: list, split: str = "val") -> None:
+    """``loss.png`` and ``metrics.png`` of a run (skipped with a warning if
+    matplotlib is missing)."""
+    try:
+        from . import plots
+    except ImportError as e:  # pragma: no cover
+        warnings.warn(f"no plots: {e}", RuntimeWarning, stacklevel=2)
+        return
+    import matplotlib.pyplot as plt
+
+    run_dir = pathlib.Path(run_dir)
+    for fig in (
+        plots.loss_curve(history, run_dir / "loss.png"),
+        plots.metric_curves(history, split, run_dir / "metrics.png"),
+    ):
+        plt.close(fig)
+
+
+class RunModel:
+    """A trained model loaded from its run folder (see :func:`load_run`)."""
+
+    def __init__(self, run_dir: PathLike, checkpoint: str = "best", device: str = "auto"):
+        self.run_dir = pathlib.Path(run_dir)
+        self._native = _native.RunModel(str(self.run_dir), checkpoint, device)
+        self.config = tomllib.loads(self._native.config_toml)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"RunModel({str(self.run_dir)!r}, {c['dataset']}, {c['backbone']})"
+
+    @property
+    def history(self) -> list:
+        """The per-epoch records of ``metrics.jsonl``."""
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def embed(self, data, *, root: Optional[PathLike] = None):
+        """Embeddings of ``data``:
+
+        * a split name (``"train"``, ``"val"``, ``"test"``, ``"query"``,
+          ``"gallery"``, ``"all"``) of the run's dataset: returns
+          ``(embeddings, labels)``;
+        * a ``grouploss.datasets`` dataset: returns ``(embeddings, labels)``;
+        * a tensor of images N x C x H x W (uint8: the run's evaluation
+          transform is applied; float: taken as transformed): returns the
+          embeddings.
+        """
+        if isinstance(data, str):
+            root = None if root is None else str(root)
+            return self._native.embed_split(data, root)
+        if isinstance(data, torch.Tensor):
+            return self._native.embed(data)
+        native = getattr(data, "_native", None)
+        if native is not None and hasattr(native, "labels"):
+            return self._native.embed_dataset(native)
+        raise TypeError(
+            f"data: expected a split name, an images tensor or a grouploss dataset, "
+            f"got {type(data).__name__}"
+        )
+
+    def evaluate(self, split: str = "test") -> dict:
+        """Recall@K, MAP@R, R-Precision and NMI of ``split``."""
+        return json.loads(self._native.evaluate(split))
+
+
+def load_run(run_dir: PathLike, *, checkpoint: str = "best", device: str = "auto") -> RunModel:
+    """The model of a finished (or interrupted: ``checkpoint="last"``) run."""
+    return RunModel(run_dir, checkpoint, device)

@@ -1,0 +1,183 @@
+//! Bindings of the training loop and of trained runs.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+
+use super::errors::without_gil;
+use crate::error::Error;
+use crate::train::run_model::RunModel;
+use crate::train::{self, TrainConfig};
+
+fn json_to_table(overrides_json: &str) -> Result<toml::Table, Error> {
+    let value: serde_json::Value = serde_json::from_str(overrides_json)
+        .map_err(|e| Error::invalid("options", e.to_string(), "a JSON object"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::invalid(
+            "options",
+            value.to_string(),
+            "a JSON object",
+        ));
+    };
+    let mut table = toml::Table::new();
+    for (k, v) in map {
+        if v.is_null() {
+            continue;
+        }
+        let tv = toml::Value::try_from(&v)
+            .map_err(|e| Error::invalid(k.clone(), v.to_string(), format!("a TOML value ({e})")))?;
+        table.insert(k, tv);
+    }
+    Ok(table)
+}
+
+/// The resolved configuration (TOML) of a preset, a config file and
+/// overrides (a JSON object).
+#[pyfunction]
+#[pyo3(signature = (preset = None, config_file = None, overrides_json = "{}"))]
+fn resolve_config(
+    preset: Option<&str>,
+    config_file: Option<PathBuf>,
+    overrides_json: &str,
+) -> PyResult<String> {
+    let overrides = json_to_table(overrides_json)?;
+    let text = match &config_file {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    let source = config_file.as_ref().map(|p| p.display().to_string());
+    let file = text.as_deref().zip(source.as_deref());
+    let cfg = TrainConfig::resolve(preset, file, overrides)?;
+    Ok(cfg.to_toml()?)
+}
+
+/// The preset names.
+#[pyfunction]
+fn presets() -> Vec<&'static str> {
+    train::PRESETS.to_vec()
+}
+
+/// The run folder a configuration gets when `out_dir` is not set.
+#[pyfunction]
+fn default_run_dir(config_toml: &str) -> PyResult<String> {
+    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    Ok(train::runner::default_run_dir(&cfg).display().to_string())
+}
+
+/// Runs a training configuration (TOML) in `run_dir` with the GIL released;
+/// returns the outcome as JSON. Ctrl-C saves `last` and raises
+/// KeyboardInterrupt.
+#[pyfunction]
+fn train_run(py: Python<'_>, config_toml: &str, run_dir: PathBuf) -> PyResult<String> {
+    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sig = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop)).ok();
+    let flag = Arc::clone(&stop);
+    let outcome = without_gil(py, move || train::train(&cfg, &run_dir, &flag));
+    if let Some(id) = sig {
+        signal_hook::low_level::unregister(id);
+    }
+    let o = outcome?;
+    let value = serde_json::json!({
+        "run_dir": o.run_dir,
+        "history": o.history,
+        "best_epoch": o.best_epoch,
+        "test": o.test,
+        "ensemble_test": o.ensemble_test,
+        "summary": o.summary,
+    });
+    Ok(value.to_string())
+}
+
+/// A trained model loaded from its run folder.
+#[pyclass(name = "RunModel", module = "grouploss._native", frozen)]
+struct PyRunModel {
+    inner: Arc<Mutex<RunModel>>,
+}
+
+impl PyRunModel {
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&RunModel) -> crate::Result<T> + Send,
+    ) -> PyResult<T> {
+        let inner = Arc::clone(&self.inner);
+        without_gil(py, move || {
+            let guard = inner.lock().unwrap_or_else(|e| e.into_inner());
+            f(&guard)
+        })
+    }
+}
+
+#[pymethods]
+impl PyRunModel {
+    #[new]
+    #[pyo3(signature = (run_dir, checkpoint = "best", device = "auto"))]
+    fn new(py: Python<'_>, run_dir: PathBuf, checkpoint: &str, device: &str) -> PyResult<Self> {
+        let (checkpoint, device) = (checkpoint.to_string(), device.to_string());
+        let inner = without_gil(py, move || RunModel::open(&run_dir, &checkpoint, &device))?;
+        Ok(PyRunModel {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    /// The resolved configuration as TOML.
+    #[getter]
+    fn config_toml(&self, py: Python<'_>) -> PyResult<String> {
+        self.run(py, |m| m.config.to_toml())
+    }
+
+    /// Embeddings of images (float: already transformed; uint8: the run's
+    /// evaluation transform is applied).
+    fn embed(&self, py: Python<'_>, images: PyTensor) -> PyResult<PyTensor> {
+        Ok(PyTensor(self.run(py, move |m| m.embed(&images))?))
+    }
+
+    /// Embeddings and labels of a split of the run's dataset (or of the
+    /// same dataset under another root).
+    #[pyo3(signature = (split = "test", root = None))]
+    fn embed_split(
+        &self,
+        py: Python<'_>,
+        split: &str,
+        root: Option<PathBuf>,
+    ) -> PyResult<(PyTensor, PyTensor)> {
+        let split = split.to_string();
+        let (e, l) = self.run(py, move |m| {
+            let ds = m.dataset(&split, root.as_deref())?;
+            m.embed_dataset(&ds)
+        })?;
+        Ok((PyTensor(e), PyTensor(l)))
+    }
+
+    /// Embeddings and labels of a dataset opened by `grouploss.datasets`.
+    fn embed_dataset(
+        &self,
+        py: Python<'_>,
+        dataset: PyRef<'_, super::data::PyDataset>,
+    ) -> PyResult<(PyTensor, PyTensor)> {
+        let ds = Arc::clone(&dataset.inner);
+        let (e, l) = self.run(py, move |m| m.embed_dataset(&ds))?;
+        Ok((PyTensor(e), PyTensor(l)))
+    }
+
+    /// Metrics of a split, as JSON.
+    #[pyo3(signature = (split = "test"))]
+    fn evaluate(&self, py: Python<'_>, split: &str) -> PyResult<String> {
+        let split = split.to_string();
+        let m = self.run(py, move |m| m.evaluate(&split))?;
+        Ok(serde_json::Value::Object(m).to_string())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(resolve_config, m)?)?;
+    m.add_function(wrap_pyfunction!(presets, m)?)?;
+    m.add_function(wrap_pyfunction!(default_run_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(train_run, m)?)?;
+    m.add_class::<PyRunModel>()?;
+    Ok(())
+}

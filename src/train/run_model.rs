@@ -1,0 +1,166 @@
+//! A trained model loaded back from its run folder: embeds images or
+//! dataset splits with the run's evaluation transform, and evaluates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::config::TrainConfig;
+use super::run_dir::RunDir;
+use super::runner::{
+    build_network, device, embed_dataset, evaluate_embeddings, load_model, RunData,
+};
+use crate::data::{
+    self, Dataset, DatasetOptions, Image, ReaderOptions, Split, Transform, Workspace,
+};
+use crate::error::{Error, Result};
+use crate::model::EmbeddingNet;
+use crate::rng::Rng;
+
+/// A network with the weights of a run's checkpoint.
+pub struct RunModel {
+    pub config: TrainConfig,
+    pub run_dir: PathBuf,
+    pub device: Device,
+    net: EmbeddingNet,
+    _vs: nn::VarStore,
+    eval_transform: Transform,
+}
+
+impl RunModel {
+    /// Loads `run_dir`'s `checkpoint` (`best` or `last`) on `device_name`
+    /// (`auto` by default).
+    pub fn open(run_dir: &Path, checkpoint: &str, device_name: &str) -> Result<Self> {
+        let dir = RunDir::new(run_dir);
+        let text = std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
+        let config = TrainConfig::resolve(
+            None,
+            Some((&text, &dir.config().display().to_string())),
+            Default::default(),
+        )?;
+        let member = dir.member(0, config.ensemble);
+        let path = match checkpoint {
+            "best" => member.best(),
+            "last" => member.last(),
+            other => {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!("{other:?}"),
+                    "\"best\" or \"last\"",
+                ))
+            }
+        };
+        let ck = Checkpoint::load(&path)?;
+        let device = device(device_name)?;
+        let data = RunData::open(&config)?;
+        let vs = nn::VarStore::new(device);
+        let net = build_network(
+            &config,
+            &vs,
+            data.channels,
+            data.train.classes().len() as i64,
+        )?;
+        load_model(&vs, &ck.model, &path)?;
+        Ok(RunModel {
+            config,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            net,
+            _vs: vs,
+            eval_transform: data.eval_transform,
+        })
+    }
+
+    /// Embeddings of a batch: float images are taken as already transformed
+    /// (N x C x H x W); uint8 images (N x C x H x W, 0-255) go through the
+    /// run's evaluation transform first.
+    pub fn embed(&self, images: &Tensor) -> Result<Tensor> {
+        if images.dim() != 4 {
+            return Err(Error::invalid(
+                "images",
+                format!("shape {:?}", images.size()),
+                "a 4-D tensor (N x C x H x W)",
+            ));
+        }
+        let x = if images.kind() == Kind::Uint8 {
+            self.transform_u8(images)?
+        } else {
+            images.to_kind(Kind::Float)
+        };
+        Ok(self.net.embed(&x.to_device(self.device)))
+    }
+
+    fn transform_u8(&self, images: &Tensor) -> Result<Tensor> {
+        let s = images.size();
+        let (n, c, h, w) = (s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize);
+        if c != 1 && c != 3 {
+            return Err(Error::invalid(
+                "images",
+                format!("{c} channels"),
+                "1 or 3 channels",
+            ));
+        }
+        let hwc = images
+            .to_device(Device::Cpu)
+            .permute([0, 2, 3, 1])
+            .contiguous();
+        let bytes = Vec::<u8>::try_from(hwc.flatten(0, -1))?;
+        let per = self.eval_transform.output_len();
+        let mut out = vec![0f32; n * per];
+        let mut ws = Workspace::new();
+        let mut rng = Rng::new(0);
+        for i in 0..n {
+            let img = Image::new(w, h, c, bytes[i * h * w * c..(i + 1) * h * w * c].to_vec());
+            self.eval_transform
+                .apply(&img, &mut rng, &mut out[i * per..(i + 1) * per], &mut ws)
+                .map_err(|e| {
+                    Error::invalid("images", format!("image {i}: {e}"), "a valid image")
+                })?;
+        }
+        let [oc, oh, ow] = self.eval_transform.output_shape();
+        Ok(Tensor::from_slice(&out).reshape([n as i64, oc as i64, oh as i64, ow as i64]))
+    }
+
+    /// Opens `split` of the run's dataset (or `root`'s).
+    pub fn dataset(&self, split: &str, root: Option<&Path>) -> Result<Arc<Dataset>> {
+        let options = DatasetOptions {
+            split: Split::parse(split)?,
+            val_fraction: self.config.val_fraction,
+            split_seed: self.config.seed,
+        };
+        let root = root.or(self.config.data_root.as_deref());
+        let kind = self.config.dataset.replace('-', "_");
+        Ok(Arc::new(data::open(
+            &kind,
+            root,
+            &options,
+            &ReaderOptions::default(),
+        )?))
+    }
+
+    /// Embeddings and labels of a dataset.
+    pub fn embed_dataset(&self, ds: &Arc<Dataset>) -> Result<(Tensor, Tensor)> {
+        embed_dataset(
+            &self.net,
+            ds,
+            &self.eval_transform,
+            &self.config,
+            self.device,
+        )
+    }
+
+    /// The metrics of `split` (`test` evaluates In-Shop's queries against
+    /// its gallery).
+    pub fn evaluate(&self, split: &str) -> Result<Map<String, Value>> {
+        if self.config.dataset == "inshop" && split == "test" {
+            let (ge, gl) = self.embed_dataset(&self.dataset("gallery", None)?)?;
+            let (qe, ql) = self.embed_dataset(&self.dataset("query", None)?)?;
+            return evaluate_embeddings(&(ge, gl, Some((qe, ql))), &self.config);
+        }
+        let (e, l) = self.embed_dataset(&self.dataset(split, None)?)?;
+        evaluate_embeddings(&(e, l, None), &self.config)
+    }
+}
