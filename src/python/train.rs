@@ -76,11 +76,21 @@ fn train_run(py: Python<'_>, config_toml: &str, run_dir: PathBuf) -> PyResult<St
     let stop = Arc::new(AtomicBool::new(false));
     let sig = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop)).ok();
     let flag = Arc::clone(&stop);
-    let outcome = without_gil(py, move || train::train(&cfg, &run_dir, &flag));
+    let outcome = py.allow_threads(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            train::train(&cfg, &run_dir, &flag)
+        }))
+        .unwrap_or_else(|_| Err(Error::invalid("train", "an internal panic", "no panic")))
+    });
     if let Some(id) = sig {
         signal_hook::low_level::unregister(id);
     }
-    let o = outcome?;
+    if matches!(outcome, Err(Error::Interrupted)) {
+        // Python's own handler saw the signal too: raise its pending
+        // KeyboardInterrupt now, so that it is not raised a second time later.
+        py.check_signals()?;
+    }
+    let o = outcome.map_err(PyErr::from)?;
     let value = serde_json::json!({
         "run_dir": o.run_dir,
         "history": o.history,

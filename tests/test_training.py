@@ -1,0 +1,398 @@
+"""The Rust training loop: presets, backbones, run folders, resume, Ctrl-C,
+and loading a trained run back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import make_cars, make_cub, make_idx_pair, write_image
+
+import grouploss
+from grouploss import training
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def make_glyph_like(root: pathlib.Path, train_classes=10, test_classes=6, per=16, seed=0):
+    """A tiny dataset in the glyphs layout whose classes are learnable:
+    every class is a fixed random 32 x 32 pattern plus noise and jitter."""
+    rng = np.random.default_rng(seed)
+    n_cls = train_classes + test_classes
+    protos = rng.integers(0, 256, size=(n_cls, 8, 8)).repeat(4, 1).repeat(4, 2)
+
+    def draw(c, k):
+        img = np.roll(protos[c], shift=(k % 3 - 1, k % 2), axis=(0, 1)).astype(float)
+        return np.clip(img + rng.normal(0, 40, img.shape), 0, 255)
+
+    rows = ["label\tcodepoint\tchar\tname\tsplit"]
+    for c in range(n_cls):
+        split = "train" if c < train_classes else "test"
+        rows.append(f"{c}\tU+{0x41 + c:04X}\t{chr(0x41 + c)}\tLETTER {c}\t{split}")
+    (root / "classes.tsv").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.tsv").write_text("\n".join(rows) + "\n")
+    for prefix, classes in (("train", range(train_classes)), ("t10k", range(train_classes, n_cls))):
+        labels = np.array([c for c in classes for _ in range(per)])
+        images = np.stack([draw(c, k) for c in classes for k in range(per)])
+        make_idx_pair(root, prefix, images, labels, gz=True, int32=True)
+    return root
+
+
+TINY = dict(
+    epochs=2,
+    classes_per_batch=3,
+    samples_per_class=4,
+    num_workers=1,
+    eval_batch_size=16,
+    progress=False,
+    device="cpu",
+    val_fraction=0.3,
+)
+
+
+@pytest.fixture(scope="module")
+def glyphs_root(tmp_path_factory):
+    return make_glyph_like(tmp_path_factory.mktemp("glyphs"))
+
+
+def test_a_glyphs_run_writes_its_folder_and_learns(glyphs_root, tmp_path):
+    out = tmp_path / "run"
+    r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **dict(TINY, epochs=3))
+    assert r.run_dir == out
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "loss.png", "metrics.png"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("last.safetensors", "best.safetensors"):
+        assert (out / "checkpoints" / name).stat().st_size > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    for x in lines:
+        assert {"train_loss", "images_per_s", "lr", "val"} <= set(x)
+        assert {"recall@1", "map@r", "r_precision", "nmi"} <= set(x["val"])
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert set(r.test) >= {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
+    # Patterns plus noise are easy: far better than chance (1/6 at R@1).
+    assert r.test["recall@1"] > 0.5
+    assert r.summary["selected_on"].startswith("val")
+    assert 1 <= r.best_epoch <= 3
+    cfg = training.resolve_config(config=out / "config.toml")
+    assert cfg["dataset"] == "glyphs" and cfg["epochs"] == 3
+
+
+def test_options_are_one_vocabulary(glyphs_root, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('preset = "glyphs"\nepochs = 1\ntemperature = 3.5\n')
+    cfg = training.resolve_config(config=conf, lr=0.01)
+    assert (cfg["preset"], cfg["epochs"], cfg["temperature"], cfg["lr"]) == (
+        "glyphs",
+        1,
+        3.5,
+        0.01,
+    )
+    with pytest.raises(ValueError, match="epoch"):
+        training.resolve_config(epoch=3)
+    with pytest.raises(ValueError, match="^temperature: expected a finite number > 0"):
+        training.resolve_config(temperature=0.0)
+    with pytest.raises(ValueError, match="^preset"):
+        training.resolve_config("imagenet")
+
+
+def test_cli_train_and_evaluate(glyphs_root, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "grouploss.cli", "train", "--preset", "glyphs", "--quiet"]
+    cmd += ["--data-root", str(glyphs_root), "--out-dir", str(out), "--epochs", "1"]
+    cmd += ["--classes-per-batch", "3", "--samples-per-class", "4", "--num-workers", "1"]
+    cmd += ["--val-fraction", "0.3", "--device", "cpu", "--recall-ks", "1,2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "recall@1" in p.stdout and "map@r" in p.stdout and "nmi" in p.stdout
+    e = subprocess.run(
+        [sys.executable, "-m", "grouploss.cli", "evaluate", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert e.returncode == 0, e.stderr
+    metrics = json.loads(e.stdout.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert metrics["recall@1"] == pytest.approx(summary["test"]["recall@1"])
+    emb = tmp_path / "e.npy"
+    m = subprocess.run(
+        [sys.executable, "-m", "grouploss.cli", "embed", str(out), "--data", "test"]
+        + ["--out", str(emb), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert m.returncode == 0, m.stderr
+    assert np.load(emb).shape == (6 * 16, 64)
+    assert np.load(tmp_path / "e_labels.npy").shape == (6 * 16,)
+
+
+def test_load_run_embeds_and_evaluates(glyphs_root, tmp_path):
+    out = tmp_path / "run"
+    r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **dict(TINY, epochs=1))
+    model = grouploss.load_run(out, device="cpu")
+    emb, labels = model.embed("test")
+    assert emb.shape == (96, 64) and labels.shape == (96,)
+    assert model.evaluate("test")["recall@1"] == pytest.approx(r.test["recall@1"])
+    ds = grouploss.datasets.Glyphs(glyphs_root, split="test")
+    e2, l2 = model.embed(ds)
+    torch.testing.assert_close(e2, emb)
+    raw = torch.stack([ds.load(i) for i in range(4)])
+    torch.testing.assert_close(model.embed(raw), emb[:4], rtol=1e-4, atol=1e-5)
+    assert model.history[-1]["epoch"] == 1
+
+
+def _train_cmd(root, out, epochs, extra=()):
+    code = (
+        "import sys, grouploss\n"
+        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
+        f"epochs={epochs}, classes_per_batch=3, samples_per_class=4, num_workers=1, "
+        "eval_batch_size=16, progress=False, device='cpu', val_fraction=0.3, plots=False)\n"
+    )
+    return [sys.executable, "-c", code, str(root), str(out), *extra]
+
+
+def _epochs_done(out: pathlib.Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_resume_after_kill_gives_the_same_metrics(glyphs_root, tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(glyphs_root, ref, 3), check=True, timeout=600)
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(_train_cmd(glyphs_root, killed, 3))
+    deadline = time.time() + 300
+    while _epochs_done(killed) < 1 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in epoch 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert 1 <= _epochs_done(killed) < 3
+    r = grouploss.train(resume=killed, plots=False)
+    want = json.loads((ref / "summary.json").read_text())
+    assert r.test == want["test"]
+    assert r.best_epoch == want["best_epoch"]
+    assert (killed / "metrics.jsonl").read_text() != ""
+    got_hist = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    ref_hist = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [h["train_loss"] for h in got_hist] == [h["train_loss"] for h in ref_hist]
+
+
+def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "grouploss.cli", "train", "--preset", "glyphs", "--quiet"]
+    cmd += ["--data-root", str(glyphs_root), "--out-dir", str(out), "--epochs", "50"]
+    cmd += ["--classes-per-batch", "3", "--samples-per-class", "4", "--num-workers", "1"]
+    cmd += ["--val-fraction", "0.3", "--device", "cpu"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _epochs_done(out) < 1 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "interrupted" in stdout
+    model = grouploss.load_run(out, checkpoint="last", device="cpu")
+    assert model.embed("test")[0].shape == (96, 64)
+
+
+def _fixture_sop(root: pathlib.Path, train=8, test=4, per=3):
+    img = 0
+    for fname, classes in (
+        ("Ebay_train.txt", range(1, train + 1)),
+        ("Ebay_test.txt", range(100, 100 + test)),
+    ):
+        lines = ["image_id class_id super_class_id path"]
+        for c in classes:
+            for j in range(per):
+                img += 1
+                rel = f"bike_final/{c}_{j}.JPG"
+                write_image(root / rel, seed=img)
+                lines.append(f"{img} {c} 1 {rel}")
+        (root / fname).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _fixture_inshop(root: pathlib.Path):
+    rows = []
+    spec = [(f"id_{i:08d}", "train", 3) for i in range(1, 9)]
+    spec += [(f"id_{i:08d}", s, 2) for i in range(20, 24) for s in ("query", "gallery")]
+    for item, status, n in spec:
+        for _ in range(n):
+            rel = f"img/WOMEN/Dresses/{item}/{len(rows):02d}_1_front.jpg"
+            write_image(root / rel, seed=300 + len(rows))
+            rows.append((rel, item, status))
+    (root / "Eval").mkdir(parents=True, exist_ok=True)
+    text = [str(len(rows)), "image_name item_id evaluation_status"]
+    text += [f"{r}  {i}  {s}" for r, i, s in rows]
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(text) + "\n")
+    return root
+
+
+PAPER = dict(
+    epochs=1,
+    max_steps_per_epoch=2,
+    classes_per_batch=2,
+    samples_per_class=2,
+    image_size=64,
+    resize_size=72,
+    num_workers=1,
+    eval_batch_size=8,
+    progress=False,
+    device="cpu",
+    recall_ks=[1, 2],
+    val_fraction=0.34,
+)
+
+
+@pytest.mark.parametrize("preset", ["cub200", "cars196", "sop", "inshop"])
+def test_paper_presets_run_on_fixtures(preset, tmp_path):
+    root = tmp_path / "data"
+    if preset == "cub200":
+        make_cub(root, classes=12, per_class=3)
+    elif preset == "cars196":
+        make_cars(root, classes=12, per_class=3)
+    elif preset == "sop":
+        _fixture_sop(root)
+    else:
+        _fixture_inshop(root)
+    cfg = training.resolve_config(preset)
+    assert cfg["backbone"] == "bn_inception" and cfg["optimizer"] == "radam"
+    r = grouploss.train(preset, data_root=root, out_dir=tmp_path / "run", plots=False, **PAPER)
+    assert set(r.test) >= {"recall@1", "recall@2", "map@r", "nmi"}
+    assert all(np.isfinite(r.history[0]["train_loss"]) for _ in [0])
+    assert r.summary["test"] == r.test
+
+
+def test_select_on_test_is_labelled(glyphs_root, tmp_path):
+    r = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "r",
+        select_on="test",
+        plots=False,
+        **dict(TINY, epochs=1),
+    )
+    assert "release's protocol" in r.summary["selected_on"]
+    assert "test" in r.history[0] and "val" not in r.history[0]
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "torchscript"])
+def test_backbones_train_on_small_images(backbone, glyphs_root, tmp_path):
+    if backbone == "torchscript":
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        path = tmp_path / "net.pt"
+        torch.jit.script(net).save(str(path))
+        backbone = f"torchscript:{path}"
+    r = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "r",
+        backbone=backbone,
+        plots=False,
+        **dict(TINY, epochs=1, max_steps_per_epoch=2),
+    )
+    assert np.isfinite(r.history[0]["train_loss"])
+
+
+def test_torchvision_state_dict_loads_into_resnet18(glyphs_root, tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(weights=None)
+    sd = tv.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "r18.safetensors"))
+    torch.save(sd, tmp_path / "r18.pt")
+    for weights in ("r18.safetensors", "r18.pt"):
+        out = tmp_path / f"run-{weights}"
+        grouploss.train(
+            "glyphs",
+            data_root=glyphs_root,
+            out_dir=out,
+            backbone="resnet18",
+            pretrained=tmp_path / weights,
+            lr=1e-12,
+            plots=False,
+            **dict(TINY, epochs=1, max_steps_per_epoch=1),
+        )
+        from safetensors.torch import load_file
+
+        got = load_file(str(out / "checkpoints" / "best.safetensors"))
+        w = got["model.backbone.layer3.1.conv2.weight"]
+        torch.testing.assert_close(w, sd["layer3.1.conv2.weight"], rtol=1e-6, atol=1e-6)
+    bad = dict(sd)
+    bad["layer9.weight"] = bad.pop("conv1.weight")
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"missing keys \[conv1.weight\].*unexpected keys \[layer9"
+    ):
+        grouploss.train(
+            "glyphs",
+            data_root=glyphs_root,
+            out_dir=tmp_path / "bad",
+            backbone="resnet18",
+            pretrained=tmp_path / "bad.safetensors",
+            plots=False,
+            **TINY,
+        )
+
+
+def test_ce_only_baseline_and_ensemble(glyphs_root, tmp_path):
+    r = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "ens",
+        gtg_weight=0.0,
+        ensemble=2,
+        plots=False,
+        **dict(TINY, epochs=1),
+    )
+    assert r.ensemble_test is not None and "recall@1" in r.ensemble_test
+    assert (tmp_path / "ens" / "model-1" / "checkpoints" / "best.safetensors").exists()
+    assert r.history[0]["train_nll"] == 0.0
+    assert len(r.summary["members"]) == 2
+
+
+def test_a_run_folder_refuses_another_configuration(glyphs_root, tmp_path):
+    out = tmp_path / "r"
+    kw = dict(TINY, epochs=1)
+    grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, plots=False, **kw)
+    with pytest.raises(ValueError, match="^out_dir:"):
+        grouploss.train(
+            "glyphs", data_root=glyphs_root, out_dir=out, plots=False, **dict(kw, lr=0.5)
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_bf16_run(glyphs_root, tmp_path):
+    r = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "r",
+        plots=False,
+        **dict(TINY, device="cuda", bf16=True, epochs=1),
+    )
+    assert np.isfinite(r.history[0]["train_loss"]) and r.summary["device"].startswith("Cuda")
+
+
+def test_the_default_preset_is_fashion_mnist():
+    cfg = training.resolve_config()
+    assert cfg["dataset"] == "fashion-mnist" and cfg["backbone"] == "convnet"
+    assert os.path.isdir("/usr/share/datasets/fashion-mnist")
