@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 use super::analytic::LossWithGrads;
 use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
-use super::kernels::{dot, grad_row, logits_row, max_and_finite, sum, Real, RowForward};
+use super::kernels::{centre_row, dot, grad_row, max_and_finite, similarity_grad_row, sum, Real};
 use super::similarity::Similarity;
 use super::GroupLossOptions;
 use crate::error::{Error, Result};
@@ -227,7 +227,8 @@ fn count_not_finite(t: &Tensor, arg: &str) -> Error {
 
 /// The similarity of the embeddings and what its backward needs.
 struct Sim<T: Real> {
-    /// Unit rows (correlation, cosine) or the embeddings (gaussian), n x d.
+    /// Centred rows (correlation), rows (cosine) or the embeddings
+    /// (gaussian), n x d, not normalised.
     rows: Buf<T>,
     norms: Vec<T>,
     degenerate: Vec<bool>,
@@ -248,40 +249,30 @@ fn similarity_forward<T: Real>(
     let mut active = vec![false; n * n];
     match kind {
         Similarity::Correlation | Similarity::Cosine => {
+            // Centred (or raw) rows are kept unnormalised; the norms are
+            // applied to the n x n products instead of the n x d rows.
             let mut rows = Buf::<T>::empty(&[n as i64, d as i64]);
-            let mut norms = vec![T::ONE; n];
+            let mut norms = vec![T::ZERO; n];
             let mut degenerate = vec![false; n];
             let tol = T::from_f64(64.0 * T::EPS);
             {
                 let x = src.s();
                 let u = rows.m();
+                let centre = kind == Similarity::Correlation;
                 for i in 0..n {
-                    let xi = &x[i * d..(i + 1) * d];
-                    if !max_and_finite(xi).1 {
+                    let r = i * d..(i + 1) * d;
+                    let (sq, sq_raw, finite) = centre_row(&x[r.clone()], &mut u[r], centre);
+                    if !finite {
                         return Err(count_not_finite(emb, "embeddings"));
                     }
-                    let ui = &mut u[i * d..(i + 1) * d];
-                    let mean = if kind == Similarity::Correlation {
-                        sum(xi) / T::from_f64(d as f64)
-                    } else {
-                        T::ZERO
-                    };
-                    for k in 0..d {
-                        ui[k] = xi[k] - mean;
-                    }
-                    let norm = dot(ui, ui).sqrt();
-                    let ref_norm = dot(xi, xi).sqrt();
+                    let (norm, ref_norm) = (sq.sqrt(), sq_raw.sqrt());
                     degenerate[i] = norm <= ref_norm * tol;
-                    let safe = if norm > T::TINY { norm } else { T::TINY };
-                    norms[i] = safe;
-                    let inv = if degenerate[i] {
+                    // `norms` holds 1 / norm, 0 for degenerate rows.
+                    norms[i] = if degenerate[i] || norm <= T::TINY {
                         T::ZERO
                     } else {
-                        T::ONE / safe
+                        T::ONE / norm
                     };
-                    for v in ui.iter_mut() {
-                        *v *= inv;
-                    }
                 }
             }
             let mut w = rows.gram();
@@ -289,10 +280,11 @@ fn similarity_forward<T: Real>(
                 let c = w.m();
                 for i in 0..n {
                     for j in 0..n {
-                        let v = c[i * n + j];
+                        let v = c[i * n + j] * norms[i] * norms[j];
                         if i == j {
                             c[i * n + j] = diag;
                         } else if v > T::ZERO {
+                            c[i * n + j] = v;
                             active[i * n + j] = true;
                         } else {
                             c[i * n + j] = T::ZERO;
@@ -373,28 +365,27 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf
             }
         }
     }
+    if matches!(kind, Similarity::Correlation | Similarity::Cosine) {
+        // du = S U with U = diag(inv) Xc: scale S's columns instead of U.
+        let sm = sym.m();
+        for i in 0..n {
+            for j in 0..n {
+                sm[i * n + j] *= sim.norms[j];
+            }
+        }
+    }
     let mut du = sym.mm(&sim.rows, false);
     match kind {
         Similarity::Correlation | Similarity::Cosine => {
-            let u = sim.rows.s();
+            let xc = sim.rows.s();
             let g = du.m();
+            let centre = kind == Similarity::Correlation;
             for i in 0..n {
-                let gi = &mut g[i * d..(i + 1) * d];
-                if sim.degenerate[i] {
-                    gi.fill(T::ZERO);
-                    continue;
-                }
-                let ui = &u[i * d..(i + 1) * d];
-                let radial = dot(gi, ui);
-                let inv = T::ONE / sim.norms[i];
-                for k in 0..d {
-                    gi[k] = (gi[k] - ui[k] * radial) * inv;
-                }
-                if kind == Similarity::Correlation {
-                    let mean = sum(gi) / T::from_f64(d as f64);
-                    for v in gi.iter_mut() {
-                        *v -= mean;
-                    }
+                let r = i * d..(i + 1) * d;
+                if sim.degenerate[i] || sim.norms[i] == T::ZERO {
+                    g[r].fill(T::ZERO);
+                } else {
+                    similarity_grad_row(&mut g[r.clone()], &xc[r], sim.norms[i], centre);
                 }
             }
             du
@@ -455,46 +446,44 @@ fn run<T: Real>(
     };
     let mp = classes.as_ref().map_or(m, |c| c.len());
 
-    // Logits: row max, finite check, log-sum-exp and the prior, row by row.
-    let lg = Buf::<T>::new(logits.shallow_clone());
-    let mut ce_exp = want_ce.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
-    let mut prior = want_gtg.then(|| Buf::<T>::empty(&[n as i64, mp as i64]));
-    let row_info: Vec<RowForward<T>> = {
-        let l = lg.s();
-        let ce_rows = ce_exp.as_mut().map(|b| Rows::of(b.m(), m));
-        let prior_rows = prior.as_mut().map(|b| Rows::of(b.m(), mp));
-        let cls = classes.as_deref();
-        par_rows(n, n * m, |i| {
-            let row = &l[i * m..(i + 1) * m];
-            // SAFETY: each row index is visited once.
-            let ce_row = ce_rows.map(|r| unsafe { r.row(i) });
-            match (cls, prior_rows) {
-                (None, p) => logits_row(row, inv_t, ce_row, p.map(|r| unsafe { r.row(i) })),
-                (Some(cls), p) => {
-                    let f = logits_row(row, inv_t, ce_row, None);
-                    if let (Some(p), true) = (p, f.finite) {
-                        let out = unsafe { p.row(i) };
-                        restricted_prior(row, cls, inv_t, out);
-                    }
-                    f
-                }
-            }
-        })
-    };
-    if row_info.iter().any(|f| !f.finite) {
+    // Logits: the exponentials run in libtorch's vectorised, threaded
+    // softmax kernels (on this path they cost more than everything else).
+    let sum = f64::try_from(logits.sum(Kind::Double))?;
+    if !sum.is_finite() {
         return Err(count_not_finite(logits, "logits"));
     }
-    let ce_value = if want_ce {
-        let l = lg.s();
-        let total: f64 = (0..n)
-            .map(|i| (row_info[i].lse - l[i * m + y[i] as usize]).to_f64())
-            .sum();
-        Some(total / nf)
+    let log_softmax = want_ce.then(|| logits.log_softmax(1, T::KIND));
+    let ce_value = match &log_softmax {
+        Some(ls) => {
+            let labels = Tensor::from_slice(y).unsqueeze(1);
+            let picked = f64::try_from(ls.gather(1, &labels, false).sum(Kind::Double))?;
+            Some(-picked / nf)
+        }
+        None => None,
+    };
+    let prior = if want_gtg {
+        let selected = match &classes {
+            Some(c) => {
+                let idx: Vec<i64> = c.iter().map(|&k| k as i64).collect();
+                logits.index_select(1, &Tensor::from_slice(&idx))
+            }
+            None => logits.shallow_clone(),
+        };
+        Some(Buf::<T>::new(
+            (selected * (1.0 / opts.temperature))
+                .softmax(1, T::KIND)
+                .contiguous(),
+        ))
     } else {
         None
     };
 
     let mut grad_logits = want_grads.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
+    // softmax(logits) for the cross-entropy's gradient.
+    let softmax = match (&log_softmax, want_grads) {
+        (Some(ls), true) => Some(Buf::<T>::new(ls.exp().contiguous())),
+        _ => None,
+    };
     let mut grad_emb: Option<Buf<T>> = None;
     let mut nll_value = None;
     let mut probs = None;
@@ -681,8 +670,7 @@ fn run<T: Real>(
                 logits_grad(
                     gl,
                     Some((&x0, &dx, &flags, classes.as_deref())),
-                    ce_exp.as_ref(),
-                    &row_info,
+                    softmax.as_ref(),
                     y,
                     opts,
                     inv_t,
@@ -714,7 +702,7 @@ fn run<T: Real>(
         }
     }
     if let (None, Some(gl)) = (nll_value, grad_logits.as_mut()) {
-        logits_grad(gl, None, ce_exp.as_ref(), &row_info, y, opts, inv_t, m, mp);
+        logits_grad(gl, None, softmax.as_ref(), y, opts, inv_t, m, mp);
     }
 
     if want_grads && grad_emb.is_none() {
@@ -735,25 +723,6 @@ fn run<T: Real>(
         grad_embeddings: grad_emb.map(|b| b.t),
         grad_logits: grad_logits.map(|b| b.t),
     })
-}
-
-/// `softmax(row[cls] / T)` into `out`.
-fn restricted_prior<T: Real>(row: &[T], cls: &[usize], inv_t: T, out: &mut [T]) {
-    let mut mx = row[cls[0]];
-    for &c in cls {
-        if row[c] > mx {
-            mx = row[c];
-        }
-    }
-    let mut z = T::ZERO;
-    for (o, &c) in out.iter_mut().zip(cls) {
-        *o = ((row[c] - mx) * inv_t).exp();
-        z += *o;
-    }
-    let inv = T::ONE / z;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
 }
 
 /// One replicator step on raw rows: `next = x * a / rowsum(x * a)`, rows
@@ -786,8 +755,7 @@ fn replicator_rows<T: Real>(x: &[T], a: &[T], next: &mut [T], n: usize, m: usize
 fn logits_grad<T: Real>(
     out: &mut Buf<T>,
     refined: Option<(&Buf<T>, &Buf<T>, &[bool], Option<&[usize]>)>,
-    ce_exp: Option<&Buf<T>>,
-    rows: &[RowForward<T>],
+    softmax: Option<&Buf<T>>,
     y: &[i64],
     opts: &GroupLossOptions,
     inv_t: T,
@@ -797,15 +765,12 @@ fn logits_grad<T: Real>(
     let n = y.len();
     let ce_coef = T::from_f64(opts.ce_weight / n as f64);
     let out_rows = Rows::of(out.m(), m);
-    let ce = ce_exp.map(|b| b.s());
+    let ce = softmax.map(|b| b.s());
     let refined = refined.map(|(x0, dx, flags, cls)| (x0.s(), dx.s(), flags, cls));
     par_rows(n, n * m, |i| {
         // SAFETY: each row index is visited once.
         let o = unsafe { out_rows.row(i) };
-        let ce_row = ce.map(|e| {
-            let scale = (rows[i].max - rows[i].lse).exp();
-            (&e[i * m..(i + 1) * m], scale)
-        });
+        let ce_row = ce.map(|e| (&e[i * m..(i + 1) * m], T::ONE));
         let prior_row = refined.and_then(|(x0, dx, flags, _)| {
             (!flags[i]).then(|| (&x0[i * mp..(i + 1) * mp], &dx[i * mp..(i + 1) * mp]))
         });

@@ -195,74 +195,6 @@ pub(crate) fn sum<T: Real>(a: &[T]) -> T {
     fold(acc, |p, q| p + q)
 }
 
-/// `out_k = exp((x_k - shift) * scale)`, returning their sum.
-#[inline(always)]
-pub(crate) fn exp_into<T: Real>(x: &[T], shift: T, scale: T, out: &mut [T]) -> T {
-    let mut acc = [T::ZERO; LANES];
-    let cx = x.chunks_exact(LANES);
-    let rx = cx.remainder();
-    let mut co = out.chunks_exact_mut(LANES);
-    for (xs, os) in cx.zip(&mut co) {
-        for k in 0..LANES {
-            let e = ((xs[k] - shift) * scale).exp();
-            os[k] = e;
-            acc[k] += e;
-        }
-    }
-    for (k, (&v, o)) in rx.iter().zip(co.into_remainder()).enumerate() {
-        let e = ((v - shift) * scale).exp();
-        *o = e;
-        acc[k] += e;
-    }
-    fold(acc, |p, q| p + q)
-}
-
-/// Everything the forward pass computes on one row of logits.
-pub(crate) struct RowForward<T> {
-    /// log-sum-exp of the row (for the cross-entropy).
-    pub lse: T,
-    /// Largest logit of the row.
-    pub max: T,
-    /// Whether the row is free of NaN and Inf.
-    pub finite: bool,
-}
-
-/// One row of logits: its log-sum-exp, `exp(l - max)` into `ce_exp` if given
-/// (kept for the gradient), and the prior `softmax(l / T)` into `prior` if
-/// given (over all columns; restricted priors are handled by the caller).
-#[inline(always)]
-fn logits_row_impl<T: Real>(
-    row: &[T],
-    inv_t: T,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-) -> RowForward<T> {
-    let (mx, finite) = max_and_finite(row);
-    if !finite {
-        return RowForward {
-            lse: T::ZERO,
-            max: mx,
-            finite,
-        };
-    }
-    let mut lse = T::ZERO;
-    if let Some(out) = ce_exp {
-        lse = mx + exp_into(row, mx, T::ONE, out).ln();
-    }
-    if let Some(out) = prior {
-        let z = exp_into(row, mx, inv_t, out);
-        let inv = T::ONE / z;
-        for v in out.iter_mut() {
-            *v *= inv;
-        }
-    }
-    RowForward {
-        lse,
-        max: mx,
-        finite,
-    }
-}
-
 /// The gradient of one row of logits:
 /// `out = prior (dx - r) / T + ce_coef (exp(l - lse) - onehot(label))`,
 /// the first term only where `dx` is given. `ce_exp` holds `exp(l - max)`.
@@ -307,15 +239,107 @@ fn grad_row_impl<T: Real>(
     }
 }
 
+/// Sums of one embedding row for the similarity: `sum (x - c)^2` and
+/// `sum x^2`, with `c` the row's mean (`centre`) or 0, and whether the row
+/// is finite. Writes `x - c` into `out`.
+#[inline(always)]
+fn centre_row_impl<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T, bool) {
+    let (mut s, mut q, mut chk) = ([T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES]);
+    let cx = x.chunks_exact(LANES);
+    let rx = cx.remainder();
+    for c in cx {
+        for k in 0..LANES {
+            s[k] += c[k];
+            q[k] += c[k] * c[k];
+            chk[k] += c[k] * T::ZERO;
+        }
+    }
+    for (k, &v) in rx.iter().enumerate() {
+        s[k] += v;
+        q[k] += v * v;
+        chk[k] += v * T::ZERO;
+    }
+    let finite = fold(chk, |a, b| a + b) == T::ZERO;
+    let mean = if centre {
+        fold(s, |a, b| a + b) / T::from_f64(x.len() as f64)
+    } else {
+        T::ZERO
+    };
+    let mut acc = [T::ZERO; LANES];
+    let mut co = out.chunks_exact_mut(LANES);
+    for (o, c) in (&mut co).zip(x.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            let v = c[k] - mean;
+            o[k] = v;
+            acc[k] += v * v;
+        }
+    }
+    for (k, (o, &v)) in co.into_remainder().iter_mut().zip(rx).enumerate() {
+        *o = v - mean;
+        acc[k] += *o * *o;
+    }
+    (fold(acc, |a, b| a + b), fold(q, |a, b| a + b), finite)
+}
+
+/// The gradient of one embedding row through `u = xc * inv` (and the
+/// centring when `centre`), given `du` in `g` (overwritten):
+/// `dxc = inv du - xc inv^3 (xc . du)`, minus its mean when centred.
+#[inline(always)]
+fn similarity_grad_row_impl<T: Real>(g: &mut [T], xc: &[T], inv: T, centre: bool) {
+    let radial = dot(g, xc) * inv * inv * inv;
+    let mut acc = [T::ZERO; LANES];
+    let mut cg = g.chunks_exact_mut(LANES);
+    let cx = xc.chunks_exact(LANES);
+    let rx = cx.remainder();
+    for (gs, xs) in (&mut cg).zip(cx) {
+        for k in 0..LANES {
+            let v = gs[k] * inv - xs[k] * radial;
+            gs[k] = v;
+            acc[k] += v;
+        }
+    }
+    for (k, (gv, &xv)) in cg.into_remainder().iter_mut().zip(rx).enumerate() {
+        *gv = *gv * inv - xv * radial;
+        acc[k] += *gv;
+    }
+    if centre {
+        let mean = fold(acc, |a, b| a + b) / T::from_f64(g.len() as f64);
+        for v in g.iter_mut() {
+            *v -= mean;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn logits_row_avx2<T: Real>(
-    row: &[T],
-    inv_t: T,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-) -> RowForward<T> {
-    logits_row_impl(row, inv_t, ce_exp, prior)
+unsafe fn centre_row_avx2<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T, bool) {
+    centre_row_impl(x, out, centre)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn similarity_grad_row_avx2<T: Real>(g: &mut [T], xc: &[T], inv: T, centre: bool) {
+    similarity_grad_row_impl(g, xc, inv, centre)
+}
+
+/// [`centre_row_impl`] with the best instruction set of this CPU.
+pub(crate) fn centre_row<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        return unsafe { centre_row_avx2(x, out, centre) };
+    }
+    centre_row_impl(x, out, centre)
+}
+
+/// [`similarity_grad_row_impl`] with the best instruction set of this CPU.
+pub(crate) fn similarity_grad_row<T: Real>(g: &mut [T], xc: &[T], inv: T, centre: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        return unsafe { similarity_grad_row_avx2(g, xc, inv, centre) };
+    }
+    similarity_grad_row_impl(g, xc, inv, centre)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -334,27 +358,15 @@ unsafe fn grad_row_avx2<T: Real>(
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
-}
-
-/// [`logits_row_impl`] with the best instruction set of this CPU.
-pub(crate) fn logits_row<T: Real>(
-    row: &[T],
-    inv_t: T,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-) -> RowForward<T> {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { logits_row_avx2(row, inv_t, ce_exp, prior) };
-    }
-    logits_row_impl(row, inv_t, ce_exp, prior)
 }
 
 /// [`grad_row_impl`] with the best instruction set of this CPU.
@@ -411,48 +423,5 @@ mod tests {
         assert!(!max_and_finite(&c).1);
         c[30] = f64::NEG_INFINITY;
         assert!(!max_and_finite(&c).1);
-    }
-
-    #[test]
-    fn logits_row_gives_softmax_and_logsumexp() {
-        let row: Vec<f32> = (0..21).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
-        let mut e = vec![0.0; 21];
-        let mut p = vec![0.0; 21];
-        let f = logits_row(&row, 0.5, Some(&mut e), Some(&mut p));
-        let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
-        assert!((f.lse as f64 - lse).abs() < 1e-5);
-        let z: f64 = row.iter().map(|&v| (v as f64 * 0.5).exp()).sum();
-        for (k, &v) in row.iter().enumerate() {
-            assert!((p[k] as f64 - (v as f64 * 0.5).exp() / z).abs() < 1e-6);
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn time_logits_row() {
-        let row: Vec<f32> = (0..11318).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
-        let mut e = vec![0.0; 11318];
-        let mut p = vec![0.0; 11318];
-        let t0 = std::time::Instant::now();
-        for _ in 0..600 {
-            std::hint::black_box(logits_row(&row, 1.0 / 54.0, Some(&mut e), Some(&mut p)));
-        }
-        let dt = t0.elapsed().as_secs_f64() / 600.0;
-        println!(
-            "row: {:.1} us, per element {:.2} ns",
-            dt * 1e6,
-            dt * 1e9 / 11318.0
-        );
-        let t0 = std::time::Instant::now();
-        let mut s = 0.0;
-        for _ in 0..600 {
-            s += exp_into(&row, 0.0, 1.0, &mut e);
-        }
-        let dt = t0.elapsed().as_secs_f64() / 600.0;
-        println!("exp_into generic: {:.1} us {s}", dt * 1e6);
     }
 }

@@ -114,6 +114,10 @@ pub struct TrainConfig {
     /// Recall@K values to report.
     pub recall_ks: Vec<usize>,
     pub eval_batch_size: usize,
+    /// Evaluate the selection split (every epoch) on at most this many
+    /// images, a seeded random subset (0: all). The final test evaluation
+    /// always uses every image.
+    pub select_max_images: usize,
     /// Train this many models with seeds seed, seed+1, ... and evaluate
     /// their concatenated embeddings too (the paper's naive ensemble).
     pub ensemble: usize,

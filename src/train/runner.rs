@@ -264,6 +264,18 @@ pub fn embed_dataset(
     cfg: &TrainConfig,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
+    embed_indices(net, ds, (0..ds.len()).collect(), transform, cfg, device)
+}
+
+/// Embeddings of the images `indices` of `ds`.
+fn embed_indices(
+    net: &EmbeddingNet,
+    ds: &Arc<Dataset>,
+    indices: Vec<usize>,
+    transform: &Transform,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
     let loader = Loader::new(
         Arc::clone(ds),
         transform.clone(),
@@ -274,10 +286,9 @@ pub fn embed_dataset(
             on_error: OnError::Raise,
         },
     )?;
-    let n = ds.len();
-    let batches: Vec<Vec<usize>> = (0..n)
-        .step_by(cfg.eval_batch_size)
-        .map(|s| (s..(s + cfg.eval_batch_size).min(n)).collect())
+    let batches: Vec<Vec<usize>> = indices
+        .chunks(cfg.eval_batch_size)
+        .map(|c| c.to_vec())
         .collect();
     let mut embs = Vec::with_capacity(batches.len());
     let mut labels = Vec::with_capacity(batches.len());
@@ -302,10 +313,17 @@ fn embed_set(
     transform: &Transform,
     cfg: &TrainConfig,
     device: Device,
+    max_images: usize,
 ) -> Result<SetEmbeddings> {
     match set {
         EvalSet::All(ds) => {
-            let (e, l) = embed_dataset(net, ds, transform, cfg, device)?;
+            let mut idx: Vec<usize> = (0..ds.len()).collect();
+            if max_images > 0 && max_images < idx.len() {
+                crate::rng::Rng::new(derive_seed(cfg.seed, &[11])).shuffle(&mut idx);
+                idx.truncate(max_images);
+                idx.sort_unstable();
+            }
+            let (e, l) = embed_indices(net, ds, idx, transform, cfg, device)?;
             Ok((e, l, None))
         }
         EvalSet::QueryGallery { query, gallery } => {
@@ -595,7 +613,14 @@ fn train_member(
             save_last(&vs, &opt, epoch, steps, &history, best)?;
             return Err(Error::Interrupted);
         }
-        let embeddings = embed_set(&net, &data.select, &data.eval_transform, cfg, device)?;
+        let embeddings = embed_set(
+            &net,
+            &data.select,
+            &data.eval_transform,
+            cfg,
+            device,
+            cfg.select_max_images,
+        )?;
         let metrics = evaluate_embeddings(&embeddings, cfg)?;
         let value = metrics
             .get(&cfg.select_metric)
@@ -737,7 +762,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
             stop,
             &mut progress,
         )?;
-        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device)?;
+        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device, 0)?;
         let test = evaluate_embeddings(&test_emb, cfg)?;
         progress.line(&format!(
             "model {}: test (best epoch {best_epoch}): {}",
