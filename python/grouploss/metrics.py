@@ -2,8 +2,8 @@
 
 Every function accepts torch tensors (on any device) and numpy arrays, and
 runs in blocks with the GIL released: memory stays O(batch_size x n), never
-n x n, so the 60,502 images of Stanford Online Products evaluate in well
-under a gigabyte.
+n x n, so the 60,502 images of Stanford Online Products evaluate in under
+a gigabyte.
 
 Definitions:
 

@@ -312,6 +312,23 @@ mod tests {
     }
 
     #[test]
+    fn device_scan_gives_the_same_metrics() {
+        let (x, y) = toy();
+        let q = x.narrow(0, 1, 3) * 2.0;
+        let ql = Tensor::from_slice(&[0i64, 1, 7]);
+        let opts = EvalOptions {
+            ks: vec![1, 3],
+            include: vec![Metric::Recall, Metric::MapAtR, Metric::RPrecision],
+            ..Default::default()
+        };
+        for query in [None, Some((&q, &ql))] {
+            let auto = evaluate(&x, &y, query, &opts).unwrap();
+            let torch = evaluate_with(&x, &y, query, &opts, Strategy::Torch).unwrap();
+            assert_eq!(auto, torch);
+        }
+    }
+
+    #[test]
     fn bad_arguments_are_named() {
         let (x, y) = toy();
         let o = EvalOptions {
