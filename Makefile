@@ -9,7 +9,7 @@ setup:
 	./.ci/setup
 
 demo: setup
-	$(PYTHON) examples/plain_pytorch_loop.py
+	grouploss train
 
 test: setup lint rust-test py-test
 
