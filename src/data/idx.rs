@@ -54,7 +54,7 @@ pub fn read(path: &Path) -> Result<Idx> {
     parse(path, &bytes)
 }
 
-fn parse(path: &Path, b: &[u8]) -> Result<Idx> {
+pub(crate) fn parse(path: &Path, b: &[u8]) -> Result<Idx> {
     let bad = |msg: String| Error::format(path, None, msg);
     if b.len() < 4 || b[0] != 0 || b[1] != 0 {
         return Err(bad("not an IDX file (bad magic number)".into()));

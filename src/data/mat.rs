@@ -317,7 +317,19 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
                     String::from_utf8_lossy(&c[..end]).into_owned()
                 })
                 .collect();
-            let mut items = Vec::with_capacity(count.min(data.len() / 8));
+            // Each field of each item is an element of at least 8 bytes: a
+            // count the data cannot hold is corrupt (and would loop for ever
+            // on a struct without fields).
+            if fields.is_empty() && count > 0
+                || count.saturating_mul(fields.len()).saturating_mul(8) > data.len()
+            {
+                return Err(format!(
+                    "corrupt MAT-file (struct of {count} items with {} fields in {} bytes)",
+                    fields.len(),
+                    data.len()
+                ));
+            }
+            let mut items = Vec::with_capacity(count);
             for _ in 0..count {
                 let mut values = Vec::with_capacity(fields.len());
                 for _ in 0..fields.len() {
@@ -344,6 +356,12 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
             };
             // Column-major: character (i, j) is at i + j * rows.
             let rows = dims.first().copied().unwrap_or(1).max(1);
+            if rows > 1 && chars.len() != count {
+                return Err(format!(
+                    "corrupt MAT-file (char array {dims:?} holds {} characters)",
+                    chars.len()
+                ));
+            }
             let cols = chars.len() / rows;
             let text = (0..rows)
                 .map(|i| (0..cols).map(|j| chars[i + j * rows]).collect::<String>())

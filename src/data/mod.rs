@@ -11,6 +11,8 @@
 
 pub mod dataset;
 pub mod decode;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod idx;
 pub mod image;
 mod jpeg;

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 
 use super::anchors::anchor_mask;
 use super::checks::check_inputs;
-use super::refine::{apply_anchors, compute_kind};
+use super::refine::{apply_anchors, compute_kind, min_normal};
 use super::similarity::SimilarityPass;
 use super::GroupLossOptions;
 use crate::error::Result;
@@ -117,7 +117,7 @@ pub fn group_loss_with_grads(
             let a = w.mm(&x);
             let num = &x * &a;
             let s = rowsum(&num);
-            let ok = s.gt(0.0);
+            let ok = s.gt(min_normal(s.kind()));
             let next = (num / s.where_scalarother(&ok, 1.0)).where_self(&ok, &x);
             steps.push(Step {
                 x_prev: x,
@@ -144,7 +144,7 @@ pub fn group_loss_with_grads(
         let wq = w * q.transpose(0, 1);
         let ay = wq.sum_dim_intlist([1i64].as_slice(), false, kind);
         let s = &s_off + &xy * &ay;
-        let ok = s.gt(0.0);
+        let ok = s.gt(min_normal(s.kind()));
         let safe_s = s.where_scalarother(&ok, 1.0);
         let p = (&xy * &ay / &safe_s).where_self(&ok, &xy);
         let nll = -(&p + 1e-12).log().mean(kind);
@@ -165,7 +165,8 @@ pub fn group_loss_with_grads(
             let zero = gi.zeros_like();
             let a_coef = (&gi / &safe_s).where_self(&ok, &zero);
             let b_coef = (-&gi * &p / &safe_s).where_self(&ok, &zero);
-            let c_coef = (&gi * &s_off / (&safe_s * &safe_s)).where_self(&ok, &zero);
+            // (g / s) (s~ / s): s * s would underflow for small s.
+            let c_coef = (&gi / &safe_s * (&s_off / &safe_s)).where_self(&ok, &zero);
 
             // dX[j, k] = dN[j, k] A[j, k] + sum_i W_ij dN[i, k] X[i, k], split
             // into the off-label entries (one product with X~) and the label

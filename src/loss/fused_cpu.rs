@@ -562,7 +562,7 @@ fn run<T: Real>(
             ay[i] = own[i] + other[i];
         }
         let s: Vec<T> = (0..n).map(|i| s_off[i] + xy[i] * ay[i]).collect();
-        let ok: Vec<bool> = s.iter().map(|&v| v > T::ZERO).collect();
+        let ok: Vec<bool> = s.iter().map(|&v| v > T::MIN_NORMAL).collect();
         let p: Vec<T> = (0..n)
             .map(|i| if ok[i] { xy[i] * ay[i] / s[i] } else { xy[i] })
             .collect();
@@ -577,7 +577,8 @@ fn run<T: Real>(
             };
             let a_c = coef(&|i| gi[i] / s[i]);
             let b_c = coef(&|i| -gi[i] * p[i] / s[i]);
-            let c_c = coef(&|i| gi[i] * s_off[i] / (s[i] * s[i]));
+            // (g / s) (s~ / s): s * s would underflow for small s.
+            let c_c = coef(&|i| gi[i] / s[i] * (s_off[i] / s[i]));
 
             let mut mmat = Buf::<T>::empty(&[n as i64, n as i64]);
             {
@@ -631,7 +632,7 @@ fn run<T: Real>(
                     let (dns, das) = (dn.m(), da.m());
                     for i in 0..n {
                         let r = i * mp..(i + 1) * mp;
-                        if st.s[i] > T::ZERO {
+                        if st.s[i] > T::MIN_NORMAL {
                             let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
                             let inv = T::ONE / st.s[i];
                             for k in r {
@@ -737,7 +738,7 @@ fn replicator_rows<T: Real>(x: &[T], a: &[T], next: &mut [T], n: usize, m: usize
         }
         let s = sum(nr);
         sums[i] = s;
-        if s > T::ZERO {
+        if s > T::MIN_NORMAL {
             let inv = T::ONE / s;
             for v in nr.iter_mut() {
                 *v *= inv;

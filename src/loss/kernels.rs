@@ -29,6 +29,9 @@ pub(crate) trait Real:
     const EPS: f64;
     /// Smallest divisor used for norms.
     const TINY: Self;
+    /// Smallest positive normal number: a replicator row sum at or below it
+    /// is degenerate (its reciprocal overflows, its square underflows).
+    const MIN_NORMAL: Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
@@ -40,6 +43,7 @@ impl Real for f64 {
     const ONE: Self = 1.0;
     const EPS: f64 = f64::EPSILON;
     const TINY: Self = 1e-300;
+    const MIN_NORMAL: Self = f64::MIN_POSITIVE;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -66,6 +70,7 @@ impl Real for f32 {
     const ONE: Self = 1.0;
     const EPS: f64 = f32::EPSILON as f64;
     const TINY: Self = 1e-30;
+    const MIN_NORMAL: Self = f32::MIN_POSITIVE;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32

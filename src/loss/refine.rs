@@ -14,18 +14,29 @@ pub fn apply_anchors(probs: &Tensor, labels: &Tensor, anchor_mask: &Tensor) -> T
 /// `num_iters` replicator steps `X <- X * (W X) / rowsum(X * (W X))`.
 ///
 /// A row whose update sums to zero (a sample similar to nothing, with a zeroed
-/// diagonal, or whose support vanished) is left as it is: the release divides
-/// 0 by 0 there. Everywhere else the result is exactly the release's.
+/// diagonal, or whose support vanished) or to less than the smallest normal
+/// number is left as it is: the release divides 0 by 0 there, and below the
+/// normal range the division's gradient overflows. Everywhere else the result is exactly the release's.
 pub fn replicator(probs: &Tensor, w: &Tensor, num_iters: i64) -> Tensor {
     let mut x = probs.shallow_clone();
     for _ in 0..num_iters {
         let num = &x * w.mm(&x);
         let total = num.sum_dim_intlist([1i64].as_slice(), true, num.kind());
-        let ok = tch::no_grad(|| total.gt(0.0));
+        let ok = tch::no_grad(|| total.gt(min_normal(total.kind())));
         let safe_total = total.where_scalarother(&ok, 1.0);
         x = (num / safe_total).where_self(&ok, &x);
     }
     x
+}
+
+/// The smallest positive normal number of `kind`: row sums at or below it
+/// count as zero (their reciprocal overflows, their square underflows).
+pub fn min_normal(kind: Kind) -> f64 {
+    match kind {
+        Kind::Double => f64::MIN_POSITIVE,
+        Kind::Half => 6.103_515_625e-5,
+        _ => f32::MIN_POSITIVE as f64,
+    }
 }
 
 /// Anchors, then replicator steps: the refined probabilities.
