@@ -68,6 +68,41 @@ impl RunDir {
         }
     }
 
+    /// Removes the temporary files (`.NAME.tmp-PID`) that a writer killed
+    /// mid-write left in the run folder, its checkpoints and its ensemble
+    /// members. A file whose writer is still alive (another rank starting)
+    /// is left alone.
+    pub fn remove_stale_temporaries(&self) {
+        fn walk(dir: &Path, depth: usize) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    if depth < 3 {
+                        walk(&path, depth + 1);
+                    }
+                    continue;
+                }
+                let Some(pid) = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.rsplit_once(".tmp-"))
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let alive = pid != std::process::id()
+                    && Path::new("/proc").join(pid.to_string()).exists();
+                if !alive {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        walk(&self.root, 0);
+    }
+
     /// Rewrites `metrics.jsonl` from the whole history, one epoch a line.
     pub fn write_metrics(&self, history: &[serde_json::Value]) -> Result<()> {
         let mut text = String::new();

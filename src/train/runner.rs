@@ -752,6 +752,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
             ));
         }
     }
+    dir.remove_stale_temporaries();
     write_atomic(&dir.config(), text.as_bytes())?;
     let device = device(&cfg.device)?;
     let mut progress = Progress::new(cfg.progress);

@@ -94,6 +94,8 @@ pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
             + 1;
         Error::format(path, Some(line), "not UTF-8 text")
     })?;
+    // Spreadsheet programs start UTF-8 files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     Ok(text
         .lines()
         .enumerate()

@@ -1,0 +1,159 @@
+"""Crash safety of training runs: kill -9 at random moments (in a step, in
+evaluation, in a checkpoint write) and a full disk while a checkpoint is
+written. Every restart continues from the newest complete checkpoint and the
+run ends with the metrics of an uninterrupted one (CPU, same seed).
+
+``GROUPLOSS_STRESS_KILLS`` sets the number of kills (3 by default; ``make
+stress`` uses more)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_training import make_glyph_like
+
+import grouploss
+
+KILLS = int(os.environ.get("GROUPLOSS_STRESS_KILLS", "3"))
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_glyph_like(tmp_path_factory.mktemp("glyphs-crash"), per=12)
+
+
+def _cmd(root, out, epochs=EPOCHS):
+    code = (
+        "import sys, grouploss\n"
+        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
+        f"epochs={epochs}, classes_per_batch=3, samples_per_class=4, num_workers=1, "
+        "eval_batch_size=16, progress=False, device='cpu', val_fraction=0.3, plots=False)\n"
+    )
+    return [sys.executable, "-c", code, str(root), str(out)]
+
+
+def _epochs_done(out: pathlib.Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _history(out: pathlib.Path):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_cmd(data_root, out), check=True, timeout=900)
+    return out
+
+
+def _assert_same_run(out: pathlib.Path, ref: pathlib.Path) -> None:
+    got = json.loads((out / "summary.json").read_text())
+    want = json.loads((ref / "summary.json").read_text())
+    assert got["test"] == want["test"]
+    assert got["best_epoch"] == want["best_epoch"]
+    keys = ("epoch", "train_loss", "lr")
+    assert [{k: h.get(k) for k in keys} for h in _history(out)] == [
+        {k: h.get(k) for k in keys} for h in _history(ref)
+    ]
+    val = [h.get("val") for h in _history(out)]
+    assert val == [h.get("val") for h in _history(ref)]
+    assert not list(out.rglob(".*.tmp-*")), "a temporary file was left behind"
+
+
+def _checkpoint_is_complete(out: pathlib.Path) -> None:
+    last = out / "checkpoints" / "last.safetensors"
+    if last.exists():
+        model = grouploss.load_run(out, checkpoint="last", device="cpu")
+        assert model is not None
+
+
+def _kill_when(p: subprocess.Popen, out: pathlib.Path, moment: str, delay: float) -> bool:
+    """Kills `p` at `moment`; False if the run ended first."""
+    ck = out / "checkpoints"
+    deadline = time.time() + 300
+    start = time.time()
+    while p.poll() is None and time.time() < deadline:
+        if moment == "checkpoint":
+            # A checkpoint being written: its temporary file exists.
+            if ck.exists() and any(ck.glob(".*.tmp-*")):
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        elif time.time() - start >= delay:
+            p.send_signal(signal.SIGKILL)
+            break
+        else:
+            time.sleep(0.005)
+    p.wait(timeout=60)
+    return p.returncode == -signal.SIGKILL
+
+
+def test_kill_9_at_random_moments_loses_nothing(data_root, reference, tmp_path):
+    out = tmp_path / "run"
+    rng = random.Random(1234)
+    moments = ["checkpoint" if i % 3 == 1 else "random" for i in range(KILLS)]
+    killed = []
+    for moment in moments:
+        p = subprocess.Popen(_cmd(data_root, out), stderr=subprocess.PIPE)
+        before = _epochs_done(out)
+        # Python and torch take ~2 s to start; aim at the whole run.
+        if _kill_when(p, out, moment, delay=rng.uniform(2.0, 8.0)):
+            killed.append((moment, before, _epochs_done(out)))
+            _checkpoint_is_complete(out)
+        else:
+            assert p.returncode == 0, p.stderr.read().decode()
+            break
+    assert killed, "no kill landed inside the run"
+    if not (out / "summary.json").exists():
+        subprocess.run(_cmd(data_root, out), check=True, timeout=900)
+    _assert_same_run(out, reference)
+
+
+def _ignore_sigxfsz():
+    # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing the
+    # process: a full disk, as the program sees it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data_root, reference, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        _cmd(data_root, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ignore_sigxfsz,
+    )
+    last = out / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    assert last.exists(), "no checkpoint was written"
+    # From now on no file of the process may grow past 4 KiB (a checkpoint
+    # is far larger; metrics.jsonl and config.toml fit).
+    resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+    snapshot = hashlib.sha256(last.read_bytes()).hexdigest()
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode != 0, "the run should fail when its checkpoint cannot be written"
+    assert "File too large" in stderr or "No space" in stderr, stderr[-2000:]
+    assert "safetensors" in stderr, stderr[-2000:]
+    # The previous checkpoint is intact and loadable, no partial file left.
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == snapshot
+    assert not list(out.rglob(".*.tmp-*"))
+    _checkpoint_is_complete(out)
+    # With space again, the run resumes and ends like an uninterrupted one.
+    subprocess.run(_cmd(data_root, out), check=True, timeout=900)
+    _assert_same_run(out, reference)
