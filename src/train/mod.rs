@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod optim;
 pub mod presets;
 
@@ -13,4 +14,5 @@ pub mod run_dir;
 pub mod run_model;
 pub mod runner;
 
-pub use runner::{train, TrainOutcome};
+pub use distributed::{Collective, SingleProcess};
+pub use runner::{train, train_on, TrainOutcome};
