@@ -768,10 +768,6 @@ fn train_member(
                 average_gradients(coll, &trainable, &t)?;
                 control = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
             }
-            if control[0] > 0.0 {
-                save_last(&vs, &opt, epoch, step, &history, best)?;
-                return Err(Error::Interrupted);
-            }
             let loss_value = control[1];
             if !loss_value.is_finite() {
                 return Err(Error::invalid(
@@ -781,6 +777,12 @@ fn train_member(
                 ));
             }
             opt.step();
+            // Stops after the step: its forward pass already moved the
+            // BatchNorm statistics, so a resumed run must not redo it.
+            if control[0] > 0.0 {
+                save_last(&vs, &opt, epoch, step + 1, &history, best)?;
+                return Err(Error::Interrupted);
+            }
             loss_sum += loss_value;
             nll_sum += control[2];
             ce_sum += control[3];
