@@ -179,47 +179,78 @@ def main() -> None:
     args.workload = args.workload or ("sop" if args.device == "cuda" else "small")
     if args.workers is None:
         args.workers = 1 if args.device == "cpu" else max(1, min(8, cores // args.nproc))
-    worlds = sorted({1, args.nproc})
 
+    # (processes, torch threads per process); on the CPU the 1-process run
+    # gets every core, and runs with one thread a process show the scaling
+    # without OpenMP (whose spinning threads suffer most from other load).
+    if args.device == "cpu":
+        runs = [(1, cores), (1, 1), (args.nproc, max(1, cores // args.nproc))]
+    else:
+        runs = [(1, 1), (args.nproc, 1)]
+    runs = list(dict.fromkeys(runs))
+    key = "{}x{}".format
     figures = {"ours": {}, "peer": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         data = tmp / "data"
         (make_glyphs if args.workload == "small" else make_sop)(data)
-        for n in worlds:
-            threads = max(1, cores // n) if args.device == "cpu" else 1
-            figures["ours"][n] = ours(args, data, tmp / f"run{n}", n, threads)
-            print(f"grouploss train, {n} process(es): {figures['ours'][n]:.0f} img/s", flush=True)
+        for n, threads in runs:
+            k = key(n, threads)
+            figures["ours"][k] = ours(args, data, tmp / f"run{k}", n, threads)
+            print(
+                f"grouploss train, {n} process(es) x {threads} thread(s): "
+                f"{figures['ours'][k]:.0f} img/s",
+                flush=True,
+            )
             if args.workload == "small" and not args.no_peer:
-                figures["peer"][n] = peer(args, data, n, threads)
-                print(f"PyTorch DDP loop, {n} process(es): {figures['peer'][n]:.0f} img/s", flush=True)
+                figures["peer"][k] = peer(args, data, n, threads)
+                print(
+                    f"PyTorch DDP loop, {n} process(es) x {threads} thread(s): "
+                    f"{figures['peer'][k]:.0f} img/s",
+                    flush=True,
+                )
 
     gpu_name = torch.cuda.get_device_name(0) if gpus else None
     machine = f"{platform.processor() or platform.machine()}, {cores} cores" + (
         f", {gpus} x {gpu_name}" if gpus else ""
     )
-    print(f"\n{args.workload} workload on {args.device} ({machine}), P x K = {args.p} x {args.k}")
-    print(f"{'':28}" + "".join(f"{n} proc{'s' if n > 1 else '':<8}" for n in worlds) + "ratio")
+    # The ratios: N processes over 1 process on the same cores (or 1 GPU),
+    # and on the CPU over 1 process of 1 thread (one core a process).
+    top = key(*runs[-1])
+    bases = [key(*r) for r in runs[:-1]] or [top]
+    print(
+        f"\n{args.workload} workload on {args.device} ({machine}), P x K = {args.p} x {args.k}"
+        f" per rank, {args.steps} steps an epoch"
+    )
+    print(
+        f"{'img/s (processes x threads)':30}"
+        + "".join(f"{key(*r):>10}" for r in runs)
+        + "".join(f"{top + ' / ' + b:>12}" for b in bases)
+    )
     ratios = {}
     for name, label in (("ours", "grouploss train"), ("peer", "PyTorch DDP (example)")):
         if not figures[name]:
             continue
         row = figures[name]
-        ratios[name] = row[worlds[-1]] / row[1]
-        cells = "".join(f"{row[n]:<14.0f}" for n in worlds)
-        print(f"{label + ' img/s':28}{cells}{ratios[name]:.2f}x")
+        ratios[name] = {f"{top} / {b}": row[top] / row[b] for b in bases}
+        print(
+            f"{label:30}"
+            + "".join(f"{row[key(*r)]:>10.0f}" for r in runs)
+            + "".join(f"{v:>11.2f}x" for v in ratios[name].values())
+        )
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "command": " ".join(sys.argv),
                     "device": args.device,
                     "machine": machine,
                     "workload": args.workload,
                     "backbone": "convnet" if args.workload == "small" else args.backbone,
                     "batch_per_rank": [args.p, args.k],
                     "steps_per_epoch": args.steps,
-                    "images_per_s": {k: {str(n): v for n, v in f.items()} for k, f in figures.items()},
+                    "images_per_s": figures,
                     "ratio": ratios,
                 },
                 indent=2,

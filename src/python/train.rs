@@ -112,7 +112,10 @@ impl PyCollective {
 }
 
 fn wrap(tensors: &[tch::Tensor]) -> Vec<PyTensor> {
-    tensors.iter().map(|t| PyTensor(t.shallow_clone())).collect()
+    tensors
+        .iter()
+        .map(|t| PyTensor(t.shallow_clone()))
+        .collect()
 }
 
 impl Collective for PyCollective {
@@ -148,7 +151,8 @@ impl Collective for PyCollective {
 
     fn broadcast(&self, tensors: &[tch::Tensor], src: usize) -> crate::Result<()> {
         self.call("broadcast", |_, obj| {
-            obj.call_method1("broadcast", (wrap(tensors), src)).map(drop)
+            obj.call_method1("broadcast", (wrap(tensors), src))
+                .map(drop)
         })
     }
 

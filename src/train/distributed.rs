@@ -212,9 +212,11 @@ pub fn agree(coll: &dyn Collective, local: Result<Value>, device: Device) -> Res
     if let Some(v) = got.get("ok") {
         return Ok(v.clone());
     }
-    if let Some([arg, seen, expected]) = got.get("invalid").and_then(Value::as_array).map(|a| {
-        [0, 1, 2].map(|i| a.get(i).and_then(Value::as_str).unwrap_or("").to_string())
-    }) {
+    if let Some([arg, seen, expected]) = got
+        .get("invalid")
+        .and_then(Value::as_array)
+        .map(|a| [0, 1, 2].map(|i| a.get(i).and_then(Value::as_str).unwrap_or("").to_string()))
+    {
         return Err(Error::invalid(arg, seen, expected));
     }
     let msg = got.get("error").and_then(Value::as_str).unwrap_or("");
@@ -245,7 +247,9 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
     if world == 1 {
         return Ok(Some(local.shallow_clone()));
     }
-    let counts: Vec<i64> = (0..world).map(|r| shard(n, r, world).len() as i64).collect();
+    let counts: Vec<i64> = (0..world)
+        .map(|r| shard(n, r, world).len() as i64)
+        .collect();
     let max = counts.iter().copied().max().unwrap_or(0);
     let have = local.size().first().copied().unwrap_or(0);
     let mut shape = local.size();
@@ -255,7 +259,10 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
     let padded = if have < max {
         shape[0] = max - have;
         Tensor::cat(
-            &[local.shallow_clone(), Tensor::zeros(&shape, (local.kind(), local.device()))],
+            &[
+                local.shallow_clone(),
+                Tensor::zeros(&shape, (local.kind(), local.device())),
+            ],
             0,
         )
     } else {
@@ -385,7 +392,10 @@ pub(crate) mod tests {
             plan_buckets(&ts, 100),
             vec![vec![0, 2], vec![3], vec![4], vec![1, 5]]
         );
-        assert_eq!(plan_buckets(&ts, BUCKET_BYTES), vec![vec![0, 2, 3, 4], vec![1, 5]]);
+        assert_eq!(
+            plan_buckets(&ts, BUCKET_BYTES),
+            vec![vec![0, 2, 3, 4], vec![1, 5]]
+        );
     }
 
     #[test]
@@ -397,8 +407,7 @@ pub(crate) mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
-                    Tensor::arange(s.iter().product::<i64>(), (Kind::Double, Device::Cpu))
-                        .view(*s)
+                    Tensor::arange(s.iter().product::<i64>(), (Kind::Double, Device::Cpu)).view(*s)
                         * (r + 1.0)
                         + i as f64
                 })
@@ -412,7 +421,8 @@ pub(crate) mod tests {
             for (i, t) in ts.iter().enumerate() {
                 let n = t.numel() as i64;
                 // mean over ranks of (r + 1) * x + i = 2 x + i.
-                let want = Tensor::arange(n, (Kind::Double, Device::Cpu)).view(t.size().as_slice()) * 2.0
+                let want = Tensor::arange(n, (Kind::Double, Device::Cpu)).view(t.size().as_slice())
+                    * 2.0
                     + i as f64;
                 assert!(t.equal(&want), "tensor {i}");
             }
@@ -431,15 +441,23 @@ pub(crate) mod tests {
             let sent = serde_json::json!({"rank": r, "text": "é"});
             let got = broadcast_json(g, sent, Device::Cpu).unwrap();
             let rows = shard(7, r, 3);
-            let local = Tensor::arange_start(rows.start as i64, rows.end as i64, (Kind::Int64, Device::Cpu))
-                .view([-1, 1])
-                .repeat([1, 2]);
+            let local = Tensor::arange_start(
+                rows.start as i64,
+                rows.end as i64,
+                (Kind::Int64, Device::Cpu),
+            )
+            .view([-1, 1])
+            .repeat([1, 2]);
             let gathered = gather_rows(g, &local, 7).unwrap();
             let stop = any(g, r == 2, Device::Cpu).unwrap();
             let none = any(g, false, Device::Cpu).unwrap();
             let agreed = agree(
                 g,
-                if r == 0 { Err(Error::invalid("world_size", 2, "3")) } else { Ok(Value::Null) },
+                if r == 0 {
+                    Err(Error::invalid("world_size", 2, "3"))
+                } else {
+                    Ok(Value::Null)
+                },
                 Device::Cpu,
             );
             (

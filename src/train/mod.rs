@@ -6,6 +6,7 @@ pub mod config;
 pub mod distributed;
 pub mod optim;
 pub mod presets;
+pub mod replica;
 
 pub use config::TrainConfig;
 pub use presets::{preset, PRESETS};
