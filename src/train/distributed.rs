@@ -108,7 +108,7 @@ fn unflatten_into(flat: &Tensor, tensors: &[Tensor], bucket: &[usize]) {
     for &i in bucket {
         let n = tensors[i].numel() as i64;
         let mut dst = tensors[i].shallow_clone();
-        let _ = dst.copy_(&flat.narrow(0, offset, n).view(tensors[i].size().as_slice()));
+        dst.copy_(&flat.narrow(0, offset, n).view(tensors[i].size().as_slice()));
         offset += n;
     }
 }
@@ -342,7 +342,7 @@ pub(crate) mod tests {
                 for r in all.iter().skip(1) {
                     sum += &r[i];
                 }
-                let _ = t.shallow_clone().copy_(&(sum / self.world as f64));
+                t.shallow_clone().copy_(&(sum / self.world as f64));
             }
             Ok(())
         }
@@ -355,7 +355,7 @@ pub(crate) mod tests {
         fn broadcast(&self, tensors: &[Tensor], src: usize) -> Result<()> {
             let all = self.exchange(tensors);
             for (t, s) in tensors.iter().zip(&all[src]) {
-                let _ = t.shallow_clone().copy_(s);
+                t.shallow_clone().copy_(s);
             }
             Ok(())
         }

@@ -199,7 +199,7 @@ mod tests {
                 grads.push(params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>());
             }
             for (i, p) in params.iter().enumerate() {
-                let _ = p.grad().copy_(&((&grads[0][i] + &grads[1][i]) / 2.0));
+                p.grad().copy_(&((&grads[0][i] + &grads[1][i]) / 2.0));
             }
             opt.step();
         }
