@@ -87,9 +87,7 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
 @torch.no_grad()
 def recall_at_1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, dtype) -> float:
     model.eval()
-    emb = torch.cat(
-        [model(x[i : i + 1000].to(device, dtype))[0] for i in range(0, len(x), 1000)]
-    )
+    emb = torch.cat([model(x[i : i + 1000].to(device, dtype))[0] for i in range(0, len(x), 1000)])
     return metrics.recall_at_k(emb, y.to(device), 1)
 
 

@@ -38,7 +38,13 @@ def _env() -> dict:
 
 
 def _torchrun(nproc: int) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
 
 
 @pytest.fixture(scope="module")
