@@ -20,10 +20,11 @@ Workloads (generated in a temporary folder, nothing downloaded):
 Images per second are those of the last epoch's training steps
 (``images_per_s`` of metrics.jsonl: images of every rank over rank 0's
 training time; the first epoch is warm-up; evaluation excluded). On the
-CPU the cores are shared out (1 process: every core; N processes: cores/N
-torch threads each); on CUDA each rank has its own GPU (``cuda:LOCAL_RANK``)
-and N defaults to the GPUs present, at most 2 (1 GPU: only the 1-process
-figure).
+CPU three runs: 1 process with every core as torch threads (1xC), 1
+process of 1 thread (1x1), and N processes of C/N threads (NxC/N); the
+ratios are N processes over each 1-process run. On CUDA each rank has its
+own GPU (``cuda:LOCAL_RANK``) and N defaults to the GPUs present, at most 2
+(with 1 GPU only the 1-process figure is measured).
 
     python benchmarks/bench_ddp.py [--device cpu|cuda] [--nproc N] \\
         [--workload small|sop] [--steps 30] [--json figures.json]
