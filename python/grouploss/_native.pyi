@@ -1,6 +1,6 @@
 """Typed surface of the Rust extension ``grouploss._native``."""
 
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -245,7 +245,12 @@ def resolve_config(
 ) -> str: ...
 def presets() -> List[str]: ...
 def default_run_dir(config_toml: str) -> str: ...
-def train_run(config_toml: str, run_dir: str) -> str: ...
+def train_run(
+    config_toml: str,
+    run_dir: str,
+    collective: Optional[Any] = None,
+    device: Optional[str] = None,
+) -> str: ...
 
 class RunModel:
     def __init__(self, run_dir: str, checkpoint: str = "best", device: str = "auto") -> None: ...

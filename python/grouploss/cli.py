@@ -1,21 +1,28 @@
 """The ``grouploss`` command.
 
     grouploss train [--preset P] [--config FILE] [--OPTION VALUE ...] [--resume RUN_DIR]
+                    [--nproc-per-node N]
     grouploss evaluate RUN_DIR [--split test]
     grouploss embed RUN_DIR --data SPLIT|FOLDER --out embeddings.npy
     grouploss report RUN_DIR
 
 Every option of a run has the same name here (``--data-root``), in TOML
 files (``data_root``) and as a Python keyword (``data_root``).
+
+``grouploss train --nproc-per-node N`` trains data-parallel on N processes
+of this machine (it launches ``torchrun --standalone``); under ``torchrun``
+(``torchrun ... -m grouploss.cli train ...``, several machines included)
+every process is a rank of one run. See :mod:`grouploss.distributed`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from . import training
 
@@ -59,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=pathlib.Path, help="a TOML file of options")
     t.add_argument("--resume", type=pathlib.Path, help="continue an interrupted run folder")
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (launches torchrun)",
+    )
     _option_parser(t)
 
     e = sub.add_parser("evaluate", help="evaluate a run's best model")
@@ -85,18 +99,55 @@ def _print_metrics(title: str, metrics: dict) -> None:
             print(f"  {k:<12} {v:.4f}")
 
 
+def _without_nproc(argv: Sequence[str]) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> None:
+    """Becomes ``torchrun --standalone --nproc-per-node N -m grouploss.cli
+    ARGS`` (exec, so that Ctrl-C and the exit status go straight to it)."""
+    from . import distributed
+
+    if distributed.launched_by_torchrun():
+        raise SystemExit("grouploss: --nproc-per-node under torchrun; give it to torchrun alone")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "grouploss.cli", *_without_nproc(argv)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "train":
-        reserved = {"command", "preset", "config", "resume", "quiet"}
+        if args.nproc_per_node is not None:
+            if args.nproc_per_node < 1:
+                raise SystemExit(f"--nproc-per-node: expected N >= 1, got {args.nproc_per_node}")
+            if args.nproc_per_node > 1:
+                _launch(args.nproc_per_node, argv)
+        reserved = {"command", "preset", "config", "resume", "quiet", "nproc_per_node"}
         options = {k: v for k, v in vars(args).items() if k not in reserved and v is not None}
         if args.quiet:
             options["progress"] = False
+        # Every rank of a data-parallel run gets the result; rank 0 reports.
+        report = int(os.environ.get("RANK", "0")) == 0
         try:
             result = training.train(args.preset, config=args.config, resume=args.resume, **options)
         except KeyboardInterrupt:
-            print("\ninterrupted: checkpoints/last.safetensors saved; resume with --resume")
+            if report:
+                print("\ninterrupted: checkpoints/last.safetensors saved; resume with --resume")
             return 130
+        if not report:
+            return 0
         _print_metrics(
             f"test metrics of the best epoch ({result.best_epoch}, selected on "
             f"{result.summary['selected_on']}):",

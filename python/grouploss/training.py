@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import _native
+from . import _native, distributed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,7 +125,38 @@ def train(
 
     Ctrl-C saves ``checkpoints/last.safetensors`` and raises
     ``KeyboardInterrupt``; ``train(resume=run_dir)`` continues from there.
+
+    Data-parallel: in a process started by ``torchrun --nproc-per-node N``
+    (or with an initialised ``torch.distributed`` default group) this
+    process is one rank of the run; see :mod:`grouploss.distributed`. Rank 0
+    resolves the configuration and alone writes the run folder; every rank
+    returns the same :class:`TrainResult`.
     """
+    with distributed.process_group() as group:
+        if group is None:
+            cfg, run_dir = _prepare(preset, config, resume, options)
+            raw = _native.train_run(_toml(cfg), str(run_dir))
+        else:
+            cfg, run_dir = _prepare_on_rank_0(group, preset, config, resume, options)
+            device = distributed.rank_device(cfg.get("device", "auto"))
+            with distributed.deferred_keyboard_interrupt():
+                raw = _native.train_run(_toml(cfg), str(run_dir), group, device)
+    out = json.loads(raw)
+    result = TrainResult(
+        run_dir=pathlib.Path(out["run_dir"]),
+        history=out["history"],
+        best_epoch=out["best_epoch"],
+        test=out["test"],
+        ensemble_test=out["ensemble_test"],
+        summary=out["summary"],
+    )
+    if plots and (group is None or group.rank == 0):
+        write_plots(result.run_dir, result.history, cfg.get("select_on", "val"))
+    return result
+
+
+def _prepare(preset, config, resume, options) -> tuple:
+    """The configuration and run folder of a new or resumed run."""
     if resume is not None:
         run_dir = pathlib.Path(resume)
         cfg_path = run_dir / "config.toml"
@@ -138,19 +169,24 @@ def train(
         run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(_toml(cfg)))
         cfg["out_dir"] = str(run_dir)
         cfg = _convert_pt(cfg, run_dir)
-    raw = _native.train_run(_toml(cfg), str(run_dir))
-    out = json.loads(raw)
-    result = TrainResult(
-        run_dir=pathlib.Path(out["run_dir"]),
-        history=out["history"],
-        best_epoch=out["best_epoch"],
-        test=out["test"],
-        ensemble_test=out["ensemble_test"],
-        summary=out["summary"],
-    )
-    if plots:
-        write_plots(result.run_dir, result.history, cfg.get("select_on", "val"))
-    return result
+    return cfg, run_dir
+
+
+def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:
+    """Rank 0's :func:`_prepare`, shared with the other ranks (which may
+    not see the run folder), or its error raised on every rank."""
+    if group.rank == 0:
+        try:
+            cfg, run_dir = _prepare(preset, config, resume, options)
+        except Exception as e:
+            distributed.broadcast_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            raise
+        distributed.broadcast_text(json.dumps({"config": _toml(cfg), "run_dir": str(run_dir)}))
+        return cfg, run_dir
+    got = json.loads(distributed.broadcast_text(None))
+    if "error" in got:
+        raise RuntimeError(f"rank 0 could not start the run: {got['error']}")
+    return tomllib.loads(got["config"]), pathlib.Path(got["run_dir"])
 
 
 def write_plots(run_dir: PathLike, history: list, split: str = "val") -> None:

@@ -10,7 +10,7 @@ use pyo3_tch::PyTensor;
 use super::errors::without_gil;
 use crate::error::Error;
 use crate::train::run_model::RunModel;
-use crate::train::{self, TrainConfig};
+use crate::train::{self, Collective, SingleProcess, TrainConfig};
 
 fn json_to_table(overrides_json: &str) -> Result<toml::Table, Error> {
     let value: serde_json::Value = serde_json::from_str(overrides_json)
@@ -67,18 +67,127 @@ fn default_run_dir(config_toml: &str) -> PyResult<String> {
     Ok(train::runner::default_run_dir(&cfg).display().to_string())
 }
 
+/// A process group seen through a Python object (`grouploss.distributed
+/// .ProcessGroup`): attributes `rank` and `world_size`, methods
+/// `all_reduce_mean(tensors)`, `all_gather(tensor) -> list`,
+/// `broadcast(tensors, src)` and `barrier()`. The training loop runs with the
+/// GIL released; every collective takes it back for the call.
+struct PyCollective {
+    obj: Py<PyAny>,
+    rank: usize,
+    world_size: usize,
+}
+
+impl PyCollective {
+    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let rank: usize = obj.getattr("rank")?.extract()?;
+        let world_size: usize = obj.getattr("world_size")?.extract()?;
+        if world_size < 1 || rank >= world_size {
+            return Err(Error::invalid(
+                "collective",
+                format!("rank {rank} of world_size {world_size}"),
+                "0 <= rank < world_size",
+            )
+            .into());
+        }
+        Ok(PyCollective {
+            obj: obj.clone().unbind(),
+            rank,
+            world_size,
+        })
+    }
+
+    fn call<T>(
+        &self,
+        method: &str,
+        f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> crate::Result<T> {
+        Python::with_gil(|py| f(py, self.obj.bind(py))).map_err(|e| {
+            Error::Torch(tch::TchError::Torch(format!(
+                "torch.distributed ({method}, rank {}): {e}",
+                self.rank
+            )))
+        })
+    }
+}
+
+fn wrap(tensors: &[tch::Tensor]) -> Vec<PyTensor> {
+    tensors
+        .iter()
+        .map(|t| PyTensor(t.shallow_clone()))
+        .collect()
+}
+
+impl Collective for PyCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_mean(&self, tensors: &[tch::Tensor]) -> crate::Result<()> {
+        self.call("all_reduce_mean", |_, obj| {
+            obj.call_method1("all_reduce_mean", (wrap(tensors),))
+                .map(drop)
+        })
+    }
+
+    fn all_gather(&self, tensor: &tch::Tensor) -> crate::Result<Vec<tch::Tensor>> {
+        let parts: Vec<PyTensor> = self.call("all_gather", |_, obj| {
+            obj.call_method1("all_gather", (PyTensor(tensor.shallow_clone()),))?
+                .extract()
+        })?;
+        if parts.len() != self.world_size {
+            return Err(Error::invalid(
+                "all_gather",
+                format!("{} tensors", parts.len()),
+                format!("one per rank ({})", self.world_size),
+            ));
+        }
+        Ok(parts.into_iter().map(|p| p.0).collect())
+    }
+
+    fn broadcast(&self, tensors: &[tch::Tensor], src: usize) -> crate::Result<()> {
+        self.call("broadcast", |_, obj| {
+            obj.call_method1("broadcast", (wrap(tensors), src))
+                .map(drop)
+        })
+    }
+
+    fn barrier(&self) -> crate::Result<()> {
+        self.call("barrier", |_, obj| obj.call_method0("barrier").map(drop))
+    }
+}
+
 /// Runs a training configuration (TOML) in `run_dir` with the GIL released;
 /// returns the outcome as JSON. Ctrl-C saves `last` and raises
-/// KeyboardInterrupt.
+/// KeyboardInterrupt. With `collective` (see [`PyCollective`]) this process
+/// is one rank of a data-parallel run; `device` overrides the
+/// configuration's device for this process (e.g. `cuda:LOCAL_RANK`).
 #[pyfunction]
-fn train_run(py: Python<'_>, config_toml: &str, run_dir: PathBuf) -> PyResult<String> {
+#[pyo3(signature = (config_toml, run_dir, collective = None, device = None))]
+fn train_run(
+    py: Python<'_>,
+    config_toml: &str,
+    run_dir: PathBuf,
+    collective: Option<&Bound<'_, PyAny>>,
+    device: Option<&str>,
+) -> PyResult<String> {
     let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    let device = train::runner::device(device.unwrap_or(&cfg.device))?;
+    let coll = collective.map(PyCollective::new).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let sig = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop)).ok();
     let flag = Arc::clone(&stop);
     let outcome = py.allow_threads(move || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            train::train(&cfg, &run_dir, &flag)
+            let coll: &dyn Collective = match &coll {
+                Some(c) => c,
+                None => &SingleProcess,
+            };
+            train::train_on(&cfg, &run_dir, &flag, device, coll)
         }))
         .unwrap_or_else(|_| Err(Error::invalid("train", "an internal panic", "no panic")))
     });

@@ -3,8 +3,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod optim;
 pub mod presets;
+pub mod replica;
 
 pub use config::TrainConfig;
 pub use presets::{preset, PRESETS};
@@ -13,4 +15,5 @@ pub mod run_dir;
 pub mod run_model;
 pub mod runner;
 
-pub use runner::{train, TrainOutcome};
+pub use distributed::{Collective, SingleProcess};
+pub use runner::{train, train_on, TrainOutcome};

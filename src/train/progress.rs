@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 /// Reports training progress.
 pub struct Progress {
     bar: bool,
+    /// Prints nothing (ranks other than 0 of a distributed run).
+    silent: bool,
     last_draw: Instant,
     started: Instant,
 }
@@ -22,8 +24,17 @@ impl Progress {
         let now = Instant::now();
         Progress {
             bar,
+            silent: false,
             last_draw: now - Duration::from_secs(1),
             started: now,
+        }
+    }
+
+    /// A reporter that prints nothing.
+    pub fn silent() -> Self {
+        Progress {
+            silent: true,
+            ..Progress::new(false)
         }
     }
 
@@ -64,6 +75,9 @@ impl Progress {
 
     /// A line after an epoch (ends the bar's line).
     pub fn line(&mut self, text: &str) {
+        if self.silent {
+            return;
+        }
         let mut err = std::io::stderr().lock();
         if self.bar {
             let _ = write!(err, "\r{:100}\r", "");

@@ -12,17 +12,22 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
+use super::distributed::{self as dist, Collective, SingleProcess};
 use super::optim::{Optimizer, OptimizerKind, Schedule};
 use super::progress::Progress;
+use super::replica::{average_gradients, restore_on_rank_0, share_rank_0_state};
 use super::run_dir::{write_atomic, RunDir};
 use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
 use crate::data::{ReaderOptions, Split, Transform};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalOptions, Metric};
-use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, Similarity};
+use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, LossWithGrads, Similarity};
 use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig};
 use crate::rng::derive_seed;
 use crate::sampler::{ClassBalancedSampler, SamplerOptions};
+
+/// Stream id of a rank's loader seed, `derive_seed(seed, [rank, RANK_STREAM])`.
+const RANK_STREAM: u64 = 0x5241_4E4B;
 
 /// What a finished run reports.
 #[derive(Clone, Debug)]
@@ -237,7 +242,7 @@ pub fn build_network(
     EmbeddingNet::new(vs, &config)
 }
 
-fn loss_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
+pub(super) fn loss_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
     Ok(GroupLossOptions {
         temperature: cfg.temperature,
         num_anchors: cfg.num_anchors,
@@ -307,6 +312,32 @@ fn embed_indices(
 /// embeddings and labels).
 pub type SetEmbeddings = (Tensor, Tensor, Option<(Tensor, Tensor)>);
 
+/// Embeddings of the images `indices` of `ds`, each rank embedding its
+/// shard; the whole on rank 0, `None` on the others.
+#[allow(clippy::too_many_arguments)]
+fn embed_sharded(
+    net: &EmbeddingNet,
+    ds: &Arc<Dataset>,
+    indices: Vec<usize>,
+    transform: &Transform,
+    cfg: &TrainConfig,
+    device: Device,
+    coll: &dyn Collective,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let n = indices.len();
+    let part = dist::shard(n, coll.rank(), coll.world_size());
+    let (e, l) = if part.is_empty() && n > 0 {
+        // An empty shard still needs the embedding width: one image, cut.
+        let (e, l) = embed_indices(net, ds, vec![indices[0]], transform, cfg, device)?;
+        (e.narrow(0, 0, 0), l.narrow(0, 0, 0))
+    } else {
+        embed_indices(net, ds, indices[part].to_vec(), transform, cfg, device)?
+    };
+    let e = dist::gather_rows(coll, &e, n)?;
+    let l = dist::gather_rows(coll, &l, n)?;
+    Ok(e.zip(l))
+}
+
 fn embed_set(
     net: &EmbeddingNet,
     set: &EvalSet,
@@ -314,22 +345,24 @@ fn embed_set(
     cfg: &TrainConfig,
     device: Device,
     max_images: usize,
-) -> Result<SetEmbeddings> {
+    coll: &dyn Collective,
+) -> Result<Option<SetEmbeddings>> {
+    let all = |ds: &Arc<Dataset>| (0..ds.len()).collect::<Vec<usize>>();
     match set {
         EvalSet::All(ds) => {
-            let mut idx: Vec<usize> = (0..ds.len()).collect();
+            let mut idx = all(ds);
             if max_images > 0 && max_images < idx.len() {
                 crate::rng::Rng::new(derive_seed(cfg.seed, &[11])).shuffle(&mut idx);
                 idx.truncate(max_images);
                 idx.sort_unstable();
             }
-            let (e, l) = embed_indices(net, ds, idx, transform, cfg, device)?;
-            Ok((e, l, None))
+            let el = embed_sharded(net, ds, idx, transform, cfg, device, coll)?;
+            Ok(el.map(|(e, l)| (e, l, None)))
         }
         EvalSet::QueryGallery { query, gallery } => {
-            let (ge, gl) = embed_dataset(net, gallery, transform, cfg, device)?;
-            let (qe, ql) = embed_dataset(net, query, transform, cfg, device)?;
-            Ok((ge, gl, Some((qe, ql))))
+            let g = embed_sharded(net, gallery, all(gallery), transform, cfg, device, coll)?;
+            let q = embed_sharded(net, query, all(query), transform, cfg, device, coll)?;
+            Ok(g.zip(q).map(|((ge, gl), q)| (ge, gl, Some(q))))
         }
     }
 }
@@ -373,7 +406,7 @@ fn evaluate_with(
     Ok(out)
 }
 
-fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+pub(super) fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
@@ -414,7 +447,7 @@ pub fn load_model(vs: &nn::VarStore, tensors: &[(String, Tensor)], source: &Path
 }
 
 /// The variables of `vs` in learning-rate groups: backbone (0) and head (1).
-fn parameter_groups(vs: &nn::VarStore) -> Vec<(String, Tensor, usize)> {
+pub(super) fn parameter_groups(vs: &nn::VarStore) -> Vec<(String, Tensor, usize)> {
     model_tensors(vs)
         .into_iter()
         .filter(|(_, t)| t.requires_grad())
@@ -433,9 +466,45 @@ fn selection_key(cfg: &TrainConfig) -> &'static str {
     }
 }
 
+/// The forward pass of a batch, the Group Loss with its closed-form
+/// gradients, and their backward pass into the network: the parameters'
+/// `.grad` receive this batch's gradients (added to what they hold).
+pub fn forward_backward(
+    net: &EmbeddingNet,
+    images: &Tensor,
+    labels: &Tensor,
+    lopts: &GroupLossOptions,
+    autocast: bool,
+) -> Result<LossWithGrads> {
+    let (emb, logits) = if autocast {
+        tch::autocast(true, || net.forward_t(images, true))
+    } else {
+        net.forward_t(images, true)
+    };
+    let out = loss::group_loss_with_grads(
+        &emb,
+        &logits,
+        labels,
+        lopts,
+        true,
+        false,
+        Implementation::Auto,
+    )?;
+    let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Err(Error::invalid("loss", "no gradients", "gradients")),
+    };
+    // Hands the closed-form gradients to autograd for the network.
+    let surrogate = (emb.to_kind(ge.kind()) * ge).sum(ge.kind())
+        + (logits.to_kind(gl.kind()) * gl).sum(gl.kind());
+    surrogate.backward();
+    Ok(out)
+}
+
 /// Trains one model (ensemble member `member`) in `dir`, resuming from its
 /// `last` checkpoint if there is one. Returns the network with its best
-/// weights and the history.
+/// weights and the history (on rank 0; empty on the other ranks, which
+/// write nothing).
 #[allow(clippy::too_many_arguments)]
 fn train_member(
     cfg: &TrainConfig,
@@ -446,19 +515,19 @@ fn train_member(
     device: Device,
     stop: &AtomicBool,
     progress: &mut Progress,
+    coll: &dyn Collective,
 ) -> Result<(nn::VarStore, EmbeddingNet, Vec<Value>, usize)> {
+    let (rank, world) = (coll.rank(), coll.world_size());
     let seed = cfg.seed + member as u64;
     let num_classes = data.train.classes().len() as i64;
     tch::manual_seed(seed as i64);
     let mut vs = nn::VarStore::new(device);
     let net = build_network(cfg, &vs, data.channels, num_classes)?;
-    if let Some(path) = &cfg.pretrained {
-        let tensors = model::read_safetensors(path)?;
-        model::load_into(&vs, "backbone.", tensors, &path.display().to_string())?;
-    }
+    let groups = parameter_groups(&vs);
+    let trainable: Vec<Tensor> = groups.iter().map(|(_, t, _)| t.shallow_clone()).collect();
     let mut opt = Optimizer::new(
         OptimizerKind::parse(&cfg.optimizer)?,
-        parameter_groups(&vs),
+        groups,
         vec![cfg.backbone_lr(), cfg.lr],
         cfg.weight_decay,
         cfg.momentum,
@@ -471,24 +540,25 @@ fn train_member(
         warmup_epochs: cfg.warmup_epochs,
     };
 
-    let mut start_epoch = 0usize;
-    let mut start_step = 0usize;
-    let mut history: Vec<Value> = Vec::new();
-    let mut best: Option<(usize, f64)> = None;
-    if dir.last().exists() {
-        let ck = Checkpoint::load(&dir.last())?;
-        load_model(&vs, &ck.model, &dir.last())?;
-        let st = &ck.state;
-        opt.load_state(
-            ck.optimizer.into_iter().collect(),
-            st["optimizer_steps"].as_i64().unwrap_or(0),
-        )?;
-        start_epoch = st["epoch"].as_u64().unwrap_or(0) as usize;
-        start_step = st["step"].as_u64().unwrap_or(0) as usize;
-        history = st["history"].as_array().cloned().unwrap_or_default();
-        if let (Some(e), Some(v)) = (st["best_epoch"].as_u64(), st["best_value"].as_f64()) {
-            best = Some((e as usize, v));
-        }
+    // Rank 0 alone reads files; the others receive what it read, so the run
+    // folder (and pretrained weights) need not be visible to other nodes.
+    let restored = if rank == 0 {
+        restore_on_rank_0(cfg, dir, &vs, &mut opt, world)
+    } else {
+        Ok(Value::Null)
+    };
+    let restored = dist::agree(coll, restored, device)?;
+    share_rank_0_state(coll, &vs, &mut opt, &restored, device)?;
+    let st = &restored["state"];
+    let start_epoch = st["epoch"].as_u64().unwrap_or(0) as usize;
+    let start_step = st["step"].as_u64().unwrap_or(0) as usize;
+    let mut history: Vec<Value> = st["history"].as_array().cloned().unwrap_or_default();
+    let mut best: Option<(usize, f64)> =
+        match (st["best_epoch"].as_u64(), st["best_value"].as_f64()) {
+            (Some(e), Some(v)) => Some((e as usize, v)),
+            _ => None,
+        };
+    if rank == 0 && !st.is_null() {
         dir.write_metrics(&history)?;
     }
 
@@ -498,8 +568,8 @@ fn train_member(
         cfg.samples_per_class,
         SamplerOptions {
             seed,
-            num_replicas: 1,
-            rank: 0,
+            num_replicas: world,
+            rank,
         },
     )?;
     let loader = Loader::new(
@@ -508,7 +578,12 @@ fn train_member(
         LoaderOptions {
             num_threads: cfg.num_workers.max(1),
             prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
-            seed,
+            // Ranks draw their own augmentations; one process keeps `seed`.
+            seed: if world > 1 {
+                derive_seed(seed, &[rank as u64, RANK_STREAM])
+            } else {
+                seed
+            },
             on_error: OnError::parse(&cfg.on_error)?,
         },
     )?;
@@ -518,6 +593,12 @@ fn train_member(
         String::new()
     };
     let autocast = cfg.bf16 && device.is_cuda();
+    // Variables outside the optimizer: BatchNorm's running statistics.
+    let buffers: Vec<Tensor> = model_tensors(&vs)
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .map(|(_, t)| t)
+        .collect();
     let save_last = |vs: &nn::VarStore,
                      opt: &Optimizer,
                      epoch: usize,
@@ -525,6 +606,9 @@ fn train_member(
                      history: &[Value],
                      best: Option<(usize, f64)>|
      -> Result<()> {
+        if rank != 0 {
+            return Ok(());
+        }
         Checkpoint {
             model: model_tensors(vs),
             optimizer: opt.state_tensors(),
@@ -537,6 +621,7 @@ fn train_member(
                 "best_value": best.map(|b| b.1),
                 "seed": seed,
                 "member": member,
+                "world_size": world,
             }),
         }
         .save(&dir.last())
@@ -561,40 +646,33 @@ fn train_member(
         let batches = plan[first..].to_vec();
         for (j, batch) in loader.epoch_from(batches, epoch as u64, first)?.enumerate() {
             let step = first + j;
-            if stop.load(Ordering::SeqCst) {
-                save_last(&vs, &opt, epoch, step, &history, best)?;
-                return Err(Error::Interrupted);
-            }
             let batch = batch?;
             opt.set_lr_factor(schedule.factor(epoch, step as f64 / steps.max(1) as f64));
-            tch::manual_seed(derive_seed(seed, &[epoch as u64, step as u64, 1]) as i64 & i64::MAX);
+            let step_seed = if world > 1 {
+                derive_seed(seed, &[epoch as u64, step as u64, 1, rank as u64])
+            } else {
+                derive_seed(seed, &[epoch as u64, step as u64, 1])
+            };
+            tch::manual_seed(step_seed as i64 & i64::MAX);
             let images = batch.images.to_device(device);
             let labels = batch.labels.to_device(device);
-            let (emb, logits) = if autocast {
-                tch::autocast(true, || net.forward_t(&images, true))
-            } else {
-                net.forward_t(&images, true)
-            };
-            let out = loss::group_loss_with_grads(
-                &emb,
-                &logits,
-                &labels,
-                &lopts,
-                true,
-                false,
-                Implementation::Auto,
-            )?;
-            let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
-                (Some(a), Some(b)) => (a, b),
-                _ => return Err(Error::invalid("loss", "no gradients", "gradients")),
-            };
-            // Hands the closed-form gradients to autograd for the network.
-            let surrogate = (emb.to_kind(ge.kind()) * ge).sum(ge.kind())
-                + (logits.to_kind(gl.kind()) * gl).sum(gl.kind());
             opt.zero_grad();
-            surrogate.backward();
-            opt.step();
-            let loss_value = f64::try_from(&out.loss)?;
+            let out = forward_backward(&net, &images, &labels, &lopts, autocast)?;
+            let mut control = vec![
+                f64::from(u8::from(stop.load(Ordering::SeqCst))),
+                f64::try_from(&out.loss)?,
+                out.nll.as_ref().map_or(Ok(0.0), f64::try_from)?,
+                out.ce.as_ref().map_or(Ok(0.0), f64::try_from)?,
+            ];
+            if world > 1 {
+                // One call averages the gradients, agrees on stopping (a
+                // signal reaches the ranks at different steps) and averages
+                // the loss terms for the log.
+                let t = Tensor::from_slice(&control).to_device(device);
+                average_gradients(coll, &trainable, &t)?;
+                control = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
+            }
+            let loss_value = control[1];
             if !loss_value.is_finite() {
                 return Err(Error::invalid(
                     "loss",
@@ -602,10 +680,17 @@ fn train_member(
                     "a finite loss (lower lr or temperature?)",
                 ));
             }
+            opt.step();
+            // Stops after the step: its forward pass already moved the
+            // BatchNorm statistics, so a resumed run must not redo it.
+            if control[0] > 0.0 {
+                save_last(&vs, &opt, epoch, step + 1, &history, best)?;
+                return Err(Error::Interrupted);
+            }
             loss_sum += loss_value;
-            nll_sum += out.nll.as_ref().map_or(Ok(0.0), f64::try_from)?;
-            ce_sum += out.ce.as_ref().map_or(Ok(0.0), f64::try_from)?;
-            seen += batch.indices.len();
+            nll_sum += control[2];
+            ce_sum += control[3];
+            seen += batch.indices.len() * world;
             done += 1;
             let elapsed = started.elapsed().as_secs_f64();
             progress.step(
@@ -627,18 +712,25 @@ fn train_member(
             ));
         }
         let train_time = started.elapsed().as_secs_f64();
-        if stop.load(Ordering::SeqCst) {
+        if dist::any(coll, stop.load(Ordering::SeqCst), device)? {
             save_last(&vs, &opt, epoch, steps, &history, best)?;
             return Err(Error::Interrupted);
         }
-        let embeddings = embed_set(
+        // Ranks evaluate (and rank 0 saves) the same network: rank 0's
+        // running statistics, which a resumed run restores as well.
+        dist::broadcast_bucketed(coll, &buffers)?;
+        let Some(embeddings) = embed_set(
             &net,
             &data.select,
             &data.eval_transform,
             cfg,
             device,
             cfg.select_max_images,
-        )?;
+            coll,
+        )?
+        else {
+            continue;
+        };
         let metrics = evaluate_for_selection(&embeddings, cfg)?;
         let value = metrics
             .get(&cfg.select_metric)
@@ -682,12 +774,20 @@ fn train_member(
         ));
     }
 
-    let best_epoch = match best {
-        Some((e, _)) => e,
-        None => return Err(Error::invalid("epochs", 0, "at least one trained epoch")),
+    // Rank 0 kept the best epoch; every rank continues with its weights.
+    let best_epoch = if rank == 0 {
+        match best {
+            Some((e, _)) => Checkpoint::load(&dir.best())
+                .and_then(|ck| load_model(&vs, &ck.model, &dir.best()))
+                .map(|()| json!(e)),
+            None => Err(Error::invalid("epochs", 0, "at least one trained epoch")),
+        }
+    } else {
+        Ok(Value::Null)
     };
-    let ck = Checkpoint::load(&dir.best())?;
-    load_model(&vs, &ck.model, &dir.best())?;
+    let best_epoch = dist::agree(coll, best_epoch, device)?.as_u64().unwrap_or(0) as usize;
+    let vars: Vec<Tensor> = model_tensors(&vs).into_iter().map(|(_, t)| t).collect();
+    dist::broadcast_bucketed(coll, &vars)?;
     vs.freeze();
     Ok((vs, net, history, best_epoch))
 }
@@ -731,8 +831,12 @@ pub fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
 /// returned.
 pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<TrainOutcome> {
     cfg.validate()?;
-    let dir = RunDir::new(run_dir);
-    let text = cfg.to_toml()?;
+    train_on(cfg, run_dir, stop, device(&cfg.device)?, &SingleProcess)
+}
+
+/// Refuses a run folder that holds another configuration, then writes
+/// `config.toml`.
+fn claim_run_dir(cfg: &TrainConfig, dir: &RunDir) -> Result<()> {
     if dir.config().exists() {
         let existing =
             std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
@@ -746,32 +850,64 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
                 "out_dir",
                 format!(
                     "{} holds a run with another configuration",
-                    run_dir.display()
+                    dir.root.display()
                 ),
                 "an empty folder, or --resume with that run",
             ));
         }
     }
     dir.remove_stale_temporaries();
-    write_atomic(&dir.config(), text.as_bytes())?;
-    let device = device(&cfg.device)?;
-    let mut progress = Progress::new(cfg.progress);
+    write_atomic(&dir.config(), cfg.to_toml()?.as_bytes())
+}
+
+/// [`train`] as rank `coll.rank()` of `coll.world_size()` data-parallel
+/// processes, on `device`: every rank trains on its own P x K batches of the
+/// epoch, gradients are averaged across ranks every step, evaluation sets
+/// are embedded in shards and gathered on rank 0, which alone evaluates and
+/// writes the run folder. Every rank returns rank 0's outcome. A resumed
+/// run needs the world size it was interrupted with.
+pub fn train_on(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    stop: &AtomicBool,
+    device: Device,
+    coll: &dyn Collective,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let (rank, world) = (coll.rank(), coll.world_size());
+    let dir = RunDir::new(run_dir);
+    let claimed = if rank == 0 {
+        claim_run_dir(cfg, &dir).map(|()| Value::Null)
+    } else {
+        Ok(Value::Null)
+    };
+    dist::agree(coll, claimed, device)?;
+    let mut progress = if rank == 0 {
+        Progress::new(cfg.progress)
+    } else {
+        Progress::silent()
+    };
     progress.line(&format!(
-        "run {} on {:?}: {} ({}), {} epochs",
+        "run {} on {:?}{}: {} ({}), {} epochs",
         run_dir.display(),
         device,
+        if world > 1 {
+            format!(" x {world} processes")
+        } else {
+            String::new()
+        },
         cfg.dataset,
         cfg.backbone,
         cfg.epochs
     ));
     let data = RunData::open(cfg)?;
-    let mut members = Vec::new();
+    let mut test_embeddings = Vec::new();
     let mut first_history = Vec::new();
     let mut first_best = 0;
     let mut member_summaries = Vec::new();
     for i in 0..cfg.ensemble {
         let mdir = dir.member(i, cfg.ensemble);
-        let (vs, net, history, best_epoch) = train_member(
+        let (_vs, net, history, best_epoch) = train_member(
             cfg,
             &data,
             &mdir,
@@ -780,37 +916,87 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
             device,
             stop,
             &mut progress,
+            coll,
         )?;
-        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device, 0)?;
-        let test = evaluate_embeddings(&test_emb, cfg)?;
-        progress.line(&format!(
-            "model {}: test (best epoch {best_epoch}): {}",
-            i + 1,
-            round_map(&test)
-        ));
-        member_summaries
-            .push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
+        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device, 0, coll)?;
+        if let Some(emb) = test_emb {
+            let test = evaluate_embeddings(&emb, cfg)?;
+            progress.line(&format!(
+                "model {}: test (best epoch {best_epoch}): {}",
+                i + 1,
+                round_map(&test)
+            ));
+            member_summaries
+                .push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
+            test_embeddings.push(emb);
+        }
         if i == 0 {
             first_history = history;
             first_best = best_epoch;
         }
-        members.push((vs, net, test_emb));
     }
+    let outcome = if rank == 0 {
+        summarize(
+            cfg,
+            &data,
+            &dir,
+            &test_embeddings,
+            member_summaries,
+            first_history,
+            first_best,
+            device,
+            world,
+            &mut progress,
+        )
+    } else {
+        Ok(Value::Null)
+    };
+    let o = dist::agree(coll, outcome, device)?;
+    Ok(TrainOutcome {
+        run_dir: run_dir.to_path_buf(),
+        history: o["history"].as_array().cloned().unwrap_or_default(),
+        best_epoch: o["best_epoch"].as_u64().unwrap_or(0) as usize,
+        test: o["test"].as_object().cloned().unwrap_or_default(),
+        ensemble_test: o["ensemble_test"].as_object().cloned(),
+        summary: o["summary"].clone(),
+    })
+}
+
+/// Rank 0's end of a run: the ensemble's test metrics and `summary.json`.
+/// Returns the outcome as JSON (history, best_epoch, test, ensemble_test,
+/// summary).
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    cfg: &TrainConfig,
+    data: &RunData,
+    dir: &RunDir,
+    test_embeddings: &[SetEmbeddings],
+    member_summaries: Vec<Value>,
+    history: Vec<Value>,
+    best_epoch: usize,
+    device: Device,
+    world: usize,
+    progress: &mut Progress,
+) -> Result<Value> {
     let test = member_summaries[0]["test"]
         .as_object()
         .cloned()
         .unwrap_or_default();
-    let ensemble_test = if members.len() > 1 {
+    let ensemble_test = if test_embeddings.len() > 1 {
         let norm = |t: &Tensor| model::l2_normalize(t);
         let cat = |f: &dyn Fn(&SetEmbeddings) -> Tensor| {
             Tensor::cat(
-                &members.iter().map(|m| norm(&f(&m.2))).collect::<Vec<_>>(),
+                &test_embeddings
+                    .iter()
+                    .map(|m| norm(&f(m)))
+                    .collect::<Vec<_>>(),
                 1,
             )
         };
+        let first = &test_embeddings[0];
         let gallery = cat(&|e| e.0.shallow_clone());
-        let labels = members[0].2 .1.shallow_clone();
-        let query = members[0].2 .2.as_ref().map(|(_, ql)| {
+        let labels = first.1.shallow_clone();
+        let query = first.2.as_ref().map(|(_, ql)| {
             let q = cat(&|e| {
                 e.2.as_ref()
                     .map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone())
@@ -820,7 +1006,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
         let m = evaluate_embeddings(&(gallery, labels, query), cfg)?;
         progress.line(&format!(
             "ensemble of {}: test: {}",
-            members.len(),
+            test_embeddings.len(),
             round_map(&m)
         ));
         Some(m)
@@ -833,7 +1019,7 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
         "val (classes held out of the training classes)"
     };
     let summary = json!({
-        "best_epoch": first_best,
+        "best_epoch": best_epoch,
         "selected_on": selected_on,
         "select_metric": cfg.select_metric,
         "test": test,
@@ -842,14 +1028,14 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
         "train_classes": data.train.classes().len(),
         "train_images": data.train.len(),
         "device": format!("{device:?}"),
+        "world_size": world,
     });
     dir.write_summary(&summary)?;
-    Ok(TrainOutcome {
-        run_dir: run_dir.to_path_buf(),
-        history: first_history,
-        best_epoch: first_best,
-        test,
-        ensemble_test,
-        summary,
-    })
+    Ok(json!({
+        "history": history,
+        "best_epoch": best_epoch,
+        "test": test,
+        "ensemble_test": ensemble_test,
+        "summary": summary,
+    }))
 }

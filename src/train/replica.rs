@@ -1,0 +1,255 @@
+//! What the ranks of a data-parallel run share: rank 0's restored state
+//! (pretrained weights, an interrupted run's `last` checkpoint) given to
+//! every rank, and the gradients averaged every step.
+
+use serde_json::{json, Value};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::config::TrainConfig;
+use super::distributed::{self as dist, Collective};
+use super::optim::Optimizer;
+use super::run_dir::RunDir;
+use super::runner::{load_model, model_tensors};
+use crate::error::{Error, Result};
+use crate::model;
+
+/// Averages the gradients of `params` over the ranks, with the step's
+/// `control` values (stop flag and loss terms) in the same call.
+pub fn average_gradients(coll: &dyn Collective, params: &[Tensor], control: &Tensor) -> Result<()> {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect();
+    dist::all_reduce_mean_bucketed(coll, &grads, &[control.shallow_clone()])
+}
+
+/// What rank 0 restores before training: pretrained backbone weights, or
+/// the `last` checkpoint of an interrupted run (into `vs` and `opt`).
+/// Returns the checkpoint's trainer state and optimizer tensor names
+/// (`Null` for a fresh start).
+pub(super) fn restore_on_rank_0(
+    cfg: &TrainConfig,
+    dir: &RunDir,
+    vs: &nn::VarStore,
+    opt: &mut Optimizer,
+    world: usize,
+) -> Result<Value> {
+    if let Some(path) = &cfg.pretrained {
+        let tensors = model::read_safetensors(path)?;
+        model::load_into(vs, "backbone.", tensors, &path.display().to_string())?;
+    }
+    if !dir.last().exists() {
+        return Ok(Value::Null);
+    }
+    let ck = Checkpoint::load(&dir.last())?;
+    let saved_world = ck.state["world_size"].as_u64().unwrap_or(1) as usize;
+    if saved_world != world {
+        return Err(Error::invalid(
+            "world_size",
+            format!("{world} process(es)"),
+            format!(
+                "{saved_world}, the number of processes of the interrupted run in {} \
+                 (resume it with as many)",
+                dir.root.display()
+            ),
+        ));
+    }
+    load_model(vs, &ck.model, &dir.last())?;
+    let names: Vec<Value> = ck
+        .optimizer
+        .iter()
+        .map(|(n, t)| json!([n, t.size()]))
+        .collect();
+    opt.load_state(
+        ck.optimizer.into_iter().collect(),
+        ck.state["optimizer_steps"].as_i64().unwrap_or(0),
+    )?;
+    Ok(json!({"state": ck.state, "optimizer": names}))
+}
+
+/// Gives every rank rank 0's variables and, when it restored one, its
+/// optimizer state (`restored` is what [`restore_on_rank_0`] returned).
+pub(super) fn share_rank_0_state(
+    coll: &dyn Collective,
+    vs: &nn::VarStore,
+    opt: &mut Optimizer,
+    restored: &Value,
+    device: Device,
+) -> Result<()> {
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    let vars: Vec<Tensor> = model_tensors(vs).into_iter().map(|(_, t)| t).collect();
+    dist::broadcast_bucketed(coll, &vars)?;
+    let Some(names) = restored["optimizer"].as_array() else {
+        return Ok(());
+    };
+    let params = vs.variables();
+    let mut held: std::collections::HashMap<String, Tensor> =
+        opt.state_tensors().into_iter().collect();
+    let mut state = Vec::with_capacity(names.len());
+    for entry in names {
+        let name = entry[0].as_str().unwrap_or_default().to_string();
+        let t = if coll.rank() == 0 {
+            held.remove(&name)
+                .ok_or_else(|| Error::invalid("checkpoint", &name, "a restored optimizer state"))?
+                .to_device(device)
+        } else {
+            let shape: Vec<i64> = entry[1]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default();
+            let param = name.rsplit_once('.').map_or("", |(p, _)| p);
+            let kind = params.get(param).map_or(Kind::Float, Tensor::kind);
+            Tensor::zeros(&shape, (kind, device))
+        };
+        state.push((name, t));
+    }
+    let tensors: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
+    dist::broadcast_bucketed(coll, &tensors)?;
+    if coll.rank() != 0 {
+        let steps = restored["state"]["optimizer_steps"].as_i64().unwrap_or(0);
+        opt.load_state(state.into_iter().collect(), steps)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EmbeddingNet;
+    use crate::train::distributed::tests::on_threads;
+    use crate::train::optim::OptimizerKind;
+    use crate::train::runner::{build_network, forward_backward, loss_options, parameter_groups};
+    use std::path::Path;
+
+    const STEPS: usize = 3;
+    const CPU_FLOAT: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    fn test_config() -> TrainConfig {
+        TrainConfig {
+            optimizer: "adam".into(),
+            lr: 1e-2,
+            weight_decay: 1e-3,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn network(
+        cfg: &TrainConfig,
+        seed: i64,
+    ) -> (nn::VarStore, EmbeddingNet, Optimizer, Vec<Tensor>) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = build_network(cfg, &vs, 1, 3).unwrap();
+        let groups = parameter_groups(&vs);
+        let params = groups.iter().map(|(_, t, _)| t.shallow_clone()).collect();
+        let opt = Optimizer::new(
+            OptimizerKind::parse(&cfg.optimizer).unwrap(),
+            groups,
+            vec![cfg.backbone_lr(), cfg.lr],
+            cfg.weight_decay,
+            cfg.momentum,
+        );
+        (vs, net, opt, params)
+    }
+
+    fn values(vs: &nn::VarStore) -> Vec<(String, Vec<f32>)> {
+        model_tensors(vs)
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
+            .collect()
+    }
+
+    /// The Rust loop's step under two ranks (threads) against one process
+    /// that computes the gradients of both ranks' batches and averages them.
+    #[test]
+    fn two_ranks_step_like_one_process_averaging_both_batches() {
+        let cfg = test_config();
+        // batch[step * 2 + rank]: 3 classes x 4 images of 28 x 28.
+        let images: Vec<Vec<f32>> = (0..2 * STEPS as i64)
+            .map(|i| {
+                tch::manual_seed(100 + i);
+                let t = Tensor::randn([12, 1, 28, 28], CPU_FLOAT).reshape([-1]);
+                Vec::<f32>::try_from(&t).unwrap()
+            })
+            .collect();
+        let batch = |images: &[Vec<f32>], step: usize, rank: usize| {
+            let x = Tensor::from_slice(&images[step * 2 + rank]).view([12, 1, 28, 28]);
+            let y = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
+            (x, y)
+        };
+        let lopts = loss_options(&cfg, 0).unwrap();
+
+        let (vs, net, mut opt, params) = network(&cfg, 0);
+        let init_values: Vec<(String, Vec<f32>)> = model_tensors(&vs)
+            .into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
+            .collect();
+        let before = values(&vs);
+        for step in 0..STEPS {
+            let mut grads = Vec::new();
+            for rank in 0..2 {
+                let (x, y) = batch(&images, step, rank);
+                opt.zero_grad();
+                forward_backward(&net, &x, &y, &lopts, false).unwrap();
+                grads.push(params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>());
+            }
+            for (i, p) in params.iter().enumerate() {
+                p.grad().copy_(&((&grads[0][i] + &grads[1][i]) / 2.0));
+            }
+            opt.step();
+        }
+        let want = values(&vs);
+
+        let got = on_threads(2, move |g| {
+            let cfg = test_config();
+            let rank = g.rank();
+            // Rank 1 starts elsewhere: the broadcast must bring it in line.
+            let (vs, net, mut opt, params) = network(&cfg, 1 + rank as i64);
+            if rank == 0 {
+                let init: Vec<(String, Tensor)> = init_values
+                    .iter()
+                    .map(|(n, v)| (n.clone(), Tensor::from_slice(v)))
+                    .collect();
+                let shaped: Vec<(String, Tensor)> = model_tensors(&vs)
+                    .into_iter()
+                    .zip(init)
+                    .map(|((_, t), (n, v))| (n, v.view(t.size().as_slice())))
+                    .collect();
+                load_model(&vs, &shaped, Path::new("init")).unwrap();
+            }
+            share_rank_0_state(g, &vs, &mut opt, &Value::Null, Device::Cpu).unwrap();
+            let lopts = loss_options(&cfg, 0).unwrap();
+            let mut losses = Vec::new();
+            for step in 0..STEPS {
+                let (x, y) = batch(&images, step, rank);
+                opt.zero_grad();
+                let out = forward_backward(&net, &x, &y, &lopts, false).unwrap();
+                let control = Tensor::from_slice(&[0.0, f64::try_from(&out.loss).unwrap()]);
+                average_gradients(g, &params, &control).unwrap();
+                losses.push(Vec::<f64>::try_from(&control).unwrap()[1]);
+                opt.step();
+            }
+            (values(&vs), losses)
+        });
+        assert_eq!(got[0].1, got[1].1, "the averaged losses agree");
+        for (rank_values, _) in &got {
+            assert_eq!(rank_values.len(), want.len());
+            for ((name, a), (_, b)) in rank_values.iter().zip(&want) {
+                let diff = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff <= 1e-6, "{name}: max difference {diff}");
+            }
+        }
+        // The steps moved the weights (the comparison is not of two copies
+        // of the initialisation).
+        assert_ne!(want, before);
+    }
+}

@@ -1,0 +1,323 @@
+"""Data-parallel training on torch.distributed: two gloo processes on the CPU
+against one process that computes both ranks' batches and averages their
+gradients (the plain DDP loop and the Rust loop), and the run folder of
+``grouploss train --nproc-per-node 2``, interrupted and resumed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_training import make_glyph_like
+
+import grouploss
+from grouploss import ClassBalancedBatchSampler, _native, training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "ddp_train.py"
+
+
+def _env() -> dict:
+    """The children import this grouploss; torchrun's one thread per rank."""
+    env = dict(os.environ)
+    package = str(pathlib.Path(grouploss.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package, env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(nproc: int) -> list:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def glyphs_root(tmp_path_factory):
+    # 48 images a class: epochs long enough (about a second on two busy
+    # cores) to interrupt one reliably.
+    return make_glyph_like(tmp_path_factory.mktemp("glyphs"), per=48)
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("ddp_train", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ddp_plain_loop_equals_one_process_averaging_both_ranks(glyphs_root, tmp_path):
+    """examples/ddp_train.py on 2 gloo processes, float64: its weights are
+    those of one process stepping on the mean of the two ranks' gradients."""
+    saved = tmp_path / "ddp.safetensors"
+    epochs, steps, p, k, lr, seed = 2, 3, 3, 4, 1e-2, 5
+    cmd = _torchrun(2) + [str(EXAMPLE), "--dataset", "glyphs", "--data", str(glyphs_root)]
+    cmd += ["--epochs", str(epochs), "--max-steps", str(steps), "--classes-per-batch", str(p)]
+    cmd += ["--samples-per-class", str(k), "--lr", str(lr), "--seed", str(seed)]
+    cmd += ["--dtype", "float64", "--save", str(saved)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "2 processes on cpu" in run.stdout and "test R@1" in run.stdout
+    got = load_file(str(saved))
+
+    ex = _load_example()
+    x, y = ex.load("glyphs", glyphs_root, "train")
+    num_classes = int(y.max()) + 1
+    model = ex.make_model(num_classes, seed).double()
+    start = {n: q.detach().clone() for n, q in model.named_parameters()}
+    loss_fn = ex.make_loss(num_classes)
+    opt = ex.make_optimizer(model.parameters(), lr)
+    samplers = [
+        ClassBalancedBatchSampler(y, p, k, seed=seed, num_replicas=2, rank=r) for r in range(2)
+    ]
+    for epoch in range(epochs):
+        model.train()
+        for s in samplers:
+            s.set_epoch(epoch)
+        for step, batches in enumerate(zip(*samplers)):
+            if step >= steps:
+                break
+            assert batches[0] != batches[1]
+            grads = []
+            for idx in batches:
+                model.zero_grad()
+                emb, logits = model(x[idx].double())
+                loss_fn(emb, y[idx], logits).backward()
+                grads.append([q.grad.clone() for q in model.parameters()])
+            for q, g0, g1 in zip(model.parameters(), *grads):
+                q.grad = (g0 + g1) / 2
+            opt.step()
+
+    assert set(got) == set(model.state_dict())
+    for name, q in model.named_parameters():
+        torch.testing.assert_close(got[name], q.detach(), rtol=1e-9, atol=1e-12, msg=name)
+    assert any(not torch.equal(start[n], q.detach()) for n, q in model.named_parameters())
+
+
+class _ThreadGroup:
+    """Ranks as threads of this process: the collectives the Rust loop calls
+    (see grouploss.distributed.ProcessGroup), computed here in Python. With
+    it one process computes every rank's batches and averages their
+    gradients itself.
+
+    The ranks compute in turns (rank 0 up to its next collective, then
+    rank 1, ...): the threads share torch's random generator, which must see
+    each rank's draws (the network's initialisation) as separate processes
+    do."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.world_size, self._shared = rank, shared["world"], shared
+
+    def wait_turn(self):
+        shared = self._shared
+        with shared["cond"]:
+            if not shared["cond"].wait_for(
+                lambda: shared["turn"] == self.rank or shared["aborted"], timeout=120
+            ):
+                raise TimeoutError(f"rank {self.rank}: no turn")
+            if shared["aborted"]:
+                raise RuntimeError(f"rank {self.rank}: another rank failed")
+
+    def _exchange(self, tensors):
+        shared = self._shared
+        slots, barrier = shared["slots"], shared["barrier"]
+        with shared["cond"]:
+            slots[self.rank] = [t.clone() for t in tensors]
+            shared["turn"] = (self.rank + 1) % self.world_size
+            shared["cond"].notify_all()
+        barrier.wait()
+        everyone = [list(s) for s in slots]
+        barrier.wait()
+        self.wait_turn()
+        return everyone
+
+    def all_reduce_mean(self, tensors):
+        everyone = self._exchange(tensors)
+        for i, t in enumerate(tensors):
+            total = everyone[0][i].clone()
+            for other in everyone[1:]:
+                total += other[i]
+            t.copy_(total / self.world_size)
+
+    def all_gather(self, tensor):
+        return [s[0] for s in self._exchange([tensor])]
+
+    def broadcast(self, tensors, src):
+        everyone = self._exchange(tensors)
+        for t, s in zip(tensors, everyone[src]):
+            t.copy_(s)
+
+    def barrier(self):
+        self._exchange([])
+
+
+def _threaded_run(config_toml: str, run_dir: pathlib.Path, world: int = 2) -> list:
+    shared = {
+        "world": world,
+        "slots": [None] * world,
+        "barrier": threading.Barrier(world, timeout=120),
+        "cond": threading.Condition(),
+        "turn": 0,
+        "aborted": False,
+    }
+    outcomes, errors = [None] * world, []
+
+    def rank(r):
+        try:
+            group = _ThreadGroup(r, shared)
+            group.wait_turn()
+            raw = _native.train_run(config_toml, str(run_dir), group, "cpu")
+            outcomes[r] = json.loads(raw)
+            # Lets the next rank finish too.
+            with shared["cond"]:
+                shared["turn"] = (r + 1) % world
+                shared["cond"].notify_all()
+        except BaseException as e:  # noqa: BLE001  surfaces in the test thread
+            errors.append(e)
+            with shared["cond"]:
+                shared["aborted"] = True
+                shared["cond"].notify_all()
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    # The torchrun ranks compute with one thread each: so does the reference.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+    return outcomes
+
+
+RUN = dict(
+    epochs=4,
+    classes_per_batch=3,
+    samples_per_class=4,
+    num_workers=1,
+    eval_batch_size=16,
+    val_fraction=0.3,
+    device="cpu",
+    recall_ks=[1, 2],
+)
+
+
+def _cli_options(root: pathlib.Path, out: pathlib.Path) -> list:
+    args = ["--preset", "glyphs", "--quiet", "--data-root", str(root), "--out-dir", str(out)]
+    for key, value in RUN.items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        args += ["--" + key.replace("_", "-"), text]
+    return args
+
+
+def _history(run_dir: pathlib.Path) -> list:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trainer_state(path: pathlib.Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["grouploss.trainer_state"])
+
+
+def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
+    glyphs_root, tmp_path
+):
+    out = tmp_path / "cli"
+    train = [sys.executable, "-m", "grouploss.cli", "train", "--nproc-per-node", "2"]
+
+    # Interrupted (Ctrl-C reaches torchrun and both ranks) in epoch 2 or later.
+    p = subprocess.Popen(
+        train + _cli_options(glyphs_root, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0, stderr[-4000:]
+    assert stdout.count("interrupted: checkpoints/last.safetensors saved") == 1, stdout
+    assert not (out / "summary.json").exists()
+    state = _trainer_state(out / "checkpoints" / "last.safetensors")
+    assert state["world_size"] == 2 and 1 <= state["epoch"] < RUN["epochs"]
+
+    # Another world size may not continue it.
+    with pytest.raises(ValueError, match="^world_size: expected 2"):
+        grouploss.train(resume=out, plots=False)
+
+    resumed = subprocess.run(
+        train + ["--resume", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # One writer: rank 0 reports, writes the folder's files once, no leftovers.
+    assert resumed.stdout.count("run folder:") == 1
+    assert resumed.stdout.count("test metrics of the best epoch") == 1
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert files == [
+        "checkpoints/best.safetensors",
+        "checkpoints/last.safetensors",
+        "config.toml",
+        "loss.png",
+        "metrics.jsonl",
+        "metrics.png",
+        "summary.json",
+    ]
+    history = _history(out)
+    assert [h["epoch"] for h in history] == list(range(1, RUN["epochs"] + 1))
+    assert all({"recall@1", "map@r"} <= set(h["val"]) for h in history)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and {"recall@1", "map@r", "nmi"} <= set(summary["test"])
+
+    # The reference: one process runs both ranks (threads) of the same
+    # configuration uninterrupted and averages their gradients itself.
+    ref = tmp_path / "ref"
+    cfg = training.resolve_config(
+        "glyphs", data_root=glyphs_root, out_dir=ref, progress=False, **RUN
+    )
+    outcomes = _threaded_run(training._toml(cfg), ref)
+    assert outcomes[0] == outcomes[1]  # every rank returns rank 0's outcome
+    want = _history(ref)
+    # The epoch interrupted mid-way logs the mean loss of its resumed steps.
+    cut = state["epoch"] + 1 if state["step"] > 0 else None
+    assert len(history) == len(want)
+    for got_epoch, want_epoch in zip(history, want):
+        if got_epoch["epoch"] != cut:
+            assert got_epoch["train_loss"] == pytest.approx(want_epoch["train_loss"], rel=1e-5)
+        assert got_epoch["val"]["map@r"] == pytest.approx(want_epoch["val"]["map@r"], abs=1e-5)
+    assert summary["test"]["map@r"] == pytest.approx(outcomes[0]["test"]["map@r"], abs=1e-5)
+    got_w = load_file(str(out / "checkpoints" / "last.safetensors"))
+    want_w = load_file(str(ref / "checkpoints" / "last.safetensors"))
+    assert set(got_w) == set(want_w)
+    for name in want_w:
+        torch.testing.assert_close(got_w[name], want_w[name], rtol=1e-4, atol=1e-5, msg=name)
