@@ -19,8 +19,8 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 # Budgets that keep each notebook around a minute on a 2-core CPU.
 SMALL = {
-    "01_quickstart.ipynb": "STEPS = 60",
-    "02_train_and_inspect.ipynb": "EPOCHS = 1\nSTEPS = 30\nMAP_POINTS = 500",
+    "01_quickstart.ipynb": "STEPS = 60\nTEST_CLASSES = 40",
+    "02_train_and_inspect.ipynb": "EPOCHS = 1\nSTEPS = 30\nMAP_POINTS = 500\nVAL_IMAGES = 1000",
     "03_reproduce_paper.ipynb": "",
 }
 

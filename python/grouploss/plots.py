@@ -191,12 +191,18 @@ def embedding_map(
     emb, lab = emb[idx], labels[idx]
     if normalize:
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    xy = TSNE(
-        n_components=2,
-        init="pca",
-        random_state=seed,
-        perplexity=float(min(30, len(idx) - 1)),
-    ).fit_transform(emb)
+    from threadpoolctl import threadpool_limits
+
+    # One OpenMP thread: Barnes-Hut's threads spin-wait, and on cores shared
+    # with other work (a training run, a notebook kernel, a build) the map
+    # took ten times longer with two threads than with one.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        xy = TSNE(
+            n_components=2,
+            init="pca",
+            random_state=seed,
+            perplexity=float(min(30, len(idx) - 1)),
+        ).fit_transform(emb)
     colours = _class_colours(lab)
     fig, ax = plt.subplots(figsize=(7, 7))
     ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=7, alpha=0.75, linewidths=0)
