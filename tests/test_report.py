@@ -78,7 +78,7 @@ def test_the_report_is_one_self_contained_page(glyph_run, glyph_report):
     summary = json.loads((glyph_run / "summary.json").read_text())
     for k, v in summary["test"].items():
         if k != "left_out":
-            assert f"<th>{k}</th><td class=\"num\">{v:.4f}</td>" in page, k
+            assert f'<th>{k}</th><td class="num">{v:.4f}</td>' in page, k
     assert "<tr><th>temperature</th><td>10.0</td></tr>" in page
     assert "96 images, 6 classes" in page
 
@@ -119,26 +119,31 @@ def test_the_browser_check_sees_errors_and_blank_pages(tmp_path):
     assert np.asarray(Image.open(io.BytesIO(page.screenshot)).convert("L")).std() == 0
 
 
-def test_cli_report(glyph_run, tmp_path):
+def test_cli_report(glyph_run, glyph_report, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(glyph_run, run)
     (run / "report.html").unlink(missing_ok=True)
-    p = subprocess.run(
-        [sys.executable, "-m", "grouploss.cli", "report", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cli = [sys.executable, "-m", "grouploss.cli", "report", str(run), "--device", "cpu"]
+    p = subprocess.run(cli + ["--queries", "3"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().endswith("report.html")
-    assert len(_pngs((run / "report.html").read_text())) == 6
+    assert p.stdout.strip() == str(run / "report.html")
+    page = (run / "report.html").read_text()
+    assert len(_pngs(page)) == 6
+    # --queries 3: three rows in each gallery.
+    gallery = re.search(r'<section id="gallery">.*?base64,([^"]+)"', page, re.S).group(1)
+    three = Image.open(io.BytesIO(base64.b64decode(gallery))).size
+    default = re.search(r'<section id="gallery">.*?base64,([^"]+)"', glyph_report.read_text(), re.S)
+    eight = Image.open(io.BytesIO(base64.b64decode(default.group(1)))).size
+    assert three[0] == eight[0] and three[1] < eight[1] / 2
 
 
 def test_a_run_without_summary_is_reported_from_its_checkpoint(glyph_run, tmp_path):
     run = tmp_path / "interrupted"
     shutil.copytree(glyph_run, run)
     (run / "summary.json").unlink()
-    out = grouploss.report(run, device="cpu", checkpoint="last", out=tmp_path / "r.html")
+    out = grouploss.report(
+        run, device="cpu", checkpoint="last", out=tmp_path / "r.html", queries=2, max_points=50
+    )
     page = out.read_text()
     assert "No summary.json" in page
     want = grouploss.load_run(run, checkpoint="last", device="cpu").evaluate("test")
