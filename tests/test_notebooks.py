@@ -20,9 +20,12 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 # Budgets that keep each notebook around a minute on a 2-core CPU.
 SMALL = {
     "01_quickstart.ipynb": "STEPS = 60\nTEST_CLASSES = 40",
-    "02_train_and_inspect.ipynb": "EPOCHS = 1\nSTEPS = 30\nMAP_POINTS = 500\nVAL_IMAGES = 1000",
+    "02_train_and_inspect.ipynb": "EPOCHS = 1\nSTEPS = 20\nMAP_POINTS = 500\nVAL_IMAGES = 1000",
     "03_reproduce_paper.ipynb": "",
 }
+# Figures each notebook shows: 02 draws the curves (2), the map, the
+# gallery, the worst queries and the heatmaps.
+FIGURES = {"01_quickstart.ipynb": 0, "02_train_and_inspect.ipynb": 6, "03_reproduce_paper.ipynb": 0}
 
 
 def _parameters_cell(nb) -> int:
@@ -58,7 +61,9 @@ def test_notebook_runs(name, tmp_path):
         defined = nb.cells[at].source
         for line in SMALL[name].splitlines():
             assert line.split("=")[0].strip() in defined, line
-        injected = nbformat.v4.new_code_cell("# Injected by tests/test_notebooks.py\n" + SMALL[name])
+        injected = nbformat.v4.new_code_cell(
+            "# Injected by tests/test_notebooks.py\n" + SMALL[name]
+        )
         nb.cells.insert(at + 1, injected)
     client = NotebookClient(
         nb,
@@ -70,3 +75,7 @@ def test_notebook_runs(name, tmp_path):
     )
     client.execute()  # raises CellExecutionError naming the failing cell
     (tmp_path / name).write_text(nbformat.writes(nb))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == FIGURES[name]

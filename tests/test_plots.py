@@ -139,7 +139,12 @@ def test_a_backend_chosen_by_the_user_is_kept():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "svg"
-    code = "import matplotlib\nfrom grouploss import plots\nplots._plt()\nprint(matplotlib.get_backend())"
+    code = (
+        "import matplotlib\n"
+        "from grouploss import plots\n"
+        "plots._plt()\n"
+        "print(matplotlib.get_backend())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env

@@ -375,6 +375,6 @@ def probability_heatmaps(
             clip_on=False,
         )
         axes[0].set_xlim(-0.5, len(cols) - 0.5)
-        axes[0].set_ylabel("sample (sorted by label); red: anchors")
+        axes[0].set_ylabel("sample (sorted by label); red: anchors", labelpad=10)
     fig.colorbar(im, ax=list(axes), fraction=0.04)
     return save(fig, path)
