@@ -13,20 +13,26 @@ import torch  # noqa: F401  isort: skip
 from . import _native  # noqa: E402  isort: skip
 from . import data, datasets, functional, metrics  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
+from .report import RunInspection, report  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
 from .training import TrainResult, load_run, train  # noqa: E402
 
 __version__: str = _native.__version__
 
+# `grouploss.report` is the function; its module is reached by
+# `from grouploss.report import ...`.
+
 __all__ = [
     "ClassBalancedBatchSampler",
     "GroupLoss",
+    "RunInspection",
     "TrainResult",
     "data",
     "datasets",
     "functional",
     "load_run",
     "metrics",
+    "report",
     "train",
     "__version__",
 ]

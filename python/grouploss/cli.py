@@ -4,7 +4,7 @@
                     [--nproc-per-node N]
     grouploss evaluate RUN_DIR [--split test]
     grouploss embed RUN_DIR --data SPLIT|FOLDER --out embeddings.npy
-    grouploss report RUN_DIR
+    grouploss report RUN_DIR [--out report.html] [--queries 8] [--k 8] ...
 
 Every option of a run has the same name here (``--data-root``), in TOML
 files (``data_root``) and as a Python keyword (``data_root``).
@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir", type=pathlib.Path)
+    r.add_argument("--out", type=pathlib.Path, help="default RUN_DIR/report.html")
+    r.add_argument("--split", default="test")
+    r.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    r.add_argument("--device", default="auto")
+    r.add_argument("--data-root", type=pathlib.Path, help="the dataset, if it moved")
+    r.add_argument("--queries", type=int, default=8, help="rows of the galleries")
+    r.add_argument("--k", type=int, default=8, help="neighbours per query")
+    r.add_argument("--max-points", type=int, default=1000, help="points of the t-SNE map")
+    r.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -183,7 +192,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "report":
         from .report import report
 
-        print(report(args.run_dir))
+        print(
+            report(
+                args.run_dir,
+                out=args.out,
+                split=args.split,
+                checkpoint=args.checkpoint,
+                device=args.device,
+                data_root=args.data_root,
+                max_points=args.max_points,
+                queries=args.queries,
+                k=args.k,
+                seed=args.seed,
+            )
+        )
         return 0
     return 2
 

@@ -253,6 +253,15 @@ class RunModel:
             f"got {type(data).__name__}"
         )
 
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Classifier logits (N x training classes) of embeddings returned by
+        :meth:`embed`: with the batch's labels, they give the Group Loss prior
+        ``softmax(logits / temperature)`` of that batch. Columns follow the
+        labels of the run's training split."""
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}")
+        return self._native.logits(embeddings)
+
     def evaluate(self, split: str = "test") -> dict:
         """Recall@K, MAP@R, R-Precision and NMI of ``split``."""
         return json.loads(self._native.evaluate(split))

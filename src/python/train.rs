@@ -255,6 +255,11 @@ impl PyRunModel {
         Ok(PyTensor(self.run(py, move |m| m.embed(&images))?))
     }
 
+    /// Classifier logits of embeddings (N x embedding size).
+    fn logits(&self, py: Python<'_>, embeddings: PyTensor) -> PyResult<PyTensor> {
+        Ok(PyTensor(self.run(py, move |m| m.logits(&embeddings))?))
+    }
+
     /// Embeddings and labels of a split of the run's dataset (or of the
     /// same dataset under another root).
     #[pyo3(signature = (split = "test", root = None))]

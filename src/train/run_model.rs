@@ -93,6 +93,30 @@ impl RunModel {
         Ok(self.net.embed(&x.to_device(self.device)))
     }
 
+    /// Classifier logits of embeddings (N x embedding size), e.g. to see the
+    /// Group Loss prior of a batch. The classifier covers the run's training
+    /// classes, in the order of its training split's labels.
+    pub fn logits(&self, embeddings: &Tensor) -> Result<Tensor> {
+        let d = self.net.embedding_size();
+        let size = embeddings.size();
+        if size.len() != 2 || size[1] != d {
+            return Err(Error::invalid(
+                "embeddings",
+                format!("shape {size:?}"),
+                format!("a 2-D tensor (N x {d})"),
+            ));
+        }
+        if !embeddings.is_floating_point() {
+            return Err(Error::invalid(
+                "embeddings",
+                format!("{:?}", embeddings.kind()),
+                "a floating tensor",
+            ));
+        }
+        let x = embeddings.to_device(self.device).to_kind(Kind::Float);
+        Ok(tch::no_grad(|| self.net.head.logits(&x)))
+    }
+
     fn transform_u8(&self, images: &Tensor) -> Result<Tensor> {
         let s = images.size();
         let (n, c, h, w) = (s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize);
