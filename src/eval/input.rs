@@ -30,17 +30,24 @@ pub(crate) fn elt_size(kind: Kind) -> i64 {
 }
 
 /// A contiguous copy (or view) of `x` in the compute dtype, detached from
-/// autograd, with rows divided by `max(|row|, 1e-12)` when `normalize` is set
-/// (`torch.nn.functional.normalize`'s rule, so zero rows stay zero).
+/// autograd, with rows scaled to unit length when `normalize` is set (zero
+/// rows stay zero). Rows are first divided by their largest magnitude, so
+/// float32 rows of any size (1e-30 or 1e30, whose squares underflow or
+/// overflow) keep their direction.
 pub(crate) fn prepare(x: &Tensor, normalize: bool) -> Tensor {
     let x = x.detach().to_kind(compute_kind(x.kind()));
     if !normalize {
         return x.contiguous();
     }
-    let norm = x
+    let peak = x
+        .abs()
+        .amax([1i64].as_slice(), true)
+        .clamp_min(f32::MIN_POSITIVE as f64);
+    let y = &x / peak;
+    let norm = y
         .norm_scalaropt_dim(2, [1i64].as_slice(), true)
         .clamp_min(1e-12);
-    (&x / norm).contiguous()
+    (&y / norm).contiguous()
 }
 
 /// A host vector of the elements of `t` (any device, any shape) as `T`.
@@ -126,6 +133,12 @@ mod tests {
         assert_eq!(p.kind(), Kind::Double);
         let h = prepare(&x.to_kind(Kind::Half), false);
         assert_eq!(h.kind(), Kind::Float);
+        // float32 rows whose squared norm overflows or underflows.
+        let big = Tensor::from_slice(&[3e30f32, 4e30, 3e-30, -4e-30]).reshape([2, 2]);
+        let p = host_vec::<f32>(&prepare(&big, true)).unwrap();
+        for (got, want) in p.iter().zip([0.6f32, 0.8, 0.6, -0.8]) {
+            assert!((got - want).abs() < 1e-6, "{p:?}");
+        }
     }
 
     #[test]
