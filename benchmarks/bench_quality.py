@@ -4,9 +4,10 @@ triplet loss with batch-hard mining, same network, data and budget.
 Every loss trains the same 3-block convnet (32/64/128 channels, global
 average pooling, a 64-d linear embedding) on the same P x K batches with the
 same augmentation (the Rust sampler and loader, seeded alike), Adam 1e-3, a
-constant learning rate, for the same number of epochs; the best epoch is
-picked on the validation classes (MAP@R) and its test-class metrics are
-reported. Two loops:
+constant learning rate, for the same budget: EPOCHSxSTEPS, that many epochs
+of at most STEPS batches each (a CPU-sized budget; 0 steps: whole epochs).
+The best epoch is picked on validation classes (MAP@R over ``--val-images``
+of them) and its test-class metrics are reported. Two loops:
 
 * ``rust``: ``grouploss.train(preset=...)``, the library's trainer, for the
   Group Loss and for CE alone (``gtg_weight=0`` with the cosine classifier:
@@ -16,25 +17,30 @@ reported. Two loops:
   and, as a calibration of the two loops, for normalised-softmax CE.
 
 The validation classes are carved from the training classes with a fixed
-``split_seed`` (0) for every run, so the search never sees the test classes.
+``split_seed`` (0) for every run, so the search never sees the test classes
+(the test metrics of the screen are recorded in ``runs.jsonl`` but never
+read by the selection).
 
 Stages (each run is appended to ``OUT/runs.jsonl`` as it ends, and a rerun
 skips the runs already there, so an interrupted search resumes):
 
-1. ``screen``: one epoch per configuration, seed 0, validation MAP@R;
-2. ``select``: the best Group Loss configurations of the screen and the
-   best of each peer at the full budget (``--epochs``), seed 0, validation;
-3. ``final``: the winner of each loss over ``--seeds`` seeds: test-class
-   Recall@1, MAP@R and NMI, mean and spread (the seed-0 run of ``select``
-   is reused);
-4. ``fashion``: the chosen settings on fashion-mnist without retuning
-   (its preset's P x K and epochs).
+1. ``screen``: every configuration of the tables below at
+   ``--screen-budget``, seed 0, validation MAP@R;
+2. ``select``: where a family has several candidates (``GROUP_SELECT`` > 1
+   or ``SELECT_VARIANTS``), each at the full ``--budget``, seed 0;
+3. ``final``: the winner of each loss over ``--seeds`` at ``--budget``:
+   test-class Recall@1, MAP@R and NMI, mean and spread;
+4. ``fashion``: the winners on fashion-mnist without retuning (its preset's
+   P x K, ``--fashion-budget``);
+5. ``calibration``: normalised-softmax CE in the torch loop (seed 0), to
+   compare the two loops.
 
 ``OUT/summary.json`` and ``OUT/summary.md`` hold the tables.
 
-    python benchmarks/bench_quality.py [--stages screen,select,final,fashion]
-        [--out benchmarks/results/quality] [--runs runs/quality] [--epochs 3]
-        [--seeds 0,1,2] [--fashion-seeds 0] [--calibration-seeds 0]
+    python benchmarks/bench_quality.py [--stages screen,select,final,fashion,calibration]
+        [--out benchmarks/results/quality] [--runs runs/quality]
+        [--screen-budget 1x200] [--budget 2x200] [--fashion-budget 1x200]
+        [--val-images 2000] [--seeds 0,1,2] [--fashion-seeds 0]
 """
 
 from __future__ import annotations
@@ -96,7 +102,6 @@ GROUP_SCREEN: Dict[str, Dict[str, Any]] = {
     "gl-T2-A1-p1": dict(COS, temperature=2.0, num_anchors=1),
     "gl-T10-A3-p4": dict(COS, temperature=10.0, num_anchors=3, similarity_power=4.0),
     "gl-T10-A3-p8": dict(COS, temperature=10.0, num_anchors=3, similarity_power=8.0),
-    "gl-T10-A5-p8": dict(COS, temperature=10.0, num_anchors=5, similarity_power=8.0),
     "gl-T10-A2-p8-P15K4": dict(
         COS,
         temperature=10.0,
@@ -108,19 +113,18 @@ GROUP_SCREEN: Dict[str, Dict[str, Any]] = {
 }
 CE_SCREEN: Dict[str, Dict[str, Any]] = {
     "ce-s16": dict(COS, gtg_weight=0.0),
-    "ce-s32": dict(classifier="cosine", classifier_scale=32.0, gtg_weight=0.0),
 }
 TRIPLET_SCREEN: Dict[str, Dict[str, Any]] = {
     "triplet-m0.1": dict(margin=0.1),
     "triplet-m0.2": dict(margin=0.2),
 }
 # Group Loss configurations of the screen taken to `select`, and variants of
-# the best one added there: the CE warm-up (the release starts from a
-# CE-finetuned network), here CE alone for the first epoch.
+# the best one added there, e.g. ``"warmup1": dict(gtg_warmup_epochs=1)`` (CE
+# alone for the first epoch, the release's start from a CE-finetuned
+# network). With one candidate per family, as in the CPU search of
+# BENCHMARKS.md, `select` is skipped: the screen's best goes to `final`.
 GROUP_SELECT = 1
-SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {
-    "warmup1": dict(gtg_warmup_epochs=1),
-}
+SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {}
 
 
 def log(msg: str) -> None:
@@ -434,14 +438,20 @@ def candidates(book: Book, screen: Budget) -> Dict[str, tuple]:
 
 
 def winners(book: Book, screen: Budget, full: Budget) -> Dict[str, dict]:
-    """The best configuration of each family at the full budget (seed 0, val)."""
+    """The configuration of each family taken to `final`: the only candidate
+    of its family, else the best at the full budget (seed 0, val)."""
+    by_family: Dict[str, List[tuple]] = {}
+    for name, (family, opts) in candidates(book, screen).items():
+        by_family.setdefault(family, []).append((name, opts))
     best: Dict[str, dict] = {}
-    for name, (family, _) in candidates(book, screen).items():
-        r = book.get("glyphs", name, 0, full)
-        if r is None:
+    for family, entries in by_family.items():
+        if len(entries) == 1:
+            best[family] = dict(name=entries[0][0], options=entries[0][1])
             continue
-        if family not in best or r["val"]["map@r"] > best[family]["val"]["map@r"]:
-            best[family] = r
+        rows = [book.get("glyphs", name, 0, full) for name, _ in entries]
+        rows = [r for r in rows if r is not None]
+        if rows:
+            best[family] = max(rows, key=lambda r: r["val"]["map@r"])
     return best
 
 
@@ -472,6 +482,7 @@ def summarise(book: Book, args) -> dict:
     summary: Dict[str, Any] = {
         "screen_budget": budget_name(screen),
         "budget": budget_name(full),
+        "fashion_budget": budget_name(args.fashion_budget),
         "val_images": args.val_images,
         "screen": [],
         "select": [],
@@ -505,8 +516,9 @@ def summarise(book: Book, args) -> dict:
             )
     summary["select"].sort(key=lambda x: -x["val_map_r"])
     for family, w in winners(book, screen, full).items():
-        for preset, key in (("glyphs", "final"), ("fashion-mnist", "fashion")):
-            rows = book.all_seeds(preset, w["name"], full)
+        pairs = (("glyphs", "final", full), ("fashion-mnist", "fashion", args.fashion_budget))
+        for preset, key, budget in pairs:
+            rows = book.all_seeds(preset, w["name"], budget)
             if rows:
                 summary[key][w["name"]] = seed_summary(rows, family)
         rows = book.all_seeds("glyphs", w["name"] + "-torch", full)
@@ -527,7 +539,7 @@ def write_summary(summary: dict, out: pathlib.Path) -> None:
         lines.append(f"| {r['name']} | {r['loop']} | {r['val_map_r']:.4f} | {r['val_r1']:.4f} |")
     lines += [
         "",
-        f"## select ({summary['budget']}, seed 0, validation classes)",
+        f"## full budget ({summary['budget']}), seed 0, validation classes",
         "",
         "| config | loop | val MAP@R | val R@1 | best epoch |",
         "|---|---|---|---|---|",
@@ -545,7 +557,8 @@ def write_summary(summary: dict, out: pathlib.Path) -> None:
     for key, title in titles:
         lines += [
             "",
-            f"## {title} ({summary['budget']}, mean ± std over seeds)",
+            f"## {title} ({summary['fashion_budget' if key == 'fashion' else 'budget']}, "
+            "mean ± std over seeds)",
             "",
             "| config | loop | seeds | R@1 | MAP@R | NMI |",
             "|---|---|---|---|---|---|",
@@ -574,7 +587,13 @@ def main() -> None:
         default=(1, 200),
         help="EPOCHSxSTEPS of the screen (STEPS 0: whole epochs)",
     )
-    ap.add_argument("--budget", type=parse_budget, default=(3, 200), help="EPOCHSxSTEPS of a run")
+    ap.add_argument("--budget", type=parse_budget, default=(2, 200), help="EPOCHSxSTEPS of a run")
+    ap.add_argument(
+        "--fashion-budget",
+        type=parse_budget,
+        default=(1, 200),
+        help="EPOCHSxSTEPS on fashion-mnist",
+    )
     ap.add_argument("--val-images", type=int, default=2000, help="validation images (0: all)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--fashion-seeds", default="0")
@@ -605,8 +624,11 @@ def main() -> None:
                 run_one(book, args, "screen", "glyphs", name, family, opts, 0, screen)
         write_summary(summarise(book, args), out)
     if "select" in stages:
-        for name, (family, opts) in candidates(book, screen).items():
-            run_one(book, args, "select", "glyphs", name, family, opts, 0, full)
+        chosen = candidates(book, screen)
+        families = [family for family, _ in chosen.values()]
+        for name, (family, opts) in chosen.items():
+            if families.count(family) > 1:
+                run_one(book, args, "select", "glyphs", name, family, opts, 0, full)
         write_summary(summarise(book, args), out)
     if "final" in stages:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -622,7 +644,8 @@ def main() -> None:
                     for k, v in w["options"].items()
                     if k not in ("classes_per_batch", "samples_per_class")
                 }
-                run_one(book, args, "fashion", "fashion-mnist", w["name"], family, opts, seed, full)
+                fb = args.fashion_budget
+                run_one(book, args, "fashion", "fashion-mnist", w["name"], family, opts, seed, fb)
         write_summary(summarise(book, args), out)
     if "calibration" in stages:
         ce = winners(book, screen, full).get("ce")
