@@ -110,6 +110,14 @@ GROUP_SCREEN: Dict[str, Dict[str, Any]] = {
         classes_per_batch=15,
         samples_per_class=4,
     ),
+    "gl-T10-A1-p8-P20K3": dict(
+        COS,
+        temperature=10.0,
+        num_anchors=1,
+        similarity_power=8.0,
+        classes_per_batch=20,
+        samples_per_class=3,
+    ),
 }
 CE_SCREEN: Dict[str, Dict[str, Any]] = {
     "ce-s16": dict(COS, gtg_weight=0.0),
@@ -117,6 +125,8 @@ CE_SCREEN: Dict[str, Dict[str, Any]] = {
 TRIPLET_SCREEN: Dict[str, Dict[str, Any]] = {
     "triplet-m0.1": dict(margin=0.1),
     "triplet-m0.2": dict(margin=0.2),
+    # The peer gets the Group Loss's larger P at the same images per step too.
+    "triplet-m0.1-P15K4": dict(margin=0.1, classes_per_batch=15, samples_per_class=4),
 }
 # Group Loss configurations of the screen taken to `select`, and variants of
 # the best one added there, e.g. ``"warmup1": dict(gtg_warmup_epochs=1)`` (CE
@@ -154,7 +164,7 @@ def rust_run(
     val_images: int,
 ) -> dict:
     run_dir = out / f"{preset}-{name}-s{seed}-{budget_name(budget)}"
-    options = dict(COMMON, **GLYPHS_PK, **opts) if preset == "glyphs" else dict(COMMON, **opts)
+    options = {**COMMON, **(GLYPHS_PK if preset == "glyphs" else {}), **opts}
     if data_root:
         options["data_root"] = str(data_root)
     if run_dir.exists():  # a run cut short: start it again
@@ -587,7 +597,7 @@ def main() -> None:
         default=(1, 200),
         help="EPOCHSxSTEPS of the screen (STEPS 0: whole epochs)",
     )
-    ap.add_argument("--budget", type=parse_budget, default=(2, 200), help="EPOCHSxSTEPS of a run")
+    ap.add_argument("--budget", type=parse_budget, default=(1, 200), help="EPOCHSxSTEPS of a run")
     ap.add_argument(
         "--fashion-budget",
         type=parse_budget,

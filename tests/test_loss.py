@@ -454,19 +454,30 @@ def test_gtg_warmup_and_ramp_of_the_module():
 
 def test_bad_new_options_name_the_argument():
     for p in (0.5, float("inf"), float("nan"), True):
-        _raises(r"^similarity_power: expected a finite number >= 1", GroupLoss, 3,
-                similarity_power=p)
+        _raises(
+            r"^similarity_power: expected a finite number >= 1", GroupLoss, 3, similarity_power=p
+        )
     emb, labels, logits = golden()
-    _raises(r"^similarity_power: expected a finite number >= 1, got 0.5", F.group_loss, emb,
-            labels, logits, similarity_power=0.5)
+    _raises(
+        r"^similarity_power: expected a finite number >= 1, got 0.5",
+        F.group_loss,
+        emb,
+        labels,
+        logits,
+        similarity_power=0.5,
+    )
     _raises(r"^similarity_power: expected", F.similarity, emb, power=0.0)
     _raises(r"^classifier: expected 'linear' or 'cosine'", GroupLoss, 3, classifier="arc")
-    _raises(r"^classifier_scale: expected a finite number > 0", GroupLoss, 3,
-            classifier_scale=0.0)
+    _raises(r"^classifier_scale: expected a finite number > 0", GroupLoss, 3, classifier_scale=0.0)
     _raises(r"^gtg_warmup_steps: expected an integer >= 0", GroupLoss, 3, gtg_warmup_steps=-1)
     _raises(r"^gtg_ramp_steps: expected an integer >= 0", GroupLoss, 3, gtg_ramp_steps=1.5)
-    _raises(r"^ce_weight: expected > 0 with gtg_warmup_steps", GroupLoss, 3, ce_weight=0.0,
-            gtg_warmup_steps=3)
+    _raises(
+        r"^ce_weight: expected > 0 with gtg_warmup_steps",
+        GroupLoss,
+        3,
+        ce_weight=0.0,
+        gtg_warmup_steps=3,
+    )
 
 
 # --------------------------------------------------------------- bad input

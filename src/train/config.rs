@@ -500,6 +500,9 @@ mod tests {
             .merge_toml("gtg_ramp_epochs = 1.0\nce_weight = 0.0\n", "x")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("gtg_ramp_epochs: expected 0 when ce_weight = 0"), "{e}");
+        assert!(
+            e.starts_with("gtg_ramp_epochs: expected 0 when ce_weight = 0"),
+            "{e}"
+        );
     }
 }
