@@ -40,9 +40,11 @@ class GroupLoss(nn.Module):
     ``similarity_power`` (W's entries to a power: a sharper W), and a CE
     warm-up and ramp of the Group Loss term (``gtg_warmup_steps``,
     ``gtg_ramp_steps``), the stand-in for the release's start from a
-    network fine-tuned with CE. On glyphs the combination of a cosine
-    classifier, a sharp W and more anchors is what lets the Group Loss beat
-    normalised-softmax CE (see BENCHMARKS.md, "Quality on glyphs").
+    network fine-tuned with CE. On glyphs a cosine classifier, a sharp W
+    (``similarity_power=8``) and many classes per batch with one anchor each
+    (P=20, K=3) lift the Group Loss well above normalised-softmax CE; a
+    triplet loss with batch-hard mining stays ahead in that search (see
+    BENCHMARKS.md, "Quality on glyphs").
 
     Args:
         num_classes: number of training classes m (columns of the logits).
@@ -133,11 +135,13 @@ class GroupLoss(nn.Module):
         >>> opt = torch.optim.Adam([emb, *loss_fn.parameters()])
         >>> loss_fn(emb, labels).backward()
 
-        The glyphs recommendation (a cosine classifier and a sharp W):
+        The glyphs recommendation (the ``glyphs`` preset: a cosine
+        classifier, a sharp W, one anchor per class, with P=20 classes x K=3
+        samples per batch):
 
         >>> loss_fn = GroupLoss(num_classes=100, embedding_size=512, classifier="cosine",
-        ...                     classifier_scale=16.0, temperature=2.0, num_anchors=3,
-        ...                     similarity_power=4.0)
+        ...                     classifier_scale=16.0, temperature=10.0, num_anchors=1,
+        ...                     similarity_power=8.0)
         >>> loss_fn(emb, labels).backward()
     """
 
