@@ -11,14 +11,26 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_similarity(emb: torch.Tensor, zero_diagonal: bool = False) -> torch.Tensor:
-    x = emb - emb.mean(dim=1, keepdim=True)
-    norms = x.norm(dim=1)
-    w = (x @ x.t()) / (norms[:, None] * norms[None, :])
-    w = torch.relu(w)
-    if zero_diagonal:
-        w = w * (1 - torch.eye(w.shape[0], dtype=w.dtype, device=w.device))
-    return w
+def reference_similarity(
+    emb: torch.Tensor,
+    zero_diagonal: bool = False,
+    kind: str = "correlation",
+    sigma: float = 1.0,
+    power: float = 1.0,
+) -> torch.Tensor:
+    """W from its definition: relu(Pearson correlation) (the release), relu
+    of the cosine, or the gaussian kernel; every entry to `power`."""
+    if kind == "gaussian":
+        d2 = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1)
+        w = torch.exp(-d2 / (2 * sigma**2))
+    else:
+        x = emb - emb.mean(dim=1, keepdim=True) if kind == "correlation" else emb
+        norms = x.norm(dim=1)
+        w = (x @ x.t()) / (norms[:, None] * norms[None, :])
+        w = torch.relu(w)
+    eye = torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
+    w = w.masked_fill(eye, 0.0 if zero_diagonal else 1.0)
+    return w**power
 
 
 def reference_anchors(labels: torch.Tensor, num_anchors: int) -> list[int]:
@@ -42,9 +54,12 @@ def reference_group_loss(
     gtg_weight: float = 1.0,
     ce_weight: float = 1.0,
     zero_diagonal: bool = False,
+    similarity: str = "correlation",
+    sigma: float = 1.0,
+    similarity_power: float = 1.0,
 ):
     """Returns (loss, X, nll, ce) exactly as the spec computes them."""
-    w = reference_similarity(emb, zero_diagonal)
+    w = reference_similarity(emb, zero_diagonal, similarity, sigma, similarity_power)
     x = F.softmax(logits / temperature, dim=1)
     anchors = reference_anchors(labels, num_anchors)
     if anchors:

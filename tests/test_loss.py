@@ -309,6 +309,177 @@ def test_non_contiguous_inputs():
     )
 
 
+# ------------------------------------------- options beyond the release
+
+
+@pytest.mark.parametrize("kind", ["correlation", "cosine", "gaussian"])
+@pytest.mark.parametrize("zero_diagonal", [False, True])
+def test_similarity_power_matches_the_definition(kind, zero_diagonal):
+    emb, _, _ = pk_batch(4, 5, m=8, d=12, seed=3)
+    for power in (1.0, 2.0, 5.5):
+        torch.testing.assert_close(
+            F.similarity(emb, kind, zero_diagonal, sigma=3.0, power=power),
+            reference_similarity(emb, zero_diagonal, kind, 3.0, power),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+
+
+SHARP = [
+    ("correlation", 2.0, 3, 1, 10.0),
+    ("correlation", 8.0, 1, 2, 2.0),
+    ("cosine", 4.0, 2, 3, 24.0),
+    ("gaussian", 3.0, 1, 2, 1.0),
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kind,power,num_anchors,num_iters,temperature", SHARP)
+def test_sharpened_loss_and_gradients_match_the_reference(
+    implementation, dtype, tol, kind, power, num_anchors, num_iters, temperature
+):
+    emb, labels, logits = pk_batch(5, 4, m=11, d=16, dtype=dtype, seed=int(power * 10))
+    if kind == "gaussian":
+        emb = emb / 4  # distances where the kernel is neither 0 nor 1
+    opts = dict(
+        temperature=temperature,
+        num_anchors=num_anchors,
+        num_iters=num_iters,
+        similarity=kind,
+        sigma=2.0,
+        similarity_power=power,
+    )
+    ours = _grads(
+        lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
+        emb,
+        labels,
+        logits,
+    )
+    ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
+    for a, b in zip(ours, ref):
+        scale = max(b.abs().max().item(), 1e-3)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+    # A sharper W changes the loss (the option is not ignored).
+    blunt = F.group_loss(emb, labels, logits, **dict(opts, similarity_power=1.0))
+    assert abs(blunt.item() - ours[0].item()) > 1e-6
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradcheck_sharpened_w(implementation):
+    emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=8)
+    emb.requires_grad_(True)
+    logits.requires_grad_(True)
+
+    def fn(e, lg):
+        return F.group_loss(
+            e,
+            labels,
+            lg,
+            temperature=2.0,
+            num_anchors=1,
+            num_iters=2,
+            similarity_power=3.0,
+            implementation=implementation,
+        )
+
+    assert torch.autograd.gradcheck(fn, (emb, logits), eps=1e-6, atol=1e-7)
+
+
+def test_power_one_is_the_release():
+    emb, labels, logits = golden()
+    out = F.group_loss(emb, labels, logits, temperature=2, num_anchors=1, similarity_power=1.0)
+    assert abs(out.item() - 1.5678459) < 1e-6
+    assert GroupLoss(3).similarity_power == 1.0
+    assert GroupLoss(3, embedding_size=4).classifier_kind == "linear"
+
+
+def test_cosine_classifier_of_the_module():
+    torch.manual_seed(0)
+    emb, labels, _ = pk_batch(3, 4, m=6, d=5, seed=21)
+    loss_fn = GroupLoss(6, embedding_size=5, classifier="cosine", classifier_scale=8.0)
+    assert loss_fn.classifier.bias is None and len(list(loss_fn.parameters())) == 1
+    w = loss_fn.classifier.weight.detach().double()
+    cos = (emb / emb.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t()
+    logits = loss_fn.compute_logits(emb)
+    torch.testing.assert_close(logits, 8.0 * cos, rtol=1e-6, atol=1e-6)
+    assert logits.abs().max() <= 8.0 + 1e-9
+    # Scale-invariant in the embeddings, unlike the linear classifier.
+    torch.testing.assert_close(loss_fn.compute_logits(3 * emb), logits)
+    expected = F.group_loss(emb, labels, logits, temperature=24.0, num_anchors=2)
+    torch.testing.assert_close(loss_fn(emb, labels), expected)
+    e = emb.clone().requires_grad_(True)
+    loss_fn(e, labels).backward()
+    assert e.grad is not None and loss_fn.classifier.weight.grad is not None
+
+
+def test_normalize_embeddings():
+    emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=22)
+    unit = emb / emb.norm(dim=1, keepdim=True)
+    for kind in ("correlation", "gaussian"):
+        loss_fn = GroupLoss(6, similarity=kind, normalize_embeddings=True)
+        expected = F.group_loss(unit, labels, logits, similarity=kind)
+        torch.testing.assert_close(loss_fn(5 * emb, labels, logits), expected)
+    # The gaussian W depends on the scale, so normalising changes it.
+    raw = F.group_loss(5 * emb, labels, logits, similarity="gaussian")
+    assert abs(raw.item() - expected.item()) > 1e-6
+    # The module's linear classifier sees the normalised embeddings too.
+    torch.manual_seed(0)
+    loss_fn = GroupLoss(6, embedding_size=5, normalize_embeddings=True)
+    torch.testing.assert_close(loss_fn.compute_logits(7 * emb), loss_fn.compute_logits(unit))
+
+
+def test_gtg_warmup_and_ramp_of_the_module():
+    emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=23)
+    loss_fn = GroupLoss(6, temperature=2.0, gtg_weight=2.0, gtg_warmup_steps=2, gtg_ramp_steps=4)
+    assert "num_steps" in loss_fn.state_dict()
+    expected_weights = [0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    for w in expected_weights:
+        assert loss_fn.current_gtg_weight() == w
+        got = loss_fn(emb.clone().requires_grad_(True), labels, logits)
+        torch.testing.assert_close(
+            got, F.group_loss(emb, labels, logits, temperature=2.0, gtg_weight=w)
+        )
+    assert int(loss_fn.num_steps) == len(expected_weights)
+    # Evaluation and no-grad calls do not advance the schedule.
+    with torch.no_grad():
+        loss_fn(emb, labels, logits)
+    loss_fn.eval()
+    loss_fn(emb, labels, logits)
+    assert int(loss_fn.num_steps) == len(expected_weights)
+    # Without a schedule there is no step buffer: state dicts are as before.
+    assert "num_steps" not in GroupLoss(6).state_dict()
+    assert GroupLoss(6).current_gtg_weight() == 1.0
+
+
+def test_bad_new_options_name_the_argument():
+    for p in (0.5, float("inf"), float("nan"), True):
+        _raises(
+            r"^similarity_power: expected a finite number >= 1", GroupLoss, 3, similarity_power=p
+        )
+    emb, labels, logits = golden()
+    _raises(
+        r"^similarity_power: expected a finite number >= 1, got 0.5",
+        F.group_loss,
+        emb,
+        labels,
+        logits,
+        similarity_power=0.5,
+    )
+    _raises(r"^similarity_power: expected", F.similarity, emb, power=0.0)
+    _raises(r"^classifier: expected 'linear' or 'cosine'", GroupLoss, 3, classifier="arc")
+    _raises(r"^classifier_scale: expected a finite number > 0", GroupLoss, 3, classifier_scale=0.0)
+    _raises(r"^gtg_warmup_steps: expected an integer >= 0", GroupLoss, 3, gtg_warmup_steps=-1)
+    _raises(r"^gtg_ramp_steps: expected an integer >= 0", GroupLoss, 3, gtg_ramp_steps=1.5)
+    _raises(
+        r"^ce_weight: expected > 0 with gtg_warmup_steps",
+        GroupLoss,
+        3,
+        ce_weight=0.0,
+        gtg_warmup_steps=3,
+    )
+
+
 # --------------------------------------------------------------- bad input
 
 

@@ -396,3 +396,44 @@ def test_the_default_preset_is_fashion_mnist():
     cfg = training.resolve_config()
     assert cfg["dataset"] == "fashion-mnist" and cfg["backbone"] == "convnet"
     assert os.path.isdir("/usr/share/datasets/fashion-mnist")
+
+
+# ------------------------------------------- options of the quality search
+
+
+def test_split_seed_fixes_the_validation_classes(glyphs_root, tmp_path):
+    def val_labels(name, **options):
+        opts = dict(TINY, epochs=1, **options)
+        r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=tmp_path / name, **opts)
+        _, labels = grouploss.load_run(r.run_dir).embed("val")
+        return np.asarray(labels)
+
+    a = val_labels("a", seed=1, split_seed=7)
+    b = val_labels("b", seed=2, split_seed=7)
+    c = val_labels("c", seed=1)
+    assert np.array_equal(a, b)
+    ds = grouploss.datasets.Glyphs(glyphs_root, "val", val_fraction=0.3, split_seed=7)
+    assert np.array_equal(a, np.asarray(ds.labels))
+    # Unset, the carve follows the run seed.
+    ds1 = grouploss.datasets.Glyphs(glyphs_root, "val", val_fraction=0.3, split_seed=1)
+    assert np.array_equal(c, np.asarray(ds1.labels))
+    assert training.resolve_config("glyphs", split_seed=3)["split_seed"] == 3
+
+
+def test_gtg_warmup_ramp_and_sharpness_reach_the_loss(glyphs_root, tmp_path):
+    opts = dict(TINY, epochs=3, gtg_warmup_epochs=1, gtg_ramp_epochs=1.0, classifier="cosine")
+    r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=tmp_path / "ramp", **opts)
+    h = r.history
+    assert h[0]["gtg_weight"] == 0.0 and h[0]["train_nll"] == 0.0
+    assert 0.0 < h[1]["gtg_weight"] < 1.0 and h[1]["train_nll"] > 0.0
+    assert h[2]["gtg_weight"] == 1.0
+    base = dict(TINY, epochs=1, classifier="cosine", num_anchors=3)
+    blunt = grouploss.train(
+        "glyphs", data_root=glyphs_root, out_dir=tmp_path / "p1", similarity_power=1.0, **base
+    )
+    sharp = grouploss.train(
+        "glyphs", data_root=glyphs_root, out_dir=tmp_path / "p8", similarity_power=8.0, **base
+    )
+    assert sharp.history[0]["train_nll"] != blunt.history[0]["train_nll"]
+    with pytest.raises(ValueError, match=r"^similarity_power: expected a finite number >= 1"):
+        training.resolve_config("glyphs", similarity_power=0.5)

@@ -19,6 +19,7 @@ def group_loss(
     ce_weight: float = 1.0,
     similarity: str = "correlation",
     sigma: float = 1.0,
+    similarity_power: float = 1.0,
     zero_diagonal: bool = False,
     anchors: str = "first",
     seed: int = 0,
@@ -43,6 +44,7 @@ def group_loss_with_grads(
     ce_weight: float = 1.0,
     similarity: str = "correlation",
     sigma: float = 1.0,
+    similarity_power: float = 1.0,
     zero_diagonal: bool = False,
     anchors: str = "first",
     seed: int = 0,
@@ -65,6 +67,7 @@ def similarity(
     kind: str = "correlation",
     zero_diagonal: bool = False,
     sigma: float = 1.0,
+    power: float = 1.0,
 ) -> torch.Tensor: ...
 def anchor_mask(
     labels: torch.Tensor, num_anchors: int, mode: str = "first", seed: int = 0

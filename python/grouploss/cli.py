@@ -55,6 +55,8 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
     for key in ("data_root", "out_dir", "pretrained"):
         if key not in defaults:
             group.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
+    if "split_seed" not in defaults:
+        group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -119,6 +119,7 @@ def group_loss(
     ce_weight: float = 1.0,
     similarity: str = "correlation",
     sigma: float = 1.0,
+    similarity_power: float = 1.0,
     zero_diagonal: bool = False,
     anchors: str = "first",
     seed: Optional[int] = None,
@@ -140,6 +141,10 @@ def group_loss(
         ce_weight: weight of the cross-entropy of the raw logits.
         similarity: ``"correlation"`` (release), ``"cosine"`` or ``"gaussian"``.
         sigma: bandwidth of the gaussian similarity.
+        similarity_power: sharpness of W, whose entries are raised to this
+            power (>= 1; 1 is the release's W). Near pairs keep their weight,
+            far ones fade: with many anchors the refinement then behaves like
+            a soft nearest-neighbour classifier of the batch.
         zero_diagonal: zero W's diagonal (paper's text) instead of 1 (release).
         anchors: ``"first"`` per class in batch order (release) or ``"random"``.
         seed: seed of ``anchors="random"``; None draws one from torch's
@@ -176,6 +181,7 @@ def group_loss(
         ce_weight=float(ce_weight),
         similarity=similarity,
         sigma=float(sigma),
+        similarity_power=float(similarity_power),
         zero_diagonal=bool(zero_diagonal),
         anchors=anchors,
         seed=_draw_seed(seed) if anchors == "random" else 0,
@@ -217,6 +223,7 @@ def similarity(
     zero_diagonal: bool = False,
     *,
     sigma: float = 1.0,
+    power: float = 1.0,
 ) -> torch.Tensor:
     """Pairwise similarity W (batch x batch) of the rows of ``embeddings``.
 
@@ -225,15 +232,20 @@ def similarity(
     * ``"cosine"``: ``relu`` of the cosine similarity.
     * ``"gaussian"``: ``exp(-|x_i - x_j|^2 / (2 sigma^2))``.
 
-    The diagonal is 1, or 0 with ``zero_diagonal``. A row with zero variance
-    (correlation) or zero norm (cosine) is similar to no other row (the
-    release would give NaN); rows whose centred norm is below 64 machine
-    epsilons of their own norm count as such.
+    Every entry is then raised to ``power`` (>= 1; the loss's
+    ``similarity_power``). The diagonal is 1, or 0 with ``zero_diagonal``.
+    A row with zero variance (correlation) or zero norm (cosine) is similar
+    to no other row (the release would give NaN); rows whose centred norm is
+    below 64 machine epsilons of their own norm count as such.
     """
     embeddings = _require_tensor("embeddings", embeddings)
     with _no_autocast(embeddings.device):
         return _native.similarity(
-            _upcast(embeddings), kind=kind, zero_diagonal=bool(zero_diagonal), sigma=float(sigma)
+            _upcast(embeddings),
+            kind=kind,
+            zero_diagonal=bool(zero_diagonal),
+            sigma=float(sigma),
+            power=float(power),
         )
 
 

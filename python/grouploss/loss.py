@@ -34,14 +34,35 @@ class GroupLoss(nn.Module):
     prior and the CE term). The computation runs in Rust over libtorch, on
     the inputs' device, with the GIL released.
 
+    Beyond the release (every default below is the release's behaviour):
+    ``classifier="cosine"`` (a normalised-softmax classifier, logits
+    ``classifier_scale * cos(e, w_c)``), ``normalize_embeddings``,
+    ``similarity_power`` (W's entries to a power: a sharper W), and a CE
+    warm-up and ramp of the Group Loss term (``gtg_warmup_steps``,
+    ``gtg_ramp_steps``), the stand-in for the release's start from a
+    network fine-tuned with CE. On glyphs a cosine classifier, a sharp W
+    (``similarity_power=8``) and many classes per batch with one anchor each
+    (P=20, K=3) lift the Group Loss well above normalised-softmax CE; a
+    triplet loss with batch-hard mining stays ahead in that search (see
+    BENCHMARKS.md, "Quality on glyphs").
+
     Args:
         num_classes: number of training classes m (columns of the logits).
-        embedding_size: if given, the module owns a linear classifier
-            ``nn.Linear(embedding_size, num_classes)`` used when ``forward``
-            gets no logits, so ``loss_fn(embeddings, labels)`` works as a
-            drop-in like pytorch-metric-learning's ArcFaceLoss. **Its
-            parameters must be given to the optimizer**, e.g.
+        embedding_size: if given, the module owns a classifier
+            (``classifier``) used when ``forward`` gets no logits, so
+            ``loss_fn(embeddings, labels)`` works as a drop-in like
+            pytorch-metric-learning's ArcFaceLoss. **Its parameters must be
+            given to the optimizer**, e.g.
             ``Adam([*model.parameters(), *loss_fn.parameters()])``.
+        classifier: the module's own classifier: ``"linear"``
+            (``nn.Linear(embedding_size, num_classes)``, the release) or
+            ``"cosine"`` (``classifier_scale * normalize(e) @
+            normalize(weight).T``, no bias: normalised softmax).
+        classifier_scale: scale s of the cosine classifier's logits (they lie
+            in ``[-s, s]``).
+        normalize_embeddings: L2-normalise the embeddings before the
+            classifier and the similarity (correlation and cosine W do not
+            change; the gaussian W and a linear classifier do).
         temperature: softmax temperature T of the prior (release: 24 CUB,
             79 Cars196, 54 SOP).
         num_anchors: anchors ("labelled points") per class in each batch; their
@@ -55,6 +76,9 @@ class GroupLoss(nn.Module):
         similarity: ``"correlation"`` (release), ``"cosine"`` or
             ``"gaussian"`` (bandwidth ``sigma``).
         sigma: bandwidth of the gaussian similarity.
+        similarity_power: sharpness p of W: ``W = relu(S) ** p`` entrywise
+            (>= 1; 1 is the release). Far pairs fade faster than near ones;
+            for the gaussian W it is the bandwidth ``sigma / sqrt(p)``.
         zero_diagonal: zero the diagonal of W (the paper's text) instead of
             keeping it at 1 (the release).
         anchors: ``"first"``: the first ``num_anchors`` samples of each class
@@ -66,6 +90,13 @@ class GroupLoss(nn.Module):
         batch_classes_only: refine over the classes present in the batch only
             (prior columns restricted and renormalised); for datasets with
             thousands of classes.
+        gtg_warmup_steps: training steps (calls of ``forward`` in training
+            mode with gradients enabled) with the Group Loss term off: CE
+            alone, like the release's start from a CE-finetuned network.
+            Requires ``ce_weight > 0``. The step count is the buffer
+            ``num_steps`` (saved in the state dict when a schedule is set).
+        gtg_ramp_steps: after the warm-up, the weight of the Group Loss term
+            grows linearly from 0 to ``gtg_weight`` over this many steps.
         implementation: ``"auto"`` computes the gradients in closed form in
             the same call as the loss (fused kernels on CPU, libtorch ops on
             CUDA); ``"fused_cpu"`` and ``"libtorch"`` force one of them;
@@ -103,6 +134,15 @@ class GroupLoss(nn.Module):
         >>> loss_fn = GroupLoss(num_classes=100, embedding_size=512)
         >>> opt = torch.optim.Adam([emb, *loss_fn.parameters()])
         >>> loss_fn(emb, labels).backward()
+
+        The glyphs recommendation (the ``glyphs`` preset: a cosine
+        classifier, a sharp W, one anchor per class, with P=20 classes x K=3
+        samples per batch):
+
+        >>> loss_fn = GroupLoss(num_classes=100, embedding_size=512, classifier="cosine",
+        ...                     classifier_scale=16.0, temperature=10.0, num_anchors=1,
+        ...                     similarity_power=8.0)
+        >>> loss_fn(emb, labels).backward()
     """
 
     def __init__(
@@ -110,6 +150,9 @@ class GroupLoss(nn.Module):
         num_classes: int,
         *,
         embedding_size: Optional[int] = None,
+        classifier: str = "linear",
+        classifier_scale: float = 16.0,
+        normalize_embeddings: bool = False,
         temperature: float = 24.0,
         num_anchors: int = 2,
         num_iters: int = 1,
@@ -117,10 +160,13 @@ class GroupLoss(nn.Module):
         ce_weight: float = 1.0,
         similarity: str = "correlation",
         sigma: float = 1.0,
+        similarity_power: float = 1.0,
         zero_diagonal: bool = False,
         anchors: str = "first",
         seed: Optional[int] = None,
         batch_classes_only: bool = False,
+        gtg_warmup_steps: int = 0,
+        gtg_ramp_steps: int = 0,
         implementation: str = "auto",
     ) -> None:
         super().__init__()
@@ -142,6 +188,21 @@ class GroupLoss(nn.Module):
                 f"got {similarity!r}"
             )
         _check_positive("sigma", sigma)
+        ok = isinstance(similarity_power, (int, float)) and not isinstance(similarity_power, bool)
+        if not ok or not (1 <= similarity_power < float("inf")):
+            raise ValueError(
+                f"similarity_power: expected a finite number >= 1, got {similarity_power!r}"
+            )
+        if classifier not in ("linear", "cosine"):
+            raise ValueError(f"classifier: expected 'linear' or 'cosine', got {classifier!r}")
+        _check_positive("classifier_scale", classifier_scale)
+        _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
+        _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)
+        if (gtg_warmup_steps or gtg_ramp_steps) and ce_weight == 0:
+            raise ValueError(
+                "ce_weight: expected > 0 with gtg_warmup_steps or gtg_ramp_steps (the warm-up "
+                "trains with CE alone), got 0"
+            )
         if anchors not in ("first", "random"):
             raise ValueError(f"anchors: expected 'first' or 'random', got {anchors!r}")
         if seed is not None:
@@ -160,6 +221,12 @@ class GroupLoss(nn.Module):
         self.ce_weight = float(ce_weight)
         self.similarity = similarity
         self.sigma = float(sigma)
+        self.similarity_power = float(similarity_power)
+        self.classifier_kind = classifier
+        self.classifier_scale = float(classifier_scale)
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.gtg_warmup_steps = int(gtg_warmup_steps)
+        self.gtg_ramp_steps = int(gtg_ramp_steps)
         self.zero_diagonal = bool(zero_diagonal)
         self.anchors = anchors
         self.seed = seed
@@ -169,8 +236,15 @@ class GroupLoss(nn.Module):
         if seed is not None:
             self._generator = torch.Generator().manual_seed(int(seed))
         self.classifier: Optional[nn.Linear] = (
-            nn.Linear(int(embedding_size), self.num_classes) if embedding_size is not None else None
+            nn.Linear(int(embedding_size), self.num_classes, bias=classifier == "linear")
+            if embedding_size is not None
+            else None
         )
+        self.num_steps: Optional[torch.Tensor]
+        if self.gtg_warmup_steps or self.gtg_ramp_steps:
+            self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        else:
+            self.num_steps = None
 
     def extra_repr(self) -> str:
         return (
@@ -178,8 +252,24 @@ class GroupLoss(nn.Module):
             f"temperature={self.temperature}, num_anchors={self.num_anchors}, "
             f"num_iters={self.num_iters}, gtg_weight={self.gtg_weight}, "
             f"ce_weight={self.ce_weight}, similarity={self.similarity!r}, "
-            f"zero_diagonal={self.zero_diagonal}, anchors={self.anchors!r}"
+            f"similarity_power={self.similarity_power}, "
+            f"zero_diagonal={self.zero_diagonal}, anchors={self.anchors!r}, "
+            f"classifier={self.classifier_kind!r}, classifier_scale={self.classifier_scale}, "
+            f"normalize_embeddings={self.normalize_embeddings}, "
+            f"gtg_warmup_steps={self.gtg_warmup_steps}, gtg_ramp_steps={self.gtg_ramp_steps}"
         )
+
+    def current_gtg_weight(self) -> float:
+        """The weight of the Group Loss term at the current step: 0 during the
+        warm-up, then ramped linearly to ``gtg_weight``."""
+        if self.num_steps is None:
+            return self.gtg_weight
+        t = int(self.num_steps.item()) - self.gtg_warmup_steps
+        if t < 0:
+            return 0.0
+        if self.gtg_ramp_steps > 0:
+            return self.gtg_weight * min(1.0, t / self.gtg_ramp_steps)
+        return self.gtg_weight
 
     def _anchor_seed(self) -> Optional[int]:
         if self.anchors != "random" or self._generator is None:
@@ -188,7 +278,8 @@ class GroupLoss(nn.Module):
 
     def compute_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits of the module's own classifier, in the embeddings' dtype and
-        on their device (gradients still reach the classifier's parameters)."""
+        on their device (gradients still reach the classifier's parameters).
+        With ``normalize_embeddings`` the embeddings are normalised first."""
         if self.classifier is None:
             raise ValueError(
                 "logits: expected a (batch, num_classes) tensor, got None; pass logits or "
@@ -202,9 +293,16 @@ class GroupLoss(nn.Module):
                 f"got {list(embeddings.shape)}"
             )
         x = F._upcast(embeddings)
+        if self.normalize_embeddings:
+            x = nn.functional.normalize(x, dim=1, eps=1e-12)
         weight = self.classifier.weight.to(device=x.device, dtype=x.dtype)
-        bias = self.classifier.bias.to(device=x.device, dtype=x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        if self.classifier_kind == "cosine":
+            x = nn.functional.normalize(x, dim=1, eps=1e-12)
+            weight = nn.functional.normalize(weight, dim=1, eps=1e-12)
+            return nn.functional.linear(x, weight) * self.classifier_scale
+        bias = self.classifier.bias
+        assert bias is not None  # the linear classifier has one
+        return nn.functional.linear(x, weight, bias.to(device=x.device, dtype=x.dtype))
 
     def forward(
         self,
@@ -226,6 +324,15 @@ class GroupLoss(nn.Module):
         """
         if logits is None:
             logits = self.compute_logits(embeddings)
+        if self.normalize_embeddings:
+            if not isinstance(embeddings, torch.Tensor):
+                raise TypeError(
+                    f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
+                )
+            embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
+        gtg_weight = self.current_gtg_weight()
+        if self.num_steps is not None and self.training and torch.is_grad_enabled():
+            self.num_steps += 1
         return F.group_loss(
             embeddings,
             labels,
@@ -233,10 +340,11 @@ class GroupLoss(nn.Module):
             temperature=self.temperature,
             num_anchors=self.num_anchors,
             num_iters=self.num_iters,
-            gtg_weight=self.gtg_weight,
+            gtg_weight=gtg_weight,
             ce_weight=self.ce_weight,
             similarity=self.similarity,
             sigma=self.sigma,
+            similarity_power=self.similarity_power,
             zero_diagonal=self.zero_diagonal,
             anchors=self.anchors,
             seed=self._anchor_seed(),

@@ -97,7 +97,12 @@ pub fn group_loss_with_grads(
     };
 
     let (nll, probs, classes) = if opts.gtg_weight != 0.0 {
-        let sim = SimilarityPass::forward(&emb, opts.similarity, opts.zero_diagonal);
+        let sim = SimilarityPass::forward(
+            &emb,
+            opts.similarity,
+            opts.zero_diagonal,
+            opts.similarity_power,
+        );
         let w = &sim.w;
         let (selected, targets, classes) = if opts.batch_classes_only {
             let (classes, inverse, _) = labels.internal_unique2(true, true, false);

@@ -142,6 +142,17 @@ pub(crate) fn check_labels_shape(labels: &Tensor, n: Option<i64>) -> Result<()> 
     Ok(())
 }
 
+/// The sharpness of W: a power below 1 would give infinite gradients at
+/// the clipped zeros.
+pub(crate) fn check_power(power: f64) -> Result<()> {
+    ensure(
+        power.is_finite() && power >= 1.0,
+        "similarity_power",
+        || format!("{power}"),
+        "a finite number >= 1",
+    )
+}
+
 /// Scalar options of the loss.
 pub(crate) fn check_options(opts: &GroupLossOptions) -> Result<()> {
     let t = opts.temperature;
@@ -174,6 +185,7 @@ pub(crate) fn check_options(opts: &GroupLossOptions) -> Result<()> {
             "a finite number >= 0",
         )?;
     }
+    check_power(opts.similarity_power)?;
     ensure(
         opts.gtg_weight > 0.0 || opts.ce_weight > 0.0,
         "gtg_weight",

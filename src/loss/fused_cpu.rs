@@ -21,7 +21,7 @@ use super::analytic::LossWithGrads;
 use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
 use super::kernels::{centre_row, dot, grad_row, max_and_finite, similarity_grad_row, sum, Real};
-use super::similarity::Similarity;
+use super::similarity::{effective_power, Similarity};
 use super::GroupLossOptions;
 use crate::error::{Error, Result};
 
@@ -236,12 +236,16 @@ struct Sim<T: Real> {
     w: Buf<T>,
     /// Off-diagonal entries whose pre-clip similarity is positive.
     active: Vec<bool>,
+    /// `power * base^(power - 1)` per entry when W is sharpened (empty
+    /// otherwise).
+    dpower: Vec<T>,
 }
 
 fn similarity_forward<T: Real>(
     emb: &Tensor,
     kind: Similarity,
     zero_diagonal: bool,
+    power: f64,
 ) -> Result<Sim<T>> {
     let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
     let src = Buf::<T>::new(emb.shallow_clone());
@@ -276,15 +280,22 @@ fn similarity_forward<T: Real>(
                 }
             }
             let mut w = rows.gram();
+            let mut dpower = Vec::new();
+            if power != 1.0 {
+                dpower = vec![T::ZERO; n * n];
+            }
             {
                 let c = w.m();
                 for i in 0..n {
                     for j in 0..n {
                         let v = c[i * n + j] * norms[i] * norms[j];
+                        if power != 1.0 && i != j && v > T::ZERO {
+                            dpower[i * n + j] = T::from_f64(power) * v.powf(power - 1.0);
+                        }
                         if i == j {
                             c[i * n + j] = diag;
                         } else if v > T::ZERO {
-                            c[i * n + j] = v;
+                            c[i * n + j] = if power == 1.0 { v } else { v.powf(power) };
                             active[i * n + j] = true;
                         } else {
                             c[i * n + j] = T::ZERO;
@@ -298,6 +309,7 @@ fn similarity_forward<T: Real>(
                 degenerate,
                 w,
                 active,
+                dpower,
             })
         }
         Similarity::Gaussian { sigma } => {
@@ -334,6 +346,7 @@ fn similarity_forward<T: Real>(
                 degenerate: Vec::new(),
                 w,
                 active,
+                dpower: Vec::new(),
             })
         }
     }
@@ -354,7 +367,10 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf
             for j in 0..n {
                 let k = i * n + j;
                 s[k] = if sim.active[k] {
-                    let v = dw[k] + dw[j * n + i];
+                    let mut v = dw[k] + dw[j * n + i];
+                    if !sim.dpower.is_empty() {
+                        v *= sim.dpower[k];
+                    }
                     match kind {
                         Similarity::Gaussian { .. } => v * w[k] * scale,
                         _ => v,
@@ -489,7 +505,8 @@ fn run<T: Real>(
     let mut probs = None;
 
     if let Some(mut x0) = prior {
-        let sim = similarity_forward::<T>(emb, opts.similarity, opts.zero_diagonal)?;
+        let (kind, power) = effective_power(opts.similarity, opts.similarity_power);
+        let sim = similarity_forward::<T>(emb, kind, opts.zero_diagonal, power)?;
         let w = sim.w.s();
         let flags = anchor_flags(y, opts.num_anchors as usize, opts.anchors);
         {
@@ -679,7 +696,7 @@ fn run<T: Real>(
                     mp,
                 );
             }
-            grad_emb = Some(similarity_backward(&sim, &dw, opts.similarity));
+            grad_emb = Some(similarity_backward(&sim, &dw, kind));
         }
 
         if want_probs {

@@ -37,6 +37,7 @@ pub(crate) trait Real:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    fn powf(self, p: f64) -> Self;
 }
 
 impl Real for f64 {
@@ -64,6 +65,10 @@ impl Real for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    #[inline]
+    fn powf(self, p: f64) -> Self {
+        f64::powf(self, p)
+    }
 }
 
 impl Real for f32 {
@@ -90,6 +95,10 @@ impl Real for f32 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline]
+    fn powf(self, p: f64) -> Self {
+        f32::powf(self, p as f32)
     }
 }
 

@@ -25,7 +25,7 @@ pub use analytic::LossWithGrads;
 pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
 pub use checks::{check_inputs, check_logits_width};
 pub use refine::{apply_anchors, refine, replicator};
-pub use similarity::{similarity, Similarity};
+pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};
 
 use crate::error::Result;
 
@@ -45,6 +45,9 @@ pub struct GroupLossOptions {
     pub ce_weight: f64,
     /// The similarity W.
     pub similarity: Similarity,
+    /// Sharpness of W: its entries raised to this power (>= 1; 1, the
+    /// release, leaves W as is).
+    pub similarity_power: f64,
     /// Zero the diagonal of W (the paper's text) instead of keeping it at 1.
     pub zero_diagonal: bool,
     /// How anchors are chosen.
@@ -63,6 +66,7 @@ impl Default for GroupLossOptions {
             gtg_weight: 1.0,
             ce_weight: 1.0,
             similarity: Similarity::Correlation,
+            similarity_power: 1.0,
             zero_diagonal: false,
             anchors: AnchorMode::First,
             batch_classes_only: false,
@@ -155,7 +159,12 @@ pub fn group_loss(
     let labels = labels.to_kind(Kind::Int64);
 
     let (nll, probs, classes) = if opts.gtg_weight != 0.0 {
-        let w = similarity(&emb, opts.similarity, opts.zero_diagonal);
+        let w = similarity_with_power(
+            &emb,
+            opts.similarity,
+            opts.zero_diagonal,
+            opts.similarity_power,
+        );
         let mut prior = (&logits / opts.temperature).softmax(1, kind);
         let (targets, classes) = if opts.batch_classes_only {
             let (classes, inverse, _) = labels.internal_unique2(true, true, false);
@@ -192,11 +201,23 @@ pub fn group_loss(
     })
 }
 
-/// [`similarity`] after checking `emb` (2-D, floating, finite, n >= 1).
-pub fn similarity_checked(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Result<Tensor> {
+/// [`similarity_with_power`] after checking `emb` (2-D, floating, finite,
+/// n >= 1) and `power` (finite, >= 1).
+pub fn similarity_checked(
+    emb: &Tensor,
+    kind: Similarity,
+    zero_diagonal: bool,
+    power: f64,
+) -> Result<Tensor> {
     checks::check_matrix(emb, "embeddings", "batch x embedding dims")?;
+    checks::check_power(power)?;
     let k = refine::compute_kind(&[emb.kind()]);
-    Ok(similarity(&emb.to_kind(k), kind, zero_diagonal))
+    Ok(similarity_with_power(
+        &emb.to_kind(k),
+        kind,
+        zero_diagonal,
+        power,
+    ))
 }
 
 /// [`anchor_mask`] after checking that `labels` are 1-D non-negative integers.
@@ -404,6 +425,56 @@ mod tests {
         f64::try_from((a - b).abs().max()).unwrap() / scale
     }
 
+    /// Sharpness of W in the gradient tests: the release's, an integer and a
+    /// fractional power.
+    const POWERS: [f64; 3] = [1.0, 2.0, 4.5];
+
+    #[test]
+    fn sharpened_w_is_w_to_the_power_entrywise() {
+        let (emb, _, _) = random_batch(3, 4, 7, 6, 5);
+        for kind in [
+            Similarity::Correlation,
+            Similarity::Cosine,
+            Similarity::Gaussian { sigma: 2.0 },
+        ] {
+            for zero_diag in [false, true] {
+                let w = Vec::<f64>::try_from(&similarity(&emb, kind, zero_diag).flatten(0, -1))
+                    .unwrap();
+                for p in POWERS {
+                    let sharp = similarity_with_power(&emb, kind, zero_diag, p);
+                    let expected: Vec<f64> = w.iter().map(|v| v.powf(p)).collect();
+                    close(&sharp, &expected, 1e-12);
+                }
+            }
+        }
+        let e = similarity_checked(&emb, Similarity::Cosine, false, 0.5).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("similarity_power: expected a finite number >= 1"),
+            "{e}"
+        );
+        let (_, logits, y) = golden();
+        let o = GroupLossOptions {
+            similarity_power: f64::NAN,
+            ..opts(1)
+        };
+        let e = group_loss(&golden().0, &logits, &y, &o).unwrap_err();
+        assert!(e.to_string().starts_with("similarity_power:"), "{e}");
+    }
+
+    #[test]
+    fn power_one_keeps_the_golden_vector() {
+        let (emb, logits, y) = golden();
+        let o = GroupLossOptions {
+            similarity_power: 1.0,
+            ..opts(1)
+        };
+        for imp in [Implementation::Libtorch, Implementation::FusedCpu] {
+            let out = group_loss_with_grads(&emb, &logits, &y, &o, false, false, imp).unwrap();
+            close(&out.loss, &[1.5678459], 1e-6);
+        }
+    }
+
     #[test]
     fn analytic_gradients_equal_autograd() {
         let sims = [
@@ -428,6 +499,7 @@ mod tests {
                         zero_diagonal: zero_diag,
                         batch_classes_only: restrict,
                         similarity: sims[case as usize % 3],
+                        similarity_power: POWERS[(case as usize / 3) % 3],
                         gtg_weight: 0.7,
                         ce_weight: 1.3,
                         ..Default::default()
@@ -486,6 +558,7 @@ mod tests {
                             zero_diagonal: zero_diag,
                             batch_classes_only: restrict,
                             similarity: sims[case as usize % 3],
+                            similarity_power: POWERS[(case as usize / 3) % 3],
                             gtg_weight: gw,
                             ce_weight: cw,
                             ..Default::default()

@@ -45,6 +45,44 @@ impl Similarity {
     }
 }
 
+/// The similarity and power the computation uses for `kind` sharpened by
+/// `power`: a gaussian kernel to a power is the gaussian of bandwidth
+/// `sigma / sqrt(power)`, so its power folds into sigma (and its backward
+/// needs no extra factor); correlation and cosine keep the power.
+pub fn effective_power(kind: Similarity, power: f64) -> (Similarity, f64) {
+    match kind {
+        Similarity::Gaussian { sigma } if power != 1.0 => (
+            Similarity::Gaussian {
+                sigma: sigma / power.sqrt(),
+            },
+            1.0,
+        ),
+        other => (other, power),
+    }
+}
+
+/// `w` with every entry raised to `power` (>= 1), out of place. The diagonal
+/// (1 or 0) and the clipped zeros are unchanged; near pairs keep most of
+/// their weight while far ones fade, which sharpens the propagation.
+pub fn sharpen(w: &Tensor, power: f64) -> Tensor {
+    if power == 1.0 {
+        w.shallow_clone()
+    } else {
+        w.pow_tensor_scalar(power)
+    }
+}
+
+/// [`similarity`] sharpened by `power` (see [`sharpen`]): the W of the loss.
+pub fn similarity_with_power(
+    emb: &Tensor,
+    kind: Similarity,
+    zero_diagonal: bool,
+    power: f64,
+) -> Tensor {
+    let (kind, power) = effective_power(kind, power);
+    sharpen(&similarity(emb, kind, zero_diagonal), power)
+}
+
 /// Unit rows, with rows too close to zero set to exactly zero.
 ///
 /// A row is degenerate when its norm is below `64 * eps(dtype)` times the norm
@@ -114,13 +152,18 @@ pub(crate) struct SimilarityPass {
     degenerate: Option<Tensor>,
     /// Where the pre-clip similarity is positive, off the diagonal.
     active: Tensor,
+    /// `power * base^(power - 1)`, the derivative of the sharpening, when
+    /// `power != 1` (correlation, cosine).
+    dpower: Option<Tensor>,
     /// W.
     pub w: Tensor,
 }
 
 impl SimilarityPass {
-    /// W and saved state. `emb` must not require grad (use a detached view).
-    pub(crate) fn forward(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Self {
+    /// W (sharpened by `power`, see [`sharpen`]) and saved state. `emb` must
+    /// not require grad (use a detached view).
+    pub(crate) fn forward(emb: &Tensor, kind: Similarity, zero_diagonal: bool, power: f64) -> Self {
+        let (kind, power) = effective_power(kind, power);
         let n = emb.size()[0];
         let eye = Tensor::eye(n, (Kind::Bool, emb.device()));
         let diag = if zero_diagonal { 0.0 } else { 1.0 };
@@ -142,13 +185,20 @@ impl SimilarityPass {
                 let u = (&x / &norm).masked_fill(&degenerate, 0.0);
                 let c = u.mm(&u.transpose(0, 1));
                 let active = c.gt(0.0).logical_and(&eye.logical_not());
-                let w = c.relu().masked_fill(&eye, diag);
+                let base = c.relu().masked_fill(&eye, diag);
+                let (w, dpower) = if power == 1.0 {
+                    (base, None)
+                } else {
+                    let d = base.pow_tensor_scalar(power - 1.0) * power;
+                    (sharpen(&base, power), Some(d))
+                };
                 SimilarityPass {
                     kind,
                     rows: u,
                     norms: Some(norm),
                     degenerate: Some(degenerate),
                     active,
+                    dpower,
                     w,
                 }
             }
@@ -161,6 +211,7 @@ impl SimilarityPass {
                     norms: None,
                     degenerate: None,
                     active,
+                    dpower: None,
                     w,
                 }
             }
@@ -171,6 +222,10 @@ impl SimilarityPass {
     /// matrix; W is symmetric, so only its symmetric part matters).
     pub(crate) fn backward(&self, dw: &Tensor) -> Tensor {
         let dw = dw.where_scalarother(&self.active, 0.0);
+        let dw = match &self.dpower {
+            Some(d) => dw * d,
+            None => dw,
+        };
         let sym = &dw + dw.transpose(0, 1);
         match self.kind {
             Similarity::Correlation | Similarity::Cosine => {

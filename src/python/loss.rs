@@ -19,7 +19,7 @@ type LossParts = (
 #[pyo3(signature = (
     embeddings, labels, logits, *, temperature = 24.0, num_anchors = 2, num_iters = 1,
     gtg_weight = 1.0, ce_weight = 1.0, similarity = "correlation", sigma = 1.0,
-    zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
+    similarity_power = 1.0, zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
     num_classes = None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -35,6 +35,7 @@ fn group_loss(
     ce_weight: f64,
     similarity: &str,
     sigma: f64,
+    similarity_power: f64,
     zero_diagonal: bool,
     anchors: &str,
     seed: u64,
@@ -48,6 +49,7 @@ fn group_loss(
         gtg_weight,
         ce_weight,
         similarity: Similarity::parse(similarity, sigma)?,
+        similarity_power,
         zero_diagonal,
         anchors: AnchorMode::parse(anchors, seed)?,
         batch_classes_only,
@@ -83,7 +85,7 @@ type LossAndGrads = (
 #[pyo3(signature = (
     embeddings, labels, logits, *, temperature = 24.0, num_anchors = 2, num_iters = 1,
     gtg_weight = 1.0, ce_weight = 1.0, similarity = "correlation", sigma = 1.0,
-    zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
+    similarity_power = 1.0, zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
     num_classes = None, want_grads = true, want_probs = false, implementation = "auto"
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -99,6 +101,7 @@ fn group_loss_with_grads(
     ce_weight: f64,
     similarity: &str,
     sigma: f64,
+    similarity_power: f64,
     zero_diagonal: bool,
     anchors: &str,
     seed: u64,
@@ -115,6 +118,7 @@ fn group_loss_with_grads(
         gtg_weight,
         ce_weight,
         similarity: Similarity::parse(similarity, sigma)?,
+        similarity_power,
         zero_diagonal,
         anchors: AnchorMode::parse(anchors, seed)?,
         batch_classes_only,
@@ -145,19 +149,22 @@ fn group_loss_with_grads(
     ))
 }
 
-/// Pairwise similarity W of the rows of `embeddings`.
+/// Pairwise similarity W of the rows of `embeddings`, sharpened by `power`.
 #[pyfunction]
-#[pyo3(signature = (embeddings, kind = "correlation", zero_diagonal = false, sigma = 1.0))]
+#[pyo3(signature = (
+    embeddings, kind = "correlation", zero_diagonal = false, sigma = 1.0, power = 1.0
+))]
 fn similarity(
     py: Python<'_>,
     embeddings: PyTensor,
     kind: &str,
     zero_diagonal: bool,
     sigma: f64,
+    power: f64,
 ) -> PyResult<PyTensor> {
     let kind = Similarity::parse(kind, sigma)?;
     let w = without_gil(py, move || {
-        loss::similarity_checked(&embeddings, kind, zero_diagonal)
+        loss::similarity_checked(&embeddings, kind, zero_diagonal, power)
     })?;
     Ok(PyTensor(w))
 }

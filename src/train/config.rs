@@ -25,6 +25,10 @@ pub struct TrainConfig {
     /// Caps the steps of an epoch (0: no cap); for smoke tests.
     pub max_steps_per_epoch: usize,
     pub seed: u64,
+    /// Seed of the validation classes carved out of the training classes;
+    /// unset: `seed`. Fixing it keeps the same validation classes across
+    /// runs with other seeds (hyperparameter searches).
+    pub split_seed: Option<u64>,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when present).
     pub device: String,
     /// bfloat16 autocast of the network on CUDA.
@@ -60,12 +64,18 @@ pub struct TrainConfig {
     pub ce_weight: f64,
     pub similarity: String,
     pub sigma: f64,
+    /// Sharpness of W: its entries raised to this power (>= 1; 1: the
+    /// release's W).
+    pub similarity_power: f64,
     pub zero_diagonal: bool,
     pub anchors: String,
     pub batch_classes_only: bool,
     /// Epochs of CE only before the Group Loss term is switched on (the
     /// release starts from a CE-finetuned network instead).
     pub gtg_warmup_epochs: usize,
+    /// After the warm-up, `gtg_weight` grows linearly from 0 over this many
+    /// epochs (fractions allowed; 0: switched on at once).
+    pub gtg_ramp_epochs: f64,
 
     // Optimisation.
     /// adam, adamw, radam (the release) or sgd.
@@ -249,6 +259,14 @@ impl TrainConfig {
         nonneg("gtg_weight", self.gtg_weight)?;
         nonneg("ce_weight", self.ce_weight)?;
         nonneg("warmup_epochs", self.warmup_epochs)?;
+        nonneg("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
+        if !(self.similarity_power.is_finite() && self.similarity_power >= 1.0) {
+            return Err(Error::invalid(
+                "similarity_power",
+                self.similarity_power,
+                "a finite number >= 1",
+            ));
+        }
         pos("lr_decay", self.lr_decay)?;
         pos("classifier_scale", self.classifier_scale)?;
         if !(0.0..1.0).contains(&self.val_fraction) {
@@ -311,6 +329,13 @@ impl TrainConfig {
                 "0 when ce_weight = 0 (the warm-up trains with CE alone)",
             ));
         }
+        if self.gtg_ramp_epochs > 0.0 && self.ce_weight == 0.0 {
+            return Err(Error::invalid(
+                "gtg_ramp_epochs",
+                self.gtg_ramp_epochs,
+                "0 when ce_weight = 0 (the ramp starts from CE alone)",
+            ));
+        }
         one_of(
             "similarity",
             &self.similarity,
@@ -369,6 +394,25 @@ impl TrainConfig {
         }
     }
 
+    /// The seed of the validation carve.
+    pub fn split_seed(&self) -> u64 {
+        self.split_seed.unwrap_or(self.seed)
+    }
+
+    /// The weight of the Group Loss term at `progress` epochs into the run
+    /// (epoch index plus the fraction of it done): 0 during the CE warm-up,
+    /// then a linear ramp to `gtg_weight` over `gtg_ramp_epochs`.
+    pub fn gtg_weight_at(&self, progress: f64) -> f64 {
+        let t = progress - self.gtg_warmup_epochs as f64;
+        if t < 0.0 {
+            0.0
+        } else if self.gtg_ramp_epochs > 0.0 {
+            self.gtg_weight * (t / self.gtg_ramp_epochs).min(1.0)
+        } else {
+            self.gtg_weight
+        }
+    }
+
     /// The learning rate of the backbone.
     pub fn backbone_lr(&self) -> f64 {
         if self.backbone_lr > 0.0 {
@@ -376,5 +420,89 @@ impl TrainConfig {
         } else {
             self.lr
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glyphs() -> TrainConfig {
+        super::super::presets::preset("glyphs").unwrap()
+    }
+
+    #[test]
+    fn gtg_weight_warmup_then_ramp() {
+        let cfg = TrainConfig {
+            gtg_weight: 2.0,
+            gtg_warmup_epochs: 1,
+            gtg_ramp_epochs: 2.0,
+            ..glyphs()
+        };
+        let got: Vec<f64> = [0.0, 0.5, 0.999, 1.0, 1.5, 2.0, 2.5, 3.0, 7.0]
+            .iter()
+            .map(|&t| cfg.gtg_weight_at(t))
+            .collect();
+        let expected = [0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0];
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-12, "{got:?}");
+        }
+        let plain = TrainConfig {
+            gtg_weight: 0.7,
+            ..glyphs()
+        };
+        assert_eq!(plain.gtg_weight_at(0.0), 0.7);
+        let warm = TrainConfig {
+            gtg_warmup_epochs: 2,
+            ..glyphs()
+        };
+        assert_eq!(
+            (warm.gtg_weight_at(1.9), warm.gtg_weight_at(2.0)),
+            (0.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn split_seed_defaults_to_the_run_seed() {
+        let cfg = TrainConfig {
+            seed: 5,
+            ..glyphs()
+        };
+        assert_eq!(cfg.split_seed(), 5);
+        let fixed = cfg.merge_toml("split_seed = 0\n", "x").unwrap();
+        assert_eq!((fixed.split_seed(), fixed.seed), (0, 5));
+        let round = TrainConfig::resolve(
+            None,
+            Some((&fixed.to_toml().unwrap(), "x")),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(round.split_seed, Some(0));
+    }
+
+    #[test]
+    fn new_options_are_checked() {
+        let base = glyphs();
+        let e = base
+            .merge_toml("similarity_power = 0.5\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("similarity_power: expected a finite number >= 1"),
+            "{e}"
+        );
+        let e = base
+            .merge_toml("gtg_ramp_epochs = -1.0\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("gtg_ramp_epochs: expected"), "{e}");
+        let e = base
+            .merge_toml("gtg_ramp_epochs = 1.0\nce_weight = 0.0\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("gtg_ramp_epochs: expected 0 when ce_weight = 0"),
+            "{e}"
+        );
     }
 }

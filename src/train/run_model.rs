@@ -153,7 +153,7 @@ impl RunModel {
         let options = DatasetOptions {
             split: Split::parse(split)?,
             val_fraction: self.config.val_fraction,
-            split_seed: self.config.seed,
+            split_seed: self.config.split_seed(),
         };
         let root = root.or(self.config.data_root.as_deref());
         let kind = self.config.dataset.replace('-', "_");

@@ -75,7 +75,7 @@ fn open(cfg: &TrainConfig, split: Split) -> Result<Arc<Dataset>> {
     let options = DatasetOptions {
         split,
         val_fraction: cfg.val_fraction,
-        split_seed: cfg.seed,
+        split_seed: cfg.split_seed(),
     };
     let extra = ReaderOptions::default();
     Ok(Arc::new(data::open(
@@ -242,18 +242,17 @@ pub fn build_network(
     EmbeddingNet::new(vs, &config)
 }
 
+/// The loss of `epoch`; its `gtg_weight` is set per step by
+/// [`TrainConfig::gtg_weight_at`].
 pub(super) fn loss_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
     Ok(GroupLossOptions {
         temperature: cfg.temperature,
         num_anchors: cfg.num_anchors,
         num_iters: cfg.num_iters,
-        gtg_weight: if epoch < cfg.gtg_warmup_epochs {
-            0.0
-        } else {
-            cfg.gtg_weight
-        },
+        gtg_weight: cfg.gtg_weight_at(epoch as f64),
         ce_weight: cfg.ce_weight,
         similarity: Similarity::parse(&cfg.similarity, cfg.sigma)?,
+        similarity_power: cfg.similarity_power,
         zero_diagonal: cfg.zero_diagonal,
         anchors: AnchorMode::parse(&cfg.anchors, derive_seed(cfg.seed, &[epoch as u64, 7]))?,
         batch_classes_only: cfg.batch_classes_only,
@@ -639,7 +638,7 @@ fn train_member(
         } else {
             0
         };
-        let lopts = loss_options(cfg, epoch)?;
+        let mut lopts = loss_options(cfg, epoch)?;
         let started = Instant::now();
         let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) =
             (0.0, 0.0, 0.0, 0usize, 0usize);
@@ -647,7 +646,9 @@ fn train_member(
         for (j, batch) in loader.epoch_from(batches, epoch as u64, first)?.enumerate() {
             let step = first + j;
             let batch = batch?;
-            opt.set_lr_factor(schedule.factor(epoch, step as f64 / steps.max(1) as f64));
+            let frac = step as f64 / steps.max(1) as f64;
+            opt.set_lr_factor(schedule.factor(epoch, frac));
+            lopts.gtg_weight = cfg.gtg_weight_at(epoch as f64 + frac);
             let step_seed = if world > 1 {
                 derive_seed(seed, &[epoch as u64, step as u64, 1, rank as u64])
             } else {
@@ -744,6 +745,7 @@ fn train_member(
             "train_ce": ce_sum / done_f,
             "images_per_s": seen as f64 / train_time.max(1e-9),
             "lr": opt.lrs()[1],
+            "gtg_weight": lopts.gtg_weight,
             "backbone_lr": opt.lrs()[0],
             "time_s": started.elapsed().as_secs_f64(),
         });
