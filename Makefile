@@ -26,6 +26,14 @@ rust-test:
 py-test:
 	$(PYTHON) -m pytest -q
 
+# Longer fuzzing, more kills and more property examples than `make test`
+# (RELIABILITY.md lists what each tries); about 30 minutes here.
+stress: setup
+	GROUPLOSS_FUZZ_SECONDS=60 cargo test --release --lib fuzz -- --nocapture
+	GROUPLOSS_STRESS_KILLS=12 GROUPLOSS_HYPOTHESIS_EXAMPLES=500 $(PYTHON) -m pytest -q \
+		tests/test_crash_safety.py tests/test_properties.py tests/test_faults.py \
+		tests/test_long_runs.py tests/test_concurrency.py
+
 clean:
 	cargo clean
 	rm -f python/grouploss/_native*.so

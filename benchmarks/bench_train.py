@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from reference import reference_group_loss  # noqa: E402
-
 import grouploss  # noqa: E402
 from grouploss.datasets import FashionMNIST  # noqa: E402
+from reference import reference_group_loss  # noqa: E402
 
 P, K, T = 3, 20, 10.0
 
@@ -62,7 +61,7 @@ class Images(torch.utils.data.Dataset):
         from torchvision import transforms
 
         self.x = torch.stack([ds.load(i) for i in range(len(ds))])
-        self.y = torch.as_tensor(np.asarray(ds.labels))
+        self.y = torch.as_tensor(np.array(ds.labels))
         self.t = transforms.Compose(
             [
                 transforms.RandomCrop(28, padding=2),
@@ -137,7 +136,9 @@ def main() -> None:
         a = ours(args.steps, 1)
         b = peer(args.steps, args.workers)
         rows.append((a, b))
-        print(f"round {r}: grouploss train {a:.0f} img/s, plain PyTorch {b:.0f} img/s, {a / b:.2f}x")
+        print(
+            f"round {r}: grouploss train {a:.0f} img/s, plain PyTorch {b:.0f} img/s, {a / b:.2f}x"
+        )
     ratio = statistics.median(a / b for a, b in rows)
     print(f"median ratio {ratio:.2f}x")
     if args.json:

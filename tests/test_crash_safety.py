@@ -55,7 +55,9 @@ def _history(out: pathlib.Path):
 @pytest.fixture(scope="module")
 def reference(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
+    start = time.time()
     subprocess.run(_cmd(data_root, out), check=True, timeout=900)
+    (out / "wall_seconds").write_text(str(time.time() - start))
     return out
 
 
@@ -80,23 +82,25 @@ def _checkpoint_is_complete(out: pathlib.Path) -> None:
         assert model is not None
 
 
-def _kill_when(p: subprocess.Popen, out: pathlib.Path, moment: str, delay: float) -> bool:
-    """Kills `p` at `moment`; False if the run ended first."""
+def _kill_when(p: subprocess.Popen, out: pathlib.Path, moment, delay: float) -> bool:
+    """Kills `p` at `moment` ("checkpoint": while a checkpoint's temporary
+    file exists; an int e: as soon as epoch e is logged, in the checkpoint
+    writes and evaluation that follow; "random": after `delay` s); False if
+    the run ended first."""
     ck = out / "checkpoints"
     deadline = time.time() + 300
     start = time.time()
     while p.poll() is None and time.time() < deadline:
         if moment == "checkpoint":
-            # A checkpoint being written: its temporary file exists.
-            if ck.exists() and any(ck.glob(".*.tmp-*")):
-                p.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.001)
-        elif time.time() - start >= delay:
+            hit = ck.exists() and any(ck.glob(".*.tmp-*"))
+        elif isinstance(moment, int):
+            hit = _epochs_done(out) >= moment
+        else:
+            hit = time.time() - start >= delay
+        if hit:
             p.send_signal(signal.SIGKILL)
             break
-        else:
-            time.sleep(0.005)
+        time.sleep(0.001)
     p.wait(timeout=60)
     return p.returncode == -signal.SIGKILL
 
@@ -104,19 +108,22 @@ def _kill_when(p: subprocess.Popen, out: pathlib.Path, moment: str, delay: float
 def test_kill_9_at_random_moments_loses_nothing(data_root, reference, tmp_path):
     out = tmp_path / "run"
     rng = random.Random(1234)
-    moments = ["checkpoint" if i % 3 == 1 else "random" for i in range(KILLS)]
+    wall = float((reference / "wall_seconds").read_text())
+    # First right after an epoch (always inside the run), then alternately
+    # while a checkpoint is written and at a random time.
+    moments = [1] + ["checkpoint" if i % 2 == 0 else "random" for i in range(KILLS - 1)]
     killed = []
     for moment in moments:
         p = subprocess.Popen(_cmd(data_root, out), stderr=subprocess.PIPE)
-        before = _epochs_done(out)
-        # Python and torch take ~2 s to start; aim at the whole run.
-        if _kill_when(p, out, moment, delay=rng.uniform(2.0, 8.0)):
-            killed.append((moment, before, _epochs_done(out)))
+        # A random time anywhere after Python and torch have started (a few
+        # tenths of an uninterrupted run's wall time).
+        if _kill_when(p, out, moment, delay=rng.uniform(0.4, 0.95) * wall):
+            killed.append((moment, _epochs_done(out)))
             _checkpoint_is_complete(out)
         else:
             assert p.returncode == 0, p.stderr.read().decode()
             break
-    assert killed, "no kill landed inside the run"
+    assert killed and killed[0][0] == 1, killed
     if not (out / "summary.json").exists():
         subprocess.run(_cmd(data_root, out), check=True, timeout=900)
     _assert_same_run(out, reference)

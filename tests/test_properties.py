@@ -6,6 +6,7 @@ crash, a panic (RuntimeError from Rust) or a NaN."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +20,11 @@ from grouploss import metrics as M
 from reference import reference_group_loss
 
 IMPLEMENTATIONS = ["auto", "fused_cpu", "libtorch", "autograd"]
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `make stress` raises the number of examples.
+EXAMPLES = int(os.environ.get("GROUPLOSS_HYPOTHESIS_EXAMPLES", "40"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite

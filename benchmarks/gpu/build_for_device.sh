@@ -15,7 +15,11 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${GPU_BUILD:-/tmp/grouploss-gpu-build}
 torch_version=${DEVICE_TORCH:-2.11.0}
 pyver=${DEVICE_PYTHON_VERSION:-3.12}
-python=${DEVICE_PYTHON:-$(command -v "python$pyver" || ls /root/.pyenv/versions/"$pyver"*/bin/python"$pyver" | head -1)}
+python=${DEVICE_PYTHON:-$(command -v "python$pyver" || true)}
+# A pyenv shim exists for every version but only runs the selected one.
+if [ -z "$python" ] || ! "$python" -c pass 2>/dev/null; then
+    python=$(ls "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$pyver"*/bin/python"$pyver" | head -1)
+fi
 mkdir -p "$work/bin"
 cd "$work"
 

@@ -356,7 +356,9 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
             };
             // Column-major: character (i, j) is at i + j * rows.
             let rows = dims.first().copied().unwrap_or(1).max(1);
-            if rows > 1 && chars.len() != count {
+            // Rows without characters (dims [huge, 0]) would build a huge
+            // string of newlines.
+            if rows > 1 && (chars.len() != count || rows > chars.len()) {
                 return Err(format!(
                     "corrupt MAT-file (char array {dims:?} holds {} characters)",
                     chars.len()
@@ -526,6 +528,17 @@ pub(crate) mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn refuses_char_arrays_with_more_rows_than_characters() {
+        // An empty string is a 1 x 0 char array: make it 2^31 - 1 x 0.
+        let mut bytes = write_mat(&[("x", W::Str(String::new()))], false);
+        let dims: Vec<u8> = [1i32, 0].iter().flat_map(|d| d.to_le_bytes()).collect();
+        let at = bytes.windows(8).position(|w| w == dims.as_slice()).unwrap();
+        bytes[at..at + 4].copy_from_slice(&i32::MAX.to_le_bytes());
+        let err = parse(&bytes).unwrap_err();
+        assert!(err.contains("char array"), "{err}");
     }
 
     #[test]

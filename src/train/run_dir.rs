@@ -93,8 +93,8 @@ impl RunDir {
                 else {
                     continue;
                 };
-                let alive = pid != std::process::id()
-                    && Path::new("/proc").join(pid.to_string()).exists();
+                let alive =
+                    pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists();
                 if !alive {
                     let _ = fs::remove_file(&path);
                 }
