@@ -25,7 +25,8 @@ from test_training import make_glyph_like
 import grouploss
 
 KILLS = int(os.environ.get("GROUPLOSS_STRESS_KILLS", "3"))
-EPOCHS = 3
+# Enough epochs for every kill to land inside the run.
+EPOCHS = max(3, KILLS)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +116,17 @@ def test_kill_9_at_random_moments_loses_nothing(data_root, reference, tmp_path):
     killed = []
     for moment in moments:
         p = subprocess.Popen(_cmd(data_root, out), stderr=subprocess.PIPE)
-        # A random time anywhere after Python and torch have started (a few
-        # tenths of an uninterrupted run's wall time).
-        if _kill_when(p, out, moment, delay=rng.uniform(0.4, 0.95) * wall):
+        # A random time within what is left of the run (a fraction of an
+        # uninterrupted run's wall time, in proportion to the epochs left).
+        left = (EPOCHS - _epochs_done(out)) / EPOCHS
+        if _kill_when(p, out, moment, delay=rng.uniform(0.3, 0.9) * wall * left):
             killed.append((moment, _epochs_done(out)))
             _checkpoint_is_complete(out)
         else:
             assert p.returncode == 0, p.stderr.read().decode()
             break
     assert killed and killed[0][0] == 1, killed
+    print(f"kills landed (moment, epochs logged): {killed}")
     if not (out / "summary.json").exists():
         subprocess.run(_cmd(data_root, out), check=True, timeout=900)
     _assert_same_run(out, reference)
