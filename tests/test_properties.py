@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from grouploss import ClassBalancedBatchSampler, GroupLoss
@@ -59,6 +59,12 @@ def test_loss_and_gradients_are_finite_and_match_the_reference(
     data, implementation, temperature, num_anchors, num_iters, zero_diagonal
 ):
     emb, labels, logits = data
+    # Where even the largest prior ratio of a row, exp(spread / T), leaves
+    # the float range, every label probability can be exactly 0 and the
+    # release's computation is NaN in the loss itself; finite gradients are
+    # promised only where the prior is representable (RELIABILITY.md).
+    spread = (logits.max(dim=1).values - logits.min(dim=1).values).max().item()
+    assume(spread / temperature < (80.0 if emb.dtype == torch.float32 else 700.0))
     emb = emb.clone().requires_grad_()
     logits = logits.clone().requires_grad_()
     kw = dict(

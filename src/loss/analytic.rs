@@ -190,9 +190,11 @@ pub fn group_loss_with_grads(
             let other_class = wq
                 .where_scalarother(&same.logical_not(), 0.0)
                 .sum_dim_intlist([1i64].as_slice(), false, kind);
-            let diag = &c_coef * own_class
-                + &a_coef * other_class
-                + gi.where_self(&ok.logical_not(), &zero);
+            // A coefficient may overflow where its factor is 0 (a label
+            // probability that underflowed): 0 * inf is 0 here.
+            let own_term = (&c_coef * &own_class).where_self(&own_class.ne(0.0), &zero);
+            let other_term = (&a_coef * &other_class).where_self(&other_class.ne(0.0), &zero);
+            let diag = own_term + other_term + gi.where_self(&ok.logical_not(), &zero);
             let _ = dx.scatter_add_(1, &t1, &diag.unsqueeze(1));
             // dW_ij = sum_k dN[i, k] X[i, k] X[j, k]
             let mut dw =

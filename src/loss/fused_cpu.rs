@@ -621,7 +621,10 @@ fn run<T: Real>(
                         row[targets[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
                     }
                     let pass = if ok[j] { T::ZERO } else { gi[j] };
-                    row[targets[j]] += c_c[j] * own[j] + a_c[j] * other[j] + pass;
+                    // A coefficient may overflow where its factor is 0 (a
+                    // label probability that underflowed): 0 * inf is 0 here.
+                    let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
+                    row[targets[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
                 }
                 for i in 0..n {
                     for j in 0..n {
