@@ -100,15 +100,21 @@ def make_cars(
     return entries
 
 
-def make_sop(root: pathlib.Path) -> Dict[str, List[Tuple[int, str]]]:
-    """Ebay_train.txt / Ebay_test.txt with 3 + 2 products."""
+def make_sop(
+    root: pathlib.Path,
+    train_classes: Sequence[int] = (1, 2, 3),
+    test_classes: Sequence[int] = (11, 12),
+    per: int = 2,
+) -> Dict[str, List[Tuple[int, str]]]:
+    """Ebay_train.txt / Ebay_test.txt with `per` images of each product
+    (3 + 2 products by default)."""
     out = {}
     img_id = 0
-    for fname, classes in (("Ebay_train.txt", [1, 2, 3]), ("Ebay_test.txt", [11, 12])):
+    for fname, classes in (("Ebay_train.txt", train_classes), ("Ebay_test.txt", test_classes)):
         lines = ["image_id class_id super_class_id path"]
         rows = []
         for c in classes:
-            for j in range(2):
+            for j in range(per):
                 img_id += 1
                 rel = f"bicycle_final/{c}00{j}_{j}.JPG"
                 write_image(root / rel, seed=200 + img_id)
@@ -119,16 +125,21 @@ def make_sop(root: pathlib.Path) -> Dict[str, List[Tuple[int, str]]]:
     return out
 
 
-def make_inshop(root: pathlib.Path) -> List[Tuple[str, str, str]]:
+INSHOP_SPEC = [
+    ("id_00000001", "train", 2),
+    ("id_00000002", "train", 2),
+    ("id_00000007", "query", 1),
+    ("id_00000007", "gallery", 2),
+    ("id_00000009", "query", 2),
+    ("id_00000009", "gallery", 1),
+]
+
+
+def make_inshop(
+    root: pathlib.Path, spec: Sequence[Tuple[str, str, int]] = INSHOP_SPEC
+) -> List[Tuple[str, str, str]]:
+    """Eval/list_eval_partition.txt: `spec` lists (item, status, images)."""
     rows = []
-    spec = [
-        ("id_00000001", "train", 2),
-        ("id_00000002", "train", 2),
-        ("id_00000007", "query", 1),
-        ("id_00000007", "gallery", 2),
-        ("id_00000009", "query", 2),
-        ("id_00000009", "gallery", 1),
-    ]
     for item, status, n in spec:
         for _ in range(n):
             rel = f"img/WOMEN/Dresses/{item}/{len(rows):02d}_1_front.jpg"

@@ -19,7 +19,7 @@ from data_fixtures import make_cub
 from headless_chromium import open_page
 from PIL import Image
 from safetensors.torch import load_file
-from test_training import TINY, make_glyph_like
+from test_training import PAPER, TINY, make_glyph_like
 
 import grouploss
 from grouploss import functional as F
@@ -279,22 +279,6 @@ def test_run_model_logits_check_their_input(glyph_run):
         model.logits(torch.zeros(3, 5))
     with pytest.raises(TypeError, match="^embeddings: expected a torch.Tensor"):
         model.logits(np.zeros((3, 64)))
-
-
-PAPER = dict(
-    epochs=1,
-    max_steps_per_epoch=2,
-    classes_per_batch=2,
-    samples_per_class=2,
-    image_size=64,
-    resize_size=72,
-    num_workers=1,
-    eval_batch_size=8,
-    progress=False,
-    device="cpu",
-    recall_ks=[1, 2],
-    val_fraction=0.34,
-)
 
 
 def test_a_colour_run_with_the_release_transform(tmp_path):

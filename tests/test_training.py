@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_cars, make_cub, make_idx_pair, write_image
+from data_fixtures import make_cars, make_cub, make_idx_pair, make_inshop, make_sop
 
 import grouploss
 from grouploss import training
@@ -207,39 +207,6 @@ def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):
     assert model.embed("test")[0].shape == (96, 64)
 
 
-def _fixture_sop(root: pathlib.Path, train=8, test=4, per=3):
-    img = 0
-    for fname, classes in (
-        ("Ebay_train.txt", range(1, train + 1)),
-        ("Ebay_test.txt", range(100, 100 + test)),
-    ):
-        lines = ["image_id class_id super_class_id path"]
-        for c in classes:
-            for j in range(per):
-                img += 1
-                rel = f"bike_final/{c}_{j}.JPG"
-                write_image(root / rel, seed=img)
-                lines.append(f"{img} {c} 1 {rel}")
-        (root / fname).write_text("\n".join(lines) + "\n")
-    return root
-
-
-def _fixture_inshop(root: pathlib.Path):
-    rows = []
-    spec = [(f"id_{i:08d}", "train", 3) for i in range(1, 9)]
-    spec += [(f"id_{i:08d}", s, 2) for i in range(20, 24) for s in ("query", "gallery")]
-    for item, status, n in spec:
-        for _ in range(n):
-            rel = f"img/WOMEN/Dresses/{item}/{len(rows):02d}_1_front.jpg"
-            write_image(root / rel, seed=300 + len(rows))
-            rows.append((rel, item, status))
-    (root / "Eval").mkdir(parents=True, exist_ok=True)
-    text = [str(len(rows)), "image_name item_id evaluation_status"]
-    text += [f"{r}  {i}  {s}" for r, i, s in rows]
-    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(text) + "\n")
-    return root
-
-
 PAPER = dict(
     epochs=1,
     max_steps_per_epoch=2,
@@ -264,9 +231,11 @@ def test_paper_presets_run_on_fixtures(preset, tmp_path):
     elif preset == "cars196":
         make_cars(root, classes=12, per_class=3)
     elif preset == "sop":
-        _fixture_sop(root)
+        make_sop(root, range(1, 9), range(100, 104), per=3)
     else:
-        _fixture_inshop(root)
+        spec = [(f"id_{i:08d}", "train", 3) for i in range(1, 9)]
+        spec += [(f"id_{i:08d}", s, 2) for i in range(20, 24) for s in ("query", "gallery")]
+        make_inshop(root, spec)
     cfg = training.resolve_config(preset)
     assert cfg["backbone"] == "bn_inception" and cfg["optimizer"] == "radam"
     r = grouploss.train(preset, data_root=root, out_dir=tmp_path / "run", plots=False, **PAPER)

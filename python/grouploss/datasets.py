@@ -256,17 +256,6 @@ class InShop(_Published):
 
     _kind = "inshop"
 
-    def __init__(
-        self,
-        root: Optional[PathLike] = None,
-        split: str = "train",
-        transform: Optional[Callable[..., Any]] = None,
-        *,
-        val_fraction: float = 0.0,
-        split_seed: int = 0,
-    ) -> None:
-        super().__init__(root, split, transform, val_fraction=val_fraction, split_seed=split_seed)
-
 
 class ImageFolder(ImageDataset):
     """``root/<class>/**/*.jpg|jpeg|png``, classes sorted by folder name; the

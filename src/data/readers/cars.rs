@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use super::first_half;
-use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
+use super::classes_in_halves;
+use crate::data::dataset::{Dataset, DatasetOptions, Listing};
 use crate::data::mat::{self, MatValue};
 use crate::data::paths::{join_inside, resolve_root};
 use crate::error::{Error, Result};
@@ -50,35 +50,12 @@ pub fn cars196(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset>
         let path = join_inside(&root, path.trim()).map_err(bad)?;
         rows.push((path, class as i64, i + 1));
     }
-    let mut ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    listing.class_names = ids
-        .iter()
-        .map(|&id| {
-            names
-                .get(id as usize - 1)
-                .filter(|n| !n.is_empty())
-                .cloned()
-                .unwrap_or_else(|| format!("class {id}"))
-        })
-        .collect();
-    let n = ids.len();
-    for (path, class, line) in rows {
-        let c = ids.binary_search(&class).unwrap_or_default();
-        listing.records.push(Record {
-            item: Item::File(path),
-            class: c,
-            part: if first_half(c, n) {
-                Part::Train
-            } else {
-                Part::Test
-            },
-            source: 0,
-            line,
-            query: true,
-            gallery: true,
-        });
-    }
+    classes_in_halves(&mut listing, rows, |id| {
+        names
+            .get(id as usize - 1)
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("class {id}"))
+    });
     listing.select(options)
 }

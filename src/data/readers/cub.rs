@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::{first_half, read_lines};
-use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
+use super::{classes_in_halves, read_lines};
+use crate::data::dataset::{Dataset, DatasetOptions, Listing};
 use crate::data::paths::{join_inside, resolve_root};
 use crate::error::{Error, Result};
 
@@ -98,35 +98,12 @@ pub fn cub200(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> 
         };
         rows.push((path, class, line));
     }
-    let mut ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    listing.class_names = ids
-        .iter()
-        .map(|id| {
-            names
-                .get(id)
-                .cloned()
-                .unwrap_or_else(|| format!("class {id}"))
-        })
-        .collect();
-    let n = ids.len();
-    for (path, class, line) in rows {
-        let c = ids.binary_search(&class).unwrap_or_default();
-        listing.records.push(Record {
-            item: Item::File(path),
-            class: c,
-            part: if first_half(c, n) {
-                Part::Train
-            } else {
-                Part::Test
-            },
-            source: 0,
-            line,
-            query: true,
-            gallery: true,
-        });
-    }
+    classes_in_halves(&mut listing, rows, |id| {
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("class {id}"))
+    });
     listing.select(options)
 }
 

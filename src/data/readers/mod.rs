@@ -19,7 +19,7 @@ mod sop;
 
 use std::path::{Path, PathBuf};
 
-use super::dataset::{Dataset, DatasetOptions};
+use super::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
 use crate::error::{Error, Result};
 
 pub use self::cars::cars196;
@@ -104,7 +104,29 @@ pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
         .collect())
 }
 
-/// The first half of `n` sorted classes is for training (CUB, Cars).
-pub(crate) fn first_half(rank: usize, n: usize) -> bool {
-    rank < n / 2
+/// The zero-shot protocol of CUB200 and Cars196: the classes sorted by id,
+/// the first half for training, the rest for testing. `rows` are (image,
+/// class id, annotation line); `name` names a class id.
+pub(crate) fn classes_in_halves(
+    listing: &mut Listing,
+    rows: Vec<(PathBuf, i64, usize)>,
+    name: impl Fn(i64) -> String,
+) {
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    listing.class_names = ids.iter().map(|&id| name(id)).collect();
+    let n = ids.len();
+    for (path, class, line) in rows {
+        let c = ids.binary_search(&class).unwrap_or_default();
+        listing.records.push(Record {
+            item: Item::File(path),
+            class: c,
+            part: if c < n / 2 { Part::Train } else { Part::Test },
+            source: 0,
+            line,
+            query: true,
+            gallery: true,
+        });
+    }
 }
