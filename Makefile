@@ -23,8 +23,13 @@ lint:
 rust-test:
 	cargo test
 
+# The shared data (glyphs) sits beside the checkout; a clone made elsewhere
+# finds it beside the repository it was cloned from.
+SHARED_DATA := $(firstword $(wildcard $(CURDIR)/../shared/data) \
+	$(wildcard $(shell git config --get remote.origin.url 2>/dev/null)/../shared/data))
+
 py-test:
-	$(PYTHON) -m pytest -q
+	GROUPLOSS_DATA=$${GROUPLOSS_DATA:-$(SHARED_DATA)} $(PYTHON) -m pytest -q
 
 # Longer fuzzing, more kills and more property examples than `make test`
 # (RELIABILITY.md lists what each tries); about 30 minutes here.

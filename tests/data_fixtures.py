@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pathlib
 from typing import Dict, List, Sequence, Tuple
 
@@ -10,7 +11,13 @@ import numpy as np
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GLYPHS = REPO.parent / "shared" / "data" / "glyphs"
+# The shared glyphs data: $GROUPLOSS_DATA (the Makefile sets it for a clone
+# made away from the checkout), else beside the repository.
+GLYPHS = (
+    pathlib.Path(os.environ["GROUPLOSS_DATA"]) / "glyphs"
+    if os.environ.get("GROUPLOSS_DATA")
+    else REPO.parent / "shared" / "data" / "glyphs"
+)
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
