@@ -59,7 +59,10 @@ class _GroupLossFunction(torch.autograd.Function):
         loss, nll, ce, probs, classes, g_emb, g_logits = _native.group_loss_with_grads(
             embeddings, labels, logits, want_grads=want_grads, want_probs=want_probs, **options
         )
-        ctx.grads = (g_emb, g_logits)
+        # Saved, not kept on ctx: autograd releases saved tensors right after
+        # backward (unless retain_graph), so that the gradients handed over
+        # below become the leaves' .grad without a copy.
+        ctx.save_for_backward(g_emb, g_logits)
         extras = [t for t in (nll, ce, probs, classes) if t is not None]
         if extras:
             ctx.mark_non_differentiable(*extras)
@@ -68,10 +71,20 @@ class _GroupLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
-        g_emb, g_logits = ctx.grads
-        d_emb = g_emb * grad_loss if ctx.needs_input_grad[0] else None
-        d_logits = g_logits * grad_loss if ctx.needs_input_grad[1] else None
-        return d_emb, d_logits, None, None, None
+        g_emb, g_logits = ctx.saved_tensors
+        # The usual `loss.backward()` seeds 1: hand the gradients over as they
+        # are instead of scaling a copy (a CUDA seed is not read: no sync).
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            d_emb, d_logits = g_emb, g_logits
+        else:
+            d_emb, d_logits = g_emb * grad_loss, g_logits * grad_loss
+        return (
+            d_emb if ctx.needs_input_grad[0] else None,
+            d_logits if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
 
 
 _IMPLEMENTATIONS = ("auto", "fused_cpu", "libtorch", "autograd")

@@ -20,7 +20,10 @@ use tch::{Device, Kind, Tensor};
 use super::analytic::LossWithGrads;
 use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
-use super::kernels::{centre_row, dot, grad_row, max_and_finite, similarity_grad_row, sum, Real};
+use super::kernels::{
+    centre_row, dot, grad_row, logits_row, max_and_finite, similarity_grad_row, sum, LogitsRow,
+    Real,
+};
 use super::similarity::{effective_power, Similarity};
 use super::GroupLossOptions;
 use crate::error::{Error, Result};
@@ -103,6 +106,34 @@ impl<T: Real> Buf<T> {
                 for j in b..n {
                     o[i * n + j] = o[j * n + i];
                 }
+            }
+        }
+        out
+    }
+
+    /// `self @ self^T` where the products among the first `u` rows and the
+    /// rest are needed, and those among the rest only for the record (the
+    /// anchors of the refinement, see [`Order`]): below 128 rows, where
+    /// [`Self::gram`] is one full product, rows `..u` against all and the
+    /// last rows among themselves, mirrored.
+    fn gram_anchored(&self, u: usize) -> Buf<T> {
+        let n = self.t.size()[0] as usize;
+        if u == 0 || u == n || n >= 128 {
+            return self.gram();
+        }
+        let (ui, ai) = (u as i64, (n - u) as i64);
+        let mut out = Buf::<T>::empty(&[n as i64, n as i64]);
+        let _ = self
+            .t
+            .narrow(0, 0, ui)
+            .mm_out(&out.t.narrow(0, 0, ui), &self.t.transpose(0, 1));
+        let rest = self.t.narrow(0, ui, ai);
+        let block = rest.mm(&rest.transpose(0, 1));
+        out.t.narrow(0, ui, ai).narrow(1, ui, ai).copy_(&block);
+        let o = out.m();
+        for a in u..n {
+            for j in 0..u {
+                o[a * n + j] = o[j * n + a];
             }
         }
         out
@@ -241,14 +272,16 @@ struct Sim<T: Real> {
     dpower: Vec<T>,
 }
 
+/// W of the embeddings in the refinement's order (`ord`).
 fn similarity_forward<T: Real>(
     emb: &Tensor,
     kind: Similarity,
     zero_diagonal: bool,
     power: f64,
+    ord: &Order,
 ) -> Result<Sim<T>> {
     let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
-    let src = Buf::<T>::new(emb.shallow_clone());
+    let u = ord.u;
     let diag = if zero_diagonal { T::ZERO } else { T::ONE };
     let mut active = vec![false; n * n];
     match kind {
@@ -260,12 +293,13 @@ fn similarity_forward<T: Real>(
             let mut degenerate = vec![false; n];
             let tol = T::from_f64(64.0 * T::EPS);
             {
+                let src = Buf::<T>::new(emb.shallow_clone());
                 let x = src.s();
-                let u = rows.m();
+                let out = rows.m();
                 let centre = kind == Similarity::Correlation;
-                for i in 0..n {
-                    let r = i * d..(i + 1) * d;
-                    let (sq, sq_raw, finite) = centre_row(&x[r.clone()], &mut u[r], centre);
+                for (i, &o) in ord.order.iter().enumerate() {
+                    let (sq, sq_raw, finite) =
+                        centre_row(&x[o * d..(o + 1) * d], &mut out[i * d..(i + 1) * d], centre);
                     if !finite {
                         return Err(count_not_finite(emb, "embeddings"));
                     }
@@ -279,7 +313,7 @@ fn similarity_forward<T: Real>(
                     };
                 }
             }
-            let mut w = rows.gram();
+            let mut w = rows.gram_anchored(u);
             let mut dpower = Vec::new();
             if power != 1.0 {
                 dpower = vec![T::ZERO; n * n];
@@ -313,6 +347,7 @@ fn similarity_forward<T: Real>(
             })
         }
         Similarity::Gaussian { sigma } => {
+            let src = Buf::<T>::new(ord.permute(emb));
             let x = src.s();
             for i in 0..n {
                 if !max_and_finite(&x[i * d..(i + 1) * d]).1 {
@@ -322,7 +357,7 @@ fn similarity_forward<T: Real>(
             let sq: Vec<T> = (0..n)
                 .map(|i| dot(&x[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]))
                 .collect();
-            let mut w = src.gram();
+            let mut w = src.gram_anchored(u);
             let scale = T::from_f64(-0.5 / (sigma * sigma));
             let two = T::from_f64(2.0);
             {
@@ -352,7 +387,10 @@ fn similarity_forward<T: Real>(
     }
 }
 
-fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf<T> {
+/// The embeddings' gradient from W's (`dw`, refinement order), in the
+/// samples' order: S's rows are taken at `pos`, so the product comes out
+/// in that order.
+fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &[usize]) -> Buf<T> {
     let n = sim.w.t.size()[0] as usize;
     let d = sim.rows.t.size()[1] as usize;
     let mut sym = Buf::<T>::empty(&[n as i64, n as i64]);
@@ -363,30 +401,26 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf
             Similarity::Gaussian { sigma } => T::from_f64(-0.5 / (sigma * sigma)),
             _ => T::ONE,
         };
-        for i in 0..n {
+        let scaled = matches!(kind, Similarity::Correlation | Similarity::Cosine);
+        for r in 0..n {
+            let i = pos[r];
             for j in 0..n {
                 let k = i * n + j;
-                s[k] = if sim.active[k] {
+                s[r * n + j] = if sim.active[k] {
                     let mut v = dw[k] + dw[j * n + i];
                     if !sim.dpower.is_empty() {
                         v *= sim.dpower[k];
                     }
                     match kind {
                         Similarity::Gaussian { .. } => v * w[k] * scale,
+                        // du = S U with U = diag(inv) Xc: scale S's
+                        // columns instead of U.
+                        _ if scaled => v * sim.norms[j],
                         _ => v,
                     }
                 } else {
                     T::ZERO
                 };
-            }
-        }
-    }
-    if matches!(kind, Similarity::Correlation | Similarity::Cosine) {
-        // du = S U with U = diag(inv) Xc: scale S's columns instead of U.
-        let sm = sym.m();
-        for i in 0..n {
-            for j in 0..n {
-                sm[i * n + j] *= sim.norms[j];
             }
         }
     }
@@ -396,12 +430,13 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf
             let xc = sim.rows.s();
             let g = du.m();
             let centre = kind == Similarity::Correlation;
-            for i in 0..n {
-                let r = i * d..(i + 1) * d;
+            for r in 0..n {
+                let i = pos[r];
+                let out = &mut g[r * d..(r + 1) * d];
                 if sim.degenerate[i] || sim.norms[i] == T::ZERO {
-                    g[r].fill(T::ZERO);
+                    out.fill(T::ZERO);
                 } else {
-                    similarity_grad_row(&mut g[r.clone()], &xc[r], sim.norms[i], centre);
+                    similarity_grad_row(out, &xc[i * d..(i + 1) * d], sim.norms[i], centre);
                 }
             }
             du
@@ -412,10 +447,11 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity) -> Buf
             let s = sym.s();
             let two = T::from_f64(2.0);
             let g = du.m();
-            for i in 0..n {
-                let rs = sum(&s[i * n..(i + 1) * n]);
+            for r in 0..n {
+                let i = pos[r];
+                let rs = sum(&s[r * n..(r + 1) * n]);
                 for k in 0..d {
-                    g[i * d + k] = two * (x[i * d + k] * rs - g[i * d + k]);
+                    g[r * d + k] = two * (x[i * d + k] * rs - g[r * d + k]);
                 }
             }
             du
@@ -429,6 +465,78 @@ struct Step<T: Real> {
     a: Buf<T>,
     s: Vec<T>,
     x: Buf<T>,
+}
+
+/// Rows of the refinement in the order non-anchors first, anchors last.
+///
+/// An anchor's row of X is one-hot in every step (the replicator keeps a
+/// one-hot row), its label probability is 1 and its NLL term a constant, so
+/// nothing flows back through it: the n x n x classes products only need
+/// the `u` non-anchor rows, which this order makes a contiguous block.
+struct Order {
+    /// `order[k]`: the sample at position k.
+    order: Vec<usize>,
+    /// `pos[i]`: the position of sample i.
+    pos: Vec<usize>,
+    /// Non-anchors.
+    u: usize,
+}
+
+impl Order {
+    fn new(flags: &[bool]) -> Self {
+        let order: Vec<usize> = (0..flags.len())
+            .filter(|&i| !flags[i])
+            .chain((0..flags.len()).filter(|&i| flags[i]))
+            .collect();
+        let mut pos = vec![0; flags.len()];
+        for (k, &i) in order.iter().enumerate() {
+            pos[i] = k;
+        }
+        let u = flags.iter().filter(|&&f| !f).count();
+        Order { order, pos, u }
+    }
+
+    fn is_identity(&self) -> bool {
+        self.order.iter().enumerate().all(|(k, &i)| k == i)
+    }
+
+    fn rows_of(&self, t: &Tensor, by: &[usize]) -> Tensor {
+        if self.is_identity() {
+            return t.shallow_clone();
+        }
+        let idx: Vec<i64> = by.iter().map(|&k| k as i64).collect();
+        t.index_select(0, &Tensor::from_slice(&idx)).contiguous()
+    }
+
+    /// A tensor's rows in this order.
+    fn permute(&self, t: &Tensor) -> Tensor {
+        self.rows_of(t, &self.order)
+    }
+
+    /// Rows in this order back in the samples' order.
+    fn restore(&self, t: &Tensor) -> Tensor {
+        self.rows_of(t, &self.pos)
+    }
+}
+
+/// `W X` on the non-anchor rows (the others are left zero), where X's last
+/// `n - u` rows are one-hot at `targets`.
+fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> Buf<T> {
+    let n = targets.len();
+    let mp = x.t.size()[1] as usize;
+    let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
+    let _ = out.t.narrow(0, u as i64, (n - u) as i64).zero_();
+    if u > 0 {
+        let w_nn = w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
+        let _ = w_nn.mm_out(&out.t.narrow(0, 0, u as i64), &x.t.narrow(0, 0, u as i64));
+        let (o, ws) = (out.m(), w.s());
+        for i in 0..u {
+            for a in u..n {
+                o[i * mp + targets[a]] += ws[i * n + a];
+            }
+        }
+    }
+    out
 }
 
 fn run<T: Real>(
@@ -461,62 +569,63 @@ fn run<T: Real>(
         None => y.iter().map(|&v| v as usize).collect(),
     };
     let mp = classes.as_ref().map_or(m, |c| c.len());
+    let flags = if want_gtg {
+        anchor_flags(y, opts.num_anchors as usize, opts.anchors)
+    } else {
+        vec![false; n]
+    };
+    let ord = Order::new(&flags);
+    let u = ord.u;
+    // Sample-order quantities in the refinement's order.
+    let tp: Vec<usize> = ord.order.iter().map(|&i| targets[i]).collect();
 
-    // Logits: the exponentials run in libtorch's vectorised, threaded
-    // softmax kernels (on this path they cost more than everything else).
-    let sum = f64::try_from(logits.sum(Kind::Double))?;
-    if !sum.is_finite() {
+    // The logits in one pass per exponential: exp(l - max) for the
+    // cross-entropy (samples' order) and the prior of the non-anchor rows
+    // (refinement order; anchor rows one-hot).
+    let lg = Buf::<T>::new(logits.shallow_clone());
+    let mut ce_exp = want_ce.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
+    let mut prior = want_gtg.then(|| Buf::<T>::empty(&[n as i64, mp as i64]));
+    let rows: Vec<LogitsRow<T>> = {
+        let ls = lg.s();
+        let ce_rows = ce_exp.as_mut().map(|b| Rows::of(b.m(), m));
+        let prior_rows = prior.as_mut().map(|b| Rows::of(b.m(), mp));
+        let (pos, flags, cls) = (&ord.pos, &flags, classes.as_deref());
+        par_rows(n, n * m, |i| {
+            // SAFETY: row i of ce_exp and row pos[i] of the prior are
+            // visited by this call only.
+            let e = ce_rows.map(|r| unsafe { r.row(i) });
+            let p = prior_rows
+                .filter(|_| !flags[i])
+                .map(|r| unsafe { r.row(pos[i]) });
+            logits_row(&ls[i * m..(i + 1) * m], y[i] as usize, e, p, cls, inv_t)
+        })
+    };
+    if rows.iter().any(|r| !r.finite) {
         return Err(count_not_finite(logits, "logits"));
     }
-    let log_softmax = want_ce.then(|| logits.log_softmax(1, T::KIND));
-    let ce_value = match &log_softmax {
-        Some(ls) => {
-            let labels = Tensor::from_slice(y).unsqueeze(1);
-            let picked = f64::try_from(ls.gather(1, &labels, false).sum(Kind::Double))?;
-            Some(-picked / nf)
-        }
-        None => None,
-    };
-    let prior = if want_gtg {
-        let selected = match &classes {
-            Some(c) => {
-                let idx: Vec<i64> = c.iter().map(|&k| k as i64).collect();
-                logits.index_select(1, &Tensor::from_slice(&idx))
-            }
-            None => logits.shallow_clone(),
-        };
-        Some(Buf::<T>::new(
-            (selected * (1.0 / opts.temperature))
-                .softmax(1, T::KIND)
-                .contiguous(),
-        ))
-    } else {
-        None
-    };
+    let ce_value = want_ce.then(|| rows.iter().map(|r| r.ce).sum::<f64>() / nf);
+    let ce_scales: Vec<T> = rows.iter().map(|r| r.scale).collect();
+    if !want_grads {
+        ce_exp = None;
+    }
 
     let mut grad_logits = want_grads.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
-    // softmax(logits) for the cross-entropy's gradient.
-    let softmax = match (&log_softmax, want_grads) {
-        (Some(ls), true) => Some(Buf::<T>::new(ls.exp().contiguous())),
-        _ => None,
-    };
     let mut grad_emb: Option<Buf<T>> = None;
     let mut nll_value = None;
     let mut probs = None;
 
     if let Some(mut x0) = prior {
-        let (kind, power) = effective_power(opts.similarity, opts.similarity_power);
-        let sim = similarity_forward::<T>(emb, kind, opts.zero_diagonal, power)?;
-        let w = sim.w.s();
-        let flags = anchor_flags(y, opts.num_anchors as usize, opts.anchors);
         {
             let x = x0.m();
-            for i in (0..n).filter(|&i| flags[i]) {
-                let row = &mut x[i * mp..(i + 1) * mp];
+            for k in u..n {
+                let row = &mut x[k * mp..(k + 1) * mp];
                 row.fill(T::ZERO);
-                row[targets[i]] = T::ONE;
+                row[tp[k]] = T::ONE;
             }
         }
+        let (kind, power) = effective_power(opts.similarity, opts.similarity_power);
+        let sim = similarity_forward::<T>(emb, kind, opts.zero_diagonal, power, &ord)?;
+        let w = sim.w.s();
 
         let mut steps: Vec<Step<T>> = Vec::new();
         for _ in 1..opts.num_iters {
@@ -524,9 +633,9 @@ fn run<T: Real>(
                 Some(st) => Buf::new(st.x.t.shallow_clone()),
                 None => Buf::new(x0.t.shallow_clone()),
             };
-            let a = sim.w.mm(&x_prev, false);
+            let a = anchored_wx(&sim.w, &x_prev, u, &tp);
             let mut next = Buf::<T>::empty(&[n as i64, mp as i64]);
-            let s = replicator_rows(x_prev.s(), a.s(), next.m(), n, mp);
+            let s = replicator_rows(x_prev.s(), a.s(), next.m(), u, n, mp);
             steps.push(Step {
                 x_prev,
                 a,
@@ -540,12 +649,19 @@ fn run<T: Real>(
         };
 
         // The last step through the Gram matrix of X with each row's own
-        // label entry left out (see `analytic`).
-        let xy: Vec<T> = (0..n).map(|i| x.s()[i * mp + targets[i]]).collect();
+        // label entry left out (see `analytic`); the anchor rows are then 0.
+        let xy: Vec<T> = (0..n).map(|i| x.s()[i * mp + tp[i]]).collect();
         for i in 0..n {
-            x.m()[i * mp + targets[i]] = T::ZERO;
+            x.m()[i * mp + tp[i]] = T::ZERO;
         }
-        let g_hat = x.gram();
+        let mut g_hat = Buf::<T>::zeros(&[n as i64, n as i64]);
+        if u > 0 {
+            let g_nn = Buf::<T>::new(x.t.narrow(0, 0, u as i64)).gram();
+            let (gh, gs) = (g_hat.m(), g_nn.s());
+            for i in 0..u {
+                gh[i * n..i * n + u].copy_from_slice(&gs[i * u..(i + 1) * u]);
+            }
+        }
         let (xs, gh) = (x.s(), g_hat.s());
         // q[i][j] = X[j, t_i]; g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k]
         let mut q = vec![T::ZERO; n * n];
@@ -555,9 +671,11 @@ fn run<T: Real>(
         let mut other = vec![T::ZERO; n];
         let mut s_off = vec![T::ZERO; n];
         for i in 0..n {
-            let (ti, wi) = (targets[i], &w[i * n..(i + 1) * n]);
+            let (ti, wi) = (tp[i], &w[i * n..(i + 1) * n]);
+            let (qi, gi) = (&mut q[i * n..(i + 1) * n], &mut g_off[i * n..(i + 1) * n]);
+            let (mut own_i, mut other_i, mut s_off_i) = (T::ZERO, T::ZERO, T::ZERO);
             for j in 0..n {
-                let tj = targets[j];
+                let tj = tp[j];
                 let same = ti == tj;
                 let qv = if same { xy[j] } else { xs[j * mp + ti] };
                 let gv = gh[i * n + j]
@@ -566,17 +684,18 @@ fn run<T: Real>(
                     } else {
                         xs[i * mp + tj] * xy[j]
                     };
-                q[i * n + j] = qv;
-                g_off[i * n + j] = gv;
+                qi[j] = qv;
+                gi[j] = gv;
                 let wq = wi[j] * qv;
                 if same {
-                    own[i] += wq;
+                    own_i += wq;
                 } else {
-                    other[i] += wq;
+                    other_i += wq;
                 }
-                s_off[i] += wi[j] * gv;
+                s_off_i += wi[j] * gv;
             }
-            ay[i] = own[i] + other[i];
+            (own[i], other[i], s_off[i]) = (own_i, other_i, s_off_i);
+            ay[i] = own_i + other_i;
         }
         let s: Vec<T> = (0..n).map(|i| s_off[i] + xy[i] * ay[i]).collect();
         let ok: Vec<bool> = s.iter().map(|&v| v > T::MIN_NORMAL).collect();
@@ -597,34 +716,37 @@ fn run<T: Real>(
             // (g / s) (s~ / s): s * s would underflow for small s.
             let c_c = coef(&|i| gi[i] / s[i] * (s_off[i] / s[i]));
 
-            let mut mmat = Buf::<T>::empty(&[n as i64, n as i64]);
-            {
-                let mv = mmat.m();
-                for i in 0..n {
-                    for j in 0..n {
-                        mv[i * n + j] = w[i * n + j] * (b_c[i] + b_c[j]);
+            // dX = (W o (b_i + b_j)) X on the non-anchor rows: X's anchor
+            // rows are 0 here, and the anchor rows of dX reach nothing.
+            let mut dx = Buf::<T>::zeros(&[n as i64, mp as i64]);
+            if u > 0 {
+                let mut mmat = Buf::<T>::empty(&[u as i64, u as i64]);
+                {
+                    let mv = mmat.m();
+                    for i in 0..u {
+                        for j in 0..u {
+                            mv[i * u + j] = w[i * n + j] * (b_c[i] + b_c[j]);
+                        }
                     }
                 }
+                let _ = mmat
+                    .t
+                    .mm_out(&dx.t.narrow(0, 0, u as i64), &x.t.narrow(0, 0, u as i64));
             }
-            let mut dx = mmat.mm(&x, false);
             let mut dw = vec![T::ZERO; n * n];
             {
                 let dxs = dx.m();
-                for j in 0..n {
+                for j in 0..u {
                     let row = &mut dxs[j * mp..(j + 1) * mp];
                     for i in 0..n {
-                        let b = if targets[i] == targets[j] {
-                            T::ZERO
-                        } else {
-                            b_c[j]
-                        };
-                        row[targets[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
+                        let b = if tp[i] == tp[j] { T::ZERO } else { b_c[j] };
+                        row[tp[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
                     }
                     let pass = if ok[j] { T::ZERO } else { gi[j] };
                     // A coefficient may overflow where its factor is 0 (a
                     // label probability that underflowed): 0 * inf is 0 here.
                     let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
-                    row[targets[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
+                    row[tp[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
                 }
                 for i in 0..n {
                     for j in 0..n {
@@ -637,47 +759,55 @@ fn run<T: Real>(
             None
         };
         for i in 0..n {
-            x.m()[i * mp + targets[i]] = xy[i];
+            x.m()[i * mp + tp[i]] = xy[i];
         }
 
         if let Some((mut dx, mut dw)) = last_grads {
             for st in steps.iter().rev() {
-                let (mut dn, mut da) = (
-                    Buf::<T>::empty(&[n as i64, mp as i64]),
-                    Buf::<T>::empty(&[n as i64, mp as i64]),
-                );
-                let mut pass = vec![false; n];
+                // Anchor rows: X one-hot before and after, so dA is 0 there.
+                let mut da = Buf::<T>::zeros(&[n as i64, mp as i64]);
+                let mut dn = vec![T::ZERO; u * mp];
+                let mut pass = vec![false; u];
                 {
                     let (dxs, xt, xp) = (dx.s(), st.x.s(), st.x_prev.s());
-                    let (dns, das) = (dn.m(), da.m());
-                    for i in 0..n {
+                    let das = da.m();
+                    for i in 0..u {
                         let r = i * mp..(i + 1) * mp;
                         if st.s[i] > T::MIN_NORMAL {
                             let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
                             let inv = T::ONE / st.s[i];
                             for k in r {
-                                dns[k] = (dxs[k] - rr) * inv;
-                                das[k] = dns[k] * xp[k];
+                                dn[k] = (dxs[k] - rr) * inv;
+                                das[k] = dn[k] * xp[k];
                             }
                         } else {
                             pass[i] = true;
-                            for k in r {
-                                dns[k] = T::ZERO;
-                                das[k] = T::ZERO;
-                            }
                         }
                     }
                 }
-                let dw_step = da.mm(&st.x_prev, true);
-                for (a, b) in dw.iter_mut().zip(dw_step.s()) {
-                    *a += *b;
-                }
-                let mut next = sim.w.mm(&da, false);
-                {
-                    let (nx, dns, am, dxs) = (next.m(), dn.s(), st.a.s(), dx.s());
-                    for i in 0..n {
+                let mut next = Buf::<T>::zeros(&[n as i64, mp as i64]);
+                if u > 0 {
+                    let (da_n, xp_n) = (
+                        Buf::<T>::new(da.t.narrow(0, 0, u as i64)),
+                        Buf::<T>::new(st.x_prev.t.narrow(0, 0, u as i64)),
+                    );
+                    // dW += dA X^T: the anchor columns pick dA at their label.
+                    let dw_nn = da_n.mm(&xp_n, true);
+                    let (dws, das) = (dw_nn.s(), da.s());
+                    for i in 0..u {
+                        for j in 0..u {
+                            dw[i * n + j] += dws[i * u + j];
+                        }
+                        for a in u..n {
+                            dw[i * n + a] += das[i * mp + tp[a]];
+                        }
+                    }
+                    let w_nn = sim.w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
+                    let _ = w_nn.mm_out(&next.t.narrow(0, 0, u as i64), &da_n.t);
+                    let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
+                    for i in 0..u {
                         for k in i * mp..(i + 1) * mp {
-                            nx[k] += dns[k] * am[k];
+                            nx[k] += dn[k] * am[k];
                             if pass[i] {
                                 nx[k] += dxs[k];
                             }
@@ -690,8 +820,8 @@ fn run<T: Real>(
             if let Some(gl) = grad_logits.as_mut() {
                 logits_grad(
                     gl,
-                    Some((&x0, &dx, &flags, classes.as_deref())),
-                    softmax.as_ref(),
+                    Some((&x0, &dx, &flags, &ord.pos, classes.as_deref())),
+                    ce_exp.as_ref().map(|e| (e, &ce_scales[..])),
                     y,
                     opts,
                     inv_t,
@@ -699,21 +829,25 @@ fn run<T: Real>(
                     mp,
                 );
             }
-            grad_emb = Some(similarity_backward(&sim, &dw, kind));
+            grad_emb = Some(similarity_backward(&sim, &dw, kind, &ord.pos));
         }
 
         if want_probs {
-            let a = sim.w.mm(&x, false);
+            let a = anchored_wx(&sim.w, &x, u, &tp);
             let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
             {
                 let (o, xs, am) = (out.m(), x.s(), a.s());
                 for i in 0..n {
                     for k in i * mp..(i + 1) * mp {
-                        o[k] = if ok[i] { xs[k] * am[k] / s[i] } else { xs[k] };
+                        o[k] = if ok[i] && i < u {
+                            xs[k] * am[k] / s[i]
+                        } else {
+                            xs[k]
+                        };
                     }
                 }
             }
-            probs = Some(out.t);
+            probs = Some(ord.restore(&out.t));
         }
         drop(x0);
     } else {
@@ -723,7 +857,16 @@ fn run<T: Real>(
         }
     }
     if let (None, Some(gl)) = (nll_value, grad_logits.as_mut()) {
-        logits_grad(gl, None, softmax.as_ref(), y, opts, inv_t, m, mp);
+        logits_grad(
+            gl,
+            None,
+            ce_exp.as_ref().map(|e| (e, &ce_scales[..])),
+            y,
+            opts,
+            inv_t,
+            m,
+            mp,
+        );
     }
 
     if want_grads && grad_emb.is_none() {
@@ -747,10 +890,18 @@ fn run<T: Real>(
 }
 
 /// One replicator step on raw rows: `next = x * a / rowsum(x * a)`, rows
-/// whose sum is 0 copied unchanged. Returns the row sums.
-fn replicator_rows<T: Real>(x: &[T], a: &[T], next: &mut [T], n: usize, m: usize) -> Vec<T> {
-    let mut sums = vec![T::ZERO; n];
-    for i in 0..n {
+/// whose sum is 0 copied unchanged, and the one-hot anchor rows (from `u`
+/// on) copied with sum 1. Returns the row sums.
+fn replicator_rows<T: Real>(
+    x: &[T],
+    a: &[T],
+    next: &mut [T],
+    u: usize,
+    n: usize,
+    m: usize,
+) -> Vec<T> {
+    let mut sums = vec![T::ONE; n];
+    for i in 0..u {
         let r = i * m..(i + 1) * m;
         let (xr, ar, nr) = (&x[r.clone()], &a[r.clone()], &mut next[r]);
         for k in 0..m {
@@ -767,16 +918,29 @@ fn replicator_rows<T: Real>(x: &[T], a: &[T], next: &mut [T], n: usize, m: usize
             nr.copy_from_slice(xr);
         }
     }
+    next[u * m..n * m].copy_from_slice(&x[u * m..n * m]);
     sums
 }
 
+/// Exp rows of the cross-entropy and their `1 / sum`.
+type CeRows<'a, T> = (&'a Buf<T>, &'a [T]);
+/// The prior X0 and dX0 (refinement order), the anchor flags and positions
+/// (samples' order), and the prior's columns.
+type Refined<'a, T> = (
+    &'a Buf<T>,
+    &'a Buf<T>,
+    &'a [bool],
+    &'a [usize],
+    Option<&'a [usize]>,
+);
+
 /// The gradient of the logits: through the prior (when the refinement ran;
 /// not on anchor rows) and through the cross-entropy.
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[allow(clippy::too_many_arguments)]
 fn logits_grad<T: Real>(
     out: &mut Buf<T>,
-    refined: Option<(&Buf<T>, &Buf<T>, &[bool], Option<&[usize]>)>,
-    softmax: Option<&Buf<T>>,
+    refined: Option<Refined<'_, T>>,
+    ce: Option<CeRows<'_, T>>,
     y: &[i64],
     opts: &GroupLossOptions,
     inv_t: T,
@@ -786,17 +950,18 @@ fn logits_grad<T: Real>(
     let n = y.len();
     let ce_coef = T::from_f64(opts.ce_weight / n as f64);
     let out_rows = Rows::of(out.m(), m);
-    let ce = softmax.map(|b| b.s());
-    let refined = refined.map(|(x0, dx, flags, cls)| (x0.s(), dx.s(), flags, cls));
+    let ce = ce.map(|(b, scales)| (b.s(), scales));
+    let refined = refined.map(|(x0, dx, flags, pos, cls)| (x0.s(), dx.s(), flags, pos, cls));
     par_rows(n, n * m, |i| {
         // SAFETY: each row index is visited once.
         let o = unsafe { out_rows.row(i) };
-        let ce_row = ce.map(|e| (&e[i * m..(i + 1) * m], T::ONE));
-        let prior_row = refined.and_then(|(x0, dx, flags, _)| {
-            (!flags[i]).then(|| (&x0[i * mp..(i + 1) * mp], &dx[i * mp..(i + 1) * mp]))
+        let ce_row = ce.map(|(e, sc)| (&e[i * m..(i + 1) * m], sc[i]));
+        let prior_row = refined.and_then(|(x0, dx, flags, pos, _)| {
+            let k = pos[i];
+            (!flags[i]).then(|| (&x0[k * mp..(k + 1) * mp], &dx[k * mp..(k + 1) * mp]))
         });
         let coef = if ce_row.is_some() { ce_coef } else { T::ZERO };
-        match refined.and_then(|r| r.3) {
+        match refined.and_then(|r| r.4) {
             None => grad_row(o, prior_row, inv_t, ce_row, y[i] as usize, coef),
             Some(cls) => {
                 grad_row(o, None, inv_t, ce_row, y[i] as usize, coef);

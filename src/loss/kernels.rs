@@ -209,6 +209,97 @@ pub(crate) fn sum<T: Real>(a: &[T]) -> T {
     fold(acc, |p, q| p + q)
 }
 
+/// What one row of logits gives the loss (see [`logits_row`]).
+#[derive(Clone, Copy)]
+pub(crate) struct LogitsRow<T> {
+    /// `logsumexp(l) - l[label]`: the row's cross-entropy (0 without CE).
+    pub ce: f64,
+    /// `1 / sum exp(l - max)`: softmax = `ce_exp * scale`.
+    pub scale: T,
+    pub finite: bool,
+}
+
+#[inline(always)]
+fn logits_row_impl<T: Real>(
+    l: &[T],
+    label: usize,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+    columns: Option<&[usize]>,
+    inv_t: T,
+) -> LogitsRow<T> {
+    let (mx, finite) = max_and_finite(l);
+    let mut out = LogitsRow {
+        ce: 0.0,
+        scale: T::ONE,
+        finite,
+    };
+    if !finite {
+        return out;
+    }
+    if let Some(e) = ce_exp {
+        for (o, &v) in e.iter_mut().zip(l) {
+            *o = (v - mx).exp();
+        }
+        let s = sum(e);
+        out.scale = T::ONE / s;
+        out.ce = s.to_f64().ln() + (mx - l[label]).to_f64();
+    }
+    if let Some(p) = prior {
+        match columns {
+            None => {
+                for (o, &v) in p.iter_mut().zip(l) {
+                    *o = ((v - mx) * inv_t).exp();
+                }
+            }
+            Some(cols) => {
+                let cm = cols.iter().fold(l[cols[0]], |a, &k| maxr(a, l[k]));
+                for (o, &k) in p.iter_mut().zip(cols) {
+                    *o = ((l[k] - cm) * inv_t).exp();
+                }
+            }
+        }
+        let inv = T::ONE / sum(p);
+        for v in p.iter_mut() {
+            *v *= inv;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn logits_row_avx2<T: Real>(
+    l: &[T],
+    label: usize,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+    columns: Option<&[usize]>,
+    inv_t: T,
+) -> LogitsRow<T> {
+    logits_row_impl(l, label, ce_exp, prior, columns, inv_t)
+}
+
+/// One row of logits `l`, in one pass per exponential: the largest entry and
+/// finiteness; with `ce_exp`, `exp(l - max)` written there and the row's
+/// cross-entropy against `label`; with `prior`, `softmax(l / T)` written
+/// there (over `columns` only, when given). `inv_t` is `1 / T`.
+pub(crate) fn logits_row<T: Real>(
+    l: &[T],
+    label: usize,
+    ce_exp: Option<&mut [T]>,
+    prior: Option<&mut [T]>,
+    columns: Option<&[usize]>,
+    inv_t: T,
+) -> LogitsRow<T> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        return unsafe { logits_row_avx2(l, label, ce_exp, prior, columns, inv_t) };
+    }
+    logits_row_impl(l, label, ce_exp, prior, columns, inv_t)
+}
+
 /// The gradient of one row of logits:
 /// `out = prior (dx - r) / T + ce_coef (exp(l - lse) - onehot(label))`,
 /// the first term only where `dx` is given. `ce_exp` holds `exp(l - max)`.
@@ -258,41 +349,19 @@ fn grad_row_impl<T: Real>(
 /// is finite. Writes `x - c` into `out`.
 #[inline(always)]
 fn centre_row_impl<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T, bool) {
-    let (mut s, mut q, mut chk) = ([T::ZERO; LANES], [T::ZERO; LANES], [T::ZERO; LANES]);
-    let cx = x.chunks_exact(LANES);
-    let rx = cx.remainder();
-    for c in cx {
-        for k in 0..LANES {
-            s[k] += c[k];
-            q[k] += c[k] * c[k];
-            chk[k] += c[k] * T::ZERO;
-        }
-    }
-    for (k, &v) in rx.iter().enumerate() {
-        s[k] += v;
-        q[k] += v * v;
-        chk[k] += v * T::ZERO;
-    }
-    let finite = fold(chk, |a, b| a + b) == T::ZERO;
+    // Separate passes over the (L1-resident) row: one loop carrying three
+    // accumulator arrays did not vectorise.
+    let finite = max_and_finite(x).1;
+    let q = dot(x, x);
     let mean = if centre {
-        fold(s, |a, b| a + b) / T::from_f64(x.len() as f64)
+        sum(x) / T::from_f64(x.len() as f64)
     } else {
         T::ZERO
     };
-    let mut acc = [T::ZERO; LANES];
-    let mut co = out.chunks_exact_mut(LANES);
-    for (o, c) in (&mut co).zip(x.chunks_exact(LANES)) {
-        for k in 0..LANES {
-            let v = c[k] - mean;
-            o[k] = v;
-            acc[k] += v * v;
-        }
-    }
-    for (k, (o, &v)) in co.into_remainder().iter_mut().zip(rx).enumerate() {
+    for (o, &v) in out.iter_mut().zip(x) {
         *o = v - mean;
-        acc[k] += *o * *o;
     }
-    (fold(acc, |a, b| a + b), fold(q, |a, b| a + b), finite)
+    (dot(out, out), q, finite)
 }
 
 /// The gradient of one embedding row through `u = xc * inv` (and the
