@@ -74,8 +74,11 @@ impl<T: Real> Buf<T> {
     /// and mirroring them: 62-75% of the multiply-adds of a full product for
     /// the batch sizes where the products dominate.
     fn gram(&self) -> Buf<T> {
-        let n = self.t.size()[0];
+        let (n, k) = (self.t.size()[0], self.t.size()[1]);
+        // Long rows (thousands of classes) keep the half-size blocks
+        // efficient for a few dozen rows already.
         let blocks = match n {
+            32..=127 if k >= 2048 => 2,
             0..=127 => 1,
             128..=511 => 2,
             _ => 4,
@@ -519,16 +522,15 @@ impl Order {
     }
 }
 
-/// `W X` on the non-anchor rows (the others are left zero), where X's last
+/// The non-anchor rows of `W X` (a `u` x classes buffer), where X's last
 /// `n - u` rows are one-hot at `targets`.
 fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> Buf<T> {
     let n = targets.len();
     let mp = x.t.size()[1] as usize;
-    let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
-    let _ = out.t.narrow(0, u as i64, (n - u) as i64).zero_();
+    let mut out = Buf::<T>::empty(&[u as i64, mp as i64]);
     if u > 0 {
         let w_nn = w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
-        let _ = w_nn.mm_out(&out.t.narrow(0, 0, u as i64), &x.t.narrow(0, 0, u as i64));
+        let _ = w_nn.mm_out(&out.t, &x.t.narrow(0, 0, u as i64));
         let (o, ws) = (out.m(), w.s());
         for i in 0..u {
             for a in u..n {
@@ -716,9 +718,10 @@ fn run<T: Real>(
             // (g / s) (s~ / s): s * s would underflow for small s.
             let c_c = coef(&|i| gi[i] / s[i] * (s_off[i] / s[i]));
 
-            // dX = (W o (b_i + b_j)) X on the non-anchor rows: X's anchor
-            // rows are 0 here, and the anchor rows of dX reach nothing.
-            let mut dx = Buf::<T>::zeros(&[n as i64, mp as i64]);
+            // dX = (W o (b_i + b_j)) X on the non-anchor rows only: X's
+            // anchor rows are 0 here, and the anchor rows of dX reach
+            // nothing (dX below has the `u` non-anchor rows).
+            let mut dx = Buf::<T>::empty(&[u as i64, mp as i64]);
             if u > 0 {
                 let mut mmat = Buf::<T>::empty(&[u as i64, u as i64]);
                 {
@@ -729,9 +732,7 @@ fn run<T: Real>(
                         }
                     }
                 }
-                let _ = mmat
-                    .t
-                    .mm_out(&dx.t.narrow(0, 0, u as i64), &x.t.narrow(0, 0, u as i64));
+                let _ = mmat.t.mm_out(&dx.t, &x.t.narrow(0, 0, u as i64));
             }
             let mut dw = vec![T::ZERO; n * n];
             {
@@ -764,8 +765,9 @@ fn run<T: Real>(
 
         if let Some((mut dx, mut dw)) = last_grads {
             for st in steps.iter().rev() {
-                // Anchor rows: X one-hot before and after, so dA is 0 there.
-                let mut da = Buf::<T>::zeros(&[n as i64, mp as i64]);
+                // Anchor rows: X one-hot before and after, so dA is 0 there
+                // (dA, dN and dX hold the non-anchor rows).
+                let mut da = Buf::<T>::empty(&[u as i64, mp as i64]);
                 let mut dn = vec![T::ZERO; u * mp];
                 let mut pass = vec![false; u];
                 {
@@ -782,13 +784,14 @@ fn run<T: Real>(
                             }
                         } else {
                             pass[i] = true;
+                            das[r].fill(T::ZERO);
                         }
                     }
                 }
-                let mut next = Buf::<T>::zeros(&[n as i64, mp as i64]);
+                let mut next = Buf::<T>::empty(&[u as i64, mp as i64]);
                 if u > 0 {
                     let (da_n, xp_n) = (
-                        Buf::<T>::new(da.t.narrow(0, 0, u as i64)),
+                        Buf::<T>::new(da.t.shallow_clone()),
                         Buf::<T>::new(st.x_prev.t.narrow(0, 0, u as i64)),
                     );
                     // dW += dA X^T: the anchor columns pick dA at their label.
@@ -803,7 +806,7 @@ fn run<T: Real>(
                         }
                     }
                     let w_nn = sim.w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
-                    let _ = w_nn.mm_out(&next.t.narrow(0, 0, u as i64), &da_n.t);
+                    let _ = w_nn.mm_out(&next.t, &da_n.t);
                     let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
                     for i in 0..u {
                         for k in i * mp..(i + 1) * mp {
@@ -891,7 +894,8 @@ fn run<T: Real>(
 
 /// One replicator step on raw rows: `next = x * a / rowsum(x * a)`, rows
 /// whose sum is 0 copied unchanged, and the one-hot anchor rows (from `u`
-/// on) copied with sum 1. Returns the row sums.
+/// on; `a` holds the first `u` rows only) copied with sum 1. Returns the
+/// row sums.
 fn replicator_rows<T: Real>(
     x: &[T],
     a: &[T],
@@ -924,8 +928,8 @@ fn replicator_rows<T: Real>(
 
 /// Exp rows of the cross-entropy and their `1 / sum`.
 type CeRows<'a, T> = (&'a Buf<T>, &'a [T]);
-/// The prior X0 and dX0 (refinement order), the anchor flags and positions
-/// (samples' order), and the prior's columns.
+/// The prior X0 (refinement order) and dX0 (its non-anchor rows), the
+/// anchor flags and positions (samples' order), and the prior's columns.
 type Refined<'a, T> = (
     &'a Buf<T>,
     &'a Buf<T>,
@@ -982,8 +986,8 @@ mod tests {
 
     #[test]
     fn gram_by_blocks_equals_the_full_product() {
-        for n in [5, 130, 600] {
-            let x = Buf::<f64>::new(Tensor::randn([n, 7], (Kind::Double, Device::Cpu)));
+        for (n, k) in [(5, 7), (130, 7), (600, 7), (40, 3000)] {
+            let x = Buf::<f64>::new(Tensor::randn([n, k], (Kind::Double, Device::Cpu)));
             let full = x.mm(&x, true);
             let blocked = x.gram();
             let diff = f64::try_from((&full.t - &blocked.t).abs().max()).unwrap_or(1.0);
