@@ -131,13 +131,14 @@ impl<T: Real> Buf<T> {
             .narrow(0, 0, ui)
             .mm_out(&out.t.narrow(0, 0, ui), &self.t.transpose(0, 1));
         let rest = self.t.narrow(0, ui, ai);
-        let block = rest.mm(&rest.transpose(0, 1));
-        out.t.narrow(0, ui, ai).narrow(1, ui, ai).copy_(&block);
-        let o = out.m();
+        let block = Buf::<T>::new(rest.mm(&rest.transpose(0, 1)));
+        let (o, b) = (out.m(), block.s());
+        let na = n - u;
         for a in u..n {
             for j in 0..u {
                 o[a * n + j] = o[j * n + a];
             }
+            o[a * n + u..(a + 1) * n].copy_from_slice(&b[(a - u) * na..(a - u + 1) * na]);
         }
         out
     }
@@ -239,14 +240,30 @@ pub(crate) fn group_loss_with_grads(
         ));
     }
     let kind = super::refine::compute_kind(&[emb.kind(), logits.kind()]);
-    let emb = emb.detach().to_kind(kind).contiguous();
-    let logits = logits.detach().to_kind(kind).contiguous();
-    let y = super::anchors::labels_to_vec(labels)?;
+    let _guard = tch::no_grad_guard();
+    // Inputs already of the kind and contiguous (the usual case) are read
+    // in place: every libtorch call costs a dispatch, and these add up on
+    // the small batches of CUB.
+    let readable = |t: &Tensor| {
+        if t.kind() == kind && t.is_contiguous() {
+            t.shallow_clone()
+        } else {
+            t.to_kind(kind).contiguous()
+        }
+    };
+    let (emb, logits) = (readable(emb), readable(logits));
+    let y = if labels.kind() == Kind::Int64 && labels.is_contiguous() && labels.numel() > 0 {
+        // SAFETY: a contiguous int64 CPU tensor (same device as the
+        // embeddings, checked above) of `numel` elements, alive meanwhile.
+        unsafe { std::slice::from_raw_parts(labels.data_ptr() as *const i64, labels.numel()) }
+            .to_vec()
+    } else {
+        super::anchors::labels_to_vec(labels)?
+    };
     let m = logits.size()[1];
     let lo = y.iter().copied().min().unwrap_or(0);
     let hi = y.iter().copied().max().unwrap_or(0);
     check_label_range(lo, hi, Some(m))?;
-    let _guard = tch::no_grad_guard();
     match kind {
         Kind::Double => run::<f64>(&emb, &logits, &y, opts, want_grads, want_probs),
         _ => run::<f32>(&emb, &logits, &y, opts, want_grads, want_probs),
