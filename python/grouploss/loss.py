@@ -141,7 +141,7 @@ class GroupLoss(nn.Module):
 
         >>> loss_fn = GroupLoss(num_classes=100, embedding_size=512, classifier="cosine",
         ...                     classifier_scale=16.0, temperature=10.0, num_anchors=1,
-        ...                     similarity_power=8.0)
+        ...                     similarity_power=16.0)
         >>> loss_fn(emb, labels).backward()
     """
 

@@ -62,8 +62,24 @@ impl Head {
         normalize: bool,
     ) -> Self {
         let dim = embedding_size.unwrap_or(features);
-        let embed =
-            (dim != features).then(|| nn::linear(p / "embed", features, dim, Default::default()));
+        // PyTorch's `nn.Linear` default (the release's embedding layer):
+        // weights and bias uniform in +-1/sqrt(fan_in). tch's default,
+        // Kaiming with the ReLU gain, is 2.45 times wider; under Adam, whose
+        // steps do not scale with the weights, it trained this layer slower
+        // (BENCHMARKS.md, "Quality on glyphs", calibration).
+        let fan_in = 1.0 / (features as f64).sqrt();
+        let embed = (dim != features).then(|| {
+            let init = nn::Init::Uniform {
+                lo: -fan_in,
+                up: fan_in,
+            };
+            let cfg = nn::LinearConfig {
+                ws_init: init,
+                bs_init: Some(init),
+                bias: true,
+            };
+            nn::linear(p / "embed", features, dim, cfg)
+        });
         let c = p / "classifier";
         let bound = 1.0 / (dim as f64).sqrt();
         let classifier_weight = c.var(
