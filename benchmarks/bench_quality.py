@@ -14,7 +14,9 @@ of them) and its test-class metrics are reported. Two loops:
   normalised softmax);
 * ``torch``: a plain PyTorch loop with the same convnet written in PyTorch,
   for pytorch-metric-learning's ``TripletMarginLoss`` + ``BatchHardMiner``
-  and, as a calibration of the two loops, for normalised-softmax CE.
+  and, as a calibration of the two loops, for normalised-softmax CE and for
+  the Group Loss (the ``grouploss.GroupLoss`` module with its own
+  classifier, as a user drops it into their loop).
 
 The validation classes are carved from the training classes with a fixed
 ``split_seed`` (0) for every run, so the search never sees the test classes
@@ -32,14 +34,15 @@ skips the runs already there, so an interrupted search resumes):
    test-class Recall@1, MAP@R and NMI, mean and spread;
 4. ``fashion``: the winners on fashion-mnist without retuning (its preset's
    P x K, ``--fashion-budget``);
-5. ``calibration``: normalised-softmax CE in the torch loop (seed 0), to
-   compare the two loops.
+5. ``calibration``: the CE and Group Loss winners in the torch loop too
+   (the Group Loss as the ``GroupLoss`` module a user drops into their own
+   loop), so that all three losses are also compared in one loop.
 
 ``OUT/summary.json`` and ``OUT/summary.md`` hold the tables.
 
     python benchmarks/bench_quality.py [--stages screen,select,final,fashion,calibration]
         [--out benchmarks/results/quality] [--runs runs/quality]
-        [--screen-budget 1x200] [--budget 2x200] [--fashion-budget 1x200]
+        [--screen-budget 1x200] [--budget 3x0] [--fashion-budget 1x0]
         [--val-images 2000] [--seeds 0,1,2] [--fashion-seeds 0]
 """
 
@@ -97,27 +100,28 @@ GLYPHS_PK = dict(classes_per_batch=10, samples_per_class=6)
 # anchors A per class, the prior's temperature T, a larger P x K at the same
 # images per step. All on the cosine classifier (scale 16) but the release.
 COS = dict(classifier="cosine", classifier_scale=16.0)
+
+
+def gl(temperature: float, anchors: int, power: float, pk: Optional[Tuple[int, int]] = None):
+    """A Group Loss configuration on the cosine classifier: T, anchors per
+    class, W's power and, when given, the P x K of its batches."""
+    opts: Dict[str, Any] = dict(
+        COS, temperature=temperature, num_anchors=anchors, similarity_power=power
+    )
+    if pk is not None:
+        opts.update(classes_per_batch=pk[0], samples_per_class=pk[1])
+    return opts
+
+
 GROUP_SCREEN: Dict[str, Dict[str, Any]] = {
     "gl-release": dict(classifier="linear", temperature=10.0, num_anchors=2),
     "gl-T2-A1-p1": dict(COS, temperature=2.0, num_anchors=1),
-    "gl-T10-A3-p4": dict(COS, temperature=10.0, num_anchors=3, similarity_power=4.0),
-    "gl-T10-A3-p8": dict(COS, temperature=10.0, num_anchors=3, similarity_power=8.0),
-    "gl-T10-A2-p8-P15K4": dict(
-        COS,
-        temperature=10.0,
-        num_anchors=2,
-        similarity_power=8.0,
-        classes_per_batch=15,
-        samples_per_class=4,
-    ),
-    "gl-T10-A1-p8-P20K3": dict(
-        COS,
-        temperature=10.0,
-        num_anchors=1,
-        similarity_power=8.0,
-        classes_per_batch=20,
-        samples_per_class=3,
-    ),
+    "gl-T10-A3-p4": gl(10.0, 3, 4.0),
+    "gl-T10-A3-p8": gl(10.0, 3, 8.0),
+    "gl-T10-A2-p8-P15K4": gl(10.0, 2, 8.0, (15, 4)),
+    "gl-T10-A1-p8-P20K3": gl(10.0, 1, 8.0, (20, 3)),
+    "gl-T10-A1-p8-P30K2": gl(10.0, 1, 8.0, (30, 2)),
+    "gl-T10-A1-p16-P20K3": gl(10.0, 1, 16.0, (20, 3)),
 }
 CE_SCREEN: Dict[str, Dict[str, Any]] = {
     "ce-s16": dict(COS, gtg_weight=0.0),
@@ -127,14 +131,18 @@ TRIPLET_SCREEN: Dict[str, Dict[str, Any]] = {
     "triplet-m0.2": dict(margin=0.2),
     # The peer gets the Group Loss's larger P at the same images per step too.
     "triplet-m0.1-P15K4": dict(margin=0.1, classes_per_batch=15, samples_per_class=4),
+    "triplet-m0.1-P20K3": dict(margin=0.1, classes_per_batch=20, samples_per_class=3),
 }
 # Group Loss configurations of the screen taken to `select`, and variants of
 # the best one added there, e.g. ``"warmup1": dict(gtg_warmup_epochs=1)`` (CE
 # alone for the first epoch, the release's start from a CE-finetuned
-# network). With one candidate per family, as in the CPU search of
-# BENCHMARKS.md, `select` is skipped: the screen's best goes to `final`.
-GROUP_SELECT = 1
-SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {}
+# network). With one candidate per family `select` is skipped and the
+# screen's best goes to `final`.
+GROUP_SELECT = 3
+# The peer's best configurations taken to `select` too, so that its P x K
+# (the release's 10 x 6 among them) is chosen at the full budget as well.
+TRIPLET_SELECT = 3
+SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {"warmup1": dict(gtg_warmup_epochs=1)}
 
 
 def log(msg: str) -> None:
@@ -291,9 +299,29 @@ def torch_run(
     loader = Loader(train, sampler, train_tf, num_threads=2, seed=seed)
     model = ConvNet(1, COMMON["embedding_size"])
     params = list(model.parameters())
+    group_fn = None
     if loss_name == "triplet":
         loss_fn = losses.TripletMarginLoss(margin=opts["margin"])
         miner = miners.BatchHardMiner()
+        head = None
+    elif loss_name == "group":
+        # The library's module as a user drops it into their own loop: its
+        # own classifier on the embeddings, the searched loss settings.
+        loss_keys = (
+            "classifier",
+            "classifier_scale",
+            "temperature",
+            "num_anchors",
+            "similarity_power",
+            "num_iters",
+            "normalize_embeddings",
+        )
+        group_fn = grouploss.GroupLoss(
+            int(train.labels.max()) + 1,
+            embedding_size=COMMON["embedding_size"],
+            **{k: opts.get(k, COMMON[k]) for k in loss_keys},
+        )
+        params += list(group_fn.parameters())
         head = None
     else:
         classes = int(train.labels.max()) + 1
@@ -314,7 +342,9 @@ def torch_run(
             if max_steps and step >= max_steps:
                 break
             e = model(images)
-            if head is None:
+            if group_fn is not None:
+                loss = group_fn(e, y)
+            elif head is None:
                 loss = loss_fn(e, y, miner(e, y))
             else:
                 loss = nn.functional.cross_entropy(head(e), y)
@@ -398,8 +428,8 @@ def run_one(
     cfg = grouploss.training.resolve_config(preset)
     root = args.glyphs_root if preset == "glyphs" else args.fashion_root
     start = time.perf_counter()
-    if family in ("triplet", "ce-torch"):
-        loss = "triplet" if family == "triplet" else "ce"
+    if family in ("triplet", "ce-torch", "group-torch"):
+        loss = {"triplet": "triplet", "ce-torch": "ce", "group-torch": "group"}[family]
         res = torch_run(preset, loss, opts, seed, budget, root, cfg, args.val_images)
         loop = "torch"
     else:
@@ -441,8 +471,8 @@ def candidates(book: Book, screen: Budget) -> Dict[str, tuple]:
     if gl:
         for suffix, extra in SELECT_VARIANTS.items():
             out[f"{gl[0]['name']}-{suffix}"] = ("group", dict(gl[0]["options"], **extra))
-    for table, family in ((CE_SCREEN, "ce"), (TRIPLET_SCREEN, "triplet")):
-        for r in ranked(book, "glyphs", table, 0, screen)[:1]:
+    for table, family, top in ((CE_SCREEN, "ce", 1), (TRIPLET_SCREEN, "triplet", TRIPLET_SELECT)):
+        for r in ranked(book, "glyphs", table, 0, screen)[:top]:
             out[r["name"]] = (family, r["options"])
     return out
 
@@ -533,7 +563,7 @@ def summarise(book: Book, args) -> dict:
                 summary[key][w["name"]] = seed_summary(rows, family)
         rows = book.all_seeds("glyphs", w["name"] + "-torch", full)
         if rows:
-            summary["calibration"][w["name"] + "-torch"] = seed_summary(rows, "ce-torch")
+            summary["calibration"][w["name"] + "-torch"] = seed_summary(rows, family + "-torch")
     return summary
 
 
@@ -562,7 +592,7 @@ def write_summary(summary: dict, out: pathlib.Path) -> None:
     titles = (
         ("final", "glyphs test classes"),
         ("fashion", "fashion-mnist test classes, no retuning"),
-        ("calibration", "glyphs test classes, normalised softmax in the torch loop"),
+        ("calibration", "glyphs test classes, CE and the Group Loss in the torch loop"),
     )
     for key, title in titles:
         lines += [
@@ -597,11 +627,13 @@ def main() -> None:
         default=(1, 200),
         help="EPOCHSxSTEPS of the screen (STEPS 0: whole epochs)",
     )
-    ap.add_argument("--budget", type=parse_budget, default=(1, 200), help="EPOCHSxSTEPS of a run")
+    ap.add_argument(
+        "--budget", type=parse_budget, default=(3, 0), help="EPOCHSxSTEPS of a select or final run"
+    )
     ap.add_argument(
         "--fashion-budget",
         type=parse_budget,
-        default=(1, 200),
+        default=(1, 0),
         help="EPOCHSxSTEPS on fashion-mnist",
     )
     ap.add_argument("--val-images", type=int, default=2000, help="validation images (0: all)")
@@ -610,7 +642,7 @@ def main() -> None:
     ap.add_argument(
         "--calibration-seeds",
         default="0",
-        help="seeds of normalised-softmax CE in the torch loop (compares the two loops)",
+        help="seeds of CE and the Group Loss in the torch loop (compares the two loops)",
     )
     ap.add_argument("--glyphs-root", default=os.environ.get("GLYPHS_ROOT"))
     ap.add_argument("--fashion-root", default=None)
@@ -658,11 +690,17 @@ def main() -> None:
                 run_one(book, args, "fashion", "fashion-mnist", w["name"], family, opts, seed, fb)
         write_summary(summarise(book, args), out)
     if "calibration" in stages:
-        ce = winners(book, screen, full).get("ce")
-        for seed in [int(s) for s in args.calibration_seeds.split(",")] if ce else []:
-            name = ce["name"] + "-torch"
-            opts = ce["options"]
-            run_one(book, args, "calibration", "glyphs", name, "ce-torch", opts, seed, full)
+        # CE and the Group Loss winners in the PyTorch loop too (the Group
+        # Loss as the `GroupLoss` module): every loss in the same loop.
+        best = winners(book, screen, full)
+        for seed in [int(s) for s in args.calibration_seeds.split(",")]:
+            for family in ("ce", "group"):
+                if family in best:
+                    w = best[family]
+                    name = w["name"] + "-torch"
+                    opts = w["options"]
+                    fam = family + "-torch"
+                    run_one(book, args, "calibration", "glyphs", name, fam, opts, seed, full)
         write_summary(summarise(book, args), out)
     log("done")
     print((out / "summary.md").read_text() if (out / "summary.md").exists() else "", end="")

@@ -22,7 +22,7 @@ use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
 use super::kernels::{
     centre_row, dot, grad_row, logits_row, max_and_finite, similarity_grad_row, sum, LogitsRow,
-    Real,
+    LogitsRowArgs, Real,
 };
 use super::similarity::{effective_power, Similarity};
 use super::GroupLossOptions;
@@ -616,7 +616,14 @@ fn run<T: Real>(
             let p = prior_rows
                 .filter(|_| !flags[i])
                 .map(|r| unsafe { r.row(pos[i]) });
-            logits_row(&ls[i * m..(i + 1) * m], y[i] as usize, e, p, cls, inv_t)
+            logits_row(LogitsRowArgs {
+                l: &ls[i * m..(i + 1) * m],
+                label: y[i] as usize,
+                ce_exp: e,
+                prior: p,
+                columns: cls,
+                inv_t,
+            })
         })
     };
     if rows.iter().any(|r| !r.finite) {

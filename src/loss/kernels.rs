@@ -219,15 +219,30 @@ pub(crate) struct LogitsRow<T> {
     pub finite: bool,
 }
 
+/// The inputs and outputs of [`logits_row`] for one row.
+pub(crate) struct LogitsRowArgs<'a, T> {
+    /// The row of logits.
+    pub l: &'a [T],
+    pub label: usize,
+    /// Where `exp(l - max)` goes (with the cross-entropy).
+    pub ce_exp: Option<&'a mut [T]>,
+    /// Where `softmax(l / T)` goes (over `columns` only, when given).
+    pub prior: Option<&'a mut [T]>,
+    pub columns: Option<&'a [usize]>,
+    /// `1 / T`.
+    pub inv_t: T,
+}
+
 #[inline(always)]
-fn logits_row_impl<T: Real>(
-    l: &[T],
-    label: usize,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-    columns: Option<&[usize]>,
-    inv_t: T,
-) -> LogitsRow<T> {
+fn logits_row_impl<T: Real>(args: LogitsRowArgs<'_, T>) -> LogitsRow<T> {
+    let LogitsRowArgs {
+        l,
+        label,
+        ce_exp,
+        prior,
+        columns,
+        inv_t,
+    } = args;
     let (mx, finite) = max_and_finite(l);
     let mut out = LogitsRow {
         ce: 0.0,
@@ -269,35 +284,21 @@ fn logits_row_impl<T: Real>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn logits_row_avx2<T: Real>(
-    l: &[T],
-    label: usize,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-    columns: Option<&[usize]>,
-    inv_t: T,
-) -> LogitsRow<T> {
-    logits_row_impl(l, label, ce_exp, prior, columns, inv_t)
+unsafe fn logits_row_avx2<T: Real>(args: LogitsRowArgs<'_, T>) -> LogitsRow<T> {
+    logits_row_impl(args)
 }
 
-/// One row of logits `l`, in one pass per exponential: the largest entry and
+/// One row of logits, in one pass per exponential: the largest entry and
 /// finiteness; with `ce_exp`, `exp(l - max)` written there and the row's
 /// cross-entropy against `label`; with `prior`, `softmax(l / T)` written
-/// there (over `columns` only, when given). `inv_t` is `1 / T`.
-pub(crate) fn logits_row<T: Real>(
-    l: &[T],
-    label: usize,
-    ce_exp: Option<&mut [T]>,
-    prior: Option<&mut [T]>,
-    columns: Option<&[usize]>,
-    inv_t: T,
-) -> LogitsRow<T> {
+/// there.
+pub(crate) fn logits_row<T: Real>(args: LogitsRowArgs<'_, T>) -> LogitsRow<T> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA.
-        return unsafe { logits_row_avx2(l, label, ce_exp, prior, columns, inv_t) };
+        return unsafe { logits_row_avx2(args) };
     }
-    logits_row_impl(l, label, ce_exp, prior, columns, inv_t)
+    logits_row_impl(args)
 }
 
 /// The gradient of one row of logits:
