@@ -63,10 +63,8 @@ impl Head {
     ) -> Self {
         let dim = embedding_size.unwrap_or(features);
         // PyTorch's `nn.Linear` default (the release's embedding layer):
-        // weights and bias uniform in +-1/sqrt(fan_in). tch's default,
-        // Kaiming with the ReLU gain, is 2.45 times wider; under Adam, whose
-        // steps do not scale with the weights, it trained this layer slower
-        // (BENCHMARKS.md, "Quality on glyphs", calibration).
+        // weights and bias uniform in +-1/sqrt(fan_in); tch's default,
+        // Kaiming with the ReLU gain, is 2.45 times wider.
         let fan_in = 1.0 / (features as f64).sqrt();
         let embed = (dim != features).then(|| {
             let init = nn::Init::Uniform {
