@@ -41,10 +41,10 @@ class GroupLoss(nn.Module):
     warm-up and ramp of the Group Loss term (``gtg_warmup_steps``,
     ``gtg_ramp_steps``), the stand-in for the release's start from a
     network fine-tuned with CE. On glyphs a cosine classifier, a sharp W
-    (``similarity_power=8``) and many classes per batch with one anchor each
-    (P=20, K=3) lift the Group Loss well above normalised-softmax CE; a
-    triplet loss with batch-hard mining stays ahead in that search (see
-    BENCHMARKS.md, "Quality on glyphs").
+    (``similarity_power=16``) and many classes per batch with one anchor
+    each (P=20, K=3) lift the Group Loss well above normalised-softmax CE
+    and narrowly above a triplet loss with batch-hard mining, in the same
+    PyTorch loop (see BENCHMARKS.md, "Quality on glyphs").
 
     Args:
         num_classes: number of training classes m (columns of the logits).
