@@ -421,7 +421,6 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
             Similarity::Gaussian { sigma } => T::from_f64(-0.5 / (sigma * sigma)),
             _ => T::ONE,
         };
-        let scaled = matches!(kind, Similarity::Correlation | Similarity::Cosine);
         for r in 0..n {
             let i = pos[r];
             for j in 0..n {
@@ -435,8 +434,7 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
                         Similarity::Gaussian { .. } => v * w[k] * scale,
                         // du = S U with U = diag(inv) Xc: scale S's
                         // columns instead of U.
-                        _ if scaled => v * sim.norms[j],
-                        _ => v,
+                        _ => v * sim.norms[j],
                     }
                 } else {
                     T::ZERO
@@ -539,6 +537,11 @@ impl Order {
     }
 }
 
+/// W among the first `u` rows (the non-anchors), a view.
+fn leading_block<T: Real>(w: &Buf<T>, u: usize) -> Tensor {
+    w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64)
+}
+
 /// The non-anchor rows of `W X` (a `u` x classes buffer), where X's last
 /// `n - u` rows are one-hot at `targets`.
 fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> Buf<T> {
@@ -546,7 +549,7 @@ fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> 
     let mp = x.t.size()[1] as usize;
     let mut out = Buf::<T>::empty(&[u as i64, mp as i64]);
     if u > 0 {
-        let w_nn = w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
+        let w_nn = leading_block(w, u);
         let _ = w_nn.mm_out(&out.t, &x.t.narrow(0, 0, u as i64));
         let (o, ws) = (out.m(), w.s());
         for i in 0..u {
@@ -829,7 +832,7 @@ fn run<T: Real>(
                             dw[i * n + a] += das[i * mp + tp[a]];
                         }
                     }
-                    let w_nn = sim.w.t.narrow(0, 0, u as i64).narrow(1, 0, u as i64);
+                    let w_nn = leading_block(&sim.w, u);
                     let _ = w_nn.mm_out(&next.t, &da_n.t);
                     let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
                     for i in 0..u {
