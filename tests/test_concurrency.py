@@ -18,13 +18,23 @@ from reference import pk_batch
 THREADS = 4
 
 
-def _loss_job(seed: int, implementation: str, dtype):
-    emb, labels, logits = pk_batch(6, 5, 40, 64, dtype=dtype, seed=seed)
+def _loss_job(seed: int, implementation: str, dtype, shape=(6, 5, 40, 64)):
+    emb, labels, logits = pk_batch(*shape, dtype=dtype, seed=seed)
     emb.requires_grad_()
     logits.requires_grad_()
     loss = F.group_loss(emb, labels, logits, num_iters=2, implementation=implementation)
     loss.backward()
     return loss.detach(), emb.grad, logits.grad
+
+
+def test_batch_sized_loss_from_threads_equals_loss_one_by_one():
+    """CUB's batch: its products are shared with the helper thread, whose
+    single job slot the concurrent calls contend for."""
+    args = [(seed, "fused_cpu", torch.float32, (6, 9, 100, 1024)) for seed in range(8)]
+    sequential, concurrent = _run_both(_loss_job, args)
+    for a, b in zip(sequential, concurrent):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
 
 
 def _metrics_job(seed: int):

@@ -82,6 +82,22 @@ def _grads(fn, emb, labels, logits):
     return loss.detach(), e.grad, lg.grad
 
 
+def _assert_matches_reference(emb, labels, logits, opts, implementation, tol):
+    """Loss and both gradients of ours against the reference, relative to
+    the largest entry of each."""
+    ours = _grads(
+        lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
+        emb,
+        labels,
+        logits,
+    )
+    ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
+    for a, b in zip(ours, ref):
+        scale = max(b.abs().max().item(), 1e-3)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+    return ours
+
+
 GRID = list(itertools.product([1, 2, 3], [0, 1, 2, 3], [1.0, 24.0, 79.0]))
 IMPLEMENTATIONS = ["auto", "fused_cpu", "libtorch", "autograd"]
 
@@ -96,18 +112,47 @@ def test_loss_and_gradients_match_the_reference(
     p, k = [(3, 4), (5, 3), (6, 9), (2, 2)][seed % 4]
     emb, labels, logits = pk_batch(p, k, m=11, d=16, dtype=dtype, seed=seed)
     opts = dict(temperature=temperature, num_anchors=num_anchors, num_iters=num_iters)
+    ours = _assert_matches_reference(emb, labels, logits, opts, implementation, tol)
+    assert all(t.dtype == dtype for t in ours)
 
-    ours = _grads(
-        lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
-        emb,
-        labels,
-        logits,
-    )
-    ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
-    for a, b in zip(ours, ref):
-        assert a.dtype == dtype
-        scale = max(b.abs().max().item(), 1e-3)
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+# CUB's batch, a long-row (SOP-like) batch, and batches around the size
+# where the fused path hands its products back to libtorch.
+BATCH_SHAPES = [(6, 9, 100, 1024), (10, 6, 3000, 256), (24, 8, 40, 300), (25, 8, 40, 300)]
+
+
+@pytest.mark.parametrize("num_iters", [1, 3])
+@pytest.mark.parametrize("p,k,m,d", BATCH_SHAPES)
+def test_batch_sized_products_match_the_reference(p, k, m, d, num_iters):
+    """The fused path's own matrix kernels, shared with its helper thread,
+    on batches of the paper's sizes: float32 against the reference."""
+    emb, labels, logits = pk_batch(p, k, m=m, d=d, dtype=torch.float32, seed=p * k)
+    opts = dict(temperature=24.0, num_anchors=2, num_iters=num_iters)
+    _assert_matches_reference(emb, labels, logits, opts, "fused_cpu", 1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Every product tile and row is computed by one thread with the same
+    operations, whichever thread: 1 and 2 threads agree bit for bit."""
+    emb, labels, logits = pk_batch(6, 9, m=100, d=1024, dtype=torch.float32, seed=5)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            results.append(
+                _grads(
+                    lambda e, y, lg: F.group_loss(e, y, lg, implementation="fused_cpu"),
+                    emb,
+                    labels,
+                    logits,
+                )
+            )
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("zero_diagonal", [False, True])
@@ -420,16 +465,7 @@ def test_sharpened_loss_and_gradients_match_the_reference(
         sigma=2.0,
         similarity_power=power,
     )
-    ours = _grads(
-        lambda e, y, lg: F.group_loss(e, y, lg, implementation=implementation, **opts),
-        emb,
-        labels,
-        logits,
-    )
-    ref = _grads(lambda e, y, lg: reference_group_loss(e, y, lg, **opts)[0], emb, labels, logits)
-    for a, b in zip(ours, ref):
-        scale = max(b.abs().max().item(), 1e-3)
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+    ours = _assert_matches_reference(emb, labels, logits, opts, implementation, tol)
     # A sharper W changes the loss (the option is not ignored).
     blunt = F.group_loss(emb, labels, logits, **dict(opts, similarity_power=1.0))
     assert abs(blunt.item() - ours[0].item()) > 1e-6

@@ -3,8 +3,11 @@
 //!
 //! Same math as the libtorch version, but every elementwise pass, reduction
 //! and n x n bookkeeping step is a loop over the buffers (vectorised, rows in
-//! parallel when they are long), and libtorch is called only for the matrix
-//! products (MKL). The input checks that read data (finite values, label
+//! parallel when they are long), and the matrix products of a batch's size
+//! run on [`super::gemm`]'s kernels (libtorch's BLAS takes larger ones).
+//! While a float32 call with such products runs, the helper thread of
+//! [`super::threads::Hot`] polls, and the products and long row loops are
+//! shared with it. The input checks that read data (finite values, label
 //! range) are fused into the first passes.
 
 // Numeric loops index several buffers by the same row and column; iterator
@@ -12,19 +15,19 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use super::analytic::LossWithGrads;
 use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
+use super::gemm;
 use super::kernels::{
     centre_row, dot, grad_row, logits_row, max_and_finite, similarity_grad_row, sum, LogitsRow,
     LogitsRowArgs, Real,
 };
 use super::similarity::{effective_power, Similarity};
+use super::threads::{self, par_rows};
 use super::GroupLossOptions;
 use crate::error::{Error, Result};
 
@@ -75,6 +78,10 @@ impl<T: Real> Buf<T> {
     /// the batch sizes where the products dominate.
     fn gram(&self) -> Buf<T> {
         let (n, k) = (self.t.size()[0], self.t.size()[1]);
+        let out = Buf::<T>::empty(&[n, n]);
+        if gemm::try_matmul(&self.t, &self.t, true, true, &out.t) {
+            return out;
+        }
         // Long rows (thousands of classes) keep the half-size blocks
         // efficient for a few dozen rows already.
         let blocks = match n {
@@ -86,7 +93,7 @@ impl<T: Real> Buf<T> {
         if blocks == 1 {
             return self.mm(self, true);
         }
-        let mut out = Buf::<T>::empty(&[n, n]);
+        let mut out = out;
         let bounds: Vec<(i64, i64)> = (0..blocks)
             .map(|b| (b * n / blocks, (b + 1) * n / blocks))
             .collect();
@@ -121,7 +128,9 @@ impl<T: Real> Buf<T> {
     /// last rows among themselves, mirrored.
     fn gram_anchored(&self, u: usize) -> Buf<T> {
         let n = self.t.size()[0] as usize;
-        if u == 0 || u == n || n >= 128 {
+        if u == 0 || u == n || n >= 128 || gemm::available() && T::KIND == Kind::Float {
+            // The kernels' Gram computes only the tiles on and below the
+            // diagonal: fewer multiply-adds than the rows `..u` against all.
             return self.gram();
         }
         let (ui, ai) = (u as i64, (n - u) as i64);
@@ -145,12 +154,24 @@ impl<T: Real> Buf<T> {
 
     /// `self @ other^T` or `self @ other`.
     fn mm(&self, other: &Buf<T>, transpose_other: bool) -> Buf<T> {
-        let b = if transpose_other {
-            other.t.transpose(0, 1)
+        let rows = self.t.size()[0];
+        let cols = other.t.size()[if transpose_other { 0 } else { 1 }];
+        let out = Buf::<T>::empty(&[rows, cols]);
+        matmul_into(&self.t, &other.t, transpose_other, &out.t);
+        out
+    }
+}
+
+/// `a @ b` (`transpose_b`: `a @ b^T`) into `out`, a matrix of its own: the
+/// products of a batch's size by [`gemm`], the others by libtorch.
+fn matmul_into(a: &Tensor, b: &Tensor, transpose_b: bool, out: &Tensor) {
+    if !gemm::try_matmul(a, b, transpose_b, false, out) {
+        let b = if transpose_b {
+            b.transpose(0, 1)
         } else {
-            other.t.shallow_clone()
+            b.shallow_clone()
         };
-        Buf::new(self.t.mm(&b))
+        let _ = a.mm_out(out, &b);
     }
 }
 
@@ -177,44 +198,6 @@ impl<T> Rows<T> {
     /// reference to row `i`.
     unsafe fn row<'a>(self, i: usize) -> &'a mut [T] {
         std::slice::from_raw_parts_mut(self.ptr.add(i * self.width), self.width)
-    }
-}
-
-/// Rows are processed in parallel only when there is enough work to pay for
-/// the hand-off.
-const PARALLEL_ELEMENTS: usize = 1 << 16;
-
-fn pool() -> Arc<rayon::ThreadPool> {
-    static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
-    // The same thread count as libtorch, so `torch.set_num_threads` governs both.
-    let threads = tch::get_num_threads().max(1) as usize;
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((n, p)) = guard.as_ref() {
-        if *n == threads {
-            return p.clone();
-        }
-    }
-    let p = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("grouploss-{i}"))
-            .build()
-            .unwrap_or_else(|_| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .expect("a one-thread pool can always be built")
-            }),
-    );
-    *guard = Some((threads, p.clone()));
-    p
-}
-
-fn par_rows<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
-    if work >= PARALLEL_ELEMENTS && tch::get_num_threads() > 1 {
-        pool().install(|| (0..n).into_par_iter().map(f).collect())
-    } else {
-        (0..n).map(f).collect()
     }
 }
 
@@ -315,11 +298,14 @@ fn similarity_forward<T: Real>(
             {
                 let src = Buf::<T>::new(emb.shallow_clone());
                 let x = src.s();
-                let out = rows.m();
+                let out = Rows::of(rows.m(), d);
                 let centre = kind == Similarity::Correlation;
-                for (i, &o) in ord.order.iter().enumerate() {
-                    let (sq, sq_raw, finite) =
-                        centre_row(&x[o * d..(o + 1) * d], &mut out[i * d..(i + 1) * d], centre);
+                let sums = par_rows(n, n * d, |i| {
+                    let o = ord.order[i];
+                    // SAFETY: each row index is visited once.
+                    centre_row(&x[o * d..(o + 1) * d], unsafe { out.row(i) }, centre)
+                });
+                for (i, &(sq, sq_raw, finite)) in sums.iter().enumerate() {
                     if !finite {
                         return Err(count_not_finite(emb, "embeddings"));
                     }
@@ -446,17 +432,19 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
     match kind {
         Similarity::Correlation | Similarity::Cosine => {
             let xc = sim.rows.s();
-            let g = du.m();
+            let g = Rows::of(du.m(), d);
             let centre = kind == Similarity::Correlation;
-            for r in 0..n {
+            let (degenerate, norms) = (&sim.degenerate, &sim.norms);
+            par_rows(n, n * d, |r| {
                 let i = pos[r];
-                let out = &mut g[r * d..(r + 1) * d];
-                if sim.degenerate[i] || sim.norms[i] == T::ZERO {
+                // SAFETY: each row index is visited once.
+                let out = unsafe { g.row(r) };
+                if degenerate[i] || norms[i] == T::ZERO {
                     out.fill(T::ZERO);
                 } else {
-                    similarity_grad_row(out, &xc[i * d..(i + 1) * d], sim.norms[i], centre);
+                    similarity_grad_row(out, &xc[i * d..(i + 1) * d], norms[i], centre);
                 }
-            }
+            });
             du
         }
         Similarity::Gaussian { .. } => {
@@ -550,7 +538,7 @@ fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> 
     let mut out = Buf::<T>::empty(&[u as i64, mp as i64]);
     if u > 0 {
         let w_nn = leading_block(w, u);
-        let _ = w_nn.mm_out(&out.t, &x.t.narrow(0, 0, u as i64));
+        matmul_into(&w_nn, &x.t.narrow(0, 0, u as i64), false, &out.t);
         let (o, ws) = (out.m(), w.s());
         for i in 0..u {
             for a in u..n {
@@ -572,6 +560,9 @@ fn run<T: Real>(
     let n = y.len();
     let m = logits.size()[1] as usize;
     let nf = n as f64;
+    // Wake the helper thread now, so that it polls by the first product.
+    let depth = (emb.size()[1] as usize).max(m);
+    let _hot = threads::Hot::begin(T::KIND == Kind::Float && gemm::worth_sharing(n, depth));
     let inv_t = T::from_f64(1.0 / opts.temperature);
     let want_ce = opts.ce_weight != 0.0;
     let want_gtg = opts.gtg_weight != 0.0;
@@ -759,7 +750,7 @@ fn run<T: Real>(
                         }
                     }
                 }
-                let _ = mmat.t.mm_out(&dx.t, &x.t.narrow(0, 0, u as i64));
+                matmul_into(&mmat.t, &x.t.narrow(0, 0, u as i64), false, &dx.t);
             }
             let mut dw = vec![T::ZERO; n * n];
             {
@@ -833,7 +824,7 @@ fn run<T: Real>(
                         }
                     }
                     let w_nn = leading_block(&sim.w, u);
-                    let _ = w_nn.mm_out(&next.t, &da_n.t);
+                    matmul_into(&w_nn, &da_n.t, false, &next.t);
                     let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
                     for i in 0..u {
                         for k in i * mp..(i + 1) * mp {

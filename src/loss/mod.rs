@@ -15,9 +15,11 @@ pub mod analytic;
 pub mod anchors;
 pub(crate) mod checks;
 mod fused_cpu;
+mod gemm;
 mod kernels;
 pub mod refine;
 pub mod similarity;
+mod threads;
 
 use tch::{Kind, Tensor};
 

@@ -1,0 +1,569 @@
+//! Matrix products of a batch's size (tens of rows, long rows) on f32
+//! buffers, for the fused CPU loss.
+//!
+//! On such shapes libtorch's BLAS runs at about half of this CPU's FMA peak:
+//! its packing copies dominate the few multiply-adds per packed element, and
+//! its second thread costs more than it brings (the products of the CUB
+//! batch run slower on 2 threads than on 1). Here the classic register tile
+//! instead: 6 rows of A broadcast against a 16-wide panel of B packed
+//! contiguously (which also avoids the cache-set aliasing of rows 4 KiB
+//! apart), 12 accumulators, panels shared out over the threads. The Gram
+//! matrices are symmetric, so only their tiles on and below the diagonal
+//! are computed. Larger products stay with libtorch, whose blocking for
+//! the caches wins there.
+
+// The packing and tile loops index raw panels by (k, column) pairs.
+#![allow(clippy::needless_range_loop)]
+
+use std::cell::RefCell;
+
+use tch::{Device, Kind, Tensor};
+
+use super::threads;
+
+/// Rows of A per tile.
+const MR: usize = 6;
+/// Columns of B per tile (two AVX vectors).
+const NR: usize = 16;
+/// Depth of a panel block: 256 x 16 floats (16 KiB) stay in L1 while the
+/// tiles of a task sweep it.
+const KC: usize = 256;
+/// Tiles of one panel handled by one task: the block of the panel is packed
+/// once and read by all of them.
+const TILES_PER_TASK: usize = 3;
+/// Products of fewer multiply-adds run on one thread: below this, sharing
+/// with the helper thread costs more than it saves.
+const PARALLEL_MACS: usize = 1 << 18;
+/// Largest row count of A (and of B for `A B^T`, of B's rows for `A B`)
+/// taken here; beyond, the operands leave L2 and libtorch's blocking wins.
+const MAX_SMALL_DIM: usize = 192;
+
+/// A row-major f32 matrix view: `rows x cols`, rows `ld` apart.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    ptr: *const f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+// SAFETY: a view is only read, and the tensors behind it outlive the product.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+impl View {
+    /// A view of a slice; panics unless the slice holds every row.
+    #[cfg(test)]
+    fn of(data: &[f32], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(
+            cols <= ld || rows <= 1,
+            "view: {cols} columns in rows {ld} apart"
+        );
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * ld + cols <= data.len(),
+            "view: {rows} x {cols} (rows {ld} apart) in {} elements",
+            data.len()
+        );
+        View {
+            ptr: data.as_ptr(),
+            rows,
+            cols,
+            ld,
+        }
+    }
+
+    /// A 2-D f32 CPU tensor whose columns are adjacent, as a view.
+    fn of_tensor(t: &Tensor) -> Option<Self> {
+        let (size, stride) = (t.size(), t.stride());
+        if t.kind() != Kind::Float || t.device() != Device::Cpu || size.len() != 2 {
+            return None;
+        }
+        let (rows, cols) = (size[0] as usize, size[1] as usize);
+        if rows > 1 && (stride[0] < size[1]) || cols > 1 && stride[1] != 1 {
+            return None;
+        }
+        Some(View {
+            ptr: t.data_ptr() as *const f32,
+            rows,
+            cols,
+            ld: stride[0].max(1) as usize,
+        })
+    }
+
+    /// SAFETY: `r < rows`, `c <= cols`.
+    unsafe fn at(&self, r: usize, c: usize) -> *const f32 {
+        self.ptr.add(r * self.ld + c)
+    }
+}
+
+/// The output: rows `ld` apart, written tile by tile.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    ld: usize,
+}
+
+// SAFETY: tasks write disjoint tiles.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Whether this CPU runs these kernels (AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the products of a batch of `rows` samples with rows of `depth`
+/// features are taken here and large enough to share with the helper
+/// thread ([`threads::Hot`]).
+pub(crate) fn worth_sharing(rows: usize, depth: usize) -> bool {
+    available() && rows <= MAX_SMALL_DIM && rows * rows * depth >= 2 * PARALLEL_MACS
+}
+
+/// `out = a @ b` (`transpose_b`: `a @ b^T`) when the operands are f32 CPU
+/// matrices of a batch's size and this CPU has the kernels; `symmetric`
+/// promises that the result is (`a @ a^T`). Returns false, with `out`
+/// untouched, where libtorch should do it.
+pub(crate) fn try_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    transpose_b: bool,
+    symmetric: bool,
+    out: &Tensor,
+) -> bool {
+    if !available() {
+        return false;
+    }
+    let (Some(av), Some(bv)) = (View::of_tensor(a), View::of_tensor(b)) else {
+        return false;
+    };
+    let Some(ov) = View::of_tensor(out) else {
+        return false;
+    };
+    let (m, k) = (av.rows, av.cols);
+    let (kb, n) = if transpose_b {
+        (bv.cols, bv.rows)
+    } else {
+        (bv.rows, bv.cols)
+    };
+    let b_small = if transpose_b { n } else { kb };
+    if kb != k || ov.rows != m || ov.cols != n || m > MAX_SMALL_DIM || b_small > MAX_SMALL_DIM {
+        return false;
+    }
+    let parallel = m * n * k >= PARALLEL_MACS && threads::sharing();
+    let c = Out {
+        ptr: ov.ptr as *mut f32,
+        ld: ov.ld,
+    };
+    // SAFETY: the views cover their tensors, which outlive the call; `out`
+    // is m x n and shares no memory with the inputs (the callers' buffers).
+    unsafe { matmul(av, bv, transpose_b, symmetric && m == n, c, parallel) };
+    true
+}
+
+/// `c = a @ b` or `a @ b^T` on slices (the kernels are checked by tests
+/// through this).
+#[cfg(test)]
+fn matmul_slices(
+    a: View,
+    b: View,
+    transpose_b: bool,
+    symmetric: bool,
+    c: &mut [f32],
+    parallel: bool,
+) {
+    let n = if transpose_b { b.rows } else { b.cols };
+    assert!(c.len() >= a.rows * n);
+    let out = Out {
+        ptr: c.as_mut_ptr(),
+        ld: n,
+    };
+    // SAFETY: the views were checked against their slices; c holds m x n.
+    unsafe { matmul(a, b, transpose_b, symmetric, out, parallel) }
+}
+
+thread_local! {
+    /// A block of a packed panel (16 KiB), one per thread.
+    static PANEL: RefCell<Vec<f32>> = RefCell::new(vec![0.0; KC * NR]);
+}
+
+/// One task: row tiles `tiles` of column panel `panel`.
+struct Task {
+    panel: usize,
+    tiles: std::ops::Range<usize>,
+}
+
+/// SAFETY: views valid; `c` holds `a.rows` rows of the product's width;
+/// with `symmetric`, the product is square and symmetric.
+unsafe fn matmul(a: View, b: View, transpose_b: bool, symmetric: bool, c: Out, parallel: bool) {
+    let (m, k) = (a.rows, a.cols);
+    let n = if transpose_b { b.rows } else { b.cols };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            std::ptr::write_bytes(c.ptr.add(i * c.ld), 0, n);
+        }
+        return;
+    }
+    let row_tiles = m.div_ceil(MR);
+    let panels = n.div_ceil(NR);
+    // Few panels (a Gram matrix): split their tiles so that the threads
+    // share the work; many: one task per panel, packed once.
+    let per_task = if parallel && panels < 8 {
+        TILES_PER_TASK
+    } else {
+        row_tiles
+    };
+    let mut tasks = Vec::new();
+    for p in 0..panels {
+        // Symmetric: the tiles reaching the diagonal or below it.
+        let first = if symmetric { (p * NR) / MR } else { 0 };
+        let mut t = first;
+        while t < row_tiles {
+            let end = (t + per_task).min(row_tiles);
+            tasks.push(Task {
+                panel: p,
+                tiles: t..end,
+            });
+            t = end;
+        }
+    }
+    let run = |i: usize| {
+        PANEL.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            // SAFETY: forwarded from `matmul`; tasks write disjoint tiles.
+            unsafe { run_task(a, b, transpose_b, c, &tasks[i], &mut buf) }
+        })
+    };
+    if parallel {
+        threads::share(tasks.len(), &run);
+    } else {
+        (0..tasks.len()).for_each(run);
+    }
+    if symmetric {
+        for i in 0..m {
+            for j in i + 1..n {
+                *c.ptr.add(i * c.ld + j) = *c.ptr.add(j * c.ld + i);
+            }
+        }
+    }
+}
+
+unsafe fn run_task(a: View, b: View, transpose_b: bool, c: Out, task: &Task, buf: &mut [f32]) {
+    let (m, k) = (a.rows, a.cols);
+    let n = if transpose_b { b.rows } else { b.cols };
+    let j0 = task.panel * NR;
+    let nc = NR.min(n - j0);
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        if transpose_b {
+            pack_transposed(b, j0, nc, k0, kc, buf);
+        } else {
+            pack_rows(b, j0, nc, k0, kc, buf);
+        }
+        for t in task.tiles.clone() {
+            let i0 = t * MR;
+            let mr = MR.min(m - i0);
+            tile(Tile {
+                mr,
+                kc,
+                a: a.at(i0, k0),
+                lda: a.ld,
+                panel: buf.as_ptr(),
+                c: c.ptr.add(i0 * c.ld + j0),
+                ldc: c.ld,
+                nc,
+                accumulate: k0 > 0,
+            });
+        }
+        k0 += kc;
+    }
+}
+
+/// `buf[p][jj] = b[k0 + p][j0 + jj]`, columns past `nc` zero.
+unsafe fn pack_rows(b: View, j0: usize, nc: usize, k0: usize, kc: usize, buf: &mut [f32]) {
+    for p in 0..kc {
+        let src = std::slice::from_raw_parts(b.at(k0 + p, j0), nc);
+        let dst = &mut buf[p * NR..(p + 1) * NR];
+        dst[..nc].copy_from_slice(src);
+        dst[nc..].fill(0.0);
+    }
+}
+
+/// `buf[p][jj] = b[j0 + jj][k0 + p]`, columns past `nc` zero.
+unsafe fn pack_transposed(b: View, j0: usize, nc: usize, k0: usize, kc: usize, buf: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        pack_transposed_avx(b, j0, nc, k0, kc, buf)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        unreachable!("the kernels run on x86-64 only")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_transposed_avx(
+    b: View,
+    j0: usize,
+    nc: usize,
+    k0: usize,
+    kc: usize,
+    buf: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let full = kc / 8 * 8;
+    for half in 0..2 {
+        let rows: [Option<*const f32>; 8] =
+            std::array::from_fn(|r| (half * 8 + r < nc).then(|| b.at(j0 + half * 8 + r, k0)));
+        let mut p = 0;
+        while p < full {
+            let v: [__m256; 8] = std::array::from_fn(|r| match rows[r] {
+                Some(ptr) => _mm256_loadu_ps(ptr.add(p)),
+                None => _mm256_setzero_ps(),
+            });
+            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (q, col) in cols.iter().enumerate() {
+                _mm256_storeu_ps(buf.as_mut_ptr().add((p + q) * NR + half * 8), *col);
+            }
+            p += 8;
+        }
+        for p in full..kc {
+            for r in 0..8 {
+                buf[p * NR + half * 8 + r] = match rows[r] {
+                    Some(ptr) => *ptr.add(p),
+                    None => 0.0,
+                };
+            }
+        }
+    }
+}
+
+/// One register tile: `c[0..mr][0..nc] (+)= a[0..mr][0..kc] @
+/// panel[0..kc][0..nc]`, rows of A `lda` apart, of C `ldc` apart.
+#[derive(Clone, Copy)]
+struct Tile {
+    mr: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    panel: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    nc: usize,
+    accumulate: bool,
+}
+
+/// SAFETY: the pointers cover the tile's rows and columns.
+unsafe fn tile(t: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    match t.mr {
+        6 => tile_avx::<6>(t),
+        5 => tile_avx::<5>(t),
+        4 => tile_avx::<4>(t),
+        3 => tile_avx::<3>(t),
+        2 => tile_avx::<2>(t),
+        _ => tile_avx::<1>(t),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the kernels run on x86-64 only ({} rows)", t.mr)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx<const R: usize>(t: Tile) {
+    let Tile {
+        kc,
+        a,
+        lda,
+        panel,
+        c,
+        ldc,
+        nc,
+        accumulate,
+        ..
+    } = t;
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for p in 0..kc {
+        let b0 = _mm256_loadu_ps(panel.add(p * NR));
+        let b1 = _mm256_loadu_ps(panel.add(p * NR + 8));
+        for r in 0..R {
+            let av = _mm256_broadcast_ss(&*a.add(r * lda + p));
+            acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+    }
+    if nc == NR {
+        for r in 0..R {
+            let row = c.add(r * ldc);
+            let (mut v0, mut v1) = (acc[r][0], acc[r][1]);
+            if accumulate {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+            }
+            _mm256_storeu_ps(row, v0);
+            _mm256_storeu_ps(row.add(8), v1);
+        }
+    } else {
+        let mut tmp = [0f32; NR];
+        for r in 0..R {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r][0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[r][1]);
+            let row = c.add(r * ldc);
+            for j in 0..nc {
+                *row.add(j) = if accumulate {
+                    *row.add(j) + tmp[j]
+                } else {
+                    tmp[j]
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The product from its definition, in f64.
+    fn naive(a: View, b: View, transpose_b: bool) -> Vec<f64> {
+        let n = if transpose_b { b.rows } else { b.cols };
+        let mut c = vec![0.0; a.rows * n];
+        for i in 0..a.rows {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..a.cols {
+                    // SAFETY: indices within the views.
+                    let (x, y) = unsafe {
+                        let bv = if transpose_b {
+                            *b.at(j, p)
+                        } else {
+                            *b.at(p, j)
+                        };
+                        (*a.at(i, p), bv)
+                    };
+                    s += x as f64 * y as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    fn check(got: &[f32], want: &[f64], k: usize, what: &str) {
+        for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
+            // Each term is below 0.25 in size: the f32 sum's error is
+            // bounded by k terms' rounding.
+            let tol = 1e-6 * k as f64 + 1e-6;
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "{what}: entry {idx}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn products_match_their_definition_on_every_tail() {
+        if !available() {
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (6, 16, 8),
+            (7, 17, 9),
+            (54, 54, 1024),
+            (13, 40, 300),
+            (42, 100, 42),
+            (5, 3, 600),
+        ] {
+            for parallel in [false, true] {
+                let _hot = threads::Hot::begin(parallel);
+                let (lda, ldb) = (k + 3, n + 5);
+                let a = data(m * lda, 1);
+                let b = data(k * ldb, 2);
+                let (av, bv) = (View::of(&a, m, k, lda), View::of(&b, k, n, ldb));
+                let mut c = vec![f32::NAN; m * n];
+                matmul_slices(av, bv, false, false, &mut c, parallel);
+                check(&c, &naive(av, bv, false), k, &format!("A B {m}x{k}x{n}"));
+
+                let bt = data(n * (k + 1), 3);
+                let btv = View::of(&bt, n, k, k + 1);
+                let mut c = vec![f32::NAN; m * n];
+                matmul_slices(av, btv, true, false, &mut c, parallel);
+                check(&c, &naive(av, btv, true), k, &format!("A B^T {m}x{k}x{n}"));
+            }
+        }
+    }
+
+    #[test]
+    fn gram_from_the_lower_tiles_equals_the_full_product() {
+        if !available() {
+            return;
+        }
+        for &(m, k) in &[(1, 5), (6, 16), (17, 3), (54, 1024), (60, 700), (100, 33)] {
+            let a = data(m * k, 4);
+            let av = View::of(&a, m, k, k);
+            let mut full = vec![0f32; m * m];
+            let mut sym = vec![f32::NAN; m * m];
+            matmul_slices(av, av, true, false, &mut full, false);
+            {
+                let _hot = threads::Hot::begin(true);
+                matmul_slices(av, av, true, true, &mut sym, true);
+            }
+            assert_eq!(full, sym, "{m} x {k}");
+        }
+    }
+}
