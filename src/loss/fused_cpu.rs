@@ -90,10 +90,11 @@ impl<T: Real> Buf<T> {
             128..=511 => 2,
             _ => 4,
         };
-        if blocks == 1 {
-            return self.mm(self, true);
-        }
         let mut out = out;
+        if blocks == 1 {
+            let _ = self.t.mm_out(&out.t, &self.t.transpose(0, 1));
+            return out;
+        }
         let bounds: Vec<(i64, i64)> = (0..blocks)
             .map(|b| (b * n / blocks, (b + 1) * n / blocks))
             .collect();

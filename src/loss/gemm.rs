@@ -19,6 +19,7 @@ use std::cell::RefCell;
 
 use tch::{Device, Kind, Tensor};
 
+use super::kernels::has_avx2;
 use super::threads;
 
 /// Rows of A per tile.
@@ -109,17 +110,7 @@ unsafe impl Sync for Out {}
 
 /// Whether this CPU runs these kernels (AVX2 and FMA).
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    has_avx2()
 }
 
 /// Whether the products of a batch of `rows` samples with rows of `depth`

@@ -439,7 +439,8 @@ unsafe fn grad_row_avx2<T: Real>(
     grad_row_impl(out, prior, inv_t, ce, label, ce_coef)
 }
 
-fn has_avx2() -> bool {
+/// Whether this CPU has AVX2 and FMA (checked once).
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
