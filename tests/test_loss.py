@@ -155,6 +155,36 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
+def _helper_cpu_ticks():
+    """CPU time (clock ticks) of the loss's helper thread, None if absent."""
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == "grouploss-helpe":
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                return int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_helper_thread_stops_spinning_when_the_calls_stop():
+    """Between loss calls back to back the helper keeps polling; once calls
+    stop, it sleeps within milliseconds instead of burning a CPU."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("the helper runs only with 2 or more threads")
+    emb, labels, logits = pk_batch(6, 9, m=100, d=1024, dtype=torch.float32, seed=5)
+    for _ in range(50):
+        F.group_loss(emb, labels, logits, implementation="fused_cpu")
+    time.sleep(0.1)
+    before = _helper_cpu_ticks()
+    assert before is not None, "the helper thread was not started"
+    time.sleep(0.5)
+    # At most a tick or two of rounding and bookkeeping, not 50 ticks of
+    # a spinning thread.
+    assert _helper_cpu_ticks() - before <= 3
+
+
 @pytest.mark.parametrize("zero_diagonal", [False, True])
 def test_similarity_matches_the_definition(zero_diagonal):
     emb, _, _ = pk_batch(4, 5, m=8, d=12, seed=3)

@@ -14,8 +14,6 @@
 // chains over four zipped slices would be harder to check against the math.
 #![allow(clippy::needless_range_loop)]
 
-use std::marker::PhantomData;
-
 use tch::{Device, Kind, Tensor};
 
 use super::analytic::LossWithGrads;
@@ -32,21 +30,26 @@ use super::GroupLossOptions;
 use crate::error::{Error, Result};
 
 /// A contiguous CPU tensor viewed as a slice of `T`.
+///
+/// The data pointer is read once: every `data_ptr` is a call into libtorch
+/// (with its error check), and the loops over a batch's n x n entries would
+/// pay it per row.
 struct Buf<T: Real> {
     t: Tensor,
+    ptr: *mut T,
     len: usize,
-    _p: PhantomData<T>,
 }
 
 impl<T: Real> Buf<T> {
     fn new(t: Tensor) -> Self {
         debug_assert!(t.is_contiguous() && t.kind() == T::KIND && t.device() == Device::Cpu);
         let len = t.numel();
-        Buf {
-            t,
-            len,
-            _p: PhantomData,
-        }
+        let ptr = if len == 0 {
+            std::ptr::NonNull::dangling().as_ptr()
+        } else {
+            t.data_ptr() as *mut T
+        };
+        Buf { t, ptr, len }
     }
 
     fn empty(shape: &[i64]) -> Self {
@@ -58,19 +61,14 @@ impl<T: Real> Buf<T> {
     }
 
     fn s(&self) -> &[T] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: the tensor is contiguous, of kind T, and owned by self.
-        unsafe { std::slice::from_raw_parts(self.t.data_ptr() as *const T, self.len) }
+        // SAFETY: the tensor is contiguous, of kind T, owned by self and
+        // never resized, so its `len` elements stay at `ptr`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     fn m(&mut self) -> &mut [T] {
-        if self.len == 0 {
-            return &mut [];
-        }
         // SAFETY: as in `s`; `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.t.data_ptr() as *mut T, self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     /// `self @ self^T`, computing only the blocks on and below the diagonal

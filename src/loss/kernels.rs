@@ -1,7 +1,9 @@
 //! Row kernels over raw buffers for the fused CPU loss: the scalar type, a
 //! vectorisable exp, reductions with independent accumulators (LLVM keeps
 //! floating-point sums in order, so one accumulator would not vectorise), and
-//! AVX2 builds of the heavy row loops chosen at run time.
+//! AVX2 builds of the heavy row loops chosen at run time. In f32 on an AVX2
+//! CPU, the reductions and the similarity's row passes are those of
+//! [`super::avx_f32`], written with intrinsics.
 
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
@@ -133,6 +135,26 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 const LANES: usize = 8;
 
+/// `x` as f32 when `T` is f32 and this CPU has [`super::avx_f32`]'s kernels.
+#[inline(always)]
+fn avx_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {
+        return None;
+    }
+    // SAFETY: T is f32.
+    Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+/// As [`avx_f32`], for a buffer written to.
+#[inline(always)]
+fn avx_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {
+        return None;
+    }
+    // SAFETY: T is f32.
+    Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+}
+
 #[inline(always)]
 fn fold<T: Real>(acc: [T; LANES], f: impl Fn(T, T) -> T) -> T {
     let mut r = acc[0];
@@ -154,6 +176,12 @@ fn maxr<T: Real>(a: T, b: T) -> T {
 /// The largest element and whether every element is finite.
 #[inline(always)]
 pub(crate) fn max_and_finite<T: Real>(x: &[T]) -> (T, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = avx_f32(x) {
+        // SAFETY: `avx_f32` checked the CPU.
+        let (m, finite) = unsafe { super::avx_f32::max_and_finite(x) };
+        return (T::from_f64(m as f64), finite);
+    }
     let first = x[0];
     let mut mx = [first; LANES];
     // x * 0 is 0 for finite x and NaN for NaN or infinite x.
@@ -177,6 +205,11 @@ pub(crate) fn max_and_finite<T: Real>(x: &[T]) -> (T, bool) {
 /// `sum_k a_k b_k`.
 #[inline(always)]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(a), Some(b)) = (avx_f32(a), avx_f32(b)) {
+        // SAFETY: `avx_f32` checked the CPU.
+        return T::from_f64(unsafe { super::avx_f32::dot(a, b) } as f64);
+    }
     let mut acc = [T::ZERO; LANES];
     let ca = a.chunks_exact(LANES);
     let cb = b.chunks_exact(LANES);
@@ -195,6 +228,11 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// `sum_k a_k`.
 #[inline(always)]
 pub(crate) fn sum<T: Real>(a: &[T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(a) = avx_f32(a) {
+        // SAFETY: `avx_f32` checked the CPU.
+        return T::from_f64(unsafe { super::avx_f32::sum(a) } as f64);
+    }
     let mut acc = [T::ZERO; LANES];
     let ca = a.chunks_exact(LANES);
     let ra = ca.remainder();
@@ -409,6 +447,12 @@ unsafe fn similarity_grad_row_avx2<T: Real>(g: &mut [T], xc: &[T], inv: T, centr
 /// [`centre_row_impl`] with the best instruction set of this CPU.
 pub(crate) fn centre_row<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T, bool) {
     #[cfg(target_arch = "x86_64")]
+    if let (Some(xf), Some(of)) = (avx_f32(x), avx_f32_mut(&mut *out)) {
+        // SAFETY: `avx_f32` checked the CPU.
+        let (c, q, finite) = unsafe { super::avx_f32::centre_row(xf, of, centre) };
+        return (T::from_f64(c as f64), T::from_f64(q as f64), finite);
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA.
         return unsafe { centre_row_avx2(x, out, centre) };
@@ -418,6 +462,12 @@ pub(crate) fn centre_row<T: Real>(x: &[T], out: &mut [T], centre: bool) -> (T, T
 
 /// [`similarity_grad_row_impl`] with the best instruction set of this CPU.
 pub(crate) fn similarity_grad_row<T: Real>(g: &mut [T], xc: &[T], inv: T, centre: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(gf), Some(xf)) = (avx_f32_mut(&mut *g), avx_f32(xc)) {
+        // SAFETY: `avx_f32` checked the CPU; `inv` is an f32.
+        let inv = inv.to_f64() as f32;
+        return unsafe { super::avx_f32::similarity_grad_row(gf, xf, inv, centre) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA.

@@ -13,6 +13,8 @@
 
 pub mod analytic;
 pub mod anchors;
+#[cfg(target_arch = "x86_64")]
+mod avx_f32;
 pub(crate) mod checks;
 mod fused_cpu;
 mod gemm;

@@ -1,5 +1,6 @@
 //! The worker threads of the fused CPU kernels.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -87,9 +88,22 @@ impl<R> Slots<R> {
 /// polls a single job slot until the call ends. The caller always works on
 /// the job too and takes it back if the helper has not picked it up, so a
 /// busy or late helper costs nothing but the wake-up.
+///
+/// That one wake-up still costs the caller about 15 us of system call on
+/// this kind of VM, and the helper arrives some 40 us into the call. So
+/// when calls come back to back (less than [`helper::BACK_TO_BACK`] apart,
+/// as when a head is trained on cached embeddings), the helper keeps
+/// polling for one and a half gaps after a call, yielding its CPU to any
+/// other runnable thread meanwhile, as OpenMP runtimes spin after a
+/// parallel region. Calls further apart let it sleep at once.
 mod helper {
-    use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// Calls whose starts are closer than this keep the helper polling
+    /// between them.
+    pub(super) const BACK_TO_BACK: Duration = Duration::from_millis(2);
 
     const EMPTY: u32 = 0;
     const FILLING: u32 = 1;
@@ -119,6 +133,14 @@ mod helper {
 
     pub(super) struct Helper {
         pub hot: AtomicUsize,
+        /// Whether the helper polls (in a call or lingering after one): a
+        /// call that finds it so needs no wake-up.
+        pub awake: AtomicBool,
+        /// When the last call began, in ns since `epoch` (0: none yet).
+        pub last_begin: AtomicU64,
+        /// How long to keep polling after a call, in ns.
+        pub linger: AtomicU64,
+        pub epoch: Instant,
         pub state: AtomicU32,
         pub job: AtomicPtr<Job<'static>>,
         pub sleep: Mutex<()>,
@@ -135,6 +157,10 @@ mod helper {
         let h = *HELPER.get_or_init(|| {
             let h: &'static Helper = Box::leak(Box::new(Helper {
                 hot: AtomicUsize::new(0),
+                awake: AtomicBool::new(false),
+                last_begin: AtomicU64::new(0),
+                linger: AtomicU64::new(0),
+                epoch: Instant::now(),
                 state: AtomicU32::new(EMPTY),
                 job: AtomicPtr::new(std::ptr::null_mut()),
                 sleep: Mutex::new(()),
@@ -159,39 +185,81 @@ mod helper {
             .filter(|h| h.pid == std::process::id() && h.hot.load(Ordering::Acquire) > 0)
     }
 
+    /// How long the helper keeps polling after a call that began `gap` after
+    /// the one before it (None: the first call): one and a half gaps when
+    /// calls come back to back, else not at all.
+    pub(super) fn linger_after(gap: Option<Duration>) -> Duration {
+        match gap {
+            Some(g) if g < BACK_TO_BACK => g + g / 2,
+            _ => Duration::ZERO,
+        }
+    }
+
+    impl Helper {
+        /// Notes the start of a call (the first of concurrent ones) and
+        /// sets the linger after it.
+        pub fn note_begin(&self) {
+            let now = (self.epoch.elapsed().as_nanos() as u64).max(1);
+            let prev = self.last_begin.swap(now, Ordering::Relaxed);
+            let gap = (prev != 0).then(|| Duration::from_nanos(now.saturating_sub(prev)));
+            self.linger
+                .store(linger_after(gap).as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
     fn serve(h: &'static Helper) {
         loop {
             {
                 let mut guard = h.sleep.lock().unwrap_or_else(|e| e.into_inner());
-                while h.hot.load(Ordering::Acquire) == 0 {
+                // Sequentially consistent with `Hot::begin`: either that
+                // call sees `awake` false and wakes the helper, or the
+                // helper sees its `hot` here.
+                h.awake.store(false, Ordering::SeqCst);
+                while h.hot.load(Ordering::SeqCst) == 0 {
                     guard = h.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
                 }
+                h.awake.store(true, Ordering::SeqCst);
             }
-            let mut idle = 0u32;
-            while h.hot.load(Ordering::Acquire) > 0 {
-                // Read before trying to claim: a failed exchange would
-                // still take the cache line from the poster.
-                if h.state.load(Ordering::Relaxed) == POSTED
-                    && h.state
-                        .compare_exchange(POSTED, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    // SAFETY: a claimed job stays alive until DONE is seen
-                    // by its poster, which waits for it.
-                    let job = unsafe { &*h.job.load(Ordering::Acquire) };
-                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.work()));
-                    if run.is_err() {
-                        job.panicked.store(true, Ordering::Relaxed);
-                    }
-                    h.state.store(DONE, Ordering::Release);
-                    idle = 0;
+            loop {
+                poll(h);
+                let linger = Duration::from_nanos(h.linger.load(Ordering::Relaxed));
+                let idle_since = Instant::now();
+                while h.hot.load(Ordering::SeqCst) == 0 && idle_since.elapsed() < linger {
+                    std::thread::yield_now();
+                }
+                if h.hot.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Runs posted jobs while a call is under way.
+    fn poll(h: &Helper) {
+        let mut idle = 0u32;
+        while h.hot.load(Ordering::Acquire) > 0 {
+            // Read before trying to claim: a failed exchange would still
+            // take the cache line from the poster.
+            if h.state.load(Ordering::Relaxed) == POSTED
+                && h.state
+                    .compare_exchange(POSTED, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // SAFETY: a claimed job stays alive until DONE is seen by
+                // its poster, which waits for it.
+                let job = unsafe { &*h.job.load(Ordering::Acquire) };
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.work()));
+                if run.is_err() {
+                    job.panicked.store(true, Ordering::Relaxed);
+                }
+                h.state.store(DONE, Ordering::Release);
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle.is_multiple_of(4096) {
+                    std::thread::yield_now();
                 } else {
-                    idle += 1;
-                    if idle.is_multiple_of(4096) {
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
-                    }
+                    std::hint::spin_loop();
                 }
             }
         }
@@ -256,13 +324,17 @@ impl Hot {
         }
         let h = helper::get();
         if let Some(h) = h {
-            if h.hot.fetch_add(1, std::sync::atomic::Ordering::AcqRel) == 0 {
-                // Taking the lock orders the notice after the helper's wait
-                // (no lost wake-up). If it is busy, the helper is awake or
-                // about to check `hot`; at worst it sleeps through this
-                // call, whose work is then all done here.
-                if let Ok(_guard) = h.sleep.try_lock() {
-                    h.wake.notify_one();
+            if h.hot.fetch_add(1, Ordering::SeqCst) == 0 {
+                h.note_begin();
+                // A helper still polling from the last call needs no
+                // notice. Else taking the lock orders the notice after the
+                // helper's wait (no lost wake-up). If it is busy, the helper
+                // is awake or about to check `hot`; at worst it sleeps
+                // through this call, whose work is then all done here.
+                if !h.awake.load(Ordering::SeqCst) {
+                    if let Ok(_guard) = h.sleep.try_lock() {
+                        h.wake.notify_one();
+                    }
                 }
             }
         }
@@ -273,7 +345,7 @@ impl Hot {
 impl Drop for Hot {
     fn drop(&mut self) {
         if let Some(h) = self.0 {
-            h.hot.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            h.hot.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -340,5 +412,61 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 64);
+    }
+
+    #[test]
+    fn the_helper_lingers_only_between_calls_back_to_back() {
+        use std::time::Duration;
+        assert_eq!(helper::linger_after(None), Duration::ZERO);
+        assert_eq!(
+            helper::linger_after(Some(Duration::from_micros(400))),
+            Duration::from_micros(600)
+        );
+        assert_eq!(
+            helper::linger_after(Some(helper::BACK_TO_BACK)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            helper::linger_after(Some(Duration::from_secs(1))),
+            Duration::ZERO
+        );
+    }
+
+    /// Whether, within a few seconds of calls, some task of a shared job
+    /// runs on a thread other than the caller's.
+    fn helper_takes_part(pause: std::time::Duration) -> bool {
+        let me = std::thread::current().id();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(pause);
+            let _hot = Hot::begin(true);
+            let elsewhere = AtomicUsize::new(0);
+            let count = AtomicUsize::new(0);
+            share(64, &|_| {
+                let t = std::time::Instant::now();
+                while t.elapsed() < std::time::Duration::from_micros(20) {
+                    std::hint::spin_loop();
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                if std::thread::current().id() != me {
+                    elsewhere.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert_eq!(count.load(Ordering::Relaxed), 64);
+            if elsewhere.load(Ordering::Relaxed) > 0 {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn the_helper_serves_calls_back_to_back_and_after_sleeping() {
+        if tch::get_num_threads() < 2 {
+            return;
+        }
+        assert!(helper_takes_part(std::time::Duration::ZERO));
+        // Far apart: the helper sleeps between calls and is woken by each.
+        assert!(helper_takes_part(std::time::Duration::from_millis(10)));
     }
 }
