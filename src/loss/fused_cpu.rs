@@ -323,7 +323,24 @@ fn similarity_forward<T: Real>(
             if power != 1.0 {
                 dpower = vec![T::ZERO; n * n];
             }
-            {
+            if power == 1.0 {
+                // The release's W, without per-entry branches.
+                for (i, (row, act)) in w
+                    .m()
+                    .chunks_exact_mut(n.max(1))
+                    .zip(active.chunks_exact_mut(n.max(1)))
+                    .enumerate()
+                {
+                    let ni = norms[i];
+                    for ((c, a), &nj) in row.iter_mut().zip(act.iter_mut()).zip(&norms) {
+                        let v = *c * ni * nj;
+                        *a = v > T::ZERO;
+                        *c = if v > T::ZERO { v } else { T::ZERO };
+                    }
+                    row[i] = diag;
+                    act[i] = false;
+                }
+            } else {
                 let c = w.m();
                 for i in 0..n {
                     for j in 0..n {
@@ -406,25 +423,25 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
             Similarity::Gaussian { sigma } => T::from_f64(-0.5 / (sigma * sigma)),
             _ => T::ONE,
         };
-        for r in 0..n {
-            let i = pos[r];
-            for j in 0..n {
-                let k = i * n + j;
-                s[r * n + j] = if sim.active[k] {
-                    let mut v = dw[k] + dw[j * n + i];
-                    if !sim.dpower.is_empty() {
-                        v *= sim.dpower[k];
-                    }
-                    match kind {
-                        Similarity::Gaussian { .. } => v * w[k] * scale,
-                        // du = S U with U = diag(inv) Xc: scale S's
-                        // columns instead of U.
-                        _ => v * sim.norms[j],
-                    }
-                } else {
-                    T::ZERO
-                };
+        if sim.dpower.is_empty() && !matches!(kind, Similarity::Gaussian { .. }) {
+            // The common case without per-entry branches: dw + dw^T once,
+            // then each row a select (du = S U with U = diag(inv) Xc: S's
+            // columns are scaled instead of U).
+            let mut both = vec![T::ZERO; n * n];
+            for (i, row) in both.chunks_exact_mut(n.max(1)).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = dw[i * n + j] + dw[j * n + i];
+                }
             }
+            for (r, out) in s.chunks_exact_mut(n.max(1)).enumerate() {
+                let i = pos[r];
+                let (bi, ai) = (&both[i * n..(i + 1) * n], &sim.active[i * n..(i + 1) * n]);
+                for (((o, &v), &a), &nj) in out.iter_mut().zip(bi).zip(ai).zip(&sim.norms) {
+                    *o = if a { v * nj } else { T::ZERO };
+                }
+            }
+        } else {
+            general_sym(s, w, dw, sim, kind, scale, pos);
         }
     }
     let mut du = sym.mm(&sim.rows, false);
@@ -460,6 +477,38 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
                 }
             }
             du
+        }
+    }
+}
+
+/// S of [`similarity_backward`] in every case: `(dw + dw^T)` on the active
+/// entries, through the sharpening and the kernel's derivative.
+fn general_sym<T: Real>(
+    s: &mut [T],
+    w: &[T],
+    dw: &[T],
+    sim: &Sim<T>,
+    kind: Similarity,
+    scale: T,
+    pos: &[usize],
+) {
+    let n = pos.len();
+    for r in 0..n {
+        let i = pos[r];
+        for j in 0..n {
+            let k = i * n + j;
+            s[r * n + j] = if sim.active[k] {
+                let mut v = dw[k] + dw[j * n + i];
+                if !sim.dpower.is_empty() {
+                    v *= sim.dpower[k];
+                }
+                match kind {
+                    Similarity::Gaussian { .. } => v * w[k] * scale,
+                    _ => v * sim.norms[j],
+                }
+            } else {
+                T::ZERO
+            };
         }
     }
 }
@@ -682,7 +731,17 @@ fn run<T: Real>(
             }
         }
         let (xs, gh) = (x.s(), g_hat.s());
-        // q[i][j] = X[j, t_i]; g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k]
+        // X in the columns of the batch's labels: xg[i][j] = X[i, t_j],
+        // which is 0 where t_i == t_j (the label entries are zeroed above).
+        let mut xg = vec![T::ZERO; n * n];
+        for (i, row) in xg.chunks_exact_mut(n.max(1)).enumerate() {
+            let xr = &xs[i * mp..(i + 1) * mp];
+            for (g, &tj) in row.iter_mut().zip(&tp) {
+                *g = xr[tj];
+            }
+        }
+        // q[i][j] = X[j, t_i] (xy[j] in i's class);
+        // g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k] = G^[i][j] + X[i, t_j] xy[j].
         let mut q = vec![T::ZERO; n * n];
         let mut g_off = vec![T::ZERO; n * n];
         let mut ay = vec![T::ZERO; n];
@@ -691,29 +750,26 @@ fn run<T: Real>(
         let mut s_off = vec![T::ZERO; n];
         for i in 0..n {
             let (ti, wi) = (tp[i], &w[i * n..(i + 1) * n]);
-            let (qi, gi) = (&mut q[i * n..(i + 1) * n], &mut g_off[i * n..(i + 1) * n]);
-            let (mut own_i, mut other_i, mut s_off_i) = (T::ZERO, T::ZERO, T::ZERO);
-            for j in 0..n {
-                let tj = tp[j];
-                let same = ti == tj;
-                let qv = if same { xy[j] } else { xs[j * mp + ti] };
-                let gv = gh[i * n + j]
-                    + if same {
-                        T::ZERO
-                    } else {
-                        xs[i * mp + tj] * xy[j]
-                    };
-                qi[j] = qv;
-                gi[j] = gv;
-                let wq = wi[j] * qv;
-                if same {
-                    own_i += wq;
-                } else {
-                    other_i += wq;
-                }
-                s_off_i += wi[j] * gv;
+            let qi = &mut q[i * n..(i + 1) * n];
+            for (j, v) in qi.iter_mut().enumerate() {
+                *v = xg[j * n + i];
             }
-            (own[i], other[i], s_off[i]) = (own_i, other_i, s_off_i);
+            // The same-class entries are 0 so far: other classes only.
+            let other_i = dot(wi, qi);
+            let mut own_i = T::ZERO;
+            for j in 0..n {
+                if tp[j] == ti {
+                    qi[j] = xy[j];
+                    own_i += wi[j] * xy[j];
+                }
+            }
+            let gi = &mut g_off[i * n..(i + 1) * n];
+            let (ghi, xgi) = (&gh[i * n..(i + 1) * n], &xg[i * n..(i + 1) * n]);
+            for (((g, &h), &x), &y) in gi.iter_mut().zip(ghi).zip(xgi).zip(&xy) {
+                *g = h + x * y;
+            }
+            s_off[i] = dot(wi, gi);
+            (own[i], other[i]) = (own_i, other_i);
             ay[i] = own_i + other_i;
         }
         let s: Vec<T> = (0..n).map(|i| s_off[i] + xy[i] * ay[i]).collect();
@@ -743,9 +799,10 @@ fn run<T: Real>(
                 let mut mmat = Buf::<T>::empty(&[u as i64, u as i64]);
                 {
                     let mv = mmat.m();
-                    for i in 0..u {
-                        for j in 0..u {
-                            mv[i * u + j] = w[i * n + j] * (b_c[i] + b_c[j]);
+                    for (i, row) in mv.chunks_exact_mut(u).enumerate() {
+                        let (wi, bi) = (&w[i * n..i * n + u], b_c[i]);
+                        for ((m, &wv), &bj) in row.iter_mut().zip(wi).zip(&b_c[..u]) {
+                            *m = wv * (bi + bj);
                         }
                     }
                 }
@@ -766,9 +823,11 @@ fn run<T: Real>(
                     let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
                     row[tp[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
                 }
-                for i in 0..n {
-                    for j in 0..n {
-                        dw[i * n + j] = c_c[i] * xy[i] * q[i * n + j] + b_c[i] * g_off[i * n + j];
+                for (i, row) in dw.chunks_exact_mut(n).enumerate() {
+                    let (cq, bg) = (c_c[i] * xy[i], b_c[i]);
+                    let (qi, gi) = (&q[i * n..(i + 1) * n], &g_off[i * n..(i + 1) * n]);
+                    for ((d, &qv), &gv) in row.iter_mut().zip(qi).zip(gi) {
+                        *d = cq * qv + bg * gv;
                     }
                 }
             }
