@@ -823,7 +823,7 @@ fn run<T: Real>(
                     let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
                     row[tp[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
                 }
-                for (i, row) in dw.chunks_exact_mut(n).enumerate() {
+                for (i, row) in dw.chunks_exact_mut(n.max(1)).enumerate() {
                     let (cq, bg) = (c_c[i] * xy[i], b_c[i]);
                     let (qi, gi) = (&q[i * n..(i + 1) * n], &g_off[i * n..(i + 1) * n]);
                     for ((d, &qv), &gv) in row.iter_mut().zip(qi).zip(gi) {

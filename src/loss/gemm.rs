@@ -210,10 +210,10 @@ unsafe fn matmul(a: View, b: View, transpose_b: bool, symmetric: bool, c: Out, p
     let row_tiles = m.div_ceil(MR);
     let panels = n.div_ceil(NR);
     // Few panels: split their tiles so that the threads share the work;
-    // many, or a Gram matrix (whose panels reach fewer and fewer tiles below
-    // the diagonal, which balances the threads): one task per panel, packed
-    // once.
-    let per_task = if parallel && panels < 8 && !symmetric {
+    // many, or a Gram matrix of three or more (whose panels reach fewer and
+    // fewer tiles below the diagonal, which balances the threads): one task
+    // per panel, packed once.
+    let per_task = if parallel && panels < 8 && !(symmetric && panels > 2) {
         TILES_PER_TASK
     } else {
         row_tiles

@@ -3,7 +3,7 @@
 //! floating-point sums in order, so one accumulator would not vectorise), and
 //! AVX2 builds of the heavy row loops chosen at run time. In f32 on an AVX2
 //! CPU, the reductions and the similarity's row passes are those of
-//! [`super::avx_f32`], written with intrinsics.
+//! `avx_f32` (x86-64 only), written with intrinsics.
 
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
@@ -135,7 +135,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 const LANES: usize = 8;
 
-/// `x` as f32 when `T` is f32 and this CPU has [`super::avx_f32`]'s kernels.
+/// `x` as f32 when `T` is f32 and this CPU has the kernels of `avx_f32`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn avx_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
     if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {
@@ -146,6 +147,7 @@ fn avx_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
 }
 
 /// As [`avx_f32`], for a buffer written to.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn avx_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
     if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {

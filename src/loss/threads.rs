@@ -212,8 +212,9 @@ mod helper {
             {
                 let mut guard = h.sleep.lock().unwrap_or_else(|e| e.into_inner());
                 // Sequentially consistent with `Hot::begin`: either that
-                // call sees `awake` false and wakes the helper, or the
-                // helper sees its `hot` here.
+                // call sees `awake` false and wakes the helper (if it gets
+                // the lock; else see `Hot::begin`), or the helper sees its
+                // `hot` here.
                 h.awake.store(false, Ordering::SeqCst);
                 while h.hot.load(Ordering::SeqCst) == 0 {
                     guard = h.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
