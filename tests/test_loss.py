@@ -171,18 +171,22 @@ def _helper_cpu_ticks():
 def test_the_helper_thread_stops_spinning_when_the_calls_stop():
     """Between loss calls back to back the helper keeps polling; once calls
     stop, it sleeps within milliseconds instead of burning a CPU."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("the helper runs only with 2 or more threads")
     emb, labels, logits = pk_batch(6, 9, m=100, d=1024, dtype=torch.float32, seed=5)
-    for _ in range(50):
-        F.group_loss(emb, labels, logits, implementation="fused_cpu")
-    time.sleep(0.1)
-    before = _helper_cpu_ticks()
-    assert before is not None, "the helper thread was not started"
-    time.sleep(0.5)
-    # At most a tick or two of rounding and bookkeeping, not 50 ticks of
-    # a spinning thread.
-    assert _helper_cpu_ticks() - before <= 3
+    old = torch.get_num_threads()
+    try:
+        # The helper runs with 2 or more threads, on any machine.
+        torch.set_num_threads(2)
+        for _ in range(50):
+            F.group_loss(emb, labels, logits, implementation="fused_cpu")
+        time.sleep(0.1)
+        before = _helper_cpu_ticks()
+        assert before is not None, "the helper thread was not started"
+        time.sleep(0.5)
+        # At most a tick or two of rounding and bookkeeping, not 50 ticks of
+        # a spinning thread.
+        assert _helper_cpu_ticks() - before <= 3
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("zero_diagonal", [False, True])
