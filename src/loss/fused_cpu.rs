@@ -76,7 +76,7 @@ impl<T: Real> Buf<T> {
     /// the batch sizes where the products dominate.
     fn gram(&self) -> Buf<T> {
         let (n, k) = (self.t.size()[0], self.t.size()[1]);
-        let out = Buf::<T>::empty(&[n, n]);
+        let mut out = Buf::<T>::empty(&[n, n]);
         if gemm::try_matmul(&self.t, &self.t, true, true, &out.t) {
             return out;
         }
@@ -88,7 +88,6 @@ impl<T: Real> Buf<T> {
             128..=511 => 2,
             _ => 4,
         };
-        let mut out = out;
         if blocks == 1 {
             let _ = self.t.mm_out(&out.t, &self.t.transpose(0, 1));
             return out;
@@ -320,9 +319,6 @@ fn similarity_forward<T: Real>(
             }
             let mut w = rows.gram_anchored(u);
             let mut dpower = Vec::new();
-            if power != 1.0 {
-                dpower = vec![T::ZERO; n * n];
-            }
             if power == 1.0 {
                 // The release's W, without per-entry branches.
                 for (i, (row, act)) in w
@@ -341,6 +337,7 @@ fn similarity_forward<T: Real>(
                     act[i] = false;
                 }
             } else {
+                dpower = vec![T::ZERO; n * n];
                 let c = w.m();
                 for i in 0..n {
                     for j in 0..n {
@@ -423,16 +420,17 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
             Similarity::Gaussian { sigma } => T::from_f64(-0.5 / (sigma * sigma)),
             _ => T::ONE,
         };
-        if sim.dpower.is_empty() && !matches!(kind, Similarity::Gaussian { .. }) {
-            // The common case without per-entry branches: dw + dw^T once,
-            // then each row a select (du = S U with U = diag(inv) Xc: S's
-            // columns are scaled instead of U).
-            let mut both = vec![T::ZERO; n * n];
-            for (i, row) in both.chunks_exact_mut(n.max(1)).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = dw[i * n + j] + dw[j * n + i];
-                }
+        // dw + dw^T, the gradient of W's symmetric entries.
+        let mut both = vec![T::ZERO; n * n];
+        for (i, row) in both.chunks_exact_mut(n.max(1)).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = dw[i * n + j] + dw[j * n + i];
             }
+        }
+        if sim.dpower.is_empty() && !matches!(kind, Similarity::Gaussian { .. }) {
+            // The common case without per-entry branches, each row a select
+            // (du = S U with U = diag(inv) Xc: S's columns are scaled
+            // instead of U).
             for (r, out) in s.chunks_exact_mut(n.max(1)).enumerate() {
                 let i = pos[r];
                 let (bi, ai) = (&both[i * n..(i + 1) * n], &sim.active[i * n..(i + 1) * n]);
@@ -441,7 +439,7 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
                 }
             }
         } else {
-            general_sym(s, w, dw, sim, kind, scale, pos);
+            general_sym(s, w, &both, sim, kind, scale, pos);
         }
     }
     let mut du = sym.mm(&sim.rows, false);
@@ -481,12 +479,12 @@ fn similarity_backward<T: Real>(sim: &Sim<T>, dw: &[T], kind: Similarity, pos: &
     }
 }
 
-/// S of [`similarity_backward`] in every case: `(dw + dw^T)` on the active
-/// entries, through the sharpening and the kernel's derivative.
+/// S of [`similarity_backward`] in every case, from `both = dw + dw^T`: on
+/// the active entries, through the sharpening and the kernel's derivative.
 fn general_sym<T: Real>(
     s: &mut [T],
     w: &[T],
-    dw: &[T],
+    both: &[T],
     sim: &Sim<T>,
     kind: Similarity,
     scale: T,
@@ -498,7 +496,7 @@ fn general_sym<T: Real>(
         for j in 0..n {
             let k = i * n + j;
             s[r * n + j] = if sim.active[k] {
-                let mut v = dw[k] + dw[j * n + i];
+                let mut v = both[k];
                 if !sim.dpower.is_empty() {
                     v *= sim.dpower[k];
                 }

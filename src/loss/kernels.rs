@@ -135,26 +135,29 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 const LANES: usize = 8;
 
-/// `x` as f32 when `T` is f32 and this CPU has the kernels of `avx_f32`.
+/// Whether `T` is f32 and this CPU has the kernels of `avx_f32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn takes_avx_f32<T: Real>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && has_avx2()
+}
+
+/// `x` as f32 when [`takes_avx_f32`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn avx_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {
-        return None;
-    }
     // SAFETY: T is f32.
-    Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+    takes_avx_f32::<T>()
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
 
 /// As [`avx_f32`], for a buffer written to.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn avx_f32_mut<T: Real>(x: &mut [T]) -> Option<&mut [f32]> {
-    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() || !has_avx2() {
-        return None;
-    }
     // SAFETY: T is f32.
-    Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+    takes_avx_f32::<T>()
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
 }
 
 #[inline(always)]
