@@ -38,7 +38,6 @@ import gzip
 import json
 import os
 import pathlib
-import platform
 import re
 import struct
 import subprocess
@@ -46,6 +45,7 @@ import sys
 import tempfile
 
 import numpy as np
+from machine import describe as describe_machine
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "ddp_train.py"
@@ -212,9 +212,7 @@ def main() -> None:
                 )
 
     gpu_name = torch.cuda.get_device_name(0) if gpus else None
-    machine = f"{platform.processor() or platform.machine()}, {cores} cores" + (
-        f", {gpus} x {gpu_name}" if gpus else ""
-    )
+    machine = f"{describe_machine()}" + (f", {gpus} x {gpu_name}" if gpus else "")
     # The ratios: N processes over 1 process on the same cores (or 1 GPU),
     # and on the CPU over 1 process of 1 thread (one core a process).
     top = key(*runs[-1])

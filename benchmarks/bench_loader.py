@@ -23,6 +23,7 @@ import pathlib
 import tempfile
 import time
 
+import machine
 import numpy as np
 import torch
 import torchvision
@@ -107,6 +108,7 @@ def main() -> None:
     peer_ds = torchvision.datasets.ImageFolder(str(root), transform=peer_tf)
     peer = DataLoader(peer_ds, batch_sampler=batches, num_workers=args.workers)
 
+    print(machine.describe())
     print(
         f"{n} JPEGs 500x375 q90 (mean {np.mean(sizes) / 1024:.0f} KB), {args.batches} batches "
         f"of {args.batch_size}, train transform 227 px, {args.workers} workers/threads, "

@@ -21,6 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import machine  # noqa: E402
+
 from grouploss import functional as F  # noqa: E402
 from reference import pk_batch, reference_group_loss  # noqa: E402
 
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = ap.parse_args()
     device = torch.device(args.device)
+    print(machine.describe())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")

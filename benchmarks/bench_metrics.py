@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 
+import machine
 import numpy as np
 
 N, CLASSES, DIM = 60_502, 11_316, 512
@@ -173,6 +174,7 @@ def main() -> None:
 
     classes = round(args.n * CLASSES / N)
     x, y = make_data(args.n, classes, DIM)
+    print(machine.describe())
     print(
         f"{args.n} x {DIM} float32, {classes} classes of {np.bincount(y).min()}-"
         f"{np.bincount(y).max()} items; torch {torch.__version__}, "

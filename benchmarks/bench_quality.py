@@ -58,6 +58,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+import machine
 import numpy as np
 import torch
 from torch import nn
@@ -644,7 +645,11 @@ def main() -> None:
         default="0",
         help="seeds of CE and the Group Loss in the torch loop (compares the two loops)",
     )
-    ap.add_argument("--glyphs-root", default=os.environ.get("GLYPHS_ROOT"))
+    ap.add_argument(
+        "--glyphs-root",
+        default=os.environ.get("GLYPHS_ROOT"),
+        help="the glyph benchmark (default: where Glyphs() finds it, $GROUPLOSS_DATA/glyphs)",
+    )
     ap.add_argument("--fashion-root", default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -654,6 +659,7 @@ def main() -> None:
     book = Book(out)
     stages = args.stages.split(",")
     screen, full = args.screen_budget, args.budget
+    log(machine.describe())
     log(
         f"torch {torch.__version__}, grouploss {grouploss.__version__}, stages {stages}, "
         f"screen {budget_name(screen)}, budget {budget_name(full)}, {args.val_images} val images"

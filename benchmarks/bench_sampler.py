@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import machine
 import numpy as np
 import torch
 
@@ -59,6 +60,7 @@ def main() -> None:
     t_arr, _ = best(ours_array, args.repeats)
     t_peer, flat = best(peer, max(1, args.repeats - 1))
     n_ours = sum(len(b) for b in batches)
+    print(machine.describe())
     print(f"{args.labels:,} labels, {args.classes:,} classes, P={p}, K={k}")
     print(
         f"grouploss ClassBalancedBatchSampler: {t_ours:.3f} s "

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import machine  # noqa: E402
+
 import grouploss  # noqa: E402
 from grouploss.datasets import FashionMNIST  # noqa: E402
 from reference import reference_group_loss  # noqa: E402
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the peer")
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args()
+    print(machine.describe())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; P x K = {P} x {K}")
     rows = []
     for r in range(args.rounds):

@@ -50,14 +50,18 @@ def load(
 
 class ConvNet(nn.Module):
     """Three conv blocks, global average pooling, a linear embedding and a
-    linear classifier (GroupLoss's prior)."""
+    linear classifier (GroupLoss's prior). The convolutions have no bias:
+    the BatchNorm after each removes it (its gradient would be zero)."""
 
     def __init__(self, num_classes: int, embedding_size: int = 64):
         super().__init__()
 
         def block(cin, cout):
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
             )
 
         self.features = nn.Sequential(block(1, 32), block(32, 64), block(64, 128))

@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod loss;
 pub mod model;
+pub mod names;
 pub mod rng;
 pub mod sampler;
 pub mod train;

@@ -315,12 +315,12 @@ def _x():
         ),
         (
             lambda x, y: M.evaluate(x, y.float()),
-            "labels: expected an integer dtype, got dtype Float",
+            "labels: expected an integer dtype, got dtype float32",
         ),
         (
             lambda x, y: M.evaluate(x.long(), y),
             "embeddings: expected a floating-point dtype (float16, bfloat16, float32 or "
-            "float64), got dtype Int64",
+            "float64), got dtype int64",
         ),
         (
             lambda x, y: M.evaluate(x[0], y),

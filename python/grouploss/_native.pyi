@@ -1,5 +1,6 @@
 """Typed surface of the Rust extension ``grouploss._native``."""
 
+import pathlib
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -147,6 +148,7 @@ def open_dataset(
     train_fraction: float = 0.5,
     csv_file: Optional[str] = None,
 ) -> Dataset: ...
+def default_build_dir(kind: str) -> pathlib.Path: ...
 
 class Transform:
     def __call__(self, image: np.ndarray, seed: int = 0) -> torch.Tensor: ...

@@ -5,6 +5,7 @@
     grouploss evaluate RUN_DIR [--split test]
     grouploss embed RUN_DIR --data SPLIT|FOLDER --out embeddings.npy
     grouploss report RUN_DIR [--out report.html] [--queries 8] [--k 8] ...
+    grouploss datasets build glyphs [--root DIR] [--fonts DIR ...]
 
 Every option of a run has the same name here (``--data-root``), in TOML
 files (``data_root``) and as a Python keyword (``data_root``).
@@ -13,6 +14,10 @@ files (``data_root``) and as a Python keyword (``data_root``).
 of this machine (it launches ``torchrun --standalone``); under ``torchrun``
 (``torchrun ... -m grouploss.cli train ...``, several machines included)
 every process is a rank of one run. See :mod:`grouploss.distributed`.
+
+Errors are one line on stderr, ``grouploss: error: <message>``, with exit
+status 2 for a wrong command line and 1 otherwise; ``--debug`` (or
+``GROUPLOSS_DEBUG=1``) shows the Python traceback instead.
 """
 
 from __future__ import annotations
@@ -59,9 +64,39 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
 
 
+DEBUG_ENV = "GROUPLOSS_DEBUG"
+
+
+class UsageError(Exception):
+    """A wrong command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _debug_option(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's absent flag keeps the main parser's value.
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"on an error, show the Python traceback (or set {DEBUG_ENV}=1)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="grouploss", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(
+        prog="grouploss",
+        description=__doc__.splitlines()[0],
+        epilog="Errors are one line, 'grouploss: error: ...' (exit status 2 for a wrong "
+        f"command line, 1 otherwise); --debug or {DEBUG_ENV}=1 shows the traceback.",
+    )
+    _debug_option(ap)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (the Rust training loop)")
     t.add_argument("--preset", choices=training.PRESETS, default=None)
@@ -100,6 +135,39 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int, default=8, help="neighbours per query")
     r.add_argument("--max-points", type=int, default=1000, help="points of the t-SNE map")
     r.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("datasets", help="build a dataset that is made, not downloaded")
+    dsub = d.add_subparsers(dest="datasets_command", required=True, parser_class=_Parser)
+    b = dsub.add_parser(
+        "build",
+        help="render the glyph benchmark from this machine's typefaces",
+        description="Renders the glyph benchmark (284 character classes, 32 x 32 grey, "
+        "the zero-shot split of its classes.tsv) from the typefaces installed on this "
+        "machine. Needs pip install 'grouploss[glyphs]'.",
+    )
+    b.add_argument("name", choices=("glyphs",))
+    b.add_argument(
+        "--root",
+        type=pathlib.Path,
+        default=None,
+        help="output folder (default: $GROUPLOSS_DATA/glyphs, else "
+        "~/.local/share/grouploss/glyphs, where Glyphs() and --preset glyphs look)",
+    )
+    b.add_argument(
+        "--fonts",
+        type=pathlib.Path,
+        action="append",
+        default=None,
+        metavar="DIR_OR_FILE",
+        help="font files or folders to use (repeatable; default: the system's font folders)",
+    )
+    b.add_argument("--seed", type=int, default=0, help="which typefaces, and the file order")
+    b.add_argument("--max-train", type=int, default=400, help="typefaces per training class")
+    b.add_argument("--max-test", type=int, default=50, help="typefaces per test class")
+    b.add_argument("--force", action="store_true", help="replace a dataset already at --root")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    for p in (t, e, m, r, d, b):
+        _debug_option(p)
     return ap
 
 
@@ -128,7 +196,7 @@ def _launch(nproc: int, argv: Sequence[str]) -> None:
     from . import distributed
 
     if distributed.launched_by_torchrun():
-        raise SystemExit("grouploss: --nproc-per-node under torchrun; give it to torchrun alone")
+        raise UsageError("--nproc-per-node under torchrun; give it to torchrun alone")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", "-m", "grouploss.cli", *_without_nproc(argv)]
     sys.stdout.flush()
@@ -136,80 +204,163 @@ def _launch(nproc: int, argv: Sequence[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.command == "train":
-        if args.nproc_per_node is not None:
-            if args.nproc_per_node < 1:
-                raise SystemExit(f"--nproc-per-node: expected N >= 1, got {args.nproc_per_node}")
-            if args.nproc_per_node > 1:
-                _launch(args.nproc_per_node, argv)
-        reserved = {"command", "preset", "config", "resume", "quiet", "nproc_per_node"}
-        options = {k: v for k, v in vars(args).items() if k not in reserved and v is not None}
-        if args.quiet:
-            options["progress"] = False
-        # Every rank of a data-parallel run gets the result; rank 0 reports.
-        report = int(os.environ.get("RANK", "0")) == 0
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    reserved = {"command", "preset", "config", "resume", "quiet", "nproc_per_node", "debug"}
+    options = {k: v for k, v in vars(args).items() if k not in reserved and v is not None}
+    if args.quiet:
+        options["progress"] = False
+    if args.resume is None:
+        # The options are checked here, so that a mistake is a usage error
+        # (and is caught before torchrun starts N processes).
         try:
-            result = training.train(args.preset, config=args.config, resume=args.resume, **options)
-        except KeyboardInterrupt:
-            if report:
-                print("\ninterrupted: checkpoints/last.safetensors saved; resume with --resume")
-            return 130
-        if not report:
-            return 0
-        _print_metrics(
-            f"test metrics of the best epoch ({result.best_epoch}, selected on "
-            f"{result.summary['selected_on']}):",
-            result.test,
-        )
-        if result.ensemble_test:
-            _print_metrics("test metrics of the ensemble:", result.ensemble_test)
-        print(f"run folder: {result.run_dir}")
+            training.resolve_config(args.preset, config=args.config, **options)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        root = options.get("data_root")
+        if root is not None and not pathlib.Path(root).exists():
+            raise UsageError(f"--data-root: {root}: no such dataset folder")
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise UsageError(f"--nproc-per-node: expected N >= 1, got {args.nproc_per_node}")
+        if args.nproc_per_node > 1:
+            _launch(args.nproc_per_node, argv)
+    # Every rank of a data-parallel run gets the result; rank 0 reports.
+    report = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = training.train(args.preset, config=args.config, resume=args.resume, **options)
+    except KeyboardInterrupt:
+        if report:
+            print("\ninterrupted: checkpoints/last.safetensors saved; resume with --resume")
+        return 130
+    if not report:
         return 0
+    _print_metrics(
+        f"test metrics of the best epoch ({result.best_epoch}, selected on "
+        f"{result.summary['selected_on']}):",
+        result.test,
+    )
+    if result.ensemble_test:
+        _print_metrics("test metrics of the ensemble:", result.ensemble_test)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    metrics = model.evaluate(args.split)
+    _print_metrics(f"{args.split} metrics of {args.run_dir}:", metrics)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model = training.load_run(args.run_dir, device=args.device)
+    data = pathlib.Path(args.data)
+    if data.is_dir():
+        from .datasets import ImageFolder
+
+        emb, labels = model.embed(ImageFolder(data, split="all"))
+    else:
+        emb, labels = model.embed(args.data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, emb.cpu().numpy())
+    labels_out = args.out.with_name(args.out.stem + "_labels.npy")
+    np.save(labels_out, labels.cpu().numpy())
+    print(f"{tuple(emb.shape)} embeddings -> {args.out}, labels -> {labels_out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    path = report(
+        args.run_dir,
+        out=args.out,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        data_root=args.data_root,
+        max_points=args.max_points,
+        queries=args.queries,
+        k=args.k,
+        seed=args.seed,
+    )
+    print(path)
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from .datasets import build_glyphs
+
+    build_glyphs(
+        args.root,
+        fonts=args.fonts,
+        seed=args.seed,
+        max_train=args.max_train,
+        max_test=args.max_test,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.command == "train":
+        return _train(args, argv)
     if args.command == "evaluate":
-        model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
-        metrics = model.evaluate(args.split)
-        _print_metrics(f"{args.split} metrics of {args.run_dir}:", metrics)
-        print(json.dumps(metrics))
-        return 0
+        return _evaluate(args)
     if args.command == "embed":
-        import numpy as np
-
-        model = training.load_run(args.run_dir, device=args.device)
-        data = pathlib.Path(args.data)
-        if data.is_dir():
-            from .datasets import ImageFolder
-
-            emb, labels = model.embed(ImageFolder(data, split="all"))
-        else:
-            emb, labels = model.embed(args.data)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.out, emb.cpu().numpy())
-        labels_out = args.out.with_name(args.out.stem + "_labels.npy")
-        np.save(labels_out, labels.cpu().numpy())
-        print(f"{tuple(emb.shape)} embeddings -> {args.out}, labels -> {labels_out}")
-        return 0
+        return _embed(args)
     if args.command == "report":
-        from .report import report
+        return _report(args)
+    if args.command == "datasets":
+        return _datasets(args)
+    raise UsageError(f"unknown command {args.command!r}")
 
-        print(
-            report(
-                args.run_dir,
-                out=args.out,
-                split=args.split,
-                checkpoint=args.checkpoint,
-                device=args.device,
-                data_root=args.data_root,
-                max_points=args.max_points,
-                queries=args.queries,
-                k=args.k,
-                seed=args.seed,
-            )
-        )
-        return 0
-    return 2
+
+def _error(message: str) -> None:
+    rank = os.environ.get("RANK")
+    where = (
+        f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    )
+    print(f"grouploss: error: {where}{message}", file=sys.stderr)
+
+
+def _message(e: BaseException) -> str:
+    """A user's error as its message; anything else with its type and a
+    pointer to ``--debug``."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, (ValueError, OSError, ImportError, RuntimeError)):
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            return f"{e.filename}: {e.strerror}"
+        return text
+    return f"{type(e).__name__}: {text} (--debug shows the traceback)"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``grouploss`` command; returns its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args, argv)
+    except UsageError as e:
+        if debug:
+            raise
+        _error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        _error(_message(e))
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Without ``transform`` an image is a uint8 tensor ``(C, H, W)`` (C = 1 for
 grey images, 3 for colour). A :class:`grouploss.data.Transform` is run in
 Rust together with decoding; any other callable gets the uint8 tensor.
 
+The glyph benchmark is rendered from installed typefaces by
+:func:`build_glyphs` (``grouploss datasets build glyphs``).
+
 Paths read from annotation files must stay inside the dataset root: a path
 with ``..`` or an absolute path is an error naming the file and line.
 """
@@ -31,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import _native
+from ._glyphs_build import build_glyphs
 from .data import Transform, _draw_seed
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "ImageFolder",
     "InShop",
     "StanfordOnlineProducts",
+    "build_glyphs",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -187,8 +192,10 @@ class Glyphs(ImageDataset):
 
     IDX files whose train and test (``t10k``) halves hold disjoint classes
     (142 each), named in ``classes.tsv`` by their character. Found at
-    ``root``, else ``$GROUPLOSS_DATA/glyphs``, else ``../shared/data/glyphs``
-    or ``shared/data/glyphs`` from the working directory.
+    ``root``, else ``$GROUPLOSS_DATA/glyphs`` (or ``$GROUPLOSS_DATA``), else
+    ``~/.local/share/grouploss/glyphs``. Build it from the typefaces of your
+    machine with :func:`build_glyphs` (``grouploss datasets build glyphs``),
+    which writes to that last place by default.
     """
 
     _kind = "glyphs"

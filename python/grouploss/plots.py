@@ -2,6 +2,10 @@
 notebooks. Every function returns a matplotlib ``Figure`` (and saves it as PNG
 when given a path); none of them shows anything, so they work headless.
 
+They need the ``report`` extra (matplotlib, scikit-learn, pillow:
+``pip install 'grouploss[report]'``); without it each raises
+``ImportError`` saying so.
+
 Images may be given as any sequence indexable by position (a numpy array, a
 list, or a lazy wrapper around ``dataset.load``) of uint8 or float images,
 ``(C, H, W)`` or ``(H, W, C)`` or ``(H, W)``, numpy arrays or CPU tensors.
@@ -19,6 +23,8 @@ import sys
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+
+from . import _extras
 
 PathLike = Union[str, pathlib.Path]
 
@@ -38,6 +44,7 @@ WRONG = "tab:red"
 
 
 def _plt():
+    _extras.require("report")
     import matplotlib
 
     # Headless unless a backend was chosen already (a notebook's inline one,

@@ -15,6 +15,9 @@ embedded in the page, so the file can be mailed or archived alone.
 :class:`RunInspection` holds what the page is made of (the model, the test
 embeddings and their nearest neighbours, the images) and draws each figure
 with :mod:`grouploss.plots`; the notebooks use it the same way.
+
+Both need the ``report`` extra (``pip install 'grouploss[report]'``);
+without it they raise ``ImportError`` saying so.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import datasets, metrics, plots
+from . import _extras, datasets, metrics, plots
 from . import functional as F
 from .training import RunModel, load_run
 
@@ -342,6 +345,7 @@ class RunInspection:
         data_root: Optional[PathLike] = None,
         k: int = 8,
     ) -> None:
+        _extras.require("report")
         self.run_dir = pathlib.Path(run_dir)
         self.split = split
         self.checkpoint = checkpoint
@@ -711,6 +715,7 @@ def report(
         k: neighbours shown per query.
         seed: the random queries, the t-SNE subset and the batch.
     """
+    _extras.require("report")
     if queries < 1:
         raise ValueError(f"queries: expected an integer >= 1, got {queries}")
     if k < 1:

@@ -13,12 +13,11 @@ import dataclasses
 import json
 import pathlib
 import sys
-import warnings
 from typing import Any, Optional, Union
 
 import torch
 
-from . import _native, distributed
+from . import _extras, _native, distributed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,7 +117,9 @@ def train(
             ``cars196``, ``sop`` or ``inshop``.
         config: a TOML file of options (the same names as the keywords).
         resume: a run folder to continue (its own configuration is used).
-        plots: write ``loss.png`` and ``metrics.png`` into the run folder.
+        plots: write ``loss.png`` and ``metrics.png`` into the run folder
+            (with the ``report`` extra; without it they are skipped with one
+            line on stderr saying how to install it).
         **options: any option, e.g. ``epochs=3``, ``data_root=...``,
             ``out_dir=...``, ``device="cuda"``, ``temperature=10.0``; see
             ``grouploss train --help``.
@@ -189,22 +190,26 @@ def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:
     return tomllib.loads(got["config"]), pathlib.Path(got["run_dir"])
 
 
-def write_plots(run_dir: PathLike, history: list, split: str = "val") -> None:
-    """``loss.png`` and ``metrics.png`` of a run (skipped with a warning if
-    matplotlib is missing)."""
-    try:
-        from . import plots
-    except ImportError as e:  # pragma: no cover
-        warnings.warn(f"no plots: {e}", RuntimeWarning, stacklevel=2)
-        return
-    import matplotlib.pyplot as plt
+def write_plots(run_dir: PathLike, history: list, split: str = "val") -> bool:
+    """Writes ``loss.png`` and ``metrics.png`` of a run and returns True;
+    without the ``report`` extra, prints one line on stderr saying how to
+    get them and returns False (the run itself is complete either way)."""
+    if _extras.missing("report"):
+        print(
+            f"grouploss: loss.png and metrics.png skipped: {_extras.hint('report')}",
+            file=sys.stderr,
+        )
+        return False
+    from . import plots
 
+    plt = plots._plt()
     run_dir = pathlib.Path(run_dir)
     for fig in (
         plots.loss_curve(history, run_dir / "loss.png"),
         plots.metric_curves(history, split, run_dir / "metrics.png"),
     ):
         plt.close(fig)
+    return True
 
 
 class RunModel:

@@ -27,7 +27,7 @@ pub use dataset::{Dataset, DatasetOptions, Split};
 pub use image::Image;
 pub use jpeg::encode as encode_jpeg;
 pub use loader::{Batch, Epoch, Loader, LoaderOptions, OnError, Skipped};
-pub use readers::{open, ReaderOptions};
+pub use readers::{home, open, ReaderOptions};
 pub use transform::{CropBox, Geometry, Normalization, Transform, Workspace};
 
 #[cfg(test)]

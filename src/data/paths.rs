@@ -35,44 +35,102 @@ pub fn join_inside(root: &Path, rel: &str) -> std::result::Result<PathBuf, Strin
     Ok(out)
 }
 
-/// The folder of a dataset: `explicit` if given; else the first folder that
-/// holds one of `markers` among `$GROUPLOSS_DATA/<name>` for each of
-/// `names`, `$GROUPLOSS_DATA` itself, then `defaults`.
-pub fn resolve_root(
-    dataset: &str,
-    explicit: Option<&Path>,
-    names: &[&str],
-    markers: &[&str],
-    defaults: &[PathBuf],
-) -> Result<PathBuf> {
-    if let Some(root) = explicit {
-        if !root.exists() {
-            return Err(Error::io(
-                root,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such dataset folder"),
-            ));
-        }
-        return Ok(root.to_path_buf());
+/// Where a dataset is looked for when no root is given, and how a user
+/// gets it when it is nowhere.
+#[derive(Clone, Copy, Debug)]
+pub struct Home<'a> {
+    /// The dataset's name in messages (`Glyphs`).
+    pub dataset: &'a str,
+    /// Folder names under a data folder (`glyphs`); the first is the one
+    /// [`build_dir`] gives.
+    pub names: &'a [&'a str],
+    /// Files of which one marks the dataset's folder.
+    pub markers: &'a [&'a str],
+    /// System folders tried last (a distribution's package).
+    pub system: &'a [&'a str],
+    /// How to get the dataset, for the not-found message ("" if unknown).
+    pub obtain: &'a str,
+}
+
+/// The per-user data folder: `$XDG_DATA_HOME/grouploss`, else
+/// `~/.local/share/grouploss`; None without a home folder.
+pub fn user_data_dir() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(xdg) = nonempty("XDG_DATA_HOME") {
+        return Some(PathBuf::from(xdg).join("grouploss"));
     }
-    let mut candidates = Vec::new();
+    nonempty("HOME").map(|h| PathBuf::from(h).join(".local/share/grouploss"))
+}
+
+/// The folders searched for `home`, in order: `$GROUPLOSS_DATA/<name>` for
+/// each name, `$GROUPLOSS_DATA`, the user data folder's `<name>`s, then the
+/// system folders.
+pub fn candidates(home: &Home) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     if let Some(env) = std::env::var_os(DATA_ENV).filter(|v| !v.is_empty()) {
         let env = PathBuf::from(env);
-        candidates.extend(names.iter().map(|n| env.join(n)));
-        candidates.push(env);
+        out.extend(home.names.iter().map(|n| env.join(n)));
+        out.push(env);
     }
-    candidates.extend(defaults.iter().cloned());
+    if let Some(user) = user_data_dir() {
+        out.extend(home.names.iter().map(|n| user.join(n)));
+    }
+    out.extend(home.system.iter().map(PathBuf::from));
+    out
+}
+
+/// Where a dataset built by the library goes by default (and is then found
+/// by [`resolve_root`]): `$GROUPLOSS_DATA/<name>`, else the user data
+/// folder's `<name>`.
+pub fn build_dir(home: &Home) -> Result<PathBuf> {
+    let name = home.names.first().copied().unwrap_or(home.dataset);
+    if let Some(env) = std::env::var_os(DATA_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(env).join(name));
+    }
+    user_data_dir().map(|u| u.join(name)).ok_or_else(|| {
+        Error::invalid(
+            "root",
+            "nothing (no HOME, XDG_DATA_HOME or GROUPLOSS_DATA)",
+            "a folder to write the dataset to",
+        )
+    })
+}
+
+/// `explicit`, which must exist.
+pub fn existing_root(explicit: &Path) -> Result<PathBuf> {
+    if !explicit.exists() {
+        return Err(Error::io(
+            explicit,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such dataset folder"),
+        ));
+    }
+    Ok(explicit.to_path_buf())
+}
+
+/// The folder of a dataset: `explicit` if given (it must exist); else the
+/// first of [`candidates`] that holds one of the markers.
+pub fn resolve_root(home: &Home, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(root) = explicit {
+        return existing_root(root);
+    }
+    let candidates = candidates(home);
     for c in &candidates {
-        if markers.iter().any(|m| c.join(m).exists()) {
+        if home.markers.iter().any(|m| c.join(m).exists()) {
             return Ok(c.clone());
         }
     }
     let looked: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+    let obtain = if home.obtain.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", home.obtain)
+    };
     Err(Error::io(
-        dataset,
+        home.dataset,
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!(
-                "dataset not found; pass root=... or set {DATA_ENV} (looked in: {})",
+                "dataset not found; pass root=... or set {DATA_ENV} (looked in: {}){obtain}",
                 if looked.is_empty() {
                     "nowhere".into()
                 } else {

@@ -4,6 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{ensure, Result};
 use crate::loss::checks::{check_dense, check_matrix, is_integer, shape};
+use crate::names::dtype_name;
 
 /// Bytes one block of similarities (or distances) may take when the caller
 /// gives no block size: large enough for efficient matrix products, small
@@ -86,7 +87,7 @@ pub(crate) fn labels_vec(labels: &Tensor, arg: &str, n: Option<(i64, &str)>) -> 
     ensure(
         is_integer(labels.kind()),
         arg,
-        || format!("dtype {:?}", labels.kind()),
+        || format!("dtype {}", dtype_name(labels.kind())),
         "an integer dtype",
     )?;
     if let Some((n, of)) = n {

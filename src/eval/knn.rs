@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::input::{block_rows, check_batch_size, check_embeddings, prepare};
 use crate::error::{ensure, Result};
+use crate::names::device_name;
 
 /// The `k` largest entries of every row of `s` (b x n, `k <= n`) and their
 /// column indices, ordered by (-value, column). Exact under ties: a row whose
@@ -135,8 +136,8 @@ pub(crate) fn check_query_like(
     ensure(
         q.device() == g.device(),
         arg,
-        || format!("device {:?}", q.device()),
-        format!("the device of {g_arg} ({:?})", g.device()),
+        || format!("device {}", device_name(q.device())),
+        format!("the device of {g_arg} ({})", device_name(g.device())),
     )
 }
 

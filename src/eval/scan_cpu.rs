@@ -25,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 use super::positives::Positives;
 use super::retrieval::{Need, ScanOut};
 use crate::error::{Error, Result};
+use crate::names::{device_name, dtype_name};
 
 /// Similarities are compared in the compute dtype.
 pub(crate) trait Sim:
@@ -289,7 +290,7 @@ fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
     if t.device() != Device::Cpu || !t.is_contiguous() || t.kind() != T::KIND {
         return Err(Error::invalid(
             "similarity tile",
-            format!("{:?} {:?}", t.device(), t.kind()),
+            format!("{} {}", device_name(t.device()), dtype_name(t.kind())),
             "a contiguous CPU tensor of the compute dtype",
         ));
     }

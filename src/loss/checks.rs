@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::GroupLossOptions;
 use crate::error::{ensure, Error, Result};
+use crate::names::{device_name, dtype_name};
 
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(
@@ -53,7 +54,7 @@ pub(crate) fn check_matrix_shape(t: &Tensor, arg: &str, what: &str) -> Result<()
     ensure(
         is_float(t.kind()),
         arg,
-        || format!("dtype {:?}", t.kind()),
+        || format!("dtype {}", dtype_name(t.kind())),
         "a floating-point dtype (float16, bfloat16, float32 or float64)",
     )?;
     ensure(
@@ -128,7 +129,7 @@ pub(crate) fn check_labels_shape(labels: &Tensor, n: Option<i64>) -> Result<()> 
     ensure(
         is_integer(labels.kind()),
         "labels",
-        || format!("dtype {:?}", labels.kind()),
+        || format!("dtype {}", dtype_name(labels.kind())),
         "an integer dtype",
     )?;
     if let Some(n) = n {
@@ -228,14 +229,14 @@ pub(crate) fn check_structure(
     ensure(
         logits.device() == emb.device(),
         "logits",
-        || format!("device {:?}", logits.device()),
-        format!("the device of embeddings ({:?})", emb.device()),
+        || format!("device {}", device_name(logits.device())),
+        format!("the device of embeddings ({})", device_name(emb.device())),
     )?;
     ensure(
         labels.device() == emb.device(),
         "labels",
-        || format!("device {:?}", labels.device()),
-        format!("the device of embeddings ({:?})", emb.device()),
+        || format!("device {}", device_name(labels.device())),
+        format!("the device of embeddings ({})", device_name(emb.device())),
     )?;
     check_matrix_shape(logits, "logits", "batch x classes")?;
     ensure(

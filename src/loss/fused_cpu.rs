@@ -28,6 +28,7 @@ use super::similarity::{effective_power, Similarity};
 use super::threads::{self, par_rows};
 use super::GroupLossOptions;
 use crate::error::{Error, Result};
+use crate::names::device_name;
 
 /// A contiguous CPU tensor viewed as a slice of `T`.
 ///
@@ -216,7 +217,10 @@ pub(crate) fn group_loss_with_grads(
     if emb.device() != Device::Cpu {
         return Err(Error::invalid(
             "implementation",
-            format!("\"fused_cpu\" with tensors on {:?}", emb.device()),
+            format!(
+                "\"fused_cpu\" with tensors on {}",
+                device_name(emb.device())
+            ),
             "CPU tensors (use \"auto\" or \"libtorch\" on other devices)",
         ));
     }

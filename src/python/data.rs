@@ -468,12 +468,28 @@ impl PyEpoch {
     }
 }
 
+/// Where a dataset of `kind` that the library builds (glyphs) is written
+/// by default, and so found again without a root: `$GROUPLOSS_DATA/<name>`,
+/// else the user data folder's `<name>`.
+#[pyfunction]
+fn default_build_dir(kind: &str) -> PyResult<PathBuf> {
+    let home = data::home(kind).ok_or_else(|| {
+        Error::invalid(
+            "kind",
+            format!("{kind:?}"),
+            "one of fashion_mnist, glyphs, cub200, cars196, sop, inshop",
+        )
+    })?;
+    Ok(data::paths::build_dir(home)?)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDataset>()?;
     m.add_class::<PyTransform>()?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyEpoch>()?;
     m.add_function(wrap_pyfunction!(open_dataset, m)?)?;
+    m.add_function(wrap_pyfunction!(default_build_dir, m)?)?;
     m.add_function(wrap_pyfunction!(random_resized_crop, m)?)?;
     m.add_function(wrap_pyfunction!(resize_center_crop, m)?)?;
     m.add_function(wrap_pyfunction!(pad_crop, m)?)?;

@@ -132,7 +132,8 @@ pub struct TrainConfig {
     /// their concatenated embeddings too (the paper's naive ensemble).
     pub ensemble: usize,
 
-    /// Progress bar on stderr; false: one line per epoch.
+    /// Progress on stderr: a bar on a terminal, else (a file, a pipe) a
+    /// line at most every 30 s within an epoch; false: one line per epoch.
     pub progress: bool,
 }
 

@@ -18,6 +18,7 @@ use crate::data::{
 };
 use crate::error::{Error, Result};
 use crate::model::EmbeddingNet;
+use crate::names::dtype_name;
 use crate::rng::Rng;
 
 /// A network with the weights of a run's checkpoint.
@@ -109,7 +110,7 @@ impl RunModel {
         if !embeddings.is_floating_point() {
             return Err(Error::invalid(
                 "embeddings",
-                format!("{:?}", embeddings.kind()),
+                dtype_name(embeddings.kind()),
                 "a floating tensor",
             ));
         }

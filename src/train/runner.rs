@@ -14,7 +14,7 @@ use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{self as dist, Collective, SingleProcess};
 use super::optim::{Optimizer, OptimizerKind, Schedule};
-use super::progress::Progress;
+use super::progress::{Progress, Step};
 use super::replica::{average_gradients, restore_on_rank_0, share_rank_0_state};
 use super::run_dir::{write_atomic, RunDir};
 use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::eval::{self, EvalOptions, Metric};
 use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, LossWithGrads, Similarity};
 use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig};
+use crate::names::device_name;
 use crate::rng::derive_seed;
 use crate::sampler::{ClassBalancedSampler, SamplerOptions};
 
@@ -694,16 +695,16 @@ fn train_member(
             seen += batch.indices.len() * world;
             done += 1;
             let elapsed = started.elapsed().as_secs_f64();
-            progress.step(
-                &label,
-                epoch + 1,
-                cfg.epochs,
-                step + 1,
+            progress.step(&Step {
+                label: &label,
+                epoch: epoch + 1,
+                epochs: cfg.epochs,
+                step: step + 1,
                 steps,
-                loss_sum / done as f64,
-                seen as f64 / elapsed.max(1e-9),
-                elapsed,
-            );
+                loss: loss_sum / done as f64,
+                images_per_s: seen as f64 / elapsed.max(1e-9),
+                elapsed_epoch: elapsed,
+            });
         }
         for s in loader.take_skipped() {
             progress.line(&format!(
@@ -890,9 +891,9 @@ pub fn train_on(
         Progress::silent()
     };
     progress.line(&format!(
-        "run {} on {:?}{}: {} ({}), {} epochs",
+        "run {} on {}{}: {} ({}), {} epoch{}",
         run_dir.display(),
-        device,
+        device_name(device),
         if world > 1 {
             format!(" x {world} processes")
         } else {
@@ -900,7 +901,8 @@ pub fn train_on(
         },
         cfg.dataset,
         cfg.backbone,
-        cfg.epochs
+        cfg.epochs,
+        if cfg.epochs == 1 { "" } else { "s" }
     ));
     let data = RunData::open(cfg)?;
     let mut test_embeddings = Vec::new();
@@ -1029,7 +1031,7 @@ fn summarize(
         "members": member_summaries,
         "train_classes": data.train.classes().len(),
         "train_images": data.train.len(),
-        "device": format!("{device:?}"),
+        "device": device_name(device),
         "world_size": world,
     });
     dir.write_summary(&summary)?;

@@ -6,18 +6,21 @@ use std::path::Path;
 use super::classes_in_halves;
 use crate::data::dataset::{Dataset, DatasetOptions, Listing};
 use crate::data::mat::{self, MatValue};
-use crate::data::paths::{join_inside, resolve_root};
+use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
+
+/// Where the dataset is looked for.
+pub const HOME: Home = Home {
+    dataset: "Cars196",
+    names: &["cars196", "Cars196", "stanford_cars", "CARS196"],
+    markers: &["cars_annos.mat"],
+    system: &[],
+    obtain: "",
+};
 
 /// Stanford Cars: classes 1-98 train, 99-196 test.
 pub fn cars196(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = resolve_root(
-        "Cars196",
-        root,
-        &["cars196", "Cars196", "stanford_cars", "CARS196"],
-        &["cars_annos.mat"],
-        &[],
-    )?;
+    let root = resolve_root(&HOME, root)?;
     let file = root.join("cars_annos.mat");
     let vars = mat::read(&file)?;
     let get = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v);

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use super::read_lines;
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
-use crate::data::paths::{join_inside, resolve_root};
+use crate::data::paths::{existing_root, join_inside};
 use crate::error::{Error, Result};
 
 /// A dataset described by a CSV file. `root` is the folder the paths are
 /// relative to (or the CSV file itself, whose folder is then the root);
 /// `csv_file` defaults to `root/dataset.csv`.
 pub fn csv(root: &Path, csv_file: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = &resolve_root("CsvDataset", Some(root), &[], &[], &[])?;
+    let root = &existing_root(root)?;
     let (root, file): (PathBuf, PathBuf) = if root.is_file() {
         (
             root.parent().unwrap_or(Path::new(".")).to_path_buf(),

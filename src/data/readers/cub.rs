@@ -6,18 +6,21 @@ use std::path::{Path, PathBuf};
 
 use super::{classes_in_halves, read_lines};
 use crate::data::dataset::{Dataset, DatasetOptions, Listing};
-use crate::data::paths::{join_inside, resolve_root};
+use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
+
+/// Where the dataset is looked for.
+pub const HOME: Home = Home {
+    dataset: "CUB200",
+    names: &["CUB_200_2011", "cub200", "CUB200"],
+    markers: &["images.txt"],
+    system: &[],
+    obtain: "",
+};
 
 /// Caltech-UCSD Birds: classes 1-100 train, 101-200 test.
 pub fn cub200(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = resolve_root(
-        "CUB200",
-        root,
-        &["CUB_200_2011", "cub200", "CUB200"],
-        &["images.txt"],
-        &[],
-    )?;
+    let root = resolve_root(&HOME, root)?;
     let images_txt = root.join("images.txt");
     let labels_txt = root.join("image_class_labels.txt");
     let mut listing = Listing::new("CUB200", &root, "line");

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
-use crate::data::paths::resolve_root;
+use crate::data::paths::existing_root;
 use crate::error::{ensure, Error, Result};
 
 /// A folder of class folders; the first `train_fraction` of the sorted
@@ -15,7 +15,7 @@ pub fn image_folder(root: &Path, options: &DatasetOptions, train_fraction: f64) 
         || train_fraction.to_string(),
         "a number in (0, 1]",
     )?;
-    let root = &resolve_root("ImageFolder", Some(root), &[], &[], &[])?;
+    let root = &existing_root(root)?;
     let mut classes: Vec<(String, PathBuf)> = list(root)?
         .into_iter()
         .filter(|p| p.is_dir())

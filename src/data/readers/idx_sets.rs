@@ -7,7 +7,7 @@ use crate::data::dataset::{
     Dataset, DatasetOptions, Item, Listing, Part, PixelBlock, Record, Split,
 };
 use crate::data::idx::{self, IdxData};
-use crate::data::paths::resolve_root;
+use crate::data::paths::{resolve_root, Home};
 use crate::error::{Error, Result};
 
 const FASHION_CLASSES: [&str; 10] = [
@@ -87,8 +87,28 @@ fn read_pair(root: &Path, prefix: &str) -> Result<(PixelBlock, Vec<i64>, PathBuf
     Ok((block, labels.to_i64(), lab_path))
 }
 
-/// Fashion-MNIST (found at `root`, then `$GROUPLOSS_DATA`, then
-/// `/usr/share/datasets/fashion-mnist`). Zero-shot: classes 0-4 of the train
+/// Where Fashion-MNIST is looked for: Debian's `dataset-fashion-mnist`
+/// package last.
+pub const FASHION_MNIST_HOME: Home = Home {
+    dataset: "FashionMNIST",
+    names: &["fashion-mnist", "FashionMNIST", "fashion_mnist"],
+    markers: &["train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte"],
+    system: &["/usr/share/datasets/fashion-mnist"],
+    obtain: "on Debian or Ubuntu: apt-get install dataset-fashion-mnist",
+};
+
+/// Where the glyphs benchmark is looked for; `grouploss datasets build
+/// glyphs` writes it to the first place ([`crate::data::paths::build_dir`]).
+pub const GLYPHS_HOME: Home = Home {
+    dataset: "Glyphs",
+    names: &["glyphs"],
+    markers: &["classes.tsv"],
+    system: &[],
+    obtain: "render it from the typefaces of this machine with `grouploss datasets build glyphs` \
+             (needs pip install 'grouploss[glyphs]')",
+};
+
+/// Fashion-MNIST (found at `root`, else as [`FASHION_MNIST_HOME`] says). Zero-shot: classes 0-4 of the train
 /// file for training, 5-9 of the test file for testing; otherwise the
 /// standard 60,000 / 10,000 split over all ten classes.
 pub fn fashion_mnist(
@@ -96,13 +116,7 @@ pub fn fashion_mnist(
     options: &DatasetOptions,
     zero_shot: bool,
 ) -> Result<Dataset> {
-    let root = resolve_root(
-        "FashionMNIST",
-        root,
-        &["fashion-mnist", "FashionMNIST", "fashion_mnist"],
-        &["train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte"],
-        &[PathBuf::from("/usr/share/datasets/fashion-mnist")],
-    )?;
+    let root = resolve_root(&FASHION_MNIST_HOME, root)?;
     let mut listing = Listing::new("FashionMNIST", &root, "line");
     listing.class_names = FASHION_CLASSES.iter().map(|s| s.to_string()).collect();
     for &(prefix, part) in parts(options.split) {
@@ -126,19 +140,10 @@ pub fn fashion_mnist(
     listing.select(options)
 }
 
-/// The glyphs dataset (`shared/data/glyphs`): train and t10k files hold
-/// disjoint classes, named in `classes.tsv`.
+/// The glyphs benchmark (found at `root`, else as [`GLYPHS_HOME`] says):
+/// train and t10k files hold disjoint classes, named in `classes.tsv`.
 pub fn glyphs(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = resolve_root(
-        "Glyphs",
-        root,
-        &["glyphs"],
-        &["classes.tsv"],
-        &[
-            PathBuf::from("../shared/data/glyphs"),
-            PathBuf::from("shared/data/glyphs"),
-        ],
-    )?;
+    let root = resolve_root(&GLYPHS_HOME, root)?;
     let tsv = root.join("classes.tsv");
     let mut names: Vec<(String, String)> = Vec::new();
     for (line, text) in read_lines(&tsv)?.into_iter().skip(1) {

@@ -5,18 +5,21 @@ use std::path::Path;
 
 use super::read_lines;
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
-use crate::data::paths::{join_inside, resolve_root};
+use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
+
+/// Where the dataset is looked for.
+pub const HOME: Home = Home {
+    dataset: "InShop",
+    names: &["InShop", "inshop", "In-shop", "DeepFashion_InShop"],
+    markers: &["list_eval_partition.txt", "Eval/list_eval_partition.txt"],
+    system: &[],
+    obtain: "",
+};
 
 /// InShop: 3,997 training items; test items split into query and gallery.
 pub fn inshop(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = resolve_root(
-        "InShop",
-        root,
-        &["InShop", "inshop", "In-shop", "DeepFashion_InShop"],
-        &["list_eval_partition.txt", "Eval/list_eval_partition.txt"],
-        &[],
-    )?;
+    let root = resolve_root(&HOME, root)?;
     let file = [
         root.join("list_eval_partition.txt"),
         root.join("Eval/list_eval_partition.txt"),

@@ -20,6 +20,7 @@ mod sop;
 use std::path::{Path, PathBuf};
 
 use super::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
+use super::paths::Home;
 use crate::error::{Error, Result};
 
 pub use self::cars::cars196;
@@ -80,6 +81,20 @@ pub fn open(
             format!("{other:?}"),
             "one of fashion_mnist, glyphs, cub200, cars196, sop, inshop, image_folder, csv",
         )),
+    }
+}
+
+/// Where a dataset of `kind` is looked for when no root is given (None for
+/// the kinds that always take a root).
+pub fn home(kind: &str) -> Option<&'static Home<'static>> {
+    match kind {
+        "fashion_mnist" => Some(&idx_sets::FASHION_MNIST_HOME),
+        "glyphs" => Some(&idx_sets::GLYPHS_HOME),
+        "cub200" => Some(&cub::HOME),
+        "cars196" => Some(&cars::HOME),
+        "sop" => Some(&sop::HOME),
+        "inshop" => Some(&inshop::HOME),
+        _ => None,
     }
 }
 

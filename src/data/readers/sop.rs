@@ -5,18 +5,21 @@ use std::path::Path;
 
 use super::read_lines;
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record, Split};
-use crate::data::paths::{join_inside, resolve_root};
+use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
+
+/// Where the dataset is looked for.
+pub const HOME: Home = Home {
+    dataset: "StanfordOnlineProducts",
+    names: &["Stanford_Online_Products", "sop", "SOP"],
+    markers: &["Ebay_train.txt"],
+    system: &[],
+    obtain: "",
+};
 
 /// Stanford Online Products: 11,318 training products, 11,316 test ones.
 pub fn stanford_online_products(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
-    let root = resolve_root(
-        "StanfordOnlineProducts",
-        root,
-        &["Stanford_Online_Products", "sop", "SOP"],
-        &["Ebay_train.txt"],
-        &[],
-    )?;
+    let root = resolve_root(&HOME, root)?;
     let mut listing = Listing::new("StanfordOnlineProducts", &root, "line");
     let files: &[(&str, Part)] = match options.split {
         Split::Train | Split::Val => &[("Ebay_train.txt", Part::Train)],

@@ -1,0 +1,111 @@
+"""The ``grouploss`` command: one-line errors with their exit status, the
+traceback only on request, and logs that read well in a file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from test_training import make_glyph_like
+
+from grouploss import cli
+
+
+@pytest.fixture(scope="module")
+def glyphs_root(tmp_path_factory):
+    return make_glyph_like(tmp_path_factory.mktemp("glyphs"))
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grouploss.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or _env(),
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "--preset", "cub200", "--data-root", "/data/missing"],
+            "--data-root: /data/missing: no such dataset folder",
+        ),
+        (
+            ["train", "--epochs", "x"],
+            "argument --epochs: invalid int value: 'x' (see 'grouploss train --help')",
+        ),
+        (["train", "--temperature", "-1"], "temperature: expected a finite number > 0, got -1"),
+        (["train", "--nproc-per-node", "0"], "--nproc-per-node: expected N >= 1, got 0"),
+        (["train", "--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
+        (["frob"], "argument command: invalid choice: 'frob'"),
+        (["datasets", "build", "fonts"], "argument name: invalid choice: 'fonts'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(capsys, monkeypatch, args, message):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("grouploss: error: " + message), err
+    assert err.count("\n") == 1
+
+
+def test_other_errors_are_one_line_with_status_1(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(["evaluate", str(tmp_path / "nowhere")]) == 1
+    _, err = capsys.readouterr()
+    assert err == f"grouploss: error: {tmp_path / 'nowhere' / 'config.toml'}: " + (
+        "No such file or directory (os error 2)\n"
+    )
+
+
+def test_the_traceback_only_with_debug(tmp_path):
+    run = _cli("evaluate", str(tmp_path / "nowhere"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("grouploss: error: ") and run.stderr.count("\n") == 1
+    missing = str(tmp_path / "nowhere")
+    runs = [
+        _cli("evaluate", missing, "--debug"),
+        _cli("evaluate", missing, env=_env(GROUPLOSS_DEBUG="1")),
+    ]
+    for debug in runs:
+        assert debug.returncode == 1
+        assert "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.rstrip().splitlines()[-1].startswith("FileNotFoundError: ")
+
+
+def test_help_documents_the_errors_and_debug():
+    run = _cli("--help")
+    assert run.returncode == 0
+    assert "--debug" in run.stdout and "GROUPLOSS_DEBUG=1" in run.stdout
+    assert "grouploss: error:" in run.stdout
+    sub = _cli("train", "--help")
+    assert sub.returncode == 0 and "--debug" in sub.stdout
+
+
+def test_a_run_logged_to_a_file_has_no_progress_frames(glyphs_root, tmp_path):
+    """stderr not a terminal: lines only, one per epoch (the step lines
+    come at most every 30 s; Rust's unit tests time them), and the device
+    as PyTorch names it."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "glyphs", "--data-root", str(glyphs_root), "--epochs", "2"]
+    args += ["--classes-per-batch", "3", "--samples-per-class", "4", "--num-workers", "1"]
+    args += ["--val-fraction", "0.3", "--device", "cpu", "--out-dir", str(out)]
+    run = _cli(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "\r" not in run.stderr
+    lines = run.stderr.splitlines()
+    assert lines[0].endswith(f"run {out} on cpu: glyphs (convnet), 2 epochs"), lines[0]
+    assert [line.split("] ")[1].split(":")[0] for line in lines[1:3]] == ["epoch 1/2", "epoch 2/2"]
+    assert not any(" step " in line for line in lines), lines
