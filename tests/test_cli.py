@@ -39,14 +39,25 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
     [
         (
             ["train", "--preset", "cub200", "--data-root", "/data/missing"],
-            "--data-root: /data/missing: no such dataset folder",
+            "argument --data-root: /data/missing: no such file or folder",
         ),
+        (["train", "--resume", "/runs/missing"], "--resume: /runs/missing is not a run folder"),
         (
             ["train", "--epochs", "x"],
             "argument --epochs: invalid int value: 'x' (see 'grouploss train --help')",
         ),
         (["train", "--temperature", "-1"], "temperature: expected a finite number > 0, got -1"),
-        (["train", "--nproc-per-node", "0"], "--nproc-per-node: expected N >= 1, got 0"),
+        (["train", "--nproc-per-node", "0"], "argument --nproc-per-node: expected an integer >= 1"),
+        (["evaluate", "/runs/missing"], "argument run_dir: /runs/missing: no such file or folder"),
+        (["report", ".", "--k", "0"], "argument --k: expected an integer >= 1, got 0"),
+        (
+            ["datasets", "build", "glyphs", "--max-train", "0"],
+            "argument --max-train: expected an integer >= 1, got 0",
+        ),
+        (
+            ["datasets", "build", "glyphs", "--fonts", "/fonts/missing"],
+            "argument --fonts: /fonts/missing: no such file or folder",
+        ),
         (["train", "--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
         (["frob"], "argument command: invalid choice: 'frob'"),
         (["datasets", "build", "fonts"], "argument name: invalid choice: 'fonts'"),
@@ -63,21 +74,32 @@ def test_usage_errors_are_one_line_with_status_2(capsys, monkeypatch, args, mess
 
 def test_other_errors_are_one_line_with_status_1(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
-    assert cli.main(["evaluate", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["evaluate", str(tmp_path)]) == 1
     _, err = capsys.readouterr()
-    assert err == f"grouploss: error: {tmp_path / 'nowhere' / 'config.toml'}: " + (
+    assert err == f"grouploss: error: {tmp_path / 'config.toml'}: " + (
         "No such file or directory (os error 2)\n"
     )
 
 
+@pytest.mark.parametrize("text", ["epochs = \n", 'epochs = "x"\n'])
+def test_a_message_of_several_lines_becomes_one(capsys, monkeypatch, tmp_path, text):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert cli.main(["train", "--config", str(config)]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("grouploss: error: ") and err.count("\n") == 1, err
+
+
 def test_the_traceback_only_with_debug(tmp_path):
-    run = _cli("evaluate", str(tmp_path / "nowhere"))
+    run = _cli("evaluate", str(tmp_path))
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.startswith("grouploss: error: ") and run.stderr.count("\n") == 1
-    missing = str(tmp_path / "nowhere")
+    assert _cli("evaluate", str(tmp_path), env=_env(GROUPLOSS_DEBUG="false")).stderr == run.stderr
     runs = [
-        _cli("evaluate", missing, "--debug"),
-        _cli("evaluate", missing, env=_env(GROUPLOSS_DEBUG="1")),
+        _cli("evaluate", str(tmp_path), "--debug"),
+        _cli("evaluate", str(tmp_path), "--deb"),  # argparse's abbreviation
+        _cli("evaluate", str(tmp_path), env=_env(GROUPLOSS_DEBUG="1")),
     ]
     for debug in runs:
         assert debug.returncode == 1

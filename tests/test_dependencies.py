@@ -3,7 +3,9 @@
 The children of these tests run with every installed package that is not
 in ``[project.dependencies]`` (nor required by one of them, transitively)
 made unimportable by an import hook (a ``sitecustomize`` on PYTHONPATH, so
-that torchrun's children get it too): what a user has after
+that torchrun's children get it too; ``importlib.util.find_spec`` raises
+``ModuleNotFoundError`` for them rather than returning None, which
+``grouploss._extras`` handles alike): what a user has after
 ``pip install grouploss``. They use the loss, train, evaluate and embed;
 the figures, which need the ``report`` extra, are skipped with one line.
 """
@@ -126,6 +128,16 @@ def _cli(env, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=env,
     )
+
+
+def test_the_extras_are_the_packages_the_code_asks_for():
+    """pyproject's extras and grouploss._extras name the same packages."""
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    optional = declared["optional-dependencies"]
+    for extra, (_, packages) in _extras.EXTRAS.items():
+        assert sorted(Requirement(r).name for r in optional[extra]) == sorted(
+            pip_name for _, pip_name in packages
+        ), extra
 
 
 def test_the_hook_hides_what_is_not_declared(declared_only):

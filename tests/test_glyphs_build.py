@@ -75,9 +75,11 @@ def _panose(family: int):
 
 
 def _system_typefaces(count: int):
-    """The first ``count`` usable typefaces of the system's font folders
-    (.ci/setup installs fonts-dejavu-core, so a fresh machine has some)."""
-    faces, _ = gb.load_typefaces(gb.find_fonts())
+    """The first ``count`` usable typefaces of the system's font folders,
+    each from a font file of its own (not a collection). .ci/setup installs
+    fonts-dejavu-core and fonts-liberation, so a fresh machine has them."""
+    files = [f for f in gb.find_fonts() if f.suffix.lower() in (".ttf", ".otf")]
+    faces, _ = gb.load_typefaces(files)
     if len(faces) < count:
         pytest.fail(f"expected {count} typefaces in {gb.FONT_DIRS}, found {len(faces)}")
     return faces[:count]
@@ -237,6 +239,16 @@ def test_without_data_glyphs_says_how_to_build_it(tmp_path, monkeypatch):
 def test_arguments_are_checked(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_glyphs(tmp_path, **kwargs)
+
+
+def test_fonts_may_be_one_path_and_links_are_followed_once(tmp_path):
+    text = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    fonts = tmp_path / "fonts"
+    (fonts / "sub").mkdir(parents=True)
+    _make_font(fonts / "sub" / "a.ttf", "Boxes Regular", text)
+    (fonts / "sub" / "loop").symlink_to(fonts, target_is_directory=True)
+    assert gb.find_fonts(str(fonts)) == [(fonts / "sub" / "a.ttf").resolve()]
+    assert gb.find_fonts(fonts / "sub" / "a.ttf") == gb.find_fonts([fonts])
 
 
 def test_missing_fonts_are_named(tmp_path):

@@ -8,7 +8,7 @@ each lives in an extra of ``pyproject.toml`` with the same name as here.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from typing import Dict, List, Tuple
 
 __all__ = ["EXTRAS", "MissingExtra", "hint", "missing", "require"]
@@ -33,12 +33,15 @@ class MissingExtra(ImportError):
 
 
 def missing(extra: str) -> List[str]:
-    """The pip names of ``extra``'s packages that cannot be imported."""
+    """The pip names of ``extra``'s packages that are not installed (found
+    without importing them)."""
     out = []
     for module, pip_name in EXTRAS[extra][1]:
         try:
-            importlib.import_module(module)
-        except ImportError:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             out.append(pip_name)
     return out
 

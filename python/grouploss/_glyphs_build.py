@@ -53,6 +53,10 @@ FONT_DIRS: Tuple[str, ...] = (
     "/usr/local/share/fonts",
     "~/.local/share/fonts",
     "~/.fonts",
+    "/System/Library/Fonts",
+    "/Library/Fonts",
+    "~/Library/Fonts",
+    "C:/Windows/Fonts",
 )
 
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
@@ -106,24 +110,45 @@ def class_table() -> List[GlyphClass]:
     return out
 
 
-def find_fonts(fonts: Optional[Sequence[PathLike]] = None) -> List[pathlib.Path]:
+def find_fonts(fonts: Union[PathLike, Sequence[PathLike], None] = None) -> List[pathlib.Path]:
     """The font files (``.ttf``, ``.otf``, ``.ttc``, ``.otc``) of ``fonts``
-    (files, or folders searched recursively), else of :data:`FONT_DIRS`;
-    sorted, so that a machine's typefaces always come in the same order."""
+    (a file or folder, or several; folders are searched recursively), else
+    of :data:`FONT_DIRS`; sorted, so that a machine's typefaces always come
+    in the same order."""
     explicit = fonts is not None
-    roots = [pathlib.Path(f).expanduser() for f in (fonts if explicit else FONT_DIRS)]
     found = set()
-    for root in roots:
+    for root in _font_roots(fonts):
         if root.is_file():
             found.add(root.resolve())
         elif root.is_dir():
-            for dirpath, _, files in os.walk(root, followlinks=True):
-                for f in files:
-                    if f.lower().endswith(FONT_SUFFIXES):
-                        found.add(pathlib.Path(dirpath, f).resolve())
+            found.update(_walk(root))
         elif explicit:
             raise FileNotFoundError(f"fonts: {root}: no such file or folder")
     return sorted(found)
+
+
+def _font_roots(fonts: Union[PathLike, Sequence[PathLike], None]) -> List[pathlib.Path]:
+    """``fonts`` as a list of paths (:data:`FONT_DIRS` for None)."""
+    if fonts is None:
+        fonts = FONT_DIRS
+    elif isinstance(fonts, (str, os.PathLike)):
+        fonts = [fonts]
+    return [pathlib.Path(f).expanduser() for f in fonts]
+
+
+def _walk(root: pathlib.Path) -> List[pathlib.Path]:
+    """Font files below ``root``, following links to folders once each."""
+    out, seen = [], set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out += [
+            pathlib.Path(dirpath, f).resolve() for f in files if f.lower().endswith(FONT_SUFFIXES)
+        ]
+    return out
 
 
 def _full_name(font) -> str:
@@ -255,9 +280,10 @@ def _write_idx(path: pathlib.Path, images: np.ndarray, labels: np.ndarray, prefi
 
 
 class _Log:
-    """Progress lines on stderr, at most one every few seconds."""
+    """Progress lines on stderr: what was found and written, and within the
+    drawing at most one line every ``every`` seconds (as training logs)."""
 
-    def __init__(self, enabled: bool, every: float = 10.0):
+    def __init__(self, enabled: bool, every: float = 30.0):
         self.enabled, self.every, self.last = enabled, every, time.monotonic()
 
     def __call__(self, text: str, *, force: bool = True) -> None:
@@ -311,7 +337,7 @@ def _choose(
 def build_glyphs(
     root: Optional[PathLike] = None,
     *,
-    fonts: Optional[Sequence[PathLike]] = None,
+    fonts: Union[PathLike, Sequence[PathLike], None] = None,
     seed: int = 0,
     max_train: int = 400,
     max_test: int = 50,
@@ -323,9 +349,11 @@ def build_glyphs(
 
     Args:
         root: the output folder; default ``$GROUPLOSS_DATA/glyphs``, else
-            ``~/.local/share/grouploss/glyphs``: where :class:`Glyphs` and
-            ``--preset glyphs`` look without a root.
-        fonts: font files or folders (searched recursively); default the
+            ``$XDG_DATA_HOME/grouploss/glyphs`` (``~/.local/share/grouploss/
+            glyphs``): where :class:`Glyphs` and ``--preset glyphs`` look
+            without a root.
+        fonts: a font file or folder, or several (folders are searched
+            recursively); default the
             system's font folders (:data:`FONT_DIRS`). On Debian, the
             ``fonts-*`` packages listed in the README give about the
             published benchmark's variety.
@@ -362,9 +390,9 @@ def build_glyphs(
         + (f" (left out: {left_out})" if left_out else "")
     )
     if not faces:
-        where = ", ".join(str(f) for f in (fonts or FONT_DIRS))
+        searched = ", ".join(str(f) for f in _font_roots(fonts)) or "nothing (fonts is empty)"
         raise ValueError(
-            f"fonts: expected text typefaces (TrueType or OpenType), found none in {where}; "
+            f"fonts: expected text typefaces (TrueType or OpenType), found none in {searched}; "
             "on Debian, apt-get install fonts-dejavu-core fonts-liberation (more in the README)"
         )
     classes = class_table()
@@ -374,24 +402,43 @@ def build_glyphs(
     if empty:
         log(f"{len(empty)} classes have no typeface: {' '.join(empty)}")
 
+    counts = _write_dataset(root, classes, taken, faces, rng)
+    log(
+        f"{counts['train']:,} training images ({sum(1 for c in classes if c.split == 'train')} "
+        f"classes), {counts['test']:,} test images, {counts['typefaces']} typefaces -> {root}"
+    )
+    return root
+
+
+def _write_dataset(
+    root: pathlib.Path,
+    classes: List[GlyphClass],
+    taken: Dict[int, List[Tuple[int, np.ndarray]]],
+    faces: List[Typeface],
+    rng: np.random.Generator,
+) -> Dict[str, int]:
+    """The dataset's files in ``root``, written in a work folder and moved
+    in, ``classes.tsv`` last; returns the counts of images and typefaces."""
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".build-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    counts = {}
     try:
-        counts = {}
         for prefix, split in (("train", "train"), ("t10k", "test")):
             pairs = [
                 (c.label, img) for c in classes if c.split == split for _, img in taken[c.label]
             ]
             perm = rng.permutation(len(pairs))
             labels = np.array([pairs[i][0] for i in perm], dtype=np.int64)
-            images = np.stack([pairs[i][1] for i in perm]) if pairs else np.zeros((0, 32, 32))
+            empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+            images = np.stack([pairs[i][1] for i in perm]) if pairs else empty
             _write_idx(work, images, labels, prefix)
             counts[split] = len(pairs)
         used = sorted({f for c in classes for f, _ in taken[c.label]})
         rows = ["font_id\tname\tpath"] + [f"{f}\t{faces[f].name}\t{faces[f].path}" for f in used]
         (work / "fonts.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        counts["typefaces"] = len(used)
         (root / "classes.tsv").unlink(missing_ok=True)
         for f in sorted(work.iterdir()):
             os.replace(f, root / f.name)
@@ -400,8 +447,4 @@ def build_glyphs(
         os.replace(work / "classes.tsv", root / "classes.tsv")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(
-        f"{counts['train']:,} training images ({sum(1 for c in classes if c.split == 'train')} "
-        f"classes), {counts['test']:,} test images, {len(used)} typefaces -> {root}"
-    )
-    return root
+    return counts

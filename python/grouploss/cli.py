@@ -32,6 +32,29 @@ from typing import List, Optional, Sequence
 from . import training
 
 
+def _existing(text: str) -> pathlib.Path:
+    """An argparse type: a path that exists."""
+    path = pathlib.Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return path
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _option_parser(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per configuration key, typed by its default."""
     defaults = training.resolve_config("fashion-mnist")
@@ -57,9 +80,9 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag, dest=key, default=None)
     # Options whose default is unset are absent from the TOML: add them.
-    for key in ("data_root", "out_dir", "pretrained"):
+    for key, kind in (("data_root", _existing), ("out_dir", None), ("pretrained", _existing)):
         if key not in defaults:
-            group.add_argument("--" + key.replace("_", "-"), dest=key, default=None)
+            group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
     if "split_seed" not in defaults:
         group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
 
@@ -97,45 +120,70 @@ def _parser() -> argparse.ArgumentParser:
     )
     _debug_option(ap)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parsers = [
+        _train_parser(sub),
+        _evaluate_parser(sub),
+        _embed_parser(sub),
+        _report_parser(sub),
+        *_datasets_parser(sub),
+    ]
+    for p in parsers:
+        _debug_option(p)
+    return ap
 
+
+def _train_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (the Rust training loop)")
     t.add_argument("--preset", choices=training.PRESETS, default=None)
-    t.add_argument("--config", type=pathlib.Path, help="a TOML file of options")
+    t.add_argument("--config", type=_existing, help="a TOML file of options")
+    # Not checked here: under torchrun only rank 0 needs to see the folder.
     t.add_argument("--resume", type=pathlib.Path, help="continue an interrupted run folder")
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     t.add_argument(
         "--nproc-per-node",
-        type=int,
+        type=_at_least(1),
         default=None,
         metavar="N",
-        help="train data-parallel on N processes of this machine (launches torchrun)",
+        help="train data-parallel on N processes of this machine (runs torchrun)",
     )
     _option_parser(t)
+    return t
 
+
+def _evaluate_parser(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run's best model")
-    e.add_argument("run_dir", type=pathlib.Path)
+    e.add_argument("run_dir", type=_existing)
     e.add_argument("--split", default="test")
     e.add_argument("--device", default="auto")
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    return e
 
+
+def _embed_parser(sub) -> argparse.ArgumentParser:
     m = sub.add_parser("embed", help="write embeddings of a split or an image folder")
-    m.add_argument("run_dir", type=pathlib.Path)
+    m.add_argument("run_dir", type=_existing)
     m.add_argument("--data", required=True, help="a split name of the run's dataset, or a folder")
     m.add_argument("--out", required=True, type=pathlib.Path, help="embeddings .npy")
     m.add_argument("--device", default="auto")
+    return m
 
+
+def _report_parser(sub) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
-    r.add_argument("run_dir", type=pathlib.Path)
+    r.add_argument("run_dir", type=_existing)
     r.add_argument("--out", type=pathlib.Path, help="default RUN_DIR/report.html")
     r.add_argument("--split", default="test")
     r.add_argument("--checkpoint", default="best", choices=("best", "last"))
     r.add_argument("--device", default="auto")
-    r.add_argument("--data-root", type=pathlib.Path, help="the dataset, if it moved")
-    r.add_argument("--queries", type=int, default=8, help="rows of the galleries")
-    r.add_argument("--k", type=int, default=8, help="neighbours per query")
-    r.add_argument("--max-points", type=int, default=1000, help="points of the t-SNE map")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--data-root", type=_existing, help="the dataset, if it moved")
+    r.add_argument("--queries", type=_at_least(1), default=8, help="rows of the galleries")
+    r.add_argument("--k", type=_at_least(1), default=8, help="neighbours per query")
+    r.add_argument("--max-points", type=_at_least(3), default=1000, help="points of the t-SNE map")
+    r.add_argument("--seed", type=_at_least(0), default=0)
+    return r
 
+
+def _datasets_parser(sub) -> List[argparse.ArgumentParser]:
     d = sub.add_parser("datasets", help="build a dataset that is made, not downloaded")
     dsub = d.add_subparsers(dest="datasets_command", required=True, parser_class=_Parser)
     b = dsub.add_parser(
@@ -151,24 +199,23 @@ def _parser() -> argparse.ArgumentParser:
         type=pathlib.Path,
         default=None,
         help="output folder (default: $GROUPLOSS_DATA/glyphs, else "
-        "~/.local/share/grouploss/glyphs, where Glyphs() and --preset glyphs look)",
+        "$XDG_DATA_HOME/grouploss/glyphs or ~/.local/share/grouploss/glyphs: where "
+        "Glyphs() and --preset glyphs look)",
     )
     b.add_argument(
         "--fonts",
-        type=pathlib.Path,
+        type=_existing,
         action="append",
         default=None,
         metavar="DIR_OR_FILE",
         help="font files or folders to use (repeatable; default: the system's font folders)",
     )
-    b.add_argument("--seed", type=int, default=0, help="which typefaces, and the file order")
-    b.add_argument("--max-train", type=int, default=400, help="typefaces per training class")
-    b.add_argument("--max-test", type=int, default=50, help="typefaces per test class")
+    b.add_argument("--seed", type=_at_least(0), default=0, help="typefaces drawn, file order")
+    b.add_argument("--max-train", type=_at_least(1), default=400, help="typefaces a train class")
+    b.add_argument("--max-test", type=_at_least(1), default=50, help="typefaces a test class")
     b.add_argument("--force", action="store_true", help="replace a dataset already at --root")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
-    for p in (t, e, m, r, d, b):
-        _debug_option(p)
-    return ap
+    return [d, b]
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -190,25 +237,48 @@ def _without_nproc(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def _launch(nproc: int, argv: Sequence[str]) -> None:
-    """Becomes ``torchrun --standalone --nproc-per-node N -m grouploss.cli
-    ARGS`` (exec, so that Ctrl-C and the exit status go straight to it)."""
+def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
+    """Runs ``torchrun --standalone --nproc-per-node N -m grouploss.cli
+    ARGS`` in this process and returns the run's exit status. Each rank
+    reports its own error in one line; torchrun's own report of a failed
+    child (a traceback) and its log lines are shown only with ``--debug``."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from . import distributed
 
     if distributed.launched_by_torchrun():
         raise UsageError("--nproc-per-node under torchrun; give it to torchrun alone")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "grouploss.cli", *_without_nproc(argv)]
+    args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "grouploss.cli"]
+    args += _without_nproc(argv)
+    if not debug:
+        for name in ("torch.distributed.elastic", "torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except ChildFailedError as e:
+        if debug:
+            raise
+        return max(1, e.get_first_failure()[1].exitcode)
+    except SignalException as e:
+        if debug:
+            raise
+        return 128 + int(e.sigval)
+    return 0
 
 
-def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _train(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:
     reserved = {"command", "preset", "config", "resume", "quiet", "nproc_per_node", "debug"}
     options = {k: v for k, v in vars(args).items() if k not in reserved and v is not None}
     if args.quiet:
         options["progress"] = False
+    # Every rank of a data-parallel run gets the result; rank 0 reports.
+    report = int(os.environ.get("RANK", "0")) == 0
     if args.resume is None:
         # The options are checked here, so that a mistake is a usage error
         # (and is caught before torchrun starts N processes).
@@ -216,16 +286,10 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             training.resolve_config(args.preset, config=args.config, **options)
         except ValueError as e:
             raise UsageError(str(e)) from e
-        root = options.get("data_root")
-        if root is not None and not pathlib.Path(root).exists():
-            raise UsageError(f"--data-root: {root}: no such dataset folder")
-    if args.nproc_per_node is not None:
-        if args.nproc_per_node < 1:
-            raise UsageError(f"--nproc-per-node: expected N >= 1, got {args.nproc_per_node}")
-        if args.nproc_per_node > 1:
-            _launch(args.nproc_per_node, argv)
-    # Every rank of a data-parallel run gets the result; rank 0 reports.
-    report = int(os.environ.get("RANK", "0")) == 0
+    elif report and not (args.resume / "config.toml").exists():
+        raise UsageError(f"--resume: {args.resume} is not a run folder (no config.toml)")
+    if args.nproc_per_node is not None and args.nproc_per_node > 1:
+        return _launch(args.nproc_per_node, argv, debug)
     try:
         result = training.train(args.preset, config=args.config, resume=args.resume, **options)
     except KeyboardInterrupt:
@@ -306,9 +370,9 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:
     if args.command == "train":
-        return _train(args, argv)
+        return _train(args, argv, debug)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "embed":
@@ -321,11 +385,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _error(message: str) -> None:
+    """``grouploss: error: <message>`` as one line, written at once (the
+    ranks of a run share stderr)."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     rank = os.environ.get("RANK")
-    where = (
-        f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    )
-    print(f"grouploss: error: {where}{message}", file=sys.stderr)
+    if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        text = f"rank {rank}: {text}"
+    sys.stderr.write(f"grouploss: error: {text}\n")
+    sys.stderr.flush()
 
 
 def _message(e: BaseException) -> str:
@@ -339,13 +406,21 @@ def _message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text} (--debug shows the traceback)"
 
 
+def _debug_asked(argv: Sequence[str]) -> bool:
+    value = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return "--debug" in argv or value not in ("", "0", "false", "no", "off")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``grouploss`` command; returns its exit status."""
+    from .distributed import RankZeroFailed
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = _debug_asked(argv)
     try:
         args = _parser().parse_args(argv)
-        return _run(args, argv)
+        debug = debug or getattr(args, "debug", False)
+        return _run(args, argv, debug)
     except UsageError as e:
         if debug:
             raise
@@ -354,12 +429,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.write("\ninterrupted\n")
         return 130
-    except Exception as e:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001  pyo3's PanicException is a BaseException
         if debug:
             raise
-        _error(_message(e))
+        if not isinstance(e, RankZeroFailed):  # rank 0 reports it
+            _error(_message(e))
         return 1
 
 

@@ -193,9 +193,10 @@ class Glyphs(ImageDataset):
     IDX files whose train and test (``t10k``) halves hold disjoint classes
     (142 each), named in ``classes.tsv`` by their character. Found at
     ``root``, else ``$GROUPLOSS_DATA/glyphs`` (or ``$GROUPLOSS_DATA``), else
-    ``~/.local/share/grouploss/glyphs``. Build it from the typefaces of your
-    machine with :func:`build_glyphs` (``grouploss datasets build glyphs``),
-    which writes to that last place by default.
+    ``$XDG_DATA_HOME/grouploss/glyphs`` (``~/.local/share/grouploss/glyphs``).
+    Build it from the typefaces of your machine with :func:`build_glyphs`
+    (``grouploss datasets build glyphs``), which writes to that last place
+    by default.
     """
 
     _kind = "glyphs"

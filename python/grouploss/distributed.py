@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 __all__ = [
     "ProcessGroup",
+    "RankZeroFailed",
     "broadcast_text",
     "launched_by_torchrun",
     "local_rank",
@@ -53,6 +54,11 @@ __all__ = [
 #: (k-means for NMI included) while the others wait, which takes minutes on
 #: the large datasets; torchrun stops every rank as soon as one fails anyway.
 TIMEOUT = datetime.timedelta(minutes=60)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 could not start the run; rank 0
+    raises (and reports) the error itself."""
 
 
 def launched_by_torchrun() -> bool:

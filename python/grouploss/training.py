@@ -186,7 +186,7 @@ def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:
         return cfg, run_dir
     got = json.loads(distributed.broadcast_text(None))
     if "error" in got:
-        raise RuntimeError(f"rank 0 could not start the run: {got['error']}")
+        raise distributed.RankZeroFailed(f"rank 0 could not start the run: {got['error']}")
     return tomllib.loads(got["config"]), pathlib.Path(got["run_dir"])
 
 

@@ -474,10 +474,11 @@ impl PyEpoch {
 #[pyfunction]
 fn default_build_dir(kind: &str) -> PyResult<PathBuf> {
     let home = data::home(kind).ok_or_else(|| {
+        let kinds: Vec<&str> = data::readers::HOMES.iter().map(|(k, _)| *k).collect();
         Error::invalid(
             "kind",
             format!("{kind:?}"),
-            "one of fashion_mnist, glyphs, cub200, cars196, sop, inshop",
+            format!("one of {}", kinds.join(", ")),
         )
     })?;
     Ok(data::paths::build_dir(home)?)

@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::names::dtype_name;
 
 /// The metadata key of the trainer state.
 const STATE_KEY: &str = "grouploss.trainer_state";
@@ -36,7 +37,7 @@ fn dtype(kind: Kind) -> Result<Dtype> {
         other => {
             return Err(Error::invalid(
                 "checkpoint",
-                format!("a tensor of kind {other:?}"),
+                format!("a tensor of dtype {}", dtype_name(other)),
                 "a kind safetensors stores",
             ))
         }

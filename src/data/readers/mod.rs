@@ -87,16 +87,18 @@ pub fn open(
 /// Where a dataset of `kind` is looked for when no root is given (None for
 /// the kinds that always take a root).
 pub fn home(kind: &str) -> Option<&'static Home<'static>> {
-    match kind {
-        "fashion_mnist" => Some(&idx_sets::FASHION_MNIST_HOME),
-        "glyphs" => Some(&idx_sets::GLYPHS_HOME),
-        "cub200" => Some(&cub::HOME),
-        "cars196" => Some(&cars::HOME),
-        "sop" => Some(&sop::HOME),
-        "inshop" => Some(&inshop::HOME),
-        _ => None,
-    }
+    HOMES.iter().find(|(k, _)| *k == kind).map(|(_, h)| *h)
 }
+
+/// The kinds found without a root, with their places.
+pub const HOMES: [(&str, &Home<'static>); 6] = [
+    ("fashion_mnist", &idx_sets::FASHION_MNIST_HOME),
+    ("glyphs", &idx_sets::GLYPHS_HOME),
+    ("cub200", &cub::HOME),
+    ("cars196", &cars::HOME),
+    ("sop", &sop::HOME),
+    ("inshop", &inshop::HOME),
+];
 
 /// The non-empty lines of a text file with their 1-based numbers.
 pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
