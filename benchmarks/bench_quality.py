@@ -9,14 +9,17 @@ of at most STEPS batches each (a CPU-sized budget; 0 steps: whole epochs).
 The best epoch is picked on validation classes (MAP@R over ``--val-images``
 of them) and its test-class metrics are reported. Two loops:
 
-* ``rust``: ``grouploss.train(preset=...)``, the library's trainer, for the
-  Group Loss and for CE alone (``gtg_weight=0`` with the cosine classifier:
-  normalised softmax);
-* ``torch``: a plain PyTorch loop with the same convnet written in PyTorch,
+* ``rust``: ``grouploss.train(preset=...)``, the library's trainer, for
+  every loss: the Group Loss, ``loss="softmax"`` with the cosine classifier
+  (normalised softmax) and ``loss="triplet"`` (batch-hard triplets, the
+  ``-rust`` configurations);
+* ``torch``: a plain PyTorch loop with the same convnet written in PyTorch
+  (``torch.nn`` defaults, which the trainer's initialisation now equals),
   for pytorch-metric-learning's ``TripletMarginLoss`` + ``BatchHardMiner``
-  and, as a calibration of the two loops, for normalised-softmax CE and for
-  the Group Loss (the ``grouploss.GroupLoss`` module with its own
-  classifier, as a user drops it into their loop).
+  and, as a calibration of the two loops, for each trainer winner's
+  configuration: normalised-softmax CE, the Group Loss (the
+  ``grouploss.GroupLoss`` module with its own classifier, as a user drops it
+  into their loop) and the triplet loss.
 
 The validation classes are carved from the training classes with a fixed
 ``split_seed`` (0) for every run, so the search never sees the test classes
@@ -34,9 +37,9 @@ skips the runs already there, so an interrupted search resumes):
    test-class Recall@1, MAP@R and NMI, mean and spread;
 4. ``fashion``: the winners on fashion-mnist without retuning (its preset's
    P x K, ``--fashion-budget``);
-5. ``calibration``: the CE and Group Loss winners in the torch loop too
-   (the Group Loss as the ``GroupLoss`` module a user drops into their own
-   loop), so that all three losses are also compared in one loop.
+5. ``calibration``: the trainer's winners in the torch loop too (the Group
+   Loss as the ``GroupLoss`` module a user drops into their own loop), so
+   that each loss is measured in both loops with the same settings.
 
 ``OUT/summary.json`` and ``OUT/summary.md`` hold the tables.
 
@@ -66,6 +69,7 @@ from torch import nn
 import grouploss
 from grouploss import ClassBalancedBatchSampler, datasets, metrics
 from grouploss.data import Loader, small_transform
+from grouploss.training import LOSS_OPTIONS
 
 SPLIT_SEED = 0
 
@@ -125,7 +129,7 @@ GROUP_SCREEN: Dict[str, Dict[str, Any]] = {
     "gl-T10-A1-p16-P20K3": gl(10.0, 1, 16.0, (20, 3)),
 }
 CE_SCREEN: Dict[str, Dict[str, Any]] = {
-    "ce-s16": dict(COS, gtg_weight=0.0),
+    "ce-s16": dict(COS, loss="softmax"),
 }
 TRIPLET_SCREEN: Dict[str, Dict[str, Any]] = {
     "triplet-m0.1": dict(margin=0.1),
@@ -134,6 +138,9 @@ TRIPLET_SCREEN: Dict[str, Dict[str, Any]] = {
     "triplet-m0.1-P15K4": dict(margin=0.1, classes_per_batch=15, samples_per_class=4),
     "triplet-m0.1-P20K3": dict(margin=0.1, classes_per_batch=20, samples_per_class=3),
 }
+# The same triplet configurations in the library's trainer (`loss="triplet"`).
+RUST_SUFFIX = "-rust"
+TRIPLET_RUST_SCREEN = {name + RUST_SUFFIX: opts for name, opts in TRIPLET_SCREEN.items()}
 # Group Loss configurations of the screen taken to `select`, and variants of
 # the best one added there, e.g. ``"warmup1": dict(gtg_warmup_epochs=1)`` (CE
 # alone for the first epoch, the release's start from a CE-finetuned
@@ -143,7 +150,7 @@ GROUP_SELECT = 3
 # The peer's best configurations taken to `select` too, so that its P x K
 # (the release's 10 x 6 among them) is chosen at the full budget as well.
 TRIPLET_SELECT = 3
-SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {"warmup1": dict(gtg_warmup_epochs=1)}
+SELECT_VARIANTS: Dict[str, Dict[str, Any]] = {}
 
 
 def log(msg: str) -> None:
@@ -173,7 +180,15 @@ def rust_run(
     val_images: int,
 ) -> dict:
     run_dir = out / f"{preset}-{name}-s{seed}-{budget_name(budget)}"
-    options = {**COMMON, **(GLYPHS_PK if preset == "glyphs" else {}), **opts}
+    opts = dict(opts)
+    if "margin" in opts:
+        opts.update(loss="triplet", triplet_margin=opts.pop("margin"))
+    common = dict(COMMON)
+    # The options of the other losses leave (the trainer refuses them).
+    own = set(LOSS_OPTIONS[opts.get("loss", "group")])
+    for k in set().union(*LOSS_OPTIONS.values()) - own:
+        common.pop(k, None)
+    options = {**common, **(GLYPHS_PK if preset == "glyphs" else {}), **opts}
     if data_root:
         options["data_root"] = str(data_root)
     if run_dir.exists():  # a run cut short: start it again
@@ -472,7 +487,12 @@ def candidates(book: Book, screen: Budget) -> Dict[str, tuple]:
     if gl:
         for suffix, extra in SELECT_VARIANTS.items():
             out[f"{gl[0]['name']}-{suffix}"] = ("group", dict(gl[0]["options"], **extra))
-    for table, family, top in ((CE_SCREEN, "ce", 1), (TRIPLET_SCREEN, "triplet", TRIPLET_SELECT)):
+    tables = (
+        (CE_SCREEN, "ce", 1),
+        (TRIPLET_SCREEN, "triplet", TRIPLET_SELECT),
+        (TRIPLET_RUST_SCREEN, "triplet-rust", TRIPLET_SELECT),
+    )
+    for table, family, top in tables:
         for r in ranked(book, "glyphs", table, 0, screen)[:top]:
             out[r["name"]] = (family, r["options"])
     return out
@@ -494,6 +514,17 @@ def winners(book: Book, screen: Budget, full: Budget) -> Dict[str, dict]:
         if rows:
             best[family] = max(rows, key=lambda r: r["val"]["map@r"])
     return best
+
+
+# The trainer's families run in the torch loop by `calibration`.
+CALIBRATED = ("ce", "group", "triplet-rust")
+
+
+def torch_twin(name: str, family: str) -> Tuple[str, str]:
+    """The name and family of a trainer configuration run in the torch loop."""
+    if family == "triplet-rust":
+        return name[: -len(RUST_SUFFIX)], "triplet"
+    return name + "-torch", family + "-torch"
 
 
 def spread(values: List[float]) -> dict:
@@ -531,7 +562,7 @@ def summarise(book: Book, args) -> dict:
         "fashion": {},
         "calibration": {},
     }
-    tables = {**GROUP_SCREEN, **CE_SCREEN, **TRIPLET_SCREEN}
+    tables = {**GROUP_SCREEN, **CE_SCREEN, **TRIPLET_SCREEN, **TRIPLET_RUST_SCREEN}
     for r in ranked(book, "glyphs", tables, 0, screen):
         summary["screen"].append(
             dict(
@@ -562,9 +593,11 @@ def summarise(book: Book, args) -> dict:
             rows = book.all_seeds(preset, w["name"], budget)
             if rows:
                 summary[key][w["name"]] = seed_summary(rows, family)
-        rows = book.all_seeds("glyphs", w["name"] + "-torch", full)
-        if rows:
-            summary["calibration"][w["name"] + "-torch"] = seed_summary(rows, family + "-torch")
+        if family in CALIBRATED:
+            name, fam = torch_twin(w["name"], family)
+            rows = book.all_seeds("glyphs", name, full)
+            if rows:
+                summary["calibration"][name] = seed_summary(rows, fam)
     return summary
 
 
@@ -593,7 +626,7 @@ def write_summary(summary: dict, out: pathlib.Path) -> None:
     titles = (
         ("final", "glyphs test classes"),
         ("fashion", "fashion-mnist test classes, no retuning"),
-        ("calibration", "glyphs test classes, CE and the Group Loss in the torch loop"),
+        ("calibration", "glyphs test classes, the trainer's winners in the torch loop"),
     )
     for key, title in titles:
         lines += [
@@ -666,7 +699,12 @@ def main() -> None:
     )
 
     if "screen" in stages:
-        families = [("group", GROUP_SCREEN), ("ce", CE_SCREEN), ("triplet", TRIPLET_SCREEN)]
+        families = [
+            ("group", GROUP_SCREEN),
+            ("ce", CE_SCREEN),
+            ("triplet", TRIPLET_SCREEN),
+            ("triplet-rust", TRIPLET_RUST_SCREEN),
+        ]
         for family, table in families:
             for name, opts in table.items():
                 run_one(book, args, "screen", "glyphs", name, family, opts, 0, screen)
@@ -700,12 +738,11 @@ def main() -> None:
         # Loss as the `GroupLoss` module): every loss in the same loop.
         best = winners(book, screen, full)
         for seed in [int(s) for s in args.calibration_seeds.split(",")]:
-            for family in ("ce", "group"):
+            for family in CALIBRATED:
                 if family in best:
                     w = best[family]
-                    name = w["name"] + "-torch"
+                    name, fam = torch_twin(w["name"], family)
                     opts = w["options"]
-                    fam = family + "-torch"
                     run_one(book, args, "calibration", "glyphs", name, fam, opts, seed, full)
         write_summary(summarise(book, args), out)
     log("done")

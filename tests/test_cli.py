@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_training import make_glyph_like
+from data_fixtures import make_glyph_like
 
 from grouploss import cli
 

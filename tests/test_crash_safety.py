@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from test_training import make_glyph_like
+from data_fixtures import make_glyph_like
 
 import grouploss
 

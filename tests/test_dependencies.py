@@ -21,8 +21,8 @@ import sys
 import textwrap
 
 import pytest
+from data_fixtures import make_glyph_like
 from packaging.requirements import Requirement
-from test_training import make_glyph_like
 
 import grouploss
 from grouploss import _extras

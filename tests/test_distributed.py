@@ -17,9 +17,9 @@ import time
 
 import pytest
 import torch
+from data_fixtures import make_glyph_like
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_training import make_glyph_like
 
 import grouploss
 from grouploss import ClassBalancedBatchSampler, _native, training
@@ -322,10 +322,18 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
         "loss.png",
         "metrics.jsonl",
         "metrics.png",
+        "steps.tsv",
         "summary.json",
     ]
     history = _history(out)
     assert [h["epoch"] for h in history] == list(range(1, RUN["epochs"] + 1))
+    # steps.tsv: each step of every epoch once, the killed run's and the
+    # resumed run's lines joined without a repeat.
+    rows = [line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines()[1:]]
+    assert len(rows) == len(set(map(tuple, rows)))
+    for epoch in range(1, RUN["epochs"] + 1):
+        steps = sorted(int(st) for e, st in rows if int(e) == epoch)
+        assert steps == list(range(1, len(steps) + 1)) and steps, (epoch, steps)
     assert all({"recall@1", "map@r"} <= set(h["val"]) for h in history)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and {"recall@1", "map@r", "nmi"} <= set(summary["test"])

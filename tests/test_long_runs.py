@@ -14,8 +14,7 @@ import time
 
 import numpy as np
 import torch
-from data_fixtures import make_cub
-from test_training import make_glyph_like
+from data_fixtures import make_cub, make_glyph_like
 
 from grouploss import GroupLoss
 from grouploss import metrics as M

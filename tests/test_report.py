@@ -15,11 +15,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_cub
+from data_fixtures import make_cub, make_glyph_like
 from headless_chromium import open_page
 from PIL import Image
 from safetensors.torch import load_file
-from test_training import PAPER, TINY, make_glyph_like
+from test_training import PAPER, TINY
 
 import grouploss
 from grouploss import functional as F

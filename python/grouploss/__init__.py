@@ -11,7 +11,7 @@ See ``help(grouploss.GroupLoss)`` for the computation and its options.
 import torch  # noqa: F401  isort: skip
 
 from . import _native  # noqa: E402  isort: skip
-from . import data, datasets, functional, metrics  # noqa: E402
+from . import data, datasets, functional, metrics, models  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 from .report import RunInspection, report  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "functional",
     "load_run",
     "metrics",
+    "models",
     "report",
     "train",
     "__version__",

@@ -1,7 +1,7 @@
 """Typed surface of the Rust extension ``grouploss._native``."""
 
 import pathlib
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -80,6 +80,17 @@ def refine(
     anchor_mask: torch.Tensor,
     num_iters: int = 1,
 ) -> torch.Tensor: ...
+def triplet_margin_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.1
+) -> torch.Tensor:
+    """pytorch-metric-learning's ``TripletMarginLoss(margin)`` over
+    ``BatchHardMiner`` triplets (default ``LpDistance``, ``AvgNonZeroReducer``).
+
+    ``embeddings``: (batch, dims) float32 or float64, finite; ``labels``:
+    (batch,) integers; ``margin``: finite, >= 0. Returns a 0-d tensor whose
+    autograd graph reaches ``embeddings``. Raises ValueError naming the
+    argument for bad inputs.
+    """
 
 # ------------------------------------------------------------ sampler
 
@@ -249,6 +260,7 @@ def resolve_config(
     overrides_json: str = "{}",
 ) -> str: ...
 def presets() -> List[str]: ...
+def loss_options() -> List[Tuple[str, List[str]]]: ...
 def default_run_dir(config_toml: str) -> str: ...
 def train_run(
     config_toml: str,
@@ -256,6 +268,14 @@ def train_run(
     collective: Optional[Any] = None,
     device: Optional[str] = None,
 ) -> str: ...
+def initial_state_dict(
+    config_toml: str, in_channels: int, num_classes: int, member: int = 0
+) -> Dict[str, torch.Tensor]:
+    """Every variable (parameters and BatchNorm running statistics) of the
+    network that ensemble member ``member`` of a configuration (TOML) starts
+    from, before any pretrained weights: torch seeded with ``seed + member``,
+    then the network built on the CPU. Copies, keyed ``backbone.*``,
+    ``embed.*`` and ``classifier.*``."""
 
 class RunModel:
     def __init__(self, run_dir: str, checkpoint: str = "best", device: str = "auto") -> None: ...

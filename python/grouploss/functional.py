@@ -323,3 +323,66 @@ def refine(
         _require_tensor(name, t)
     with _no_autocast(probs.device):
         return _native.refine(_upcast(probs), _upcast(W), labels, anchor_mask, int(num_iters))
+
+
+# ------------------------------------------------------------ triplet margin loss
+
+
+def triplet_margin_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.1
+) -> torch.Tensor:
+    """Triplet margin loss over the batch-hard triplets of the batch, with the
+    values and gradients of pytorch-metric-learning 2.9.0's
+    ``losses.TripletMarginLoss(margin=margin)(embeddings, labels,
+    miners.BatchHardMiner()(embeddings, labels))`` (their defaults:
+    ``LpDistance(normalize_embeddings=True, p=2, power=1)``,
+    ``AvgNonZeroReducer``, ``swap=False``, ``smooth_loss=False``)::
+
+        x = F.normalize(embeddings)             # L2, eps 1e-12
+        D = torch.cdist(x, x)                   # Euclidean distances
+        P(i) = argmax {D[i, j] : j != i, labels[j] == labels[i]}   # first on ties
+        N(i) = argmin {D[i, j] : labels[j] != labels[i]}
+        l_i = relu(D[i, P(i)] - D[i, N(i)] + margin)
+        loss = mean {l_i : l_i > 0}, or 0 when there is none
+
+    Anchors without a positive (a class with one sample) or without a
+    negative (a batch of one class) are dropped. The 0 loss has a zero
+    gradient, as PML's ``torch.sum(embeddings * 0)``.
+
+    Args:
+        embeddings: (batch, dims) floating tensor, finite; float16 and
+            bfloat16 are computed in float32 (PML keeps float16, with another
+            distance routine).
+        labels: (batch,) integer class labels (any values).
+        margin: the margin, a finite number >= 0.
+
+    Returns:
+        A 0-d tensor of the embeddings' dtype (float32 for half inputs) and
+        device; ``loss.backward()`` fills ``embeddings.grad``.
+
+    Raises:
+        TypeError: if ``embeddings`` or ``labels`` is not a tensor.
+        ValueError: naming the argument, for a wrong shape, dtype, NaN/Inf
+            embeddings, non-integer labels or a negative or non-finite margin.
+    """
+    for name, value in (("embeddings", embeddings), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    try:
+        margin = float(margin)
+    except (TypeError, ValueError):
+        raise ValueError(f"margin: expected a finite number >= 0, got {margin!r}") from None
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        embeddings = embeddings.float()
+    kind = embeddings.device.type
+    try:
+        autocast_on = torch.is_autocast_enabled(kind)
+    except (TypeError, RuntimeError):
+        autocast_on = False
+    if not autocast_on:
+        return _native.triplet_margin_loss(embeddings, labels, margin)
+    with torch.autocast(kind, enabled=False):
+        return _native.triplet_margin_loss(embeddings, labels, margin)
+
+
+__all__ += ["triplet_margin_loss"]

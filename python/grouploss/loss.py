@@ -41,10 +41,11 @@ class GroupLoss(nn.Module):
     warm-up and ramp of the Group Loss term (``gtg_warmup_steps``,
     ``gtg_ramp_steps``), the stand-in for the release's start from a
     network fine-tuned with CE. On glyphs a cosine classifier, a sharp W
-    (``similarity_power=16``) and many classes per batch with one anchor
+    (``similarity_power=8``) and many classes per batch with one anchor
     each (P=20, K=3) lift the Group Loss well above normalised-softmax CE
-    and narrowly above a triplet loss with batch-hard mining, in the same
-    PyTorch loop (see BENCHMARKS.md, "Quality on glyphs").
+    and narrowly above a triplet loss with batch-hard mining, in the
+    library's trainer and in a plain PyTorch loop alike (see BENCHMARKS.md,
+    "Quality on glyphs").
 
     Args:
         num_classes: number of training classes m (columns of the logits).
@@ -141,7 +142,7 @@ class GroupLoss(nn.Module):
 
         >>> loss_fn = GroupLoss(num_classes=100, embedding_size=512, classifier="cosine",
         ...                     classifier_scale=16.0, temperature=10.0, num_anchors=1,
-        ...                     similarity_power=16.0)
+        ...                     similarity_power=8.0)
         >>> loss_fn(emb, labels).backward()
     """
 

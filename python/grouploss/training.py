@@ -13,7 +13,7 @@ import dataclasses
 import json
 import pathlib
 import sys
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -26,9 +26,23 @@ else:  # pragma: no cover
 
 PathLike = Union[str, pathlib.Path]
 
-__all__ = ["PRESETS", "RunModel", "TrainResult", "load_run", "resolve_config", "train"]
+__all__ = [
+    "LOSS_OPTIONS",
+    "PRESETS",
+    "RunModel",
+    "TrainResult",
+    "load_run",
+    "resolve_config",
+    "train",
+]
 
 PRESETS: tuple = tuple(_native.presets())
+#: For each ``loss`` the trainer runs, the options that it reads and some
+#: other loss does not; setting one of them away from the preset's value with
+#: another loss is refused.
+LOSS_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    loss: tuple(keys) for loss, keys in _native.loss_options()
+}
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ mod kernels;
 pub mod refine;
 pub mod similarity;
 mod threads;
+pub mod triplet;
 
 use tch::{Kind, Tensor};
 

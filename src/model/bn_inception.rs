@@ -9,10 +9,13 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use super::init::{batch_norm2d, torch_conv2d, Conv};
+
 /// Feature width of [`BnInception`].
 pub const BN_INCEPTION_FEATURES: i64 = 1024;
 
-/// A convolution (with bias, as in the Caffe model) followed by BatchNorm and ReLU.
+/// A convolution (with bias, as in the Caffe model) followed by BatchNorm and
+/// ReLU, initialised as the PyTorch port's `nn.Conv2d` and `nn.BatchNorm2d`.
 #[derive(Debug)]
 struct ConvBn {
     conv: nn::Conv2D,
@@ -31,25 +34,8 @@ impl ConvBn {
         pad: i64,
         momentum: f64,
     ) -> Self {
-        let conv = nn::conv2d(
-            p / name,
-            c_in,
-            c_out,
-            k,
-            nn::ConvConfig {
-                stride,
-                padding: pad,
-                ..Default::default()
-            },
-        );
-        let bn = nn::batch_norm2d(
-            p / format!("{name}_bn"),
-            c_out,
-            nn::BatchNormConfig {
-                momentum,
-                ..Default::default()
-            },
-        );
+        let conv = torch_conv2d(p / name, Conv::new(c_in, c_out, k, stride, pad), true);
+        let bn = batch_norm2d(p / format!("{name}_bn"), c_out, momentum);
         ConvBn { conv, bn }
     }
 
@@ -141,8 +127,10 @@ pub struct BnInception {
 }
 
 impl BnInception {
-    /// Parameters directly under `p` with the Caffe port's names.
-    /// `momentum` is BatchNorm's, in PyTorch's convention (0.1 default).
+    /// Parameters directly under `p` with the Caffe port's names, started as
+    /// the port's plain `nn.Conv2d` (weights and biases U(+-1/sqrt(fan_in)))
+    /// and `nn.BatchNorm2d` (gamma 1, beta 0). `momentum` is BatchNorm's, in
+    /// PyTorch's convention (0.1 default; the port uses 0.9).
     pub fn new(p: &nn::Path, momentum: f64) -> Self {
         use Pool::*;
         let specs: [(&str, i64, [i64; 5], Pool); 10] = [

@@ -3,6 +3,8 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use super::init::{batch_norm2d, torch_conv2d, Conv};
+
 /// Three conv-BN-ReLU blocks (32, 64, 128 channels, the first two followed by
 /// 2x2 max pooling) and global average pooling: 128 features.
 #[derive(Debug)]
@@ -15,25 +17,16 @@ pub const CONVNET_FEATURES: i64 = 128;
 
 impl ConvNet {
     /// Parameters under `p` (`blocks.{i}.conv`, `blocks.{i}.bn`), for images
-    /// with `in_channels` channels.
-    pub fn new(p: &nn::Path, in_channels: i64) -> Self {
+    /// with `in_channels` channels, initialised as `torch.nn.Conv2d(...,
+    /// bias=False)` and `torch.nn.BatchNorm2d(..., momentum=momentum)`.
+    pub fn new(p: &nn::Path, in_channels: i64, momentum: f64) -> Self {
         let widths = [32, 64, CONVNET_FEATURES];
         let mut c_in = in_channels;
         let mut blocks = Vec::new();
         for (i, &c_out) in widths.iter().enumerate() {
             let q = p / "blocks" / i;
-            let conv = nn::conv2d(
-                &q / "conv",
-                c_in,
-                c_out,
-                3,
-                nn::ConvConfig {
-                    padding: 1,
-                    bias: false,
-                    ..Default::default()
-                },
-            );
-            let bn = nn::batch_norm2d(&q / "bn", c_out, Default::default());
+            let conv = torch_conv2d(&q / "conv", Conv::new(c_in, c_out, 3, 1, 1), false);
+            let bn = batch_norm2d(&q / "bn", c_out, momentum);
             blocks.push((conv, bn));
             c_in = c_out;
         }

@@ -3,6 +3,7 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::init::{torch_default_uniform, torch_linear};
 use crate::error::{Error, Result};
 
 /// The classifier whose logits feed the Group Loss prior and the CE term.
@@ -62,42 +63,16 @@ impl Head {
         normalize: bool,
     ) -> Self {
         let dim = embedding_size.unwrap_or(features);
-        // PyTorch's `nn.Linear` default (the release's embedding layer):
-        // weights and bias uniform in +-1/sqrt(fan_in); tch's default,
-        // Kaiming with the ReLU gain, is 2.45 times wider.
-        let fan_in = 1.0 / (features as f64).sqrt();
-        let embed = (dim != features).then(|| {
-            let init = nn::Init::Uniform {
-                lo: -fan_in,
-                up: fan_in,
-            };
-            let cfg = nn::LinearConfig {
-                ws_init: init,
-                bs_init: Some(init),
-                bias: true,
-            };
-            nn::linear(p / "embed", features, dim, cfg)
-        });
+        // As PyTorch's `nn.Linear(features, dim)` (the release's embedding
+        // layer) and `nn.Linear(dim, num_classes, bias=...)`: weights and
+        // biases U(+-1/sqrt(fan_in)). tch's default weight, Kaiming with the
+        // ReLU gain, is 2.45 times wider.
+        let embed = (dim != features).then(|| torch_linear(p / "embed", features, dim, true));
         let c = p / "classifier";
-        let bound = 1.0 / (dim as f64).sqrt();
-        let classifier_weight = c.var(
-            "weight",
-            &[num_classes, dim],
-            nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        );
-        let classifier_bias = matches!(kind, ClassifierKind::Linear).then(|| {
-            c.var(
-                "bias",
-                &[num_classes],
-                nn::Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )
-        });
+        let init = torch_default_uniform(dim);
+        let classifier_weight = c.var("weight", &[num_classes, dim], init);
+        let classifier_bias =
+            matches!(kind, ClassifierKind::Linear).then(|| c.var("bias", &[num_classes], init));
         Head {
             embed,
             classifier_weight,

@@ -7,6 +7,7 @@ mod eval;
 mod loss;
 mod sampler;
 mod train;
+mod triplet;
 
 use pyo3::prelude::*;
 
@@ -20,5 +21,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     data::register(m)?;
     eval::register(m)?;
     train::register(m)?;
+    triplet::register(m)?;
     Ok(())
 }

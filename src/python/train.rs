@@ -1,5 +1,6 @@
 //! Bindings of the training loop and of trained runs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -60,11 +61,45 @@ fn presets() -> Vec<&'static str> {
     train::PRESETS.to_vec()
 }
 
+/// For each loss, the options that it reads and some other loss does not.
+#[pyfunction]
+fn loss_options() -> PyResult<Vec<(&'static str, Vec<String>)>> {
+    Ok(train::config::loss_options()?)
+}
+
 /// The run folder a configuration gets when `out_dir` is not set.
 #[pyfunction]
 fn default_run_dir(config_toml: &str) -> PyResult<String> {
     let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
     Ok(train::runner::default_run_dir(&cfg).display().to_string())
+}
+
+/// Every variable (parameters and BatchNorm running statistics) of the
+/// network that member `member` of a configuration (TOML) starts from,
+/// before any pretrained weights: torch seeded with `seed + member`, then
+/// the network built on the CPU. Copies, keyed `backbone.*`, `embed.*` and
+/// `classifier.*`.
+#[pyfunction]
+#[pyo3(signature = (config_toml, in_channels, num_classes, member = 0))]
+fn initial_state_dict(
+    py: Python<'_>,
+    config_toml: &str,
+    in_channels: i64,
+    num_classes: i64,
+    member: usize,
+) -> PyResult<BTreeMap<String, PyTensor>> {
+    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    let vars = without_gil(py, move || {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        train::runner::initial_network(&cfg, &vs, in_channels, num_classes, member)?;
+        let vars = vs.variables();
+        Ok(tch::no_grad(|| {
+            vars.into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect::<BTreeMap<_, _>>()
+        }))
+    })?;
+    Ok(vars.into_iter().map(|(k, t)| (k, PyTensor(t))).collect())
 }
 
 /// A process group seen through a Python object (`grouploss.distributed
@@ -300,8 +335,10 @@ impl PyRunModel {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_config, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;
+    m.add_function(wrap_pyfunction!(loss_options, m)?)?;
     m.add_function(wrap_pyfunction!(default_run_dir, m)?)?;
     m.add_function(wrap_pyfunction!(train_run, m)?)?;
+    m.add_function(wrap_pyfunction!(initial_state_dict, m)?)?;
     m.add_class::<PyRunModel>()?;
     Ok(())
 }

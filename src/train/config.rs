@@ -8,6 +8,60 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The losses the trainer runs (`loss`).
+pub const LOSSES: [&str; 3] = ["group", "softmax", "triplet"];
+
+/// The learning-rate schedules (`schedule`).
+pub const SCHEDULES: [&str; 4] = ["step", "multistep", "cosine", "constant"];
+
+/// Options that only the Group Loss reads.
+const GROUP_OPTIONS: [&str; 13] = [
+    "temperature",
+    "num_anchors",
+    "num_iters",
+    "gtg_weight",
+    "ce_weight",
+    "similarity",
+    "sigma",
+    "similarity_power",
+    "zero_diagonal",
+    "anchors",
+    "batch_classes_only",
+    "gtg_warmup_epochs",
+    "gtg_ramp_epochs",
+];
+
+/// The losses that read `option`.
+fn losses_reading(option: &str) -> &'static [&'static str] {
+    if GROUP_OPTIONS.contains(&option) {
+        &["group"]
+    } else if option == "triplet_margin" {
+        &["triplet"]
+    } else if option == "classifier" || option == "classifier_scale" {
+        &["group", "softmax"]
+    } else {
+        &LOSSES
+    }
+}
+
+/// For each loss of [`LOSSES`], the options that it reads and some other
+/// loss does not (its own options: the Group Loss's, the classifier's,
+/// `triplet_margin`), sorted by name.
+pub fn loss_options() -> Result<Vec<(&'static str, Vec<String>)>> {
+    let mut keys: Vec<String> = TrainConfig::default().table()?.keys().cloned().collect();
+    keys.sort();
+    Ok(LOSSES
+        .iter()
+        .map(|&loss| {
+            let own = keys.iter().filter(|k| {
+                let readers = losses_reading(k);
+                readers.len() < LOSSES.len() && readers.contains(&loss)
+            });
+            (loss, own.cloned().collect())
+        })
+        .collect())
+}
+
 /// Every option of a run. `Default` is the `fashion-mnist` preset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,7 +101,8 @@ pub struct TrainConfig {
     pub classifier_scale: f64,
     /// L2-normalise embeddings before the loss.
     pub normalize_embeddings: bool,
-    /// BatchNorm momentum, PyTorch convention.
+    /// BatchNorm momentum of every backbone's BatchNorm layers, PyTorch
+    /// convention (the weight of the new batch statistic; PyTorch: 0.1).
     pub bn_momentum: f64,
 
     // Batches.
@@ -56,7 +111,17 @@ pub struct TrainConfig {
     /// K: samples per class in a batch.
     pub samples_per_class: usize,
 
-    // Loss (see `GroupLoss`).
+    // Loss.
+    /// What the network learns from: `group` (the Group Loss, its options
+    /// below), `softmax` (cross-entropy of the classifier alone; with
+    /// `classifier = "cosine"`, normalised softmax) or `triplet` (a margin
+    /// loss over batch-hard triplets, pytorch-metric-learning's
+    /// `TripletMarginLoss` with `BatchHardMiner`).
+    pub loss: String,
+    /// The triplet loss's margin between the hardest positive's and the
+    /// hardest negative's distance (L2 of normalised embeddings).
+    pub triplet_margin: f64,
+    // The Group Loss's options (see `GroupLoss`).
     pub temperature: f64,
     pub num_anchors: i64,
     pub num_iters: i64,
@@ -86,10 +151,13 @@ pub struct TrainConfig {
     pub backbone_lr: f64,
     pub weight_decay: f64,
     pub momentum: f64,
-    /// `step` (the release), `cosine` or `constant`.
+    /// `step` (the release's: at each of `lr_decay_epochs`, the weights of
+    /// the best epoch so far are reloaded and the learning rate set to
+    /// `lr * lr_decay`, the optimizer's state kept), `multistep` (PyTorch's
+    /// `MultiStepLR`: multiplied by `lr_decay` at each, cumulatively),
+    /// `cosine` or `constant`.
     pub schedule: String,
-    /// Epochs (1-based) at whose start the learning rate is multiplied by
-    /// `lr_decay`, for `step`.
+    /// Epochs (1-based) at whose start `step` or `multistep` acts.
     pub lr_decay_epochs: Vec<usize>,
     pub lr_decay: f64,
     /// Linear warm-up of the learning rate over this many epochs.
@@ -173,8 +241,42 @@ impl TrainConfig {
         };
         let base = super::presets::preset(&name)?;
         let source = file.map_or("config", |f| f.1);
-        let merged = base.merge_table(file_table, source)?;
-        merged.merge_table(overrides, "options")
+        let given: Vec<String> = file_table.keys().chain(overrides.keys()).cloned().collect();
+        let merged = base
+            .merge_table(file_table, source)?
+            .merge_table(overrides, "options")?;
+        merged.check_loss_reads(&base, &given)?;
+        Ok(merged)
+    }
+
+    /// Refuses an option set (in `given`) to a value other than the
+    /// preset's when the run's loss does not read it (`temperature` with
+    /// `loss = "triplet"`, ...): a setting that would silently do nothing.
+    pub fn check_loss_reads(&self, preset: &TrainConfig, given: &[String]) -> Result<()> {
+        let (ours, theirs) = (self.table()?, preset.table()?);
+        for key in given {
+            let readers = losses_reading(key);
+            if readers.contains(&self.loss.as_str()) || ours.get(key) == theirs.get(key) {
+                continue;
+            }
+            let shown = |t: &toml::Table| t.get(key).map_or("?".into(), |v| v.to_string());
+            let readers: Vec<String> = readers.iter().map(|l| format!("{l:?}")).collect();
+            return Err(Error::invalid(
+                key.clone(),
+                format!("{} with loss = {:?}", shown(&ours), self.loss),
+                format!(
+                    "the preset's {} (only loss = {} reads it)",
+                    shown(&theirs),
+                    readers.join(" or ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn table(&self) -> Result<toml::Table> {
+        toml::Table::try_from(self)
+            .map_err(|e| Error::invalid("config", e.to_string(), "a serialisable configuration"))
     }
 
     /// Parses a TOML document: a full or partial configuration whose keys
@@ -189,8 +291,7 @@ impl TrainConfig {
     /// Overrides keys of `self` with those of `table`; an unknown key is an
     /// error naming it.
     pub fn merge_table(&self, table: toml::Table, source: &str) -> Result<Self> {
-        let mut base = toml::Table::try_from(self)
-            .map_err(|e| Error::invalid("config", e.to_string(), "a serialisable configuration"))?;
+        let mut base = self.table()?;
         for (k, v) in table {
             if k == "preset" {
                 continue;
@@ -320,7 +421,9 @@ impl TrainConfig {
             &self.optimizer,
             &["adam", "adamw", "radam", "sgd"],
         )?;
-        one_of("schedule", &self.schedule, &["step", "cosine", "constant"])?;
+        one_of("schedule", &self.schedule, &SCHEDULES)?;
+        one_of("loss", &self.loss, &LOSSES)?;
+        nonneg("triplet_margin", self.triplet_margin)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
         one_of("on_error", &self.on_error, &["raise", "skip"])?;
         if self.gtg_warmup_epochs > 0 && self.ce_weight == 0.0 {
@@ -371,7 +474,7 @@ impl TrainConfig {
                 "a fraction > 0 when select_on = \"val\" (or select_on = \"test\")",
             ));
         }
-        if self.gtg_weight == 0.0 && self.ce_weight == 0.0 {
+        if self.loss == "group" && self.gtg_weight == 0.0 && self.ce_weight == 0.0 {
             return Err(Error::invalid(
                 "gtg_weight",
                 "gtg_weight = ce_weight = 0",
@@ -428,6 +531,16 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn each_loss_owns_the_options_only_it_reads() {
+        let all: std::collections::HashMap<_, _> = loss_options().unwrap().into_iter().collect();
+        assert_eq!(all["triplet"], ["triplet_margin"]);
+        assert_eq!(all["softmax"], ["classifier", "classifier_scale"]);
+        let group = &all["group"];
+        assert_eq!(group.len(), GROUP_OPTIONS.len() + 2);
+        assert!(GROUP_OPTIONS.iter().all(|o| group.iter().any(|g| g == o)));
+    }
+
     fn glyphs() -> TrainConfig {
         super::super::presets::preset("glyphs").unwrap()
     }
@@ -479,6 +592,62 @@ mod tests {
         )
         .unwrap();
         assert_eq!(round.split_seed, Some(0));
+    }
+
+    fn with(pairs: &[(&str, toml::Value)]) -> toml::Table {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn options_the_loss_does_not_read_are_refused() {
+        let triplet = ("loss", toml::Value::from("triplet"));
+        let e = TrainConfig::resolve(
+            Some("glyphs"),
+            None,
+            with(&[triplet.clone(), ("temperature", 5.0.into())]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "temperature: expected the preset's 10.0 (only loss = \"group\" reads it), \
+             got 5.0 with loss = \"triplet\""
+        );
+        let e = TrainConfig::resolve(
+            Some("glyphs"),
+            Some(("triplet_margin = 0.3\n", "run.toml")),
+            with(&[("loss", "softmax".into())]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("triplet_margin: expected the preset's 0.1"),
+            "{e}"
+        );
+        // A triplet run's saved configuration (every key given, the Group
+        // Loss's at the preset's values) reads back.
+        let cfg = TrainConfig::resolve(Some("glyphs"), None, with(&[triplet])).unwrap();
+        let round = TrainConfig::resolve(
+            None,
+            Some((&cfg.to_toml().unwrap(), "config.toml")),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(round, cfg);
+        let e = TrainConfig::resolve(None, None, with(&[("loss", "arcface".into())]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("loss: expected one of [\"group\", \"softmax\""),
+            "{e}"
+        );
+        let e = TrainConfig::resolve(None, None, with(&[("schedule", "exp".into())]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"multistep\""), "{e}");
     }
 
     #[test]

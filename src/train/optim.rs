@@ -244,10 +244,12 @@ impl Optimizer {
 /// The learning-rate multiplier over training.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
-    /// `step`, `cosine` or `constant`.
+    /// `step` (the release's), `multistep`, `cosine` or `constant`.
     pub kind: String,
     pub epochs: usize,
-    /// 1-based epochs at whose start the rate is multiplied by `decay`.
+    /// 1-based epochs at whose start `step` sets the rate to `decay` times
+    /// the base (and reloads the best weights), `multistep` multiplies it
+    /// by `decay`.
     pub decay_epochs: Vec<usize>,
     pub decay: f64,
     pub warmup_epochs: f64,
@@ -257,15 +259,16 @@ impl Schedule {
     /// The multiplier at `epoch` (0-based) after `fraction` of it.
     pub fn factor(&self, epoch: usize, fraction: f64) -> f64 {
         let progress = epoch as f64 + fraction;
+        let passed = self
+            .decay_epochs
+            .iter()
+            .filter(|&&e| epoch + 1 >= e)
+            .count();
         let base = match self.kind.as_str() {
-            "step" => {
-                let passed = self
-                    .decay_epochs
-                    .iter()
-                    .filter(|&&e| epoch + 1 >= e)
-                    .count();
-                self.decay.powi(passed as i32)
-            }
+            // The release's train.py: lr = lr0 / 10 at each decay epoch, the
+            // same value every time.
+            "step" if passed > 0 => self.decay,
+            "multistep" => self.decay.powi(passed as i32),
             "cosine" => 0.5 * (1.0 + (std::f64::consts::PI * progress / self.epochs as f64).cos()),
             _ => 1.0,
         };
@@ -274,6 +277,14 @@ impl Schedule {
         } else {
             base
         }
+    }
+}
+
+impl Schedule {
+    /// Whether the release's `step` schedule reloads the best weights so
+    /// far at the start of `epoch` (0-based).
+    pub fn reloads_best_at(&self, epoch: usize) -> bool {
+        self.kind == "step" && self.decay_epochs.contains(&(epoch + 1))
     }
 }
 
@@ -361,9 +372,9 @@ mod tests {
     }
 
     #[test]
-    fn step_schedule_divides_at_the_given_epochs() {
+    fn step_schedules_act_at_the_given_epochs() {
         let s = Schedule {
-            kind: "step".into(),
+            kind: "multistep".into(),
             epochs: 70,
             decay_epochs: vec![31, 51],
             decay: 0.1,
@@ -373,6 +384,18 @@ mod tests {
         assert_eq!(s.factor(29, 0.9), 1.0);
         assert!((s.factor(30, 0.0) - 0.1).abs() < 1e-12);
         assert!((s.factor(50, 0.0) - 0.01).abs() < 1e-12);
+        assert!(!s.reloads_best_at(30));
+        // The release's: lr0 / 10 at both, and the best weights reloaded.
+        let release = Schedule {
+            kind: "step".into(),
+            ..s.clone()
+        };
+        assert_eq!(release.factor(29, 0.9), 1.0);
+        assert_eq!(release.factor(30, 0.0), 0.1);
+        assert_eq!(release.factor(50, 0.0), 0.1);
+        assert_eq!(release.factor(69, 0.5), 0.1);
+        let reloads: Vec<usize> = (0..70).filter(|&e| release.reloads_best_at(e)).collect();
+        assert_eq!(reloads, vec![30, 50]);
         let c = Schedule {
             kind: "cosine".into(),
             warmup_epochs: 1.0,

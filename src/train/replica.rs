@@ -121,8 +121,9 @@ mod tests {
     use super::*;
     use crate::model::EmbeddingNet;
     use crate::train::distributed::tests::on_threads;
+    use crate::train::objective::{forward_backward, Objective};
     use crate::train::optim::OptimizerKind;
-    use crate::train::runner::{build_network, forward_backward, loss_options, parameter_groups};
+    use crate::train::runner::{build_network, parameter_groups};
     use std::path::Path;
 
     const STEPS: usize = 3;
@@ -182,7 +183,7 @@ mod tests {
             let y = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
             (x, y)
         };
-        let lopts = loss_options(&cfg, 0).unwrap();
+        let lopts = Objective::of(&cfg, 0).unwrap();
 
         let (vs, net, mut opt, params) = network(&cfg, 0);
         let init_values: Vec<(String, Vec<f32>)> = model_tensors(&vs)
@@ -223,7 +224,7 @@ mod tests {
                 load_model(&vs, &shaped, Path::new("init")).unwrap();
             }
             share_rank_0_state(g, &vs, &mut opt, &Value::Null, Device::Cpu).unwrap();
-            let lopts = loss_options(&cfg, 0).unwrap();
+            let lopts = Objective::of(&cfg, 0).unwrap();
             let mut losses = Vec::new();
             for step in 0..STEPS {
                 let (x, y) = batch(&images, step, rank);

@@ -13,15 +13,15 @@ use tch::{nn, Device, Kind, Tensor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{self as dist, Collective, SingleProcess};
+use super::objective::{forward_backward, Objective};
 use super::optim::{Optimizer, OptimizerKind, Schedule};
 use super::progress::{Progress, Step};
 use super::replica::{average_gradients, restore_on_rank_0, share_rank_0_state};
-use super::run_dir::{write_atomic, RunDir};
+use super::run_dir::{write_atomic, RunDir, StepLog};
 use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
 use crate::data::{ReaderOptions, Split, Transform};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalOptions, Metric};
-use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, LossWithGrads, Similarity};
 use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig};
 use crate::names::device_name;
 use crate::rng::derive_seed;
@@ -243,21 +243,17 @@ pub fn build_network(
     EmbeddingNet::new(vs, &config)
 }
 
-/// The loss of `epoch`; its `gtg_weight` is set per step by
-/// [`TrainConfig::gtg_weight_at`].
-pub(super) fn loss_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
-    Ok(GroupLossOptions {
-        temperature: cfg.temperature,
-        num_anchors: cfg.num_anchors,
-        num_iters: cfg.num_iters,
-        gtg_weight: cfg.gtg_weight_at(epoch as f64),
-        ce_weight: cfg.ce_weight,
-        similarity: Similarity::parse(&cfg.similarity, cfg.sigma)?,
-        similarity_power: cfg.similarity_power,
-        zero_diagonal: cfg.zero_diagonal,
-        anchors: AnchorMode::parse(&cfg.anchors, derive_seed(cfg.seed, &[epoch as u64, 7]))?,
-        batch_classes_only: cfg.batch_classes_only,
-    })
+/// The network ensemble member `member` starts from: torch seeded with
+/// `seed + member`, then [`build_network`] (the trainer's first weights).
+pub fn initial_network(
+    cfg: &TrainConfig,
+    vs: &nn::VarStore,
+    channels: i64,
+    num_classes: i64,
+    member: usize,
+) -> Result<EmbeddingNet> {
+    tch::manual_seed((cfg.seed + member as u64) as i64);
+    build_network(cfg, vs, channels, num_classes)
 }
 
 /// Embeddings of every image of `ds` (evaluation transform, no gradients),
@@ -466,41 +462,6 @@ fn selection_key(cfg: &TrainConfig) -> &'static str {
     }
 }
 
-/// The forward pass of a batch, the Group Loss with its closed-form
-/// gradients, and their backward pass into the network: the parameters'
-/// `.grad` receive this batch's gradients (added to what they hold).
-pub fn forward_backward(
-    net: &EmbeddingNet,
-    images: &Tensor,
-    labels: &Tensor,
-    lopts: &GroupLossOptions,
-    autocast: bool,
-) -> Result<LossWithGrads> {
-    let (emb, logits) = if autocast {
-        tch::autocast(true, || net.forward_t(images, true))
-    } else {
-        net.forward_t(images, true)
-    };
-    let out = loss::group_loss_with_grads(
-        &emb,
-        &logits,
-        labels,
-        lopts,
-        true,
-        false,
-        Implementation::Auto,
-    )?;
-    let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
-        (Some(a), Some(b)) => (a, b),
-        _ => return Err(Error::invalid("loss", "no gradients", "gradients")),
-    };
-    // Hands the closed-form gradients to autograd for the network.
-    let surrogate = (emb.to_kind(ge.kind()) * ge).sum(ge.kind())
-        + (logits.to_kind(gl.kind()) * gl).sum(gl.kind());
-    surrogate.backward();
-    Ok(out)
-}
-
 /// Trains one model (ensemble member `member`) in `dir`, resuming from its
 /// `last` checkpoint if there is one. Returns the network with its best
 /// weights and the history (on rank 0; empty on the other ranks, which
@@ -520,9 +481,8 @@ fn train_member(
     let (rank, world) = (coll.rank(), coll.world_size());
     let seed = cfg.seed + member as u64;
     let num_classes = data.train.classes().len() as i64;
-    tch::manual_seed(seed as i64);
     let mut vs = nn::VarStore::new(device);
-    let net = build_network(cfg, &vs, data.channels, num_classes)?;
+    let net = initial_network(cfg, &vs, data.channels, num_classes, member)?;
     let groups = parameter_groups(&vs);
     let trainable: Vec<Tensor> = groups.iter().map(|(_, t, _)| t.shallow_clone()).collect();
     let mut opt = Optimizer::new(
@@ -626,6 +586,9 @@ fn train_member(
         }
         .save(&dir.last())
     };
+    let mut step_log = (rank == 0)
+        .then(|| StepLog::open(dir.steps(), start_epoch, start_step))
+        .transpose()?;
 
     for epoch in start_epoch..cfg.epochs {
         sampler.set_epoch(epoch as u64);
@@ -639,7 +602,19 @@ fn train_member(
         } else {
             0
         };
-        let mut lopts = loss_options(cfg, epoch)?;
+        let reloaded = if first == 0 && schedule.reloads_best_at(epoch) {
+            reload_best(coll, &vs, dir, best, device)?
+        } else {
+            None
+        };
+        if let Some(e) = reloaded {
+            progress.line(&format!(
+                "{label}epoch {}: reloaded the weights of epoch {e} (the best so far), lr {}",
+                epoch + 1,
+                cfg.lr * schedule.factor(epoch, 0.0)
+            ));
+        }
+        let mut objective = Objective::of(cfg, epoch)?;
         let started = Instant::now();
         let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) =
             (0.0, 0.0, 0.0, 0usize, 0usize);
@@ -649,7 +624,7 @@ fn train_member(
             let batch = batch?;
             let frac = step as f64 / steps.max(1) as f64;
             opt.set_lr_factor(schedule.factor(epoch, frac));
-            lopts.gtg_weight = cfg.gtg_weight_at(epoch as f64 + frac);
+            objective.at(cfg, epoch as f64 + frac);
             let step_seed = if world > 1 {
                 derive_seed(seed, &[epoch as u64, step as u64, 1, rank as u64])
             } else {
@@ -659,7 +634,7 @@ fn train_member(
             let images = batch.images.to_device(device);
             let labels = batch.labels.to_device(device);
             opt.zero_grad();
-            let out = forward_backward(&net, &images, &labels, &lopts, autocast)?;
+            let out = forward_backward(&net, &images, &labels, &objective, autocast)?;
             let mut control = vec![
                 f64::from(u8::from(stop.load(Ordering::SeqCst))),
                 f64::try_from(&out.loss)?,
@@ -683,9 +658,13 @@ fn train_member(
                 ));
             }
             opt.step();
+            if let Some(log) = &mut step_log {
+                log.write(epoch + 1, step + 1, loss_value, opt.lrs())?;
+            }
             // Stops after the step: its forward pass already moved the
             // BatchNorm statistics, so a resumed run must not redo it.
             if control[0] > 0.0 {
+                flush(&mut step_log)?;
                 save_last(&vs, &opt, epoch, step + 1, &history, best)?;
                 return Err(Error::Interrupted);
             }
@@ -714,6 +693,7 @@ fn train_member(
             ));
         }
         let train_time = started.elapsed().as_secs_f64();
+        flush(&mut step_log)?;
         if dist::any(coll, stop.load(Ordering::SeqCst), device)? {
             save_last(&vs, &opt, epoch, steps, &history, best)?;
             return Err(Error::Interrupted);
@@ -746,8 +726,9 @@ fn train_member(
             "train_ce": ce_sum / done_f,
             "images_per_s": seen as f64 / train_time.max(1e-9),
             "lr": opt.lrs()[1],
-            "gtg_weight": lopts.gtg_weight,
+            "gtg_weight": objective.gtg_weight(),
             "backbone_lr": opt.lrs()[0],
+            "reloaded_best_epoch": reloaded,
             "time_s": started.elapsed().as_secs_f64(),
         });
         record[selection_key(cfg)] = Value::Object(metrics);
@@ -778,21 +759,39 @@ fn train_member(
     }
 
     // Rank 0 kept the best epoch; every rank continues with its weights.
-    let best_epoch = if rank == 0 {
-        match best {
-            Some((e, _)) => Checkpoint::load(&dir.best())
-                .and_then(|ck| load_model(&vs, &ck.model, &dir.best()))
-                .map(|()| json!(e)),
-            None => Err(Error::invalid("epochs", 0, "at least one trained epoch")),
-        }
-    } else {
-        Ok(Value::Null)
-    };
-    let best_epoch = dist::agree(coll, best_epoch, device)?.as_u64().unwrap_or(0) as usize;
-    let vars: Vec<Tensor> = model_tensors(&vs).into_iter().map(|(_, t)| t).collect();
-    dist::broadcast_bucketed(coll, &vars)?;
+    let best_epoch = reload_best(coll, &vs, dir, best, device)?
+        .ok_or_else(|| Error::invalid("epochs", 0, "at least one trained epoch"))?;
     vs.freeze();
     Ok((vs, net, history, best_epoch))
+}
+
+/// Rank 0 loads the best checkpoint so far (`best`: its epoch and value on
+/// rank 0) and every rank takes its weights and BatchNorm statistics.
+/// Returns the epoch loaded, or None when there is no best epoch yet.
+fn reload_best(
+    coll: &dyn Collective,
+    vs: &nn::VarStore,
+    dir: &RunDir,
+    best: Option<(usize, f64)>,
+    device: Device,
+) -> Result<Option<usize>> {
+    let loaded = match best {
+        Some((e, _)) if coll.rank() == 0 => Checkpoint::load(&dir.best())
+            .and_then(|ck| load_model(vs, &ck.model, &dir.best()))
+            .map(|()| json!(e)),
+        _ => Ok(Value::Null),
+    };
+    let Some(epoch) = dist::agree(coll, loaded, device)?.as_u64() else {
+        return Ok(None);
+    };
+    let vars: Vec<Tensor> = model_tensors(vs).into_iter().map(|(_, t)| t).collect();
+    dist::broadcast_bucketed(coll, &vars)?;
+    Ok(Some(epoch as usize))
+}
+
+/// Writes the step log's buffer (rank 0 keeps one).
+fn flush(log: &mut Option<StepLog>) -> Result<()> {
+    log.as_mut().map_or(Ok(()), StepLog::flush)
 }
 
 fn round_map(m: &Map<String, Value>) -> String {
