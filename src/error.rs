@@ -6,7 +6,10 @@
 //! argument or file, what was seen and what was expected, so they read well
 //! from both languages.
 
+use std::cell::{Cell, RefCell};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::Once;
 
 /// Errors of the grouploss core.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,18 @@ pub enum Error {
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+
+    /// A collective operation of a data-parallel run failed.
+    #[error("torch.distributed {op} failed on rank {rank}: {message}")]
+    Collective {
+        op: String,
+        rank: usize,
+        message: String,
+    },
+
+    /// A bug: a panic inside the core, with its message and location.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 
     /// The user interrupted a long computation (Ctrl-C).
     #[error("interrupted")]
@@ -94,5 +109,72 @@ pub(crate) fn ensure(
         Ok(())
     } else {
         Err(Error::invalid(arg, seen(), expected))
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+thread_local! {
+    /// Set while core code runs under [`catch_panic`], whose panics become
+    /// errors and need not also be printed to stderr.
+    static CAUGHT: Cell<bool> = const { Cell::new(false) };
+    /// Where the last caught panic of this thread happened.
+    static LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs a panic hook that stays quiet for panics [`without_gil`] turns
+/// into exceptions and prints all others as usual.
+pub fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CAUGHT.with(Cell::get) {
+                let at = info.location().map(ToString::to_string);
+                LOCATION.with(|l| l.replace(at));
+            } else {
+                default(info)
+            }
+        }));
+    });
+}
+
+/// Runs `f`; a panic inside (libtorch errors surface as panics from tch's
+/// infallible methods) becomes [`Error::Internal`] with the panic's
+/// message and location.
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let outer = CAUGHT.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    CAUGHT.with(|c| c.set(outer));
+    result.unwrap_or_else(|p| {
+        let at = LOCATION.with(|l| l.take());
+        let at = at.map_or_else(String::new, |l| format!(" (at {l})"));
+        Err(Error::Internal(format!("{}{at}", panic_message(&*p))))
+    })
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_panic_keeps_its_message_and_location() {
+        install_panic_hook();
+        let line = line!() + 1;
+        let e = catch_panic(|| -> Result<()> { panic!("boom at step {}", 3) }).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Internal(_)), "{msg}");
+        assert!(msg.contains("boom at step 3"), "{msg}");
+        assert!(msg.contains(&format!("src/error.rs:{line}:")), "{msg}");
+        // No panic: the closure's own result.
+        assert_eq!(catch_panic(|| Ok(7)).unwrap(), 7);
     }
 }

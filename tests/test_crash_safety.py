@@ -167,3 +167,47 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data_root, referen
     # With space again, the run resumes and ends like an uninterrupted one.
     subprocess.run(_cmd(data_root, out), check=True, timeout=900)
     _assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("change", ["rename", "drop", "add"])
+def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_path, change):
+    """The trainer's state is read field by field: a renamed, missing or
+    unknown key is an error naming it, never a silent restart at epoch 0."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    grouploss.train(
+        "glyphs",
+        data_root=str(data_root),
+        out_dir=str(out),
+        epochs=2,
+        max_steps_per_epoch=2,
+        classes_per_batch=3,
+        samples_per_class=4,
+        num_workers=1,
+        progress=False,
+        device="cpu",
+        val_fraction=0.3,
+        plots=False,
+    )
+    last = out / "checkpoints" / "last.safetensors"
+    with safe_open(str(last), framework="pt") as f:
+        meta = dict(f.metadata())
+    state = json.loads(meta["grouploss.trainer_state"])
+    if change == "rename":
+        state["epochs_done"] = state.pop("epoch")
+    elif change == "drop":
+        del state["best_epoch"]
+    else:
+        state["momentum"] = 0.9
+    meta["grouploss.trainer_state"] = json.dumps(state)
+    save_file(load_file(str(last)), str(last), metadata=meta)
+    expected = {
+        "rename": "unknown field `epochs_done`",
+        "drop": "missing field `best_epoch`",
+        "add": "unknown field `momentum`",
+    }[change]
+    with pytest.raises(ValueError, match="last.safetensors.*trainer state") as e:
+        grouploss.train(resume=str(out), plots=False)
+    assert expected in str(e.value)

@@ -212,8 +212,7 @@ def _threaded_run(config_toml: str, run_dir: pathlib.Path, world: int = 2) -> li
         try:
             group = _ThreadGroup(r, shared)
             group.wait_turn()
-            raw = _native.train_run(config_toml, str(run_dir), group, "cpu")
-            outcomes[r] = json.loads(raw)
+            outcomes[r] = _native.train_run(config_toml, str(run_dir), group, "cpu")
             # Lets the next rank finish too.
             with shared["cond"]:
                 shared["turn"] = (r + 1) % world

@@ -150,13 +150,12 @@ def train(
     with distributed.process_group() as group:
         if group is None:
             cfg, run_dir = _prepare(preset, config, resume, options)
-            raw = _native.train_run(_toml(cfg), str(run_dir))
+            out = _native.train_run(_toml(cfg), str(run_dir))
         else:
             cfg, run_dir = _prepare_on_rank_0(group, preset, config, resume, options)
             device = distributed.rank_device(cfg.get("device", "auto"))
             with distributed.deferred_keyboard_interrupt():
-                raw = _native.train_run(_toml(cfg), str(run_dir), group, device)
-    out = json.loads(raw)
+                out = _native.train_run(_toml(cfg), str(run_dir), group, device)
     result = TrainResult(
         run_dir=pathlib.Path(out["run_dir"]),
         history=out["history"],
@@ -283,7 +282,7 @@ class RunModel:
 
     def evaluate(self, split: str = "test") -> dict:
         """Recall@K, MAP@R, R-Precision and NMI of ``split``."""
-        return json.loads(self._native.evaluate(split))
+        return self._native.evaluate(split)
 
 
 def load_run(run_dir: PathLike, *, checkpoint: str = "best", device: str = "auto") -> RunModel:

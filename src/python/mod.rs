@@ -1,6 +1,7 @@
 //! Python bindings (feature `python`): argument conversion, GIL release and
 //! error mapping only; the work is done by the core modules.
 
+mod convert;
 mod data;
 mod errors;
 mod eval;

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
-use super::errors::without_gil;
+use super::convert::to_py;
+use super::errors::{catch_panic, without_gil};
 use crate::error::Error;
 use crate::train::run_model::RunModel;
 use crate::train::{self, Collective, SingleProcess, TrainConfig};
@@ -137,11 +138,10 @@ impl PyCollective {
         method: &str,
         f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>,
     ) -> crate::Result<T> {
-        Python::with_gil(|py| f(py, self.obj.bind(py))).map_err(|e| {
-            Error::Torch(tch::TchError::Torch(format!(
-                "torch.distributed ({method}, rank {}): {e}",
-                self.rank
-            )))
+        Python::with_gil(|py| f(py, self.obj.bind(py))).map_err(|e| Error::Collective {
+            op: method.to_string(),
+            rank: self.rank,
+            message: e.to_string(),
         })
     }
 }
@@ -197,7 +197,8 @@ impl Collective for PyCollective {
 }
 
 /// Runs a training configuration (TOML) in `run_dir` with the GIL released;
-/// returns the outcome as JSON. Ctrl-C saves `last` and raises
+/// returns the outcome as a dict (`run_dir`, `history`, `best_epoch`,
+/// `test`, `ensemble_test`, `summary`). Ctrl-C saves `last` and raises
 /// KeyboardInterrupt. With `collective` (see [`PyCollective`]) this process
 /// is one rank of a data-parallel run; `device` overrides the
 /// configuration's device for this process (e.g. `cuda:LOCAL_RANK`).
@@ -209,7 +210,7 @@ fn train_run(
     run_dir: PathBuf,
     collective: Option<&Bound<'_, PyAny>>,
     device: Option<&str>,
-) -> PyResult<String> {
+) -> PyResult<PyObject> {
     let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
     let device = train::runner::device(device.unwrap_or(&cfg.device))?;
     let coll = collective.map(PyCollective::new).transpose()?;
@@ -217,14 +218,13 @@ fn train_run(
     let sig = signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop)).ok();
     let flag = Arc::clone(&stop);
     let outcome = py.allow_threads(move || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        catch_panic(|| {
             let coll: &dyn Collective = match &coll {
                 Some(c) => c,
                 None => &SingleProcess,
             };
             train::train_on(&cfg, &run_dir, &flag, device, coll)
-        }))
-        .unwrap_or_else(|_| Err(Error::invalid("train", "an internal panic", "no panic")))
+        })
     });
     if let Some(id) = sig {
         signal_hook::low_level::unregister(id);
@@ -235,15 +235,9 @@ fn train_run(
         py.check_signals()?;
     }
     let o = outcome.map_err(PyErr::from)?;
-    let value = serde_json::json!({
-        "run_dir": o.run_dir,
-        "history": o.history,
-        "best_epoch": o.best_epoch,
-        "test": o.test,
-        "ensemble_test": o.ensemble_test,
-        "summary": o.summary,
-    });
-    Ok(value.to_string())
+    let value = serde_json::to_value(&o)
+        .map_err(|e| Error::invalid("train", e.to_string(), "a serialisable outcome"))?;
+    to_py(py, &value)
 }
 
 /// A trained model loaded from its run folder.
@@ -323,12 +317,12 @@ impl PyRunModel {
         Ok((PyTensor(e), PyTensor(l)))
     }
 
-    /// Metrics of a split, as JSON.
+    /// Metrics of a split: metric name to value.
     #[pyo3(signature = (split = "test"))]
-    fn evaluate(&self, py: Python<'_>, split: &str) -> PyResult<String> {
+    fn evaluate(&self, py: Python<'_>, split: &str) -> PyResult<PyObject> {
         let split = split.to_string();
         let m = self.run(py, move |m| m.evaluate(&split))?;
-        Ok(serde_json::Value::Object(m).to_string())
+        to_py(py, &serde_json::Value::Object(m))
     }
 }
 

@@ -11,6 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -143,17 +145,19 @@ pub fn read_safetensors_with_metadata(
     Ok((out, metadata))
 }
 
-/// A checkpoint in memory.
-pub struct Checkpoint {
+/// A checkpoint in memory; `S` is the typed state kept in its metadata
+/// ([`super::state::TrainerState`] for `last`, [`super::state::BestState`]
+/// for `best`).
+pub struct Checkpoint<S> {
     /// Network variables by their VarStore names.
     pub model: Vec<(String, Tensor)>,
     /// Optimizer state by `{param}.m` / `{param}.v`.
     pub optimizer: Vec<(String, Tensor)>,
-    /// The trainer state (JSON).
-    pub state: serde_json::Value,
+    /// The trainer state.
+    pub state: S,
 }
 
-impl Checkpoint {
+impl<S: Serialize> Checkpoint<S> {
     /// Writes the checkpoint atomically to `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = Vec::with_capacity(self.model.len() + self.optimizer.len());
@@ -163,14 +167,19 @@ impl Checkpoint {
         for (k, t) in &self.optimizer {
             tensors.push((format!("optim.{k}"), t.shallow_clone()));
         }
+        let state = serde_json::to_string(&self.state)
+            .map_err(|e| Error::invalid("checkpoint", e.to_string(), "a serialisable state"))?;
         let metadata = HashMap::from([
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
-            (STATE_KEY.to_string(), self.state.to_string()),
+            (STATE_KEY.to_string(), state),
         ]);
         write_safetensors_atomic(path, &tensors, metadata)
     }
+}
 
-    /// Reads a checkpoint written by [`Checkpoint::save`].
+impl<S: DeserializeOwned> Checkpoint<S> {
+    /// Reads a checkpoint written by [`Checkpoint::save`]; a state with a
+    /// missing or unknown field is an error naming the field.
     pub fn load(path: &Path) -> Result<Self> {
         let (tensors, metadata) = read_safetensors_with_metadata(path)?;
         if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
@@ -180,12 +189,15 @@ impl Checkpoint {
                 format!("not a grouploss checkpoint (no {FORMAT_KEY}: {FORMAT} metadata)"),
             ));
         }
-        let state = metadata
-            .get(STATE_KEY)
-            .map(|s| serde_json::from_str(s))
-            .transpose()
-            .map_err(|e| Error::format(path, None, format!("trainer state: {e}")))?
-            .unwrap_or(serde_json::Value::Null);
+        let text = metadata.get(STATE_KEY).ok_or_else(|| {
+            Error::format(
+                path,
+                None,
+                format!("no trainer state ({STATE_KEY} metadata)"),
+            )
+        })?;
+        let state = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, None, format!("trainer state: {e}")))?;
         let mut model = Vec::new();
         let mut optimizer = Vec::new();
         for (name, t) in tensors {
@@ -219,7 +231,7 @@ mod tests {
             state: serde_json::json!({"epoch": 3}),
         };
         ck.save(&path).unwrap();
-        let back = Checkpoint::load(&path).unwrap();
+        let back = Checkpoint::<serde_json::Value>::load(&path).unwrap();
         assert!(back.model[0].1.equal(&a));
         assert!(back.optimizer[0].1.equal(&b));
         assert_eq!(back.state["epoch"], 3);
@@ -231,7 +243,7 @@ mod tests {
         assert_eq!(names.len(), 1, "{names:?}");
         // A file that is not a checkpoint is named in the error.
         fs::write(dir.join("junk.safetensors"), b"not at all").unwrap();
-        let e = Checkpoint::load(&dir.join("junk.safetensors"))
+        let e = Checkpoint::<serde_json::Value>::load(&dir.join("junk.safetensors"))
             .err()
             .unwrap()
             .to_string();

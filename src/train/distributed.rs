@@ -192,12 +192,17 @@ pub fn broadcast_json(coll: &dyn Collective, value: Value, device: Device) -> Re
 /// Rank 0's result on every rank: its `Ok` value, or its error (an
 /// argument error is rebuilt as such; others by their message). Keeps the
 /// ranks together where only rank 0 touches the run folder.
-pub fn agree(coll: &dyn Collective, local: Result<Value>, device: Device) -> Result<Value> {
+pub fn agree<T>(coll: &dyn Collective, local: Result<T>, device: Device) -> Result<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
     if coll.world_size() == 1 {
         return local;
     }
     let message = match &local {
-        Ok(v) => serde_json::json!({ "ok": v }),
+        Ok(v) => serde_json::json!({ "ok": serde_json::to_value(v).map_err(|e| {
+            Error::invalid("broadcast", e.to_string(), "a serialisable value")
+        })? }),
         Err(Error::InvalidArgument {
             arg,
             seen,
@@ -210,7 +215,8 @@ pub fn agree(coll: &dyn Collective, local: Result<Value>, device: Device) -> Res
         return local;
     }
     if let Some(v) = got.get("ok") {
-        return Ok(v.clone());
+        return serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid("broadcast", e.to_string(), "rank 0's value"));
     }
     if let Some([arg, seen, expected]) = got
         .get("invalid")

@@ -11,10 +11,12 @@ pub mod replica;
 
 pub use config::TrainConfig;
 pub use presets::{preset, PRESETS};
+mod member;
 pub mod progress;
 pub mod run_dir;
 pub mod run_model;
 pub mod runner;
+pub mod state;
 
 pub use distributed::{Collective, SingleProcess};
 pub use runner::{train, train_on, TrainOutcome};

@@ -256,6 +256,17 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule a configuration sets.
+    pub fn of(cfg: &super::config::TrainConfig) -> Self {
+        Schedule {
+            kind: cfg.schedule.clone(),
+            epochs: cfg.epochs,
+            decay_epochs: cfg.lr_decay_epochs.clone(),
+            decay: cfg.lr_decay,
+            warmup_epochs: cfg.warmup_epochs,
+        }
+    }
+
     /// The multiplier at `epoch` (0-based) after `fraction` of it.
     pub fn factor(&self, epoch: usize, fraction: f64) -> f64 {
         let progress = epoch as f64 + fraction;

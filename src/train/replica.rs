@@ -2,7 +2,7 @@
 //! (pretrained weights, an interrupted run's `last` checkpoint) given to
 //! every rank, and the gradients averaged every step.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::Checkpoint;
@@ -11,6 +11,7 @@ use super::distributed::{self as dist, Collective};
 use super::optim::Optimizer;
 use super::run_dir::RunDir;
 use super::runner::{load_model, model_tensors};
+use super::state::TrainerState;
 use crate::error::{Error, Result};
 use crate::model;
 
@@ -25,26 +26,35 @@ pub fn average_gradients(coll: &dyn Collective, params: &[Tensor], control: &Ten
     dist::all_reduce_mean_bucketed(coll, &grads, &[control.shallow_clone()])
 }
 
-/// What rank 0 restores before training: pretrained backbone weights, or
+/// What rank 0 restored from an interrupted run's `last` checkpoint, as
+/// the other ranks receive it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Restored {
+    /// The trainer's state.
+    pub state: TrainerState,
+    /// The optimizer's tensors: name and shape.
+    pub optimizer: Vec<(String, Vec<i64>)>,
+}
+
+/// What rank 0 restores before training: pretrained backbone weights, and
 /// the `last` checkpoint of an interrupted run (into `vs` and `opt`).
-/// Returns the checkpoint's trainer state and optimizer tensor names
-/// (`Null` for a fresh start).
+/// Returns that checkpoint's state (None for a fresh start).
 pub(super) fn restore_on_rank_0(
     cfg: &TrainConfig,
     dir: &RunDir,
     vs: &nn::VarStore,
     opt: &mut Optimizer,
     world: usize,
-) -> Result<Value> {
+) -> Result<Option<Restored>> {
     if let Some(path) = &cfg.pretrained {
         let tensors = model::read_safetensors(path)?;
         model::load_into(vs, "backbone.", tensors, &path.display().to_string())?;
     }
     if !dir.last().exists() {
-        return Ok(Value::Null);
+        return Ok(None);
     }
-    let ck = Checkpoint::load(&dir.last())?;
-    let saved_world = ck.state["world_size"].as_u64().unwrap_or(1) as usize;
+    let ck = Checkpoint::<TrainerState>::load(&dir.last())?;
+    let saved_world = ck.state.world_size;
     if saved_world != world {
         return Err(Error::invalid(
             "world_size",
@@ -57,16 +67,16 @@ pub(super) fn restore_on_rank_0(
         ));
     }
     load_model(vs, &ck.model, &dir.last())?;
-    let names: Vec<Value> = ck
+    let optimizer = ck
         .optimizer
         .iter()
-        .map(|(n, t)| json!([n, t.size()]))
+        .map(|(n, t)| (n.clone(), t.size()))
         .collect();
-    opt.load_state(
-        ck.optimizer.into_iter().collect(),
-        ck.state["optimizer_steps"].as_i64().unwrap_or(0),
-    )?;
-    Ok(json!({"state": ck.state, "optimizer": names}))
+    opt.load_state(ck.optimizer.into_iter().collect(), ck.state.optimizer_steps)?;
+    Ok(Some(Restored {
+        state: ck.state,
+        optimizer,
+    }))
 }
 
 /// Gives every rank rank 0's variables and, when it restored one, its
@@ -75,7 +85,7 @@ pub(super) fn share_rank_0_state(
     coll: &dyn Collective,
     vs: &nn::VarStore,
     opt: &mut Optimizer,
-    restored: &Value,
+    restored: Option<&Restored>,
     device: Device,
 ) -> Result<()> {
     if coll.world_size() == 1 {
@@ -83,35 +93,29 @@ pub(super) fn share_rank_0_state(
     }
     let vars: Vec<Tensor> = model_tensors(vs).into_iter().map(|(_, t)| t).collect();
     dist::broadcast_bucketed(coll, &vars)?;
-    let Some(names) = restored["optimizer"].as_array() else {
+    let Some(restored) = restored else {
         return Ok(());
     };
     let params = vs.variables();
     let mut held: std::collections::HashMap<String, Tensor> =
         opt.state_tensors().into_iter().collect();
-    let mut state = Vec::with_capacity(names.len());
-    for entry in names {
-        let name = entry[0].as_str().unwrap_or_default().to_string();
+    let mut state = Vec::with_capacity(restored.optimizer.len());
+    for (name, shape) in &restored.optimizer {
         let t = if coll.rank() == 0 {
-            held.remove(&name)
-                .ok_or_else(|| Error::invalid("checkpoint", &name, "a restored optimizer state"))?
+            held.remove(name)
+                .ok_or_else(|| Error::invalid("checkpoint", name, "a restored optimizer state"))?
                 .to_device(device)
         } else {
-            let shape: Vec<i64> = entry[1]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_i64).collect())
-                .unwrap_or_default();
             let param = name.rsplit_once('.').map_or("", |(p, _)| p);
             let kind = params.get(param).map_or(Kind::Float, Tensor::kind);
-            Tensor::zeros(&shape, (kind, device))
+            Tensor::zeros(shape.as_slice(), (kind, device))
         };
-        state.push((name, t));
+        state.push((name.clone(), t));
     }
     let tensors: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
     dist::broadcast_bucketed(coll, &tensors)?;
     if coll.rank() != 0 {
-        let steps = restored["state"]["optimizer_steps"].as_i64().unwrap_or(0);
-        opt.load_state(state.into_iter().collect(), steps)?;
+        opt.load_state(state.into_iter().collect(), restored.state.optimizer_steps)?;
     }
     Ok(())
 }
@@ -223,7 +227,7 @@ mod tests {
                     .collect();
                 load_model(&vs, &shaped, Path::new("init")).unwrap();
             }
-            share_rank_0_state(g, &vs, &mut opt, &Value::Null, Device::Cpu).unwrap();
+            share_rank_0_state(g, &vs, &mut opt, None, Device::Cpu).unwrap();
             let lopts = Objective::of(&cfg, 0).unwrap();
             let mut losses = Vec::new();
             for step in 0..STEPS {

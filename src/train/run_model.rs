@@ -54,7 +54,9 @@ impl RunModel {
                 ))
             }
         };
-        let ck = Checkpoint::load(&path)?;
+        // The weights only: either checkpoint's state is checked when a run
+        // resumes or reloads it.
+        let ck = Checkpoint::<serde::de::IgnoredAny>::load(&path)?;
         let device = device(device_name)?;
         let data = RunData::open(&config)?;
         let vs = nn::VarStore::new(device);

@@ -3,21 +3,18 @@
 //! metrics, and the naive ensemble.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{self as dist, Collective, SingleProcess};
-use super::objective::{forward_backward, Objective};
-use super::optim::{Optimizer, OptimizerKind, Schedule};
-use super::progress::{Progress, Step};
-use super::replica::{average_gradients, restore_on_rank_0, share_rank_0_state};
-use super::run_dir::{write_atomic, RunDir, StepLog};
+use super::member::train_member;
+use super::progress::Progress;
+use super::run_dir::{write_atomic, RunDir};
 use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
 use crate::data::{ReaderOptions, Split, Transform};
 use crate::error::{Error, Result};
@@ -25,13 +22,10 @@ use crate::eval::{self, EvalOptions, Metric};
 use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig};
 use crate::names::device_name;
 use crate::rng::derive_seed;
-use crate::sampler::{ClassBalancedSampler, SamplerOptions};
 
-/// Stream id of a rank's loader seed, `derive_seed(seed, [rank, RANK_STREAM])`.
-const RANK_STREAM: u64 = 0x5241_4E4B;
-
-/// What a finished run reports.
-#[derive(Clone, Debug)]
+/// What a finished run reports (rank 0 computes it; every rank receives it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainOutcome {
     pub run_dir: PathBuf,
     /// Per-epoch records of the first model (as in `metrics.jsonl`).
@@ -334,7 +328,7 @@ fn embed_sharded(
     Ok(e.zip(l))
 }
 
-fn embed_set(
+pub(super) fn embed_set(
     net: &EmbeddingNet,
     set: &EvalSet,
     transform: &Transform,
@@ -370,7 +364,10 @@ pub fn evaluate_embeddings(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map
 
 /// The metrics of the per-epoch selection: NMI's k-means is left out (it
 /// takes minutes at SOP's scale on a CPU) unless it is the selection metric.
-fn evaluate_for_selection(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map<String, Value>> {
+pub(super) fn evaluate_for_selection(
+    emb: &SetEmbeddings,
+    cfg: &TrainConfig,
+) -> Result<Map<String, Value>> {
     let mut include = vec![Metric::Recall, Metric::MapAtR, Metric::RPrecision];
     if cfg.select_metric == "nmi" {
         include.push(Metric::Nmi);
@@ -454,344 +451,12 @@ pub(super) fn parameter_groups(vs: &nn::VarStore) -> Vec<(String, Tensor, usize)
         .collect()
 }
 
-fn selection_key(cfg: &TrainConfig) -> &'static str {
+pub(super) fn selection_key(cfg: &TrainConfig) -> &'static str {
     if cfg.select_on == "test" {
         "test"
     } else {
         "val"
     }
-}
-
-/// Trains one model (ensemble member `member`) in `dir`, resuming from its
-/// `last` checkpoint if there is one. Returns the network with its best
-/// weights and the history (on rank 0; empty on the other ranks, which
-/// write nothing).
-#[allow(clippy::too_many_arguments)]
-fn train_member(
-    cfg: &TrainConfig,
-    data: &RunData,
-    dir: &RunDir,
-    member: usize,
-    members: usize,
-    device: Device,
-    stop: &AtomicBool,
-    progress: &mut Progress,
-    coll: &dyn Collective,
-) -> Result<(nn::VarStore, EmbeddingNet, Vec<Value>, usize)> {
-    let (rank, world) = (coll.rank(), coll.world_size());
-    let seed = cfg.seed + member as u64;
-    let num_classes = data.train.classes().len() as i64;
-    let mut vs = nn::VarStore::new(device);
-    let net = initial_network(cfg, &vs, data.channels, num_classes, member)?;
-    let groups = parameter_groups(&vs);
-    let trainable: Vec<Tensor> = groups.iter().map(|(_, t, _)| t.shallow_clone()).collect();
-    let mut opt = Optimizer::new(
-        OptimizerKind::parse(&cfg.optimizer)?,
-        groups,
-        vec![cfg.backbone_lr(), cfg.lr],
-        cfg.weight_decay,
-        cfg.momentum,
-    );
-    let schedule = Schedule {
-        kind: cfg.schedule.clone(),
-        epochs: cfg.epochs,
-        decay_epochs: cfg.lr_decay_epochs.clone(),
-        decay: cfg.lr_decay,
-        warmup_epochs: cfg.warmup_epochs,
-    };
-
-    // Rank 0 alone reads files; the others receive what it read, so the run
-    // folder (and pretrained weights) need not be visible to other nodes.
-    let restored = if rank == 0 {
-        restore_on_rank_0(cfg, dir, &vs, &mut opt, world)
-    } else {
-        Ok(Value::Null)
-    };
-    let restored = dist::agree(coll, restored, device)?;
-    share_rank_0_state(coll, &vs, &mut opt, &restored, device)?;
-    let st = &restored["state"];
-    let start_epoch = st["epoch"].as_u64().unwrap_or(0) as usize;
-    let start_step = st["step"].as_u64().unwrap_or(0) as usize;
-    let mut history: Vec<Value> = st["history"].as_array().cloned().unwrap_or_default();
-    let mut best: Option<(usize, f64)> =
-        match (st["best_epoch"].as_u64(), st["best_value"].as_f64()) {
-            (Some(e), Some(v)) => Some((e as usize, v)),
-            _ => None,
-        };
-    if rank == 0 && !st.is_null() {
-        dir.write_metrics(&history)?;
-    }
-
-    let mut sampler = ClassBalancedSampler::new(
-        data.train.labels(),
-        cfg.classes_per_batch,
-        cfg.samples_per_class,
-        SamplerOptions {
-            seed,
-            num_replicas: world,
-            rank,
-        },
-    )?;
-    let loader = Loader::new(
-        Arc::clone(&data.train),
-        data.train_transform.clone(),
-        LoaderOptions {
-            num_threads: cfg.num_workers.max(1),
-            prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
-            // Ranks draw their own augmentations; one process keeps `seed`.
-            seed: if world > 1 {
-                derive_seed(seed, &[rank as u64, RANK_STREAM])
-            } else {
-                seed
-            },
-            on_error: OnError::parse(&cfg.on_error)?,
-        },
-    )?;
-    let label = if members > 1 {
-        format!("[model {}/{members}] ", member + 1)
-    } else {
-        String::new()
-    };
-    let autocast = cfg.bf16 && device.is_cuda();
-    // Variables outside the optimizer: BatchNorm's running statistics.
-    let buffers: Vec<Tensor> = model_tensors(&vs)
-        .into_iter()
-        .filter(|(_, t)| !t.requires_grad())
-        .map(|(_, t)| t)
-        .collect();
-    let save_last = |vs: &nn::VarStore,
-                     opt: &Optimizer,
-                     epoch: usize,
-                     step: usize,
-                     history: &[Value],
-                     best: Option<(usize, f64)>|
-     -> Result<()> {
-        if rank != 0 {
-            return Ok(());
-        }
-        Checkpoint {
-            model: model_tensors(vs),
-            optimizer: opt.state_tensors(),
-            state: json!({
-                "epoch": epoch,
-                "step": step,
-                "optimizer_steps": opt.steps(),
-                "history": history,
-                "best_epoch": best.map(|b| b.0),
-                "best_value": best.map(|b| b.1),
-                "seed": seed,
-                "member": member,
-                "world_size": world,
-            }),
-        }
-        .save(&dir.last())
-    };
-    let mut step_log = (rank == 0)
-        .then(|| StepLog::open(dir.steps(), start_epoch, start_step))
-        .transpose()?;
-
-    for epoch in start_epoch..cfg.epochs {
-        sampler.set_epoch(epoch as u64);
-        let mut plan = sampler.batches();
-        if cfg.max_steps_per_epoch > 0 {
-            plan.truncate(cfg.max_steps_per_epoch);
-        }
-        let steps = plan.len();
-        let first = if epoch == start_epoch {
-            start_step.min(steps)
-        } else {
-            0
-        };
-        let reloaded = if first == 0 && schedule.reloads_best_at(epoch) {
-            reload_best(coll, &vs, dir, best, device)?
-        } else {
-            None
-        };
-        if let Some(e) = reloaded {
-            progress.line(&format!(
-                "{label}epoch {}: reloaded the weights of epoch {e} (the best so far), lr {}",
-                epoch + 1,
-                cfg.lr * schedule.factor(epoch, 0.0)
-            ));
-        }
-        let mut objective = Objective::of(cfg, epoch)?;
-        let started = Instant::now();
-        let (mut loss_sum, mut nll_sum, mut ce_sum, mut seen, mut done) =
-            (0.0, 0.0, 0.0, 0usize, 0usize);
-        let batches = plan[first..].to_vec();
-        for (j, batch) in loader.epoch_from(batches, epoch as u64, first)?.enumerate() {
-            let step = first + j;
-            let batch = batch?;
-            let frac = step as f64 / steps.max(1) as f64;
-            opt.set_lr_factor(schedule.factor(epoch, frac));
-            objective.at(cfg, epoch as f64 + frac);
-            let step_seed = if world > 1 {
-                derive_seed(seed, &[epoch as u64, step as u64, 1, rank as u64])
-            } else {
-                derive_seed(seed, &[epoch as u64, step as u64, 1])
-            };
-            tch::manual_seed(step_seed as i64 & i64::MAX);
-            let images = batch.images.to_device(device);
-            let labels = batch.labels.to_device(device);
-            opt.zero_grad();
-            let out = forward_backward(&net, &images, &labels, &objective, autocast)?;
-            let mut control = vec![
-                f64::from(u8::from(stop.load(Ordering::SeqCst))),
-                f64::try_from(&out.loss)?,
-                out.nll.as_ref().map_or(Ok(0.0), f64::try_from)?,
-                out.ce.as_ref().map_or(Ok(0.0), f64::try_from)?,
-            ];
-            if world > 1 {
-                // One call averages the gradients, agrees on stopping (a
-                // signal reaches the ranks at different steps) and averages
-                // the loss terms for the log.
-                let t = Tensor::from_slice(&control).to_device(device);
-                average_gradients(coll, &trainable, &t)?;
-                control = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-            }
-            let loss_value = control[1];
-            if !loss_value.is_finite() {
-                return Err(Error::invalid(
-                    "loss",
-                    format!("{loss_value} at epoch {}, step {step}", epoch + 1),
-                    "a finite loss (lower lr or temperature?)",
-                ));
-            }
-            opt.step();
-            if let Some(log) = &mut step_log {
-                log.write(epoch + 1, step + 1, loss_value, opt.lrs())?;
-            }
-            // Stops after the step: its forward pass already moved the
-            // BatchNorm statistics, so a resumed run must not redo it.
-            if control[0] > 0.0 {
-                flush(&mut step_log)?;
-                save_last(&vs, &opt, epoch, step + 1, &history, best)?;
-                return Err(Error::Interrupted);
-            }
-            loss_sum += loss_value;
-            nll_sum += control[2];
-            ce_sum += control[3];
-            seen += batch.indices.len() * world;
-            done += 1;
-            let elapsed = started.elapsed().as_secs_f64();
-            progress.step(&Step {
-                label: &label,
-                epoch: epoch + 1,
-                epochs: cfg.epochs,
-                step: step + 1,
-                steps,
-                loss: loss_sum / done as f64,
-                images_per_s: seen as f64 / elapsed.max(1e-9),
-                elapsed_epoch: elapsed,
-            });
-        }
-        for s in loader.take_skipped() {
-            progress.line(&format!(
-                "skipped {}: {}",
-                data.train.describe(s.index),
-                s.message
-            ));
-        }
-        let train_time = started.elapsed().as_secs_f64();
-        flush(&mut step_log)?;
-        if dist::any(coll, stop.load(Ordering::SeqCst), device)? {
-            save_last(&vs, &opt, epoch, steps, &history, best)?;
-            return Err(Error::Interrupted);
-        }
-        // Ranks evaluate (and rank 0 saves) the same network: rank 0's
-        // running statistics, which a resumed run restores as well.
-        dist::broadcast_bucketed(coll, &buffers)?;
-        let Some(embeddings) = embed_set(
-            &net,
-            &data.select,
-            &data.eval_transform,
-            cfg,
-            device,
-            cfg.select_max_images,
-            coll,
-        )?
-        else {
-            continue;
-        };
-        let metrics = evaluate_for_selection(&embeddings, cfg)?;
-        let value = metrics
-            .get(&cfg.select_metric)
-            .and_then(Value::as_f64)
-            .unwrap_or(f64::NAN);
-        let done_f = done.max(1) as f64;
-        let mut record = json!({
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / done_f,
-            "train_nll": nll_sum / done_f,
-            "train_ce": ce_sum / done_f,
-            "images_per_s": seen as f64 / train_time.max(1e-9),
-            "lr": opt.lrs()[1],
-            "gtg_weight": objective.gtg_weight(),
-            "backbone_lr": opt.lrs()[0],
-            "reloaded_best_epoch": reloaded,
-            "time_s": started.elapsed().as_secs_f64(),
-        });
-        record[selection_key(cfg)] = Value::Object(metrics);
-        history.push(record);
-        let improved = best.is_none_or(|(_, b)| value > b || b.is_nan());
-        if improved {
-            best = Some((epoch + 1, value));
-            Checkpoint {
-                model: model_tensors(&vs),
-                optimizer: Vec::new(),
-                state: json!({"epoch": epoch + 1, "value": value, "metric": cfg.select_metric}),
-            }
-            .save(&dir.best())?;
-        }
-        save_last(&vs, &opt, epoch + 1, 0, &history, best)?;
-        dir.write_metrics(&history)?;
-        progress.line(&format!(
-            "{label}epoch {}/{}: loss {:.4}, {:.0} img/s, {} {} {:.4}{}",
-            epoch + 1,
-            cfg.epochs,
-            loss_sum / done_f,
-            seen as f64 / train_time.max(1e-9),
-            selection_key(cfg),
-            cfg.select_metric,
-            value,
-            if improved { " (best)" } else { "" }
-        ));
-    }
-
-    // Rank 0 kept the best epoch; every rank continues with its weights.
-    let best_epoch = reload_best(coll, &vs, dir, best, device)?
-        .ok_or_else(|| Error::invalid("epochs", 0, "at least one trained epoch"))?;
-    vs.freeze();
-    Ok((vs, net, history, best_epoch))
-}
-
-/// Rank 0 loads the best checkpoint so far (`best`: its epoch and value on
-/// rank 0) and every rank takes its weights and BatchNorm statistics.
-/// Returns the epoch loaded, or None when there is no best epoch yet.
-fn reload_best(
-    coll: &dyn Collective,
-    vs: &nn::VarStore,
-    dir: &RunDir,
-    best: Option<(usize, f64)>,
-    device: Device,
-) -> Result<Option<usize>> {
-    let loaded = match best {
-        Some((e, _)) if coll.rank() == 0 => Checkpoint::load(&dir.best())
-            .and_then(|ck| load_model(vs, &ck.model, &dir.best()))
-            .map(|()| json!(e)),
-        _ => Ok(Value::Null),
-    };
-    let Some(epoch) = dist::agree(coll, loaded, device)?.as_u64() else {
-        return Ok(None);
-    };
-    let vars: Vec<Tensor> = model_tensors(vs).into_iter().map(|(_, t)| t).collect();
-    dist::broadcast_bucketed(coll, &vars)?;
-    Ok(Some(epoch as usize))
-}
-
-/// Writes the step log's buffer (rank 0 keeps one).
-fn flush(log: &mut Option<StepLog>) -> Result<()> {
-    log.as_mut().map_or(Ok(()), StepLog::flush)
 }
 
 fn round_map(m: &Map<String, Value>) -> String {
@@ -951,23 +616,20 @@ pub fn train_on(
             world,
             &mut progress,
         )
+        .map(Some)
     } else {
-        Ok(Value::Null)
+        // Replaced by rank 0's outcome in `agree`.
+        Ok(None)
     };
-    let o = dist::agree(coll, outcome, device)?;
+    let outcome = dist::agree(coll, outcome, device)?
+        .ok_or_else(|| Error::invalid("rank 0", "no outcome", "a finished run"))?;
     Ok(TrainOutcome {
         run_dir: run_dir.to_path_buf(),
-        history: o["history"].as_array().cloned().unwrap_or_default(),
-        best_epoch: o["best_epoch"].as_u64().unwrap_or(0) as usize,
-        test: o["test"].as_object().cloned().unwrap_or_default(),
-        ensemble_test: o["ensemble_test"].as_object().cloned(),
-        summary: o["summary"].clone(),
+        ..outcome
     })
 }
 
 /// Rank 0's end of a run: the ensemble's test metrics and `summary.json`.
-/// Returns the outcome as JSON (history, best_epoch, test, ensemble_test,
-/// summary).
 #[allow(clippy::too_many_arguments)]
 fn summarize(
     cfg: &TrainConfig,
@@ -980,7 +642,7 @@ fn summarize(
     device: Device,
     world: usize,
     progress: &mut Progress,
-) -> Result<Value> {
+) -> Result<TrainOutcome> {
     let test = member_summaries[0]["test"]
         .as_object()
         .cloned()
@@ -1034,11 +696,12 @@ fn summarize(
         "world_size": world,
     });
     dir.write_summary(&summary)?;
-    Ok(json!({
-        "history": history,
-        "best_epoch": best_epoch,
-        "test": test,
-        "ensemble_test": ensemble_test,
-        "summary": summary,
-    }))
+    Ok(TrainOutcome {
+        run_dir: dir.root.clone(),
+        history,
+        best_epoch,
+        test,
+        ensemble_test,
+        summary,
+    })
 }

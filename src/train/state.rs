@@ -1,0 +1,112 @@
+//! The trainer's saved state: what a checkpoint's metadata holds besides
+//! the tensors. Every field is required and no other is accepted, so a
+//! checkpoint written by another version (a renamed or missing key) is
+//! refused with an error naming the field instead of being read as zero.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+/// A field that must be present, `null` meaning `None` (serde would
+/// otherwise read a missing `Option` field as `None`).
+fn required<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)
+}
+
+/// The state of a member's `last` checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// The epoch in progress (0-based); `epochs` once the run is done.
+    pub epoch: usize,
+    /// Optimizer steps done in that epoch.
+    pub step: usize,
+    /// Optimizer steps done in the whole run (Adam's bias correction).
+    pub optimizer_steps: i64,
+    /// One record per finished epoch (`metrics.jsonl`'s lines).
+    pub history: Vec<Value>,
+    /// The best epoch so far (1-based), if any.
+    #[serde(deserialize_with = "required")]
+    pub best_epoch: Option<usize>,
+    /// Its selection value (`None` also when it was not a number).
+    #[serde(deserialize_with = "required")]
+    pub best_value: Option<f64>,
+    /// The member's seed.
+    pub seed: u64,
+    /// The ensemble member (0-based).
+    pub member: usize,
+    /// The number of processes that trained it.
+    pub world_size: usize,
+}
+
+impl TrainerState {
+    /// The best epoch and its value (NaN where none was recorded).
+    pub fn best(&self) -> Option<(usize, f64)> {
+        self.best_epoch
+            .map(|e| (e, self.best_value.unwrap_or(f64::NAN)))
+    }
+}
+
+/// The state of a member's `best` checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BestState {
+    /// The epoch whose weights these are (1-based).
+    pub epoch: usize,
+    /// Its selection value (`None` when it was not a number).
+    #[serde(deserialize_with = "required")]
+    pub value: Option<f64>,
+    /// The selection metric.
+    pub metric: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn state() -> Value {
+        json!({
+            "epoch": 2, "step": 5, "optimizer_steps": 45, "history": [{"epoch": 1}],
+            "best_epoch": 1, "best_value": 0.5, "seed": 3, "member": 0, "world_size": 1,
+        })
+    }
+
+    #[test]
+    fn the_state_round_trips() {
+        let s: TrainerState = serde_json::from_value(state()).unwrap();
+        assert_eq!((s.epoch, s.step, s.best()), (2, 5, Some((1, 0.5))));
+        let back: TrainerState = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_missing_or_unknown_field_is_refused_by_name() {
+        for key in ["epoch", "step", "best_epoch", "best_value", "world_size"] {
+            let mut v = state();
+            v.as_object_mut().unwrap().remove(key);
+            let e = serde_json::from_value::<TrainerState>(v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("missing field `{key}`")), "{e}");
+        }
+        let mut v = state();
+        v["epochs_done"] = json!(2);
+        let e = serde_json::from_value::<TrainerState>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `epochs_done`"), "{e}");
+    }
+
+    #[test]
+    fn a_null_best_is_none() {
+        let mut v = state();
+        v["best_epoch"] = Value::Null;
+        v["best_value"] = Value::Null;
+        let s: TrainerState = serde_json::from_value(v).unwrap();
+        assert_eq!(s.best(), None);
+    }
+}
