@@ -19,6 +19,7 @@ lint:
 	cargo clippy --release --features python --all-targets -- -D warnings
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy.stubtest grouploss._native
 
 rust-test:
 	cargo test

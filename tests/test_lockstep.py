@@ -14,7 +14,6 @@ schedule, the release's reload of the best weights included.
 from __future__ import annotations
 
 import csv
-import inspect
 import pathlib
 from typing import Dict, List, Optional
 
@@ -29,7 +28,7 @@ from grouploss import ClassBalancedBatchSampler, datasets, metrics
 from grouploss import functional as F
 from grouploss.data import Loader, small_transform
 from grouploss.models import initial_state_dict
-from grouploss.training import LOSS_OPTIONS
+from grouploss.training import group_loss_options
 
 EPOCHS, STEPS = 3, 8  # 24 optimizer steps a case
 BASE = dict(
@@ -57,11 +56,6 @@ BASE = dict(
 )
 # The Group Loss's settings in the group cases (the other losses refuse them).
 GROUP = dict(classifier="linear", temperature=10.0, num_anchors=1, similarity_power=2.0)
-# The trainer's Group Loss options that `functional.group_loss` takes, by
-# the same names.
-GROUP_KEYS = tuple(
-    k for k in LOSS_OPTIONS["group"] if k in inspect.signature(F.group_loss).parameters
-)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +199,7 @@ def initial_state(cfg: dict, root: pathlib.Path) -> Dict[str, torch.Tensor]:
 def batch_loss(cfg: dict, model: Net, images, labels) -> torch.Tensor:
     emb, logits = model(images)
     if cfg["loss"] == "group":
-        return F.group_loss(emb, labels, logits, **{k: cfg[k] for k in GROUP_KEYS})
+        return F.group_loss(emb, labels, logits, **group_loss_options(cfg))
     if cfg["loss"] == "softmax":
         return nn.functional.cross_entropy(logits, labels)
     return F.triplet_margin_loss(emb, labels, margin=cfg["triplet_margin"])

@@ -9,6 +9,7 @@ import itertools
 import pathlib
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -609,24 +610,100 @@ def test_normalize_embeddings():
 def test_gtg_warmup_and_ramp_of_the_module():
     emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=23)
     loss_fn = GroupLoss(6, temperature=2.0, gtg_weight=2.0, gtg_warmup_steps=2, gtg_ramp_steps=4)
-    assert "num_steps" in loss_fn.state_dict()
     expected_weights = [0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
-    for w in expected_weights:
-        assert loss_fn.current_gtg_weight() == w
-        got = loss_fn(emb.clone().requires_grad_(True), labels, logits)
-        torch.testing.assert_close(
-            got, F.group_loss(emb, labels, logits, temperature=2.0, gtg_weight=w)
-        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit count warns about nothing
+        for w in expected_weights:
+            assert loss_fn.current_gtg_weight() == w
+            # Two forward calls a step (two views, or gradient accumulation).
+            for _ in range(2):
+                got = loss_fn(emb.clone().requires_grad_(True), labels, logits)
+                torch.testing.assert_close(
+                    got, F.group_loss(emb, labels, logits, temperature=2.0, gtg_weight=w)
+                )
+            loss_fn.step()
     assert int(loss_fn.num_steps) == len(expected_weights)
-    # Evaluation and no-grad calls do not advance the schedule.
+    # Evaluation and no-grad calls do not count either.
     with torch.no_grad():
         loss_fn(emb, labels, logits)
     loss_fn.eval()
     loss_fn(emb, labels, logits)
     assert int(loss_fn.num_steps) == len(expected_weights)
-    # Without a schedule there is no step buffer: state dicts are as before.
-    assert "num_steps" not in GroupLoss(6).state_dict()
     assert GroupLoss(6).current_gtg_weight() == 1.0
+
+
+def test_forward_calls_count_as_steps_until_step_is_called_with_a_warning():
+    emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=23)
+    loss_fn = GroupLoss(6, gtg_warmup_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            loss_fn(emb, labels, logits)
+    # The first call whose count ends the warm-up says how to count steps.
+    with pytest.warns(FutureWarning, match=r"call loss_fn.step\(\) after each optimizer.step"):
+        loss_fn(emb, labels, logits)
+    assert int(loss_fn.num_steps) == 3
+    # The first step() takes the count over: forward calls no longer count.
+    loss_fn.step()
+    assert int(loss_fn.num_steps) == 1
+    loss_fn(emb, labels, logits)
+    assert int(loss_fn.num_steps) == 1
+
+
+def test_the_state_dict_has_the_same_keys_whatever_the_options():
+    keys = {"num_steps", "anchor_generator_state"}
+    assert set(GroupLoss(6).state_dict()) == keys
+    assert set(GroupLoss(6, gtg_warmup_steps=2, anchors="random", seed=1).state_dict()) == keys
+    assert set(GroupLoss(6, embedding_size=4).state_dict()) == keys | {
+        "classifier.weight",
+        "classifier.bias",
+    }
+    # A state dict of an older release (no such buffers) loads, with a warning.
+    with pytest.warns(FutureWarning, match="num_steps: missing from the state dict"):
+        GroupLoss(6).load_state_dict({})
+
+
+def test_a_restored_module_draws_the_random_anchors_an_uninterrupted_one_would():
+    emb, labels, logits = pk_batch(4, 4, m=6, d=5, seed=5)
+    opts = dict(num_anchors=1, anchors="random", seed=7)
+    ref = GroupLoss(6, **opts)
+    want = [ref(emb, labels, logits) for _ in range(4)]
+    first = GroupLoss(6, **opts)
+    got = [first(emb, labels, logits) for _ in range(2)]
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    resumed = GroupLoss(6, **opts)
+    resumed.load_state_dict(saved)
+    got += [resumed(emb, labels, logits) for _ in range(2)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Anchors do differ between draws (the check above can fail).
+    assert len({round(x.item(), 6) for x in want}) > 1
+    # A module built without a seed takes the saved generator.
+    unseeded = GroupLoss(6, num_anchors=1, anchors="random")
+    unseeded.load_state_dict(saved)
+    torch.testing.assert_close(unseeded(emb, labels, logits), want[2], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_the_classifier_on_another_device_raises_like_nn_linear():
+    loss_fn = GroupLoss(6, embedding_size=5)
+    emb, labels, _ = pk_batch(3, 4, m=6, d=5, seed=1)
+    with pytest.raises(RuntimeError, match="embeddings: expected a tensor on cpu"):
+        loss_fn(emb.cuda(), labels.cuda())
+
+
+def test_the_classifier_is_not_moved_to_the_inputs_device():
+    loss_fn = GroupLoss(6, embedding_size=5)
+    emb, labels, _ = pk_batch(3, 4, m=6, d=5, seed=1)
+    meta = torch.empty(emb.shape, device="meta")
+    with pytest.raises(
+        RuntimeError, match=r"embeddings: expected a tensor on cpu .* got one on meta"
+    ):
+        loss_fn.compute_logits(meta)
+    # Same device: the logits are those of the module's own weights.
+    w, b = loss_fn.classifier.weight, loss_fn.classifier.bias
+    want = torch.nn.functional.linear(emb, w.to(emb.dtype), b.to(emb.dtype))
+    torch.testing.assert_close(loss_fn.compute_logits(emb), want)
 
 
 def test_bad_new_options_name_the_argument():

@@ -1,7 +1,7 @@
 """Typed surface of the Rust extension ``grouploss._native``."""
 
 import pathlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ def triplet_margin_loss(
 
 # ------------------------------------------------------------ sampler
 
+@final
 class ClassBalancedSampler:
     def __init__(
         self,
@@ -127,6 +128,7 @@ class ClassBalancedSampler:
 
 # ------------------------------------------------------------ data
 
+@final
 class Dataset:
     def __len__(self) -> int: ...
     @property
@@ -161,6 +163,7 @@ def open_dataset(
 ) -> Dataset: ...
 def default_build_dir(kind: str) -> pathlib.Path: ...
 
+@final
 class Transform:
     def __call__(self, image: np.ndarray, seed: int = 0) -> torch.Tensor: ...
     @property
@@ -198,6 +201,7 @@ def pad_crop(
     channels: int = 1,
 ) -> Transform: ...
 
+@final
 class Loader:
     def __init__(
         self,
@@ -217,6 +221,7 @@ class Loader:
     ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...
     def take_skipped(self) -> List[Tuple[int, str]]: ...
 
+@final
 class LoaderEpoch:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[int]]]: ...
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor, List[int]]: ...
@@ -277,6 +282,7 @@ def initial_state_dict(
     then the network built on the CPU. Copies, keyed ``backbone.*``,
     ``embed.*`` and ``classifier.*``."""
 
+@final
 class RunModel:
     def __init__(self, run_dir: str, checkpoint: str = "best", device: str = "auto") -> None: ...
     @property

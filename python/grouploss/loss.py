@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -86,16 +87,22 @@ class GroupLoss(nn.Module):
             in batch order (the release; a shuffling sampler makes this
             random); ``"random"``: drawn with ``seed``.
         seed: seed for ``anchors="random"``; every call draws the next anchors
-            from a generator seeded with it. None draws from torch's global
+            from a generator seeded with it, whose state is the buffer
+            ``anchor_generator_state`` (a resumed run draws the anchors an
+            uninterrupted one would). None draws from torch's global
             generator (``torch.manual_seed`` makes it repeatable).
         batch_classes_only: refine over the classes present in the batch only
             (prior columns restricted and renormalised); for datasets with
             thousands of classes.
-        gtg_warmup_steps: training steps (calls of ``forward`` in training
-            mode with gradients enabled) with the Group Loss term off: CE
+        gtg_warmup_steps: optimizer steps with the Group Loss term off: CE
             alone, like the release's start from a CE-finetuned network.
-            Requires ``ce_weight > 0``. The step count is the buffer
-            ``num_steps`` (saved in the state dict when a schedule is set).
+            Requires ``ce_weight > 0``. Call :meth:`step` after each
+            ``optimizer.step()`` (gradient accumulation and two-view batches
+            then count steps, not forward calls); the count is the buffer
+            ``num_steps``. Until a first :meth:`step` call, each training
+            ``forward`` counts one step, and a ``FutureWarning`` says so when
+            that count first changes the weight (the next release stops
+            counting forward calls).
         gtg_ramp_steps: after the warm-up, the weight of the Group Loss term
             grows linearly from 0 to ``gtg_weight`` over this many steps.
         implementation: ``"auto"`` computes the gradients in closed form in
@@ -241,11 +248,47 @@ class GroupLoss(nn.Module):
             if embedding_size is not None
             else None
         )
-        self.num_steps: Optional[torch.Tensor]
-        if self.gtg_warmup_steps or self.gtg_ramp_steps:
-            self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
-        else:
-            self.num_steps = None
+        # The module's state has the same keys whatever the options.
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("anchor_generator_state", self._generator_state())
+        # Forward calls counted as steps before a first `step()` call.
+        self._forward_steps: Optional[int] = 0
+
+    def _generator_state(self) -> torch.Tensor:
+        if self._generator is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return self._generator.get_state()
+
+    def step(self) -> None:
+        """Advances the warm-up and ramp schedule by one optimizer step; call
+        it after each ``optimizer.step()``."""
+        if self._forward_steps is not None:
+            # From now on the caller counts: undo what forward counted.
+            self.num_steps -= self._forward_steps
+            self._forward_steps = None
+        self.num_steps += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        key = prefix + "anchor_generator_state"
+        if key in state_dict:  # takes the saved generator's size
+            self.anchor_generator_state = torch.empty_like(state_dict[key], device="cpu")
+        for old in ("num_steps", "anchor_generator_state"):
+            if prefix + old not in state_dict:
+                # State dicts of 0.x: no step count without a schedule, no
+                # generator state.
+                warnings.warn(
+                    f"{prefix}{old}: missing from the state dict (saved by an older "
+                    "grouploss); kept as constructed. Save it again to include it.",
+                    FutureWarning,
+                    stacklevel=4,
+                )
+                state_dict[prefix + old] = getattr(self, old)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        saved = self.anchor_generator_state
+        if saved.numel():
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(saved.cpu())
 
     def extra_repr(self) -> str:
         return (
@@ -263,7 +306,7 @@ class GroupLoss(nn.Module):
     def current_gtg_weight(self) -> float:
         """The weight of the Group Loss term at the current step: 0 during the
         warm-up, then ramped linearly to ``gtg_weight``."""
-        if self.num_steps is None:
+        if not (self.gtg_warmup_steps or self.gtg_ramp_steps):
             return self.gtg_weight
         t = int(self.num_steps.item()) - self.gtg_warmup_steps
         if t < 0:
@@ -275,7 +318,9 @@ class GroupLoss(nn.Module):
     def _anchor_seed(self) -> Optional[int]:
         if self.anchors != "random" or self._generator is None:
             return None
-        return int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        self.anchor_generator_state = self._generator.get_state()
+        return seed
 
     def compute_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits of the module's own classifier, in the embeddings' dtype and
@@ -293,17 +338,23 @@ class GroupLoss(nn.Module):
                 f"embeddings: expected shape (batch, {self.embedding_size}) (embedding_size), "
                 f"got {list(embeddings.shape)}"
             )
+        if embeddings.device != self.classifier.weight.device:
+            raise RuntimeError(
+                f"embeddings: expected a tensor on {self.classifier.weight.device} (the "
+                f"device of GroupLoss's classifier; move the module with .to(device) like "
+                f"any nn.Module), got one on {embeddings.device}"
+            )
         x = F._upcast(embeddings)
         if self.normalize_embeddings:
             x = nn.functional.normalize(x, dim=1, eps=1e-12)
-        weight = self.classifier.weight.to(device=x.device, dtype=x.dtype)
+        weight = self.classifier.weight.to(dtype=x.dtype)
         if self.classifier_kind == "cosine":
             x = nn.functional.normalize(x, dim=1, eps=1e-12)
             weight = nn.functional.normalize(weight, dim=1, eps=1e-12)
             return nn.functional.linear(x, weight) * self.classifier_scale
         bias = self.classifier.bias
         assert bias is not None  # the linear classifier has one
-        return nn.functional.linear(x, weight, bias.to(device=x.device, dtype=x.dtype))
+        return nn.functional.linear(x, weight, bias.to(dtype=x.dtype))
 
     def forward(
         self,
@@ -332,7 +383,7 @@ class GroupLoss(nn.Module):
                 )
             embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
         gtg_weight = self.current_gtg_weight()
-        if self.num_steps is not None and self.training and torch.is_grad_enabled():
+        if self._counts_forward_calls():
             self.num_steps += 1
         return F.group_loss(
             embeddings,
@@ -354,6 +405,27 @@ class GroupLoss(nn.Module):
             return_details=return_details,
             implementation=self.implementation,
         )
+
+    def _counts_forward_calls(self) -> bool:
+        """Whether this training forward counts as a step: only with a
+        schedule and until the caller's first :meth:`step`."""
+        scheduled = self.gtg_warmup_steps or self.gtg_ramp_steps
+        if self._forward_steps is None or not scheduled:
+            return False
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if self._forward_steps == max(1, self.gtg_warmup_steps):
+            # The first forward whose count changes the weight, unless step()
+            # is called: a caller who calls it has done so by now.
+            warnings.warn(
+                "GroupLoss: the warm-up counted forward calls as steps; call "
+                "loss_fn.step() after each optimizer.step() (the next release stops "
+                "counting forward calls)",
+                FutureWarning,
+                stacklevel=3,
+            )
+        self._forward_steps += 1
+        return True
 
 
 def _check_int(name: str, value, minimum: int) -> None:

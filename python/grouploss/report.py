@@ -35,7 +35,7 @@ import torch
 
 from . import _extras, datasets, metrics, plots
 from . import functional as F
-from .training import RunModel, load_run
+from .training import RunModel, group_loss_options, load_run
 
 PathLike = Union[str, pathlib.Path]
 
@@ -260,23 +260,10 @@ def batch_probabilities(
     emb = _embed_images(model, ds, idx).float().cpu()
     logits = model.logits(emb).float().cpu()
     anchor_seed = seed if cfg["anchors"] == "random" else None
-    out = F.group_loss(
-        emb,
-        labels,
-        logits,
-        temperature=cfg["temperature"],
-        num_anchors=cfg["num_anchors"],
-        num_iters=cfg["num_iters"],
-        gtg_weight=1.0,  # the CE-only baseline has no refinement to show
-        ce_weight=cfg["ce_weight"],
-        similarity=cfg["similarity"],
-        sigma=cfg["sigma"],
-        zero_diagonal=cfg["zero_diagonal"],
-        anchors=cfg["anchors"],
-        seed=anchor_seed,
-        batch_classes_only=cfg["batch_classes_only"],
-        return_details=True,
-    )
+    opts = group_loss_options(cfg)
+    # The CE-only baseline (gtg_weight 0) has no refinement to show.
+    opts.update(gtg_weight=1.0, seed=anchor_seed)
+    out = F.group_loss(emb, labels, logits, **opts, return_details=True)
     prior = torch.softmax(logits / cfg["temperature"], dim=1)
     classes = None
     if out.classes is not None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import pathlib
 import sys
@@ -28,6 +29,7 @@ PathLike = Union[str, pathlib.Path]
 
 __all__ = [
     "LOSS_OPTIONS",
+    "group_loss_options",
     "PRESETS",
     "RunModel",
     "TrainResult",
@@ -43,6 +45,17 @@ PRESETS: tuple = tuple(_native.presets())
 LOSS_OPTIONS: Dict[str, Tuple[str, ...]] = {
     loss: tuple(keys) for loss, keys in _native.loss_options()
 }
+
+
+def group_loss_options(config: dict) -> Dict[str, Any]:
+    """The keyword arguments of :func:`grouploss.functional.group_loss` that
+    a run's configuration sets (its Group Loss options, by the same names):
+    ``functional.group_loss(emb, labels, logits, **group_loss_options(cfg))``
+    is the loss that run trained."""
+    from . import functional
+
+    takes = inspect.signature(functional.group_loss).parameters
+    return {k: config[k] for k in LOSS_OPTIONS["group"] if k in takes}
 
 
 @dataclasses.dataclass

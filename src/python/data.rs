@@ -196,7 +196,8 @@ fn normalization(
 #[pyo3(signature = (
     size, scale = (0.08, 1.0), ratio = (0.75, 4.0 / 3.0), flip = true, normalize = "imagenet",
     mean = None, std = None, channels = 3
-))]
+), text_signature = "(size, scale=(0.08, 1.0), ratio=(0.75, 1.3333333333333333), flip=True, \
+    normalize='imagenet', mean=None, std=None, channels=3)")]
 #[allow(clippy::too_many_arguments)]
 fn random_resized_crop(
     size: i64,

@@ -17,7 +17,9 @@ fn count(value: i64, arg: &str) -> Result<usize, Error> {
     embeddings, labels, query_embeddings = None, query_labels = None, *,
     ks = vec![1, 2, 4, 8], include = None, normalize = true, batch_size = None, seed = 0,
     kmeans_n_init = 1, kmeans_max_iter = 300
-))]
+), text_signature = "(embeddings, labels, query_embeddings=None, query_labels=None, *, \
+    ks=(1, 2, 4, 8), include=None, normalize=True, batch_size=None, seed=0, kmeans_n_init=1, \
+    kmeans_max_iter=300)")]
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
