@@ -8,32 +8,27 @@ import torch
 
 __version__: str
 
+@final
+class GroupLossResult:
+    """The loss and, where asked for or computed, its parts and closed-form
+    gradients."""
+
+    @property
+    def loss(self) -> torch.Tensor: ...
+    @property
+    def nll(self) -> Optional[torch.Tensor]: ...
+    @property
+    def ce(self) -> Optional[torch.Tensor]: ...
+    @property
+    def probs(self) -> Optional[torch.Tensor]: ...
+    @property
+    def classes(self) -> Optional[torch.Tensor]: ...
+    @property
+    def grad_embeddings(self) -> Optional[torch.Tensor]: ...
+    @property
+    def grad_logits(self) -> Optional[torch.Tensor]: ...
+
 def group_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    logits: torch.Tensor,
-    *,
-    temperature: float = 24.0,
-    num_anchors: int = 2,
-    num_iters: int = 1,
-    gtg_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    similarity: str = "correlation",
-    sigma: float = 1.0,
-    similarity_power: float = 1.0,
-    zero_diagonal: bool = False,
-    anchors: str = "first",
-    seed: int = 0,
-    batch_classes_only: bool = False,
-    num_classes: Optional[int] = None,
-) -> Tuple[
-    torch.Tensor,
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-]: ...
-def group_loss_with_grads(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     logits: torch.Tensor,
@@ -54,15 +49,7 @@ def group_loss_with_grads(
     want_grads: bool = True,
     want_probs: bool = False,
     implementation: str = "auto",
-) -> Tuple[
-    torch.Tensor,
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-    Optional[torch.Tensor],
-]: ...
+) -> GroupLossResult: ...
 def similarity(
     embeddings: torch.Tensor,
     kind: str = "correlation",

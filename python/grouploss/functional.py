@@ -73,14 +73,14 @@ class _GroupLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, logits, labels, options):
-        loss, _, _, _, _, g_emb, g_logits = _native.group_loss_with_grads(
+        r = _native.group_loss(
             embeddings, labels, logits, want_grads=True, want_probs=False, **options
         )
         # Saved, not kept on ctx: autograd releases saved tensors right after
         # backward (unless retain_graph), so that the gradients handed over
         # become the leaves' .grad without a copy.
-        ctx.save_for_backward(g_emb, g_logits)
-        return loss
+        ctx.save_for_backward(r.grad_embeddings, r.grad_logits)
+        return r.loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -98,14 +98,14 @@ class _GroupLossDetails(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, logits, labels, options):
-        loss, nll, ce, probs, classes, g_emb, g_logits = _native.group_loss_with_grads(
+        r = _native.group_loss(
             embeddings, labels, logits, want_grads=True, want_probs=True, **options
         )
-        ctx.save_for_backward(g_emb, g_logits)
-        extras = [t for t in (nll, ce, probs, classes) if t is not None]
+        ctx.save_for_backward(r.grad_embeddings, r.grad_logits)
+        extras = [t for t in (r.nll, r.ce, r.probs, r.classes) if t is not None]
         if extras:
             ctx.mark_non_differentiable(*extras)
-        return loss, nll, ce, probs, classes
+        return r.loss, r.nll, r.ce, r.probs, r.classes
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -232,9 +232,8 @@ def group_loss(
     embeddings, logits = _upcast(embeddings), _upcast(logits)
     with _no_autocast(embeddings.device):
         if implementation == "autograd":
-            loss, nll, ce, probs, classes = _native.group_loss(
-                embeddings, labels, logits, **options
-            )
+            r = _native.group_loss(embeddings, labels, logits, implementation="autograd", **options)
+            loss, nll, ce, probs, classes = r.loss, r.nll, r.ce, r.probs, r.classes
         elif torch.is_grad_enabled() and (embeddings.requires_grad or logits.requires_grad):
             options["implementation"] = implementation
             if not return_details:
@@ -243,7 +242,7 @@ def group_loss(
                 embeddings, logits, labels, options
             )
         else:
-            loss, nll, ce, probs, classes, _, _ = _native.group_loss_with_grads(
+            r = _native.group_loss(
                 embeddings,
                 labels,
                 logits,
@@ -252,6 +251,7 @@ def group_loss(
                 implementation=implementation,
                 **options,
             )
+            loss, nll, ce, probs, classes = r.loss, r.nll, r.ce, r.probs, r.classes
     if return_details:
         return GroupLossOutput(loss, nll, ce, probs, classes)
     return loss
