@@ -88,7 +88,7 @@ def worker(kind: str, data: str) -> dict:
     loaded = rss_mb()
     start = time.perf_counter()
     if kind == "ours":
-        out = metrics.evaluate(x, y, ks=KS, include=("recall", "map_at_r"))
+        out = metrics.evaluate(x, y, ks=KS, include=("recall", "map@r"))
         out.pop("left_out")
     elif kind == "ours-nmi":
         out = metrics.evaluate(x, y, include=("nmi",))

@@ -370,7 +370,7 @@ def torch_run(
             seen += len(y)
         train_s += time.perf_counter() - start
         ve, vl = embed(model, val, eval_tf, select_idx)
-        m = metrics.evaluate(ve, vl, include=("recall", "map_at_r", "r_precision"))
+        m = metrics.evaluate(ve, vl, include=("recall", "map@r", "r_precision"))
         history.append(m["map@r"])
         if best is None or m["map@r"] > best[1]["map@r"]:
             best = (epoch + 1, m)

@@ -41,7 +41,7 @@ def _metrics_job(seed: int):
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(400, 24)).astype(np.float32)
     labels = rng.integers(0, 12, size=400)
-    return M.evaluate(emb, labels, include=("recall", "map_at_r", "r_precision", "nmi"), seed=seed)
+    return M.evaluate(emb, labels, include=("recall", "map@r", "r_precision", "nmi"), seed=seed)
 
 
 def _sampler_job(seed: int):

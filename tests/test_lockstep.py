@@ -156,7 +156,7 @@ def validation_map_at_r(model: Net, val, transform) -> float:
     with torch.no_grad():
         batches = [list(range(len(val)))]
         ((images, labels),) = list(Loader(val, batches, transform, num_threads=1))
-        m = metrics.evaluate(model(images)[0], labels, include=("map_at_r",))
+        m = metrics.evaluate(model(images)[0], labels, include=("map@r",))
     model.train()
     return m["map@r"]
 

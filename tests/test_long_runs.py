@@ -66,7 +66,7 @@ def test_thousands_of_metric_calls_keep_memory_flat():
     labels = rng.integers(0, 10, size=300)
     samples = []
     for i in range(1_500):
-        out = M.evaluate(emb, labels, include=("recall", "map_at_r"))
+        out = M.evaluate(emb, labels, include=("recall", "map@r"))
         if i % 300 == 299:
             samples.append(rss())
     assert 0 <= out["recall@1"] <= 1

@@ -504,7 +504,7 @@ def test_similarity_power_matches_the_definition(kind, zero_diagonal):
     emb, _, _ = pk_batch(4, 5, m=8, d=12, seed=3)
     for power in (1.0, 2.0, 5.5):
         torch.testing.assert_close(
-            F.similarity(emb, kind, zero_diagonal, sigma=3.0, power=power),
+            F.similarity(emb, kind, zero_diagonal, sigma=3.0, similarity_power=power),
             reference_similarity(emb, zero_diagonal, kind, 3.0, power),
             rtol=1e-10,
             atol=1e-12,
@@ -720,7 +720,7 @@ def test_bad_new_options_name_the_argument():
         logits,
         similarity_power=0.5,
     )
-    _raises(r"^similarity_power: expected", F.similarity, emb, power=0.0)
+    _raises(r"^similarity_power: expected", F.similarity, emb, similarity_power=0.0)
     _raises(r"^classifier: expected 'linear' or 'cosine'", GroupLoss, 3, classifier="arc")
     _raises(r"^classifier_scale: expected a finite number > 0", GroupLoss, 3, classifier_scale=0.0)
     _raises(r"^gtg_warmup_steps: expected an integer >= 0", GroupLoss, 3, gtg_warmup_steps=-1)
@@ -1028,3 +1028,25 @@ def test_native_calls_release_the_gil():
     during = [x for x in ticks if start < x < end]
     # With the GIL held the counter could not run at all during the calls.
     assert len(during) > 0.2 * (end - start) / 0.0005 * 0.2, (len(during), end - start)
+
+
+def test_the_old_keyword_names_still_work_with_a_warning():
+    """0.x spelled some functional keywords differently from the loss; they
+    still work for one release, each with a FutureWarning naming the new one."""
+    emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=2)
+    with pytest.warns(FutureWarning, match=r"similarity: kind= is deprecated, use similarity="):
+        old = F.similarity(emb, kind="cosine")
+    torch.testing.assert_close(old, F.similarity(emb, similarity="cosine"))
+    with pytest.warns(FutureWarning, match=r"power= is deprecated, use similarity_power="):
+        old = F.similarity(emb, power=2.0)
+    torch.testing.assert_close(old, F.similarity(emb, similarity_power=2.0))
+    with pytest.warns(FutureWarning, match=r"anchor_mask: mode= is deprecated, use anchors="):
+        old = F.anchor_mask(labels, 2, mode="random", seed=4)
+    assert torch.equal(old, F.anchor_mask(labels, 2, anchors="random", seed=4))
+    prior = torch.softmax(logits, dim=1)
+    w, mask = F.similarity(emb), F.anchor_mask(labels, 1)
+    with pytest.warns(FutureWarning, match=r"refine: W= is deprecated, use w="):
+        old = F.refine(prior, W=w, labels=labels, anchor_mask=mask)
+    torch.testing.assert_close(old, F.refine(prior, w, labels, mask))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sharpness'"):
+        F.similarity(emb, sharpness=2.0)

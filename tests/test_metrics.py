@@ -67,7 +67,7 @@ def reference(emb, labels, q=None, ql=None, ks=(1, 2, 4, 8), normalize=True):
     return out
 
 
-RETRIEVAL = ("recall", "map_at_r", "r_precision")
+RETRIEVAL = ("recall", "map@r", "r_precision")
 
 
 def assert_same(got, want, tol=1e-12):
@@ -159,6 +159,10 @@ def test_single_metrics_and_input_types_agree():
     assert M.recall_at_k(emb, labels, k=(1, 5)) == [full["recall@1"], full["recall@5"]]
     assert M.recall_at_k(emb, labels, k=5) == full["recall@5"]
     assert M.map_at_r(emb, labels) == full["map@r"]
+    # The 0.x spelling of the include name still works, with a warning.
+    with pytest.warns(FutureWarning, match='"map_at_r" is deprecated, use "map@r"'):
+        old = M.evaluate(emb, labels, include=("map_at_r",))
+    assert old == M.evaluate(emb, labels, include=("map@r",))
     assert M.r_precision(emb, labels) == full["r_precision"]
     # torch tensors, half precision (computed in float32) and int32 labels.
     t = M.evaluate(torch.from_numpy(emb), torch.from_numpy(labels).int(), ks=(1, 5))
@@ -299,7 +303,7 @@ def _x():
         (lambda x, y: M.evaluate(x, y, ks=(0,)), "ks: expected an integer >= 1, got 0"),
         (
             lambda x, y: M.evaluate(x, y, include=("recall", "ndcg")),
-            'include: expected names among "recall", "map_at_r", "r_precision", "nmi", got "ndcg"',
+            'include: expected names among "recall", "map@r", "r_precision", "nmi", got "ndcg"',
         ),
         (
             lambda x, y: M.evaluate(x, y, query_embeddings=x[:, :3], query_labels=y),

@@ -181,7 +181,7 @@ def test_metrics_stay_in_range_for_extreme_and_duplicate_embeddings(
     labels = rng.integers(0, classes, size=n)
     ks = [k for k in (1, 2, 4) if k < n]
     out = M.evaluate(
-        emb.astype(np.float32), labels, ks=ks, include=("recall", "map_at_r", "r_precision")
+        emb.astype(np.float32), labels, ks=ks, include=("recall", "map@r", "r_precision")
     )
     counts = np.bincount(labels)
     singletons = int((counts[labels] == 1).sum())

@@ -44,7 +44,7 @@ labels = np.repeat(np.arange(len(sizes)), sizes)[:60502]
 centres = rng.standard_normal((len(sizes), 512)).astype(np.float32)
 x = torch.from_numpy(centres[labels] + 1.2 * rng.standard_normal((len(labels), 512)).astype(np.float32)).cuda()
 y = torch.from_numpy(labels).cuda()
-for include in (("recall", "map_at_r", "r_precision"), ("nmi",)):
+for include in (("recall", "map@r", "r_precision"), ("nmi",)):
     metrics.evaluate(x[:2000], y[:2000], ks=(1, 10), include=include)
     torch.cuda.synchronize()
     t = time.perf_counter()

@@ -52,13 +52,13 @@ def group_loss(
 ) -> GroupLossResult: ...
 def similarity(
     embeddings: torch.Tensor,
-    kind: str = "correlation",
+    similarity: str = "correlation",
     zero_diagonal: bool = False,
     sigma: float = 1.0,
-    power: float = 1.0,
+    similarity_power: float = 1.0,
 ) -> torch.Tensor: ...
 def anchor_mask(
-    labels: torch.Tensor, num_anchors: int, mode: str = "first", seed: int = 0
+    labels: torch.Tensor, num_anchors: int, anchors: str = "first", seed: int = 0
 ) -> torch.Tensor: ...
 def refine(
     probs: torch.Tensor,

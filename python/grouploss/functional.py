@@ -10,7 +10,8 @@ in float32.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -257,72 +258,109 @@ def group_loss(
     return loss
 
 
+def _renamed_keywords(func: str, given: dict, renames: dict) -> dict:
+    """The keywords of ``func`` that 0.x spelled differently (``renames``:
+    old name to new), under their new names, each with a FutureWarning;
+    any other keyword is a TypeError as usual."""
+    out = {}
+    for old, value in given.items():
+        if old not in renames:
+            raise TypeError(f"{func}() got an unexpected keyword argument {old!r}")
+        new = renames[old]
+        warnings.warn(
+            f"{func}: {old}= is deprecated, use {new}= (the name GroupLoss and the "
+            "trainer use); the old name goes in the next release",
+            FutureWarning,
+            stacklevel=3,
+        )
+        out[new] = value
+    return out
+
+
 def similarity(
     embeddings: torch.Tensor,
-    kind: str = "correlation",
+    similarity: str = "correlation",
     zero_diagonal: bool = False,
     *,
     sigma: float = 1.0,
-    power: float = 1.0,
+    similarity_power: float = 1.0,
+    **renamed: Any,
 ) -> torch.Tensor:
     """Pairwise similarity W (batch x batch) of the rows of ``embeddings``.
+
+    ``similarity``:
 
     * ``"correlation"``: rows centred by their mean, then cosine, then
       ``relu`` (Pearson correlation clipped at 0; the release).
     * ``"cosine"``: ``relu`` of the cosine similarity.
     * ``"gaussian"``: ``exp(-|x_i - x_j|^2 / (2 sigma^2))``.
 
-    Every entry is then raised to ``power`` (>= 1; the loss's
-    ``similarity_power``). The diagonal is 1, or 0 with ``zero_diagonal``.
-    A row with zero variance (correlation) or zero norm (cosine) is similar
-    to no other row (the release would give NaN); rows whose centred norm is
-    below 64 machine epsilons of their own norm count as such.
+    Every entry is then raised to ``similarity_power`` (>= 1). The diagonal
+    is 1, or 0 with ``zero_diagonal``. A row with zero variance
+    (correlation) or zero norm (cosine) is similar to no other row (the
+    release would give NaN); rows whose centred norm is below 64 machine
+    epsilons of their own norm count as such. The names are the loss's;
+    0.x's ``kind=`` and ``power=`` still work, with a ``FutureWarning``.
     """
+    new = _renamed_keywords(
+        "similarity", renamed, {"kind": "similarity", "power": "similarity_power"}
+    )
+    similarity = new.get("similarity", similarity)
+    similarity_power = new.get("similarity_power", similarity_power)
     embeddings = _require_tensor("embeddings", embeddings)
     with _no_autocast(embeddings.device):
         return _native.similarity(
             _upcast(embeddings),
-            kind=kind,
+            similarity=similarity,
             zero_diagonal=bool(zero_diagonal),
             sigma=float(sigma),
-            power=float(power),
+            similarity_power=float(similarity_power),
         )
 
 
 def anchor_mask(
-    labels: torch.Tensor, num_anchors: int, mode: str = "first", seed: Optional[int] = None
+    labels: torch.Tensor,
+    num_anchors: int,
+    anchors: str = "first",
+    seed: Optional[int] = None,
+    **renamed: Any,
 ) -> torch.Tensor:
     """Boolean mask of the anchors of a batch.
 
-    ``mode="first"`` takes the first ``num_anchors`` samples of every class in
-    batch order (the release); ``mode="random"`` draws them with ``seed``
-    (None: from torch's global generator). A class with fewer samples than
-    ``num_anchors`` has all of them as anchors.
+    ``anchors="first"`` takes the first ``num_anchors`` samples of every
+    class in batch order (the release); ``anchors="random"`` draws them with
+    ``seed`` (None: from torch's global generator). A class with fewer
+    samples than ``num_anchors`` has all of them as anchors. (0.x's
+    ``mode=`` still works, with a ``FutureWarning``.)
     """
+    anchors = _renamed_keywords("anchor_mask", renamed, {"mode": "anchors"}).get("anchors", anchors)
     labels = _require_tensor("labels", labels)
-    return _native.anchor_mask(
-        labels, int(num_anchors), mode=mode, seed=_draw_seed(seed) if mode == "random" else 0
-    )
+    seed = _draw_seed(seed) if anchors == "random" else 0
+    return _native.anchor_mask(labels, int(num_anchors), anchors=anchors, seed=seed)
 
 
 def refine(
     probs: torch.Tensor,
-    W: torch.Tensor,  # noqa: N803 - the paper's name
-    labels: torch.Tensor,
-    anchor_mask: torch.Tensor,
+    w: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    anchor_mask: Optional[torch.Tensor] = None,
     num_iters: int = 1,
+    **renamed: Any,
 ) -> torch.Tensor:
     """Label propagation: anchors, then replicator dynamics.
 
     Rows of ``probs`` (batch x classes) flagged in ``anchor_mask`` become the
     one-hot vectors of their labels, then ``num_iters`` times
-    ``X <- X * (W @ X)`` and each row is divided by its sum. A row whose
-    update sums to 0 is left unchanged (the release divides 0 by 0 there).
+    ``X <- X * (w @ X)`` and each row is divided by its sum, ``w`` being the
+    similarity W (:func:`similarity`). A row whose update sums to 0 is left
+    unchanged (the release divides 0 by 0 there). (0.x's ``W=`` still
+    works, with a ``FutureWarning``.)
     """
-    for name, t in (("probs", probs), ("W", W), ("labels", labels), ("anchor_mask", anchor_mask)):
+    w = _renamed_keywords("refine", renamed, {"W": "w"}).get("w", w)
+    for name, t in (("probs", probs), ("w", w), ("labels", labels), ("anchor_mask", anchor_mask)):
         _require_tensor(name, t)
     with _no_autocast(probs.device):
-        return _native.refine(_upcast(probs), _upcast(W), labels, anchor_mask, int(num_iters))
+        return _native.refine(_upcast(probs), _upcast(w), labels, anchor_mask, int(num_iters))
 
 
 # ------------------------------------------------------------ triplet margin loss

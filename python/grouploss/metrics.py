@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -63,7 +64,7 @@ __all__ = [
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-METRICS = ("recall", "map_at_r", "r_precision", "nmi")
+METRICS = ("recall", "map@r", "r_precision", "nmi")
 
 
 class KMeansResult(NamedTuple):
@@ -145,8 +146,9 @@ def evaluate(
             ``query_embeddings``.
         ks: the K of Recall@K, each in ``1..gallery size`` (n - 1 without a
             query set).
-        include: any of ``"recall"``, ``"map_at_r"``, ``"r_precision"``,
-            ``"nmi"``.
+        include: any of ``"recall"``, ``"map@r"``, ``"r_precision"``,
+            ``"nmi"`` (the names of their keys in the result; ``"map_at_r"``,
+            the spelling of 0.x, still works with a ``FutureWarning``).
         normalize: L2-normalise the embeddings first (cosine similarity).
         batch_size: rows per block of similarities (the side of a square
             tile on CPU) and of k-means distances; None picks them from a
@@ -169,7 +171,7 @@ def evaluate(
             ``1..gallery size``, an unknown metric name.
 
     Example:
-        >>> evaluate(emb, labels, ks=(1, 10, 100, 1000), include=("recall", "map_at_r"))
+        >>> evaluate(emb, labels, ks=(1, 10, 100, 1000), include=("recall", "map@r"))
         ... # doctest: +SKIP
         {'recall@1': 0.78, 'recall@10': 0.95, ..., 'map@r': 0.43, 'left_out': 0}
     """
@@ -178,7 +180,7 @@ def evaluate(
     if isinstance(include, str):
         include = (include,)
     ks = [_int("ks", k, 1) for k in ks]
-    include = [str(m) for m in include]
+    include = [_metric_name(str(m)) for m in include]
     qe, ql = _query(query_embeddings, query_labels)
     pairs, left_out = _native.evaluate(
         _as_tensor("embeddings", embeddings),
@@ -192,9 +194,21 @@ def evaluate(
         seed=_int("seed", seed, 0),
     )
     out = dict(pairs)
-    if "map_at_r" in include or "r_precision" in include:
+    if "map@r" in include or "r_precision" in include:
         out["left_out"] = left_out
     return out
+
+
+def _metric_name(name: str) -> str:
+    if name == "map_at_r":
+        warnings.warn(
+            'include: "map_at_r" is deprecated, use "map@r" (the key of its value in the '
+            "result); the old name goes in the next release",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return "map@r"
+    return name
 
 
 def recall_at_k(
@@ -254,7 +268,7 @@ def map_at_r(
     0.43
     """
     return _single(
-        "map_at_r",
+        "map@r",
         "map@r",
         embeddings,
         labels,

@@ -65,8 +65,10 @@ impl Metric {
         Metric::Nmi,
     ];
 
-    /// Parses `"recall" | "map_at_r" | "r_precision" | "nmi"`.
+    /// Parses `"recall" | "map@r" | "r_precision" | "nmi"` (the names of
+    /// their result keys; `"map_at_r"`, the spelling of 0.x, is accepted).
     pub fn parse(name: &str) -> Result<Self> {
+        let name = if name == "map_at_r" { "map@r" } else { name };
         Metric::ALL
             .into_iter()
             .find(|m| m.name() == name)
@@ -74,7 +76,7 @@ impl Metric {
                 Error::invalid(
                     "include",
                     format!("{name:?}"),
-                    "names among \"recall\", \"map_at_r\", \"r_precision\", \"nmi\"",
+                    "names among \"recall\", \"map@r\", \"r_precision\", \"nmi\"",
                 )
             })
     }
@@ -83,7 +85,7 @@ impl Metric {
     pub fn name(&self) -> &'static str {
         match self {
             Metric::Recall => "recall",
-            Metric::MapAtR => "map_at_r",
+            Metric::MapAtR => "map@r",
             Metric::RPrecision => "r_precision",
             Metric::Nmi => "nmi",
         }

@@ -162,37 +162,39 @@ fn group_loss(
     out.into_py(py)
 }
 
-/// Pairwise similarity W of the rows of `embeddings`, sharpened by `power`.
+/// Pairwise similarity W of the rows of `embeddings`, sharpened by
+/// `similarity_power`.
 #[pyfunction]
 #[pyo3(signature = (
-    embeddings, kind = "correlation", zero_diagonal = false, sigma = 1.0, power = 1.0
+    embeddings, similarity = "correlation", zero_diagonal = false, sigma = 1.0,
+    similarity_power = 1.0
 ))]
 fn similarity(
     py: Python<'_>,
     embeddings: PyTensor,
-    kind: &str,
+    similarity: &str,
     zero_diagonal: bool,
     sigma: f64,
-    power: f64,
+    similarity_power: f64,
 ) -> PyResult<PyTensor> {
-    let kind = Similarity::parse(kind, sigma)?;
+    let kind = Similarity::parse(similarity, sigma)?;
     let w = without_gil(py, move || {
-        loss::similarity_checked(&embeddings, kind, zero_diagonal, power)
+        loss::similarity_checked(&embeddings, kind, zero_diagonal, similarity_power)
     })?;
     Ok(PyTensor(w))
 }
 
 /// Boolean anchor mask over `labels`.
 #[pyfunction]
-#[pyo3(signature = (labels, num_anchors, mode = "first", seed = 0))]
+#[pyo3(signature = (labels, num_anchors, anchors = "first", seed = 0))]
 fn anchor_mask(
     py: Python<'_>,
     labels: PyTensor,
     num_anchors: i64,
-    mode: &str,
+    anchors: &str,
     seed: u64,
 ) -> PyResult<PyTensor> {
-    let mode = AnchorMode::parse(mode, seed)?;
+    let mode = AnchorMode::parse(anchors, seed)?;
     let mask = without_gil(py, move || {
         loss::anchor_mask_checked(&labels, num_anchors, mode)
     })?;
