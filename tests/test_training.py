@@ -116,15 +116,23 @@ def test_load_run_embeds_and_evaluates(glyphs_root, tmp_path):
     out = tmp_path / "run"
     r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **dict(TINY, epochs=1))
     model = grouploss.load_run(out, device="cpu")
-    emb, labels = model.embed("test")
+    emb, labels = model.embed_split("test")
     assert emb.shape == (96, 64) and labels.shape == (96,)
     assert model.evaluate("test")["recall@1"] == pytest.approx(r.test["recall@1"])
     ds = grouploss.datasets.Glyphs(glyphs_root, split="test")
-    e2, l2 = model.embed(ds)
+    e2, l2 = model.embed_dataset(ds)
     torch.testing.assert_close(e2, emb)
     raw = torch.stack([ds.load(i) for i in range(4)])
     torch.testing.assert_close(model.embed(raw), emb[:4], rtol=1e-4, atol=1e-5)
     assert model.history[-1]["epoch"] == 1
+    # embed takes images; 0.x's split names and datasets still work, warned.
+    with pytest.warns(FutureWarning, match="use RunModel.embed_split"):
+        old_e, old_l = model.embed("test")
+    torch.testing.assert_close(old_e, emb)
+    with pytest.warns(FutureWarning, match="use RunModel.embed_dataset"):
+        model.embed(ds)
+    with pytest.raises(TypeError, match="^images: expected a torch.Tensor, got int"):
+        model.embed(3)
 
 
 def _train_cmd(root, out, epochs, extra=()):
@@ -189,7 +197,7 @@ def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):
     assert p.returncode == 130, stderr
     assert "interrupted" in stdout
     model = grouploss.load_run(out, checkpoint="last", device="cpu")
-    assert model.embed("test")[0].shape == (96, 64)
+    assert model.embed_split("test")[0].shape == (96, 64)
 
 
 PAPER = dict(
@@ -359,7 +367,7 @@ def test_split_seed_fixes_the_validation_classes(glyphs_root, tmp_path):
     def val_labels(name, **options):
         opts = dict(TINY, epochs=1, **options)
         r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=tmp_path / name, **opts)
-        _, labels = grouploss.load_run(r.run_dir).embed("val")
+        _, labels = grouploss.load_run(r.run_dir).embed_split("val")
         return np.asarray(labels)
 
     a = val_labels("a", seed=1, split_seed=7)

@@ -325,9 +325,9 @@ def _embed(args: argparse.Namespace) -> int:
     if data.is_dir():
         from .datasets import ImageFolder
 
-        emb, labels = model.embed(ImageFolder(data, split="all"))
+        emb, labels = model.embed_dataset(ImageFolder(data, split="all"))
     else:
-        emb, labels = model.embed(args.data)
+        emb, labels = model.embed_split(args.data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, emb.cpu().numpy())
     labels_out = args.out.with_name(args.out.stem + "_labels.npy")

@@ -340,7 +340,7 @@ class RunInspection:
         self.model = load_run(self.run_dir, checkpoint=checkpoint, device=device)
         self.config: dict = self.model.config
         self.dataset = run_dataset(self.config, split, root=data_root)
-        emb, labels = self.model.embed(self.dataset)
+        emb, labels = self.model.embed_dataset(self.dataset)
         self.embeddings: np.ndarray = emb.float().cpu().numpy()
         self.labels: np.ndarray = labels.cpu().numpy()
         self.images = _Images(self.dataset)

@@ -4,7 +4,7 @@
 >>> result = grouploss.train(preset="glyphs", epochs=1)   # doctest: +SKIP
 >>> result.test["recall@1"], result.run_dir                # doctest: +SKIP
 >>> model = grouploss.load_run(result.run_dir)              # doctest: +SKIP
->>> emb, labels = model.embed("test")                       # doctest: +SKIP
+>>> emb, labels = model.embed_split("test")                 # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import inspect
 import json
 import pathlib
 import sys
+import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -260,29 +261,48 @@ class RunModel:
     def summary(self) -> dict:
         return json.loads((self.run_dir / "summary.json").read_text())
 
-    def embed(self, data, *, root: Optional[PathLike] = None):
-        """Embeddings of ``data``:
+    def embed(self, images: torch.Tensor, *, root: Optional[PathLike] = None) -> torch.Tensor:
+        """Embeddings of a tensor of images N x C x H x W (uint8: the run's
+        evaluation transform is applied; float: taken as transformed).
 
-        * a split name (``"train"``, ``"val"``, ``"test"``, ``"query"``,
-          ``"gallery"``, ``"all"``) of the run's dataset: returns
-          ``(embeddings, labels)``;
-        * a ``grouploss.datasets`` dataset: returns ``(embeddings, labels)``;
-        * a tensor of images N x C x H x W (uint8: the run's evaluation
-          transform is applied; float: taken as transformed): returns the
-          embeddings.
+        A split name or a dataset (0.x) still works, returning
+        ``(embeddings, labels)`` with a ``FutureWarning``: use
+        :meth:`embed_split` and :meth:`embed_dataset`.
         """
-        if isinstance(data, str):
-            root = None if root is None else str(root)
-            return self._native.embed_split(data, root)
-        if isinstance(data, torch.Tensor):
-            return self._native.embed(data)
-        native = getattr(data, "_native", None)
-        if native is not None and hasattr(native, "labels"):
-            return self._native.embed_dataset(native)
-        raise TypeError(
-            f"data: expected a split name, an images tensor or a grouploss dataset, "
-            f"got {type(data).__name__}"
-        )
+        if isinstance(images, torch.Tensor):
+            return self._native.embed(images)
+        if isinstance(images, str) or getattr(images, "_native", None) is not None:
+            new = "embed_split" if isinstance(images, str) else "embed_dataset"
+            warnings.warn(
+                f"RunModel.embed: a split name or a dataset is deprecated here, use "
+                f"RunModel.{new} (embed takes images and returns a tensor); the old form "
+                "goes in the next release",
+                FutureWarning,
+                stacklevel=2,
+            )
+            if isinstance(images, str):
+                return self.embed_split(images, root=root)
+            return self.embed_dataset(images)
+        raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+
+    def embed_split(
+        self, split: str, *, root: Optional[PathLike] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings, labels)`` of a split of the run's dataset:
+        ``"train"``, ``"val"``, ``"test"``, ``"query"``, ``"gallery"`` or
+        ``"all"`` (``root``: the dataset's folder, if it moved)."""
+        if not isinstance(split, str):
+            raise TypeError(f"split: expected a str, got {type(split).__name__}")
+        return self._native.embed_split(split, None if root is None else str(root))
+
+    def embed_dataset(self, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings, labels)`` of a ``grouploss.datasets`` dataset."""
+        native = getattr(dataset, "_native", None)
+        if native is None or not hasattr(native, "labels"):
+            raise TypeError(
+                f"dataset: expected a grouploss.datasets dataset, got {type(dataset).__name__}"
+            )
+        return self._native.embed_dataset(native)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classifier logits (N x training classes) of embeddings returned by
