@@ -18,7 +18,12 @@ __all__ = ["EXTRAS", "MissingExtra", "hint", "missing", "require"]
 EXTRAS: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {
     "report": (
         "plots and the report need",
-        (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"), ("PIL", "pillow")),
+        (
+            ("matplotlib", "matplotlib"),
+            ("sklearn", "scikit-learn"),
+            ("PIL", "pillow"),
+            ("threadpoolctl", "threadpoolctl"),
+        ),
     ),
     "glyphs": (
         "building the glyph benchmark needs",
