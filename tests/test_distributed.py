@@ -197,7 +197,7 @@ class _ThreadGroup:
         self._exchange([])
 
 
-def _threaded_run(config_toml: str, run_dir: pathlib.Path, world: int = 2) -> list:
+def _threaded_run(config: dict, run_dir: pathlib.Path, world: int = 2) -> list:
     shared = {
         "world": world,
         "slots": [None] * world,
@@ -212,7 +212,7 @@ def _threaded_run(config_toml: str, run_dir: pathlib.Path, world: int = 2) -> li
         try:
             group = _ThreadGroup(r, shared)
             group.wait_turn()
-            outcomes[r] = _native.train_run(config_toml, str(run_dir), group, "cpu")
+            outcomes[r] = _native.train_run(config, str(run_dir), group, "cpu")
             # Lets the next rank finish too.
             with shared["cond"]:
                 shared["turn"] = (r + 1) % world
@@ -343,7 +343,7 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
     cfg = training.resolve_config(
         "glyphs", data_root=glyphs_root, out_dir=ref, progress=False, **RUN
     )
-    outcomes = _threaded_run(training._toml(cfg), ref)
+    outcomes = _threaded_run(cfg, ref)
     assert outcomes[0] == outcomes[1]  # every rank returns rank 0's outcome
     want = _history(ref)
     # The epoch interrupted mid-way logs the mean loss of its resumed steps.

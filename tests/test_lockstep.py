@@ -199,7 +199,7 @@ def initial_state(cfg: dict, root: pathlib.Path) -> Dict[str, torch.Tensor]:
 def batch_loss(cfg: dict, model: Net, images, labels) -> torch.Tensor:
     emb, logits = model(images)
     if cfg["loss"] == "group":
-        return F.group_loss(emb, labels, logits, **group_loss_options(cfg))
+        return F.group_loss(emb, labels, logits, group_loss_options(cfg))
     if cfg["loss"] == "softmax":
         return nn.functional.cross_entropy(logits, labels)
     return F.triplet_margin_loss(emb, labels, margin=cfg["triplet_margin"])

@@ -569,7 +569,7 @@ def test_power_one_is_the_release():
     out = F.group_loss(emb, labels, logits, temperature=2, num_anchors=1, similarity_power=1.0)
     assert abs(out.item() - 1.5678459) < 1e-6
     assert GroupLoss(3).similarity_power == 1.0
-    assert GroupLoss(3, embedding_size=4).classifier_kind == "linear"
+    assert type(GroupLoss(3, embedding_size=4).classifier) is torch.nn.Linear
 
 
 def test_cosine_classifier_of_the_module():
@@ -709,7 +709,7 @@ def test_the_classifier_is_not_moved_to_the_inputs_device():
 
 
 def test_bad_new_options_name_the_argument():
-    for p in (0.5, float("inf"), float("nan"), True):
+    for p in (0.5, float("inf"), float("nan")):
         _raises(
             r"^similarity_power: expected a finite number >= 1", GroupLoss, 3, similarity_power=p
         )
@@ -975,7 +975,8 @@ def test_stubs_match_the_native_module():
     tree = ast.parse(stub.read_text())
 
     def params(fn):
-        return [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg != "self"]
+        args = [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg != "self"]
+        return args + ([fn.args.kwarg.arg] if fn.args.kwarg else [])
 
     stubbed = {node.name: params(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
     public = {n: o for n, o in vars(grouploss._native).items() if not n.startswith("_")}
@@ -992,7 +993,8 @@ def test_stubs_match_the_native_module():
     assert set(stub_classes) == set(classes)
     for name, cls in classes.items():
         methods = {n.name: n for n in stub_classes[name].body if isinstance(n, ast.FunctionDef)}
-        assert {m for m in methods if not m.startswith("_")} == {
+        attributes = {n.target.id for n in stub_classes[name].body if isinstance(n, ast.AnnAssign)}
+        assert {m for m in (*methods, *attributes) if not m.startswith("_")} == {
             m for m in vars(cls) if not m.startswith("_")
         }, name
         for m, node in methods.items():
@@ -1052,3 +1054,100 @@ def test_the_old_keyword_names_still_work_with_a_warning():
     torch.testing.assert_close(old, F.refine(prior, w, labels, mask))
     with pytest.raises(TypeError, match="unexpected keyword argument 'sharpness'"):
         F.similarity(emb, sharpness=2.0)
+
+
+# ------------------------------------------------------------ one options type
+
+
+def test_the_options_defaults_are_the_rust_cores():
+    defaults = {
+        name: p.default for name, p in inspect.signature(F.GroupLossOptions).parameters.items()
+    }
+    assert defaults == F.GroupLossOptions().to_dict()
+    assert list(defaults) == list(F.GroupLossOptions.NAMES)
+    # The wrappers show the same defaults.
+    for fn in (F.group_loss, GroupLoss):
+        params = inspect.signature(fn).parameters
+        assert {n: params[n].default for n in defaults} == defaults, fn
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(temperature=0.0), r"^temperature: expected a finite number > 0"),
+        (dict(num_anchors=-1), r"^num_anchors: expected an integer >= 0"),
+        (dict(num_iters=0), r"^num_iters: expected an integer >= 1"),
+        (dict(gtg_weight=-1.0), r"^gtg_weight: expected a finite number >= 0"),
+        (dict(gtg_weight=0.0, ce_weight=0.0), r"^gtg_weight: expected at least one"),
+        (dict(similarity="dot"), r"^similarity: expected one of"),
+        (dict(similarity="gaussian", sigma=0.0), r"^sigma: expected a finite number > 0"),
+        (dict(similarity_power=0.5), r"^similarity_power: expected a finite number >= 1"),
+        (dict(anchors="last"), r"^anchors: expected \"first\" or \"random\""),
+    ],
+)
+def test_the_options_are_validated_once_for_every_layer(bad, match):
+    emb, labels, logits = golden()
+    _raises(match, F.GroupLossOptions, **bad)
+    _raises(match, GroupLoss, 3, **bad)
+    _raises(match, F.group_loss, emb, labels, logits, **bad)
+    _raises(match, F.GroupLossOptions().replace, **bad)
+    # The trainer's configuration: the same check, the same message.
+    _raises(match, grouploss.training.resolve_config, "glyphs", **bad)
+    loss_fn = GroupLoss(3)
+    name, value = next(iter(bad.items()))
+    if len(bad) == 1:
+        with pytest.raises(ValueError, match=match):
+            setattr(loss_fn, name, value)
+
+
+def test_options_pickle_copy_compare_and_replace():
+    import copy
+    import pickle
+
+    o = F.GroupLossOptions(temperature=10.0, similarity_power=8.0, anchors="random", seed=3)
+    assert pickle.loads(pickle.dumps(o)) == o
+    assert copy.deepcopy(o) == o
+    assert o.replace(temperature=10.0) == o
+    assert o.replace(temperature=11.0) != o and o.temperature == 10.0
+    assert "similarity_power=8.0" in repr(o)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tempreature'"):
+        o.replace(tempreature=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tempreature'"):
+        F.group_loss(*golden(), tempreature=1.0)
+
+
+def test_an_options_object_and_its_keywords_give_the_same_loss():
+    emb, labels, logits = golden()
+    o = F.GroupLossOptions(temperature=2.0, num_anchors=1, similarity_power=2.0, ce_weight=0.5)
+    want = F.group_loss(emb, labels, logits, **o.to_dict())
+    torch.testing.assert_close(F.group_loss(emb, labels, logits, o), want, rtol=0, atol=0)
+    # Keywords override the object's values.
+    torch.testing.assert_close(
+        F.group_loss(emb, labels, logits, o.replace(ce_weight=1.0), ce_weight=0.5), want
+    )
+    loss_fn = GroupLoss(3, o)
+    assert loss_fn.options == o and loss_fn.temperature == 2.0
+    torch.testing.assert_close(loss_fn(emb, labels, logits), want, rtol=0, atol=0)
+    loss_fn.temperature = 3.0
+    assert loss_fn.options == o.replace(temperature=3.0)
+
+
+def test_the_trainers_options_are_the_same_type_built_from_the_same_names():
+    cfg = grouploss.training.resolve_config("glyphs")
+    opts = grouploss.training.group_loss_options(cfg)
+    assert isinstance(opts, F.GroupLossOptions)
+    same = {k: cfg[k] for k in F.GroupLossOptions.NAMES if k != "seed"}
+    assert opts == F.GroupLossOptions(**same)
+    assert opts.similarity_power == cfg["similarity_power"] != 1.0
+
+
+def test_the_classifier_is_the_layer_its_argument_names():
+    linear = GroupLoss(6, embedding_size=5)
+    cosine = GroupLoss(6, embedding_size=5, classifier="cosine", classifier_scale=8.0)
+    assert type(linear.classifier) is torch.nn.Linear
+    assert isinstance(cosine.classifier, grouploss.loss.CosineClassifier)
+    assert cosine.classifier.scale == 8.0
+    assert set(cosine.state_dict()) == {"num_steps", "anchor_generator_state", "classifier.weight"}
+    for loss_fn, kind in ((linear, "linear"), (cosine, "cosine")):
+        with pytest.warns(FutureWarning, match="classifier_kind is deprecated"):
+            assert loss_fn.classifier_kind == kind

@@ -28,23 +28,64 @@ class GroupLossResult:
     @property
     def grad_logits(self) -> Optional[torch.Tensor]: ...
 
+IMPLEMENTATIONS: List[str]
+
+@final
+class GroupLossOptions:
+    """The Group Loss's options, validated on construction."""
+
+    NAMES: List[str]
+    def __new__(
+        cls,
+        *,
+        temperature: float = 24.0,
+        num_anchors: int = 2,
+        num_iters: int = 1,
+        gtg_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        similarity: str = "correlation",
+        sigma: float = 1.0,
+        similarity_power: float = 1.0,
+        zero_diagonal: bool = False,
+        anchors: str = "first",
+        seed: Optional[int] = None,
+        batch_classes_only: bool = False,
+    ) -> GroupLossOptions: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def num_anchors(self) -> int: ...
+    @property
+    def num_iters(self) -> int: ...
+    @property
+    def gtg_weight(self) -> float: ...
+    @property
+    def ce_weight(self) -> float: ...
+    @property
+    def similarity(self) -> str: ...
+    @property
+    def sigma(self) -> float: ...
+    @property
+    def similarity_power(self) -> float: ...
+    @property
+    def zero_diagonal(self) -> bool: ...
+    @property
+    def anchors(self) -> str: ...
+    @property
+    def seed(self) -> Optional[int]: ...
+    @property
+    def batch_classes_only(self) -> bool: ...
+    def to_dict(self) -> Dict[str, Any]: ...
+    def replace(self, **changes: Any) -> GroupLossOptions: ...
+    def __getnewargs_ex__(self) -> Tuple[Tuple[()], Dict[str, Any]]: ...
+
 def group_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     logits: torch.Tensor,
+    options: GroupLossOptions,
     *,
-    temperature: float = 24.0,
-    num_anchors: int = 2,
-    num_iters: int = 1,
-    gtg_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    similarity: str = "correlation",
-    sigma: float = 1.0,
-    similarity_power: float = 1.0,
-    zero_diagonal: bool = False,
-    anchors: str = "first",
-    seed: int = 0,
-    batch_classes_only: bool = False,
+    seed: Optional[int] = None,
     num_classes: Optional[int] = None,
     want_grads: bool = True,
     want_probs: bool = False,
@@ -249,22 +290,23 @@ def knn(
 def resolve_config(
     preset: Optional[str] = None,
     config_file: Optional[str] = None,
-    overrides_json: str = "{}",
-) -> str: ...
+    overrides: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]: ...
+def group_loss_options(config: Dict[str, Any]) -> GroupLossOptions: ...
 def presets() -> List[str]: ...
 def loss_options() -> List[Tuple[str, List[str]]]: ...
-def default_run_dir(config_toml: str) -> str: ...
+def default_run_dir(config: Dict[str, Any]) -> str: ...
 def train_run(
-    config_toml: str,
+    config: Dict[str, Any],
     run_dir: str,
     collective: Optional[Any] = None,
     device: Optional[str] = None,
 ) -> Dict[str, Any]: ...
 def initial_state_dict(
-    config_toml: str, in_channels: int, num_classes: int, member: int = 0
+    config: Dict[str, Any], in_channels: int, num_classes: int, member: int = 0
 ) -> Dict[str, torch.Tensor]:
     """Every variable (parameters and BatchNorm running statistics) of the
-    network that ensemble member ``member`` of a configuration (TOML) starts
+    network that ensemble member ``member`` of a configuration (a dict) starts
     from, before any pretrained weights: torch seeded with ``seed + member``,
     then the network built on the CPU. Copies, keyed ``backbone.*``,
     ``embed.*`` and ``classifier.*``."""
@@ -273,7 +315,9 @@ def initial_state_dict(
 class RunModel:
     def __init__(self, run_dir: str, checkpoint: str = "best", device: str = "auto") -> None: ...
     @property
-    def config_toml(self) -> str: ...
+    def config(self) -> Dict[str, Any]: ...
+    @property
+    def loss_options(self) -> GroupLossOptions: ...
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor: ...
     def embed_split(

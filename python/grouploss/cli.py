@@ -60,7 +60,7 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
     defaults = training.resolve_config("fashion-mnist")
     group = parser.add_argument_group("run options (override the preset)")
     for key, value in sorted(defaults.items()):
-        if key == "preset":
+        if key == "preset" or value is None:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -79,12 +79,10 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=key, type=float, default=None)
         else:
             group.add_argument(flag, dest=key, default=None)
-    # Options whose default is unset are absent from the TOML: add them.
+    # Options unset by default (None): typed here.
     for key, kind in (("data_root", _existing), ("out_dir", None), ("pretrained", _existing)):
-        if key not in defaults:
-            group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
-    if "split_seed" not in defaults:
-        group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
+        group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
+    group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
 
 
 DEBUG_ENV = "GROUPLOSS_DEBUG"

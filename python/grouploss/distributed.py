@@ -96,7 +96,7 @@ class ProcessGroup:
 
         >>> dist.init_process_group("gloo")                     # doctest: +SKIP
         >>> pg = ProcessGroup()                                  # doctest: +SKIP
-        >>> grouploss._native.train_run(toml, run_dir, pg)       # doctest: +SKIP
+        >>> grouploss._native.train_run(cfg, run_dir, pg)        # doctest: +SKIP
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:

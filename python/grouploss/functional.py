@@ -10,6 +10,7 @@ in float32.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -19,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from . import _native
 
 __all__ = [
+    "GroupLossOptions",
     "GroupLossOutput",
     "anchor_mask",
     "group_loss",
@@ -73,10 +75,8 @@ class _GroupLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, logits, labels, options):
-        r = _native.group_loss(
-            embeddings, labels, logits, want_grads=True, want_probs=False, **options
-        )
+    def forward(ctx, embeddings, logits, labels, call):
+        r = _native.group_loss(embeddings, labels, logits, want_grads=True, **call)
         # Saved, not kept on ctx: autograd releases saved tensors right after
         # backward (unless retain_graph), so that the gradients handed over
         # become the leaves' .grad without a copy.
@@ -98,10 +98,8 @@ class _GroupLossDetails(torch.autograd.Function):
     (``return_details``)."""
 
     @staticmethod
-    def forward(ctx, embeddings, logits, labels, options):
-        r = _native.group_loss(
-            embeddings, labels, logits, want_grads=True, want_probs=True, **options
-        )
+    def forward(ctx, embeddings, logits, labels, call):
+        r = _native.group_loss(embeddings, labels, logits, want_grads=True, want_probs=True, **call)
         ctx.save_for_backward(r.grad_embeddings, r.grad_logits)
         extras = [t for t in (r.nll, r.ce, r.probs, r.classes) if t is not None]
         if extras:
@@ -113,7 +111,10 @@ class _GroupLossDetails(torch.autograd.Function):
         return _backward_once(ctx, grad_loss)
 
 
-_IMPLEMENTATIONS = ("auto", "fused_cpu", "libtorch", "autograd")
+#: The Group Loss's options: one type, defined and validated in the Rust
+#: core, taken by :func:`group_loss`, :class:`grouploss.GroupLoss` and the
+#: trainer (:func:`grouploss.training.group_loss_options`).
+GroupLossOptions = _native.GroupLossOptions
 
 
 def _require_tensor(name: str, value) -> torch.Tensor:
@@ -146,26 +147,48 @@ def _draw_seed(seed: Optional[int]) -> int:
     return int(seed)
 
 
+def loss_options(
+    options: Optional[GroupLossOptions] = None, values: Optional[dict] = None
+) -> GroupLossOptions:
+    """``options`` (default: the release's) with ``values`` (option names)
+    applied; the Rust core validates them."""
+    if options is not None and not isinstance(options, GroupLossOptions):
+        raise TypeError(f"options: expected a GroupLossOptions, got {type(options).__name__}")
+    if not values:
+        return options if options is not None else GroupLossOptions()
+    unknown = sorted(set(values) - set(GroupLossOptions.NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    if options is None:
+        return GroupLossOptions(**values)
+    return options.replace(**values)
+
+
+def with_option_parameters(func):
+    """Shows ``func``'s ``**options`` as the options' keywords with their
+    defaults (from the Rust core) in ``help()`` and ``inspect.signature``."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    defaults = GroupLossOptions().to_dict()
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+        for name, value in defaults.items()
+    ]
+    func.__signature__ = sig.replace(parameters=params)
+    return func
+
+
+@with_option_parameters
 def group_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     logits: torch.Tensor,
+    options: Optional[GroupLossOptions] = None,
     *,
-    temperature: float = 24.0,
-    num_anchors: int = 2,
-    num_iters: int = 1,
-    gtg_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    similarity: str = "correlation",
-    sigma: float = 1.0,
-    similarity_power: float = 1.0,
-    zero_diagonal: bool = False,
-    anchors: str = "first",
-    seed: Optional[int] = None,
-    batch_classes_only: bool = False,
     num_classes: Optional[int] = None,
     return_details: bool = False,
     implementation: str = "auto",
+    **option_values: Any,
 ):
     """The Group Loss of one batch (see :class:`grouploss.GroupLoss`).
 
@@ -173,6 +196,16 @@ def group_loss(
         embeddings: (batch, dims) floating tensor.
         labels: (batch,) integer class indices in ``[0, num_classes)``.
         logits: (batch, num_classes) classifier outputs on the embeddings.
+        options: a :class:`GroupLossOptions` (default: the release's);
+            keywords below override its values.
+        num_classes: if given, ``logits`` must have this many columns.
+        return_details: return a :class:`GroupLossOutput` instead of the loss.
+        implementation: ``"auto"`` (closed-form gradients: fused kernels on
+            CPU, libtorch ops on other devices), ``"fused_cpu"``,
+            ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
+            slower, but supports double backward). All give the same values.
+
+    Keyword options (:class:`GroupLossOptions`' names and defaults):
         temperature: T of the prior ``softmax(logits / T)``. Gradients are
             finite while each row's ``max(logits) - min(logits)`` stays below
             about ``80 * T`` in float32 (``700 * T`` in float64); beyond, the
@@ -189,16 +222,10 @@ def group_loss(
             a soft nearest-neighbour classifier of the batch.
         zero_diagonal: zero W's diagonal (paper's text) instead of 1 (release).
         anchors: ``"first"`` per class in batch order (release) or ``"random"``.
-        seed: seed of ``anchors="random"``; None draws one from torch's
-            global generator.
+        seed: seed of ``anchors="random"``; None draws one per call from
+            torch's global generator.
         batch_classes_only: refine over the classes present in the batch
             (prior columns restricted and renormalised).
-        num_classes: if given, ``logits`` must have this many columns.
-        return_details: return a :class:`GroupLossOutput` instead of the loss.
-        implementation: ``"auto"`` (closed-form gradients: fused kernels on
-            CPU, libtorch ops on other devices), ``"fused_cpu"``,
-            ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
-            slower, but supports double backward). All give the same values.
 
     Returns:
         The 0-d loss tensor, or a :class:`GroupLossOutput`.
@@ -206,51 +233,31 @@ def group_loss(
     Raises:
         ValueError: naming the argument, for wrong shapes, dtypes, devices,
             label ranges, NaN/Inf values or option values.
+        TypeError: an unknown keyword, or an option of the wrong type.
     """
     embeddings = _require_tensor("embeddings", embeddings)
     labels = _require_tensor("labels", labels)
     logits = _require_tensor("logits", logits)
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation: expected one of {', '.join(map(repr, _IMPLEMENTATIONS))}, "
-            f"got {implementation!r}"
-        )
-    options = dict(
-        temperature=float(temperature),
-        num_anchors=int(num_anchors),
-        num_iters=int(num_iters),
-        gtg_weight=float(gtg_weight),
-        ce_weight=float(ce_weight),
-        similarity=similarity,
-        sigma=float(sigma),
-        similarity_power=float(similarity_power),
-        zero_diagonal=bool(zero_diagonal),
-        anchors=anchors,
-        seed=_draw_seed(seed) if anchors == "random" else 0,
-        batch_classes_only=bool(batch_classes_only),
+    opts = loss_options(options, option_values)
+    call = dict(
+        options=opts,
+        seed=_draw_seed(opts.seed) if opts.anchors == "random" else None,
         num_classes=None if num_classes is None else int(num_classes),
+        implementation=implementation,
     )
     embeddings, logits = _upcast(embeddings), _upcast(logits)
     with _no_autocast(embeddings.device):
-        if implementation == "autograd":
-            r = _native.group_loss(embeddings, labels, logits, implementation="autograd", **options)
-            loss, nll, ce, probs, classes = r.loss, r.nll, r.ce, r.probs, r.classes
-        elif torch.is_grad_enabled() and (embeddings.requires_grad or logits.requires_grad):
-            options["implementation"] = implementation
+        if implementation != "autograd" and (
+            torch.is_grad_enabled() and (embeddings.requires_grad or logits.requires_grad)
+        ):
             if not return_details:
-                return _GroupLoss.apply(embeddings, logits, labels, options)
+                return _GroupLoss.apply(embeddings, logits, labels, call)
             loss, nll, ce, probs, classes = _GroupLossDetails.apply(
-                embeddings, logits, labels, options
+                embeddings, logits, labels, call
             )
         else:
             r = _native.group_loss(
-                embeddings,
-                labels,
-                logits,
-                want_grads=False,
-                want_probs=return_details,
-                implementation=implementation,
-                **options,
+                embeddings, labels, logits, want_grads=False, want_probs=return_details, **call
             )
             loss, nll, ce, probs, classes = r.loss, r.nll, r.ce, r.probs, r.classes
     if return_details:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from . import _native
 from . import functional as F
 
-__all__ = ["GroupLoss"]
+__all__ = ["CosineClassifier", "GroupLoss"]
 
 
 class GroupLoss(nn.Module):
@@ -50,16 +51,25 @@ class GroupLoss(nn.Module):
 
     Args:
         num_classes: number of training classes m (columns of the logits).
+        options: a :class:`grouploss.functional.GroupLossOptions` holding the
+            loss's options below (from ``temperature`` to
+            ``batch_classes_only``); keywords override its values. The
+            options are validated by the Rust core, as the trainer's are, and
+            kept in :attr:`options` (each also readable and settable as an
+            attribute of the module, e.g. ``loss_fn.temperature``).
         embedding_size: if given, the module owns a classifier
             (``classifier``) used when ``forward`` gets no logits, so
             ``loss_fn(embeddings, labels)`` works as a drop-in like
             pytorch-metric-learning's ArcFaceLoss. **Its parameters must be
             given to the optimizer**, e.g.
             ``Adam([*model.parameters(), *loss_fn.parameters()])``.
-        classifier: the module's own classifier: ``"linear"``
-            (``nn.Linear(embedding_size, num_classes)``, the release) or
-            ``"cosine"`` (``classifier_scale * normalize(e) @
-            normalize(weight).T``, no bias: normalised softmax).
+        classifier: which classifier the module builds as its layer
+            :attr:`classifier`: ``"linear"`` (``nn.Linear(embedding_size,
+            num_classes)``, the release) or ``"cosine"`` (a
+            :class:`CosineClassifier`: ``classifier_scale * normalize(e) @
+            normalize(weight).T``, no bias: normalised softmax). Either way
+            its parameters are ``classifier.weight`` (and
+            ``classifier.bias``).
         classifier_scale: scale s of the cosine classifier's logits (they lie
             in ``[-s, s]``).
         normalize_embeddings: L2-normalise the embeddings before the
@@ -156,103 +166,78 @@ class GroupLoss(nn.Module):
     def __init__(
         self,
         num_classes: int,
+        options: Optional[F.GroupLossOptions] = None,
         *,
         embedding_size: Optional[int] = None,
         classifier: str = "linear",
         classifier_scale: float = 16.0,
         normalize_embeddings: bool = False,
-        temperature: float = 24.0,
-        num_anchors: int = 2,
-        num_iters: int = 1,
-        gtg_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        similarity: str = "correlation",
-        sigma: float = 1.0,
-        similarity_power: float = 1.0,
-        zero_diagonal: bool = False,
-        anchors: str = "first",
-        seed: Optional[int] = None,
-        batch_classes_only: bool = False,
         gtg_warmup_steps: int = 0,
         gtg_ramp_steps: int = 0,
         implementation: str = "auto",
+        **option_values: Any,
     ) -> None:
         super().__init__()
+        # The loss's own options are validated by the Rust core alone.
+        self.options = F.loss_options(options, option_values)
         _check_int("num_classes", num_classes, 1)
         if embedding_size is not None:
             _check_int("embedding_size", embedding_size, 1)
-        _check_positive("temperature", temperature)
-        _check_int("num_anchors", num_anchors, 0)
-        _check_int("num_iters", num_iters, 1)
-        _check_weight("gtg_weight", gtg_weight)
-        _check_weight("ce_weight", ce_weight)
-        if gtg_weight == 0 and ce_weight == 0:
-            raise ValueError(
-                "gtg_weight: expected at least one of gtg_weight and ce_weight > 0, got both 0"
-            )
-        if similarity not in ("correlation", "cosine", "gaussian"):
-            raise ValueError(
-                "similarity: expected one of 'correlation', 'cosine', 'gaussian', "
-                f"got {similarity!r}"
-            )
-        _check_positive("sigma", sigma)
-        ok = isinstance(similarity_power, (int, float)) and not isinstance(similarity_power, bool)
-        if not ok or not (1 <= similarity_power < float("inf")):
-            raise ValueError(
-                f"similarity_power: expected a finite number >= 1, got {similarity_power!r}"
-            )
         if classifier not in ("linear", "cosine"):
             raise ValueError(f"classifier: expected 'linear' or 'cosine', got {classifier!r}")
         _check_positive("classifier_scale", classifier_scale)
         _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
         _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)
-        if (gtg_warmup_steps or gtg_ramp_steps) and ce_weight == 0:
+        if (gtg_warmup_steps or gtg_ramp_steps) and self.options.ce_weight == 0:
             raise ValueError(
                 "ce_weight: expected > 0 with gtg_warmup_steps or gtg_ramp_steps (the warm-up "
                 "trains with CE alone), got 0"
             )
-        if anchors not in ("first", "random"):
-            raise ValueError(f"anchors: expected 'first' or 'random', got {anchors!r}")
-        if seed is not None:
-            _check_int("seed", seed, 0)
-        if implementation not in F._IMPLEMENTATIONS:
+        if implementation not in _native.IMPLEMENTATIONS:
             raise ValueError(
-                f"implementation: expected one of {F._IMPLEMENTATIONS}, got {implementation!r}"
+                f"implementation: expected one of {_native.IMPLEMENTATIONS}, got {implementation!r}"
             )
 
         self.num_classes = int(num_classes)
         self.embedding_size = embedding_size
-        self.temperature = float(temperature)
-        self.num_anchors = int(num_anchors)
-        self.num_iters = int(num_iters)
-        self.gtg_weight = float(gtg_weight)
-        self.ce_weight = float(ce_weight)
-        self.similarity = similarity
-        self.sigma = float(sigma)
-        self.similarity_power = float(similarity_power)
-        self.classifier_kind = classifier
         self.classifier_scale = float(classifier_scale)
         self.normalize_embeddings = bool(normalize_embeddings)
         self.gtg_warmup_steps = int(gtg_warmup_steps)
         self.gtg_ramp_steps = int(gtg_ramp_steps)
-        self.zero_diagonal = bool(zero_diagonal)
-        self.anchors = anchors
-        self.seed = seed
-        self.batch_classes_only = bool(batch_classes_only)
         self.implementation = implementation
+        seed = self.options.seed
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
             self._generator = torch.Generator().manual_seed(int(seed))
-        self.classifier: Optional[nn.Linear] = (
-            nn.Linear(int(embedding_size), self.num_classes, bias=classifier == "linear")
-            if embedding_size is not None
-            else None
-        )
+        #: The module's own classifier (``embedding_size`` given): an
+        #: ``nn.Linear`` or a :class:`CosineClassifier`, as ``classifier``
+        #: names; None without ``embedding_size``.
+        self.classifier: Optional[nn.Linear] = None
+        if embedding_size is not None:
+            if classifier == "cosine":
+                self.classifier = CosineClassifier(
+                    int(embedding_size), self.num_classes, scale=self.classifier_scale
+                )
+            else:
+                self.classifier = nn.Linear(int(embedding_size), self.num_classes)
         # The module's state has the same keys whatever the options.
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("anchor_generator_state", self._generator_state())
         # Forward calls counted as steps before a first `step()` call.
         self._forward_steps: Optional[int] = 0
+
+    @property
+    def classifier_kind(self) -> str:
+        """Deprecated: ``"cosine"`` if :attr:`classifier` is a
+        :class:`CosineClassifier`, else ``"linear"``."""
+        warnings.warn(
+            "GroupLoss.classifier_kind is deprecated: the classifier is the layer "
+            "GroupLoss.classifier (an nn.Linear or a CosineClassifier); it goes in the "
+            "next release",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return "cosine" if isinstance(self.classifier, CosineClassifier) else "linear"
 
     def _generator_state(self) -> torch.Tensor:
         if self._generator is None:
@@ -291,14 +276,9 @@ class GroupLoss(nn.Module):
             self._generator.set_state(saved.cpu())
 
     def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.to_dict().items())
         return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"temperature={self.temperature}, num_anchors={self.num_anchors}, "
-            f"num_iters={self.num_iters}, gtg_weight={self.gtg_weight}, "
-            f"ce_weight={self.ce_weight}, similarity={self.similarity!r}, "
-            f"similarity_power={self.similarity_power}, "
-            f"zero_diagonal={self.zero_diagonal}, anchors={self.anchors!r}, "
-            f"classifier={self.classifier_kind!r}, classifier_scale={self.classifier_scale}, "
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {opts}, "
             f"normalize_embeddings={self.normalize_embeddings}, "
             f"gtg_warmup_steps={self.gtg_warmup_steps}, gtg_ramp_steps={self.gtg_ramp_steps}"
         )
@@ -307,16 +287,16 @@ class GroupLoss(nn.Module):
         """The weight of the Group Loss term at the current step: 0 during the
         warm-up, then ramped linearly to ``gtg_weight``."""
         if not (self.gtg_warmup_steps or self.gtg_ramp_steps):
-            return self.gtg_weight
+            return self.options.gtg_weight
         t = int(self.num_steps.item()) - self.gtg_warmup_steps
         if t < 0:
             return 0.0
         if self.gtg_ramp_steps > 0:
-            return self.gtg_weight * min(1.0, t / self.gtg_ramp_steps)
-        return self.gtg_weight
+            return self.options.gtg_weight * min(1.0, t / self.gtg_ramp_steps)
+        return self.options.gtg_weight
 
     def _anchor_seed(self) -> Optional[int]:
-        if self.anchors != "random" or self._generator is None:
+        if self.options.anchors != "random" or self._generator is None:
             return None
         seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
         self.anchor_generator_state = self._generator.get_state()
@@ -347,11 +327,9 @@ class GroupLoss(nn.Module):
         x = F._upcast(embeddings)
         if self.normalize_embeddings:
             x = nn.functional.normalize(x, dim=1, eps=1e-12)
+        if isinstance(self.classifier, CosineClassifier):
+            return self.classifier(x)
         weight = self.classifier.weight.to(dtype=x.dtype)
-        if self.classifier_kind == "cosine":
-            x = nn.functional.normalize(x, dim=1, eps=1e-12)
-            weight = nn.functional.normalize(weight, dim=1, eps=1e-12)
-            return nn.functional.linear(x, weight) * self.classifier_scale
         bias = self.classifier.bias
         assert bias is not None  # the linear classifier has one
         return nn.functional.linear(x, weight, bias.to(dtype=x.dtype))
@@ -382,25 +360,20 @@ class GroupLoss(nn.Module):
                     f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
                 )
             embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
+        opts = self.options
         gtg_weight = self.current_gtg_weight()
+        if gtg_weight != opts.gtg_weight:
+            opts = opts.replace(gtg_weight=gtg_weight)
+        seed = self._anchor_seed()
+        if seed is not None:
+            opts = opts.replace(seed=seed)
         if self._counts_forward_calls():
             self.num_steps += 1
         return F.group_loss(
             embeddings,
             labels,
             logits,
-            temperature=self.temperature,
-            num_anchors=self.num_anchors,
-            num_iters=self.num_iters,
-            gtg_weight=gtg_weight,
-            ce_weight=self.ce_weight,
-            similarity=self.similarity,
-            sigma=self.sigma,
-            similarity_power=self.similarity_power,
-            zero_diagonal=self.zero_diagonal,
-            anchors=self.anchors,
-            seed=self._anchor_seed(),
-            batch_classes_only=self.batch_classes_only,
+            opts,
             num_classes=self.num_classes,
             return_details=return_details,
             implementation=self.implementation,
@@ -439,7 +412,34 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
 
 
-def _check_weight(name: str, value) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (value >= 0) or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+def _option_property(name: str) -> property:
+    def get(self):
+        return getattr(self.options, name)
+
+    def set(self, value):
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set, doc=f"The option ``{name}`` of :attr:`options` (settable).")
+
+
+for _name in F.GroupLossOptions.NAMES:
+    setattr(GroupLoss, _name, _option_property(_name))
+GroupLoss.__init__ = F.with_option_parameters(GroupLoss.__init__)
+
+
+class CosineClassifier(nn.Linear):
+    """A normalised-softmax classifier: ``scale * normalize(x) @
+    normalize(weight).T``, no bias (initialised as ``nn.Linear``, whose
+    parameter ``weight`` it keeps)."""
+
+    def __init__(self, in_features: int, out_features: int, *, scale: float = 16.0) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(x, dim=1, eps=1e-12)
+        weight = nn.functional.normalize(self.weight.to(dtype=x.dtype), dim=1, eps=1e-12)
+        return nn.functional.linear(x, weight) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale}"

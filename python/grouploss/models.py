@@ -13,7 +13,6 @@ layers and BatchNorm as ``torch.nn.Conv2d``, ``torch.nn.Linear`` and
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Optional
 
 import torch
@@ -51,7 +50,4 @@ def initial_state_dict(
     ``num_batches_tracked``.
     """
     cfg = training.resolve_config(preset, **options)
-    # The resolved dict back to TOML: a complete configuration with no preset
-    # left to apply.
-    toml = _native.resolve_config(None, None, json.dumps(cfg))
-    return _native.initial_state_dict(toml, in_channels, num_classes, member)
+    return _native.initial_state_dict(cfg, in_channels, num_classes, member)

@@ -35,7 +35,7 @@ import torch
 
 from . import _extras, datasets, metrics, plots
 from . import functional as F
-from .training import RunModel, group_loss_options, load_run
+from .training import RunModel, load_run
 
 PathLike = Union[str, pathlib.Path]
 
@@ -259,12 +259,13 @@ def batch_probabilities(
     labels = torch.as_tensor(ds.labels[idx])
     emb = _embed_images(model, ds, idx).float().cpu()
     logits = model.logits(emb).float().cpu()
-    anchor_seed = seed if cfg["anchors"] == "random" else None
-    opts = group_loss_options(cfg)
-    # The CE-only baseline (gtg_weight 0) has no refinement to show.
-    opts.update(gtg_weight=1.0, seed=anchor_seed)
-    out = F.group_loss(emb, labels, logits, **opts, return_details=True)
-    prior = torch.softmax(logits / cfg["temperature"], dim=1)
+    # The run's own loss; the CE-only baseline (gtg_weight 0) has no
+    # refinement to show, so the Group Loss term is weighted 1 there.
+    opts = model.loss_options
+    anchor_seed = seed if opts.anchors == "random" else None
+    opts = opts.replace(gtg_weight=opts.gtg_weight or 1.0, seed=anchor_seed)
+    out = F.group_loss(emb, labels, logits, opts, return_details=True)
+    prior = torch.softmax(logits / opts.temperature, dim=1)
     classes = None
     if out.classes is not None:
         classes = out.classes.cpu()
@@ -273,7 +274,7 @@ def batch_probabilities(
         cols = torch.searchsorted(classes, labels)
     else:
         cols = labels
-    mask = F.anchor_mask(labels, cfg["num_anchors"], cfg["anchors"], seed=anchor_seed)
+    mask = F.anchor_mask(labels, opts.num_anchors, opts.anchors, seed=anchor_seed)
     prior[mask] = 0.0
     prior[mask, cols[mask]] = 1.0
     return BatchProbabilities(

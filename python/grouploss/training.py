@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import pathlib
 import sys
@@ -20,11 +19,6 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import _extras, _native, distributed
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PathLike = Union[str, pathlib.Path]
 
@@ -48,15 +42,13 @@ LOSS_OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def group_loss_options(config: dict) -> Dict[str, Any]:
-    """The keyword arguments of :func:`grouploss.functional.group_loss` that
-    a run's configuration sets (its Group Loss options, by the same names):
-    ``functional.group_loss(emb, labels, logits, **group_loss_options(cfg))``
+def group_loss_options(config: dict) -> _native.GroupLossOptions:
+    """The Group Loss's options of a run's configuration, built by the Rust
+    core as the trainer builds them (before its warm-up; the trainer seeds
+    random anchors per epoch, these draw per call):
+    ``functional.group_loss(emb, labels, logits, group_loss_options(cfg))``
     is the loss that run trained."""
-    from . import functional
-
-    takes = inspect.signature(functional.group_loss).parameters
-    return {k: config[k] for k in LOSS_OPTIONS["group"] if k in takes}
+    return _native.group_loss_options(config)
 
 
 @dataclasses.dataclass
@@ -90,23 +82,7 @@ def resolve_config(
     """The full configuration of a run: ``preset`` (else the config file's
     ``preset`` key, else ``fashion-mnist``), then the TOML file ``config``,
     then ``options``. Unknown options raise ``ValueError`` naming them."""
-    options = {k: _plain(v) for k, v in options.items()}
-    text = _native.resolve_config(
-        preset, None if config is None else str(config), json.dumps(options)
-    )
-    return tomllib.loads(text)
-
-
-def _plain(v):
-    if isinstance(v, pathlib.Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    return v
-
-
-def _toml(cfg: dict) -> str:
-    return _native.resolve_config(None, None, json.dumps(cfg))
+    return _native.resolve_config(preset, None if config is None else str(config), options)
 
 
 def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
@@ -164,12 +140,12 @@ def train(
     with distributed.process_group() as group:
         if group is None:
             cfg, run_dir = _prepare(preset, config, resume, options)
-            out = _native.train_run(_toml(cfg), str(run_dir))
+            out = _native.train_run(cfg, str(run_dir))
         else:
             cfg, run_dir = _prepare_on_rank_0(group, preset, config, resume, options)
             device = distributed.rank_device(cfg.get("device", "auto"))
             with distributed.deferred_keyboard_interrupt():
-                out = _native.train_run(_toml(cfg), str(run_dir), group, device)
+                out = _native.train_run(cfg, str(run_dir), group, device)
     result = TrainResult(
         run_dir=pathlib.Path(out["run_dir"]),
         history=out["history"],
@@ -190,11 +166,11 @@ def _prepare(preset, config, resume, options) -> tuple:
         cfg_path = run_dir / "config.toml"
         if not cfg_path.exists():
             raise FileNotFoundError(f"resume: {cfg_path} does not exist (not a run folder)")
-        overrides = {k: _plain(v) for k, v in options.items() if k in ("progress", "num_workers")}
-        cfg = tomllib.loads(_native.resolve_config(None, str(cfg_path), json.dumps(overrides)))
+        overrides = {k: v for k, v in options.items() if k in ("progress", "num_workers")}
+        cfg = _native.resolve_config(None, str(cfg_path), overrides)
     else:
         cfg = resolve_config(preset, config, **options)
-        run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(_toml(cfg)))
+        run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(cfg))
         cfg["out_dir"] = str(run_dir)
         cfg = _convert_pt(cfg, run_dir)
     return cfg, run_dir
@@ -209,12 +185,12 @@ def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:
         except Exception as e:
             distributed.broadcast_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
             raise
-        distributed.broadcast_text(json.dumps({"config": _toml(cfg), "run_dir": str(run_dir)}))
+        distributed.broadcast_text(json.dumps({"config": cfg, "run_dir": str(run_dir)}))
         return cfg, run_dir
     got = json.loads(distributed.broadcast_text(None))
     if "error" in got:
         raise distributed.RankZeroFailed(f"rank 0 could not start the run: {got['error']}")
-    return tomllib.loads(got["config"]), pathlib.Path(got["run_dir"])
+    return got["config"], pathlib.Path(got["run_dir"])
 
 
 def write_plots(run_dir: PathLike, history: list, split: str = "val") -> bool:
@@ -245,7 +221,9 @@ class RunModel:
     def __init__(self, run_dir: PathLike, checkpoint: str = "best", device: str = "auto"):
         self.run_dir = pathlib.Path(run_dir)
         self._native = _native.RunModel(str(self.run_dir), checkpoint, device)
-        self.config = tomllib.loads(self._native.config_toml)
+        self.config: dict = self._native.config
+        #: The Group Loss's options the run trained with (before its warm-up).
+        self.loss_options: _native.GroupLossOptions = self._native.loss_options
 
     def __repr__(self) -> str:
         c = self.config

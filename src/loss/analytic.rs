@@ -21,27 +21,8 @@ use super::anchors::anchor_mask;
 use super::checks::check_inputs;
 use super::refine::{apply_anchors, compute_kind, min_normal};
 use super::similarity::SimilarityPass;
-use super::GroupLossOptions;
+use super::{GroupLossOptions, GroupLossOutput};
 use crate::error::Result;
-
-/// Loss, its parts and the gradients of `gtg_weight * nll + ce_weight * ce`.
-#[derive(Debug)]
-pub struct LossWithGrads {
-    /// The loss, 0-d.
-    pub loss: Tensor,
-    /// The NLL term (None when `gtg_weight == 0`).
-    pub nll: Option<Tensor>,
-    /// The CE term (None when `ce_weight == 0`).
-    pub ce: Option<Tensor>,
-    /// The refined probabilities, when asked for.
-    pub probs: Option<Tensor>,
-    /// The classes of the columns of `probs` with `batch_classes_only`.
-    pub classes: Option<Tensor>,
-    /// d loss / d embeddings, when gradients were asked for.
-    pub grad_embeddings: Option<Tensor>,
-    /// d loss / d logits, when gradients were asked for.
-    pub grad_logits: Option<Tensor>,
-}
 
 fn rowsum(t: &Tensor) -> Tensor {
     t.sum_dim_intlist([1i64].as_slice(), true, t.kind())
@@ -65,7 +46,7 @@ pub fn group_loss_with_grads(
     opts: &GroupLossOptions,
     want_grads: bool,
     want_probs: bool,
-) -> Result<LossWithGrads> {
+) -> Result<GroupLossOutput> {
     check_inputs(emb, logits, labels, opts)?;
     let _guard = tch::no_grad_guard();
     let kind = compute_kind(&[emb.kind(), logits.kind()]);
@@ -234,14 +215,8 @@ pub fn group_loss_with_grads(
     if want_grads && grad_emb.is_none() {
         grad_emb = Some(emb.zeros_like());
     }
-    let loss = match (&nll, &ce) {
-        (Some(a), Some(b)) => a * opts.gtg_weight + b * opts.ce_weight,
-        (Some(a), None) => a * opts.gtg_weight,
-        (None, Some(b)) => b * opts.ce_weight,
-        (None, None) => unreachable!("check_inputs rejects two zero weights"),
-    };
-    Ok(LossWithGrads {
-        loss,
+    Ok(GroupLossOutput {
+        loss: super::weighted(&nll, &ce, opts),
         nll,
         ce,
         probs,

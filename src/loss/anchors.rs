@@ -30,6 +30,14 @@ impl AnchorMode {
             )),
         }
     }
+
+    /// The name accepted by [`AnchorMode::parse`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnchorMode::First => "first",
+            AnchorMode::Random { .. } => "random",
+        }
+    }
 }
 
 /// The anchor mask over `labels` as booleans (host side).

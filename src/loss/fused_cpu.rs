@@ -16,7 +16,6 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::analytic::LossWithGrads;
 use super::anchors::anchor_flags;
 use super::checks::{check_label_range, check_structure, not_finite};
 use super::gemm;
@@ -27,6 +26,7 @@ use super::kernels::{
 use super::similarity::{effective_power, Similarity};
 use super::threads::{self, par_rows};
 use super::GroupLossOptions;
+use super::GroupLossOutput;
 use crate::error::{Error, Result};
 use crate::names::device_name;
 
@@ -212,7 +212,7 @@ pub(crate) fn group_loss_with_grads(
     opts: &GroupLossOptions,
     want_grads: bool,
     want_probs: bool,
-) -> Result<LossWithGrads> {
+) -> Result<GroupLossOutput> {
     check_structure(emb, logits, labels, opts)?;
     if emb.device() != Device::Cpu {
         return Err(Error::invalid(
@@ -606,7 +606,7 @@ fn run<T: Real>(
     opts: &GroupLossOptions,
     want_grads: bool,
     want_probs: bool,
-) -> Result<LossWithGrads> {
+) -> Result<GroupLossOutput> {
     let n = y.len();
     let m = logits.size()[1] as usize;
     let nf = n as f64;
@@ -959,7 +959,7 @@ fn run<T: Real>(
         let v: Vec<i64> = c.iter().map(|&k| k as i64).collect();
         Tensor::from_slice(&v)
     });
-    Ok(LossWithGrads {
+    Ok(GroupLossOutput {
         loss: scalar::<T>(loss),
         nll: nll_value.map(scalar::<T>),
         ce: ce_value.map(scalar::<T>),

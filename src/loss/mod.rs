@@ -19,6 +19,7 @@ pub(crate) mod checks;
 mod fused_cpu;
 mod gemm;
 mod kernels;
+mod options;
 pub mod refine;
 pub mod similarity;
 mod threads;
@@ -26,108 +27,81 @@ pub mod triplet;
 
 use tch::{Kind, Tensor};
 
-pub use analytic::LossWithGrads;
 pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
 pub use checks::{check_inputs, check_logits_width};
+pub use options::{GroupLossOptions, GroupLossSettings};
 pub use refine::{apply_anchors, refine, replicator};
 pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};
 
 use crate::error::Result;
 use crate::names::device_name;
 
-/// The hyperparameters of the Group Loss. `Default` is the release's CUB
-/// setting (T = 24, 2 anchors, 1 iteration, both terms weighted 1).
-#[derive(Clone, Debug, PartialEq)]
-pub struct GroupLossOptions {
-    /// Softmax temperature T of the prior `softmax(logits / T)`.
-    pub temperature: f64,
-    /// Anchors (labelled points) per class in each batch.
-    pub num_anchors: i64,
-    /// Replicator steps.
-    pub num_iters: i64,
-    /// Weight of the refined NLL term.
-    pub gtg_weight: f64,
-    /// Weight of the cross-entropy on the raw logits.
-    pub ce_weight: f64,
-    /// The similarity W.
-    pub similarity: Similarity,
-    /// Sharpness of W: its entries raised to this power (>= 1; 1, the
-    /// release, leaves W as is).
-    pub similarity_power: f64,
-    /// Zero the diagonal of W (the paper's text) instead of keeping it at 1.
-    pub zero_diagonal: bool,
-    /// How anchors are chosen.
-    pub anchors: AnchorMode,
-    /// Refine over the classes present in the batch only: the prior's columns
-    /// are restricted to them and renormalised (for thousands of classes).
-    pub batch_classes_only: bool,
-}
-
-impl Default for GroupLossOptions {
-    fn default() -> Self {
-        GroupLossOptions {
-            temperature: 24.0,
-            num_anchors: 2,
-            num_iters: 1,
-            gtg_weight: 1.0,
-            ce_weight: 1.0,
-            similarity: Similarity::Correlation,
-            similarity_power: 1.0,
-            zero_diagonal: false,
-            anchors: AnchorMode::First,
-            batch_classes_only: false,
-        }
-    }
-}
-
-/// Which implementation of the closed-form loss and gradients runs.
+/// How the loss is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Implementation {
-    /// The fused CPU kernels for CPU tensors, libtorch ops elsewhere.
+    /// Closed form: the fused CPU kernels for CPU tensors, libtorch ops
+    /// elsewhere.
     Auto,
-    /// Fused loops over raw buffers (CPU tensors only).
+    /// Closed form by fused loops over raw buffers (CPU tensors only).
     FusedCpu,
-    /// libtorch ops, on any device.
+    /// Closed form by libtorch ops, on any device.
     Libtorch,
+    /// Differentiable libtorch ops: the loss carries an autograd graph (and
+    /// supports double backward); no gradients are returned.
+    Autograd,
 }
 
 impl Implementation {
-    /// Parses `"auto" | "fused_cpu" | "libtorch"`.
+    /// The names [`Implementation::parse`] accepts.
+    pub const NAMES: [&'static str; 4] = ["auto", "fused_cpu", "libtorch", "autograd"];
+
+    /// Parses one of [`Implementation::NAMES`].
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "auto" => Ok(Implementation::Auto),
             "fused_cpu" => Ok(Implementation::FusedCpu),
             "libtorch" => Ok(Implementation::Libtorch),
+            "autograd" => Ok(Implementation::Autograd),
             other => Err(crate::Error::invalid(
                 "implementation",
                 format!("{other:?}"),
-                "one of \"auto\", \"fused_cpu\", \"libtorch\"",
+                "one of \"auto\", \"fused_cpu\", \"libtorch\", \"autograd\"",
             )),
         }
     }
 }
 
-/// The loss with closed-form gradients (see [`analytic`]), by the chosen
-/// implementation. `want_grads` computes d loss / d embeddings and d loss /
-/// d logits; `want_probs` returns the refined probabilities.
-pub fn group_loss_with_grads(
+/// What a loss evaluation returns beyond the loss and its parts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Want {
+    /// d loss / d embeddings and d loss / d logits in closed form (not with
+    /// [`Implementation::Autograd`], whose loss carries a graph instead).
+    pub grads: bool,
+    /// The refined probabilities (always there with the autograd graph).
+    pub probs: bool,
+}
+
+/// The loss of a batch by `implementation`, with what `want` asks for.
+pub fn evaluate(
     emb: &Tensor,
     logits: &Tensor,
     labels: &Tensor,
     opts: &GroupLossOptions,
-    want_grads: bool,
-    want_probs: bool,
+    want: Want,
     implementation: Implementation,
-) -> Result<LossWithGrads> {
+) -> Result<GroupLossOutput> {
+    let on_cpu = emb.device() == tch::Device::Cpu;
+    let (grads, probs) = (want.grads, want.probs);
     match implementation {
-        Implementation::Auto if emb.device() == tch::Device::Cpu => {
-            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
-        }
+        Implementation::Autograd => group_loss(emb, logits, labels, opts),
         Implementation::FusedCpu => {
-            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
+            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, grads, probs)
+        }
+        Implementation::Auto if on_cpu => {
+            fused_cpu::group_loss_with_grads(emb, logits, labels, opts, grads, probs)
         }
         Implementation::Auto | Implementation::Libtorch => {
-            analytic::group_loss_with_grads(emb, logits, labels, opts, want_grads, want_probs)
+            analytic::group_loss_with_grads(emb, logits, labels, opts, grads, probs)
         }
     }
 }
@@ -142,11 +116,16 @@ pub struct GroupLossOutput {
     /// The cross-entropy of the raw logits (None when `ce_weight == 0`).
     pub ce: Option<Tensor>,
     /// The refined probabilities X, n x m (n x c with `batch_classes_only`,
-    /// columns in the order of `classes`). None when `gtg_weight == 0`.
+    /// columns in the order of `classes`). None when `gtg_weight == 0` or
+    /// not asked for.
     pub probs: Option<Tensor>,
     /// With `batch_classes_only`: the sorted classes the columns of `probs`
     /// stand for.
     pub classes: Option<Tensor>,
+    /// d loss / d embeddings in closed form, when asked for.
+    pub grad_embeddings: Option<Tensor>,
+    /// d loss / d logits in closed form, when asked for.
+    pub grad_logits: Option<Tensor>,
 }
 
 /// The Group Loss of a batch: `emb` (n x d), `logits` (n x m), `labels` (n,
@@ -192,19 +171,29 @@ pub fn group_loss(
     } else {
         None
     };
-    let loss = match (&nll, &ce) {
-        (Some(n), Some(c)) => n * opts.gtg_weight + c * opts.ce_weight,
-        (Some(n), None) => n * opts.gtg_weight,
-        (None, Some(c)) => c * opts.ce_weight,
-        (None, None) => unreachable!("check_inputs rejects two zero weights"),
-    };
     Ok(GroupLossOutput {
-        loss,
+        loss: weighted(&nll, &ce, opts),
         nll,
         ce,
         probs,
         classes,
+        grad_embeddings: None,
+        grad_logits: None,
     })
+}
+
+/// `gtg_weight * nll + ce_weight * ce` of the terms computed.
+pub(crate) fn weighted(
+    nll: &Option<Tensor>,
+    ce: &Option<Tensor>,
+    opts: &GroupLossOptions,
+) -> Tensor {
+    match (nll, ce) {
+        (Some(n), Some(c)) => n * opts.gtg_weight + c * opts.ce_weight,
+        (Some(n), None) => n * opts.gtg_weight,
+        (None, Some(c)) => c * opts.ce_weight,
+        (None, None) => unreachable!("check_inputs rejects two zero weights"),
+    }
 }
 
 /// [`similarity_with_power`] after checking `emb` (2-D, floating, finite,
@@ -292,6 +281,12 @@ pub fn refine_checked(
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// Gradients and probabilities.
+    const ALL: Want = Want {
+        grads: true,
+        probs: true,
+    };
 
     fn golden() -> (Tensor, Tensor, Tensor) {
         let o = (Kind::Double, Device::Cpu);
@@ -476,7 +471,7 @@ mod tests {
             ..opts(1)
         };
         for imp in [Implementation::Libtorch, Implementation::FusedCpu] {
-            let out = group_loss_with_grads(&emb, &logits, &y, &o, false, false, imp).unwrap();
+            let out = evaluate(&emb, &logits, &y, &o, Want::default(), imp).unwrap();
             close(&out.loss, &[1.5678459], 1e-6);
         }
     }
@@ -511,16 +506,8 @@ mod tests {
                         ..Default::default()
                     };
                     let (loss, ge, gl) = autograd_grads(&emb, &logits, &y, &o);
-                    let out = group_loss_with_grads(
-                        &emb,
-                        &logits,
-                        &y,
-                        &o,
-                        true,
-                        true,
-                        Implementation::Libtorch,
-                    )
-                    .unwrap();
+                    let out =
+                        evaluate(&emb, &logits, &y, &o, ALL, Implementation::Libtorch).unwrap();
                     let l2 = f64::try_from(&out.loss).unwrap();
                     assert!(
                         (loss - l2).abs() < 1e-12 * loss.abs().max(1.0),
@@ -582,26 +569,10 @@ mod tests {
                             ce_weight: cw,
                             ..Default::default()
                         };
-                        let a = group_loss_with_grads(
-                            &emb64,
-                            &logits64,
-                            &y,
-                            &o,
-                            true,
-                            true,
-                            Implementation::Libtorch,
-                        )
-                        .unwrap();
-                        let b = group_loss_with_grads(
-                            &emb,
-                            &logits,
-                            &y,
-                            &o,
-                            true,
-                            true,
-                            Implementation::FusedCpu,
-                        )
-                        .unwrap();
+                        let a = evaluate(&emb64, &logits64, &y, &o, ALL, Implementation::Libtorch)
+                            .unwrap();
+                        let b =
+                            evaluate(&emb, &logits, &y, &o, ALL, Implementation::FusedCpu).unwrap();
                         assert_eq!(b.loss.kind(), kind);
                         let pairs = [
                             (Some(&a.loss), Some(&b.loss)),

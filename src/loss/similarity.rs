@@ -16,6 +16,9 @@ pub enum Similarity {
 }
 
 impl Similarity {
+    /// The gaussian's bandwidth unless one is given.
+    pub const DEFAULT_SIGMA: f64 = 1.0;
+
     /// Parses `"correlation" | "cosine" | "gaussian"`.
     pub fn parse(kind: &str, sigma: f64) -> Result<Self> {
         match kind {

@@ -1,8 +1,9 @@
-//! Results to Python objects: a JSON value as the dict, list, str, float,
-//! int, bool or None that `json.loads` would give, built directly.
+//! Values across the boundary: results as the dict, list, str, float,
+//! int, bool or None that `json.loads` would give, built directly; option
+//! dicts as TOML tables.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 use serde_json::Value;
 
@@ -32,4 +33,64 @@ pub(crate) fn to_py(py: Python<'_>, value: &Value) -> PyResult<PyObject> {
             dict.into_py_any(py)
         }
     }
+}
+
+/// Any serialisable value as a Python object (see [`to_py`]).
+pub(crate) fn serialize_to_py<T: serde::Serialize>(
+    py: Python<'_>,
+    value: &T,
+) -> PyResult<PyObject> {
+    let value = serde_json::to_value(value)
+        .map_err(|e| crate::Error::invalid("value", e.to_string(), "a serialisable value"))?;
+    to_py(py, &value)
+}
+
+/// A dict of options (a configuration or its overrides) as a TOML table:
+/// None values are left out (unset), paths become strings.
+pub(crate) fn table_from_py(dict: &Bound<'_, PyDict>) -> PyResult<toml::Table> {
+    let mut table = toml::Table::new();
+    for (k, v) in dict.iter() {
+        let key: String = k.extract()?;
+        if let Some(value) = toml_from_py(&key, &v)? {
+            table.insert(key, value);
+        }
+    }
+    Ok(table)
+}
+
+fn toml_from_py(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Option<toml::Value>> {
+    if v.is_none() {
+        return Ok(None);
+    }
+    let value = if let Ok(b) = v.downcast::<PyBool>() {
+        toml::Value::Boolean(b.is_true())
+    } else if v.is_instance_of::<PyInt>() {
+        toml::Value::Integer(v.extract()?)
+    } else if v.is_instance_of::<PyFloat>() {
+        toml::Value::Float(v.extract()?)
+    } else if let Ok(s) = v.downcast::<PyString>() {
+        toml::Value::String(s.to_str()?.to_string())
+    } else if let Ok(d) = v.downcast::<PyDict>() {
+        toml::Value::Table(table_from_py(d)?)
+    } else if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+        let mut items = Vec::new();
+        for item in v.try_iter()? {
+            let item = item?;
+            match toml_from_py(key, &item)? {
+                Some(x) => items.push(x),
+                None => return Err(bad_value(key, v)),
+            }
+        }
+        toml::Value::Array(items)
+    } else if let Ok(path) = v.py().import("os")?.call_method1("fspath", (v,)) {
+        toml::Value::String(path.extract()?)
+    } else {
+        return Err(bad_value(key, v));
+    };
+    Ok(Some(value))
+}
+
+fn bad_value(key: &str, v: &Bound<'_, PyAny>) -> PyErr {
+    let shown = v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string());
+    crate::Error::invalid(key, shown, "a bool, int, float, str, path, list or dict").into()
 }

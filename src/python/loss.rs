@@ -5,8 +5,13 @@ use pyo3::IntoPyObjectExt;
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
+use pyo3::types::{PyDict, PyTuple};
+
+use super::convert::serialize_to_py;
 use super::errors::without_gil;
-use crate::loss::{self, AnchorMode, GroupLossOptions, Similarity};
+use crate::loss::{
+    self, AnchorMode, GroupLossOptions, GroupLossSettings, Implementation, Similarity, Want,
+};
 
 /// What one Group Loss call returns: the loss and, where asked for or
 /// computed, its parts and closed-form gradients (tensors, or None).
@@ -35,19 +40,8 @@ pub(crate) struct PyGroupLossResult {
     grad_logits: PyObject,
 }
 
-/// The loss's tensors, computed without the GIL.
-struct LossTensors {
-    loss: Tensor,
-    nll: Option<Tensor>,
-    ce: Option<Tensor>,
-    probs: Option<Tensor>,
-    classes: Option<Tensor>,
-    grad_embeddings: Option<Tensor>,
-    grad_logits: Option<Tensor>,
-}
-
-impl LossTensors {
-    fn into_py(self, py: Python<'_>) -> PyResult<PyGroupLossResult> {
+impl PyGroupLossResult {
+    fn new(py: Python<'_>, out: loss::GroupLossOutput) -> PyResult<Self> {
         let one = |t: Option<Tensor>| -> PyResult<PyObject> {
             match t {
                 Some(t) => PyTensor(t).into_py_any(py),
@@ -55,27 +49,118 @@ impl LossTensors {
             }
         };
         Ok(PyGroupLossResult {
-            loss: one(Some(self.loss))?,
-            nll: one(self.nll)?,
-            ce: one(self.ce)?,
-            probs: one(self.probs)?,
-            classes: one(self.classes)?,
-            grad_embeddings: one(self.grad_embeddings)?,
-            grad_logits: one(self.grad_logits)?,
+            loss: one(Some(out.loss))?,
+            nll: one(out.nll)?,
+            ce: one(out.ce)?,
+            probs: one(out.probs)?,
+            classes: one(out.classes)?,
+            grad_embeddings: one(out.grad_embeddings)?,
+            grad_logits: one(out.grad_logits)?,
         })
     }
 }
 
-/// The Group Loss of a batch. `implementation`: `"autograd"` records
-/// libtorch ops (the loss carries a graph; no gradients returned);
-/// `"auto"`, `"fused_cpu"`, `"libtorch"` compute the loss without a graph
-/// and, with `want_grads`, its closed-form gradients.
+const D: GroupLossOptions = GroupLossOptions::DEFAULT;
+
+#[pymethods]
+impl GroupLossSettings {
+    /// The option names, in the constructor's order.
+    #[classattr]
+    const NAMES: [&'static str; 12] = GroupLossOptions::NAMES;
+
+    #[new]
+    #[pyo3(signature = (
+        *, temperature = D.temperature, num_anchors = D.num_anchors, num_iters = D.num_iters,
+        gtg_weight = D.gtg_weight, ce_weight = D.ce_weight,
+        similarity = D.similarity.name().to_string(), sigma = Similarity::DEFAULT_SIGMA,
+        similarity_power = D.similarity_power, zero_diagonal = D.zero_diagonal,
+        anchors = D.anchors.name().to_string(), seed = None,
+        batch_classes_only = D.batch_classes_only
+    ))]
+    // The defaults for `help()` and the stub's check (a test compares them
+    // with `GroupLossOptions()`).
+    #[pyo3(
+        text_signature = "(*, temperature=24.0, num_anchors=2, num_iters=1, gtg_weight=1.0, \
+        ce_weight=1.0, similarity='correlation', sigma=1.0, similarity_power=1.0, \
+        zero_diagonal=False, anchors='first', seed=None, batch_classes_only=False)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        temperature: f64,
+        num_anchors: i64,
+        num_iters: i64,
+        gtg_weight: f64,
+        ce_weight: f64,
+        similarity: String,
+        sigma: f64,
+        similarity_power: f64,
+        zero_diagonal: bool,
+        anchors: String,
+        seed: Option<u64>,
+        batch_classes_only: bool,
+    ) -> PyResult<Self> {
+        let options = GroupLossSettings {
+            temperature,
+            num_anchors,
+            num_iters,
+            gtg_weight,
+            ce_weight,
+            similarity,
+            sigma,
+            similarity_power,
+            zero_diagonal,
+            anchors,
+            seed,
+            batch_classes_only,
+        };
+        options.resolve(Some(seed.unwrap_or(0)))?;
+        Ok(options)
+    }
+
+    /// The options as a dict of keyword arguments.
+    fn to_dict(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let d = serialize_to_py(py, self)?;
+        d.bind(py).set_item("seed", self.seed)?;
+        Ok(d)
+    }
+
+    /// A copy with `changes` (option names) applied, validated again.
+    #[pyo3(signature = (**changes))]
+    fn replace<'py>(
+        slf: &Bound<'py, Self>,
+        changes: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let all = slf.get().to_dict(slf.py())?.into_bound(slf.py());
+        let all = all.downcast::<PyDict>()?;
+        if let Some(changes) = changes {
+            all.update(changes.as_mapping())?;
+        }
+        slf.get_type().call((), Some(all))
+    }
+
+    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyTuple>, PyObject)> {
+        Ok((PyTuple::empty(py), self.to_dict(py)?))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let d = self.to_dict(py)?.into_bound(py);
+        let mut parts = Vec::new();
+        for (k, v) in d.downcast::<PyDict>()?.iter() {
+            parts.push(format!("{}={}", k.str()?, v.repr()?));
+        }
+        Ok(format!("GroupLossOptions({})", parts.join(", ")))
+    }
+}
+
+/// The Group Loss of a batch with `options`. `seed`: the seed of this
+/// call's random anchors (default: the options' seed). `implementation`:
+/// `"autograd"` records libtorch ops (the loss carries a graph; no
+/// gradients returned); `"auto"`, `"fused_cpu"`, `"libtorch"` compute the
+/// loss without a graph and, with `want_grads`, its closed-form gradients.
 #[pyfunction]
 #[pyo3(signature = (
-    embeddings, labels, logits, *, temperature = 24.0, num_anchors = 2, num_iters = 1,
-    gtg_weight = 1.0, ce_weight = 1.0, similarity = "correlation", sigma = 1.0,
-    similarity_power = 1.0, zero_diagonal = false, anchors = "first", seed = 0, batch_classes_only = false,
-    num_classes = None, want_grads = true, want_probs = false, implementation = "auto"
+    embeddings, labels, logits, options, *, seed = None, num_classes = None,
+    want_grads = true, want_probs = false, implementation = "auto"
 ))]
 #[allow(clippy::too_many_arguments)]
 fn group_loss(
@@ -83,83 +168,26 @@ fn group_loss(
     embeddings: PyTensor,
     labels: PyTensor,
     logits: PyTensor,
-    temperature: f64,
-    num_anchors: i64,
-    num_iters: i64,
-    gtg_weight: f64,
-    ce_weight: f64,
-    similarity: &str,
-    sigma: f64,
-    similarity_power: f64,
-    zero_diagonal: bool,
-    anchors: &str,
-    seed: u64,
-    batch_classes_only: bool,
+    options: PyRef<'_, GroupLossSettings>,
+    seed: Option<u64>,
     num_classes: Option<i64>,
     want_grads: bool,
     want_probs: bool,
     implementation: &str,
 ) -> PyResult<PyGroupLossResult> {
-    let opts = GroupLossOptions {
-        temperature,
-        num_anchors,
-        num_iters,
-        gtg_weight,
-        ce_weight,
-        similarity: Similarity::parse(similarity, sigma)?,
-        similarity_power,
-        zero_diagonal,
-        anchors: AnchorMode::parse(anchors, seed)?,
-        batch_classes_only,
-    };
-    let graph = implementation == "autograd";
-    let implementation = if graph {
-        None
-    } else {
-        Some(loss::Implementation::parse(implementation).map_err(|_| {
-            crate::Error::invalid(
-                "implementation",
-                format!("{implementation:?}"),
-                "one of \"auto\", \"fused_cpu\", \"libtorch\", \"autograd\"",
-            )
-        })?)
+    let opts = options.resolve(seed)?;
+    let implementation = Implementation::parse(implementation)?;
+    let want = Want {
+        grads: want_grads,
+        probs: want_probs,
     };
     let out = without_gil(py, move || {
         if let Some(m) = num_classes {
             loss::check_logits_width(&logits, m)?;
         }
-        let Some(implementation) = implementation else {
-            let out = loss::group_loss(&embeddings, &logits, &labels, &opts)?;
-            return Ok(LossTensors {
-                loss: out.loss,
-                nll: out.nll,
-                ce: out.ce,
-                probs: out.probs,
-                classes: out.classes,
-                grad_embeddings: None,
-                grad_logits: None,
-            });
-        };
-        let out = loss::group_loss_with_grads(
-            &embeddings,
-            &logits,
-            &labels,
-            &opts,
-            want_grads,
-            want_probs,
-            implementation,
-        )?;
-        Ok(LossTensors {
-            loss: out.loss,
-            nll: out.nll,
-            ce: out.ce,
-            probs: out.probs,
-            classes: out.classes,
-            grad_embeddings: out.grad_embeddings,
-            grad_logits: out.grad_logits,
-        })
+        loss::evaluate(&embeddings, &logits, &labels, &opts, want, implementation)
     })?;
-    out.into_py(py)
+    PyGroupLossResult::new(py, out)
 }
 
 /// Pairwise similarity W of the rows of `embeddings`, sharpened by
@@ -221,6 +249,8 @@ fn refine(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_loss, m)?)?;
     m.add_class::<PyGroupLossResult>()?;
+    m.add_class::<GroupLossSettings>()?;
+    m.add("IMPLEMENTATIONS", Implementation::NAMES)?;
     m.add_function(wrap_pyfunction!(similarity, m)?)?;
     m.add_function(wrap_pyfunction!(anchor_mask, m)?)?;
     m.add_function(wrap_pyfunction!(refine, m)?)?;

@@ -16,6 +16,24 @@ pub(crate) fn count(arg: &str, v: i64, expected: &str) -> Result<usize, Error> {
 #[pyclass(name = "ClassBalancedSampler", module = "grouploss._native")]
 pub(crate) struct PySampler {
     inner: ClassBalancedSampler,
+    /// P: classes per batch.
+    #[pyo3(get)]
+    classes_per_batch: usize,
+    /// K: samples per class.
+    #[pyo3(get)]
+    samples_per_class: usize,
+    /// P x K.
+    #[pyo3(get)]
+    batch_size: usize,
+    /// Classes in the labels.
+    #[pyo3(get)]
+    num_classes: usize,
+    #[pyo3(get)]
+    seed: u64,
+    #[pyo3(get)]
+    num_replicas: usize,
+    #[pyo3(get)]
+    rank: usize,
 }
 
 #[pymethods]
@@ -42,7 +60,16 @@ impl PySampler {
         let inner = without_gil(py, move || {
             ClassBalancedSampler::new(&labels, p, k, options)
         })?;
-        Ok(PySampler { inner })
+        Ok(PySampler {
+            classes_per_batch: inner.classes_per_batch(),
+            samples_per_class: inner.samples_per_class(),
+            batch_size: inner.batch_size(),
+            num_classes: inner.num_classes(),
+            seed: inner.options().seed,
+            num_replicas: inner.options().num_replicas,
+            rank: inner.options().rank,
+            inner,
+        })
     }
 
     fn set_epoch(&mut self, epoch: u64) {
@@ -56,41 +83,6 @@ impl PySampler {
 
     fn __len__(&self) -> usize {
         self.inner.len()
-    }
-
-    #[getter]
-    fn classes_per_batch(&self) -> usize {
-        self.inner.classes_per_batch()
-    }
-
-    #[getter]
-    fn samples_per_class(&self) -> usize {
-        self.inner.samples_per_class()
-    }
-
-    #[getter]
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-
-    #[getter]
-    fn num_classes(&self) -> usize {
-        self.inner.num_classes()
-    }
-
-    #[getter]
-    fn seed(&self) -> u64 {
-        self.inner.options().seed
-    }
-
-    #[getter]
-    fn num_replicas(&self) -> usize {
-        self.inner.options().num_replicas
-    }
-
-    #[getter]
-    fn rank(&self) -> usize {
-        self.inner.options().rank
     }
 
     /// This rank's batches of the current epoch, int64 `(len, batch_size)`.

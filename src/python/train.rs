@@ -8,44 +8,35 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
-use super::convert::to_py;
+use pyo3::types::PyDict;
+
+use super::convert::{serialize_to_py, table_from_py, to_py};
 use super::errors::{catch_panic, without_gil};
 use crate::error::Error;
+use crate::loss::GroupLossSettings;
 use crate::train::run_model::RunModel;
 use crate::train::{self, Collective, SingleProcess, TrainConfig};
 
-fn json_to_table(overrides_json: &str) -> Result<toml::Table, Error> {
-    let value: serde_json::Value = serde_json::from_str(overrides_json)
-        .map_err(|e| Error::invalid("options", e.to_string(), "a JSON object"))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(Error::invalid(
-            "options",
-            value.to_string(),
-            "a JSON object",
-        ));
-    };
-    let mut table = toml::Table::new();
-    for (k, v) in map {
-        if v.is_null() {
-            continue;
-        }
-        let tv = toml::Value::try_from(&v)
-            .map_err(|e| Error::invalid(k.clone(), v.to_string(), format!("a TOML value ({e})")))?;
-        table.insert(k, tv);
-    }
-    Ok(table)
+/// A full configuration (a dict as [`resolve_config`] returns) as the
+/// typed configuration, validated.
+fn config_from(config: &Bound<'_, PyDict>) -> PyResult<TrainConfig> {
+    Ok(TrainConfig::resolve(None, None, table_from_py(config)?)?)
 }
 
-/// The resolved configuration (TOML) of a preset, a config file and
-/// overrides (a JSON object).
+/// The resolved configuration (a dict) of a preset, a config file (TOML)
+/// and overrides (a dict; None values are left unset).
 #[pyfunction]
-#[pyo3(signature = (preset = None, config_file = None, overrides_json = "{}"))]
+#[pyo3(signature = (preset = None, config_file = None, overrides = None))]
 fn resolve_config(
+    py: Python<'_>,
     preset: Option<&str>,
     config_file: Option<PathBuf>,
-    overrides_json: &str,
-) -> PyResult<String> {
-    let overrides = json_to_table(overrides_json)?;
+    overrides: Option<&Bound<'_, PyDict>>,
+) -> PyResult<PyObject> {
+    let overrides = overrides
+        .map(table_from_py)
+        .transpose()?
+        .unwrap_or_default();
     let text = match &config_file {
         Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?),
         None => None,
@@ -53,7 +44,15 @@ fn resolve_config(
     let source = config_file.as_ref().map(|p| p.display().to_string());
     let file = text.as_deref().zip(source.as_deref());
     let cfg = TrainConfig::resolve(preset, file, overrides)?;
-    Ok(cfg.to_toml()?)
+    serialize_to_py(py, &cfg)
+}
+
+/// The Group Loss's options of a configuration (a dict), as the trainer
+/// builds them (before its warm-up; the trainer seeds random anchors per
+/// epoch).
+#[pyfunction]
+fn group_loss_options(config: &Bound<'_, PyDict>) -> PyResult<GroupLossSettings> {
+    Ok(config_from(config)?.group_loss_settings())
 }
 
 /// The preset names.
@@ -70,26 +69,26 @@ fn loss_options() -> PyResult<Vec<(&'static str, Vec<String>)>> {
 
 /// The run folder a configuration gets when `out_dir` is not set.
 #[pyfunction]
-fn default_run_dir(config_toml: &str) -> PyResult<String> {
-    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+fn default_run_dir(config: &Bound<'_, PyDict>) -> PyResult<String> {
+    let cfg = config_from(config)?;
     Ok(train::runner::default_run_dir(&cfg).display().to_string())
 }
 
 /// Every variable (parameters and BatchNorm running statistics) of the
-/// network that member `member` of a configuration (TOML) starts from,
+/// network that member `member` of a configuration (a dict) starts from,
 /// before any pretrained weights: torch seeded with `seed + member`, then
 /// the network built on the CPU. Copies, keyed `backbone.*`, `embed.*` and
 /// `classifier.*`.
 #[pyfunction]
-#[pyo3(signature = (config_toml, in_channels, num_classes, member = 0))]
+#[pyo3(signature = (config, in_channels, num_classes, member = 0))]
 fn initial_state_dict(
     py: Python<'_>,
-    config_toml: &str,
+    config: &Bound<'_, PyDict>,
     in_channels: i64,
     num_classes: i64,
     member: usize,
 ) -> PyResult<BTreeMap<String, PyTensor>> {
-    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    let cfg = config_from(config)?;
     let vars = without_gil(py, move || {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         train::runner::initial_network(&cfg, &vs, in_channels, num_classes, member)?;
@@ -196,22 +195,22 @@ impl Collective for PyCollective {
     }
 }
 
-/// Runs a training configuration (TOML) in `run_dir` with the GIL released;
+/// Runs a training configuration (a dict) in `run_dir` with the GIL released;
 /// returns the outcome as a dict (`run_dir`, `history`, `best_epoch`,
 /// `test`, `ensemble_test`, `summary`). Ctrl-C saves `last` and raises
 /// KeyboardInterrupt. With `collective` (see [`PyCollective`]) this process
 /// is one rank of a data-parallel run; `device` overrides the
 /// configuration's device for this process (e.g. `cuda:LOCAL_RANK`).
 #[pyfunction]
-#[pyo3(signature = (config_toml, run_dir, collective = None, device = None))]
+#[pyo3(signature = (config, run_dir, collective = None, device = None))]
 fn train_run(
     py: Python<'_>,
-    config_toml: &str,
+    config: &Bound<'_, PyDict>,
     run_dir: PathBuf,
     collective: Option<&Bound<'_, PyAny>>,
     device: Option<&str>,
 ) -> PyResult<PyObject> {
-    let cfg = TrainConfig::resolve(None, Some((config_toml, "config")), Default::default())?;
+    let cfg = config_from(config)?;
     let device = train::runner::device(device.unwrap_or(&cfg.device))?;
     let coll = collective.map(PyCollective::new).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -234,10 +233,7 @@ fn train_run(
         // KeyboardInterrupt now, so that it is not raised a second time later.
         py.check_signals()?;
     }
-    let o = outcome.map_err(PyErr::from)?;
-    let value = serde_json::to_value(&o)
-        .map_err(|e| Error::invalid("train", e.to_string(), "a serialisable outcome"))?;
-    to_py(py, &value)
+    serialize_to_py(py, &outcome?)
 }
 
 /// A trained model loaded from its run folder.
@@ -272,10 +268,17 @@ impl PyRunModel {
         })
     }
 
-    /// The resolved configuration as TOML.
+    /// The run's resolved configuration (a dict).
     #[getter]
-    fn config_toml(&self, py: Python<'_>) -> PyResult<String> {
-        self.run(py, |m| m.config.to_toml())
+    fn config(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let cfg = self.run(py, |m| Ok(m.config.clone()))?;
+        serialize_to_py(py, &cfg)
+    }
+
+    /// The Group Loss's options the run trained with (before its warm-up).
+    #[getter]
+    fn loss_options(&self, py: Python<'_>) -> PyResult<GroupLossSettings> {
+        self.run(py, |m| Ok(m.config.group_loss_settings()))
     }
 
     /// Embeddings of images (float: already transformed; uint8: the run's
@@ -331,6 +334,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(presets, m)?)?;
     m.add_function(wrap_pyfunction!(loss_options, m)?)?;
     m.add_function(wrap_pyfunction!(default_run_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(group_loss_options, m)?)?;
     m.add_function(wrap_pyfunction!(train_run, m)?)?;
     m.add_function(wrap_pyfunction!(initial_state_dict, m)?)?;
     m.add_class::<PyRunModel>()?;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::loss::{GroupLossOptions, GroupLossSettings};
 
 /// The losses the trainer runs (`loss`).
 pub const LOSSES: [&str; 3] = ["group", "softmax", "triplet"];
@@ -14,26 +15,14 @@ pub const LOSSES: [&str; 3] = ["group", "softmax", "triplet"];
 /// The learning-rate schedules (`schedule`).
 pub const SCHEDULES: [&str; 4] = ["step", "multistep", "cosine", "constant"];
 
-/// Options that only the Group Loss reads.
-const GROUP_OPTIONS: [&str; 13] = [
-    "temperature",
-    "num_anchors",
-    "num_iters",
-    "gtg_weight",
-    "ce_weight",
-    "similarity",
-    "sigma",
-    "similarity_power",
-    "zero_diagonal",
-    "anchors",
-    "batch_classes_only",
-    "gtg_warmup_epochs",
-    "gtg_ramp_epochs",
-];
+/// The trainer's own options of the Group Loss (its schedule).
+const GROUP_SCHEDULE: [&str; 2] = ["gtg_warmup_epochs", "gtg_ramp_epochs"];
 
 /// The losses that read `option`.
 fn losses_reading(option: &str) -> &'static [&'static str] {
-    if GROUP_OPTIONS.contains(&option) {
+    // `seed` is the run's (the anchors' seed derives from it).
+    let loss_option = GroupLossOptions::NAMES.contains(&option) && option != "seed";
+    if loss_option || GROUP_SCHEDULE.contains(&option) {
         &["group"]
     } else if option == "triplet_margin" {
         &["triplet"]
@@ -62,9 +51,19 @@ pub fn loss_options() -> Result<Vec<(&'static str, Vec<String>)>> {
         .collect())
 }
 
+/// The names of every option (those unset by default included).
+fn known_keys() -> Vec<String> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => unreachable!("a configuration serialises as an object"),
+    }
+}
+
 /// Every option of a run. `Default` is the `fashion-mnist` preset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// Unknown keys are refused by `merge_table` (serde's deny_unknown_fields
+// does not work with the flattened loss options).
+#[serde(default)]
 pub struct TrainConfig {
     /// The preset this configuration started from (informational).
     pub preset: String,
@@ -121,20 +120,11 @@ pub struct TrainConfig {
     /// The triplet loss's margin between the hardest positive's and the
     /// hardest negative's distance (L2 of normalised embeddings).
     pub triplet_margin: f64,
-    // The Group Loss's options (see `GroupLoss`).
-    pub temperature: f64,
-    pub num_anchors: i64,
-    pub num_iters: i64,
-    pub gtg_weight: f64,
-    pub ce_weight: f64,
-    pub similarity: String,
-    pub sigma: f64,
-    /// Sharpness of W: its entries raised to this power (>= 1; 1: the
-    /// release's W).
-    pub similarity_power: f64,
-    pub zero_diagonal: bool,
-    pub anchors: String,
-    pub batch_classes_only: bool,
+    /// The Group Loss's options (see `GroupLoss`), under their own names
+    /// (`temperature`, `num_anchors`, ...; the anchors' seed derives from
+    /// `seed`).
+    #[serde(flatten)]
+    pub group_loss: GroupLossSettings,
     /// Epochs of CE only before the Group Loss term is switched on (the
     /// release starts from a CE-finetuned network instead).
     pub gtg_warmup_epochs: usize,
@@ -292,9 +282,14 @@ impl TrainConfig {
     /// error naming it.
     pub fn merge_table(&self, table: toml::Table, source: &str) -> Result<Self> {
         let mut base = self.table()?;
+        let known = known_keys();
         for (k, v) in table {
             if k == "preset" {
                 continue;
+            }
+            if !known.contains(&k) {
+                let message = format!("unknown field `{k}`, expected one of {known:?}");
+                return Err(Error::format(source, None, message));
             }
             base.insert(k, v);
         }
@@ -308,6 +303,18 @@ impl TrainConfig {
     /// The configuration as TOML (what `config.toml` of a run holds).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::invalid("config", e.to_string(), "serialisable"))
+    }
+
+    /// The Group Loss's options of this configuration by name (`seed`
+    /// unset: the trainer derives one per epoch from the run's).
+    pub fn group_loss_settings(&self) -> GroupLossSettings {
+        self.group_loss.clone()
+    }
+
+    /// The Group Loss's options of this configuration, validated: the
+    /// weights before any warm-up, random anchors seeded with `seed`.
+    pub fn group_loss_options(&self) -> Result<GroupLossOptions> {
+        self.group_loss_settings().resolve(Some(self.seed))
     }
 
     /// Checks every value, naming the option at fault.
@@ -354,21 +361,12 @@ impl TrainConfig {
                 "an integer >= 1",
             ));
         }
-        pos("temperature", self.temperature)?;
+        self.group_loss_options()?;
         pos("lr", self.lr)?;
         nonneg("backbone_lr", self.backbone_lr)?;
         nonneg("weight_decay", self.weight_decay)?;
-        nonneg("gtg_weight", self.gtg_weight)?;
-        nonneg("ce_weight", self.ce_weight)?;
         nonneg("warmup_epochs", self.warmup_epochs)?;
         nonneg("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
-        if !(self.similarity_power.is_finite() && self.similarity_power >= 1.0) {
-            return Err(Error::invalid(
-                "similarity_power",
-                self.similarity_power,
-                "a finite number >= 1",
-            ));
-        }
         pos("lr_decay", self.lr_decay)?;
         pos("classifier_scale", self.classifier_scale)?;
         if !(0.0..1.0).contains(&self.val_fraction) {
@@ -376,20 +374,6 @@ impl TrainConfig {
                 "val_fraction",
                 self.val_fraction,
                 "a number in [0, 1)",
-            ));
-        }
-        if self.num_anchors < 0 {
-            return Err(Error::invalid(
-                "num_anchors",
-                self.num_anchors,
-                "an integer >= 0",
-            ));
-        }
-        if self.num_iters < 1 {
-            return Err(Error::invalid(
-                "num_iters",
-                self.num_iters,
-                "an integer >= 1",
             ));
         }
         if self.embedding_size < 0 {
@@ -426,26 +410,20 @@ impl TrainConfig {
         nonneg("triplet_margin", self.triplet_margin)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
         one_of("on_error", &self.on_error, &["raise", "skip"])?;
-        if self.gtg_warmup_epochs > 0 && self.ce_weight == 0.0 {
+        if self.gtg_warmup_epochs > 0 && self.group_loss.ce_weight == 0.0 {
             return Err(Error::invalid(
                 "gtg_warmup_epochs",
                 self.gtg_warmup_epochs,
                 "0 when ce_weight = 0 (the warm-up trains with CE alone)",
             ));
         }
-        if self.gtg_ramp_epochs > 0.0 && self.ce_weight == 0.0 {
+        if self.gtg_ramp_epochs > 0.0 && self.group_loss.ce_weight == 0.0 {
             return Err(Error::invalid(
                 "gtg_ramp_epochs",
                 self.gtg_ramp_epochs,
                 "0 when ce_weight = 0 (the ramp starts from CE alone)",
             ));
         }
-        one_of(
-            "similarity",
-            &self.similarity,
-            &["correlation", "cosine", "gaussian"],
-        )?;
-        one_of("anchors", &self.anchors, &["first", "random"])?;
         one_of("classifier", &self.classifier, &["linear", "cosine"])?;
         one_of(
             "normalization",
@@ -474,7 +452,10 @@ impl TrainConfig {
                 "a fraction > 0 when select_on = \"val\" (or select_on = \"test\")",
             ));
         }
-        if self.loss == "group" && self.gtg_weight == 0.0 && self.ce_weight == 0.0 {
+        if self.loss == "group"
+            && self.group_loss.gtg_weight == 0.0
+            && self.group_loss.ce_weight == 0.0
+        {
             return Err(Error::invalid(
                 "gtg_weight",
                 "gtg_weight = ce_weight = 0",
@@ -511,9 +492,9 @@ impl TrainConfig {
         if t < 0.0 {
             0.0
         } else if self.gtg_ramp_epochs > 0.0 {
-            self.gtg_weight * (t / self.gtg_ramp_epochs).min(1.0)
+            self.group_loss.gtg_weight * (t / self.gtg_ramp_epochs).min(1.0)
         } else {
-            self.gtg_weight
+            self.group_loss.gtg_weight
         }
     }
 
@@ -537,8 +518,13 @@ mod tests {
         assert_eq!(all["triplet"], ["triplet_margin"]);
         assert_eq!(all["softmax"], ["classifier", "classifier_scale"]);
         let group = &all["group"];
-        assert_eq!(group.len(), GROUP_OPTIONS.len() + 2);
-        assert!(GROUP_OPTIONS.iter().all(|o| group.iter().any(|g| g == o)));
+        // The loss's options but the run's `seed`, its schedule, the classifier.
+        let mut want: Vec<&str> = GroupLossOptions::NAMES.to_vec();
+        want.retain(|&o| o != "seed");
+        want.extend(GROUP_SCHEDULE);
+        want.extend(["classifier", "classifier_scale"]);
+        want.sort();
+        assert_eq!(group, &want);
     }
 
     fn glyphs() -> TrainConfig {
@@ -547,12 +533,12 @@ mod tests {
 
     #[test]
     fn gtg_weight_warmup_then_ramp() {
-        let cfg = TrainConfig {
-            gtg_weight: 2.0,
+        let mut cfg = TrainConfig {
             gtg_warmup_epochs: 1,
             gtg_ramp_epochs: 2.0,
             ..glyphs()
         };
+        cfg.group_loss.gtg_weight = 2.0;
         let got: Vec<f64> = [0.0, 0.5, 0.999, 1.0, 1.5, 2.0, 2.5, 3.0, 7.0]
             .iter()
             .map(|&t| cfg.gtg_weight_at(t))
@@ -561,10 +547,8 @@ mod tests {
         for (g, e) in got.iter().zip(expected) {
             assert!((g - e).abs() < 1e-12, "{got:?}");
         }
-        let plain = TrainConfig {
-            gtg_weight: 0.7,
-            ..glyphs()
-        };
+        let mut plain = glyphs();
+        plain.group_loss.gtg_weight = 0.7;
         assert_eq!(plain.gtg_weight_at(0.0), 0.7);
         let warm = TrainConfig {
             gtg_warmup_epochs: 2,

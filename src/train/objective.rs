@@ -6,7 +6,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use super::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation, Similarity};
+use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation};
 use crate::model::EmbeddingNet;
 use crate::rng::derive_seed;
 
@@ -66,20 +66,15 @@ impl Objective {
     }
 }
 
-/// The Group Loss's options for `epoch`.
+/// The Group Loss's options for `epoch`: the weight of its warm-up and
+/// ramp, random anchors seeded for the epoch.
 pub fn group_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
-    Ok(GroupLossOptions {
-        temperature: cfg.temperature,
-        num_anchors: cfg.num_anchors,
-        num_iters: cfg.num_iters,
-        gtg_weight: cfg.gtg_weight_at(epoch as f64),
-        ce_weight: cfg.ce_weight,
-        similarity: Similarity::parse(&cfg.similarity, cfg.sigma)?,
-        similarity_power: cfg.similarity_power,
-        zero_diagonal: cfg.zero_diagonal,
-        anchors: AnchorMode::parse(&cfg.anchors, derive_seed(cfg.seed, &[epoch as u64, 7]))?,
-        batch_classes_only: cfg.batch_classes_only,
-    })
+    let mut opts = cfg.group_loss_options()?;
+    opts.gtg_weight = cfg.gtg_weight_at(epoch as f64);
+    if let AnchorMode::Random { seed } = &mut opts.anchors {
+        *seed = derive_seed(cfg.seed, &[epoch as u64, 7]);
+    }
+    Ok(opts)
 }
 
 /// The forward pass of a batch, the loss and its backward pass into the
@@ -135,8 +130,11 @@ fn group_backward(
     labels: &Tensor,
     opts: &GroupLossOptions,
 ) -> Result<StepLoss> {
-    let out =
-        loss::group_loss_with_grads(emb, logits, labels, opts, true, false, Implementation::Auto)?;
+    let want = loss::Want {
+        grads: true,
+        probs: false,
+    };
+    let out = loss::evaluate(emb, logits, labels, opts, want, Implementation::Auto)?;
     let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
         (Some(a), Some(b)) => (a, b),
         _ => return Err(Error::invalid("loss", "no gradients", "gradients")),

@@ -10,6 +10,7 @@
 
 use super::config::TrainConfig;
 use crate::error::{Error, Result};
+use crate::loss::GroupLossSettings;
 
 /// The names [`preset`] accepts.
 pub const PRESETS: [&str; 6] = [
@@ -44,17 +45,10 @@ fn small_grey(dataset: &str) -> TrainConfig {
         samples_per_class: 6,
         loss: "group".into(),
         triplet_margin: 0.1,
-        temperature: 10.0,
-        num_anchors: 2,
-        num_iters: 1,
-        gtg_weight: 1.0,
-        ce_weight: 1.0,
-        similarity: "correlation".into(),
-        sigma: 1.0,
-        similarity_power: 1.0,
-        zero_diagonal: false,
-        anchors: "first".into(),
-        batch_classes_only: false,
+        group_loss: GroupLossSettings {
+            temperature: 10.0,
+            ..GroupLossSettings::default()
+        },
         gtg_warmup_epochs: 0,
         gtg_ramp_epochs: 0.0,
         optimizer: "adam".into(),
@@ -103,8 +97,11 @@ fn release(
         bn_momentum: 0.9,
         classes_per_batch: p,
         samples_per_class: k,
-        num_anchors: anchors,
-        temperature: t,
+        group_loss: GroupLossSettings {
+            num_anchors: anchors,
+            temperature: t,
+            ..GroupLossSettings::default()
+        },
         optimizer: "radam".into(),
         lr,
         weight_decay: wd,
@@ -147,9 +144,12 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
         "glyphs" => TrainConfig {
             classifier: "cosine".into(),
             classifier_scale: 16.0,
-            temperature: 10.0,
-            num_anchors: 1,
-            similarity_power: 8.0,
+            group_loss: GroupLossSettings {
+                temperature: 10.0,
+                num_anchors: 1,
+                similarity_power: 8.0,
+                ..GroupLossSettings::default()
+            },
             classes_per_batch: 20,
             samples_per_class: 3,
             ..small_grey("glyphs")
@@ -213,18 +213,25 @@ mod tests {
     fn release_hyperparameters() {
         let cub = preset("cub200").unwrap();
         assert_eq!((cub.classes_per_batch, cub.samples_per_class), (6, 9));
-        assert_eq!((cub.num_anchors, cub.temperature), (2, 24.0));
+        assert_eq!(
+            (cub.group_loss.num_anchors, cub.group_loss.temperature),
+            (2, 24.0)
+        );
         assert_eq!((cub.lr, cub.weight_decay), (1.5637e-4, 6.0597e-6));
         assert_eq!(cub.lr_decay_epochs, vec![31, 51]);
         let cars = preset("cars196").unwrap();
         assert_eq!((cars.classes_per_batch, cars.samples_per_class), (5, 7));
         assert_eq!(
-            (cars.num_anchors, cars.temperature, cars.lr),
+            (
+                cars.group_loss.num_anchors,
+                cars.group_loss.temperature,
+                cars.lr
+            ),
             (3, 79.0, 2e-4)
         );
         let sop = preset("sop").unwrap();
         assert_eq!(
-            (sop.temperature, sop.lr, sop.weight_decay),
+            (sop.group_loss.temperature, sop.lr, sop.weight_decay),
             (54.0, 6.0777e-4, 5.2725e-12)
         );
     }
@@ -237,13 +244,20 @@ mod tests {
             ("cosine", 16.0)
         );
         assert_eq!(
-            (g.temperature, g.num_anchors, g.similarity_power),
+            (
+                g.group_loss.temperature,
+                g.group_loss.num_anchors,
+                g.group_loss.similarity_power
+            ),
             (10.0, 1, 8.0)
         );
         assert_eq!((g.classes_per_batch, g.samples_per_class), (20, 3));
         // fashion-mnist keeps the release's loss.
         let f = preset("fashion-mnist").unwrap();
-        assert_eq!((f.classifier.as_str(), f.similarity_power), ("linear", 1.0));
+        assert_eq!(
+            (f.classifier.as_str(), f.group_loss.similarity_power),
+            ("linear", 1.0)
+        );
     }
 
     #[test]
@@ -252,7 +266,7 @@ mod tests {
         let cfg = base
             .merge_toml("epochs = 7\ntemperature = 2.5\n", "cfg.toml")
             .unwrap();
-        assert_eq!((cfg.epochs, cfg.temperature), (7, 2.5));
+        assert_eq!((cfg.epochs, cfg.group_loss.temperature), (7, 2.5));
         assert_eq!(cfg.lr, base.lr);
         let e = base
             .merge_toml("epoch = 7\n", "cfg.toml")
@@ -275,7 +289,7 @@ mod tests {
         over.insert("lr".into(), toml::Value::Float(0.5));
         let r = TrainConfig::resolve(Some("sop"), Some(("epochs = 2", "f")), over).unwrap();
         assert_eq!(
-            (r.preset.as_str(), r.epochs, r.lr, r.temperature),
+            (r.preset.as_str(), r.epochs, r.lr, r.group_loss.temperature),
             ("sop", 2, 0.5, 54.0)
         );
     }
