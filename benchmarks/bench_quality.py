@@ -306,8 +306,8 @@ def torch_run(
     train, val, test = open_splits(preset, data_root, cfg["val_fraction"])
     mean, std = grey_statistics(train)
     size = int(train.load(0).shape[-1])
-    train_tf = small_transform(size, pad=COMMON["pad_jitter"], normalize=([mean], [std]))
-    eval_tf = small_transform(size, pad=0, normalize=([mean], [std]))
+    train_tf = small_transform(size, pad=COMMON["pad_jitter"], normalization=([mean], [std]))
+    eval_tf = small_transform(size, pad=0, normalization=([mean], [std]))
     base = GLYPHS_PK if preset == "glyphs" else cfg
     p = opts.get("classes_per_batch", base["classes_per_batch"])
     k = opts.get("samples_per_class", base["samples_per_class"])

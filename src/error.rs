@@ -112,6 +112,20 @@ pub(crate) fn ensure(
     }
 }
 
+/// Returns `Err(Error::InvalidArgument)` ("`arg`: expected an integer >=
+/// `min`, got `value`") unless `value >= min`.
+pub(crate) fn at_least<T: PartialOrd + std::fmt::Display>(
+    arg: &str,
+    value: T,
+    min: T,
+) -> Result<()> {
+    if value >= min {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, value, format!("an integer >= {min}")))
+    }
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()

@@ -1,4 +1,5 @@
-"""Small datasets written by the tests in each published layout."""
+"""Small datasets written by the tests in each published layout, and the
+options of the tiny training runs the tests make on them."""
 
 from __future__ import annotations
 
@@ -216,3 +217,36 @@ def make_glyph_like(root: pathlib.Path, train_classes=10, test_classes=6, per=16
         images = np.stack([draw(c, k) for c in classes for k in range(per)])
         make_idx_pair(root, prefix, images, labels, gz=True, int32=True)
     return root
+
+
+# A tiny CPU training run: two epochs of 3 x 4 batches, one loader thread,
+# quiet, 30% of the training classes held out for validation.
+TINY_RUN: Dict[str, object] = dict(
+    epochs=2,
+    classes_per_batch=3,
+    samples_per_class=4,
+    num_workers=1,
+    eval_batch_size=16,
+    progress=False,
+    device="cpu",
+    val_fraction=0.3,
+)
+
+
+def tiny_run(**overrides) -> Dict[str, object]:
+    """The options of `grouploss.train` for a tiny run (TINY_RUN) with
+    `overrides`; an override of None leaves that option out (the default)."""
+    opts = dict(TINY_RUN, **overrides)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def tiny_run_script(**overrides) -> str:
+    """A Python program that trains glyphs with `tiny_run(plots=False,
+    **overrides)`, the data root and run folder its two arguments: a run in
+    a child process."""
+    opts = tiny_run(plots=False, **overrides)
+    return (
+        "import sys, grouploss\n"
+        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
+        f"**{opts!r})\n"
+    )

@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from data_fixtures import make_glyph_like
+from data_fixtures import make_glyph_like, tiny_run, tiny_run_script
 
 import grouploss
 
@@ -35,12 +35,7 @@ def data_root(tmp_path_factory):
 
 
 def _cmd(root, out, epochs=EPOCHS):
-    code = (
-        "import sys, grouploss\n"
-        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
-        f"epochs={epochs}, classes_per_batch=3, samples_per_class=4, num_workers=1, "
-        "eval_batch_size=16, progress=False, device='cpu', val_fraction=0.3, plots=False)\n"
-    )
+    code = tiny_run_script(epochs=epochs)
     return [sys.executable, "-c", code, str(root), str(out)]
 
 
@@ -181,15 +176,7 @@ def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_
         "glyphs",
         data_root=str(data_root),
         out_dir=str(out),
-        epochs=2,
-        max_steps_per_epoch=2,
-        classes_per_batch=3,
-        samples_per_class=4,
-        num_workers=1,
-        progress=False,
-        device="cpu",
-        val_fraction=0.3,
-        plots=False,
+        **tiny_run(max_steps_per_epoch=2, eval_batch_size=None, plots=False),
     )
     last = out / "checkpoints" / "last.safetensors"
     with safe_open(str(last), framework="pt") as f:

@@ -4,7 +4,6 @@ Loader (order, determinism, shutdown, GIL, bad files and the skip policy)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 import warnings
 
@@ -14,6 +13,7 @@ import torch
 import torchvision.transforms as T
 from data_fixtures import GLYPHS, make_cub, photo, write_image
 from PIL import Image
+from ticking import ticking
 
 from grouploss import ClassBalancedBatchSampler
 from grouploss.data import Loader, eval_transform, small_transform, train_transform
@@ -46,7 +46,7 @@ def test_random_resized_crop_of_the_whole_image_is_a_resize(tmp_path):
     img = photo(2, 120, 90)
     ref = T.Compose([T.Resize((64, 64)), T.ToTensor()])(Image.fromarray(img))
     t = train_transform(
-        64, scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90), flip=True, normalize="none"
+        64, scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90), flip=True, normalization="none"
     )
     outs = [t(img, seed=s) for s in range(8)]
     for out in outs:
@@ -84,19 +84,19 @@ def test_jpeg_region_decoding_matches_decoding_the_whole_file(tmp_path):
 
 def test_caffe_bgr_and_grey_conversions(tmp_path):
     rgb = photo(5, 32, 32)
-    out = eval_transform(32, resize=32, normalize="caffe_bgr")(rgb)
+    out = eval_transform(32, resize=32, normalization="caffe_bgr")(rgb)
     want = torch.from_numpy(rgb[..., ::-1].copy()).permute(2, 0, 1).float()
     want -= torch.tensor([104.0, 117.0, 128.0]).view(3, 1, 1)
     assert torch.equal(out, want)
-    grey = eval_transform(32, resize=32, normalize="none", channels=1)(rgb)
+    grey = eval_transform(32, resize=32, normalization="none", channels=1)(rgb)
     pil_l = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255
     assert torch.equal(grey[0], torch.from_numpy(pil_l))
     g = photo(6, 32, 32, grey=True)
-    three = eval_transform(32, resize=32, normalize="none")(g)
+    three = eval_transform(32, resize=32, normalization="none")(g)
     assert torch.equal(three[0], three[2]) and torch.equal(
         three[1] * 255, torch.from_numpy(g).float()
     )
-    custom = eval_transform(32, resize=32, normalize=([0.5, 0.5, 0.5], [0.25, 0.5, 1.0]))(rgb)
+    custom = eval_transform(32, resize=32, normalization=([0.5, 0.5, 0.5], [0.25, 0.5, 1.0]))(rgb)
     assert torch.allclose(custom[0], (torch.from_numpy(rgb[..., 0]).float() / 255 - 0.5) / 0.25)
 
 
@@ -104,7 +104,7 @@ def test_small_transform_pads_crops_and_passes_through():
     img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     plain = small_transform(28)(img)
     assert torch.equal(plain[0], torch.from_numpy(img).float() / 255)
-    norm = small_transform(28, normalize=([0.286], [0.353]))(img)
+    norm = small_transform(28, normalization=([0.286], [0.353]))(img)
     assert torch.allclose(norm, (plain - 0.286) / 0.353, atol=1e-6)
     jitter = small_transform(28, pad=4)
     shifted = 0
@@ -132,11 +132,14 @@ def test_small_transform_pads_crops_and_passes_through():
         (lambda: train_transform(0), "size: expected an integer >= 1"),
         (lambda: train_transform(8, scale=(0.5, 0.1)), "scale"),
         (lambda: train_transform(8, ratio=(0, 1)), "ratio"),
-        (lambda: train_transform(8, normalize="caffe"), "normalize: expected 'imagenet'"),
-        (lambda: train_transform(8, normalize=([0.5], [0.5])), "normalize: expected 3 values"),
+        (lambda: train_transform(8, normalization="caffe"), "normalization: expected 'imagenet'"),
+        (
+            lambda: train_transform(8, normalization=([0.5], [0.5])),
+            "normalization: expected 3 values",
+        ),
         (lambda: train_transform(8, channels=2), "channels: expected 1 or 3"),
         (lambda: eval_transform(8, resize=4), "resize: expected at least size"),
-        (lambda: small_transform(8, normalize="imagenet"), "normalize: .* for grey output"),
+        (lambda: small_transform(8, normalization="imagenet"), "normalization: .* for grey output"),
         (lambda: small_transform(8, pad=-1), "pad"),
     ],
 )
@@ -250,22 +253,10 @@ def test_waiting_for_a_batch_releases_the_gil(cub):
     loader = Loader(
         ds, [[i % 24] * 24 for i in range(30)], train_transform(160), num_threads=1, prefetch=1
     )
-    ticks, stop = [], threading.Event()
-
-    def count():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=count)
-    t.start()
-    try:
+    with ticking(0.001) as ticks:
         start = time.perf_counter()
         collect(loader)
         elapsed = time.perf_counter() - start
-    finally:
-        stop.set()
-        t.join()
     assert len([x for x in ticks if x > start]) > 0.3 * elapsed / 0.001, (len(ticks), elapsed)
 
 
@@ -349,3 +340,14 @@ def test_skip_policy_fails_when_a_whole_class_is_unreadable(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match='no other sample of class "001.Bird_1" could be read'):
             list(loader)
+
+
+def test_the_0x_keyword_normalize_still_works_with_a_warning():
+    rgb = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    want = eval_transform(32, resize=32, normalization="caffe_bgr")(rgb)
+    with pytest.warns(FutureWarning, match="normalize= is deprecated, use normalization=") as w:
+        got = eval_transform(32, resize=32, normalize="caffe_bgr")(rgb)
+    assert w[0].filename == __file__  # the caller's line, not the library's
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'normalise'"):
+        small_transform(28, normalise="none")

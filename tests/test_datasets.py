@@ -427,6 +427,6 @@ def test_grey_and_cmyk_jpegs_decode_like_pil(tmp_path):
     grey = ds.load(1)
     assert grey.shape == (1, 30, 40)
     assert torch.equal(grey[0], pil_chw(ds.path(1))[0])
-    ds.transform = eval_transform(24, resize=24, normalize="none")
+    ds.transform = eval_transform(24, resize=24, normalization="none")
     rgb, _ = ds[1]
     assert rgb.shape == (3, 24, 24) and torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])

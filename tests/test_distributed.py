@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from data_fixtures import make_glyph_like
+from data_fixtures import make_glyph_like, tiny_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -240,16 +240,8 @@ def _threaded_run(config: dict, run_dir: pathlib.Path, world: int = 2) -> list:
     return outcomes
 
 
-RUN = dict(
-    epochs=4,
-    classes_per_batch=3,
-    samples_per_class=4,
-    num_workers=1,
-    eval_batch_size=16,
-    val_fraction=0.3,
-    device="cpu",
-    recall_ks=[1, 2],
-)
+# The CLI runs are --quiet and the in-process one passes progress=False.
+RUN = tiny_run(epochs=4, recall_ks=[1, 2], progress=None)
 
 
 def _cli_options(root: pathlib.Path, out: pathlib.Path) -> list:

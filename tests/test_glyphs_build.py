@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from data_fixtures import GLYPHS, read_idx
+from data_fixtures import GLYPHS, read_idx, tiny_run
 
 import grouploss
 from grouploss import _glyphs_build as gb
@@ -192,20 +192,16 @@ def test_a_small_set_from_a_fresh_machines_fonts_trains(tmp_path):
 
     train, test = Glyphs(root, split="train"), Glyphs(root, split="test")
     assert len(train.classes) == 142 and len(test.classes) == 142
-    result = grouploss.train(
-        "glyphs",
-        data_root=root,
-        out_dir=tmp_path / "run",
+    options = tiny_run(
         epochs=1,
         max_steps_per_epoch=1,
         classes_per_batch=4,
         samples_per_class=3,
         val_fraction=0.1,
-        num_workers=1,
-        device="cpu",
-        progress=False,
+        eval_batch_size=None,
         plots=False,
     )
+    result = grouploss.train("glyphs", data_root=root, out_dir=tmp_path / "run", **options)
     assert np.isfinite(result.history[0]["train_loss"])
     assert 0.0 <= result.test["recall@1"] <= 1.0
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from data_fixtures import make_glyph_like
+from data_fixtures import make_glyph_like, tiny_run
 from safetensors.torch import load_file
 from torch import nn
 
@@ -31,23 +31,17 @@ from grouploss.models import initial_state_dict
 from grouploss.training import group_loss_options
 
 EPOCHS, STEPS = 3, 8  # 24 optimizer steps a case
-BASE = dict(
+BASE = tiny_run(
     preset="glyphs",
     epochs=EPOCHS,
     max_steps_per_epoch=STEPS,
-    classes_per_batch=3,
-    samples_per_class=4,
     embedding_size=16,
     normalization="none",
     pad_jitter=2,
-    val_fraction=0.3,
     split_seed=0,
     select_max_images=0,
     select_metric="map@r",
-    num_workers=1,
     eval_batch_size=64,
-    progress=False,
-    device="cpu",
     seed=3,
     lr=1e-3,
     backbone_lr=5e-4,

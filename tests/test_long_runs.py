@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import torch
-from data_fixtures import make_cub, make_glyph_like
+from data_fixtures import make_cub, make_glyph_like, tiny_run, tiny_run_script
 
 from grouploss import GroupLoss
 from grouploss import metrics as M
@@ -103,12 +103,7 @@ def test_a_multi_epoch_run_keeps_memory_flat(tmp_path):
     root = make_glyph_like(tmp_path / "data", train_classes=8, test_classes=4, per=12)
     out = tmp_path / "run"
     epochs = 8
-    code = (
-        "import sys, grouploss\n"
-        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
-        f"epochs={epochs}, classes_per_batch=3, samples_per_class=4, num_workers=2, "
-        "eval_batch_size=16, progress=False, device='cpu', val_fraction=0.3, plots=False)\n"
-    )
+    code = tiny_run_script(epochs=epochs, num_workers=2)
     p = subprocess.Popen([sys.executable, "-c", code, str(root), str(out)])
     per_epoch: dict[int, int] = {}
     metrics = pathlib.Path(out / "metrics.jsonl")
@@ -134,18 +129,7 @@ def test_an_in_process_run_leaves_no_threads_or_files(tmp_path):
     import grouploss
 
     root = make_glyph_like(tmp_path / "data", train_classes=6, test_classes=4, per=8)
-    kw = dict(
-        data_root=root,
-        epochs=1,
-        classes_per_batch=3,
-        samples_per_class=4,
-        num_workers=2,
-        eval_batch_size=16,
-        progress=False,
-        device="cpu",
-        val_fraction=0.3,
-        plots=False,
-    )
+    kw = tiny_run(data_root=root, epochs=1, num_workers=2, plots=False)
     grouploss.train("glyphs", out_dir=tmp_path / "warm", **kw)
     gc.collect()
     t0, f0 = threads(), fds()

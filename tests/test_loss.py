@@ -7,12 +7,12 @@ import ast
 import inspect
 import itertools
 import pathlib
-import threading
 import time
 import warnings
 
 import pytest
 import torch
+from ticking import ticking
 
 import grouploss
 from grouploss import GroupLoss
@@ -252,10 +252,10 @@ def test_cosine_and_gaussian_similarities():
     )
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("kind", ["correlation", "cosine", "gaussian"])
-def test_gradcheck_float64(kind, implementation):
-    emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=7)
+def _assert_gradcheck(seed: int, implementation: str, **options) -> None:
+    """Float64 gradcheck of the loss in emb and logits on a small P x K batch
+    (T = 2, one anchor a class, two iterations, and `options`)."""
+    emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=seed)
     emb.requires_grad_(True)
     logits.requires_grad_(True)
 
@@ -267,12 +267,17 @@ def test_gradcheck_float64(kind, implementation):
             temperature=2.0,
             num_anchors=1,
             num_iters=2,
-            similarity=kind,
-            sigma=3.0,
             implementation=implementation,
+            **options,
         )
 
     assert torch.autograd.gradcheck(fn, (emb, logits), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["correlation", "cosine", "gaussian"])
+def test_gradcheck_float64(kind, implementation):
+    _assert_gradcheck(7, implementation, similarity=kind, sigma=3.0)
 
 
 def test_zero_diagonal_matches_the_reference():
@@ -545,23 +550,7 @@ def test_sharpened_loss_and_gradients_match_the_reference(
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_gradcheck_sharpened_w(implementation):
-    emb, labels, logits = pk_batch(3, 3, m=5, d=4, seed=8)
-    emb.requires_grad_(True)
-    logits.requires_grad_(True)
-
-    def fn(e, lg):
-        return F.group_loss(
-            e,
-            labels,
-            lg,
-            temperature=2.0,
-            num_anchors=1,
-            num_iters=2,
-            similarity_power=3.0,
-            implementation=implementation,
-        )
-
-    assert torch.autograd.gradcheck(fn, (emb, logits), eps=1e-6, atol=1e-7)
+    _assert_gradcheck(8, implementation, similarity_power=3.0)
 
 
 def test_power_one_is_the_release():
@@ -1010,25 +999,12 @@ def test_stubs_match_the_native_module():
 
 def test_native_calls_release_the_gil():
     emb, labels, logits = pk_batch(40, 50, m=400, d=256, dtype=torch.float32, seed=19)
-    ticks = []
-    stop = threading.Event()
-
-    def count():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=count)
-    t.start()
-    try:
+    with ticking(0.0005) as ticks:
         time.sleep(0.01)
         start = time.perf_counter()
         for _ in range(3):
             F.group_loss(emb, labels, logits, num_iters=3)
         end = time.perf_counter()
-    finally:
-        stop.set()
-        t.join()
     during = [x for x in ticks if start < x < end]
     # With the GIL held the counter could not run at all during the calls.
     assert len(during) > 0.2 * (end - start) / 0.0005 * 0.2, (len(during), end - start)

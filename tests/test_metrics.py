@@ -3,7 +3,6 @@ scikit-learn's NMI and k-means, and its argument checks."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import normalized_mutual_info_score
+from ticking import ticking
 
 from grouploss import metrics as M
 
@@ -371,24 +371,11 @@ def test_evaluate_releases_the_gil():
     rng = np.random.default_rng(1)
     emb = torch.from_numpy(rng.standard_normal((6000, 128)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, 1500, 6000))
-    ticks = []
-    stop = threading.Event()
-
-    def count():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=count)
-    t.start()
-    try:
+    with ticking(0.0005) as ticks:
         time.sleep(0.01)
         start = time.perf_counter()
         M.evaluate(emb, labels, ks=(1, 1000), include=RETRIEVAL)
         end = time.perf_counter()
-    finally:
-        stop.set()
-        t.join()
     during = [x for x in ticks if start < x < end]
     # With the GIL held the counter could not run at all during the call.
     assert len(during) > 0.2 * (end - start) / 0.0005 * 0.2, (len(during), end - start)

@@ -14,7 +14,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_cars, make_cub, make_glyph_like, make_inshop, make_sop
+from data_fixtures import (
+    make_cars,
+    make_cub,
+    make_glyph_like,
+    make_inshop,
+    make_sop,
+    tiny_run,
+    tiny_run_script,
+)
 
 import grouploss
 from grouploss import training
@@ -22,16 +30,7 @@ from grouploss import training
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-TINY = dict(
-    epochs=2,
-    classes_per_batch=3,
-    samples_per_class=4,
-    num_workers=1,
-    eval_batch_size=16,
-    progress=False,
-    device="cpu",
-    val_fraction=0.3,
-)
+TINY = tiny_run()
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +135,7 @@ def test_load_run_embeds_and_evaluates(glyphs_root, tmp_path):
 
 
 def _train_cmd(root, out, epochs, extra=()):
-    code = (
-        "import sys, grouploss\n"
-        "grouploss.train('glyphs', data_root=sys.argv[1], out_dir=sys.argv[2], "
-        f"epochs={epochs}, classes_per_batch=3, samples_per_class=4, num_workers=1, "
-        "eval_batch_size=16, progress=False, device='cpu', val_fraction=0.3, plots=False)\n"
-    )
+    code = tiny_run_script(epochs=epochs)
     return [sys.executable, "-c", code, str(root), str(out), *extra]
 
 
@@ -200,17 +194,14 @@ def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):
     assert model.embed_split("test")[0].shape == (96, 64)
 
 
-PAPER = dict(
+PAPER = tiny_run(
     epochs=1,
     max_steps_per_epoch=2,
     classes_per_batch=2,
     samples_per_class=2,
     image_size=64,
     resize_size=72,
-    num_workers=1,
     eval_batch_size=8,
-    progress=False,
-    device="cpu",
     recall_ks=[1, 2],
     val_fraction=0.34,
 )

@@ -12,6 +12,7 @@ import torch  # noqa: F401  isort: skip
 
 from . import _native  # noqa: E402  isort: skip
 from . import data, datasets, functional, metrics, models  # noqa: E402
+from .functional import GroupLossOptions  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 from .report import RunInspection, report  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
@@ -25,6 +26,7 @@ __version__: str = _native.__version__
 __all__ = [
     "ClassBalancedBatchSampler",
     "GroupLoss",
+    "GroupLossOptions",
     "RunInspection",
     "TrainResult",
     "data",

@@ -337,35 +337,22 @@ def _embed(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
-    path = report(
-        args.run_dir,
-        out=args.out,
-        split=args.split,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        data_root=args.data_root,
-        max_points=args.max_points,
-        queries=args.queries,
-        k=args.k,
-        seed=args.seed,
-    )
-    print(path)
+    names = ("out", "split", "checkpoint", "device", "data_root", "max_points", "queries", "k")
+    print(report(args.run_dir, **_pick(args, *names, "seed")))
     return 0
 
 
 def _datasets(args: argparse.Namespace) -> int:
     from .datasets import build_glyphs
 
-    build_glyphs(
-        args.root,
-        fonts=args.fonts,
-        seed=args.seed,
-        max_train=args.max_train,
-        max_test=args.max_test,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    names = ("fonts", "seed", "max_train", "max_test", "force")
+    build_glyphs(args.root, **_pick(args, *names), progress=not args.quiet)
     return 0
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict:
+    """The parsed values of ``names``, as keyword arguments."""
+    return {name: getattr(args, name) for name in names}
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:

@@ -5,7 +5,7 @@
 >>> from grouploss import ClassBalancedBatchSampler
 >>> ds = CUB200("data/CUB_200_2011", split="train")                # doctest: +SKIP
 >>> sampler = ClassBalancedBatchSampler(ds.labels, 8, 4)          # doctest: +SKIP
->>> loader = Loader(ds, sampler, train_transform(227, normalize="caffe_bgr"))  # doctest: +SKIP
+>>> loader = Loader(ds, sampler, train_transform(227, normalization="caffe_bgr"))  # doctest: +SKIP
 >>> for images, labels in loader: ...                             # doctest: +SKIP
 """
 
@@ -19,25 +19,33 @@ import numpy as np
 import torch
 
 from . import _native
+from ._deprecation import renamed_keywords
+from ._native_attribute import NativeAttribute
 
 __all__ = ["Loader", "Transform", "eval_transform", "small_transform", "train_transform"]
 
-Normalize = Union[str, Tuple[Sequence[float], Sequence[float]]]
+Normalization = Union[str, Tuple[Sequence[float], Sequence[float]]]
+Normalize = Normalization  # the 0.x name of the type
 
 
-def _normalize_args(normalize: Normalize) -> dict:
-    if isinstance(normalize, str):
-        return {"normalize": normalize}
+def _normalization_args(func: str, normalization: Normalization, renamed: dict) -> dict:
+    """The native keywords of ``normalization`` (0.x's ``normalize=`` in
+    ``renamed`` still accepted, with a FutureWarning)."""
+    new = renamed_keywords(func, renamed, {"normalize": "normalization"}, stacklevel=4)
+    normalization = new.get("normalization", normalization)
+    if isinstance(normalization, str):
+        return {"normalization": normalization}
     try:
-        mean, std = normalize
+        mean, std = normalization
         return {
-            "normalize": "mean_std",
+            "normalization": "mean_std",
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
         }
     except (TypeError, ValueError):
         raise ValueError(
-            f"normalize: expected 'imagenet', 'caffe_bgr', 'none' or (mean, std), got {normalize!r}"
+            "normalization: expected 'imagenet', 'caffe_bgr', 'none' or (mean, std), "
+            f"got {normalization!r}"
         ) from None
 
 
@@ -58,17 +66,9 @@ class Transform:
     def __init__(self, native: Any) -> None:
         self._native = native
 
-    @property
-    def size(self) -> int:
-        return self._native.size
-
-    @property
-    def channels(self) -> int:
-        return self._native.channels
-
-    @property
-    def output_shape(self) -> Tuple[int, int, int]:
-        return self._native.output_shape
+    size = NativeAttribute[int]("Side of the output images.")
+    channels = NativeAttribute[int]("Channels of the output images.")
+    output_shape = NativeAttribute[Tuple[int, int, int]]("``(channels, size, size)``.")
 
     def __call__(self, image: Any, seed: Optional[int] = None) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -101,8 +101,9 @@ def train_transform(
     scale: Tuple[float, float] = (0.08, 1.0),
     ratio: Tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
-    normalize: Normalize = "imagenet",
+    normalization: Normalization = "imagenet",
     channels: int = 3,
+    **renamed: Any,
 ) -> Transform:
     """RandomResizedCrop(size, scale, ratio) + random horizontal flip.
 
@@ -115,10 +116,11 @@ def train_transform(
         scale: range of the crop's area relative to the image.
         ratio: range of the crop's aspect ratio (width / height).
         flip: mirror half of the images.
-        normalize: ``"imagenet"`` ((x/255 - mean) / std, RGB),
+        normalization: ``"imagenet"`` ((x/255 - mean) / std, RGB),
             ``"caffe_bgr"`` (x in 0..255 in BGR order minus [104, 117, 128],
             the paper's BN-Inception), ``"none"`` (x/255) or ``(mean, std)``
-            applied to x/255.
+            applied to x/255 (the trainer's option of the same name;
+            0.x's ``normalize=`` still works, with a ``FutureWarning``).
         channels: 3 (grey images are repeated) or 1 (colour images become luma).
     """
     return Transform(
@@ -128,7 +130,7 @@ def train_transform(
             ratio=tuple(ratio),
             flip=flip,
             channels=channels,
-            **_normalize_args(normalize),
+            **_normalization_args("train_transform", normalization, renamed),
         )
     )
 
@@ -137,15 +139,15 @@ def eval_transform(
     size: int = 227,
     *,
     resize: int = 256,
-    normalize: Normalize = "imagenet",
+    normalization: Normalization = "imagenet",
     channels: int = 3,
+    **renamed: Any,
 ) -> Transform:
     """Resize of the short side to ``resize``, then the central ``size`` square
     (torchvision's ``Resize(resize)`` + ``CenterCrop(size)``). Arguments as in
     :func:`train_transform`."""
-    return Transform(
-        _native.resize_center_crop(size, resize, channels=channels, **_normalize_args(normalize))
-    )
+    kw = _normalization_args("eval_transform", normalization, renamed)
+    return Transform(_native.resize_center_crop(size, resize, channels=channels, **kw))
 
 
 def small_transform(
@@ -153,16 +155,16 @@ def small_transform(
     *,
     pad: int = 0,
     flip: bool = False,
-    normalize: Normalize = "none",
+    normalization: Normalization = "none",
     channels: int = 1,
+    **renamed: Any,
 ) -> Transform:
     """Small images (28/32 px grey): resized to ``size`` if they differ, then
     padded by ``pad`` zero pixels on each side and cropped back to ``size`` at
     a random offset (``pad=0``: unchanged), optionally flipped. E.g.
-    Fashion-MNIST: ``small_transform(28, normalize=([0.286], [0.353]))``."""
-    return Transform(
-        _native.pad_crop(size, pad=pad, flip=flip, channels=channels, **_normalize_args(normalize))
-    )
+    Fashion-MNIST: ``small_transform(28, normalization=([0.286], [0.353]))``."""
+    kw = _normalization_args("small_transform", normalization, renamed)
+    return Transform(_native.pad_crop(size, pad=pad, flip=flip, channels=channels, **kw))
 
 
 class Loader:

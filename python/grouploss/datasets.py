@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from . import _native
 from ._glyphs_build import build_glyphs
+from ._native_attribute import NativeAttribute
 from .data import Transform, _draw_seed
 
 __all__ = [
@@ -96,13 +97,8 @@ class ImageDataset(Dataset):
         self.is_query: Optional[np.ndarray] = self._native.is_query
         self.is_gallery: Optional[np.ndarray] = self._native.is_gallery
 
-    @property
-    def root(self) -> str:
-        return self._native.root
-
-    @property
-    def split(self) -> str:
-        return self._native.split
+    root = NativeAttribute[str]("The dataset's folder.")
+    split = NativeAttribute[str]("``train``, ``val`` or ``test``.")
 
     def __len__(self) -> int:
         return len(self._native)

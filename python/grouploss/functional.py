@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
+from ._deprecation import renamed_keywords
 
 __all__ = [
     "GroupLossOptions",
@@ -265,25 +265,6 @@ def group_loss(
     return loss
 
 
-def _renamed_keywords(func: str, given: dict, renames: dict) -> dict:
-    """The keywords of ``func`` that 0.x spelled differently (``renames``:
-    old name to new), under their new names, each with a FutureWarning;
-    any other keyword is a TypeError as usual."""
-    out = {}
-    for old, value in given.items():
-        if old not in renames:
-            raise TypeError(f"{func}() got an unexpected keyword argument {old!r}")
-        new = renames[old]
-        warnings.warn(
-            f"{func}: {old}= is deprecated, use {new}= (the name GroupLoss and the "
-            "trainer use); the old name goes in the next release",
-            FutureWarning,
-            stacklevel=3,
-        )
-        out[new] = value
-    return out
-
-
 def similarity(
     embeddings: torch.Tensor,
     similarity: str = "correlation",
@@ -309,7 +290,7 @@ def similarity(
     epsilons of their own norm count as such. The names are the loss's;
     0.x's ``kind=`` and ``power=`` still work, with a ``FutureWarning``.
     """
-    new = _renamed_keywords(
+    new = renamed_keywords(
         "similarity", renamed, {"kind": "similarity", "power": "similarity_power"}
     )
     similarity = new.get("similarity", similarity)
@@ -340,7 +321,7 @@ def anchor_mask(
     samples than ``num_anchors`` has all of them as anchors. (0.x's
     ``mode=`` still works, with a ``FutureWarning``.)
     """
-    anchors = _renamed_keywords("anchor_mask", renamed, {"mode": "anchors"}).get("anchors", anchors)
+    anchors = renamed_keywords("anchor_mask", renamed, {"mode": "anchors"}).get("anchors", anchors)
     labels = _require_tensor("labels", labels)
     seed = _draw_seed(seed) if anchors == "random" else 0
     return _native.anchor_mask(labels, int(num_anchors), anchors=anchors, seed=seed)
@@ -363,7 +344,7 @@ def refine(
     unchanged (the release divides 0 by 0 there). (0.x's ``W=`` still
     works, with a ``FutureWarning``.)
     """
-    w = _renamed_keywords("refine", renamed, {"W": "w"}).get("w", w)
+    w = renamed_keywords("refine", renamed, {"W": "w"}).get("w", w)
     for name, t in (("probs", probs), ("w", w), ("labels", labels), ("anchor_mask", anchor_mask)):
         _require_tensor(name, t)
     with _no_autocast(probs.device):

@@ -246,8 +246,17 @@ def recall_at_k(
     return values[0] if single else values
 
 
-def _single(metric: str, key: str, embeddings, labels, **kwargs) -> float:
-    return evaluate(embeddings, labels, include=(metric,), **kwargs)[key]
+def _single(metric: str, embeddings, labels, query_embeddings, query_labels, normalize, batch_size):
+    """The value of one metric (its ``include`` name is its key)."""
+    return evaluate(
+        embeddings,
+        labels,
+        query_embeddings=query_embeddings,
+        query_labels=query_labels,
+        include=(metric,),
+        normalize=normalize,
+        batch_size=batch_size,
+    )[metric]
 
 
 def map_at_r(
@@ -267,16 +276,8 @@ def map_at_r(
     >>> map_at_r(emb, labels)  # doctest: +SKIP
     0.43
     """
-    return _single(
-        "map@r",
-        "map@r",
-        embeddings,
-        labels,
-        query_embeddings=query_embeddings,
-        query_labels=query_labels,
-        normalize=normalize,
-        batch_size=batch_size,
-    )
+    args = (query_embeddings, query_labels, normalize, batch_size)
+    return _single("map@r", embeddings, labels, *args)
 
 
 def r_precision(
@@ -295,16 +296,8 @@ def r_precision(
     >>> r_precision(emb, labels)  # doctest: +SKIP
     0.48
     """
-    return _single(
-        "r_precision",
-        "r_precision",
-        embeddings,
-        labels,
-        query_embeddings=query_embeddings,
-        query_labels=query_labels,
-        normalize=normalize,
-        batch_size=batch_size,
-    )
+    args = (query_embeddings, query_labels, normalize, batch_size)
+    return _single("r_precision", embeddings, labels, *args)
 
 
 def nmi(labels: ArrayLike, assignments: ArrayLike) -> float:

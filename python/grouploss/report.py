@@ -223,7 +223,7 @@ def _embed_images(model: RunModel, ds: datasets.ImageDataset, idx: Sequence[int]
         t = eval_transform(
             size,
             resize=max(cfg["resize_size"], size),
-            normalize=cfg["normalization"],
+            normalization=cfg["normalization"],
             channels=3,
         )
         return model.embed(torch.stack([t(x) for x in images]))

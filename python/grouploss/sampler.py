@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import _native
+from ._native_attribute import NativeAttribute
 
 __all__ = ["ClassBalancedBatchSampler"]
 
@@ -117,31 +118,12 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return len(self._native)
 
-    @property
-    def classes_per_batch(self) -> int:
-        return self._native.classes_per_batch
-
-    @property
-    def samples_per_class(self) -> int:
-        return self._native.samples_per_class
-
-    @property
-    def batch_size(self) -> int:
-        """P x K."""
-        return self._native.batch_size
-
-    @property
-    def num_classes(self) -> int:
-        """Distinct labels."""
-        return self._native.num_classes
-
-    @property
-    def num_replicas(self) -> int:
-        return self._native.num_replicas
-
-    @property
-    def rank(self) -> int:
-        return self._native.rank
+    classes_per_batch = NativeAttribute[int]("P: distinct classes per batch.")
+    samples_per_class = NativeAttribute[int]("K: samples per class in a batch.")
+    batch_size = NativeAttribute[int]("P x K.")
+    num_classes = NativeAttribute[int]("Distinct labels.")
+    num_replicas = NativeAttribute[int]("Ranks that split each epoch's batches.")
+    rank = NativeAttribute[int]("This rank.")
 
     def __repr__(self) -> str:
         return (

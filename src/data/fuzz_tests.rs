@@ -565,35 +565,45 @@ fn fuzz_sop_annotations() {
     fuzz_annotations("sop", &root, "Ebay_train.txt", true, 20);
 }
 
+/// Fuzzes the text annotations of a dataset `kind` held in one file,
+/// `file`: `header`, then `rows`.
+fn fuzz_one_file(
+    kind: &str,
+    file: &str,
+    header: &str,
+    rows: impl Iterator<Item = String>,
+    seed: u64,
+) {
+    let root = temp_dir(&format!("fuzz-{kind}"));
+    let text: String = std::iter::once(header.to_string()).chain(rows).collect();
+    write(&root, file, &text);
+    fuzz_annotations(kind, &root, file, true, seed);
+}
+
 #[test]
 fn fuzz_inshop_annotations() {
-    let root = temp_dir("fuzz-inshop");
-    let mut text = String::from("24\nimage_name item_id evaluation_status\n");
-    for i in 0..24 {
+    let rows = (0..24).map(|i| {
         let status = ["train", "query", "gallery"][i % 3];
         let item = if i % 3 == 0 { i / 3 } else { 100 + i % 4 };
-        text +=
-            &format!("img/WOMEN/Dresses/id_{item:08}/{i:02}_1_front.jpg id_{item:08} {status}\n");
-    }
-    write(&root, "list_eval_partition.txt", &text);
-    fuzz_annotations("inshop", &root, "list_eval_partition.txt", true, 30);
+        format!("img/WOMEN/Dresses/id_{item:08}/{i:02}_1_front.jpg id_{item:08} {status}\n")
+    });
+    let header = "24\nimage_name item_id evaluation_status\n";
+    fuzz_one_file("inshop", "list_eval_partition.txt", header, rows, 30);
 }
 
 #[test]
 fn fuzz_csv_annotations() {
-    let root = temp_dir("fuzz-csv");
-    let mut text = String::from("label,path,split,is_query,is_gallery\n");
-    for i in 0..18 {
+    let rows = (0..18).map(|i| {
         let split = if i < 9 { "train" } else { "test" };
-        text += &format!(
+        format!(
             "c{},\"img/{i}, x.png\",{split},{},{}\n",
             i / 3,
             i % 2,
             1 - i % 2
-        );
-    }
-    write(&root, "dataset.csv", &text);
-    fuzz_annotations("csv", &root, "dataset.csv", true, 40);
+        )
+    });
+    let header = "label,path,split,is_query,is_gallery\n";
+    fuzz_one_file("csv", "dataset.csv", header, rows, 40);
 }
 
 #[test]

@@ -49,7 +49,7 @@ impl Normalization {
             "caffe_bgr" => Ok(Normalization::CaffeBgr),
             "none" => Ok(Normalization::Unit),
             other => Err(Error::invalid(
-                "normalize",
+                "normalization",
                 format!("{other:?}"),
                 "'imagenet', 'caffe_bgr', 'none' or (mean, std)",
             )),
@@ -137,18 +137,14 @@ impl Transform {
         )?;
         match &geometry {
             Geometry::RandomResizedCrop { scale, ratio } => {
-                ensure(
-                    scale.0 > 0.0 && scale.0 <= scale.1 && scale.1.is_finite(),
-                    "scale",
-                    || format!("{scale:?}"),
-                    "(lo, hi) with 0 < lo <= hi",
-                )?;
-                ensure(
-                    ratio.0 > 0.0 && ratio.0 <= ratio.1 && ratio.1.is_finite(),
-                    "ratio",
-                    || format!("{ratio:?}"),
-                    "(lo, hi) with 0 < lo <= hi",
-                )?;
+                for (arg, range) in [("scale", scale), ("ratio", ratio)] {
+                    ensure(
+                        range.0 > 0.0 && range.0 <= range.1 && range.1.is_finite(),
+                        arg,
+                        || format!("{range:?}"),
+                        "(lo, hi) with 0 < lo <= hi",
+                    )?;
+                }
             }
             Geometry::ResizeCenterCrop { resize } => ensure(
                 *resize >= size,
@@ -534,7 +530,7 @@ fn tables(normalization: &Normalization, channels: usize) -> Result<Tables> {
     let colour_only = |name: &str| {
         ensure(
             channels == 3,
-            "normalize",
+            "normalization",
             || format!("{name:?} with {channels} channel(s)"),
             "'none' or (mean, std) for grey output",
         )
@@ -552,13 +548,13 @@ fn tables(normalization: &Normalization, channels: usize) -> Result<Tables> {
         Normalization::MeanStd { mean, std } => {
             ensure(
                 mean.len() == channels && std.len() == channels,
-                "normalize",
+                "normalization",
                 || format!("mean of {} and std of {} values", mean.len(), std.len()),
                 format!("{channels} values each (one per channel)"),
             )?;
             ensure(
                 std.iter().all(|&s| s > 0.0 && s.is_finite()) && mean.iter().all(|m| m.is_finite()),
-                "normalize",
+                "normalization",
                 || format!("std {std:?}"),
                 "finite values with std > 0",
             )?;

@@ -3,8 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ensure, Result};
-use crate::loss::checks::{check_dense, check_matrix, is_integer, shape};
-use crate::names::dtype_name;
+use crate::loss::checks::{check_label_vector, check_matrix};
 
 /// Bytes one block of similarities (or distances) may take when the caller
 /// gives no block size: large enough for efficient matrix products, small
@@ -77,28 +76,23 @@ pub(crate) fn check_embeddings(x: &Tensor, arg: &str, min_rows: i64) -> Result<(
 /// Integer labels of rank 1 (any values), one per row of `of` (`n` rows),
 /// as a host vector.
 pub(crate) fn labels_vec(labels: &Tensor, arg: &str, n: Option<(i64, &str)>) -> Result<Vec<i64>> {
-    check_dense(labels, arg)?;
-    ensure(
-        labels.dim() == 1,
+    check_label_vector(
+        labels,
         arg,
-        || format!("a tensor of shape {}", shape(labels)),
         "a 1-D tensor of integer labels",
+        n.map(|(n, of)| (n, format!("one label per row of {of} ({n})"))),
     )?;
-    ensure(
-        is_integer(labels.kind()),
-        arg,
-        || format!("dtype {}", dtype_name(labels.kind())),
-        "an integer dtype",
-    )?;
-    if let Some((n, of)) = n {
-        ensure(
-            labels.size()[0] == n,
-            arg,
-            || format!("{} labels", labels.size()[0]),
-            format!("one label per row of {of} ({n})"),
-        )?;
-    }
     host_vec::<i64>(labels)
+}
+
+/// `1 <= k <= max`, `max` being `what` (in the message).
+pub(crate) fn check_k(k: i64, max: i64, what: &str) -> Result<()> {
+    ensure(
+        k >= 1 && k <= max,
+        "k",
+        || k.to_string(),
+        format!("1 <= k <= {max}, {what}"),
+    )
 }
 
 /// An optional block size: `None` or an integer >= 1.

@@ -15,9 +15,9 @@
 
 use tch::{Kind, Tensor};
 
-use super::input::{block_rows, check_batch_size, check_embeddings, host_vec, prepare};
+use super::input::{block_rows, check_batch_size, check_embeddings, check_k, host_vec, prepare};
 use super::knn::topk_ordered;
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::rng::Rng;
 
 /// Options of [`kmeans_with`].
@@ -82,24 +82,9 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
     let _guard = tch::no_grad_guard();
     check_embeddings(x, "x", 1)?;
     let n = x.size()[0];
-    ensure(
-        k >= 1 && k <= n,
-        "k",
-        || k.to_string(),
-        format!("1 <= k <= {n}, the number of samples"),
-    )?;
-    ensure(
-        opts.n_init >= 1,
-        "n_init",
-        || opts.n_init.to_string(),
-        "an integer >= 1",
-    )?;
-    ensure(
-        opts.max_iter >= 1,
-        "max_iter",
-        || opts.max_iter.to_string(),
-        "an integer >= 1",
-    )?;
+    check_k(k, n, "the number of samples")?;
+    at_least("n_init", opts.n_init, 1)?;
+    at_least("max_iter", opts.max_iter, 1)?;
     ensure(
         opts.tol.is_finite() && opts.tol >= 0.0,
         "tol",

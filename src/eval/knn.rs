@@ -8,7 +8,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::input::{block_rows, check_batch_size, check_embeddings, prepare};
+use super::input::{block_rows, check_batch_size, check_embeddings, check_k, prepare};
 use crate::error::{ensure, Result};
 use crate::names::device_name;
 
@@ -92,12 +92,7 @@ pub fn knn(
     };
     let n = g.size()[0];
     let available = if same_set { n - 1 } else { n };
-    ensure(
-        k >= 1 && k <= available,
-        "k",
-        || k.to_string(),
-        format!("1 <= k <= {available}, the number of gallery items per query"),
-    )?;
+    check_k(k, available, "the number of gallery items per query")?;
     let m = q.size()[0];
     let rows = block_rows(opts.batch_size, n, q.kind());
     let (mut vals, mut idx) = (Vec::new(), Vec::new());
@@ -194,36 +189,31 @@ mod tests {
             batch_size: Some(4),
         };
         let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-        // Query mode.
-        let (v, i) = knn(&g, Some(&q), 5, &opts).unwrap();
-        let mut s = Vec::new();
-        for a in qv.chunks(d as usize) {
-            for b in x.chunks(d as usize) {
-                s.push(dot(a, b));
+        // `knn` of the rows `queries` (`query`; the gallery itself, self
+        // excluded, when None) against the brute force.
+        let check = |query: Option<&Tensor>, queries: &[f64], k: i64| {
+            let (v, i) = knn(&g, query, k, &opts).unwrap();
+            let mut s = Vec::new();
+            for (r, a) in queries.chunks(d as usize).enumerate() {
+                for (c, b) in x.chunks(d as usize).enumerate() {
+                    let self_pair = query.is_none() && r == c;
+                    s.push(if self_pair {
+                        f64::NEG_INFINITY
+                    } else {
+                        dot(a, b)
+                    });
+                }
             }
-        }
-        let want = brute(&s, n as usize, 5);
-        let got: Vec<(f64, i64)> = host_vec::<f64>(&v)
-            .unwrap()
-            .into_iter()
-            .zip(host_vec::<i64>(&i).unwrap())
-            .collect();
-        assert_eq!(got, want);
-        // Same set: self excluded.
-        let (v, i) = knn(&g, None, 4, &opts).unwrap();
-        let mut s = Vec::new();
-        for (r, a) in x.chunks(d as usize).enumerate() {
-            for (c, b) in x.chunks(d as usize).enumerate() {
-                s.push(if r == c { f64::NEG_INFINITY } else { dot(a, b) });
-            }
-        }
-        let want = brute(&s, n as usize, 4);
-        let got: Vec<(f64, i64)> = host_vec::<f64>(&v)
-            .unwrap()
-            .into_iter()
-            .zip(host_vec::<i64>(&i).unwrap())
-            .collect();
-        assert_eq!(got, want);
+            let want = brute(&s, n as usize, k as usize);
+            let got: Vec<(f64, i64)> = host_vec::<f64>(&v)
+                .unwrap()
+                .into_iter()
+                .zip(host_vec::<i64>(&i).unwrap())
+                .collect();
+            assert_eq!(got, want);
+        };
+        check(Some(&q), &qv, 5);
+        check(None, &x, 4);
         let e = knn(&g, None, 23, &opts).unwrap_err().to_string();
         assert!(e.starts_with("k: expected 1 <= k <= 22"), "{e}");
     }

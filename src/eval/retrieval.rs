@@ -17,7 +17,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::input::{elt_size, BLOCK_BYTES};
-use super::positives::{positives, rank_order};
+use super::positives::{positives, rank_order, Positives};
 use super::scan_cpu::scan_cpu;
 use super::scan_torch::scan_torch;
 use crate::error::Result;
@@ -29,6 +29,19 @@ pub(crate) struct Need {
     pub count: bool,
     /// The R best other-class items (MAP@R, R-Precision).
     pub negatives: bool,
+}
+
+/// What a scan reads: prepared queries `q` (labels `yq`) and the prepared
+/// gallery `g` (labels `yg`) on one device, the queries' positives in `g`,
+/// and what to collect.
+#[derive(Clone, Copy)]
+pub(crate) struct ScanInput<'a> {
+    pub q: &'a Tensor,
+    pub yq: &'a [i64],
+    pub g: &'a Tensor,
+    pub yg: &'a [i64],
+    pub pos: &'a Positives,
+    pub need: Need,
 }
 
 /// What a scan collected, per query.
@@ -89,18 +102,19 @@ pub(crate) fn retrieval(
         Strategy::Auto => Strategy::Torch,
         s => s,
     };
+    let input = ScanInput {
+        q,
+        yq,
+        g,
+        yg,
+        pos: &pos,
+        need,
+    };
     let scan = match strategy {
-        Strategy::Cpu { symmetric } => scan_cpu(
-            q,
-            yq,
-            g,
-            yg,
-            &pos,
-            need,
-            cpu_tile(batch_size, q.kind()),
-            symmetric && same_set,
-        )?,
-        _ => scan_torch(q, yq, g, yg, &pos, need, batch_size)?,
+        Strategy::Cpu { symmetric } => {
+            scan_cpu(input, cpu_tile(batch_size, q.kind()), symmetric && same_set)?
+        }
+        _ => scan_torch(input, batch_size)?,
     };
     Ok(finish(&pos, &scan, ks, need))
 }

@@ -22,8 +22,7 @@ use std::collections::BinaryHeap;
 
 use tch::{Device, Kind, Tensor};
 
-use super::positives::Positives;
-use super::retrieval::{Need, ScanOut};
+use super::retrieval::{ScanInput, ScanOut};
 use crate::error::{Error, Result};
 use crate::names::{device_name, dtype_name};
 
@@ -222,62 +221,74 @@ fn threads_for(elements: usize, threads: usize) -> usize {
     }
 }
 
-/// Rows of `tile` (`width` columns: gallery items `col0..`) for the queries
-/// `states`, one per row, split over `threads`.
-#[allow(clippy::too_many_arguments)]
+/// A tile of similarities, `rows` x `cols` in row-major order: queries
+/// `row0..` against gallery items `col0..`.
+#[derive(Clone, Copy)]
+struct Tile<'a, T> {
+    s: &'a [T],
+    rows: usize,
+    cols: usize,
+    row0: usize,
+    col0: usize,
+}
+
+/// The rows of `tile` for their queries (of all `states` and `los`; `labels`:
+/// the gallery's), split over `threads`.
 fn rows_pass<T: Sim>(
-    tile: &[T],
-    width: usize,
+    tile: Tile<'_, T>,
     states: &mut [RowState<T>],
     los: &mut [T],
-    col0: usize,
     labels: &[i64],
     threads: usize,
 ) {
-    let per = states
-        .len()
-        .div_ceil(threads_for(tile.len(), threads))
-        .max(1);
-    let work = |base: usize, st: &mut [RowState<T>], lo: &mut [T]| {
-        for (r, (s, l)) in st.iter_mut().zip(lo.iter_mut()).enumerate() {
-            let row = &tile[(base + r) * width..(base + r + 1) * width];
-            scan_row(s, l, row, col0, labels);
-        }
-    };
-    if per >= states.len() {
-        return work(0, states, los);
-    }
-    std::thread::scope(|scope| {
-        for (k, (st, lo)) in states.chunks_mut(per).zip(los.chunks_mut(per)).enumerate() {
-            scope.spawn(move || work(k * per, st, lo));
+    let rows = tile.row0..tile.row0 + tile.rows;
+    let (states, los) = (&mut states[rows.clone()], &mut los[rows]);
+    let labels = &labels[tile.col0..tile.col0 + tile.cols];
+    let (s, width) = (tile.s, tile.cols);
+    let per = states.len().div_ceil(threads_for(s.len(), threads)).max(1);
+    split_queries(states, los, per, |base, st, lo| {
+        for (r, (q, l)) in st.iter_mut().zip(lo.iter_mut()).enumerate() {
+            let row = &s[(base + r) * width..(base + r + 1) * width];
+            scan_row(q, l, row, tile.col0, labels);
         }
     });
 }
 
-/// Columns of `tile` (`rows` x `width`, rows: gallery items `row0..` with
-/// `labels`) for the queries `states`, one per column, split over `threads`.
-#[allow(clippy::too_many_arguments)]
+/// The columns of `tile` for their queries (the gallery being the queries:
+/// of all `states` and `los`; `labels`: the queries'), split over `threads`.
 fn cols_pass<T: Sim>(
-    tile: &[T],
-    width: usize,
-    rows: usize,
+    tile: Tile<'_, T>,
     states: &mut [RowState<T>],
     los: &mut [T],
-    row0: usize,
     labels: &[i64],
     threads: usize,
 ) {
-    let per = width.div_ceil(threads_for(tile.len(), threads)).max(1);
-    let work = |base: usize, st: &mut [RowState<T>], lo: &mut [T]| {
-        for (r, &label) in labels.iter().enumerate().take(rows) {
+    let cols = tile.col0..tile.col0 + tile.cols;
+    let (states, los) = (&mut states[cols.clone()], &mut los[cols]);
+    let labels = &labels[tile.row0..tile.row0 + tile.rows];
+    let (s, width) = (tile.s, tile.cols);
+    let per = width.div_ceil(threads_for(s.len(), threads)).max(1);
+    split_queries(states, los, per, |base, st, lo| {
+        for (r, &label) in labels.iter().enumerate().take(tile.rows) {
             let start = r * width + base;
-            let seg = &tile[start..start + st.len()];
-            scan_segment(st, lo, seg, (row0 + r) as i64, label);
+            let seg = &s[start..start + st.len()];
+            scan_segment(st, lo, seg, (tile.row0 + r) as i64, label);
         }
-    };
-    if per >= width {
+    });
+}
+
+/// `work(base, states, los)` over chunks of `per` queries (`base`: the
+/// first one's index), each chunk on its own thread when there are several.
+fn split_queries<T: Sim>(
+    states: &mut [RowState<T>],
+    los: &mut [T],
+    per: usize,
+    work: impl Fn(usize, &mut [RowState<T>], &mut [T]) + Sync,
+) {
+    if per >= states.len() {
         return work(0, states, los);
     }
+    let work = &work;
     std::thread::scope(|scope| {
         for (k, (st, lo)) in states.chunks_mut(per).zip(los.chunks_mut(per)).enumerate() {
             scope.spawn(move || work(k * per, st, lo));
@@ -304,23 +315,13 @@ fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
     Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) })
 }
 
-/// The scan of queries `q` (labels `yq`) over gallery `g` (labels `yg`), both
-/// prepared CPU tensors, in `tile` x `tile` tiles. `symmetric` (only when
-/// `g` is `q`) computes the tiles on and above the diagonal only.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn scan_cpu(
-    q: &Tensor,
-    yq: &[i64],
-    g: &Tensor,
-    yg: &[i64],
-    pos: &Positives,
-    need: Need,
-    tile: i64,
-    symmetric: bool,
-) -> Result<ScanOut> {
-    match q.kind() {
-        Kind::Float => scan_typed::<f32>(q, yq, g, yg, pos, need, tile, symmetric),
-        Kind::Double => scan_typed::<f64>(q, yq, g, yg, pos, need, tile, symmetric),
+/// The scan of `input`, queries and gallery on the CPU, in `tile` x `tile`
+/// tiles. `symmetric` (only when the gallery is the queries) computes the
+/// tiles on and above the diagonal only.
+pub(crate) fn scan_cpu(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Result<ScanOut> {
+    match input.q.kind() {
+        Kind::Float => scan_typed::<f32>(input, tile, symmetric),
+        Kind::Double => scan_typed::<f64>(input, tile, symmetric),
         k => Err(Error::invalid(
             "embeddings",
             format!("dtype {k:?}"),
@@ -329,17 +330,8 @@ pub(crate) fn scan_cpu(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scan_typed<T: Sim>(
-    q: &Tensor,
-    yq: &[i64],
-    g: &Tensor,
-    yg: &[i64],
-    pos: &Positives,
-    need: Need,
-    tile: i64,
-    symmetric: bool,
-) -> Result<ScanOut> {
+fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Result<ScanOut> {
+    let (yq, yg, pos, need) = (input.yq, input.yg, input.pos, input.need);
     let (m, n) = (yq.len(), yg.len());
     let mut states: Vec<RowState<T>> = (0..m)
         .map(|i| {
@@ -358,35 +350,24 @@ fn scan_typed<T: Sim>(
     let mut los: Vec<T> = states.iter().map(RowState::lo).collect();
     let threads = tch::get_num_threads().max(1) as usize;
     let t = tile.max(1) as usize;
-    let gt = g.tr();
+    let gt = input.g.tr();
     for r0 in (0..m).step_by(t) {
         let rl = t.min(m - r0);
-        let qi = q.narrow(0, r0 as i64, rl as i64);
+        let qi = input.q.narrow(0, r0 as i64, rl as i64);
         let first_col = if symmetric { r0 } else { 0 };
         for c0 in (first_col..n).step_by(t) {
             let cl = t.min(n - c0);
             let s = qi.matmul(&gt.narrow(1, c0 as i64, cl as i64)).contiguous();
-            let tile = cpu_slice::<T>(&s)?;
-            rows_pass(
-                tile,
-                cl,
-                &mut states[r0..r0 + rl],
-                &mut los[r0..r0 + rl],
-                c0,
-                &yg[c0..c0 + cl],
-                threads,
-            );
+            let tile = Tile {
+                s: cpu_slice::<T>(&s)?,
+                rows: rl,
+                cols: cl,
+                row0: r0,
+                col0: c0,
+            };
+            rows_pass(tile, &mut states, &mut los, yg, threads);
             if symmetric && c0 > r0 {
-                cols_pass(
-                    tile,
-                    cl,
-                    rl,
-                    &mut states[c0..c0 + cl],
-                    &mut los[c0..c0 + cl],
-                    r0,
-                    &yq[r0..r0 + rl],
-                    threads,
-                );
+                cols_pass(tile, &mut states, &mut los, yq, threads);
             }
         }
     }

@@ -10,21 +10,20 @@ use tch::{Kind, Tensor};
 
 use super::input::{block_rows, host_vec};
 use super::knn::topk_ordered;
-use super::positives::Positives;
-use super::retrieval::{Need, ScanOut};
+use super::retrieval::{ScanInput, ScanOut};
 use crate::error::Result;
 
-/// The scan of prepared queries `q` over the prepared gallery `g` (one
-/// device), `rows` queries per block (`None`: from the memory budget).
-pub(crate) fn scan_torch(
-    q: &Tensor,
-    yq: &[i64],
-    g: &Tensor,
-    yg: &[i64],
-    pos: &Positives,
-    need: Need,
-    rows: Option<i64>,
-) -> Result<ScanOut> {
+/// The scan of `input` (any device), `rows` queries per block (`None`: from
+/// the memory budget).
+pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<ScanOut> {
+    let ScanInput {
+        q,
+        yq,
+        g,
+        yg,
+        pos,
+        need,
+    } = input;
     let device = q.device();
     let (m, n) = (yq.len() as i64, yg.len() as i64);
     let yq_t = Tensor::from_slice(yq).to_device(device);

@@ -36,6 +36,40 @@ pub(crate) fn check_dense(t: &Tensor, arg: &str) -> Result<()> {
     )
 }
 
+/// `t`'s dtype is one of those `ok` accepts, which `expected` names.
+pub(crate) fn check_dtype(
+    t: &Tensor,
+    arg: &str,
+    ok: impl Fn(Kind) -> bool,
+    expected: &str,
+) -> Result<()> {
+    ensure(
+        ok(t.kind()),
+        arg,
+        || format!("dtype {}", dtype_name(t.kind())),
+        expected,
+    )
+}
+
+/// Every tensor of `others` (argument, tensor) is on the device of
+/// `reference`, argument `ref_arg`.
+pub(crate) fn check_same_device(
+    ref_arg: &str,
+    reference: &Tensor,
+    others: &[(&str, &Tensor)],
+) -> Result<()> {
+    let device = reference.device();
+    for &(arg, t) in others {
+        ensure(
+            t.device() == device,
+            arg,
+            || format!("device {}", device_name(t.device())),
+            format!("the device of {ref_arg} ({})", device_name(device)),
+        )?;
+    }
+    Ok(())
+}
+
 /// A floating tensor of rank 2 with no NaN or Inf.
 pub(crate) fn check_matrix(t: &Tensor, arg: &str, what: &str) -> Result<()> {
     check_matrix_shape(t, arg, what)?;
@@ -51,10 +85,10 @@ pub(crate) fn check_matrix_shape(t: &Tensor, arg: &str, what: &str) -> Result<()
         || format!("a tensor of shape {}", shape(t)),
         format!("a 2-D tensor ({what})"),
     )?;
-    ensure(
-        is_float(t.kind()),
+    check_dtype(
+        t,
         arg,
-        || format!("dtype {}", dtype_name(t.kind())),
+        is_float,
         "a floating-point dtype (float16, bfloat16, float32 or float64)",
     )?;
     ensure(
@@ -119,25 +153,37 @@ pub(crate) fn check_label_range(lo: i64, hi: i64, num_classes: Option<i64>) -> R
 
 /// Dense integer labels of rank 1, `n` of them if given (reads no data).
 pub(crate) fn check_labels_shape(labels: &Tensor, n: Option<i64>) -> Result<()> {
-    check_dense(labels, "labels")?;
+    check_label_vector(
+        labels,
+        "labels",
+        "a 1-D tensor of class indices",
+        n.map(|n| (n, format!("one label per embedding ({n})"))),
+    )
+}
+
+/// Argument `arg` holds dense integer labels of rank 1 (reads no data).
+/// `what` describes the 1-D tensor expected; `count`, if given, is the
+/// number of labels expected and how the message puts it.
+pub(crate) fn check_label_vector(
+    labels: &Tensor,
+    arg: &str,
+    what: &str,
+    count: Option<(i64, String)>,
+) -> Result<()> {
+    check_dense(labels, arg)?;
     ensure(
         labels.dim() == 1,
-        "labels",
+        arg,
         || format!("a tensor of shape {}", shape(labels)),
-        "a 1-D tensor of class indices",
+        what,
     )?;
-    ensure(
-        is_integer(labels.kind()),
-        "labels",
-        || format!("dtype {}", dtype_name(labels.kind())),
-        "an integer dtype",
-    )?;
-    if let Some(n) = n {
+    check_dtype(labels, arg, is_integer, "an integer dtype")?;
+    if let Some((n, expected)) = count {
         ensure(
             labels.size()[0] == n,
-            "labels",
+            arg,
             || format!("{} labels", labels.size()[0]),
-            format!("one label per embedding ({n})"),
+            expected,
         )?;
     }
     Ok(())
@@ -226,18 +272,7 @@ pub(crate) fn check_structure(
         || format!("{n} sample(s)"),
         "a batch of at least 2 samples",
     )?;
-    ensure(
-        logits.device() == emb.device(),
-        "logits",
-        || format!("device {}", device_name(logits.device())),
-        format!("the device of embeddings ({})", device_name(emb.device())),
-    )?;
-    ensure(
-        labels.device() == emb.device(),
-        "labels",
-        || format!("device {}", device_name(labels.device())),
-        format!("the device of embeddings ({})", device_name(emb.device())),
-    )?;
+    check_same_device("embeddings", emb, &[("logits", logits), ("labels", labels)])?;
     check_matrix_shape(logits, "logits", "batch x classes")?;
     ensure(
         logits.size()[0] == n,

@@ -42,67 +42,46 @@ pub(crate) trait Real:
     fn powf(self, p: f64) -> Self;
 }
 
-impl Real for f64 {
-    const ONE: Self = 1.0;
-    const EPS: f64 = f64::EPSILON;
-    const TINY: Self = 1e-300;
-    const MIN_NORMAL: Self = f64::MIN_POSITIVE;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    #[inline]
-    fn powf(self, p: f64) -> Self {
-        f64::powf(self, p)
-    }
+/// [`Real`] for the primitive float `$t`: its own constants and methods
+/// (`as` conversions, which are the identity for f64), `TINY` and `exp`
+/// given.
+macro_rules! impl_real {
+    ($t:ident, tiny: $tiny:expr, exp: $exp:path) => {
+        impl Real for $t {
+            const ONE: Self = 1.0;
+            const EPS: f64 = $t::EPSILON as f64;
+            const TINY: Self = $tiny;
+            const MIN_NORMAL: Self = $t::MIN_POSITIVE;
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                $t::ln(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                $t::sqrt(self)
+            }
+            #[inline]
+            fn powf(self, p: f64) -> Self {
+                $t::powf(self, p as $t)
+            }
+        }
+    };
 }
 
-impl Real for f32 {
-    const ONE: Self = 1.0;
-    const EPS: f64 = f32::EPSILON as f64;
-    const TINY: Self = 1e-30;
-    const MIN_NORMAL: Self = f32::MIN_POSITIVE;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline]
-    fn powf(self, p: f64) -> Self {
-        f32::powf(self, p as f32)
-    }
-}
+impl_real!(f64, tiny: 1e-300, exp: f64::exp);
+impl_real!(f32, tiny: 1e-30, exp: exp_f32);
 
 /// exp for f32 without branches or calls, so loops over it vectorise
 /// (Cephes' expf: range reduction by ln 2 in two parts, degree-5

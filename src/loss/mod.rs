@@ -34,7 +34,6 @@ pub use refine::{apply_anchors, refine, replicator};
 pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};
 
 use crate::error::Result;
-use crate::names::device_name;
 
 /// How the loss is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,14 +258,8 @@ pub fn refine_checked(
         || num_iters.to_string(),
         "an integer >= 1",
     )?;
-    for (arg, t) in [("W", w), ("labels", labels), ("anchor_mask", anchor_mask)] {
-        ensure(
-            t.device() == probs.device(),
-            arg,
-            || format!("device {}", device_name(t.device())),
-            format!("the device of probs ({})", device_name(probs.device())),
-        )?;
-    }
+    let others = [("W", w), ("labels", labels), ("anchor_mask", anchor_mask)];
+    checks::check_same_device("probs", probs, &others)?;
     let k = refine::compute_kind(&[probs.kind(), w.kind()]);
     Ok(refine(
         &probs.to_kind(k),
@@ -430,6 +423,37 @@ mod tests {
     /// fractional power.
     const POWERS: [f64; 3] = [1.0, 2.0, 4.5];
 
+    /// The options of one case of the tests' grid (temperature, zero
+    /// diagonal, batch classes only; the weights); the similarity and power
+    /// cycle with `case`.
+    fn grid_options(
+        case: i64,
+        iters: i64,
+        anchors: i64,
+        (t, zero_diagonal, batch_classes_only): (f64, bool, bool),
+        (gtg_weight, ce_weight): (f64, f64),
+    ) -> GroupLossOptions {
+        GroupLossOptions {
+            temperature: t,
+            num_anchors: anchors,
+            num_iters: iters,
+            zero_diagonal,
+            batch_classes_only,
+            similarity: SIMS[case as usize % 3],
+            similarity_power: POWERS[(case as usize / 3) % 3],
+            gtg_weight,
+            ce_weight,
+            ..Default::default()
+        }
+    }
+
+    /// Every similarity (the gaussian at a bandwidth that keeps W spread).
+    const SIMS: [Similarity; 3] = [
+        Similarity::Correlation,
+        Similarity::Cosine,
+        Similarity::Gaussian { sigma: 3.0 },
+    ];
+
     #[test]
     fn sharpened_w_is_w_to_the_power_entrywise() {
         let (emb, _, _) = random_batch(3, 4, 7, 6, 5);
@@ -478,11 +502,6 @@ mod tests {
 
     #[test]
     fn analytic_gradients_equal_autograd() {
-        let sims = [
-            Similarity::Correlation,
-            Similarity::Cosine,
-            Similarity::Gaussian { sigma: 3.0 },
-        ];
         let mut case = 0;
         for iters in 1..=3 {
             for anchors in 0..=3 {
@@ -493,18 +512,8 @@ mod tests {
                 ] {
                     case += 1;
                     let (emb, logits, y) = random_batch(4, 5, 11, 8, case);
-                    let o = GroupLossOptions {
-                        temperature: t,
-                        num_anchors: anchors,
-                        num_iters: iters,
-                        zero_diagonal: zero_diag,
-                        batch_classes_only: restrict,
-                        similarity: sims[case as usize % 3],
-                        similarity_power: POWERS[(case as usize / 3) % 3],
-                        gtg_weight: 0.7,
-                        ce_weight: 1.3,
-                        ..Default::default()
-                    };
+                    let o =
+                        grid_options(case, iters, anchors, (t, zero_diag, restrict), (0.7, 1.3));
                     let (loss, ge, gl) = autograd_grads(&emb, &logits, &y, &o);
                     let out =
                         evaluate(&emb, &logits, &y, &o, ALL, Implementation::Libtorch).unwrap();
@@ -529,11 +538,6 @@ mod tests {
     /// the temperature: the logits' gradient is O(1/T), its rounding O(eps).
     #[test]
     fn fused_cpu_equals_libtorch() {
-        let sims = [
-            Similarity::Correlation,
-            Similarity::Cosine,
-            Similarity::Gaussian { sigma: 3.0 },
-        ];
         let mut case = 100;
         for kind in [Kind::Double, Kind::Float] {
             let tol_at = |t: f64| {
@@ -557,18 +561,8 @@ mod tests {
                         let (emb, logits) = (emb.to_kind(kind), logits.to_kind(kind));
                         let (emb64, logits64) =
                             (emb.to_kind(Kind::Double), logits.to_kind(Kind::Double));
-                        let o = GroupLossOptions {
-                            temperature: t,
-                            num_anchors: anchors,
-                            num_iters: iters,
-                            zero_diagonal: zero_diag,
-                            batch_classes_only: restrict,
-                            similarity: sims[case as usize % 3],
-                            similarity_power: POWERS[(case as usize / 3) % 3],
-                            gtg_weight: gw,
-                            ce_weight: cw,
-                            ..Default::default()
-                        };
+                        let o =
+                            grid_options(case, iters, anchors, (t, zero_diag, restrict), (gw, cw));
                         let a = evaluate(&emb64, &logits64, &y, &o, ALL, Implementation::Libtorch)
                             .unwrap();
                         let b =

@@ -43,9 +43,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::checks::{check_finite, check_labels_shape, check_matrix_shape};
+use super::checks::{check_dtype, check_finite, check_labels_shape, check_matrix_shape};
 use crate::error::{ensure, Result};
-use crate::names::dtype_name;
 
 /// The anchors, hardest positives and hardest negatives of PML's
 /// `BatchHardMiner` for the distance matrix `dist` (n x n, no gradient
@@ -137,10 +136,10 @@ fn check_triplet_inputs(embeddings: &Tensor, labels: &Tensor, margin: f64) -> Re
         "a finite number >= 0",
     )?;
     check_matrix_shape(embeddings, "embeddings", "batch x embedding dims")?;
-    ensure(
-        matches!(embeddings.kind(), Kind::Float | Kind::Double),
+    check_dtype(
+        embeddings,
         "embeddings",
-        || format!("dtype {}", dtype_name(embeddings.kind())),
+        |k| matches!(k, Kind::Float | Kind::Double),
         "float32 or float64",
     )?;
     let n = embeddings.size()[0];

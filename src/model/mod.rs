@@ -21,7 +21,7 @@ use tch::{Device, Tensor};
 pub use head::{l2_normalize, ClassifierKind, Head};
 pub use weights::{load_into, read_safetensors, LoadReport};
 
-use crate::error::{Error, Result};
+use crate::error::{at_least, Error, Result};
 
 /// Which backbone a network uses.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,24 +150,10 @@ impl EmbeddingNet {
     /// Builds the network's variables in `vs` (seed torch first for a
     /// deterministic initialisation).
     pub fn new(vs: &nn::VarStore, config: &ModelConfig) -> Result<Self> {
-        if config.num_classes < 1 {
-            return Err(Error::invalid(
-                "num_classes",
-                config.num_classes,
-                "an integer >= 1",
-            ));
-        }
-        if config.in_channels < 1 {
-            return Err(Error::invalid(
-                "in_channels",
-                config.in_channels,
-                "an integer >= 1",
-            ));
-        }
+        at_least("num_classes", config.num_classes, 1)?;
+        at_least("in_channels", config.in_channels, 1)?;
         if let Some(e) = config.embedding_size {
-            if e < 1 {
-                return Err(Error::invalid("embedding_size", e, "an integer >= 1"));
-            }
+            at_least("embedding_size", e, 1)?;
         }
         let root = vs.root();
         let p = &root / "backbone";

@@ -170,7 +170,7 @@ pub(crate) struct PyTransform {
     inner: Transform,
 }
 
-fn normalization(
+fn parse_normalization(
     name: &str,
     mean: Option<Vec<f32>>,
     std: Option<Vec<f32>>,
@@ -178,89 +178,83 @@ fn normalization(
     match (name, mean, std) {
         ("mean_std", Some(mean), Some(std)) => Ok(Normalization::MeanStd { mean, std }),
         ("mean_std", _, _) => Err(Error::invalid(
-            "normalize",
+            "normalization",
             "(mean, std) without both",
             "a mean and a std",
         )),
         (name, None, None) => Normalization::parse(name),
         (name, _, _) => Err(Error::invalid(
-            "normalize",
+            "normalization",
             format!("{name:?} with a mean or std"),
-            "mean and std only with normalize='mean_std'",
+            "mean and std only with normalization='mean_std'",
         )),
     }
 }
 
-/// RandomResizedCrop + horizontal flip.
-#[pyfunction]
-#[pyo3(signature = (
-    size, scale = (0.08, 1.0), ratio = (0.75, 4.0 / 3.0), flip = true, normalize = "imagenet",
-    mean = None, std = None, channels = 3
-), text_signature = "(size, scale=(0.08, 1.0), ratio=(0.75, 1.3333333333333333), flip=True, \
-    normalize='imagenet', mean=None, std=None, channels=3)")]
-#[allow(clippy::too_many_arguments)]
-fn random_resized_crop(
-    size: i64,
-    scale: (f64, f64),
-    ratio: (f64, f64),
-    flip: bool,
-    normalize: &str,
-    mean: Option<Vec<f32>>,
-    std: Option<Vec<f32>>,
-    channels: i64,
-) -> PyResult<PyTransform> {
-    let inner = Transform::random_resized_crop(
+/// Declares the Python function `$name` that builds a transform with
+/// `Transform::$name`: its own arguments (`$arg`), then `normalization`, `mean`,
+/// `std` and `channels`, which every transform takes. `$value`s are the
+/// constructor's leading arguments, made from the `$arg`s; they are checked
+/// first, then the normalisation and the channels, in signature order.
+macro_rules! transform_function {
+    (
+        $(#[doc = $doc:expr])*
+        #[pyo3($($options:tt)*)]
+        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => ($($value:expr),* $(,)?);
+    ) => {
+        $(#[doc = $doc])*
+        #[pyfunction]
+        #[pyo3($($options)*)]
+        #[allow(clippy::too_many_arguments)]
+        fn $name(
+            $($arg: $ty,)*
+            normalization: &str,
+            mean: Option<Vec<f32>>,
+            std: Option<Vec<f32>>,
+            channels: i64,
+        ) -> PyResult<PyTransform> {
+            let inner = Transform::$name(
+                $($value,)*
+                parse_normalization(normalization, mean, std)?,
+                count("channels", channels, "1 or 3")?,
+            )?;
+            Ok(PyTransform { inner })
+        }
+    };
+}
+
+transform_function! {
+    /// RandomResizedCrop + horizontal flip.
+    #[pyo3(signature = (
+        size, scale = (0.08, 1.0), ratio = (0.75, 4.0 / 3.0), flip = true, normalization = "imagenet",
+        mean = None, std = None, channels = 3
+    ), text_signature = "(size, scale=(0.08, 1.0), ratio=(0.75, 1.3333333333333333), flip=True, \
+        normalization='imagenet', mean=None, std=None, channels=3)")]
+    fn random_resized_crop(size: i64, scale: (f64, f64), ratio: (f64, f64), flip: bool) => (
         count("size", size, "an integer >= 1")?,
         scale,
         ratio,
         flip,
-        normalization(normalize, mean, std)?,
-        count("channels", channels, "1 or 3")?,
-    )?;
-    Ok(PyTransform { inner })
+    );
 }
 
-/// Resize of the short side + centre crop.
-#[pyfunction]
-#[pyo3(signature = (size, resize, normalize = "imagenet", mean = None, std = None, channels = 3))]
-fn resize_center_crop(
-    size: i64,
-    resize: i64,
-    normalize: &str,
-    mean: Option<Vec<f32>>,
-    std: Option<Vec<f32>>,
-    channels: i64,
-) -> PyResult<PyTransform> {
-    let inner = Transform::resize_center_crop(
+transform_function! {
+    /// Resize of the short side + centre crop.
+    #[pyo3(signature = (size, resize, normalization = "imagenet", mean = None, std = None, channels = 3))]
+    fn resize_center_crop(size: i64, resize: i64) => (
         count("size", size, "an integer >= 1")?,
         count("resize", resize, "an integer >= size")?,
-        normalization(normalize, mean, std)?,
-        count("channels", channels, "1 or 3")?,
-    )?;
-    Ok(PyTransform { inner })
+    );
 }
 
-/// Small images: optional pad-and-crop jitter and flip.
-#[pyfunction]
-#[pyo3(signature = (size, pad = 0, flip = false, normalize = "none", mean = None, std = None, channels = 1))]
-#[allow(clippy::too_many_arguments)]
-fn pad_crop(
-    size: i64,
-    pad: i64,
-    flip: bool,
-    normalize: &str,
-    mean: Option<Vec<f32>>,
-    std: Option<Vec<f32>>,
-    channels: i64,
-) -> PyResult<PyTransform> {
-    let inner = Transform::pad_crop(
+transform_function! {
+    /// Small images: optional pad-and-crop jitter and flip.
+    #[pyo3(signature = (size, pad = 0, flip = false, normalization = "none", mean = None, std = None, channels = 1))]
+    fn pad_crop(size: i64, pad: i64, flip: bool) => (
         count("size", size, "an integer >= 1")?,
         count("pad", pad, "an integer >= 0")?,
         flip,
-        normalization(normalize, mean, std)?,
-        count("channels", channels, "1 or 3")?,
-    )?;
-    Ok(PyTransform { inner })
+    );
 }
 
 #[pymethods]

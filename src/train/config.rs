@@ -202,6 +202,12 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// A complete configuration written as TOML (a run's `config.toml`),
+    /// `source` naming it in errors.
+    pub fn from_toml(text: &str, source: &str) -> Result<Self> {
+        TrainConfig::resolve(None, Some((text, source)), Default::default())
+    }
+
     /// The configuration of a run: the preset (`preset`, else the config
     /// file's `preset` key, else `fashion-mnist`), then the config file's
     /// keys, then `overrides` (CLI options or Python keywords).
@@ -319,6 +325,7 @@ impl TrainConfig {
 
     /// Checks every value, naming the option at fault.
     pub fn validate(&self) -> Result<()> {
+        use crate::error::at_least;
         let pos = |name: &str, v: f64| -> Result<()> {
             if v.is_finite() && v > 0.0 {
                 Ok(())
@@ -344,23 +351,9 @@ impl TrainConfig {
                 ))
             }
         };
-        if self.epochs < 1 {
-            return Err(Error::invalid("epochs", self.epochs, "an integer >= 1"));
-        }
-        if self.classes_per_batch < 2 {
-            return Err(Error::invalid(
-                "classes_per_batch",
-                self.classes_per_batch,
-                "an integer >= 2",
-            ));
-        }
-        if self.samples_per_class < 1 {
-            return Err(Error::invalid(
-                "samples_per_class",
-                self.samples_per_class,
-                "an integer >= 1",
-            ));
-        }
+        at_least("epochs", self.epochs, 1)?;
+        at_least("classes_per_batch", self.classes_per_batch, 2)?;
+        at_least("samples_per_class", self.samples_per_class, 1)?;
         self.group_loss_options()?;
         pos("lr", self.lr)?;
         nonneg("backbone_lr", self.backbone_lr)?;
@@ -376,23 +369,9 @@ impl TrainConfig {
                 "a number in [0, 1)",
             ));
         }
-        if self.embedding_size < 0 {
-            return Err(Error::invalid(
-                "embedding_size",
-                self.embedding_size,
-                "an integer >= 0",
-            ));
-        }
-        if self.ensemble < 1 {
-            return Err(Error::invalid("ensemble", self.ensemble, "an integer >= 1"));
-        }
-        if self.eval_batch_size < 1 {
-            return Err(Error::invalid(
-                "eval_batch_size",
-                self.eval_batch_size,
-                "an integer >= 1",
-            ));
-        }
+        at_least("embedding_size", self.embedding_size, 0)?;
+        at_least("ensemble", self.ensemble, 1)?;
+        at_least("eval_batch_size", self.eval_batch_size, 1)?;
         if self.recall_ks.is_empty() || self.recall_ks.contains(&0) {
             return Err(Error::invalid(
                 "recall_ks",
@@ -569,12 +548,7 @@ mod tests {
         assert_eq!(cfg.split_seed(), 5);
         let fixed = cfg.merge_toml("split_seed = 0\n", "x").unwrap();
         assert_eq!((fixed.split_seed(), fixed.seed), (0, 5));
-        let round = TrainConfig::resolve(
-            None,
-            Some((&fixed.to_toml().unwrap(), "x")),
-            Default::default(),
-        )
-        .unwrap();
+        let round = TrainConfig::from_toml(&fixed.to_toml().unwrap(), "x").unwrap();
         assert_eq!(round.split_seed, Some(0));
     }
 
@@ -614,12 +588,7 @@ mod tests {
         // A triplet run's saved configuration (every key given, the Group
         // Loss's at the preset's values) reads back.
         let cfg = TrainConfig::resolve(Some("glyphs"), None, with(&[triplet])).unwrap();
-        let round = TrainConfig::resolve(
-            None,
-            Some((&cfg.to_toml().unwrap(), "config.toml")),
-            Default::default(),
-        )
-        .unwrap();
+        let round = TrainConfig::from_toml(&cfg.to_toml().unwrap(), "config.toml").unwrap();
         assert_eq!(round, cfg);
         let e = TrainConfig::resolve(None, None, with(&[("loss", "arcface".into())]))
             .unwrap_err()

@@ -348,26 +348,23 @@ mod tests {
 
     #[test]
     fn state_round_trips() {
+        let radam = |p: &Tensor| {
+            Optimizer::new(
+                OptimizerKind::RAdam,
+                vec![("p".into(), p.shallow_clone(), 0)],
+                vec![0.1],
+                0.01,
+                0.0,
+            )
+        };
         let p = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
-        let mut a = Optimizer::new(
-            OptimizerKind::RAdam,
-            vec![("p".into(), p.shallow_clone(), 0)],
-            vec![0.1],
-            0.01,
-            0.0,
-        );
+        let mut a = radam(&p);
         (&p * &p).sum(Kind::Float).backward();
         a.step();
         let state: HashMap<String, Tensor> = a.state_tensors().into_iter().collect();
         assert_eq!(state.len(), 2);
         let q = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
-        let mut b = Optimizer::new(
-            OptimizerKind::RAdam,
-            vec![("p".into(), q.shallow_clone(), 0)],
-            vec![0.1],
-            0.01,
-            0.0,
-        );
+        let mut b = radam(&q);
         b.load_state(state, a.steps()).unwrap();
         assert_eq!(b.steps(), 1);
         let bad: HashMap<String, Tensor> = [(

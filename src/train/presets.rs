@@ -278,12 +278,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("lr: expected a finite number > 0"), "{e}");
-        let round = TrainConfig::resolve(
-            None,
-            Some((&cfg.to_toml().unwrap(), "x")),
-            Default::default(),
-        )
-        .unwrap();
+        let round = TrainConfig::from_toml(&cfg.to_toml().unwrap(), "x").unwrap();
         assert_eq!(round, cfg);
         let mut over = toml::Table::new();
         over.insert("lr".into(), toml::Value::Float(0.5));

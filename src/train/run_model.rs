@@ -37,11 +37,7 @@ impl RunModel {
     pub fn open(run_dir: &Path, checkpoint: &str, device_name: &str) -> Result<Self> {
         let dir = RunDir::new(run_dir);
         let text = std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
-        let config = TrainConfig::resolve(
-            None,
-            Some((&text, &dir.config().display().to_string())),
-            Default::default(),
-        )?;
+        let config = TrainConfig::from_toml(&text, &dir.config().display().to_string())?;
         let member = dir.member(0, config.ensemble);
         let path = match checkpoint {
             "best" => member.best(),

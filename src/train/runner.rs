@@ -259,74 +259,85 @@ pub fn embed_dataset(
     cfg: &TrainConfig,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
-    embed_indices(net, ds, (0..ds.len()).collect(), transform, cfg, device)
+    let embedder = Embedder {
+        net,
+        transform,
+        cfg,
+        device,
+    };
+    embedder.embed(ds, (0..ds.len()).collect())
 }
 
-/// Embeddings of the images `indices` of `ds`.
-fn embed_indices(
-    net: &EmbeddingNet,
-    ds: &Arc<Dataset>,
-    indices: Vec<usize>,
-    transform: &Transform,
-    cfg: &TrainConfig,
+/// How images become embeddings: `net` on `device`, through `transform`,
+/// batches and loader threads from `cfg`.
+struct Embedder<'a> {
+    net: &'a EmbeddingNet,
+    transform: &'a Transform,
+    cfg: &'a TrainConfig,
     device: Device,
-) -> Result<(Tensor, Tensor)> {
-    let loader = Loader::new(
-        Arc::clone(ds),
-        transform.clone(),
-        LoaderOptions {
-            num_threads: cfg.num_workers.max(1),
-            prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
-            seed: cfg.seed,
-            on_error: OnError::Raise,
-        },
-    )?;
-    let batches: Vec<Vec<usize>> = indices
-        .chunks(cfg.eval_batch_size)
-        .map(|c| c.to_vec())
-        .collect();
-    let mut embs = Vec::with_capacity(batches.len());
-    let mut labels = Vec::with_capacity(batches.len());
-    for b in loader.epoch(batches, 0)? {
-        let b = b?;
-        embs.push(net.embed(&b.images.to_device(device)).to_kind(Kind::Float));
-        labels.push(b.labels);
+}
+
+impl Embedder<'_> {
+    /// Embeddings of the images `indices` of `ds`.
+    fn embed(&self, ds: &Arc<Dataset>, indices: Vec<usize>) -> Result<(Tensor, Tensor)> {
+        let cfg = self.cfg;
+        let loader = Loader::new(
+            Arc::clone(ds),
+            self.transform.clone(),
+            LoaderOptions {
+                num_threads: cfg.num_workers.max(1),
+                prefetch: cfg.prefetch.max(cfg.num_workers.max(1)),
+                seed: cfg.seed,
+                on_error: OnError::Raise,
+            },
+        )?;
+        let batches: Vec<Vec<usize>> = indices
+            .chunks(cfg.eval_batch_size)
+            .map(|c| c.to_vec())
+            .collect();
+        let mut embs = Vec::with_capacity(batches.len());
+        let mut labels = Vec::with_capacity(batches.len());
+        for b in loader.epoch(batches, 0)? {
+            let b = b?;
+            embs.push(
+                self.net
+                    .embed(&b.images.to_device(self.device))
+                    .to_kind(Kind::Float),
+            );
+            labels.push(b.labels);
+        }
+        Ok((
+            Tensor::cat(&embs, 0),
+            Tensor::cat(&labels, 0).to_device(self.device),
+        ))
     }
-    Ok((
-        Tensor::cat(&embs, 0),
-        Tensor::cat(&labels, 0).to_device(device),
-    ))
+
+    /// Embeddings of the images `indices` of `ds`, each rank embedding its
+    /// shard; the whole on rank 0, `None` on the others.
+    fn embed_sharded(
+        &self,
+        ds: &Arc<Dataset>,
+        indices: Vec<usize>,
+        coll: &dyn Collective,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let n = indices.len();
+        let part = dist::shard(n, coll.rank(), coll.world_size());
+        let (e, l) = if part.is_empty() && n > 0 {
+            // An empty shard still needs the embedding width: one image, cut.
+            let (e, l) = self.embed(ds, vec![indices[0]])?;
+            (e.narrow(0, 0, 0), l.narrow(0, 0, 0))
+        } else {
+            self.embed(ds, indices[part].to_vec())?
+        };
+        let e = dist::gather_rows(coll, &e, n)?;
+        let l = dist::gather_rows(coll, &l, n)?;
+        Ok(e.zip(l))
+    }
 }
 
 /// Embeddings of an evaluation set: (gallery or all, labels, optional query
 /// embeddings and labels).
 pub type SetEmbeddings = (Tensor, Tensor, Option<(Tensor, Tensor)>);
-
-/// Embeddings of the images `indices` of `ds`, each rank embedding its
-/// shard; the whole on rank 0, `None` on the others.
-#[allow(clippy::too_many_arguments)]
-fn embed_sharded(
-    net: &EmbeddingNet,
-    ds: &Arc<Dataset>,
-    indices: Vec<usize>,
-    transform: &Transform,
-    cfg: &TrainConfig,
-    device: Device,
-    coll: &dyn Collective,
-) -> Result<Option<(Tensor, Tensor)>> {
-    let n = indices.len();
-    let part = dist::shard(n, coll.rank(), coll.world_size());
-    let (e, l) = if part.is_empty() && n > 0 {
-        // An empty shard still needs the embedding width: one image, cut.
-        let (e, l) = embed_indices(net, ds, vec![indices[0]], transform, cfg, device)?;
-        (e.narrow(0, 0, 0), l.narrow(0, 0, 0))
-    } else {
-        embed_indices(net, ds, indices[part].to_vec(), transform, cfg, device)?
-    };
-    let e = dist::gather_rows(coll, &e, n)?;
-    let l = dist::gather_rows(coll, &l, n)?;
-    Ok(e.zip(l))
-}
 
 pub(super) fn embed_set(
     net: &EmbeddingNet,
@@ -337,6 +348,12 @@ pub(super) fn embed_set(
     max_images: usize,
     coll: &dyn Collective,
 ) -> Result<Option<SetEmbeddings>> {
+    let embedder = Embedder {
+        net,
+        transform,
+        cfg,
+        device,
+    };
     let all = |ds: &Arc<Dataset>| (0..ds.len()).collect::<Vec<usize>>();
     match set {
         EvalSet::All(ds) => {
@@ -346,12 +363,12 @@ pub(super) fn embed_set(
                 idx.truncate(max_images);
                 idx.sort_unstable();
             }
-            let el = embed_sharded(net, ds, idx, transform, cfg, device, coll)?;
+            let el = embedder.embed_sharded(ds, idx, coll)?;
             Ok(el.map(|(e, l)| (e, l, None)))
         }
         EvalSet::QueryGallery { query, gallery } => {
-            let g = embed_sharded(net, gallery, all(gallery), transform, cfg, device, coll)?;
-            let q = embed_sharded(net, query, all(query), transform, cfg, device, coll)?;
+            let g = embedder.embed_sharded(gallery, all(gallery), coll)?;
+            let q = embedder.embed_sharded(query, all(query), coll)?;
             Ok(g.zip(q).map(|((ge, gl), q)| (ge, gl, Some(q))))
         }
     }

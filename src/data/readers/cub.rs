@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::{classes_in_halves, read_lines};
+use super::{class_id, classes_in_halves, read_lines};
 use crate::data::dataset::{Dataset, DatasetOptions, Listing};
 use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
@@ -28,76 +28,42 @@ pub fn cub200(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> 
 
     let mut class_of: HashMap<String, (i64, usize)> = HashMap::new();
     for (line, text) in read_lines(&labels_txt)? {
+        let bad = |m: String| Error::format(&labels_txt, Some(line), m);
         let mut f = text.split_whitespace();
         let (Some(id), Some(class), None) = (f.next(), f.next(), f.next()) else {
-            return Err(Error::format(
-                &labels_txt,
-                Some(line),
-                "expected '<image id> <class id>'",
-            ));
+            return Err(bad("expected '<image id> <class id>'".into()));
         };
-        let class: i64 = class.parse().map_err(|_| {
-            Error::format(
-                &labels_txt,
-                Some(line),
-                format!("class id {class:?} is not an integer"),
-            )
-        })?;
+        let class = class_id(class).map_err(bad)?;
         if class_of.insert(id.to_string(), (class, line)).is_some() {
-            return Err(Error::format(
-                &labels_txt,
-                Some(line),
-                format!("image id {id} listed twice"),
-            ));
+            return Err(bad(format!("image id {id} listed twice")));
         }
     }
     let mut names: BTreeMap<i64, String> = BTreeMap::new();
     let classes_txt = root.join("classes.txt");
     if classes_txt.is_file() {
         for (line, text) in read_lines(&classes_txt)? {
+            let bad = |m: String| Error::format(&classes_txt, Some(line), m);
             let Some((id, name)) = text.trim().split_once(char::is_whitespace) else {
-                return Err(Error::format(
-                    &classes_txt,
-                    Some(line),
-                    "expected '<class id> <name>'",
-                ));
+                return Err(bad("expected '<class id> <name>'".into()));
             };
-            let id: i64 = id.parse().map_err(|_| {
-                Error::format(
-                    &classes_txt,
-                    Some(line),
-                    format!("class id {id:?} is not an integer"),
-                )
-            })?;
-            names.insert(id, name.trim().to_string());
+            names.insert(class_id(id).map_err(bad)?, name.trim().to_string());
         }
     }
     let images = root.join("images");
     let mut rows: Vec<(PathBuf, i64, usize)> = Vec::new();
     let mut seen = HashMap::new();
     for (line, text) in read_lines(&images_txt)? {
+        let bad = |m: String| Error::format(&images_txt, Some(line), m);
         let Some((id, path)) = text.trim().split_once(char::is_whitespace) else {
-            return Err(Error::format(
-                &images_txt,
-                Some(line),
-                "expected '<image id> <path>'",
-            ));
+            return Err(bad("expected '<image id> <path>'".into()));
         };
         if seen.insert(id.to_string(), line).is_some() {
-            return Err(Error::format(
-                &images_txt,
-                Some(line),
-                format!("image id {id} listed twice"),
-            ));
+            return Err(bad(format!("image id {id} listed twice")));
         }
-        let path = join_inside(&images, path.trim())
-            .map_err(|m| Error::format(&images_txt, Some(line), m))?;
+        let path = join_inside(&images, path.trim()).map_err(bad)?;
         let Some(&(class, _)) = class_of.get(id) else {
-            return Err(Error::format(
-                &images_txt,
-                Some(line),
-                format!("image id {id} has no class in {}", labels_txt.display()),
-            ));
+            let labels = labels_txt.display();
+            return Err(bad(format!("image id {id} has no class in {labels}")));
         };
         rows.push((path, class, line));
     }

@@ -121,6 +121,12 @@ pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
         .collect())
 }
 
+/// The class id `text` of an annotation line, or the error message.
+pub(crate) fn class_id(text: &str) -> std::result::Result<i64, String> {
+    text.parse()
+        .map_err(|_| format!("class id {text:?} is not an integer"))
+}
+
 /// The zero-shot protocol of CUB200 and Cars196: the classes sorted by id,
 /// the first half for training, the rest for testing. `rows` are (image,
 /// class id, annotation line); `name` names a class id.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::read_lines;
+use super::{class_id, read_lines};
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record, Split};
 use crate::data::paths::{join_inside, resolve_root, Home};
 use crate::error::{Error, Result};
@@ -34,22 +34,15 @@ pub fn stanford_online_products(root: Option<&Path>, options: &DatasetOptions) -
         let file = root.join(name);
         listing.sources.push(file.clone());
         for (line, text) in read_lines(&file)?.into_iter().skip(1) {
+            let bad = |m: String| Error::format(&file, Some(line), m);
             let f: Vec<&str> = text.split_whitespace().collect();
             if f.len() != 4 {
-                return Err(Error::format(
-                    &file,
-                    Some(line),
-                    "expected '<image_id> <class_id> <super_class_id> <path>'",
+                return Err(bad(
+                    "expected '<image_id> <class_id> <super_class_id> <path>'".into(),
                 ));
             }
-            let class: i64 = f[1].parse().map_err(|_| {
-                Error::format(
-                    &file,
-                    Some(line),
-                    format!("class id {:?} is not an integer", f[1]),
-                )
-            })?;
-            let path = join_inside(&root, f[3]).map_err(|m| Error::format(&file, Some(line), m))?;
+            let class = class_id(f[1]).map_err(bad)?;
+            let path = join_inside(&root, f[3]).map_err(bad)?;
             let group = f[3].split('/').next().unwrap_or_default().to_string();
             rows.push((path, class, group, part, source, line));
         }
