@@ -273,6 +273,31 @@ def test_batch_probabilities_follow_the_spec(glyph_run):
     np.testing.assert_allclose(refined.numpy(), b.after, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_probabilities_refine_with_the_loss_the_run_trained(tmp_path):
+    """The glyphs preset's own loss (a cosine classifier, W to the power 8):
+    the figure's refinement is that loss's, power included."""
+    root = make_glyph_like(tmp_path / "glyphs")
+    out = tmp_path / "run"
+    grouploss.train("glyphs", data_root=root, out_dir=out, **TINY)
+    model = grouploss.load_run(out, device="cpu")
+    cfg = model.config
+    assert cfg["classifier"] == "cosine" and cfg["similarity_power"] == 8.0
+    assert model.loss_options == grouploss.training.group_loss_options(cfg)
+    b = batch_probabilities(model, seed=3)
+    ck = load_file(str(out / "checkpoints" / "best.safetensors"))
+    w = torch.nn.functional.normalize(ck["model.classifier.weight"].double(), dim=1)
+    e = torch.from_numpy(b.embeddings).double()
+    logits = cfg["classifier_scale"] * torch.nn.functional.normalize(e, dim=1) @ w.T
+    labels = torch.from_numpy(b.labels)
+    t, a = cfg["temperature"], cfg["num_anchors"]
+    loss, x, _, _ = reference_group_loss(e, labels, logits, t, a, similarity_power=8.0)
+    np.testing.assert_allclose(b.after, x.numpy(), rtol=1e-4, atol=1e-5)
+    assert b.loss == pytest.approx(float(loss), rel=1e-4)
+    # The power matters here: the release's W refines otherwise.
+    _, x1, _, _ = reference_group_loss(e, labels, logits, t, a, similarity_power=1.0)
+    assert np.abs(x1.numpy() - b.after).max() > 1e-3
+
+
 def test_run_model_logits_check_their_input(glyph_run):
     model = grouploss.load_run(glyph_run, device="cpu")
     with pytest.raises(ValueError, match=r"^embeddings: expected a 2-D tensor \(N x 64\)"):
