@@ -4,11 +4,12 @@ scikit-learn's NMI and k-means, and its argument checks."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
@@ -24,45 +25,77 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 # ------------------------------------------------------------ references
 
 
-def reference(emb, labels, q=None, ql=None, ks=(1, 2, 4, 8), normalize=True):
-    """Recall@K, MAP@R, R-Precision and the number left out, straight from
-    the definitions: a full similarity matrix, each row sorted by
-    (-similarity, index)."""
+def reference(
+    emb,
+    labels,
+    q=None,
+    ql=None,
+    ks=(1, 2, 4, 8),
+    normalize=True,
+    own=None,
+    average="query",
+    top=False,
+):
+    """Recall@K, (with ``top``) open-metric-learning's Precision@K and mAP@K,
+    MAP@R, R-Precision and the number left out, straight from the
+    definitions: a full similarity matrix, each row sorted by (-similarity,
+    index), a query's own gallery entry (``own[i]``, -1 for none) left out;
+    means over the queries or over the classes of their queries' means."""
     g = np.asarray(emb, dtype=np.float64)
     labels = np.asarray(labels)
     if normalize:
         g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    same = q is None
-    if same:
-        q, ql = g, labels
+    if q is None:
+        q, ql, own = g, labels, np.arange(len(g))
     else:
         q = np.asarray(q, dtype=np.float64)
         ql = np.asarray(ql)
         if normalize:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    own = np.full(len(q), -1) if own is None else np.asarray(own)
     sims = q @ g.T
-    hits = dict.fromkeys(ks, 0)
-    maps, rps, left = [], [], 0
+    rows = {}  # metric -> [(class, value)]
+
+    def add(key, i, value):
+        rows.setdefault(key, []).append((ql[i], value))
+
+    left = 0
     for i in range(len(q)):
         idx = np.arange(len(g))
-        if same:
-            idx = idx[idx != i]
+        idx = idx[idx != own[i]]
         s = sims[i, idx]
         order = idx[np.lexsort((idx, -s))]
         rel = labels[order] == ql[i]
-        for k in ks:
-            hits[k] += bool(rel[:k].any())
         r = int(rel.sum())
+        for k in ks:
+            add(f"recall@{k}", i, float(rel[:k].any()))
         if r == 0:
             left += 1
             continue
-        top = rel[:r]
-        precision = np.cumsum(top) / np.arange(1, r + 1)
-        maps.append(float((precision * top).sum() / r))
-        rps.append(float(top.sum() / r))
-    out = {f"recall@{k}": hits[k] / len(q) for k in ks}
-    out["map@r"] = float(np.mean(maps)) if maps else float("nan")
-    out["r_precision"] = float(np.mean(rps)) if rps else float("nan")
+        precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+        if top:
+            for k in ks:
+                add(f"precision@{k}", i, float(rel[:k].sum() / min(k, r)))
+            for k in ks:
+                add(f"map@{k}", i, float((precision[:k] * rel[:k]).sum() / min(k, r)))
+        add("map@r", i, float((precision[:r] * rel[:r]).sum() / r))
+        add("r_precision", i, float(rel[:r].sum() / r))
+
+    def mean(key):
+        pairs = rows.get(key, [])
+        if not pairs:
+            return float("nan")
+        if average == "query":
+            return float(np.mean([v for _, v in pairs]))
+        classes = {}
+        for c, v in pairs:
+            classes.setdefault(c, []).append(v)
+        return float(np.mean([np.mean(v) for v in classes.values()]))
+
+    keys = [f"recall@{k}" for k in ks]
+    if top:
+        keys += [f"precision@{k}" for k in ks] + [f"map@{k}" for k in ks]
+    out = {key: mean(key) for key in keys + ["map@r", "r_precision"]}
     out["left_out"] = left
     return out
 
@@ -118,6 +151,8 @@ def test_query_gallery_mode_equals_the_definitions_with_ties(gallery, queries, b
     q, ql = queries
     d = min(emb.shape[1], q.shape[1])
     emb, q = np.ascontiguousarray(emb[:, :d]), np.ascontiguousarray(q[:, :d])
+    # A query set equal to the gallery is the same-set protocol (tested below).
+    assume(not (np.array_equal(q, emb) and np.array_equal(ql, labels)))
     ks = sorted({1, len(emb)})
     got = M.evaluate(
         emb,
@@ -303,7 +338,8 @@ def _x():
         (lambda x, y: M.evaluate(x, y, ks=(0,)), "ks: expected an integer >= 1, got 0"),
         (
             lambda x, y: M.evaluate(x, y, include=("recall", "ndcg")),
-            'include: expected names among "recall", "map@r", "r_precision", "nmi", got "ndcg"',
+            'include: expected names among "recall", "precision", "map", "map@r", "r_precision", '
+            '"nmi", got "ndcg"',
         ),
         (
             lambda x, y: M.evaluate(x, y, query_embeddings=x[:, :3], query_labels=y),
@@ -408,3 +444,110 @@ def test_query_on_another_device_is_an_error():
     x, y = _x()
     with pytest.raises(ValueError, match=r"^query_embeddings: expected the device of embeddings"):
         M.evaluate(x, y, query_embeddings=x.cuda(), query_labels=y)
+
+
+# ------------------------------------------- evaluation protocols
+
+ALL = ("recall", "precision", "map", "map@r", "r_precision")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=tied_sets(min_rows=3),
+    batch=st.sampled_from([None, 2, 7]),
+    average=st.sampled_from(["query", "class"]),
+)
+def test_precision_map_at_k_and_class_averages_equal_the_definitions(data, batch, average):
+    emb, labels = data
+    ks = sorted({1, 2, len(emb) - 1})
+    got = M.evaluate(
+        emb, labels, ks=ks, include=ALL, normalize=False, batch_size=batch, average=average
+    )
+    want = reference(emb, labels, ks=ks, normalize=False, average=average, top=True)
+    assert_same(got, want)
+
+
+def test_the_gallery_given_as_queries_leaves_each_query_out():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = rng.integers(0, 40, size=300)
+    same = M.evaluate(emb, labels, ks=(1, 5), include=ALL)
+    for q, ql in ((emb, labels), (emb.copy(), labels.copy()), (torch.from_numpy(emb), labels)):
+        got = M.evaluate(emb, labels, query_embeddings=q, query_labels=ql, ks=(1, 5), include=ALL)
+        assert got == same
+    # Named by ids instead: the same figures.
+    ids = np.arange(300) * 7
+    got = M.evaluate(
+        emb,
+        labels,
+        query_embeddings=emb,
+        query_labels=labels,
+        query_ids=ids,
+        gallery_ids=ids,
+        ks=(1, 5),
+        include=ALL,
+    )
+    assert_same(got, same, tol=1e-6)
+    # A query set that only nearly equals the gallery is another set: each
+    # query then finds its near copy first.
+    naive = M.evaluate(
+        emb,
+        labels,
+        query_embeddings=emb * np.float32(1 + 1e-6),
+        query_labels=labels,
+        ks=(1,),
+        include=("recall",),
+    )
+    assert naive["recall@1"] == 1.0 > same["recall@1"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=tied_sets(min_rows=4), pick=st.data(), average=st.sampled_from(["query", "class"]))
+def test_queries_named_by_ids_leave_out_their_own_entry(data, pick, average):
+    emb, labels = data
+    n = len(emb)
+    rows = pick.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=8, unique=True))
+    # Some queries are gallery items (found by id), the others are not.
+    inside = pick.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows)))
+    gallery_ids = [f"img{j}" for j in range(n)]
+    query_ids = [f"img{j}" if a else f"new{j}" for j, a in zip(rows, inside)]
+    own = [j if a else -1 for j, a in zip(rows, inside)]
+    q, ql = emb[rows], labels[rows]
+    args = dict(ks=sorted({1, n - 1}), normalize=False, average=average)
+    ids = dict(query_ids=query_ids, gallery_ids=gallery_ids)
+    got = M.evaluate(emb, labels, query_embeddings=q, query_labels=ql, include=ALL, **ids, **args)
+    assert_same(got, reference(emb, labels, q, ql, own=own, top=True, **args))
+
+
+def test_ids_are_checked():
+    emb, labels = np.eye(4), np.array([0, 0, 1, 1])
+    q = dict(query_embeddings=emb[:2], query_labels=labels[:2])
+    with pytest.raises(ValueError, match="gallery_ids: expected a value since query_ids"):
+        M.evaluate(emb, labels, query_ids=[0, 1], **q)
+    with pytest.raises(ValueError, match="gallery_ids: expected unique ids, got 1 twice"):
+        M.evaluate(emb, labels, query_ids=[0, 1], gallery_ids=[0, 1, 1, 2], **q)
+    with pytest.raises(
+        ValueError, match=r"query_ids: expected one id per row of query_embeddings \(2\)"
+    ):
+        M.evaluate(emb, labels, query_ids=[0], gallery_ids=[0, 1, 2, 3], **q)
+    with pytest.raises(ValueError, match="query_ids: expected the same label for the same id"):
+        M.evaluate(emb, labels, query_ids=[0, 2], gallery_ids=[0, 1, 2, 3], **q)
+    with pytest.raises(ValueError, match="query_ids: expected a query set"):
+        M.evaluate(emb, labels, query_ids=[0], gallery_ids=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match='average: expected "query" or "class"'):
+        M.evaluate(emb, labels, average="micro")
+
+
+def test_read_only_arrays_are_taken_without_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.normal(size=(50, 4)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 5, size=50))
+    e = np.load(tmp_path / "e.npy", mmap_mode="r")
+    y = np.load(tmp_path / "y.npy", mmap_mode="r")
+    assert not e.flags.writeable
+    query = dict(query_embeddings=e[:10], query_labels=y[:10], include=ALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = M.evaluate(e, y, **query)
+    copies = {k: np.array(v) if k != "include" else v for k, v in query.items()}
+    assert got == M.evaluate(np.array(e), np.array(y), **copies)

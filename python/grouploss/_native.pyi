@@ -271,6 +271,8 @@ def evaluate(
     seed: int = 0,
     kmeans_n_init: int = 1,
     kmeans_max_iter: int = 300,
+    query_own: Optional[torch.Tensor] = None,
+    average: str = "query",
 ) -> Tuple[List[Tuple[str, float]], int]: ...
 def kmeans(
     x: torch.Tensor, k: int, *, n_init: int = 1, max_iter: int = 300, seed: int = 0

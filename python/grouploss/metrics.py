@@ -13,7 +13,11 @@ Definitions:
   index comes first.
 * Without a query set, every sample queries all the others (itself
   excluded). With ``query_embeddings``/``query_labels`` (e.g. In-Shop), the
-  queries search ``embeddings``, the gallery.
+  queries search ``embeddings``, the gallery. A query set that is the
+  gallery itself (the same array, or equal values and labels) is the first
+  case: each query leaves itself out. Queries that are gallery items are
+  named by ``query_ids``/``gallery_ids``: each query leaves out the gallery
+  item with its id.
 * **Recall@K**: the fraction of queries with at least one same-class item
   among their K nearest neighbours. A query whose class has no other item
   counts as a miss.
@@ -23,6 +27,16 @@ Definitions:
   ``MAP@R = (1/R) * sum over the first R places i holding a same-class item
   of precision@i``. Queries with R = 0 are left out of both; ``evaluate``
   reports how many under ``"left_out"``.
+* **Precision@K** and **mAP@K** (open-metric-learning's definitions,
+  ``oml.functional.metrics.calc_precision`` and ``calc_map``): with
+  ``g_i = 1`` when the i-th neighbour is same-class and R as above,
+  ``Precision@K = (1/min(K, R)) * sum_{i<=K} g_i`` and
+  ``mAP@K = (1/min(K, R)) * sum_{i<=K} g_i * precision@i``, where
+  ``precision@i`` is the plain fraction of same-class items among the first
+  i. Queries with R = 0 are left out, as for MAP@R.
+* Every retrieval metric is a mean over the queries, or with
+  ``average="class"`` a mean over the classes of the mean over their
+  queries (classes weigh the same whatever their number of queries).
 * **NMI**: k-means of the query embeddings (see :func:`kmeans`) with k = the
   number of their classes, then the normalised mutual information of
   classes and clusters, ``I(U; V) / ((H(U) + H(V)) / 2)`` (scikit-learn's
@@ -65,6 +79,9 @@ __all__ = [
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 METRICS = ("recall", "map@r", "r_precision", "nmi")
+#: Every metric ``include`` may name (``"precision"`` and ``"map"`` give
+#: ``precision@K`` and ``map@K`` for every K of ``ks``).
+ALL_METRICS = ("recall", "precision", "map", "map@r", "r_precision", "nmi")
 
 
 class KMeansResult(NamedTuple):
@@ -82,7 +99,9 @@ class KMeansResult(NamedTuple):
 
 
 def _as_tensor(name: str, value) -> torch.Tensor:
-    """A torch view of `value` (tensor kept as is, numpy array shared)."""
+    """A torch view of `value` (tensor kept as is, numpy array shared; a
+    read-only array, such as a memory-mapped ``.npy``, too: nothing here
+    writes to it)."""
     if isinstance(value, torch.Tensor):
         return value
     arr = np.asarray(value)
@@ -90,7 +109,12 @@ def _as_tensor(name: str, value) -> torch.Tensor:
         raise ValueError(f"{name}: expected a numeric array or tensor, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
         arr = arr.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
 
 
 def _labels(name: str, value) -> torch.Tensor:
@@ -112,14 +136,51 @@ def _batch_size(value) -> Optional[int]:
     return None if value is None else _int("batch_size", value, 1)
 
 
-def _query(query_embeddings, query_labels):
-    if (query_embeddings is None) != (query_labels is None):
-        missing = "query_labels" if query_labels is None else "query_embeddings"
-        given = "query_embeddings" if query_labels is None else "query_labels"
+def _both(a: str, av, b: str, bv) -> None:
+    """``a`` and ``b`` are given together or not at all."""
+    if (av is None) != (bv is None):
+        missing, given = (b, a) if bv is None else (a, b)
         raise ValueError(f"{missing}: expected a value since {given} is given, got None")
+
+
+def _query(query_embeddings, query_labels):
+    _both("query_embeddings", query_embeddings, "query_labels", query_labels)
     if query_embeddings is None:
         return None, None
     return _as_tensor("query_embeddings", query_embeddings), _labels("query_labels", query_labels)
+
+
+def _same_set(qe, ql, e, y) -> bool:
+    """Whether the query set is the gallery itself."""
+    if qe is e and ql is y:
+        return True
+    return (
+        qe.shape == e.shape
+        and ql.shape == y.shape
+        and qe.dtype == e.dtype
+        and qe.device == e.device
+        and bool(torch.equal(qe, e))
+        and bool(torch.equal(ql.to(y.device), y))
+    )
+
+
+def _own_entries(query_ids, gallery_ids, m: int, n: int) -> torch.Tensor:
+    """For each query, the gallery index of the item with its id, or -1."""
+    qids = np.asarray(query_ids.cpu() if isinstance(query_ids, torch.Tensor) else query_ids)
+    gids = np.asarray(gallery_ids.cpu() if isinstance(gallery_ids, torch.Tensor) else gallery_ids)
+    for name, ids, size, of in (
+        ("query_ids", qids, m, "query_embeddings"),
+        ("gallery_ids", gids, n, "embeddings"),
+    ):
+        if ids.ndim != 1 or len(ids) != size:
+            raise ValueError(
+                f"{name}: expected one id per row of {of} ({size}), got shape {list(ids.shape)}"
+            )
+    index = {}
+    for j, g in enumerate(gids.tolist()):
+        if index.setdefault(g, j) != j:
+            raise ValueError(f"gallery_ids: expected unique ids, got {g!r} twice")
+    return torch.tensor([index.get(q, -1) for q in qids.tolist()], dtype=torch.int64)
 
 
 def evaluate(
@@ -128,9 +189,12 @@ def evaluate(
     *,
     query_embeddings: Optional[ArrayLike] = None,
     query_labels: Optional[ArrayLike] = None,
+    query_ids: Optional[ArrayLike] = None,
+    gallery_ids: Optional[ArrayLike] = None,
     ks: Sequence[int] = (1, 2, 4, 8),
     include: Sequence[str] = METRICS,
     normalize: bool = True,
+    average: str = "query",
     batch_size: Optional[int] = None,
     seed: int = 0,
 ) -> dict:
@@ -143,13 +207,26 @@ def evaluate(
         labels: (n,) integer class labels (any values).
         query_embeddings: optional (m, d) queries that search ``embeddings``.
         query_labels: (m,) labels of the queries; given with
-            ``query_embeddings``.
-        ks: the K of Recall@K, each in ``1..gallery size`` (n - 1 without a
-            query set).
-        include: any of ``"recall"``, ``"map@r"``, ``"r_precision"``,
-            ``"nmi"`` (the names of their keys in the result; ``"map_at_r"``,
-            the spelling of 0.x, still works with a ``FutureWarning``).
+            ``query_embeddings``. Passing the gallery itself (the same
+            arrays, or equal ones) evaluates it against itself, each query
+            leaving itself out.
+        query_ids, gallery_ids: ids (integers or strings) of the queries and
+            of the gallery items, given together with a query set: a query
+            leaves out the gallery item with its id (queries that are also
+            gallery items, as in a set split into queries and a gallery that
+            holds everything). Gallery ids are unique; an item and its
+            query must have the same label.
+        ks: the K of Recall@K, Precision@K and mAP@K, each in ``1..gallery
+            size`` (n - 1 without a query set, or with queries in it).
+        include: any of ``"recall"``, ``"precision"``, ``"map"`` (mAP@K),
+            ``"map@r"``, ``"r_precision"``, ``"nmi"``; the result's keys are
+            ``recall@K``, ``precision@K``, ``map@K`` and the other names
+            (``"map_at_r"``, the spelling of 0.x, still works with a
+            ``FutureWarning``).
         normalize: L2-normalise the embeddings first (cosine similarity).
+        average: ``"query"``, the mean over the queries, or ``"class"``, the
+            mean over the classes of their queries' mean (NMI is not an
+            average).
         batch_size: rows per block of similarities (the side of a square
             tile on CPU) and of k-means distances; None picks them from a
             memory budget (2048 x 2048 float32 tiles on CPU, blocks near
@@ -158,11 +235,12 @@ def evaluate(
             iterations).
 
     Returns:
-        ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...}`` in
-        that order, for what ``include`` asks, plus ``"left_out"``: the
-        number of queries left out of MAP@R and R-Precision (no other item
-        of their class) when either is included. A metric with no query to
-        average over is NaN.
+        ``{"recall@K": ..., "precision@K": ..., "map@K": ..., "map@r": ...,
+        "r_precision": ..., "nmi": ...}`` in that order, for what ``include``
+        asks, plus ``"left_out"``: the number of queries left out of the
+        metrics other than Recall@K and NMI (no other item of their class)
+        when one of them is included. A metric with no query to average over
+        is NaN.
 
     Raises:
         ValueError: naming the argument, for embeddings that are not 2-D,
@@ -181,10 +259,22 @@ def evaluate(
         include = (include,)
     ks = [_int("ks", k, 1) for k in ks]
     include = [_metric_name(str(m)) for m in include]
+    e, y = _as_tensor("embeddings", embeddings), _labels("labels", labels)
     qe, ql = _query(query_embeddings, query_labels)
+    _both("query_ids", query_ids, "gallery_ids", gallery_ids)
+    own = None
+    if query_ids is not None:
+        if qe is None:
+            raise ValueError(
+                "query_ids: expected a query set (query_embeddings, query_labels) with them, "
+                "got none"
+            )
+        own = _own_entries(query_ids, gallery_ids, len(qe), len(e))
+    elif qe is not None and _same_set(qe, ql, e, y):
+        qe = ql = None
     pairs, left_out = _native.evaluate(
-        _as_tensor("embeddings", embeddings),
-        _labels("labels", labels),
+        e,
+        y,
         qe,
         ql,
         ks=ks,
@@ -192,9 +282,11 @@ def evaluate(
         normalize=bool(normalize),
         batch_size=_batch_size(batch_size),
         seed=_int("seed", seed, 0),
+        query_own=own,
+        average=average,
     )
     out = dict(pairs)
-    if "map@r" in include or "r_precision" in include:
+    if {"map@r", "r_precision", "precision", "map"} & set(include):
         out["left_out"] = left_out
     return out
 
@@ -230,6 +322,13 @@ def recall_at_k(
     >>> recall_at_k(emb, labels, k=(1, 2, 4, 8))  # doctest: +SKIP
     [0.61, 0.73, 0.82, 0.89]
     """
+    return _at_k(
+        "recall", embeddings, labels, k, query_embeddings, query_labels, normalize, batch_size
+    )
+
+
+def _at_k(metric, embeddings, labels, k, query_embeddings, query_labels, normalize, batch_size):
+    """``metric@K`` for one K (a float) or several (a list, in order)."""
     single = isinstance(k, (int, np.integer))
     ks = [k] if single else list(k)
     m = evaluate(
@@ -238,11 +337,11 @@ def recall_at_k(
         query_embeddings=query_embeddings,
         query_labels=query_labels,
         ks=ks,
-        include=("recall",),
+        include=(metric,),
         normalize=normalize,
         batch_size=batch_size,
     )
-    values = [m[f"recall@{int(x)}"] for x in ks]
+    values = [m[f"{metric}@{int(x)}"] for x in ks]
     return values[0] if single else values
 
 

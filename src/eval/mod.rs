@@ -37,7 +37,10 @@ use tch::Tensor;
 
 use crate::error::{ensure, Error, Result};
 use input::{check_batch_size, check_embeddings, labels_vec, prepare};
-use retrieval::{Need, Strategy};
+use positives::Own;
+use retrieval::{Need, Request, Strategy};
+
+pub use retrieval::Average;
 
 pub use kmeans::{kmeans, kmeans_with, KMeans, KMeansOptions};
 pub use knn::{knn, KnnOptions};
@@ -54,19 +57,33 @@ pub enum Metric {
     RPrecision,
     /// NMI of k-means clusters.
     Nmi,
+    /// Precision@K (open-metric-learning's) for every K of [`EvalOptions::ks`].
+    Precision,
+    /// mAP@K (open-metric-learning's) for every K of [`EvalOptions::ks`].
+    MapAtK,
 }
 
 impl Metric {
-    /// Every metric, in the order of [`Metrics::to_pairs`].
-    pub const ALL: [Metric; 4] = [
+    /// The metrics computed unless others are asked for.
+    pub const DEFAULT: [Metric; 4] = [
         Metric::Recall,
         Metric::MapAtR,
         Metric::RPrecision,
         Metric::Nmi,
     ];
 
-    /// Parses `"recall" | "map@r" | "r_precision" | "nmi"` (the names of
-    /// their result keys; `"map_at_r"`, the spelling of 0.x, is accepted).
+    /// Every metric.
+    pub const ALL: [Metric; 6] = [
+        Metric::Recall,
+        Metric::Precision,
+        Metric::MapAtK,
+        Metric::MapAtR,
+        Metric::RPrecision,
+        Metric::Nmi,
+    ];
+
+    /// Parses `"recall" | "precision" | "map" | "map@r" | "r_precision" |
+    /// "nmi"` (`"map_at_r"`, the spelling of 0.x, is accepted).
     pub fn parse(name: &str) -> Result<Self> {
         let name = if name == "map_at_r" { "map@r" } else { name };
         Metric::ALL
@@ -76,7 +93,8 @@ impl Metric {
                 Error::invalid(
                     "include",
                     format!("{name:?}"),
-                    "names among \"recall\", \"map@r\", \"r_precision\", \"nmi\"",
+                    "names among \"recall\", \"precision\", \"map\", \"map@r\", \
+                     \"r_precision\", \"nmi\"",
                 )
             })
     }
@@ -88,6 +106,8 @@ impl Metric {
             Metric::MapAtR => "map@r",
             Metric::RPrecision => "r_precision",
             Metric::Nmi => "nmi",
+            Metric::Precision => "precision",
+            Metric::MapAtK => "map",
         }
     }
 }
@@ -95,7 +115,7 @@ impl Metric {
 /// Options of [`evaluate`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalOptions {
-    /// The K of Recall@K.
+    /// The K of Recall@K, Precision@K and mAP@K.
     pub ks: Vec<i64>,
     /// The metrics to compute.
     pub include: Vec<Metric>,
@@ -111,6 +131,8 @@ pub struct EvalOptions {
     pub kmeans_n_init: usize,
     /// Lloyd iterations for NMI at most.
     pub kmeans_max_iter: usize,
+    /// Retrieval metrics averaged over the queries or over the classes.
+    pub average: Average,
 }
 
 impl Default for EvalOptions {
@@ -119,12 +141,13 @@ impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
             ks: vec![1, 2, 4, 8],
-            include: Metric::ALL.to_vec(),
+            include: Metric::DEFAULT.to_vec(),
             normalize: true,
             batch_size: None,
             seed: 0,
             kmeans_n_init: 1,
             kmeans_max_iter: 300,
+            average: Average::Query,
         }
     }
 }
@@ -140,6 +163,10 @@ impl EvalOptions {
 pub struct Metrics {
     /// `(K, Recall@K)` in the order of [`EvalOptions::ks`].
     pub recall: Vec<(i64, f64)>,
+    /// `(K, Precision@K)`, likewise.
+    pub precision: Vec<(i64, f64)>,
+    /// `(K, mAP@K)`, likewise.
+    pub map_at_k: Vec<(i64, f64)>,
     pub map_at_r: Option<f64>,
     pub r_precision: Option<f64>,
     pub nmi: Option<f64>,
@@ -151,14 +178,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// `(key, value)` pairs in a fixed order: `recall@K` for every K, then
-    /// `map@r`, `r_precision`, `nmi`, each if computed.
+    /// `(key, value)` pairs in a fixed order: `recall@K`, `precision@K`,
+    /// `map@K` for every K, then `map@r`, `r_precision`, `nmi`, each if
+    /// computed.
     pub fn to_pairs(&self) -> Vec<(String, f64)> {
-        let mut out: Vec<(String, f64)> = self
-            .recall
-            .iter()
-            .map(|(k, v)| (format!("recall@{k}"), *v))
-            .collect();
+        let mut out: Vec<(String, f64)> = Vec::new();
+        for (name, values) in [
+            ("recall", &self.recall),
+            ("precision", &self.precision),
+            ("map", &self.map_at_k),
+        ] {
+            out.extend(values.iter().map(|(k, v)| (format!("{name}@{k}"), *v)));
+        }
         for (key, v) in [
             ("map@r", self.map_at_r),
             ("r_precision", self.r_precision),
@@ -187,13 +218,66 @@ pub fn evaluate(
     query: Option<(&Tensor, &Tensor)>,
     opts: &EvalOptions,
 ) -> Result<Metrics> {
-    evaluate_with(embeddings, labels, query, opts, Strategy::Auto)
+    evaluate_with(embeddings, labels, query, None, opts, Strategy::Auto)
+}
+
+/// [`evaluate`] of queries that are also in the gallery: query i is gallery
+/// item `own[i]` (or none where `own[i] < 0`), left out of its own ranking.
+/// Errors name `query_ids` for an `own` of another length, out of range, or
+/// pairing items of different labels.
+pub fn evaluate_in_gallery(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    query: (&Tensor, &Tensor),
+    own: &[i64],
+    opts: &EvalOptions,
+) -> Result<Metrics> {
+    evaluate_with(
+        embeddings,
+        labels,
+        Some(query),
+        Some(own),
+        opts,
+        Strategy::Auto,
+    )
+}
+
+/// Each query's own entry is in the gallery (`own`) and has its label.
+fn check_own(own: &[i64], yq: &[i64], yg: &[i64]) -> Result<()> {
+    ensure(
+        own.len() == yq.len(),
+        "query_ids",
+        || format!("{} entries", own.len()),
+        format!("one per query ({})", yq.len()),
+    )?;
+    for (i, &j) in own.iter().enumerate() {
+        ensure(
+            j < yg.len() as i64,
+            "query_ids",
+            || format!("gallery index {j}"),
+            format!("an index below the gallery size ({})", yg.len()),
+        )?;
+        ensure(
+            j < 0 || yg[j as usize] == yq[i],
+            "query_ids",
+            || {
+                format!(
+                    "query {i} (label {}) and gallery item {j} (label {})",
+                    yq[i],
+                    yg[j.max(0) as usize]
+                )
+            },
+            "the same label for the same id",
+        )?;
+    }
+    Ok(())
 }
 
 pub(crate) fn evaluate_with(
     embeddings: &Tensor,
     labels: &Tensor,
     query: Option<(&Tensor, &Tensor)>,
+    own: Option<&[i64]>,
     opts: &EvalOptions,
     strategy: Strategy,
 ) -> Result<Metrics> {
@@ -215,17 +299,27 @@ pub(crate) fn evaluate_with(
         None => None,
     };
     check_batch_size(opts.batch_size)?;
-    let gallery_size = if same_set { n - 1 } else { n };
+    if let (Some(own), Some(yq)) = (own, &yq) {
+        check_own(own, yq, &yg)?;
+    }
+    let own = own.map_or(Own::Nothing, Own::At);
+    let gallery_size = if same_set || own.any() { n - 1 } else { n };
+    let top_k = opts.wants(Metric::Precision) || opts.wants(Metric::MapAtK);
     let need = Need {
         count: opts.wants(Metric::Recall),
         negatives: opts.wants(Metric::MapAtR) || opts.wants(Metric::RPrecision),
+        top: if top_k {
+            opts.ks.iter().copied().max().unwrap_or(0).max(0) as usize
+        } else {
+            0
+        },
     };
-    if need.count {
+    if need.count || top_k {
         ensure(
             !opts.ks.is_empty(),
             "ks",
             || "no K".to_string(),
-            "at least one K for Recall@K",
+            "at least one K for Recall@K, Precision@K or mAP@K",
         )?;
         for &k in &opts.ks {
             ensure(
@@ -244,21 +338,36 @@ pub(crate) fn evaluate_with(
     };
     let mut out = Metrics {
         recall: Vec::new(),
+        precision: Vec::new(),
+        map_at_k: Vec::new(),
         map_at_r: None,
         r_precision: None,
         nmi: None,
         num_queries: yq.len(),
         left_out: 0,
     };
-    if need.count || need.negatives {
+    if need.count || need.collects() {
         let gallery = if same_set {
             None
         } else {
             Some((&g, yg.as_slice()))
         };
-        let ks = if need.count { opts.ks.as_slice() } else { &[] };
-        let r = retrieval::retrieval(&q, &yq, gallery, ks, need, opts.batch_size, strategy)?;
+        let request = Request {
+            ks: if need.count { opts.ks.as_slice() } else { &[] },
+            top_ks: if top_k { opts.ks.as_slice() } else { &[] },
+            need,
+            average: opts.average,
+            batch_size: opts.batch_size,
+            strategy,
+        };
+        let r = retrieval::retrieval(&q, &yq, gallery, own, request)?;
         out.recall = r.recall;
+        if opts.wants(Metric::Precision) {
+            out.precision = r.precision;
+        }
+        if opts.wants(Metric::MapAtK) {
+            out.map_at_k = r.map_at_k;
+        }
         out.left_out = r.left_out;
         out.map_at_r = opts.wants(Metric::MapAtR).then_some(r.map_at_r);
         out.r_precision = opts.wants(Metric::RPrecision).then_some(r.r_precision);
@@ -325,7 +434,7 @@ mod tests {
         };
         for query in [None, Some((&q, &ql))] {
             let auto = evaluate(&x, &y, query, &opts).unwrap();
-            let torch = evaluate_with(&x, &y, query, &opts, Strategy::Torch).unwrap();
+            let torch = evaluate_with(&x, &y, query, None, &opts, Strategy::Torch).unwrap();
             assert_eq!(auto, torch);
         }
     }

@@ -15,7 +15,7 @@ use super::input::{block_rows, elt_size, host_vec, BLOCK_BYTES};
 use crate::error::Result;
 
 /// For query `i`, `index[offsets[i]..offsets[i + 1]]` are the gallery items
-/// of its class (itself excluded when the gallery is the query set), best
+/// of its class (its own entry excluded, see [`Own`]), best
 /// first, and `sim` their similarities (exact values of the compute dtype).
 #[derive(Debug, Default)]
 pub(crate) struct Positives {
@@ -63,6 +63,37 @@ pub(crate) fn rank_order(a: &(f64, i64), b: &(f64, i64)) -> Ordering {
         .then(a.1.cmp(&b.1))
 }
 
+/// Each query's own entry in the gallery, left out of its ranking.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Own<'a> {
+    /// The gallery holds no query.
+    Nothing,
+    /// The gallery is the query set: query i is gallery item i.
+    Itself,
+    /// Query i is gallery item `at[i]`, or none where `at[i] < 0`.
+    At(&'a [i64]),
+}
+
+impl Own<'_> {
+    /// The gallery index of query `i`'s own entry, if any.
+    pub fn of(&self, i: i64) -> Option<i64> {
+        match *self {
+            Own::Nothing => None,
+            Own::Itself => Some(i),
+            Own::At(at) => Some(at[i as usize]).filter(|&j| j >= 0),
+        }
+    }
+
+    /// Whether some query has its own entry in the gallery.
+    pub fn any(&self) -> bool {
+        match *self {
+            Own::Nothing => false,
+            Own::Itself => true,
+            Own::At(at) => at.iter().any(|&j| j >= 0),
+        }
+    }
+}
+
 /// Rows of a class: `label -> ascending row indices`.
 fn by_class(labels: &[i64]) -> BTreeMap<i64, Vec<i64>> {
     let mut map: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
@@ -76,7 +107,7 @@ fn by_class(labels: &[i64]) -> BTreeMap<i64, Vec<i64>> {
 type ClassRows<'a> = (Vec<i64>, &'a Vec<i64>);
 
 /// The [`Positives`] of queries `q` (labels `yq`) in gallery `g` (labels
-/// `yg`); `same_set` when `g` is `q` itself. `q` and `g` are prepared
+/// `yg`), each query's `own` entry left out. `q` and `g` are prepared
 /// (compute dtype, contiguous) and on one device.
 ///
 /// Classes with the same numbers of queries and gallery items go together
@@ -87,7 +118,7 @@ pub(crate) fn positives(
     yq: &[i64],
     g: &Tensor,
     yg: &[i64],
-    same_set: bool,
+    own: Own<'_>,
     batch_size: Option<i64>,
 ) -> Result<Positives> {
     let gallery = by_class(yg);
@@ -132,7 +163,7 @@ pub(crate) fn positives(
                         per_query[i as usize].extend(
                             row.iter()
                                 .zip(members.iter())
-                                .filter(|&(_, &j)| !(same_set && j == i))
+                                .filter(|&(_, &j)| own.of(i) != Some(j))
                                 .map(|(&v, &j)| (v, j)),
                         );
                     }

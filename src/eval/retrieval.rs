@@ -17,18 +17,72 @@
 use tch::{Device, Kind, Tensor};
 
 use super::input::{elt_size, BLOCK_BYTES};
-use super::positives::{positives, rank_order, Positives};
+use std::collections::BTreeMap;
+
+use super::positives::{positives, rank_order, Own, Positives};
 use super::scan_cpu::scan_cpu;
 use super::scan_torch::scan_torch;
 use crate::error::Result;
 
 /// What a scan has to collect.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Need {
     /// Other-class items before the best positive (Recall@K).
     pub count: bool,
     /// The R best other-class items (MAP@R, R-Precision).
     pub negatives: bool,
+    /// The `top` best other-class items (Precision@K and mAP@K, K <= top).
+    pub top: usize,
+}
+
+impl Need {
+    /// How many of the best other-class items to keep for a query with `r`
+    /// positives.
+    pub fn cap(&self, r: usize) -> usize {
+        (if self.negatives { r } else { 0 }).max(self.top)
+    }
+
+    /// Whether other-class items are kept at all.
+    pub fn collects(&self) -> bool {
+        self.negatives || self.top > 0
+    }
+}
+
+/// How per-query values are averaged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Average {
+    /// The mean over the queries.
+    #[default]
+    Query,
+    /// The mean over the classes of the mean over their queries.
+    Class,
+}
+
+impl Average {
+    /// Parses `"query" | "class"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "query" => Ok(Average::Query),
+            "class" => Ok(Average::Class),
+            other => Err(crate::error::Error::invalid(
+                "average",
+                format!("{other:?}"),
+                "\"query\" or \"class\"",
+            )),
+        }
+    }
+}
+
+/// What [`retrieval`] computes: Recall@K for `ks`, Precision@K and mAP@K
+/// for `top_ks` (with [`Need::top`] their largest), averaged by `average`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Request<'a> {
+    pub ks: &'a [i64],
+    pub top_ks: &'a [i64],
+    pub need: Need,
+    pub average: Average,
+    pub batch_size: Option<i64>,
+    pub strategy: Strategy,
 }
 
 /// What a scan reads: prepared queries `q` (labels `yq`) and the prepared
@@ -70,6 +124,8 @@ pub(crate) enum Strategy {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Retrieval {
     pub recall: Vec<(i64, f64)>,
+    pub precision: Vec<(i64, f64)>,
+    pub map_at_k: Vec<(i64, f64)>,
     pub map_at_r: f64,
     pub r_precision: f64,
     pub left_out: usize,
@@ -83,21 +139,20 @@ fn cpu_tile(batch_size: Option<i64>, kind: Kind) -> i64 {
 }
 
 /// The retrieval metrics of prepared queries `q` (labels `yq`) against the
-/// prepared `gallery`, or against each other when `gallery` is `None`.
-#[allow(clippy::too_many_arguments)]
+/// prepared `gallery`, or against each other when `gallery` is `None`; each
+/// query's `own` entry in the gallery (see [`Own`]) is left out.
 pub(crate) fn retrieval(
     q: &Tensor,
     yq: &[i64],
     gallery: Option<(&Tensor, &[i64])>,
-    ks: &[i64],
-    need: Need,
-    batch_size: Option<i64>,
-    strategy: Strategy,
+    own: Own<'_>,
+    req: Request<'_>,
 ) -> Result<Retrieval> {
     let same_set = gallery.is_none();
+    let own = if same_set { Own::Itself } else { own };
     let (g, yg) = gallery.unwrap_or((q, yq));
-    let pos = positives(q, yq, g, yg, same_set, batch_size)?;
-    let strategy = match strategy {
+    let pos = positives(q, yq, g, yg, own, req.batch_size)?;
+    let strategy = match req.strategy {
         Strategy::Auto if q.device() == Device::Cpu => Strategy::Cpu { symmetric: true },
         Strategy::Auto => Strategy::Torch,
         s => s,
@@ -108,82 +163,133 @@ pub(crate) fn retrieval(
         g,
         yg,
         pos: &pos,
-        need,
+        need: req.need,
     };
     let scan = match strategy {
-        Strategy::Cpu { symmetric } => {
-            scan_cpu(input, cpu_tile(batch_size, q.kind()), symmetric && same_set)?
-        }
-        _ => scan_torch(input, batch_size)?,
+        Strategy::Cpu { symmetric } => scan_cpu(
+            input,
+            cpu_tile(req.batch_size, q.kind()),
+            symmetric && same_set,
+        )?,
+        _ => scan_torch(input, req.batch_size)?,
     };
-    Ok(finish(&pos, &scan, ks, need))
+    Ok(finish(&pos, &scan, yq, req))
 }
 
-/// Averages over the queries. Recall@K counts every query (one without
-/// positives is a miss); MAP@R and R-Precision leave out the queries without
-/// positives and report how many.
-fn finish(pos: &super::positives::Positives, scan: &ScanOut, ks: &[i64], need: Need) -> Retrieval {
-    let m = pos.offsets.len() - 1;
-    let mut hits = vec![0usize; ks.len()];
-    let (mut map, mut rp, mut left_out) = (0.0f64, 0.0f64, 0usize);
-    for i in 0..m {
+/// A mean over queries, or over classes of the mean over their queries.
+struct Mean {
+    average: Average,
+    classes: BTreeMap<i64, (f64, usize)>,
+}
+
+impl Mean {
+    fn new(average: Average) -> Self {
+        Mean {
+            average,
+            classes: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, class: i64, value: f64) {
+        let key = if self.average == Average::Class {
+            class
+        } else {
+            0
+        };
+        let e = self.classes.entry(key).or_insert((0.0, 0));
+        e.0 += value;
+        e.1 += 1;
+    }
+
+    /// NaN when nothing was added.
+    fn get(&self) -> f64 {
+        if self.classes.is_empty() {
+            return f64::NAN;
+        }
+        let sum: f64 = self.classes.values().map(|&(s, c)| s / c as f64).sum();
+        sum / self.classes.len() as f64
+    }
+}
+
+/// Averages over the queries (or classes). Recall@K counts every query (one
+/// without positives is a miss); the other metrics leave out the queries
+/// without positives and report how many.
+fn finish(pos: &Positives, scan: &ScanOut, yq: &[i64], req: Request<'_>) -> Retrieval {
+    let (need, avg) = (req.need, req.average);
+    let mut recall: Vec<Mean> = req.ks.iter().map(|_| Mean::new(avg)).collect();
+    let mut precision: Vec<Mean> = req.top_ks.iter().map(|_| Mean::new(avg)).collect();
+    let mut map_k: Vec<Mean> = req.top_ks.iter().map(|_| Mean::new(avg)).collect();
+    let (mut map, mut rp) = (Mean::new(avg), Mean::new(avg));
+    let mut left_out = 0usize;
+    for (i, &y) in yq.iter().enumerate() {
         let r = pos.r(i);
+        if need.count {
+            for (mean, &k) in recall.iter_mut().zip(req.ks) {
+                let hit = r > 0 && scan.before[i] < k as u64;
+                mean.add(y, if hit { 1.0 } else { 0.0 });
+            }
+        }
         if r == 0 {
             left_out += 1;
             continue;
         }
-        if need.count {
-            for (h, &k) in hits.iter_mut().zip(ks) {
-                if scan.before[i] < k as u64 {
-                    *h += 1;
-                }
-            }
-        }
+        let negs: &[(f64, i64)] = if need.collects() {
+            &scan.negatives[i]
+        } else {
+            &[]
+        };
+        let ranks = positive_ranks(pos, i, negs, need.cap(r));
         if need.negatives {
-            let (ap, found) = average_precision(pos, i, &scan.negatives[i]);
-            map += ap / r as f64;
-            rp += found as f64 / r as f64;
+            let (ap, found) = average_precision(&ranks, r);
+            map.add(y, ap / r as f64);
+            rp.add(y, found as f64 / r as f64);
+        }
+        for ((p, mk), &k) in precision.iter_mut().zip(map_k.iter_mut()).zip(req.top_ks) {
+            let (ap, found) = average_precision(&ranks, k as usize);
+            let scale = (k as usize).min(r) as f64;
+            p.add(y, found as f64 / scale);
+            mk.add(y, ap / scale);
         }
     }
-    let scored = m - left_out;
-    let mean = |total: f64| {
-        if scored == 0 {
-            f64::NAN
-        } else {
-            total / scored as f64
-        }
+    let values = |ks: &[i64], means: &[Mean]| -> Vec<(i64, f64)> {
+        ks.iter().zip(means).map(|(&k, m)| (k, m.get())).collect()
     };
     Retrieval {
-        recall: ks
-            .iter()
-            .zip(&hits)
-            .map(|(&k, &h)| (k, h as f64 / m as f64))
-            .collect(),
-        map_at_r: mean(map),
-        r_precision: mean(rp),
+        recall: values(req.ks, &recall),
+        precision: values(req.top_ks, &precision),
+        map_at_k: values(req.top_ks, &map_k),
+        map_at_r: map.get(),
+        r_precision: rp.get(),
         left_out,
     }
 }
 
-/// Sum over the positives in the first R places of (positives up to it) /
-/// (its rank), and how many positives are there. `negs` are the R best
-/// other-class items, best first.
-fn average_precision(
-    pos: &super::positives::Positives,
-    i: usize,
-    negs: &[(f64, i64)],
-) -> (f64, usize) {
-    let r = pos.r(i);
-    let (mut sum, mut found, mut before) = (0.0, 0usize, 0usize);
+/// The ranks (1-based) of query `i`'s positives, in order, up to `limit`,
+/// the number of other-class items kept for it (`negs`, best first): a rank
+/// up to `limit` is exact, and with all kept items ahead the true rank is
+/// beyond it.
+fn positive_ranks(pos: &Positives, i: usize, negs: &[(f64, i64)], limit: usize) -> Vec<usize> {
+    let mut ranks = Vec::new();
+    let mut before = 0usize;
     for (m, p) in pos.of(i).enumerate() {
         while before < negs.len() && rank_order(&negs[before], &p).is_lt() {
             before += 1;
         }
-        // With all R kept items ahead the true count is >= R: out of reach.
         let rank = m + 1 + before;
-        if rank > r {
+        if rank > limit {
             break;
         }
+        ranks.push(rank);
+    }
+    ranks
+}
+
+/// Over the positives in the first `k` places: the sum of (positives up to
+/// it) / (its rank), and how many there are.
+fn average_precision(ranks: &[usize], k: usize) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut found = 0usize;
+    for &rank in ranks.iter().take_while(|&&rank| rank <= k) {
         found += 1;
         sum += found as f64 / rank as f64;
     }
@@ -195,68 +301,89 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// The definitions, on a full similarity matrix.
+    /// The definitions, on a full similarity matrix: each query ranks the
+    /// gallery but its own entry, by (-similarity, index).
+    #[allow(clippy::too_many_arguments)]
     fn brute(
         q: &[f64],
         yq: &[i64],
         g: &[f64],
         yg: &[i64],
         d: usize,
-        same: bool,
+        own: Own<'_>,
         ks: &[i64],
+        average: Average,
     ) -> Retrieval {
-        let m = yq.len();
-        let mut recall = vec![0.0; ks.len()];
-        let (mut map, mut rp, mut left) = (0.0, 0.0, 0);
-        for i in 0..m {
+        let mut recall: Vec<Mean> = ks.iter().map(|_| Mean::new(average)).collect();
+        let mut prec: Vec<Mean> = ks.iter().map(|_| Mean::new(average)).collect();
+        let mut mapk: Vec<Mean> = ks.iter().map(|_| Mean::new(average)).collect();
+        let (mut map, mut rp, mut left) = (Mean::new(average), Mean::new(average), 0);
+        for (i, &y) in yq.iter().enumerate() {
             let a = &q[i * d..(i + 1) * d];
-            let mut order: Vec<(f64, i64)> = (0..yg.len())
-                .filter(|&j| !(same && j == i))
+            let mut order: Vec<(f64, i64)> = (0..yg.len() as i64)
+                .filter(|&j| own.of(i as i64) != Some(j))
                 .map(|j| {
-                    let b = &g[j * d..(j + 1) * d];
-                    (a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>(), j as i64)
+                    let b = &g[j as usize * d..(j as usize + 1) * d];
+                    (a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>(), j)
                 })
                 .collect();
             order.sort_by(rank_order);
-            let rel: Vec<bool> = order
-                .iter()
-                .map(|&(_, j)| yg[j as usize] == yq[i])
-                .collect();
+            let rel: Vec<bool> = order.iter().map(|&(_, j)| yg[j as usize] == y).collect();
             for (slot, &k) in recall.iter_mut().zip(ks) {
-                if rel[..k as usize].iter().any(|&x| x) {
-                    *slot += 1.0 / m as f64;
-                }
+                let hit = rel[..k as usize].iter().any(|&x| x);
+                slot.add(y, if hit { 1.0 } else { 0.0 });
             }
             let r = rel.iter().filter(|&&x| x).count();
             if r == 0 {
                 left += 1;
                 continue;
             }
-            let (mut hits, mut ap) = (0usize, 0.0);
-            for (t, &x) in rel[..r].iter().enumerate() {
-                if x {
-                    hits += 1;
-                    ap += hits as f64 / (t + 1) as f64;
+            // AP over the first `k` places, and the positives there.
+            let ap = |k: usize| {
+                let (mut hits, mut sum) = (0usize, 0.0);
+                for (t, &x) in rel[..k].iter().enumerate() {
+                    if x {
+                        hits += 1;
+                        sum += hits as f64 / (t + 1) as f64;
+                    }
                 }
+                (sum, hits)
+            };
+            let (sum, hits) = ap(r);
+            map.add(y, sum / r as f64);
+            rp.add(y, hits as f64 / r as f64);
+            for ((p, mk), &k) in prec.iter_mut().zip(mapk.iter_mut()).zip(ks) {
+                let (sum, hits) = ap(k as usize);
+                let scale = (k as usize).min(r) as f64;
+                p.add(y, hits as f64 / scale);
+                mk.add(y, sum / scale);
             }
-            map += ap / r as f64;
-            rp += hits as f64 / r as f64;
         }
-        let scored = (m - left) as f64;
+        let values = |means: &[Mean]| -> Vec<(i64, f64)> {
+            ks.iter().zip(means).map(|(&k, m)| (k, m.get())).collect()
+        };
         Retrieval {
-            recall: ks.iter().copied().zip(recall).collect(),
-            map_at_r: map / scored,
-            r_precision: rp / scored,
+            recall: values(&recall),
+            precision: values(&prec),
+            map_at_k: values(&mapk),
+            map_at_r: map.get(),
+            r_precision: rp.get(),
             left_out: left,
         }
     }
 
     fn close(a: &Retrieval, b: &Retrieval) {
         assert_eq!(a.left_out, b.left_out);
-        assert_eq!(a.recall.len(), b.recall.len());
-        for ((k1, x), (k2, y)) in a.recall.iter().zip(&b.recall) {
-            assert_eq!(k1, k2);
-            assert!((x - y).abs() < 1e-12, "recall@{k1}: {x} vs {y}");
+        for (x, y) in [
+            (&a.recall, &b.recall),
+            (&a.precision, &b.precision),
+            (&a.map_at_k, &b.map_at_k),
+        ] {
+            assert_eq!(x.len(), y.len());
+            for ((k1, u), (k2, v)) in x.iter().zip(y) {
+                assert_eq!(k1, k2);
+                assert!((u - v).abs() < 1e-12, "@{k1}: {u} vs {v}");
+            }
         }
         assert!((a.map_at_r - b.map_at_r).abs() < 1e-12, "{a:?} vs {b:?}");
         assert!(
@@ -265,17 +392,28 @@ mod tests {
         );
     }
 
+    /// A request for everything at `ks`.
+    fn all(ks: &[i64], average: Average, batch: Option<i64>, strategy: Strategy) -> Request<'_> {
+        Request {
+            ks,
+            top_ks: ks,
+            need: Need {
+                count: true,
+                negatives: true,
+                top: ks.iter().copied().max().unwrap_or(0) as usize,
+            },
+            average,
+            batch_size: batch,
+            strategy,
+        }
+    }
+
     /// Small integer vectors: many exact ties. Classes of 1 to 6 items.
     fn data(rng: &mut Rng, n: usize, d: usize, classes: u64) -> (Vec<f64>, Vec<i64>) {
         let x = (0..n * d).map(|_| rng.below(3) as f64 - 1.0).collect();
         let y = (0..n).map(|_| rng.below(classes) as i64 * 3 - 7).collect();
         (x, y)
     }
-
-    const ALL: Need = Need {
-        count: true,
-        negatives: true,
-    };
 
     #[test]
     fn every_scan_matches_the_definitions_under_ties() {
@@ -292,17 +430,65 @@ mod tests {
             let xt = Tensor::from_slice(&x).reshape([n as i64, d as i64]);
             let qt = Tensor::from_slice(&qx).reshape([11, d as i64]);
             let ks = [1, 2, 5, (n - 1) as i64];
-            let want = brute(&x, &y, &x, &y, d, true, &ks);
             let qks = [1, 3, n as i64];
-            let want_q = brute(&qx, &qy, &x, &y, d, false, &qks);
-            for s in strategies {
-                for batch in [Some(1), Some(4), Some(13), None] {
-                    let got = retrieval(&xt, &y, None, &ks, ALL, batch, s).unwrap();
-                    close(&got, &want);
-                    let got = retrieval(&qt, &qy, Some((&xt, &y)), &qks, ALL, batch, s).unwrap();
-                    close(&got, &want_q);
+            for average in [Average::Query, Average::Class] {
+                let want = brute(&x, &y, &x, &y, d, Own::Itself, &ks, average);
+                let want_q = brute(&qx, &qy, &x, &y, d, Own::Nothing, &qks, average);
+                for s in strategies {
+                    for batch in [Some(1), Some(4), Some(13), None] {
+                        let req = all(&ks, average, batch, s);
+                        let got = retrieval(&xt, &y, None, Own::Nothing, req).unwrap();
+                        close(&got, &want);
+                        let req = all(&qks, average, batch, s);
+                        let got = retrieval(&qt, &qy, Some((&xt, &y)), Own::Nothing, req).unwrap();
+                        close(&got, &want_q);
+                    }
                 }
             }
+        }
+    }
+
+    /// Queries that are gallery items (some of them) leave their own entry
+    /// out; the gallery given twice equals the same-set evaluation.
+    #[test]
+    fn own_entries_are_left_out_of_the_ranking() {
+        let mut rng = Rng::new(29);
+        let (n, d) = (41, 3);
+        let (x, y) = data(&mut rng, n, d, 9);
+        let xt = Tensor::from_slice(&x).reshape([n as i64, d as i64]);
+        let ks = [1, 2, 7, (n - 1) as i64];
+        let at: Vec<i64> = (0..n as i64).collect();
+        let same = retrieval(
+            &xt,
+            &y,
+            None,
+            Own::Nothing,
+            all(&ks, Average::Query, None, Strategy::Auto),
+        )
+        .unwrap();
+        for s in [Strategy::Cpu { symmetric: false }, Strategy::Torch] {
+            let req = all(&ks, Average::Query, Some(8), s);
+            let got = retrieval(&xt, &y, Some((&xt, &y)), Own::At(&at), req).unwrap();
+            close(&got, &same);
+        }
+        // Every third query is in the gallery, at a shuffled place.
+        let rows: Vec<usize> = (0..n).step_by(3).collect();
+        let qx: Vec<f64> = rows
+            .iter()
+            .flat_map(|&i| x[i * d..(i + 1) * d].to_vec())
+            .collect();
+        let qy: Vec<i64> = rows.iter().map(|&i| y[i]).collect();
+        let qt = Tensor::from_slice(&qx).reshape([rows.len() as i64, d as i64]);
+        let at: Vec<i64> = rows
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| if k % 2 == 0 { i as i64 } else { -1 })
+            .collect();
+        let want = brute(&qx, &qy, &x, &y, d, Own::At(&at), &ks, Average::Class);
+        for s in [Strategy::Cpu { symmetric: false }, Strategy::Torch] {
+            let req = all(&ks, Average::Class, Some(5), s);
+            let got = retrieval(&qt, &qy, Some((&xt, &y)), Own::At(&at), req).unwrap();
+            close(&got, &want);
         }
     }
 
@@ -314,17 +500,15 @@ mod tests {
         let y: Vec<i64> = (0..n).map(|_| rng.below(40) as i64).collect();
         let xt = Tensor::from_slice(&x).reshape([n as i64, d as i64]);
         let ks = [1, 4, 16, 299];
-        let a = retrieval(
-            &xt,
-            &y,
-            None,
+        let cpu = all(
             &ks,
-            ALL,
+            Average::Query,
             Some(64),
             Strategy::Cpu { symmetric: true },
-        )
-        .unwrap();
-        let b = retrieval(&xt, &y, None, &ks, ALL, Some(50), Strategy::Torch).unwrap();
+        );
+        let a = retrieval(&xt, &y, None, Own::Nothing, cpu).unwrap();
+        let torch = all(&ks, Average::Query, Some(50), Strategy::Torch);
+        let b = retrieval(&xt, &y, None, Own::Nothing, torch).unwrap();
         close(&a, &b);
     }
 
@@ -333,23 +517,33 @@ mod tests {
         let mut rng = Rng::new(8);
         let (x, y) = data(&mut rng, 40, 3, 12);
         let xt = Tensor::from_slice(&x).reshape([40, 3]);
-        let want = brute(&x, &y, &x, &y, 3, true, &[1, 3]);
+        let want = brute(&x, &y, &x, &y, 3, Own::Itself, &[1, 3], Average::Query);
         for s in [Strategy::Cpu { symmetric: true }, Strategy::Torch] {
-            let only_recall = Need {
-                count: true,
-                negatives: false,
+            let only = |count: bool, negatives: bool, top: usize| Request {
+                ks: if count { &[1, 3] } else { &[] },
+                top_ks: if top > 0 { &[1, 3] } else { &[] },
+                need: Need {
+                    count,
+                    negatives,
+                    top,
+                },
+                average: Average::Query,
+                batch_size: Some(8),
+                strategy: s,
             };
-            let got = retrieval(&xt, &y, None, &[1, 3], only_recall, Some(8), s).unwrap();
-            for ((k1, a), (k2, b)) in got.recall.iter().zip(&want.recall) {
-                assert_eq!(k1, k2);
-                assert!((a - b).abs() < 1e-12);
-            }
-            let only_map = Need {
-                count: false,
-                negatives: true,
-            };
-            let got = retrieval(&xt, &y, None, &[], only_map, Some(8), s).unwrap();
+            let got = retrieval(&xt, &y, None, Own::Nothing, only(true, false, 0)).unwrap();
+            assert_eq!(got.recall, want.recall);
+            let got = retrieval(&xt, &y, None, Own::Nothing, only(false, true, 0)).unwrap();
             assert!((got.map_at_r - want.map_at_r).abs() < 1e-12);
+            let got = retrieval(&xt, &y, None, Own::Nothing, only(false, false, 3)).unwrap();
+            for (a, b) in [
+                (&got.precision, &want.precision),
+                (&got.map_at_k, &want.map_at_k),
+            ] {
+                for ((_, u), (_, v)) in a.iter().zip(b) {
+                    assert!((u - v).abs() < 1e-12, "{u} vs {v}");
+                }
+            }
         }
     }
 }

@@ -342,7 +342,7 @@ fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Resul
                 pstar,
                 jstar,
                 before: 0,
-                cap: if need.negatives { pos.r(i) } else { 0 },
+                cap: need.cap(pos.r(i)),
                 heap: BinaryHeap::new(),
             }
         })

@@ -36,16 +36,12 @@ pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<Scan
         .to_kind(q.kind())
         .to_device(device);
     let jstar = Tensor::from_slice(&jstar).to_device(device);
-    let width = if need.negatives {
-        (pos.max_r() as i64).min(n)
-    } else {
-        0
-    };
+    let width = (need.cap(pos.max_r()) as i64).min(n);
     let rows = block_rows(rows, n, q.kind());
     let gt = g.tr();
     let mut out = ScanOut {
         before: Vec::with_capacity(yq.len()),
-        negatives: Vec::with_capacity(if need.negatives { yq.len() } else { 0 }),
+        negatives: Vec::with_capacity(if need.collects() { yq.len() } else { 0 }),
     };
     let mut start = 0;
     while start < m {
@@ -80,7 +76,7 @@ pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<Scan
                 .zip(i.chunks(width as usize))
                 .enumerate()
             {
-                let cap = pos.r(start as usize + r);
+                let cap = need.cap(pos.r(start as usize + r));
                 // Masked entries (-inf) fill rows with fewer other-class items.
                 out.negatives.push(
                     vr.iter()
@@ -91,7 +87,7 @@ pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<Scan
                         .collect(),
                 );
             }
-        } else if need.negatives {
+        } else if need.collects() {
             out.negatives.extend((0..len).map(|_| Vec::new()));
         }
         start += len;

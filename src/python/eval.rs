@@ -5,21 +5,24 @@ use pyo3_tch::PyTensor;
 
 use super::errors::without_gil;
 use crate::error::Error;
-use crate::eval::{self, input::labels_vec, EvalOptions, KnnOptions, Metric};
+use crate::eval::input::{host_vec, labels_vec};
+use crate::eval::{self, Average, EvalOptions, KnnOptions, Metric};
 
 fn count(value: i64, arg: &str) -> Result<usize, Error> {
     usize::try_from(value).map_err(|_| Error::invalid(arg, value, "an integer >= 1"))
 }
 
 /// Retrieval and clustering metrics; returns ([(key, value)], left_out).
+/// `query_own`: with a query set, query i's own entry in the gallery (an
+/// index, or -1 for none), left out of its ranking.
 #[pyfunction]
 #[pyo3(signature = (
     embeddings, labels, query_embeddings = None, query_labels = None, *,
     ks = vec![1, 2, 4, 8], include = None, normalize = true, batch_size = None, seed = 0,
-    kmeans_n_init = 1, kmeans_max_iter = 300
+    kmeans_n_init = 1, kmeans_max_iter = 300, query_own = None, average = "query"
 ), text_signature = "(embeddings, labels, query_embeddings=None, query_labels=None, *, \
     ks=(1, 2, 4, 8), include=None, normalize=True, batch_size=None, seed=0, kmeans_n_init=1, \
-    kmeans_max_iter=300)")]
+    kmeans_max_iter=300, query_own=None, average='query')")]
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     py: Python<'_>,
@@ -34,13 +37,15 @@ fn evaluate(
     seed: u64,
     kmeans_n_init: i64,
     kmeans_max_iter: i64,
+    query_own: Option<PyTensor>,
+    average: &str,
 ) -> PyResult<(Vec<(String, f64)>, usize)> {
     let include = match include {
         Some(names) => names
             .iter()
             .map(|n| Metric::parse(n))
             .collect::<Result<Vec<_>, _>>()?,
-        None => Metric::ALL.to_vec(),
+        None => Metric::DEFAULT.to_vec(),
     };
     let opts = EvalOptions {
         ks,
@@ -50,6 +55,7 @@ fn evaluate(
         seed,
         kmeans_n_init: count(kmeans_n_init, "kmeans_n_init")?,
         kmeans_max_iter: count(kmeans_max_iter, "kmeans_max_iter")?,
+        average: Average::parse(average)?,
     };
     let query = match (query_embeddings, query_labels) {
         (Some(e), Some(l)) => Some((e, l)),
@@ -67,7 +73,13 @@ fn evaluate(
     };
     let m = without_gil(py, move || {
         let q = query.as_ref().map(|(e, l)| (&e.0, &l.0));
-        eval::evaluate(&embeddings, &labels, q, &opts)
+        match (q, &query_own) {
+            (Some(q), Some(own)) => {
+                let own = host_vec::<i64>(&own.to_kind(tch::Kind::Int64))?;
+                eval::evaluate_in_gallery(&embeddings, &labels, q, &own, &opts)
+            }
+            _ => eval::evaluate(&embeddings, &labels, q, &opts),
+        }
     })?;
     Ok((m.to_pairs(), m.left_out))
 }
