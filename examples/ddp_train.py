@@ -5,7 +5,11 @@ batches: ``ClassBalancedBatchSampler(num_replicas=world_size, rank=rank)``
 shares out each epoch's batches, disjoint and equal in number, and
 ``DistributedDataParallel`` averages the gradients during ``backward``.
 The loss needs nothing special: each rank computes GroupLoss on its own
-batch. Rank 0 reports Recall@1 on the unseen test classes and saves the
+batch. With ``--loss-classifier`` the classifier is GroupLoss's own
+(``GroupLoss(embedding_size=...)``): the loss module then has parameters, and
+it is wrapped in ``DistributedDataParallel`` like the network, so that its
+classifier's gradients are averaged too and every rank keeps the same
+classifier. Rank 0 reports Recall@1 on the unseen test classes and saves the
 weights. Data: Fashion-MNIST (zero-shot: classes 0-4 train, 5-9 test) or
 the glyphs benchmark.
 
@@ -53,7 +57,7 @@ class ConvNet(nn.Module):
     linear classifier (GroupLoss's prior). The convolutions have no bias:
     the BatchNorm after each removes it (its gradient would be zero)."""
 
-    def __init__(self, num_classes: int, embedding_size: int = 64):
+    def __init__(self, num_classes: int, embedding_size: int = 64, classifier: bool = True):
         super().__init__()
 
         def block(cin, cout):
@@ -66,22 +70,26 @@ class ConvNet(nn.Module):
 
         self.features = nn.Sequential(block(1, 32), block(32, 64), block(64, 128))
         self.embed = nn.Linear(128, embedding_size)
-        self.classifier = nn.Linear(embedding_size, num_classes)
+        self.classifier = nn.Linear(embedding_size, num_classes) if classifier else None
 
     def forward(self, x):
         e = self.embed(self.features(x).mean(dim=(2, 3)))
-        return e, self.classifier(e)
+        return e, None if self.classifier is None else self.classifier(e)
 
 
-def make_model(num_classes: int, seed: int) -> ConvNet:
+def make_model(num_classes: int, seed: int, classifier: bool = True) -> ConvNet:
     """The network, initialised from ``seed`` (DDP copies rank 0's weights to
-    the other ranks anyway)."""
+    the other ranks anyway); without ``classifier`` it returns embeddings
+    only (the loss owns the classifier)."""
     torch.manual_seed(seed)
-    return ConvNet(num_classes)
+    return ConvNet(num_classes, classifier=classifier)
 
 
-def make_loss(num_classes: int) -> GroupLoss:
-    return GroupLoss(num_classes=num_classes, temperature=10.0, num_anchors=2)
+def make_loss(num_classes: int, embedding_size: Optional[int] = None) -> GroupLoss:
+    """GroupLoss; with ``embedding_size`` it owns the classifier."""
+    return GroupLoss(
+        num_classes=num_classes, embedding_size=embedding_size, temperature=10.0, num_anchors=2
+    )
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -107,6 +115,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--save", type=pathlib.Path, help="rank 0 writes the weights here")
+    ap.add_argument(
+        "--loss-classifier",
+        action="store_true",
+        help="GroupLoss owns the classifier (wrapped in DistributedDataParallel too)",
+    )
     args = ap.parse_args()
 
     # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
@@ -122,10 +135,17 @@ def main() -> None:
     x_train, y_train = load(args.dataset, args.data, "train")
     x_test, y_test = load(args.dataset, args.data, "test")
     num_classes = int(y_train.max()) + 1
-    model = make_model(num_classes, args.seed).to(device, dtype)
-    ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
-    loss_fn = make_loss(num_classes)
-    opt = make_optimizer(ddp.parameters(), args.lr)
+    devices = [local_rank] if cuda else None
+    model = make_model(num_classes, args.seed, classifier=not args.loss_classifier)
+    ddp = DistributedDataParallel(model.to(device, dtype), device_ids=devices)
+    loss_fn = make_loss(num_classes, 64 if args.loss_classifier else None).to(device, dtype)
+    params = list(ddp.parameters())
+    if args.loss_classifier:
+        # A loss with parameters is wrapped like the network: DDP averages
+        # its classifier's gradients over the ranks in the same backward.
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=devices)
+        params += list(loss_fn.parameters())
+    opt = make_optimizer(params, args.lr)
     sampler = ClassBalancedBatchSampler(
         y_train,
         args.classes_per_batch,

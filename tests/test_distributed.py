@@ -351,3 +351,78 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
     assert set(got_w) == set(want_w)
     for name in want_w:
         torch.testing.assert_close(got_w[name], want_w[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------- GroupLoss's own classifier
+
+
+def _loss_classifier_rank(rank: int, world: int, port: int, wrap: bool, out: str) -> None:
+    """One rank: a linear embedding and GroupLoss's own classifier, trained
+    on this rank's own batches; ``wrap`` puts the loss in DDP too."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = DDP(torch.nn.Linear(6, 5))
+    loss_fn = grouploss.GroupLoss(8, embedding_size=5, temperature=10.0)
+    if wrap:
+        loss_fn = DDP(loss_fn)
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(3):
+        x = torch.randn(12, 6, generator=g)
+        y = torch.arange(4).repeat_interleave(3) + 4 * (rank % 2)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    own = loss_fn.module if wrap else loss_fn
+    torch.save(own.classifier.weight.detach(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_the_loss_classifier_stays_equal_across_ranks_in_ddp(tmp_path, wrap):
+    """``DDP(loss_fn)`` averages the gradients of GroupLoss's own classifier
+    as DDP does the network's: the ranks keep one classifier. Unwrapped, each
+    rank's classifier follows its own data (what the wrapper is for)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_loss_classifier_rank, args=(2, port, wrap, str(tmp_path)), nprocs=2)
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    torch.nn.Linear(6, 5)
+    w_init = grouploss.GroupLoss(8, embedding_size=5).classifier.weight.detach()
+    assert not torch.equal(w0, w_init)  # trained
+    if wrap:
+        torch.testing.assert_close(w0, w1, rtol=0, atol=0)
+    else:
+        assert (w0 - w1).abs().max() > 1e-3
+
+
+def test_the_example_trains_with_the_loss_owning_the_classifier(glyphs_root, tmp_path):
+    cmd = _torchrun(2) + [
+        str(EXAMPLE),
+        "--dataset",
+        "glyphs",
+        "--data",
+        str(glyphs_root),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--classes-per-batch",
+        "3",
+        "--samples-per-class",
+        "4",
+        "--loss-classifier",
+    ]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 0: loss" in done.stdout

@@ -62,7 +62,11 @@ class GroupLoss(nn.Module):
             ``loss_fn(embeddings, labels)`` works as a drop-in like
             pytorch-metric-learning's ArcFaceLoss. **Its parameters must be
             given to the optimizer**, e.g.
-            ``Adam([*model.parameters(), *loss_fn.parameters()])``.
+            ``Adam([*model.parameters(), *loss_fn.parameters()])``. Under
+            ``DistributedDataParallel``, wrap the loss too,
+            ``loss_fn = DistributedDataParallel(loss_fn)``, so that the
+            classifier's gradients are averaged over the ranks like the
+            network's (see ``examples/ddp_train.py --loss-classifier``).
         classifier: which classifier the module builds as its layer
             :attr:`classifier`: ``"linear"`` (``nn.Linear(embedding_size,
             num_classes)``, the release) or ``"cosine"`` (a
