@@ -13,6 +13,7 @@ import torch  # noqa: F401  isort: skip
 from . import _native  # noqa: E402  isort: skip
 from . import data, datasets, functional, metrics, models  # noqa: E402
 from .functional import GroupLossOptions  # noqa: E402
+from .index import Index  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
 from .report import RunInspection, report  # noqa: E402
 from .sampler import ClassBalancedBatchSampler  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "ClassBalancedBatchSampler",
     "GroupLoss",
     "GroupLossOptions",
+    "Index",
     "RunInspection",
     "TrainResult",
     "data",

@@ -22,6 +22,7 @@
 //! Similarities are computed in float64 for float64 inputs and in float32
 //! otherwise, in blocks: memory is O(block x n + sum of R), never n x n.
 
+pub mod index;
 pub(crate) mod input;
 pub mod kmeans;
 pub mod knn;
@@ -42,6 +43,7 @@ use retrieval::{Need, Request, Strategy};
 
 pub use retrieval::Average;
 
+pub use index::Index;
 pub use kmeans::{kmeans, kmeans_with, KMeans, KMeansOptions};
 pub use knn::{knn, KnnOptions};
 pub use nmi::nmi;

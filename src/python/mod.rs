@@ -5,6 +5,7 @@ mod convert;
 mod data;
 mod errors;
 mod eval;
+mod index;
 mod loss;
 mod sampler;
 mod train;
@@ -21,6 +22,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sampler::register(m)?;
     data::register(m)?;
     eval::register(m)?;
+    index::register(m)?;
     train::register(m)?;
     triplet::register(m)?;
     Ok(())

@@ -1,0 +1,129 @@
+"""grouploss.Index against faiss-cpu's IndexFlatIP: exact cosine top-k.
+
+    python benchmarks/bench_index.py [--n 500000] [--dim 256] [--queries 10000] [--k 10]
+
+Both sides get the same L2-normalised float32 vectors (seeded) and search
+the same queries. Each side runs in a child process of its own, so that its
+peak memory (ru_maxrss) is its own: the figure printed is the peak minus
+the memory in use once the data are made, i.e. what the index adds (its
+stored copy, search buffers). Times: adding the vectors, and searching (median of
+--repeats). Then the neighbours are compared: the same ids, but where two
+similarities are within float32 rounding of each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
+
+def data(n: int, dim: int, queries: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n, dim), dtype=np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = rng.standard_normal((queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return g, q
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Memory in use now (the peak may be a freed temporary's)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(side: str, args) -> None:
+    g, q = data(args.n, args.dim, args.queries)
+    if side == "ours":
+        import torch
+
+        from grouploss import Index
+
+        torch.set_num_threads(args.threads)
+        base = rss_mib()
+        t0 = time.perf_counter()
+        index = Index(args.dim)
+        index.add(g)
+        add_s = time.perf_counter() - t0
+
+        def search():
+            return index.search(q, args.k)
+    else:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+        base = rss_mib()
+        t0 = time.perf_counter()
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(g)
+        add_s = time.perf_counter() - t0
+
+        def search():
+            s, i = index.search(q, args.k)
+            return s, i
+
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        scores, ids = search()
+        times.append(time.perf_counter() - t0)
+    np.save(args.out + f".{side}.npy", np.asarray(ids))
+    np.save(args.out + f".{side}.scores.npy", np.asarray(scores))
+    print(
+        json.dumps(dict(add_s=add_s, search_s=float(np.median(times)), peak_mib=peak_mib() - base))
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=500_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=("ours", "faiss"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="/tmp/bench_index", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        child(args.side, args)
+        return
+    print(machine.describe())
+    shape = f"{args.n} x {args.dim} stored, {args.queries} queries, k = {args.k}"
+    print(f"{shape}, {args.threads} threads")
+    results = {}
+    for side in ("ours", "faiss"):
+        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[side] = json.loads(out.strip().splitlines()[-1])
+    ours, peer = results["ours"], results["faiss"]
+    print(f"{'':8}{'add s':>10}{'search s':>10}{'peak MiB':>10}")
+    for name, r in (("ours", ours), ("faiss", peer)):
+        print(f"{name:8}{r['add_s']:10.2f}{r['search_s']:10.2f}{r['peak_mib']:10.0f}")
+    print(f"search time ratio faiss / ours: {peer['search_s'] / ours['search_s']:.2f}x")
+    ids_o, ids_f = (np.load(args.out + f".{s}.npy") for s in ("ours", "faiss"))
+    s_o, s_f = (np.load(args.out + f".{s}.scores.npy") for s in ("ours", "faiss"))
+    differ = ids_o != ids_f
+    gap = float(np.abs(s_o - s_f).max())
+    near = bool(np.all(np.abs(s_o[differ] - s_f[differ]) < 1e-5))
+    print(
+        f"neighbours: {differ.sum()} of {differ.size} ids differ, all within 1e-5 in "
+        f"similarity: {near}; largest similarity difference {gap:.1e}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+//! An exact cosine-similarity index: stored unit vectors (float32 or
+//! float16, CPU or CUDA) with ids and optional labels, searched in blocks of
+//! queries and of stored vectors, so that memory beyond the vectors stays
+//! O(block) however many are stored.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::input::{check_embeddings, host_vec};
+use super::knn::topk_ordered;
+use crate::error::{ensure, Error, Result};
+use crate::loss::checks::{check_finite, check_matrix_shape};
+use crate::names::{device_name, dtype_name};
+
+/// Stored vectors per block of a search on the CPU (and of an `add`).
+const STORED_BLOCK: i64 = 8_192;
+
+/// Bytes of one tile of similarities (queries x stored vectors, float32) on
+/// the CPU: small enough to stay in cache between the product and the
+/// top-k, and to keep the search's memory near faiss's.
+const TILE_BYTES: i64 = 4 << 20;
+
+/// On CUDA: larger tiles, for fewer and larger kernels.
+const CUDA_STORED_BLOCK: i64 = 65_536;
+const CUDA_TILE_BYTES: i64 = 64 << 20;
+
+/// Unit vectors with ids (and labels), searched by exact cosine similarity.
+#[derive(Debug)]
+pub struct Index {
+    /// n x dim, L2-normalised, in the storage dtype, on the index's device.
+    vectors: Tensor,
+    ids: Vec<i64>,
+    /// One per vector, or none for an index without labels.
+    labels: Option<Vec<i64>>,
+}
+
+impl Index {
+    /// An empty index of `dim`-wide vectors stored as `kind` (float32 or
+    /// float16) on `device`.
+    pub fn new(dim: i64, kind: Kind, device: Device) -> Result<Self> {
+        ensure(dim >= 1, "dim", || dim.to_string(), "an integer >= 1")?;
+        ensure(
+            matches!(kind, Kind::Float | Kind::Half),
+            "dtype",
+            || dtype_name(kind).to_string(),
+            "float32 or float16",
+        )?;
+        Ok(Index {
+            vectors: Tensor::zeros([0, dim], (kind, device)),
+            ids: Vec::new(),
+            labels: None,
+        })
+    }
+
+    /// Stored vectors.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The vectors' width.
+    pub fn dim(&self) -> i64 {
+        self.vectors.size()[1]
+    }
+
+    /// The storage dtype.
+    pub fn kind(&self) -> Kind {
+        self.vectors.kind()
+    }
+
+    /// The device of the stored vectors.
+    pub fn device(&self) -> Device {
+        self.vectors.device()
+    }
+
+    /// The ids, in the order stored.
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    /// The labels, if the index has them.
+    pub fn labels(&self) -> Option<&[i64]> {
+        self.labels.as_deref()
+    }
+
+    /// Adds `embeddings` (m x dim, any floating dtype and device), normalised,
+    /// under `ids` (default: the next m integers after the largest id) and
+    /// `labels` (given with every add or never).
+    pub fn add(
+        &mut self,
+        embeddings: &Tensor,
+        ids: Option<Vec<i64>>,
+        labels: Option<Vec<i64>>,
+    ) -> Result<()> {
+        check_matrix_shape(embeddings, "embeddings", "samples x embedding dims")?;
+        let (m, d) = (embeddings.size()[0], embeddings.size()[1]);
+        ensure(
+            d == self.dim(),
+            "embeddings",
+            || format!("{d} columns"),
+            format!("the index's width ({})", self.dim()),
+        )?;
+        let start = self.ids.iter().copied().max().map_or(0, |x| x + 1);
+        let ids = ids.unwrap_or_else(|| (start..start + m).collect());
+        let one_per_row = |arg: &str, len: usize| {
+            ensure(
+                len as i64 == m,
+                arg,
+                || format!("{len} {arg}"),
+                format!("one per row of embeddings ({m})"),
+            )
+        };
+        one_per_row("ids", ids.len())?;
+        if let Some(labels) = &labels {
+            one_per_row("labels", labels.len())?;
+        }
+        // Everything that can fail before the index changes.
+        let vectors = self.append(embeddings)?;
+        let labelled = self.labels.is_some() || self.is_empty();
+        match (&mut self.labels, labels) {
+            (Some(stored), Some(new)) => stored.extend(new),
+            (None, Some(new)) if labelled => self.labels = Some(new),
+            (None, None) => {}
+            (stored, _) => {
+                let has = if stored.is_some() {
+                    "holds"
+                } else {
+                    "does not hold"
+                };
+                return Err(Error::invalid(
+                    "labels",
+                    "a change of labelling",
+                    format!("labels with every add or none (the index {has} labels)"),
+                ));
+            }
+        }
+        self.vectors = vectors;
+        self.ids.extend(ids);
+        Ok(())
+    }
+
+    /// The stored vectors followed by `embeddings`, checked and normalised
+    /// in chunks of rows: beyond the two copies of the stored vectors, memory
+    /// stays O(chunk).
+    fn append(&self, embeddings: &Tensor) -> Result<Tensor> {
+        let (old, m) = (self.len() as i64, embeddings.size()[0]);
+        let (kind, device) = (self.kind(), self.device());
+        let out = Tensor::empty([old + m, self.dim()], (kind, device));
+        if old > 0 {
+            out.narrow(0, 0, old).copy_(&self.vectors);
+        }
+        for start in (0..m).step_by(STORED_BLOCK as usize) {
+            let len = STORED_BLOCK.min(m - start);
+            let chunk = embeddings.narrow(0, start, len);
+            check_finite(&chunk, "embeddings")?;
+            let unit = normalize(&chunk.to_device(device).to_kind(Kind::Float));
+            out.narrow(0, old + start, len).copy_(&unit);
+        }
+        Ok(out)
+    }
+
+    /// The `k` most similar stored vectors of every query (q x dim): their
+    /// cosine similarities (q x k, float32) and ids (q x k, int64), on the
+    /// index's device, ordered by (-similarity, order of addition).
+    /// `batch_size`: queries per block (None: tiles of similarities near
+    /// 4 MiB on the CPU, 64 MiB on CUDA).
+    pub fn search(
+        &self,
+        queries: &Tensor,
+        k: i64,
+        batch_size: Option<i64>,
+    ) -> Result<(Tensor, Tensor)> {
+        let _guard = tch::no_grad_guard();
+        check_embeddings(queries, "queries", 1)?;
+        let n = self.len() as i64;
+        ensure(
+            k >= 1 && k <= n,
+            "k",
+            || k.to_string(),
+            format!("1 <= k <= {n}, the number of stored vectors"),
+        )?;
+        ensure(
+            queries.size()[1] == self.dim(),
+            "queries",
+            || format!("{} columns", queries.size()[1]),
+            format!("the index's width ({})", self.dim()),
+        )?;
+        let q = normalize(&queries.to_device(self.device()).to_kind(Kind::Float));
+        let (block, tile) = if self.device().is_cuda() {
+            (CUDA_STORED_BLOCK, CUDA_TILE_BYTES)
+        } else {
+            (STORED_BLOCK, TILE_BYTES)
+        };
+        let block = block.min(n);
+        let rows = batch_size.unwrap_or(tile / (4 * block)).max(1);
+        let ids = Tensor::from_slice(&self.ids).to_device(self.device());
+        let (mut scores, mut found) = (Vec::new(), Vec::new());
+        for start in (0..q.size()[0]).step_by(rows as usize) {
+            let len = rows.min(q.size()[0] - start);
+            let (s, i) = self.search_block(&q.narrow(0, start, len), k, block)?;
+            scores.push(s);
+            found.push(ids.index_select(0, &i.reshape([-1])).reshape([len, k]));
+        }
+        Ok((Tensor::cat(&scores, 0), Tensor::cat(&found, 0)))
+    }
+
+    /// The top `k` of a block of normalised float32 queries, over the stored
+    /// vectors in blocks of `block`: (similarities, positions).
+    fn search_block(&self, q: &Tensor, k: i64, block: i64) -> Result<(Tensor, Tensor)> {
+        let n = self.len() as i64;
+        let mut best: Option<(Tensor, Tensor)> = None;
+        for start in (0..n).step_by(block as usize) {
+            let len = block.min(n - start);
+            let g = self.vectors.narrow(0, start, len).to_kind(Kind::Float);
+            let s = q.matmul(&g.tr());
+            let (v, i) = topk_ordered(&s, k.min(len))?;
+            let i = i + start;
+            best = Some(match best {
+                None => (v, i),
+                // The earlier blocks first: ties keep the smaller position.
+                Some((bv, bi)) => {
+                    let both = Tensor::cat(&[&bv, &v], 1);
+                    let (v, cols) = topk_ordered(&both, k.min(both.size()[1]))?;
+                    (v, Tensor::cat(&[&bi, &i], 1).gather(1, &cols, false))
+                }
+            });
+        }
+        best.ok_or_else(|| Error::invalid("k", k, "a non-empty index"))
+    }
+
+    /// Writes the index to `path` (safetensors: `vectors`, `ids` and, if
+    /// any, `labels`; nothing executable), through a temporary file so that
+    /// a crash leaves the old file or the new one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut named = vec![
+            ("vectors", self.vectors.to_device(Device::Cpu)),
+            ("ids", Tensor::from_slice(&self.ids)),
+        ];
+        if let Some(labels) = &self.labels {
+            named.push(("labels", Tensor::from_slice(labels)));
+        }
+        let tmp = path.with_extension("safetensors.tmp");
+        Tensor::write_safetensors(&named, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads an index written by [`Index::save`] onto `device`.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such index file"),
+            ));
+        }
+        let mut vectors = None;
+        let (mut ids, mut labels) = (None, None);
+        for (name, t) in Tensor::read_safetensors(path)? {
+            match name.as_str() {
+                "vectors" => vectors = Some(t),
+                "ids" => ids = Some(host_vec::<i64>(&t)?),
+                "labels" => labels = Some(host_vec::<i64>(&t)?),
+                other => return Err(bad_file(path, &format!("an unknown tensor {other:?}"))),
+            }
+        }
+        let vectors = vectors.ok_or_else(|| bad_file(path, "no tensor \"vectors\""))?;
+        let ids = ids.ok_or_else(|| bad_file(path, "no tensor \"ids\""))?;
+        let rows = vectors.size().first().copied().unwrap_or(-1);
+        let fits = vectors.dim() == 2
+            && matches!(vectors.kind(), Kind::Float | Kind::Half)
+            && rows == ids.len() as i64
+            && labels.as_ref().is_none_or(|l| l.len() == ids.len());
+        if !fits {
+            return Err(bad_file(path, "tensors of mismatched shapes or dtypes"));
+        }
+        Ok(Index {
+            vectors: vectors.to_device(device),
+            ids,
+            labels,
+        })
+    }
+
+    /// A one-line description, as `repr` shows it.
+    pub fn describe(&self) -> String {
+        format!(
+            "Index({} vectors of {}, {}, {}{})",
+            self.len(),
+            self.dim(),
+            dtype_name(self.kind()),
+            device_name(self.device()),
+            if self.labels.is_some() {
+                ", labelled"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+fn bad_file(path: &Path, what: &str) -> Error {
+    Error::invalid(
+        "path",
+        format!("{}: {what}", path.display()),
+        "an index written by Index.save",
+    )
+}
+
+/// Rows scaled to unit length (zero rows stay zero).
+fn normalize(x: &Tensor) -> Tensor {
+    let norm = x
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12);
+    x / norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Rows of +-1/2 in 4 dimensions: unit vectors whose products are exact
+    /// (multiples of 1/4), so ties do not depend on the order of any sum.
+    fn random(rng: &mut Rng, n: i64, d: i64) -> Tensor {
+        let v: Vec<f32> = (0..n * d).map(|_| rng.below(2) as f32 - 0.5).collect();
+        Tensor::from_slice(&v).reshape([n, d])
+    }
+
+    /// Blocked search equals one full similarity matrix ranked by
+    /// (-similarity, position), ties included.
+    #[test]
+    fn blocked_search_equals_the_full_ranking() {
+        let mut rng = Rng::new(5);
+        let (n, d, k) = (300, 4, 7);
+        let mut index = Index::new(d, Kind::Float, Device::Cpu).unwrap();
+        let g = random(&mut rng, n, d);
+        index.add(&g.narrow(0, 0, 120), None, None).unwrap();
+        index.add(&g.narrow(0, 120, 180), None, None).unwrap();
+        let q = random(&mut rng, 23, d);
+        let s = normalize(&q).matmul(&normalize(&g).tr());
+        let (want_v, want_i) = topk_ordered(&s, k).unwrap();
+        for block in [1, 7, 64, 300] {
+            let (v, i) = {
+                let q = normalize(&q);
+                index.search_block(&q, k, block).unwrap()
+            };
+            assert!(v.allclose(&want_v, 0.0, 1e-6, false), "block {block}");
+            assert!(i.equal(&want_i), "block {block}");
+        }
+        let (_, ids) = index.search(&q, k, Some(5)).unwrap();
+        assert!(ids.equal(&want_i));
+    }
+}

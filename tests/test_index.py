@@ -1,0 +1,120 @@
+"""grouploss.Index against the brute-force definition and faiss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grouploss import Index
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def brute(gallery, queries, k):
+    """Cosine similarities of every pair, ranked by (-similarity, position)."""
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    s = q.astype(np.float64) @ g.astype(np.float64).T
+    order = np.stack([np.lexsort((np.arange(len(g)), -row))[:k] for row in s])
+    return np.take_along_axis(s, order, 1), order
+
+
+def halves(rng, n, d=4):
+    """Rows of +-1/2 in 4 dimensions: unit vectors with exact products, so
+    the ranking (ties included) does not depend on any summation order."""
+    return (rng.integers(0, 2, size=(n, d)) - 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_equals_the_brute_force_ranking_ties_included(device):
+    rng = np.random.default_rng(0)
+    gallery, queries = halves(rng, 500), halves(rng, 37)
+    index = Index(4, device=device)
+    index.add(gallery[:200], ids=np.arange(200) * 10)
+    index.add(torch.from_numpy(gallery[200:]), ids=np.arange(200, 500) * 10)
+    assert len(index) == 500 and index.device.startswith(device)
+    want_s, want_pos = brute(gallery, queries, 9)
+    for batch in (None, 1, 5):
+        scores, ids = index.search(queries, 9, batch_size=batch)
+        np.testing.assert_array_equal(ids, want_pos * 10)
+        np.testing.assert_allclose(scores, want_s, atol=1e-6)
+    t_scores, t_ids = index.search(torch.from_numpy(queries).to(device), 9)
+    assert t_ids.device.type == device and t_ids.dtype == torch.int64
+    np.testing.assert_array_equal(t_ids.cpu().numpy(), want_pos * 10)
+
+
+def test_float16_storage_keeps_the_neighbours():
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(3000, 64)).astype(np.float32)
+    queries = gallery[:50] + 0.05 * rng.normal(size=(50, 64)).astype(np.float32)
+    full, half = Index(64), Index(64, dtype="float16")
+    full.add(gallery)
+    half.add(gallery)
+    assert half.dtype == "float16"
+    s32, i32 = full.search(queries, 5)
+    s16, i16 = half.search(queries, 5)
+    np.testing.assert_array_equal(i16[:, 0], np.arange(50))
+    np.testing.assert_allclose(s16, s32, atol=2e-3)
+    assert (i16 == i32).mean() > 0.95
+
+
+def test_save_and_load_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    gallery = rng.normal(size=(100, 8)).astype(np.float32)
+    index = Index(8, dtype="float16")
+    index.add(gallery, labels=np.arange(100) % 7)
+    index.add(gallery[:5], labels=np.zeros(5, dtype=np.int64))
+    np.testing.assert_array_equal(index.ids, np.arange(105))  # default ids
+    path = tmp_path / "gallery.safetensors"
+    index.save(path)
+    back = Index.load(path)
+    assert (len(back), back.dim, back.dtype) == (105, 8, "float16")
+    np.testing.assert_array_equal(back.labels, index.labels)
+    q = rng.normal(size=(4, 8)).astype(np.float32)
+    for a, b in zip(index.search(q, 6), back.search(q, 6)):
+        np.testing.assert_array_equal(a, b)
+    # Nothing executable: the file is plain safetensors.
+    from safetensors.numpy import load_file
+
+    assert sorted(load_file(str(path))) == ["ids", "labels", "vectors"]
+
+
+def test_arguments_are_checked(tmp_path):
+    index = Index(3)
+    with pytest.raises(ValueError, match="embeddings: expected 3 columns|embeddings: .* width"):
+        index.add(np.ones((2, 4), np.float32))
+    index.add(np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="labels: expected labels with every add or none"):
+        index.add(np.eye(3, dtype=np.float32), labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="ids: expected one"):
+        index.add(np.eye(3, dtype=np.float32), ids=[1, 2])
+    with pytest.raises(ValueError, match=r"k: expected 1 <= k <= 3"):
+        index.search(np.eye(3, dtype=np.float32), 4)
+    with pytest.raises(ValueError, match='dtype: expected "float32" or "float16"'):
+        Index(3, dtype="bfloat16")
+    with pytest.raises(ValueError, match="dim: expected an integer >= 1"):
+        Index(0)
+    with pytest.raises(FileNotFoundError):
+        Index.load(tmp_path / "missing.safetensors")
+
+
+def test_the_same_neighbours_as_faiss():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    gallery = rng.normal(size=(20000, 32)).astype(np.float32)
+    queries = rng.normal(size=(200, 32)).astype(np.float32)
+    index = Index(32)
+    index.add(gallery)
+    scores, ids = index.search(queries, 10)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(32)
+    flat.add(g)
+    f_scores, f_ids = flat.search(q, 10)
+    np.testing.assert_allclose(scores, f_scores, atol=1e-5)
+    # The same neighbours, but where two similarities are within rounding.
+    differ = ids != f_ids
+    assert differ.mean() < 0.01
+    assert np.all(np.abs(scores[differ] - f_scores[differ]) < 1e-5)
