@@ -379,7 +379,14 @@ def _loss_classifier_rank(rank: int, world: int, port: int, wrap: bool, out: str
         opt.step()
     own = loss_fn.module if wrap else loss_fn
     torch.save(own.classifier.weight.detach(), f"{out}/rank{rank}.pt")
+    # Both ranks done before either tears gloo down (else the other's gloo
+    # thread may see its peer vanish and abort the process).
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: libtorch's and gloo's static threads
+    # being destroyed at exit sometimes abort a spawned child ("terminate
+    # called without an active exception") after its work is done and saved.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrap", [True, False])
