@@ -156,9 +156,6 @@ def loss_options(
         raise TypeError(f"options: expected a GroupLossOptions, got {type(options).__name__}")
     if not values:
         return options if options is not None else GroupLossOptions()
-    unknown = sorted(set(values) - set(GroupLossOptions.NAMES))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     if options is None:
         return GroupLossOptions(**values)
     return options.replace(**values)
