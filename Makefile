@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: setup demo test lint rust-test py-test stress bench clean
+.PHONY: setup demo test lint rust-test py-test notebooks stress bench clean
 
 setup:
 	./.ci/setup
@@ -31,6 +31,13 @@ SHARED_DATA := $(firstword $(wildcard $(CURDIR)/../shared/data) \
 
 py-test:
 	GROUPLOSS_DATA=$${GROUPLOSS_DATA:-$(SHARED_DATA)} $(PYTHON) -m pytest -q
+
+# The notebooks executed in place at their own budgets (each notebook's
+# `parameters` cell; about 5 minutes here, 2 CPU cores), so that they show
+# their outputs on a code host; commit them afterwards. `make test` re-runs
+# them on small budgets without writing them.
+notebooks: setup
+	GROUPLOSS_DATA=$${GROUPLOSS_DATA:-$(SHARED_DATA)} $(PYTHON) notebooks/execute.py
 
 # Longer fuzzing, more kills and more property examples than `make test`
 # (RELIABILITY.md lists what each tries); about 30 minutes here.

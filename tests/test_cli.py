@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from data_fixtures import make_glyph_like
+import torch
+from data_fixtures import make_glyph_like, tiny_run
 
 from grouploss import cli
 
@@ -61,6 +62,9 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
         (["train", "--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
         (["frob"], "argument command: invalid choice: 'frob'"),
         (["datasets", "build", "fonts"], "argument name: invalid choice: 'fonts'"),
+        (["search", ".", "/images/missing.png"], "argument IMAGES: /images/missing.png: no such"),
+        (["search", ".", ".", "--k", "0"], "argument --k: expected an integer >= 1, got 0"),
+        (["export", "."], "the following arguments are required: --format, --out"),
     ],
 )
 def test_usage_errors_are_one_line_with_status_2(capsys, monkeypatch, args, message):
@@ -131,3 +135,89 @@ def test_a_run_logged_to_a_file_has_no_progress_frames(glyphs_root, tmp_path):
     assert lines[0].endswith(f"run {out} on cpu: glyphs (convnet), 2 epochs"), lines[0]
     assert [line.split("] ")[1].split(":")[0] for line in lines[1:3]] == ["epoch 1/2", "epoch 2/2"]
     assert not any(" step " in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def small_run(glyphs_root, tmp_path_factory):
+    import grouploss
+
+    out = tmp_path_factory.mktemp("run")
+    opts = tiny_run(plots=False, epochs=1, embedding_size=16)
+    return grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **opts).run_dir
+
+
+def _neighbours(stdout: str):
+    """``{query path: [(score, id, rest of the line), ...]}`` of ``grouploss search``."""
+    found, query = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("query "):
+            query = line.split(": ", 1)[1]
+            found[query] = []
+        else:
+            rank, score, _, i, *rest = line.split(maxsplit=4)
+            assert int(rank) == len(found[query]) + 1
+            found[query].append((float(score), int(i), " ".join(rest)))
+    return found
+
+
+def test_search_finds_the_query_images_in_the_gallery(small_run, tmp_path):
+    """Test images written as PNG files are found as their own first
+    neighbour in the test split; the neighbours are those of an Index of
+    the run's embeddings, and an index file gives the same."""
+    from PIL import Image
+
+    import grouploss
+
+    model = grouploss.load_run(small_run, device="cpu")
+    test = model.dataset("test")
+    picks = [0, 5, len(test) - 1]
+    paths = []
+    for i in picks:
+        path = tmp_path / "queries" / test.classes[test.labels[i]] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.load(i)[0].numpy()).save(path)
+        paths.append(str(path))
+    run = _cli("search", str(small_run), *paths, "--k", "3", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    found = _neighbours(run.stdout)
+    assert list(found) == paths
+
+    emb, labels = model.embed_split("test")
+    index = grouploss.Index(emb.shape[1])
+    index.add(emb, labels=labels)
+    scores, ids = index.search(emb[picks].numpy(), 3)
+    for q, (i, path) in enumerate(zip(picks, paths)):
+        rows = found[path]
+        assert rows[0][1] == i and abs(rows[0][0] - 1) < 1e-4
+        assert [r[1] for r in rows] == ids[q].tolist()
+        assert [r[0] for r in rows] == pytest.approx(scores[q].tolist(), abs=1e-4)
+        assert rows[0][2].startswith(f"label {test.classes[test.labels[i]]}  ")
+
+    gallery = tmp_path / "gallery.safetensors"
+    run = _cli("index", str(small_run), "--data", "test", "--out", str(gallery), "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert len(grouploss.Index.load(gallery)) == len(test)
+    run = _cli("search", str(gallery), *paths, "--k", "3", "--run", str(small_run))
+    assert run.returncode == 0, run.stderr
+    from_file = _neighbours(run.stdout)
+    for path in paths:
+        assert [r[1] for r in from_file[path]] == [r[1] for r in found[path]]
+        expected = [f"label {test.labels[r[1]]}" for r in found[path]]
+        assert [r[2] for r in from_file[path]] == expected
+
+
+def test_search_in_an_index_needs_the_run(small_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    import grouploss
+
+    index = grouploss.Index(4)
+    index.add(torch.eye(4))
+    index.save(tmp_path / "g.safetensors")
+    image = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(image)
+    assert cli.main(["search", str(tmp_path / "g.safetensors"), str(image)]) == 2
+    assert "--run: needed with an index file" in capsys.readouterr().err
+    assert cli.main(["search", str(small_run), str(image), "--run", str(small_run)]) == 2
+    assert "--run: only with an index file" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from grouploss.datasets import (
     CsvDataset,
     FashionMNIST,
     Glyphs,
+    ImageFiles,
     ImageFolder,
     InShop,
     StanfordOnlineProducts,
@@ -202,6 +203,33 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path, train_fraction=0)
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
         ImageFolder(tmp_path / "nope")
+
+
+def test_image_files_in_the_order_given(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "cat" / ".hidden.png").write_bytes(
+        (tmp_path / "cat" / "sub" / "b.png").read_bytes()
+    )
+    b = tmp_path / "cat" / "sub" / "b.png"
+    fox = sorted((tmp_path / "fox").glob("*"))
+    ds = ImageFiles([fox[0], b, tmp_path / "dog"])
+    dog = [str(tmp_path / "dog" / "a.jpg"), str(tmp_path / "dog" / "sub" / "b.png")]
+    assert [ds.path(i) for i in range(len(ds))] == [str(fox[0]), str(b), *dog]
+    # Labels: the parent folders' names, sorted.
+    assert ds.classes == ["dog", "fox", "sub"]
+    assert ds.labels.tolist() == [1, 2, 0, 2]
+    assert ds.split == "all" and ds.root == str(tmp_path)
+    image, label = ds[1]
+    assert torch.equal(image, pil_chw(b)) and label == 2
+    assert pickle.loads(pickle.dumps(ds)).path(1) == str(b)
+    assert len(ImageFiles(tmp_path / "cat")) == 2  # the hidden file left out
+    with pytest.raises(FileNotFoundError, match="no such image file"):
+        ImageFiles([tmp_path / "nope.png"])
+    with pytest.raises(ValueError, match="paths"):
+        ImageFiles([])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="paths: .*empty holds no .jpg, .jpeg or .png files"):
+        ImageFiles([tmp_path / "empty"])
 
 
 # ------------------------------------------------------------------ CSV

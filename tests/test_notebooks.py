@@ -1,5 +1,6 @@
-"""The notebooks run from top to bottom (on small budgets) and are committed
-without outputs.
+"""The notebooks run from top to bottom (on small budgets), and are
+committed executed at their own budgets (``make notebooks``), with their
+outputs.
 
 Each notebook has one code cell tagged ``parameters`` (its budget); as with
 papermill, a cell setting smaller values is inserted right after it, so the
@@ -22,10 +23,16 @@ SMALL = {
     "01_quickstart.ipynb": "STEPS = 60\nTEST_CLASSES = 40",
     "02_train_and_inspect.ipynb": "EPOCHS = 1\nSTEPS = 20\nMAP_POINTS = 500\nVAL_IMAGES = 1000",
     "03_reproduce_paper.ipynb": "",
+    "04_search.ipynb": "EPOCHS = 1\nSTEPS = 30",
 }
 # Figures each notebook shows: 02 draws the curves (2), the map, the
 # gallery, the worst queries and the heatmaps.
-FIGURES = {"01_quickstart.ipynb": 0, "02_train_and_inspect.ipynb": 6, "03_reproduce_paper.ipynb": 0}
+FIGURES = {
+    "01_quickstart.ipynb": 0,
+    "02_train_and_inspect.ipynb": 6,
+    "03_reproduce_paper.ipynb": 0,
+    "04_search.ipynb": 1,
+}
 
 
 def _parameters_cell(nb) -> int:
@@ -42,14 +49,26 @@ def test_every_notebook_is_tested():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(SMALL)
 
 
+def _outputs(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_notebook_is_committed_without_outputs(name):
+def test_notebook_is_committed_executed(name):
+    """Executed top to bottom by ``make notebooks`` at the notebook's own
+    budget (no injected parameters), every cell once and in order, without
+    errors, with its figures."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
     _parameters_cell(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert not any("Injected by tests" in c.source for c in code)
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == FIGURES[name]
+    executed = nb.metadata["grouploss"]["executed"]
+    assert {"date", "machine", "seconds"} <= set(executed)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -75,7 +94,7 @@ def test_notebook_runs(name, tmp_path):
     )
     client.execute()  # raises CellExecutionError naming the failing cell
     (tmp_path / name).write_text(nbformat.writes(nb))
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs = _outputs(nb)
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == FIGURES[name]

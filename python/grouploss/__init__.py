@@ -11,7 +11,7 @@ See ``help(grouploss.GroupLoss)`` for the computation and its options.
 import torch  # noqa: F401  isort: skip
 
 from . import _native  # noqa: E402  isort: skip
-from . import data, datasets, functional, metrics, models  # noqa: E402
+from . import data, datasets, export, functional, metrics, models  # noqa: E402
 from .functional import GroupLossOptions  # noqa: E402
 from .index import Index  # noqa: E402
 from .loss import GroupLoss  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "TrainResult",
     "data",
     "datasets",
+    "export",
     "functional",
     "load_run",
     "metrics",

@@ -4,6 +4,9 @@
                     [--nproc-per-node N]
     grouploss evaluate RUN_DIR [--split test]
     grouploss embed RUN_DIR --data SPLIT|FOLDER --out embeddings.npy
+    grouploss export RUN_DIR --format torchscript|safetensors --out FILE
+    grouploss index RUN_DIR --data SPLIT|FOLDER --out gallery.safetensors
+    grouploss search RUN_DIR|INDEX IMAGES... [--k 10] [--gallery SPLIT|FOLDER] [--run RUN_DIR]
     grouploss report RUN_DIR [--out report.html] [--queries 8] [--k 8] ...
     grouploss datasets build glyphs [--root DIR] [--fonts DIR ...]
 
@@ -122,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
         _train_parser(sub),
         _evaluate_parser(sub),
         _embed_parser(sub),
+        _export_parser(sub),
+        _index_parser(sub),
+        _search_parser(sub),
         _report_parser(sub),
         *_datasets_parser(sub),
     ]
@@ -148,12 +154,18 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return t
 
 
+def _model_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """Which of a run's models (``--checkpoint``), and where it runs."""
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    if device:
+        parser.add_argument("--device", default="auto")
+
+
 def _evaluate_parser(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run's best model")
     e.add_argument("run_dir", type=_existing)
     e.add_argument("--split", default="test")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    _model_options(e)
     return e
 
 
@@ -166,13 +178,63 @@ def _embed_parser(sub) -> argparse.ArgumentParser:
     return m
 
 
+def _export_parser(sub) -> argparse.ArgumentParser:
+    from .export import FORMATS
+
+    x = sub.add_parser(
+        "export",
+        help="write a run's model as TorchScript or safetensors",
+        description="Writes the run's network (pixel normalisation, backbone, embedding "
+        "layer) as one file: TorchScript, loadable by torch.jit.load without grouploss, "
+        "or safetensors, read back by grouploss.export.load.",
+    )
+    x.add_argument("run_dir", type=_existing)
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--out", required=True, type=pathlib.Path, help="the file to write")
+    _model_options(x, device=False)
+    return x
+
+
+def _index_parser(sub) -> argparse.ArgumentParser:
+    i = sub.add_parser(
+        "index",
+        help="embed a gallery with a run and save it as a search index",
+        description="Embeds a split of the run's dataset or a folder of images and writes "
+        "a grouploss.Index (safetensors): ids are the images' positions, labels their "
+        "classes. Search it with 'grouploss search INDEX IMAGES... --run RUN_DIR'.",
+    )
+    i.add_argument("run_dir", type=_existing)
+    i.add_argument("--data", required=True, help="a split name of the run's dataset, or a folder")
+    i.add_argument("--out", required=True, type=pathlib.Path, help="the index file to write")
+    i.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    _model_options(i)
+    return i
+
+
+def _search_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser(
+        "search",
+        help="print the nearest gallery images of query images",
+        description="Embeds IMAGES (JPEG or PNG files, or folders of them) with a run and "
+        "prints each one's K nearest neighbours by cosine similarity: in a split of the "
+        "run's dataset or a folder (--gallery, with a run folder), or in an index file "
+        "written by 'grouploss index' (with --run RUN_DIR to embed the queries).",
+    )
+    s.add_argument("source", type=_existing, metavar="RUN_DIR|INDEX")
+    s.add_argument("images", nargs="+", type=_existing, metavar="IMAGES")
+    s.add_argument("--k", type=_at_least(1), default=10, help="neighbours per query")
+    s.add_argument("--gallery", default="test", help="with a run: a split name or a folder")
+    s.add_argument("--run", type=_existing, help="with an index: the run that embeds the queries")
+    _model_options(s)
+    return s
+
+
 def _report_parser(sub) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir", type=_existing)
     r.add_argument("--out", type=pathlib.Path, help="default RUN_DIR/report.html")
     r.add_argument("--split", default="test")
-    r.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    r.add_argument("--device", default="auto")
+    _model_options(r)
     r.add_argument("--data-root", type=_existing, help="the dataset, if it moved")
     r.add_argument("--queries", type=_at_least(1), default=8, help="rows of the galleries")
     r.add_argument("--k", type=_at_least(1), default=8, help="neighbours per query")
@@ -315,23 +377,89 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery(model: training.RunModel, data: str):
+    """``(embeddings, labels, dataset)`` of a split name or an image folder."""
+    from .datasets import ImageFolder
+
+    if pathlib.Path(data).is_dir():
+        dataset = ImageFolder(data, split="all")
+    else:
+        dataset = model.dataset(data)
+    emb, labels = model.embed_dataset(dataset)
+    return emb, labels, dataset
+
+
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     model = training.load_run(args.run_dir, device=args.device)
-    data = pathlib.Path(args.data)
-    if data.is_dir():
-        from .datasets import ImageFolder
-
-        emb, labels = model.embed_dataset(ImageFolder(data, split="all"))
-    else:
-        emb, labels = model.embed_split(args.data)
+    emb, labels, _ = _gallery(model, args.data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, emb.cpu().numpy())
     labels_out = args.out.with_name(args.out.stem + "_labels.npy")
     np.save(labels_out, labels.cpu().numpy())
     print(f"{tuple(emb.shape)} embeddings -> {args.out}, labels -> {labels_out}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device="cpu")
+    path = model.export(args.out, format=args.format)
+    print(f"{args.format} model of {args.run_dir} -> {path}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    emb, labels, _ = _gallery(model, args.data)
+    index = Index(emb.shape[1], dtype=args.dtype)
+    index.add(emb, labels=labels)
+    index.save(args.out)
+    print(f"{len(index)} embeddings of {args.data} ({args.dtype}) -> {args.out}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .datasets import ImageFiles
+    from .index import Index
+
+    if args.source.is_dir():
+        if args.run is not None:
+            raise UsageError("--run: only with an index file (RUN_DIR embeds the queries)")
+        model = training.load_run(args.source, checkpoint=args.checkpoint, device=args.device)
+        emb, labels, gallery = _gallery(model, args.gallery)
+        index = Index(emb.shape[1])
+        index.add(emb, labels=labels)
+    else:
+        if args.run is None:
+            raise UsageError("--run: needed with an index file, to embed the queries")
+        model = training.load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        index, gallery = Index.load(args.source), None
+    queries = ImageFiles(args.images)
+    q, _ = model.embed_dataset(queries)
+    k = min(args.k, len(index))
+    scores, ids = index.search(q.cpu().numpy(), k)
+    _print_neighbours(queries, scores, ids, index, gallery)
+    return 0
+
+
+def _print_neighbours(queries, scores, ids, index, gallery) -> None:
+    """Each query's path, then its neighbours: rank, similarity, id, label
+    (the class name with a dataset gallery) and, with one, the image."""
+    labels = index.labels
+    where = {int(i): n for n, i in enumerate(index.ids)} if labels is not None else {}
+    for q in range(len(queries)):
+        print(f"query {q}: {queries.path(q)}")
+        for rank, (score, i) in enumerate(zip(scores[q], ids[q]), start=1):
+            line = f"  {rank:>3}  {score:.4f}  id {int(i)}"
+            if labels is not None:
+                label = int(labels[where[int(i)]])
+                line += f"  label {gallery.classes[label] if gallery is not None else label}"
+            if gallery is not None:
+                line += f"  {gallery.describe(int(i))}"
+            print(line)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -362,6 +490,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:
         return _evaluate(args)
     if args.command == "embed":
         return _embed(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "index":
+        return _index(args)
+    if args.command == "search":
+        return _search(args)
     if args.command == "report":
         return _report(args)
     if args.command == "datasets":

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, List, Optional, Tuple, Union
+import pathlib
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,10 +46,12 @@ __all__ = [
     "FashionMNIST",
     "Glyphs",
     "ImageDataset",
+    "ImageFiles",
     "ImageFolder",
     "InShop",
     "StanfordOnlineProducts",
     "build_glyphs",
+    "run_dataset",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -286,6 +289,79 @@ class ImageFolder(ImageDataset):
             split_seed=split_seed,
             train_fraction=float(train_fraction),
         )
+
+
+class ImageFiles(ImageDataset):
+    """Image files (JPEG or PNG) in the order given, for inference on new
+    images: ``run.embed_dataset(ImageFiles(paths))``. A folder among
+    ``paths`` stands for its images (``*.jpg|jpeg|png`` below it, sorted).
+    A file's label is its parent folder's name (``classes[label]``); the
+    split is ``"all"``."""
+
+    _kind = "files"
+
+    def __init__(
+        self, paths: Sequence[PathLike], transform: Optional[Callable[..., Any]] = None
+    ) -> None:
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        files: List[str] = []
+        for p in paths:
+            p = pathlib.Path(p)
+            if p.is_dir():
+                found = sorted(f for f in p.rglob("*") if _is_image_file(f, p))
+                if not found:
+                    raise ValueError(f"paths: {p} holds no .jpg, .jpeg or .png files")
+                files.extend(os.fspath(f) for f in found)
+            else:
+                files.append(os.fspath(p))
+        self._args = dict(paths=files)
+        self.transform = transform
+        self._open()
+
+    def _open(self) -> None:
+        self._native = _native.open_image_files(self._args["paths"])
+        self.labels = self._native.labels
+        self.labels.flags.writeable = False
+        self.classes = self._native.classes
+        self.is_query = None
+        self.is_gallery = None
+
+
+def run_dataset(
+    config: dict, split: str = "test", *, root: Optional[PathLike] = None
+) -> ImageDataset:
+    """The ``split`` of a run's dataset, opened as the run opened it (same
+    root, ``val_fraction`` and split seed), so its order and labels are those
+    of the run's embeddings and classifier.
+
+    Args:
+        config: a run's configuration (``RunModel.config``).
+        split: ``"train"``, ``"val"``, ``"test"``, ``"query"``, ``"gallery"``.
+        root: the dataset's files, if they moved since the run.
+    """
+    kind = config["dataset"].replace("-", "_")
+    classes = [
+        c
+        for c in globals().values()
+        if isinstance(c, type) and issubclass(c, ImageDataset) and c._kind == kind
+    ]
+    if not classes:
+        raise ValueError(f"config: expected a dataset of grouploss.datasets, got {kind!r}")
+    root = root if root is not None else config.get("data_root") or None
+    return classes[0](
+        root, split=split, val_fraction=config["val_fraction"], split_seed=config["seed"]
+    )
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _is_image_file(path: pathlib.Path, folder: pathlib.Path) -> bool:
+    """An image file below ``folder``, hidden names left out (as the Rust
+    ImageFolder reader does)."""
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return not hidden and path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file()
 
 
 class CsvDataset(ImageDataset):

@@ -428,7 +428,13 @@ def kmeans(
     iterations until the assignments repeat or the centres move by at most
     1e-4 times the mean per-feature variance; an empty cluster takes the
     point farthest from its centre. The best of ``n_init`` runs by inertia
-    wins. Run r draws from the crate's generator seeded by ``(seed, r)``, so
+    wins. For k >= 512 with n x k > 2^26 (Stanford Online Products' test
+    set, say) the seeding goes in 256 rounds of k / 256 centres
+    at once ("batched k-means++": 2 candidates per centre drawn by the same
+    law, the better kept), so that it costs about two Lloyd iterations
+    instead of k passes over the data; Lloyd skips the points that Hamerly's
+    bounds show cannot change cluster (the same assignments, up to ties
+    within rounding). Run r draws from the crate's generator seeded by ``(seed, r)``, so
     results are fixed by ``seed`` (up to the device's float rounding).
     float64 input is computed in float64, other dtypes in float32.
 

@@ -35,6 +35,7 @@ import torch
 
 from . import _extras, datasets, metrics, plots
 from . import functional as F
+from .datasets import run_dataset
 from .training import RunModel, load_run
 
 PathLike = Union[str, pathlib.Path]
@@ -51,32 +52,6 @@ __all__ = [
     "run_dataset",
     "worst_queries",
 ]
-
-
-def run_dataset(
-    config: dict, split: str = "test", *, root: Optional[PathLike] = None
-) -> datasets.ImageDataset:
-    """The ``split`` of a run's dataset, opened as the run opened it (same
-    root, ``val_fraction`` and split seed), so its order and labels are those
-    of the run's embeddings and classifier.
-
-    Args:
-        config: a run's configuration (``RunModel.config``).
-        split: ``"train"``, ``"val"``, ``"test"``, ``"query"``, ``"gallery"``.
-        root: the dataset's files, if they moved since the run.
-    """
-    kind = config["dataset"].replace("-", "_")
-    classes = [
-        c
-        for c in vars(datasets).values()
-        if isinstance(c, type) and issubclass(c, datasets.ImageDataset) and c._kind == kind
-    ]
-    if not classes:
-        raise ValueError(f"config: expected a dataset of grouploss.datasets, got {kind!r}")
-    root = root if root is not None else config.get("data_root") or None
-    return classes[0](
-        root, split=split, val_fraction=config["val_fraction"], split_seed=config["seed"]
-    )
 
 
 class Neighbours(NamedTuple):

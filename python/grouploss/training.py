@@ -14,11 +14,14 @@ import json
 import pathlib
 import sys
 import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _extras, _native, distributed
+
+if TYPE_CHECKING:
+    from .models import EmbeddingModel
 
 PathLike = Union[str, pathlib.Path]
 
@@ -273,6 +276,14 @@ class RunModel:
             raise TypeError(f"split: expected a str, got {type(split).__name__}")
         return self._native.embed_split(split, None if root is None else str(root))
 
+    def dataset(self, split: str = "test", *, root: Optional[PathLike] = None):
+        """The ``split`` of the run's dataset, opened as the run opened it
+        (its order and labels are those of :meth:`embed_split`); ``root``:
+        the dataset's folder, if it moved."""
+        from .datasets import run_dataset
+
+        return run_dataset(self.config, split, root=root)
+
     def embed_dataset(self, dataset) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(embeddings, labels)`` of a ``grouploss.datasets`` dataset."""
         native = getattr(dataset, "_native", None)
@@ -294,6 +305,46 @@ class RunModel:
     def evaluate(self, split: str = "test") -> dict:
         """Recall@K, MAP@R, R-Precision and NMI of ``split``."""
         return self._native.evaluate(split)
+
+    @property
+    def input_spec(self) -> dict:
+        """What the network reads: ``channels``, ``size`` (square),
+        ``geometry`` (``"pad_crop"``: images pass at ``size``;
+        ``"resize_center_crop"``: short side resized to ``resize``, then the
+        central crop) and the pixel normalisation, per channel ``(v[source_
+        channels[c]] / scale - mean[c]) / std[c]`` for 8-bit values."""
+        return self._native.input_spec
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The network's weights and BatchNorm statistics as CPU copies,
+        keyed as the trainer's (``backbone.*``, ``embed.*``, ``classifier.*``)."""
+        return self._native.state_dict()
+
+    def to_torch(self) -> EmbeddingModel:
+        """The network as a plain ``torch.nn.Module`` on the CPU, in
+        evaluation mode, with the run's weights: images (``uint8`` or floats
+        in [0, 1], at the run's input size) to the embeddings :meth:`embed`
+        gives. The ResNets carry torchvision's parameter names under
+        ``backbone.``; train it further in your own loop, or save it with
+        :func:`grouploss.export.save`."""
+        from . import models
+
+        c = self.config
+        description = {
+            "backbone": c["backbone"],
+            "bn_momentum": c["bn_momentum"],
+            "normalize_embeddings": c["normalize_embeddings"],
+            "input": self.input_spec,
+        }
+        return models.embedding_model(description, self.state_dict())
+
+    def export(self, path: PathLike, *, format: str = "torchscript") -> pathlib.Path:
+        """Writes :meth:`to_torch`'s module to ``path`` (``"torchscript"``
+        or ``"safetensors"``; see :mod:`grouploss.export`)."""
+        from . import export
+
+        export._check_format(format)
+        return export.save(self.to_torch(), path, format=format)
 
 
 def load_run(run_dir: PathLike, *, checkpoint: str = "best", device: str = "auto") -> RunModel:

@@ -27,8 +27,8 @@ pub use dataset::{Dataset, DatasetOptions, Split};
 pub use image::Image;
 pub use jpeg::encode as encode_jpeg;
 pub use loader::{Batch, Epoch, Loader, LoaderOptions, OnError, Skipped};
-pub use readers::{home, open, ReaderOptions};
-pub use transform::{CropBox, Geometry, Normalization, Transform, Workspace};
+pub use readers::{home, image_files, open, ReaderOptions};
+pub use transform::{Affine, CropBox, Geometry, Normalization, Transform, Workspace};
 
 #[cfg(test)]
 pub(crate) mod testing {

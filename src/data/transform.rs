@@ -113,10 +113,45 @@ pub struct Transform {
     flip: bool,
     normalization: Normalization,
     channels: usize,
+    affine: Affine,
     /// `lut[c][v]`: output channel `c` for input value `v`.
     lut: Vec<[f32; 256]>,
     /// Input channel feeding output channel `c` (BGR swaps 0 and 2).
     source: [usize; 3],
+}
+
+/// The map from 8-bit values to network inputs that a [`Normalization`]
+/// stands for: output channel `c` is `(v[source[c]] / scale - mean[c]) /
+/// std[c]`, each operation in float32, in that order (what an exported
+/// model repeats to reproduce the transform bit for bit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Affine {
+    pub scale: f32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Input channel feeding each output channel.
+    pub source: Vec<usize>,
+}
+
+impl Affine {
+    fn new(scale: f32, mean: &[f32], std: &[f32], source: &[usize], channels: usize) -> Self {
+        Affine {
+            scale,
+            mean: mean[..channels].to_vec(),
+            std: std[..channels].to_vec(),
+            source: source[..channels].to_vec(),
+        }
+    }
+
+    /// `lut[c][v]`, and the source channels padded to 3.
+    fn tables(&self) -> Tables {
+        let lut = (0..self.mean.len())
+            .map(|c| std::array::from_fn(|v| (v as f32 / self.scale - self.mean[c]) / self.std[c]))
+            .collect();
+        let mut source = [0, 1, 2];
+        source[..self.source.len()].copy_from_slice(&self.source);
+        (lut, source)
+    }
 }
 
 impl Transform {
@@ -154,13 +189,15 @@ impl Transform {
             )?,
             Geometry::PadCrop { .. } => {}
         }
-        let (lut, source) = tables(&normalization, channels)?;
+        let affine = affine(&normalization, channels)?;
+        let (lut, source) = affine.tables();
         Ok(Transform {
             size,
             geometry,
             flip,
             normalization,
             channels,
+            affine,
             lut,
             source,
         })
@@ -225,6 +262,11 @@ impl Transform {
 
     pub fn normalization(&self) -> &Normalization {
         &self.normalization
+    }
+
+    /// What the normalisation computes, per channel.
+    pub fn affine(&self) -> &Affine {
+        &self.affine
     }
 
     /// `[channels, size, size]`.
@@ -520,11 +562,9 @@ fn random_resized_box(
 
 type Tables = (Vec<[f32; 256]>, [usize; 3]);
 
-fn tables(normalization: &Normalization, channels: usize) -> Result<Tables> {
-    let affine = |div: f32, mean: &[f32], std: &[f32]| -> Vec<[f32; 256]> {
-        (0..channels)
-            .map(|c| std::array::from_fn(|v| (v as f32 / div - mean[c]) / std[c]))
-            .collect()
+fn affine(normalization: &Normalization, channels: usize) -> Result<Affine> {
+    let affine = |scale: f32, mean: &[f32], std: &[f32], source: &[usize]| {
+        Affine::new(scale, mean, std, source, channels)
     };
     let rgb = [0, 1, 2];
     let colour_only = |name: &str| {
@@ -538,13 +578,13 @@ fn tables(normalization: &Normalization, channels: usize) -> Result<Tables> {
     match normalization {
         Normalization::Imagenet => {
             colour_only("imagenet")?;
-            Ok((affine(255.0, &IMAGENET_MEAN, &IMAGENET_STD), rgb))
+            Ok(affine(255.0, &IMAGENET_MEAN, &IMAGENET_STD, &rgb))
         }
         Normalization::CaffeBgr => {
             colour_only("caffe_bgr")?;
-            Ok((affine(1.0, &CAFFE_BGR_MEAN, &[1.0; 3]), [2, 1, 0]))
+            Ok(affine(1.0, &CAFFE_BGR_MEAN, &[1.0; 3], &[2, 1, 0]))
         }
-        Normalization::Unit => Ok((affine(255.0, &[0.0; 3], &[1.0; 3]), rgb)),
+        Normalization::Unit => Ok(affine(255.0, &[0.0; 3], &[1.0; 3], &rgb)),
         Normalization::MeanStd { mean, std } => {
             ensure(
                 mean.len() == channels && std.len() == channels,
@@ -558,7 +598,7 @@ fn tables(normalization: &Normalization, channels: usize) -> Result<Tables> {
                 || format!("std {std:?}"),
                 "finite values with std > 0",
             )?;
-            Ok((affine(255.0, mean, std), rgb))
+            Ok(affine(255.0, mean, std, &rgb))
         }
     }
 }

@@ -3,23 +3,28 @@
 //! queries and of stored vectors, so that memory beyond the vectors stays
 //! O(block) however many are stored.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
 use super::input::{check_embeddings, host_vec};
 use super::knn::topk_ordered;
+use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
 use crate::error::{ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
 use crate::names::{device_name, dtype_name};
 
-/// Stored vectors per block of a search on the CPU (and of an `add`).
-const STORED_BLOCK: i64 = 8_192;
+/// Rows per chunk of an `add` (its temporaries are a chunk's).
+const ADD_ROWS: i64 = 1_024;
 
-/// Bytes of one tile of similarities (queries x stored vectors, float32) on
-/// the CPU: small enough to stay in cache between the product and the
-/// top-k, and to keep the search's memory near faiss's.
-const TILE_BYTES: i64 = 4 << 20;
+/// A tile of similarities on the CPU: queries x stored vectors, float32,
+/// 4 MiB (small enough to keep the search's memory near faiss's; near
+/// square, where the matrix product runs fastest), read by one fused pass
+/// in Rust ([`scan_tile`]).
+const CPU_QUERIES: i64 = 512;
+const CPU_STORED: i64 = 2_048;
 
 /// On CUDA: larger tiles, for fewer and larger kernels.
 const CUDA_STORED_BLOCK: i64 = 65_536;
@@ -106,7 +111,6 @@ impl Index {
             format!("the index's width ({})", self.dim()),
         )?;
         let start = self.ids.iter().copied().max().map_or(0, |x| x + 1);
-        let ids = ids.unwrap_or_else(|| (start..start + m).collect());
         let one_per_row = |arg: &str, len: usize| {
             ensure(
                 len as i64 == m,
@@ -115,7 +119,9 @@ impl Index {
                 format!("one per row of embeddings ({m})"),
             )
         };
-        one_per_row("ids", ids.len())?;
+        if let Some(ids) = &ids {
+            one_per_row("ids", ids.len())?;
+        }
         if let Some(labels) = &labels {
             one_per_row("labels", labels.len())?;
         }
@@ -140,13 +146,16 @@ impl Index {
             }
         }
         self.vectors = vectors;
-        self.ids.extend(ids);
+        match ids {
+            Some(ids) => self.ids.extend(ids),
+            None => self.ids.extend(start..start + m),
+        }
         Ok(())
     }
 
     /// The stored vectors followed by `embeddings`, checked and normalised
-    /// in chunks of rows: beyond the two copies of the stored vectors, memory
-    /// stays O(chunk).
+    /// in place, in chunks of rows: beyond the two copies of the stored
+    /// vectors, memory stays O(chunk rows), with no chunk-sized temporary.
     fn append(&self, embeddings: &Tensor) -> Result<Tensor> {
         let (old, m) = (self.len() as i64, embeddings.size()[0]);
         let (kind, device) = (self.kind(), self.device());
@@ -154,12 +163,17 @@ impl Index {
         if old > 0 {
             out.narrow(0, 0, old).copy_(&self.vectors);
         }
-        for start in (0..m).step_by(STORED_BLOCK as usize) {
-            let len = STORED_BLOCK.min(m - start);
+        for start in (0..m).step_by(ADD_ROWS as usize) {
+            let len = ADD_ROWS.min(m - start);
             let chunk = embeddings.narrow(0, start, len);
             check_finite(&chunk, "embeddings")?;
-            let unit = normalize(&chunk.to_device(device).to_kind(Kind::Float));
-            out.narrow(0, old + start, len).copy_(&unit);
+            let mut rows = out.narrow(0, old + start, len);
+            if kind == Kind::Float {
+                rows.copy_(&chunk);
+                let _ = rows.g_div_(&row_norms(&rows));
+            } else {
+                rows.copy_(&normalize(&chunk.to_device(device).to_kind(Kind::Float)));
+            }
         }
         Ok(out)
     }
@@ -190,23 +204,70 @@ impl Index {
             || format!("{} columns", queries.size()[1]),
             format!("the index's width ({})", self.dim()),
         )?;
-        let q = normalize(&queries.to_device(self.device()).to_kind(Kind::Float));
-        let (block, tile) = if self.device().is_cuda() {
-            (CUDA_STORED_BLOCK, CUDA_TILE_BYTES)
-        } else {
-            (STORED_BLOCK, TILE_BYTES)
-        };
-        let block = block.min(n);
-        let rows = batch_size.unwrap_or(tile / (4 * block)).max(1);
-        let ids = Tensor::from_slice(&self.ids).to_device(self.device());
+        let cuda = self.device().is_cuda();
+        let block = if cuda { CUDA_STORED_BLOCK } else { CPU_STORED }.min(n);
+        let rows = batch_size
+            .unwrap_or(if cuda {
+                CUDA_TILE_BYTES / (4 * block)
+            } else {
+                CPU_QUERIES
+            })
+            .max(1);
+        let nq = queries.size()[0];
         let (mut scores, mut found) = (Vec::new(), Vec::new());
-        for start in (0..q.size()[0]).step_by(rows as usize) {
-            let len = rows.min(q.size()[0] - start);
-            let (s, i) = self.search_block(&q.narrow(0, start, len), k, block)?;
+        for start in (0..nq).step_by(rows as usize) {
+            let len = rows.min(nq - start);
+            let q = queries.narrow(0, start, len).to_device(self.device());
+            let q = normalize(&q.to_kind(Kind::Float));
+            let (s, i) = if cuda {
+                self.search_block(&q, k, block)?
+            } else {
+                self.scan_block(&q, k, block)?
+            };
             scores.push(s);
-            found.push(ids.index_select(0, &i.reshape([-1])).reshape([len, k]));
+            found.push(i);
         }
-        Ok((Tensor::cat(&scores, 0), Tensor::cat(&found, 0)))
+        let positions = host_vec::<i64>(&Tensor::cat(&found, 0))?;
+        let ids: Vec<i64> = positions.iter().map(|&p| self.ids[p as usize]).collect();
+        let ids = Tensor::from_slice(&ids)
+            .reshape([nq, k])
+            .to_device(self.device());
+        Ok((Tensor::cat(&scores, 0), ids))
+    }
+
+    /// [`Self::search_block`] on the CPU: each tile of similarities read once
+    /// by [`scan_tile`], which keeps every query's `k` best in a heap.
+    fn scan_block(&self, q: &Tensor, k: i64, block: i64) -> Result<(Tensor, Tensor)> {
+        let (n, rows) = (self.len() as i64, q.size()[0]);
+        let mut heaps: Vec<BinaryHeap<Hit>> = (0..rows)
+            .map(|_| BinaryHeap::with_capacity(k as usize + 1))
+            .collect();
+        let threads = tch::get_num_threads().max(1) as usize;
+        let per = (rows as usize).div_ceil(threads).max(1);
+        for start in (0..n).step_by(block as usize) {
+            let len = block.min(n - start);
+            let g = self.vectors.narrow(0, start, len).to_kind(Kind::Float);
+            let s = q.matmul(&g.tr()).contiguous();
+            let tile = cpu_slice::<f32>(&s)?;
+            let width = len as usize;
+            std::thread::scope(|scope| {
+                for (c, chunk) in heaps.chunks_mut(per).enumerate() {
+                    let rows = &tile[c * per * width..];
+                    scope.spawn(move || scan_tile(chunk, rows, width, start, k as usize));
+                }
+            });
+        }
+        let (mut sims, mut positions) = (Vec::new(), Vec::new());
+        for heap in heaps {
+            for hit in heap.into_sorted_vec() {
+                sims.push(hit.s);
+                positions.push(hit.j);
+            }
+        }
+        Ok((
+            Tensor::from_slice(&sims).reshape([rows, k]),
+            Tensor::from_slice(&positions).reshape([rows, k]),
+        ))
     }
 
     /// The top `k` of a block of normalised float32 queries, over the stored
@@ -309,12 +370,72 @@ fn bad_file(path: &Path, what: &str) -> Error {
     )
 }
 
+/// A stored vector found for a query: its similarity and position. `Ord`
+/// puts the one ranked last (smaller similarity, then larger position)
+/// greatest, so that a max-heap keeps the worst kept one on top and
+/// `into_sorted_vec` lists them best first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Hit {
+    s: f32,
+    j: i64,
+}
+
+impl Eq for Hit {}
+
+impl Ord for Hit {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Similarities are finite: the vectors and queries were checked.
+        other
+            .s
+            .partial_cmp(&self.s)
+            .unwrap_or(Ordering::Equal)
+            .then(self.j.cmp(&other.j))
+    }
+}
+
+impl PartialOrd for Hit {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Offers row r of `tile` (rows of `width` similarities to the stored
+/// vectors `col0..`) to `heaps[r]`, each kept to its `k` best. Groups of
+/// similarities all below a full heap's worst are rejected by one
+/// vectorised test; equal similarities keep the earlier position, since
+/// positions grow along a row and from tile to tile.
+fn scan_tile(heaps: &mut [BinaryHeap<Hit>], tile: &[f32], width: usize, col0: i64, k: usize) {
+    for (heap, row) in heaps.iter_mut().zip(tile.chunks(width)) {
+        for (g, group) in row.chunks(GROUP).enumerate() {
+            let full = heap.len() == k;
+            if full && !any_at_least(group, heap.peek().map_or(f32::NEG_INFINITY, |h| h.s)) {
+                continue;
+            }
+            for (i, &s) in group.iter().enumerate() {
+                let hit = Hit {
+                    s,
+                    j: col0 + (g * GROUP + i) as i64,
+                };
+                if heap.len() < k {
+                    heap.push(hit);
+                } else if hit < *heap.peek().expect("a full heap") {
+                    heap.pop();
+                    heap.push(hit);
+                }
+            }
+        }
+    }
+}
+
 /// Rows scaled to unit length (zero rows stay zero).
 fn normalize(x: &Tensor) -> Tensor {
-    let norm = x
-        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-        .clamp_min(1e-12);
-    x / norm
+    x / row_norms(x)
+}
+
+/// Every row's L2 norm (n x 1), at least 1e-12.
+fn row_norms(x: &Tensor) -> Tensor {
+    x.norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12)
 }
 
 #[cfg(test)]

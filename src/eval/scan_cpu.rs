@@ -143,11 +143,11 @@ impl<T: Sim> RowState<T> {
 }
 
 /// Width of the groups of similarities rejected by one vectorised test.
-const GROUP: usize = 16;
+pub(crate) const GROUP: usize = 16;
 
 /// Is any `x >= t`? (A branch-free reduction the compiler vectorises.)
 #[inline]
-fn any_at_least<T: Sim>(xs: &[T], t: T) -> bool {
+pub(crate) fn any_at_least<T: Sim>(xs: &[T], t: T) -> bool {
     match <&[T; GROUP]>::try_from(xs) {
         Ok(xs) => {
             let mut any = false;
@@ -297,7 +297,7 @@ fn split_queries<T: Sim>(
 }
 
 /// The elements of a contiguous CPU tensor of `T`'s dtype.
-fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
+pub(crate) fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
     if t.device() != Device::Cpu || !t.is_contiguous() || t.kind() != T::KIND {
         return Err(Error::invalid(
             "similarity tile",

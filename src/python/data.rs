@@ -60,6 +60,15 @@ fn open_dataset(
     })
 }
 
+/// Opens a list of image files (see `grouploss.datasets.ImageFiles`).
+#[pyfunction]
+fn open_image_files(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<PyDataset> {
+    let ds = without_gil(py, move || data::image_files(&paths))?;
+    Ok(PyDataset {
+        inner: Arc::new(ds),
+    })
+}
+
 impl PyDataset {
     fn index(&self, index: i64) -> Result<usize, Error> {
         usize::try_from(index)
@@ -485,6 +494,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLoader>()?;
     m.add_class::<PyEpoch>()?;
     m.add_function(wrap_pyfunction!(open_dataset, m)?)?;
+    m.add_function(wrap_pyfunction!(open_image_files, m)?)?;
     m.add_function(wrap_pyfunction!(default_build_dir, m)?)?;
     m.add_function(wrap_pyfunction!(random_resized_crop, m)?)?;
     m.add_function(wrap_pyfunction!(resize_center_crop, m)?)?;

@@ -281,6 +281,21 @@ impl PyRunModel {
         self.run(py, |m| Ok(m.config.group_loss_settings()))
     }
 
+    /// The network's variables as CPU copies (`backbone.*`, `embed.*`,
+    /// `classifier.*`).
+    fn state_dict(&self, py: Python<'_>) -> PyResult<BTreeMap<String, PyTensor>> {
+        let vars = self.run(py, |m| Ok(m.state_dict()))?;
+        Ok(vars.into_iter().map(|(k, t)| (k, PyTensor(t))).collect())
+    }
+
+    /// What the network reads (a dict: channels, size, geometry, resize,
+    /// scale, mean, std, source_channels).
+    #[getter]
+    fn input_spec(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let spec = self.run(py, |m| Ok(m.input_spec()))?;
+        serialize_to_py(py, &spec)
+    }
+
     /// Embeddings of images (float: already transformed; uint8: the run's
     /// evaluation transform is applied).
     fn embed(&self, py: Python<'_>, images: PyTensor) -> PyResult<PyTensor> {

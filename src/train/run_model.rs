@@ -14,12 +14,30 @@ use super::runner::{
     build_network, device, embed_dataset, evaluate_embeddings, load_model, RunData,
 };
 use crate::data::{
-    self, Dataset, DatasetOptions, Image, ReaderOptions, Split, Transform, Workspace,
+    self, Dataset, DatasetOptions, Geometry, Image, ReaderOptions, Split, Transform, Workspace,
 };
 use crate::error::{Error, Result};
 use crate::model::EmbeddingNet;
 use crate::names::dtype_name;
 use crate::rng::Rng;
+
+/// What a run's network reads: images of `channels` x `size` x `size`
+/// after the evaluation geometry, each channel mapped from 8-bit values as
+/// `(v[source_channels[c]] / scale - mean[c]) / std[c]` in float32.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub size: usize,
+    /// `"pad_crop"` (small images pass through at `size`) or
+    /// `"resize_center_crop"` (short side resized to `resize`, then the
+    /// central `size` x `size`).
+    pub geometry: &'static str,
+    pub resize: Option<usize>,
+    pub scale: f32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub source_channels: Vec<usize>,
+}
 
 /// A network with the weights of a run's checkpoint.
 pub struct RunModel {
@@ -27,7 +45,7 @@ pub struct RunModel {
     pub run_dir: PathBuf,
     pub device: Device,
     net: EmbeddingNet,
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
     eval_transform: Transform,
 }
 
@@ -68,7 +86,7 @@ impl RunModel {
             run_dir: run_dir.to_path_buf(),
             device,
             net,
-            _vs: vs,
+            vs,
             eval_transform: data.eval_transform,
         })
     }
@@ -90,6 +108,41 @@ impl RunModel {
             images.to_kind(Kind::Float)
         };
         Ok(self.net.embed(&x.to_device(self.device)))
+    }
+
+    /// The network's variables (parameters and BatchNorm statistics) as
+    /// CPU copies, keyed as the checkpoint's model: `backbone.*`, `embed.*`,
+    /// `classifier.*`.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<_> = tch::no_grad(|| {
+            self.vs
+                .variables()
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).copy()))
+                .collect()
+        });
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// What the network reads (the evaluation transform's output).
+    pub fn input_spec(&self) -> InputSpec {
+        let t = &self.eval_transform;
+        let a = t.affine();
+        let (geometry, resize) = match t.geometry() {
+            Geometry::ResizeCenterCrop { resize } => ("resize_center_crop", Some(*resize)),
+            _ => ("pad_crop", None),
+        };
+        InputSpec {
+            channels: t.channels(),
+            size: t.size(),
+            geometry,
+            resize,
+            scale: a.scale,
+            mean: a.mean.clone(),
+            std: a.std.clone(),
+            source_channels: a.source.clone(),
+        }
     }
 
     /// Classifier logits of embeddings (N x embedding size), e.g. to see the

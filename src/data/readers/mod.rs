@@ -12,6 +12,7 @@
 mod cars;
 mod csv;
 mod cub;
+mod files;
 mod folder;
 mod idx_sets;
 mod inshop;
@@ -26,6 +27,7 @@ use crate::error::{Error, Result};
 pub use self::cars::cars196;
 pub use self::csv::csv;
 pub use self::cub::cub200;
+pub use self::files::image_files;
 pub use self::folder::image_folder;
 pub use self::idx_sets::{fashion_mnist, glyphs};
 pub use self::inshop::inshop;

@@ -1,0 +1,96 @@
+"""Trained models out of the library: plain PyTorch modules, TorchScript
+and safetensors files.
+
+>>> import grouploss
+>>> run = grouploss.load_run("runs/glyphs-...")                 # doctest: +SKIP
+>>> model = run.to_torch()            # a torch.nn.Module: images -> embeddings  # doctest: +SKIP
+>>> grouploss.export.save(model, "model.pt", format="torchscript")  # doctest: +SKIP
+>>> serving = torch.jit.load("model.pt")   # no grouploss needed   # doctest: +SKIP
+
+A model takes images at the run's input size (``model.input_size``
+square; a run on larger photos resizes the short side to
+``description["input"]["resize"]`` and crops the centre first), ``uint8``
+0-255 or floats in [0, 1], N x C x H x W, and returns the embeddings
+that ``grouploss embed`` gives for those images.
+
+Formats:
+
+- ``"torchscript"``: one file with the pixel normalisation, backbone and
+  embedding layer, loadable by ``torch.jit.load`` (in Python without
+  grouploss, or in C++) and servable as is. The description is stored
+  beside it as the extra file ``grouploss.json``.
+- ``"safetensors"``: the module's state dict (nothing executable), the
+  description in the file's metadata; :func:`load` rebuilds the module.
+  The ResNets' keys are torchvision's, under ``backbone.``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Dict, Union
+
+import torch
+
+from .models import EmbeddingModel, embedding_model
+
+__all__ = ["FORMATS", "load", "save"]
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("torchscript", "safetensors")
+_METADATA_KEY = "grouploss"
+_EXTRA_FILE = "grouploss.json"
+
+
+def _check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    return format
+
+
+def save(model: EmbeddingModel, path: PathLike, *, format: str = "torchscript") -> pathlib.Path:
+    """Writes ``model`` (from ``RunModel.to_torch()`` or :func:`load`) to
+    ``path`` as ``format`` (``"torchscript"`` or ``"safetensors"``),
+    atomically: a crash leaves the old file or none. Returns the path."""
+    _check_format(format)
+    if not isinstance(model, EmbeddingModel):
+        raise TypeError(f"model: expected a grouploss EmbeddingModel, got {type(model).__name__}")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    text = json.dumps(model.description, sort_keys=True)
+    was_training = model.training
+    try:
+        model.eval()
+        if format == "torchscript":
+            scripted = torch.jit.script(model)
+            torch.jit.save(scripted, str(tmp), _extra_files={_EXTRA_FILE: text})
+        else:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp), metadata={_METADATA_KEY: text, "format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
+    """Reads a model written by :func:`save`: an :class:`EmbeddingModel`
+    from ``"safetensors"`` (rebuilt from its description; no code is read
+    from the file), or the ``torch.jit`` module of ``"torchscript"``."""
+    _check_format(format)
+    path = pathlib.Path(path)
+    if format == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if _METADATA_KEY not in metadata:
+            raise ValueError(f"path: {path} is not a model written by grouploss.export.save")
+        state: Dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
+    return embedding_model(json.loads(metadata[_METADATA_KEY]), state)

@@ -1,0 +1,236 @@
+"""grouploss.export and ``RunModel.to_torch``: a trained run leaves the
+library as a plain PyTorch module, a TorchScript file that needs no
+grouploss, or a safetensors file, each giving the embeddings the run gives
+(``grouploss embed``) for the same images; the ResNets load into
+torchvision's."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import make_glyph_like, tiny_run
+
+import grouploss
+from grouploss import export
+from grouploss.models import EmbeddingModel
+
+TOL = 1e-5
+BACKBONES = ("convnet", "resnet18", "resnet50", "bn_inception")
+
+
+@pytest.fixture(scope="module")
+def glyphs_root(tmp_path_factory):
+    return make_glyph_like(tmp_path_factory.mktemp("glyphs"), train_classes=6, per=8)
+
+
+@pytest.fixture(scope="module")
+def runs(glyphs_root, tmp_path_factory):
+    """One short run per backbone, trained when first asked for."""
+    made = {}
+
+    def run(backbone: str) -> pathlib.Path:
+        if backbone not in made:
+            out = tmp_path_factory.mktemp(f"run-{backbone}")
+            opts = tiny_run(plots=False, epochs=1, backbone=backbone, embedding_size=16)
+            made[backbone] = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **opts)
+        return made[backbone].run_dir
+
+    return run
+
+
+def _test_images(model: grouploss.RunModel) -> torch.Tensor:
+    """The run's test images as stored: uint8 N x C x H x W."""
+    ds = model.dataset("test")
+    return torch.stack([ds.load(i) for i in range(len(ds))])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grouploss.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+# Runs in a fresh interpreter in which importing grouploss fails.
+_WITHOUT_GROUPLOSS = """
+import importlib.abc, sys
+
+class NoGrouploss(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "grouploss" or name.startswith("grouploss."):
+            raise ImportError("grouploss is not importable here")
+        return None
+
+sys.meta_path.insert(0, NoGrouploss())
+try:
+    import grouploss
+    sys.exit("grouploss was importable")
+except ImportError:
+    pass
+import json, numpy as np, torch
+model_file, images_file, out_file, device = sys.argv[1:5]
+extra = {"grouploss.json": ""}
+model = torch.jit.load(model_file, map_location=device, _extra_files=extra)
+images = torch.from_numpy(np.load(images_file)).to(device)
+with torch.no_grad():
+    emb = model(images)
+np.save(out_file, emb.cpu().numpy())
+print(json.loads(extra["grouploss.json"])["backbone"])
+"""
+
+
+@pytest.mark.parametrize("backbone", ["convnet", "resnet18"])
+def test_torchscript_needs_no_grouploss_and_matches_embed(runs, backbone, tmp_path):
+    run_dir = runs(backbone)
+    model_file = tmp_path / "model.pt"
+    done = _cli("export", str(run_dir), "--format", "torchscript", "--out", str(model_file))
+    assert done.returncode == 0, done.stderr
+    assert model_file.exists() and not list(tmp_path.glob(".*tmp*"))
+    done = _cli("embed", str(run_dir), "--data", "test", "--out", str(tmp_path / "emb.npy"))
+    assert done.returncode == 0, done.stderr
+    expected = np.load(tmp_path / "emb.npy")
+
+    images = _test_images(grouploss.load_run(run_dir, device="cpu"))
+    np.save(tmp_path / "images.npy", images.numpy())
+    child = subprocess.run(
+        [sys.executable, "-I", "-c", _WITHOUT_GROUPLOSS, str(model_file)]
+        + [str(tmp_path / "images.npy"), str(tmp_path / "out.npy"), "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == backbone
+    got = np.load(tmp_path / "out.npy")
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchscript_on_cuda_matches_embed(runs, tmp_path):
+    run_dir = runs("resnet18")
+    model = grouploss.load_run(run_dir, device="cuda")
+    expected, _ = model.embed_split("test")
+    path = model.export(tmp_path / "model.pt", format="torchscript")
+    scripted = torch.jit.load(str(path), map_location="cuda")
+    with torch.no_grad():
+        got = scripted(_test_images(model).cuda())
+    assert (got - expected.cuda()).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_to_torch_gives_the_runs_embeddings(runs, backbone):
+    model = grouploss.load_run(runs(backbone), device="cpu")
+    expected, _ = model.embed_split("test")
+    net = model.to_torch()
+    assert isinstance(net, torch.nn.Module) and not net.training
+    images = _test_images(model)
+    with torch.no_grad():
+        from_uint8 = net(images)
+        from_float = net(images.float() / 255)
+    assert (from_uint8 - expected).abs().max().item() <= TOL
+    assert (from_float - expected).abs().max().item() <= TOL
+    assert net.description["backbone"] == backbone
+
+
+def test_to_torch_trains_on_in_a_plain_loop(runs):
+    """The weights are parameters a torch optimizer moves; a train step
+    changes the embeddings and leaves the run alone."""
+    model = grouploss.load_run(runs("convnet"), device="cpu")
+    net = model.to_torch().train()
+    images = _test_images(model)[:8]
+    before = model.to_torch()(images).detach()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(images).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    opt.step()
+    after = net.eval()(images).detach()
+    assert (after - before).abs().max().item() > 1e-4
+    assert torch.equal(model.to_torch()(images).detach(), before)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_resnet_loads_into_torchvision(runs, backbone):
+    torchvision = pytest.importorskip("torchvision")
+    net = grouploss.load_run(runs(backbone), device="cpu").to_torch()
+    tv = getattr(torchvision.models, backbone)()
+    state = {
+        k[len("backbone.") :]: v for k, v in net.state_dict().items() if k.startswith("backbone.")
+    }
+    result = tv.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+    tv.fc = torch.nn.Identity()
+    tv.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(tv(x), net.backbone(x), atol=1e-6, rtol=0)
+
+
+def test_safetensors_round_trip(runs, tmp_path):
+    model = grouploss.load_run(runs("bn_inception"), device="cpu")
+    net = model.to_torch()
+    path = export.save(net, tmp_path / "model.safetensors", format="safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        description = json.loads(f.metadata()["grouploss"])
+        keys = set(f.keys())
+    assert description == json.loads(json.dumps(net.description))
+    assert not any(k.startswith("classifier.") for k in keys)
+    back = export.load(path)
+    assert isinstance(back, EmbeddingModel)
+    images = _test_images(model)
+    with torch.no_grad():
+        assert torch.equal(back(images), net(images))
+
+
+def test_cli_export_safetensors_loads_back(runs, tmp_path):
+    run_dir = runs("convnet")
+    out = tmp_path / "sub" / "model.safetensors"
+    done = _cli("export", str(run_dir), "--format", "safetensors", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    model = grouploss.load_run(run_dir, device="cpu")
+    expected, _ = model.embed_split("test")
+    with torch.no_grad():
+        got = export.load(out)(_test_images(model))
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_wrong_format_is_named(runs, tmp_path):
+    model = grouploss.load_run(runs("convnet"), device="cpu")
+    with pytest.raises(ValueError, match="format: expected one of torchscript, safetensors"):
+        model.export(tmp_path / "m.onnx", format="onnx")
+    with pytest.raises(ValueError, match="format"):
+        export.load(tmp_path / "m.onnx", format="onnx")
+    with pytest.raises(TypeError, match="model: expected a grouploss EmbeddingModel"):
+        export.save(torch.nn.Linear(2, 2), tmp_path / "m.pt")
+    done = _cli("export", str(runs("convnet")), "--format", "onnx", "--out", "m.onnx")
+    assert done.returncode == 2 and "argument --format: invalid choice: 'onnx'" in done.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_load_refuses_a_foreign_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a model written by grouploss.export.save"):
+        export.load(tmp_path / "other.safetensors")
+
+
+def test_embedding_model_refuses_missing_weights(runs):
+    model = grouploss.load_run(runs("convnet"), device="cpu")
+    net = model.to_torch()
+    state = dict(net.state_dict())
+    state.pop(next(k for k in state if k.startswith("backbone.")))
+    from grouploss.models import embedding_model
+
+    with pytest.raises((ValueError, RuntimeError), match="backbone"):
+        embedding_model(net.description, state)
