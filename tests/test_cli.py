@@ -221,3 +221,11 @@ def test_search_in_an_index_needs_the_run(small_run, tmp_path, capsys, monkeypat
     assert "--run: needed with an index file" in capsys.readouterr().err
     assert cli.main(["search", str(small_run), str(image), "--run", str(small_run)]) == 2
     assert "--run: only with an index file" in capsys.readouterr().err
+    index_args = ["search", str(tmp_path / "g.safetensors"), str(image), "--run", str(small_run)]
+    assert cli.main([*index_args, "--gallery", "test"]) == 2
+    assert "--gallery: only with a run folder" in capsys.readouterr().err
+    # A split name is the run's split even where a folder has that name.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test").mkdir()
+    assert cli.main(["search", str(small_run), str(image), "--gallery", "test", "--k", "1"]) == 0
+    assert "t10k-images-idx3-ubyte" in capsys.readouterr().out

@@ -225,6 +225,20 @@ def test_load_refuses_a_foreign_safetensors_file(tmp_path):
         export.load(tmp_path / "other.safetensors")
 
 
+def test_load_refuses_a_torchscript_backbone_named_in_the_metadata(runs, tmp_path):
+    """Rebuilding such a model would load the program its metadata names:
+    a safetensors file must not be able to run code."""
+    from safetensors.torch import save_file
+
+    net = grouploss.load_run(runs("convnet"), device="cpu").to_torch()
+    description = dict(net.description, backbone=f"torchscript:{tmp_path / 'evil.pt'}")
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path), metadata={"grouploss": json.dumps(description)})
+    with pytest.raises(ValueError, match="holds a TorchScript backbone"):
+        export.load(path)
+
+
 def test_embedding_model_refuses_missing_weights(runs):
     model = grouploss.load_run(runs("convnet"), device="cpu")
     net = model.to_torch()

@@ -16,6 +16,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import normalized_mutual_info_score
 from ticking import ticking
 
+from grouploss import _native
 from grouploss import metrics as M
 
 CUDA = torch.cuda.is_available()
@@ -287,7 +288,8 @@ def test_kmeans_seeded_in_rounds_at_large_k_stays_near_sklearn():
     against 0.994 here, inertia 6.5% higher (larger gaps with tighter
     clusters; the docstring of metrics.kmeans says why)."""
     k, per, d = 1024, 65, 16
-    assert _native_seeds_in_rounds(k * per, k)
+    assert _native.kmeans_seeds_in_rounds(k * per, k)
+    assert not _native.kmeans_seeds_in_rounds(4800, 600)  # smaller: greedy, as sklearn
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(k), per)
     x = (rng.standard_normal((k, d))[y] + 0.35 * rng.standard_normal((k * per, d))).astype(
@@ -302,11 +304,6 @@ def test_kmeans_seeded_in_rounds_at_large_k_stays_near_sklearn():
     direct = ((x.astype(np.float64) - ours.centroids[ours.assignments]) ** 2).sum()
     assert abs(direct - ours.inertia) <= 1e-4 * direct
     assert len(np.unique(ours.assignments)) == k
-
-
-def _native_seeds_in_rounds(n: int, k: int) -> bool:
-    """Mirrors GREEDY_SEEDING_MAX_WORK and SEED_ROUNDS of src/eval/kmeans.rs."""
-    return k >= 512 and n * k > 1 << 26
 
 
 def test_kmeans_is_fixed_by_the_seed_and_keeps_the_input_type():

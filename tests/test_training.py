@@ -390,3 +390,19 @@ def test_gtg_warmup_ramp_and_sharpness_reach_the_loss(glyphs_root, tmp_path):
     assert sharp.history[0]["train_nll"] != blunt.history[0]["train_nll"]
     with pytest.raises(ValueError, match=r"^similarity_power: expected a finite number >= 1"):
         training.resolve_config("glyphs", similarity_power=0.5)
+
+
+def test_the_runs_dataset_is_split_as_the_run_split_it(glyphs_root, tmp_path):
+    """``RunModel.dataset`` opens a split with the run's split seed, which
+    is not the run's seed here: the same images, in the same order, as the
+    trainer's ``embed_split``."""
+    opts = tiny_run(plots=False, epochs=1, seed=3, split_seed=11)
+    result = grouploss.train("glyphs", data_root=glyphs_root, out_dir=tmp_path, **opts)
+    model = grouploss.load_run(result.run_dir, device="cpu")
+    for split in ("train", "val"):
+        want, want_labels = model.embed_split(split)
+        got, got_labels = model.embed_dataset(model.dataset(split))
+        assert torch.equal(got_labels, want_labels)
+        assert torch.equal(got, want), split
+    other = grouploss.datasets.Glyphs(glyphs_root, split="val", val_fraction=0.3, split_seed=3)
+    assert other.classes != model.dataset("val").classes

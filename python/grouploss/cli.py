@@ -223,7 +223,9 @@ def _search_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("source", type=_existing, metavar="RUN_DIR|INDEX")
     s.add_argument("images", nargs="+", type=_existing, metavar="IMAGES")
     s.add_argument("--k", type=_at_least(1), default=10, help="neighbours per query")
-    s.add_argument("--gallery", default="test", help="with a run: a split name or a folder")
+    s.add_argument(
+        "--gallery", default=None, help="with a run: a split name (default test) or a folder"
+    )
     s.add_argument("--run", type=_existing, help="with an index: the run that embeds the queries")
     _model_options(s)
     return s
@@ -377,14 +379,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+SPLITS = ("train", "val", "test", "query", "gallery", "all")
+
+
 def _gallery(model: training.RunModel, data: str):
-    """``(embeddings, labels, dataset)`` of a split name or an image folder."""
+    """``(embeddings, labels, dataset)`` of a split name of the run's
+    dataset (first) or an image folder (``./test`` for a folder named like
+    a split)."""
     from .datasets import ImageFolder
 
-    if pathlib.Path(data).is_dir():
+    if data in SPLITS:
+        dataset = model.dataset(data)
+    elif pathlib.Path(data).is_dir():
         dataset = ImageFolder(data, split="all")
     else:
-        dataset = model.dataset(data)
+        raise ValueError(f"{data}: neither a split ({', '.join(SPLITS)}) nor a folder")
     emb, labels = model.embed_dataset(dataset)
     return emb, labels, dataset
 
@@ -429,12 +438,14 @@ def _search(args: argparse.Namespace) -> int:
         if args.run is not None:
             raise UsageError("--run: only with an index file (RUN_DIR embeds the queries)")
         model = training.load_run(args.source, checkpoint=args.checkpoint, device=args.device)
-        emb, labels, gallery = _gallery(model, args.gallery)
+        emb, labels, gallery = _gallery(model, args.gallery or "test")
         index = Index(emb.shape[1])
         index.add(emb, labels=labels)
     else:
         if args.run is None:
             raise UsageError("--run: needed with an index file, to embed the queries")
+        if args.gallery is not None:
+            raise UsageError("--gallery: only with a run folder (the index is the gallery)")
         model = training.load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         index, gallery = Index.load(args.source), None
     queries = ImageFiles(args.images)
@@ -449,7 +460,10 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
     """Each query's path, then its neighbours: rank, similarity, id, label
     (the class name with a dataset gallery) and, with one, the image."""
     labels = index.labels
-    where = {int(i): n for n, i in enumerate(index.ids)} if labels is not None else {}
+    ids_ = index.ids
+    if labels is not None and len(set(ids_.tolist())) < len(ids_):
+        labels = None  # ids that repeat do not name one label
+    where = {int(i): n for n, i in enumerate(ids_)} if labels is not None else {}
     for q in range(len(queries)):
         print(f"query {q}: {queries.path(q)}")
         for rank, (score, i) in enumerate(zip(scores[q], ids[q]), start=1):

@@ -349,9 +349,10 @@ def run_dataset(
     if not classes:
         raise ValueError(f"config: expected a dataset of grouploss.datasets, got {kind!r}")
     root = root if root is not None else config.get("data_root") or None
-    return classes[0](
-        root, split=split, val_fraction=config["val_fraction"], split_seed=config["seed"]
-    )
+    split_seed = config.get("split_seed")
+    if split_seed is None:  # the trainer's default: the run's seed
+        split_seed = config["seed"]
+    return classes[0](root, split=split, val_fraction=config["val_fraction"], split_seed=split_seed)
 
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -21,7 +21,10 @@ Formats:
   beside it as the extra file ``grouploss.json``.
 - ``"safetensors"``: the module's state dict (nothing executable), the
   description in the file's metadata; :func:`load` rebuilds the module.
-  The ResNets' keys are torchvision's, under ``backbone.``.
+  The ResNets' keys are torchvision's, under ``backbone.``. A run whose
+  backbone is a TorchScript file (``torchscript:PATH``) exports as
+  TorchScript only: :func:`load` refuses to rebuild it from a path written
+  in a file's metadata.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def _check_format(format: str) -> str:
 def save(model: EmbeddingModel, path: PathLike, *, format: str = "torchscript") -> pathlib.Path:
     """Writes ``model`` (from ``RunModel.to_torch()`` or :func:`load`) to
     ``path`` as ``format`` (``"torchscript"`` or ``"safetensors"``),
-    atomically: a crash leaves the old file or none. Returns the path."""
+    through a temporary file renamed at the end: a crash leaves the old
+    file or the new one, never a partial one (a killed process may leave
+    its ``.NAME.tmp-PID`` beside it). Returns the path."""
     _check_format(format)
     if not isinstance(model, EmbeddingModel):
         raise TypeError(f"model: expected a grouploss EmbeddingModel, got {type(model).__name__}")
@@ -93,4 +98,11 @@ def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
         if _METADATA_KEY not in metadata:
             raise ValueError(f"path: {path} is not a model written by grouploss.export.save")
         state: Dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
-    return embedding_model(json.loads(metadata[_METADATA_KEY]), state)
+    description = json.loads(metadata[_METADATA_KEY])
+    if str(description.get("backbone", "")).startswith("torchscript:"):
+        # Rebuilding it would load (and run) the program its metadata names.
+        raise ValueError(
+            f"path: {path} holds a TorchScript backbone ({description['backbone']}); "
+            "export such a run with format='torchscript'"
+        )
+    return embedding_model(description, state)

@@ -429,7 +429,7 @@ def kmeans(
     1e-4 times the mean per-feature variance; an empty cluster takes the
     point farthest from its centre. The best of ``n_init`` runs by inertia
     wins. For k >= 512 with n x k > 2^26 (Stanford Online Products' test
-    set, say) the seeding goes in 256 rounds of k / 256 centres
+    set, say) the seeding goes in about 256 rounds of k / 256 centres
     at once ("batched k-means++": 2 candidates per centre drawn by the same
     law, the better kept), so that it costs about two Lloyd iterations
     instead of k passes over the data; Lloyd skips the points that Hamerly's

@@ -313,9 +313,9 @@ class InputNormalization(nn.Module):
     it: output channel ``c`` is ``(v[source[c]] / scale - mean[c]) /
     std[c]`` for 8-bit values ``v``.
 
-    Takes ``uint8`` images (N x C x H x W, 0-255: the same values as the
-    trainer's, bit for bit) or floating images in [0, 1] (``v / 255``, as
-    torchvision's ``ToTensor`` gives).
+    Takes ``uint8`` images (N x C x H x W, 0-255: on the CPU the same values
+    as the trainer's, bit for bit; on CUDA to float rounding) or floating
+    images in [0, 1] (``v / 255``, as torchvision's ``ToTensor`` gives).
     """
 
     def __init__(

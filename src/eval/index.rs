@@ -102,6 +102,7 @@ impl Index {
         ids: Option<Vec<i64>>,
         labels: Option<Vec<i64>>,
     ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
         check_matrix_shape(embeddings, "embeddings", "samples x embedding dims")?;
         let (m, d) = (embeddings.size()[0], embeddings.size()[1]);
         ensure(
@@ -464,12 +465,15 @@ mod tests {
         let s = normalize(&q).matmul(&normalize(&g).tr());
         let (want_v, want_i) = topk_ordered(&s, k).unwrap();
         for block in [1, 7, 64, 300] {
-            let (v, i) = {
-                let q = normalize(&q);
-                index.search_block(&q, k, block).unwrap()
-            };
-            assert!(v.allclose(&want_v, 0.0, 1e-6, false), "block {block}");
-            assert!(i.equal(&want_i), "block {block}");
+            let q = normalize(&q);
+            // The torch top-k (CUDA) and the Rust scan (CPU), over tiles.
+            for (v, i) in [
+                index.search_block(&q, k, block).unwrap(),
+                index.scan_block(&q, k, block).unwrap(),
+            ] {
+                assert!(v.allclose(&want_v, 0.0, 1e-6, false), "block {block}");
+                assert!(i.equal(&want_i), "block {block}");
+            }
         }
         let (_, ids) = index.search(&q, k, Some(5)).unwrap();
         assert!(ids.equal(&want_i));

@@ -105,6 +105,13 @@ fn kmeans(
     ))
 }
 
+/// Whether `kmeans` seeds `k` centres of `n` samples in rounds (else
+/// greedily, as scikit-learn).
+#[pyfunction]
+fn kmeans_seeds_in_rounds(n: i64, k: i64) -> bool {
+    eval::kmeans::seeds_in_rounds(n, k)
+}
+
 /// Normalised mutual information of two integer labellings.
 #[pyfunction]
 fn nmi(py: Python<'_>, labels: PyTensor, assignments: PyTensor) -> PyResult<f64> {
@@ -144,6 +151,7 @@ fn knn(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(kmeans, m)?)?;
+    m.add_function(wrap_pyfunction!(kmeans_seeds_in_rounds, m)?)?;
     m.add_function(wrap_pyfunction!(nmi, m)?)?;
     m.add_function(wrap_pyfunction!(knn, m)?)?;
     Ok(())
