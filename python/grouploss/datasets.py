@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import operator
 import os
-import pathlib
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -298,24 +297,12 @@ class ImageFiles(ImageDataset):
     A file's label is its parent folder's name (``classes[label]``); the
     split is ``"all"``."""
 
-    _kind = "files"
-
     def __init__(
         self, paths: Sequence[PathLike], transform: Optional[Callable[..., Any]] = None
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        files: List[str] = []
-        for p in paths:
-            p = pathlib.Path(p)
-            if p.is_dir():
-                found = sorted(f for f in p.rglob("*") if _is_image_file(f, p))
-                if not found:
-                    raise ValueError(f"paths: {p} holds no .jpg, .jpeg or .png files")
-                files.extend(os.fspath(f) for f in found)
-            else:
-                files.append(os.fspath(p))
-        self._args = dict(paths=files)
+        self._args = dict(paths=[os.fspath(p) for p in paths])
         self.transform = transform
         self._open()
 
@@ -353,16 +340,6 @@ def run_dataset(
     if split_seed is None:  # the trainer's default: the run's seed
         split_seed = config["seed"]
     return classes[0](root, split=split, val_fraction=config["val_fraction"], split_seed=split_seed)
-
-
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def _is_image_file(path: pathlib.Path, folder: pathlib.Path) -> bool:
-    """An image file below ``folder``, hidden names left out (as the Rust
-    ImageFolder reader does)."""
-    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-    return not hidden and path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file()
 
 
 class CsvDataset(ImageDataset):

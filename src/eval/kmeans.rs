@@ -160,21 +160,10 @@ fn sq_dist(x: &Tensor, sq: &Tensor, c: &Tensor) -> Tensor {
 /// uniform numbers. As in scikit-learn, distances are in the data's dtype and
 /// their running sums in float64.
 fn seed_plus_plus(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<Tensor> {
-    let (n, d) = (x.size()[0], x.size()[1]);
-    let device = x.device();
-    let trials = 2 + (k as f64).ln().floor() as usize;
-    let centres = Tensor::zeros([k, d], (x.kind(), device));
-    let first = rng.below(n as u64) as i64;
-    centres.narrow(0, 0, 1).copy_(&x.narrow(0, first, 1));
-    let mut closest = sq_dist(x, sq, &x.narrow(0, first, 1)).squeeze_dim(1);
+    let trials = 2 + (k as f64).ln().floor() as i64;
+    let (centres, mut closest) = first_centre(x, sq, k, rng);
     for c in 1..k {
-        let u: Vec<f64> = (0..trials).map(|_| rng.next_f64()).collect();
-        let cum = closest.cumsum(0, Kind::Double);
-        let potential = cum.narrow(0, n - 1, 1);
-        let targets = Tensor::from_slice(&u).to_device(device) * &potential;
-        let ids = targets
-            .f_searchsorted(&cum, false, false, "left", None::<Tensor>)?
-            .clamp_max(n - 1);
+        let ids = draw_d2(&closest, trials, rng)?;
         let candidates = x.index_select(0, &ids);
         let dist = sq_dist(x, sq, &candidates).minimum(&closest.unsqueeze(1));
         let pots = dist.sum_dim_intlist(0, false, Kind::Double);
@@ -185,6 +174,16 @@ fn seed_plus_plus(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<Tens
             .copy_(&candidates.index_select(0, &best));
     }
     Ok(centres)
+}
+
+/// The centres of a seeding (k x d, zeros) with the first, a point drawn
+/// uniformly, in place; and every point's squared distance to it.
+fn first_centre(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> (Tensor, Tensor) {
+    let centres = Tensor::zeros([k, x.size()[1]], (x.kind(), x.device()));
+    let first = rng.below(x.size()[0] as u64) as i64;
+    centres.narrow(0, 0, 1).copy_(&x.narrow(0, first, 1));
+    let closest = sq_dist(x, sq, &x.narrow(0, first, 1)).squeeze_dim(1);
+    (centres, closest)
 }
 
 /// Rounds of the batched seeding: from k = 2 x SEED_ROUNDS on, each round
@@ -220,17 +219,14 @@ pub const SEED_TRIALS: i64 = 2;
 /// rounds. Every point's nearest centre is updated once per round, so that
 /// the seeding ends with Lloyd's first assignment (with no bound yet).
 fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Tensor, Nearest)> {
-    let (n, d) = (x.size()[0], x.size()[1]);
-    let device = x.device();
+    let (n, device) = (x.size()[0], x.device());
     let elt = if x.kind() == Kind::Double { 8 } else { 4 };
     let most = (BLOCK_BYTES / (n * elt * SEED_TRIALS)).max(1);
     let per_round = (k / SEED_ROUNDS).clamp(1, most);
-    let centres = Tensor::zeros([k, d], (x.kind(), device));
-    let first = rng.below(n as u64) as i64;
-    centres.narrow(0, 0, 1).copy_(&x.narrow(0, first, 1));
+    let (centres, closest) = first_centre(x, sq, k, rng);
     let mut near = Nearest {
         labels: Tensor::zeros([n], (Kind::Int64, device)),
-        dist: sq_dist(x, sq, &x.narrow(0, first, 1)).squeeze_dim(1),
+        dist: closest,
         // No bound yet: Lloyd's first refresh compares every point.
         lower: Tensor::zeros([n], (x.kind(), device)),
     };
@@ -298,16 +294,8 @@ fn thin(x: &Tensor, sq: &Tensor, dist: &Tensor, ids: &Tensor, rng: &mut Rng) -> 
 
 /// Exact inertia: sum of |x - centre(x)|^2, in row blocks.
 fn inertia(x: &Tensor, centres: &Tensor, labels: &Tensor, rows: i64) -> Result<f64> {
-    let n = x.size()[0];
-    let mut total = 0.0;
-    let mut start = 0;
-    while start < n {
-        let len = rows.min(n - start);
-        let diff = x.narrow(0, start, len) - centres.index_select(0, &labels.narrow(0, start, len));
-        total += f64::try_from(diff.square().sum(Kind::Double))?;
-        start += len;
-    }
-    Ok(total)
+    let own = own_distance(x, centres, labels, rows, Kind::Double);
+    Ok(f64::try_from(own.sum(Kind::Double))?)
 }
 
 /// New centres: means of the clusters; an empty cluster takes the point
@@ -378,7 +366,7 @@ impl Nearest {
     fn refresh(&mut self, x: &Tensor, sq: &Tensor, centres: &Tensor, shift: &Tensor, rows: i64) {
         let largest = shift.max();
         let _ = self.lower.g_sub_(&largest);
-        self.dist = own_distance(x, centres, &self.labels, rows);
+        self.dist = own_distance(x, centres, &self.labels, rows, x.kind());
         let stale = self
             .dist
             .sqrt()
@@ -433,15 +421,16 @@ fn nearest_two(
     )
 }
 
-/// Squared distance of every point to its own centre, in row blocks.
-fn own_distance(x: &Tensor, centres: &Tensor, labels: &Tensor, rows: i64) -> Tensor {
+/// Squared distance of every point to its own centre, summed in `kind`, in
+/// row blocks.
+fn own_distance(x: &Tensor, centres: &Tensor, labels: &Tensor, rows: i64, kind: Kind) -> Tensor {
     let n = x.size()[0];
     let mut out = Vec::new();
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
         let diff = x.narrow(0, start, len) - centres.index_select(0, &labels.narrow(0, start, len));
-        out.push(diff.square().sum_dim_intlist(1, false, x.kind()));
+        out.push(diff.square().sum_dim_intlist(1, false, kind));
         start += len;
     }
     Tensor::cat(&out, 0)

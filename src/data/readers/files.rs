@@ -1,27 +1,23 @@
 //! A list of image files (JPEG or PNG), for inference on new images: each
-//! file's label is its parent folder's name.
+//! file's label is its parent folder's name; a folder stands for the images
+//! below it.
 
 use std::path::{Path, PathBuf};
 
+use super::folder::walk;
 use crate::data::dataset::{Dataset, DatasetOptions, Item, Listing, Part, Record};
 use crate::data::Split;
 use crate::error::{Error, Result};
 
-/// The files `paths` in the order given, as the split `"all"`; classes are
-/// the parent folders' names, sorted. The root is the files' deepest common
-/// folder.
+/// The files `paths` in the order given, a folder among them standing for
+/// its `*.jpg|jpeg|png` files (below it, hidden names left out, sorted), as
+/// the split `"all"`; classes are the parent folders' names, sorted. The
+/// root is the files' deepest common folder.
 pub fn image_files(paths: &[PathBuf]) -> Result<Dataset> {
     if paths.is_empty() {
         return Err(Error::invalid("paths", "[]", "at least one image file"));
     }
-    for p in paths {
-        if !p.is_file() {
-            return Err(Error::io(
-                p,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such image file"),
-            ));
-        }
-    }
+    let paths = &expand(paths)?;
     let class_of = |p: &Path| {
         p.parent()
             .and_then(Path::file_name)
@@ -50,6 +46,34 @@ pub fn image_files(paths: &[PathBuf]) -> Result<Dataset> {
         ..DatasetOptions::default()
     };
     listing.select(&options)
+}
+
+/// `paths` with every folder replaced by its image files, sorted.
+fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found, 0)?;
+            if found.is_empty() {
+                return Err(Error::invalid(
+                    "paths",
+                    format!("{} holds no .jpg, .jpeg or .png files", p.display()),
+                    "image files or folders of them",
+                ));
+            }
+            found.sort();
+            files.extend(found);
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            return Err(Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such image file"),
+            ));
+        }
+    }
+    Ok(files)
 }
 
 /// The deepest folder holding every one of `paths`.

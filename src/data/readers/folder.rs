@@ -58,7 +58,9 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+/// The JPEG and PNG files below `dir` (hidden names left out), appended to
+/// `out` in the order found.
+pub(super) fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
     // Symbolic-link loops cannot recurse forever.
     if depth > 32 {
         return Ok(());
