@@ -3,6 +3,12 @@ PyTorch (the authors' release: anchors picked in a Python loop, correlation,
 softmax prior, replicator steps, NLL + CE), same device, dtype and threads.
 
     python benchmarks/bench_loss.py [--device cpu|cuda] [--shapes cub,sop,large]
+    python benchmarks/bench_loss.py --memory 1000,10000   # with a memory (memory_size)
+
+With ``--memory``, each shape is also timed with a memory of M earlier
+embeddings joining the group (``memory_embeddings``), against the same
+loss written from its definition in plain PyTorch: W over the concatenation
+of memory and batch, the memory rows one-hot anchors.
 
 Prints, per shape, the median time of one forward + backward of each, the
 ratio, the peak memory of each, and the largest relative difference of the
@@ -24,7 +30,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import machine  # noqa: E402
 
 from grouploss import functional as F  # noqa: E402
-from reference import pk_batch, reference_group_loss  # noqa: E402
+from reference import (  # noqa: E402
+    pk_batch,
+    reference_group_loss,
+    reference_group_loss_with_memory,
+)
 
 # (P, K, m, d, num_iters, num_anchors, temperature)
 SHAPES = {
@@ -97,17 +107,24 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def run_shape(name: str, device: torch.device, budget_s: float) -> dict:
+def run_shape(name: str, device: torch.device, budget_s: float, memory: int = 0) -> dict:
     p, k, m, d, iters, anchors, t = SHAPES[name]
     emb, labels, logits = pk_batch(p, k, m, d, dtype=torch.float32, seed=0, device=device)
     emb.requires_grad_(True)
     logits.requires_grad_(True)
     opts = dict(temperature=t, num_anchors=anchors, num_iters=iters)
+    g = torch.Generator().manual_seed(1)
+    mem = torch.randn(memory, d, generator=g).to(device)
+    mem_labels = torch.randint(0, m, (memory,), generator=g).to(device)
 
     def ours(e, y, lg):
+        if memory:
+            return F.group_loss(e, y, lg, memory_embeddings=mem, memory_labels=mem_labels, **opts)
         return F.group_loss(e, y, lg, **opts)
 
     def peer(e, y, lg):
+        if memory:
+            return reference_group_loss_with_memory(e, y, lg, mem, mem_labels, **opts)
         return reference_group_loss(e, y, lg, **opts)[0]
 
     results = {}
@@ -126,6 +143,7 @@ def run_shape(name: str, device: torch.device, budget_s: float) -> dict:
     med_ours, med_ref = statistics.median(t_ours), statistics.median(t_ref)
     return {
         "shape": name,
+        "memory": memory,
         "batch": f"{p}x{k}",
         "m": m,
         "d": d,
@@ -145,7 +163,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="cub,sop,large")
     ap.add_argument("--seconds", type=float, default=4.0, help="timing budget per shape and side")
     ap.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    ap.add_argument(
+        "--memory", default="", help="memory sizes M to time besides none, e.g. 1000,10000"
+    )
     args = ap.parse_args()
+    memories = [0] + [int(x) for x in args.memory.split(",") if x]
     device = torch.device(args.device)
     print(machine.describe())
     print(
@@ -153,17 +175,17 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     )
     header = (
-        f"{'shape':6} {'batch':6} {'m':>6} {'d':>5} {'it':>2} {'ours us':>10} "
+        f"{'shape':6} {'memory':>6} {'batch':6} {'m':>6} {'d':>5} {'it':>2} {'ours us':>10} "
         f"{'ref us':>10} {'speedup':>8} {'ours MiB':>9} {'ref MiB':>9}  max rel diff"
     )
     print(header)
     rows = []
-    for name in args.shapes.split(","):
-        r = run_shape(name, device, args.seconds)
+    for name, memory in [(n, mem) for n in args.shapes.split(",") for mem in memories]:
+        r = run_shape(name, device, args.seconds, memory)
         rows.append(r)
         diffs = ", ".join(f"{x:.1e}" for x in r["max_rel_diff_loss_emb_logits"])
         print(
-            f"{r['shape']:6} {r['batch']:6} {r['m']:>6} {r['d']:>5} {r['iters']:>2} "
+            f"{r['shape']:6} {memory:>6} {r['batch']:6} {r['m']:>6} {r['d']:>5} {r['iters']:>2} "
             f"{r['ours_us']:>10.1f} {r['reference_us']:>10.1f} {r['speedup']:>7.2f}x "
             f"{r['ours_peak_mib']:>9.2f} {r['reference_peak_mib']:>9.2f}  {diffs}"
         )

@@ -89,3 +89,46 @@ def pk_batch(p: int, k: int, m: int, d: int, *, dtype=torch.float64, seed=0, dev
         labels.to(device),
         logits.to(dtype=dtype, device=device),
     )
+
+
+def reference_group_loss_with_memory(
+    emb,
+    labels,
+    logits,
+    mem,
+    mem_labels,
+    *,
+    temperature=24.0,
+    num_anchors=2,
+    num_iters=1,
+    similarity="correlation",
+    sigma=1.0,
+    similarity_power=1.0,
+    zero_diagonal=False,
+    batch_classes_only=False,
+):
+    """The Group Loss over [memory; batch] from the definition: W of all
+    rows, memory rows one-hot anchors, the batch's first ``num_anchors``
+    per class too, replicator steps over all rows, NLL over the batch rows,
+    CE over the batch's logits."""
+    m = len(mem_labels)
+    z = torch.cat([mem, emb])
+    w = reference_similarity(z, zero_diagonal, similarity, sigma, similarity_power)
+    y_all = torch.cat([mem_labels, labels])
+    prior = F.softmax(logits / temperature, dim=1)
+    targets = y_all
+    if batch_classes_only:
+        classes, targets = torch.unique(y_all, sorted=True, return_inverse=True)
+        prior = prior[:, classes]
+        prior = prior / prior.sum(1, keepdim=True)
+    cols = prior.shape[1]
+    x = torch.cat([torch.zeros(m, cols, dtype=prior.dtype), prior])
+    anchors = list(range(m)) + [m + i for i in reference_anchors(labels, num_anchors)]
+    idx = torch.tensor(anchors)
+    x = x.clone()
+    x[idx] = F.one_hot(targets[idx], cols).to(x.dtype)
+    for _ in range(num_iters):
+        x = x * (w @ x)
+        x = x / x.sum(dim=1, keepdim=True)
+    nll = F.nll_loss(torch.log(x[m:] + 1e-12), targets[m:])
+    return nll + F.cross_entropy(logits, labels)

@@ -433,3 +433,69 @@ def test_the_example_trains_with_the_loss_owning_the_classifier(glyphs_root, tmp
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 0: loss" in done.stdout
+
+
+# ------------------------------------------------ gather_ranks: one group
+
+
+def _gathered_batch(rank: int, sizes=(12, 9)):
+    """Rank ``rank``'s batch (float64; the ranks' sizes differ)."""
+    g = torch.Generator().manual_seed(50 + rank)
+    n = sizes[rank]
+    labels = torch.randint(0, 6, (n,), generator=g)
+    emb = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    logits = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return emb, labels, logits
+
+
+def _gather_rank(rank: int, world: int, port: int, out: str, kwargs: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    emb, labels, logits = _gathered_batch(rank)
+    emb.requires_grad_()
+    logits.requires_grad_()
+    loss = grouploss.GroupLoss(6, gather_ranks=True, **kwargs)(emb, labels, logits)
+    loss.backward()
+    torch.save(
+        {"loss": loss.detach(), "emb": emb.grad, "logits": logits.grad}, f"{out}/rank{rank}.pt"
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": 10.0}, {"num_iters": 2, "similarity_power": 4.0, "batch_classes_only": True}],
+)
+def test_gather_ranks_equals_one_process_on_the_concatenated_batch(tmp_path, kwargs):
+    """2 gloo ranks with ``gather_ranks=True``: the loss on every rank and
+    the gradients of each rank's inputs equal those of one process computing
+    the loss of the concatenated batch (float64, 1e-9)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_rank, args=(2, port, str(tmp_path), kwargs), nprocs=2)
+    parts = [_gathered_batch(r) for r in (0, 1)]
+    emb = torch.cat([p[0] for p in parts]).requires_grad_()
+    labels = torch.cat([p[1] for p in parts])
+    logits = torch.cat([p[2] for p in parts]).requires_grad_()
+    loss = grouploss.GroupLoss(6, **kwargs)(emb, labels, logits)
+    loss.backward()
+    start = 0
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        n = len(parts[r][1])
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(got["emb"], emb.grad[start : start + n], rtol=0, atol=1e-9)
+        torch.testing.assert_close(got["logits"], logits.grad[start : start + n], rtol=0, atol=1e-9)
+        start += n
+    # One rank alone would give another loss (the test could fail).
+    alone = grouploss.GroupLoss(6, **kwargs)(*[parts[0][i] for i in (0, 1, 2)])
+    assert abs(alone.item() - loss.item()) > 1e-3

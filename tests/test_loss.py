@@ -640,8 +640,15 @@ def test_forward_calls_count_as_steps_until_step_is_called_with_a_warning():
 
 
 def test_the_state_dict_has_the_same_keys_whatever_the_options():
-    keys = {"num_steps", "anchor_generator_state"}
+    keys = {
+        "num_steps",
+        "anchor_generator_state",
+        "memory_embeddings",
+        "memory_labels",
+        "memory_steps",
+    }
     assert set(GroupLoss(6).state_dict()) == keys
+    assert set(GroupLoss(6, memory_size=10, memory_warmup_steps=3).state_dict()) == keys
     assert set(GroupLoss(6, gtg_warmup_steps=2, anchors="random", seed=1).state_dict()) == keys
     assert set(GroupLoss(6, embedding_size=4).state_dict()) == keys | {
         "classifier.weight",
@@ -651,7 +658,7 @@ def test_the_state_dict_has_the_same_keys_whatever_the_options():
     with pytest.warns(FutureWarning) as caught:
         GroupLoss(6).load_state_dict({})
     said = sorted(str(w.message).split(":")[0] for w in caught)
-    assert said == ["anchor_generator_state", "num_steps"], said
+    assert said == sorted(keys), said
 
 
 def test_a_restored_module_draws_the_random_anchors_an_uninterrupted_one_would():
@@ -1123,7 +1130,12 @@ def test_the_classifier_is_the_layer_its_argument_names():
     assert type(linear.classifier) is torch.nn.Linear
     assert isinstance(cosine.classifier, grouploss.loss.CosineClassifier)
     assert cosine.classifier.scale == 8.0
-    assert set(cosine.state_dict()) == {"num_steps", "anchor_generator_state", "classifier.weight"}
+    assert set(cosine.state_dict()) == {
+        "num_steps",
+        "anchor_generator_state",
+        "classifier.weight",
+        *grouploss.loss._MEMORY_BUFFERS,
+    }
     for loss_fn, kind in ((linear, "linear"), (cosine, "cosine")):
         with pytest.warns(FutureWarning, match="classifier_kind is deprecated"):
             assert loss_fn.classifier_kind == kind

@@ -91,6 +91,8 @@ def group_loss(
     want_grads: bool = True,
     want_probs: bool = False,
     implementation: str = "auto",
+    memory_embeddings: Optional[torch.Tensor] = None,
+    memory_labels: Optional[torch.Tensor] = None,
 ) -> GroupLossResult: ...
 def similarity(
     embeddings: torch.Tensor,

@@ -44,6 +44,7 @@ __all__ = [
     "ProcessGroup",
     "RankZeroFailed",
     "broadcast_text",
+    "gather_batches",
     "launched_by_torchrun",
     "local_rank",
     "process_group",
@@ -193,6 +194,64 @@ def broadcast_text(text: Optional[str]) -> str:
         data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     dist.broadcast(data, 0)
     return bytes(data.cpu().tolist()).decode()
+
+
+class _GatherRows(torch.autograd.Function):
+    """The rows of every rank's tensor, in rank order; backward hands each
+    rank the gradient of its own rows only (each rank computes the same
+    loss of the whole, so nothing is summed over the ranks)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: List[int], rank: int):
+        ctx.rows = (sum(sizes[:rank]), sizes[rank])
+        most = max(sizes)
+        padded = local
+        if local.shape[0] < most:
+            pad = local.new_zeros((most - local.shape[0], *local.shape[1:]))
+            padded = torch.cat([local, pad])
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, n = ctx.rows
+        return grad[start : start + n], None, None
+
+
+def gather_batches(*tensors: torch.Tensor) -> List[torch.Tensor]:
+    """Every rank's ``tensors`` concatenated along the first dimension, in
+    rank order, on every rank of the default process group (the batches may
+    differ in size between ranks; all tensors of a call share it).
+
+    Gradients flow back to the calling rank's own rows only: each rank
+    computes the same loss of the global batch, and the gradient of its
+    inputs is that loss's gradient with respect to its own rows, as one
+    process computing the loss of the concatenated batch would find.
+    ``GroupLoss(gather_ranks=True)`` uses it. Without an initialised
+    process group (or with one rank) the tensors come back as they are.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors)
+    n = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != n:
+            raise ValueError(
+                f"tensors: expected the same number of rows in each, got {n} and "
+                f"{t.shape[0]} (tensor {i})"
+            )
+    device = _comm_device()
+    size = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    rank = dist.get_rank()
+    out = []
+    for t in tensors:
+        moved = t.to(device)
+        gathered = _GatherRows.apply(moved, counts, rank)
+        out.append(gathered.to(t.device))
+    return out
 
 
 @contextlib.contextmanager

@@ -185,6 +185,8 @@ def group_loss(
     num_classes: Optional[int] = None,
     return_details: bool = False,
     implementation: str = "auto",
+    memory_embeddings: Optional[torch.Tensor] = None,
+    memory_labels: Optional[torch.Tensor] = None,
     **option_values: Any,
 ):
     """The Group Loss of one batch (see :class:`grouploss.GroupLoss`).
@@ -201,6 +203,17 @@ def group_loss(
             CPU, libtorch ops on other devices), ``"fused_cpu"``,
             ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
             slower, but supports double backward). All give the same values.
+        memory_embeddings: (M, dims) labelled points from outside the batch
+            (a memory of earlier batches' embeddings), or None. They join
+            the group as anchors: rows of W and one-hot rows of X that are
+            not scored and receive no gradient (they are detached). The NLL
+            is averaged over the batch's rows; with ``batch_classes_only``
+            the columns are the classes of batch and memory. With a memory,
+            every implementation computes through libtorch ops, the
+            gradients by autograd. :class:`grouploss.GroupLoss` keeps one
+            (``memory_size``).
+        memory_labels: (M,) integer classes of ``memory_embeddings``, in
+            ``[0, num_classes)``; given with them.
 
     Keyword options (:class:`GroupLossOptions`' names and defaults):
         temperature: T of the prior ``softmax(logits / T)``. Gradients are
@@ -242,6 +255,11 @@ def group_loss(
         num_classes=None if num_classes is None else int(num_classes),
         implementation=implementation,
     )
+    if memory_embeddings is not None or memory_labels is not None:
+        call["memory_embeddings"] = _upcast(
+            _require_tensor("memory_embeddings", memory_embeddings).detach()
+        )
+        call["memory_labels"] = _require_tensor("memory_labels", memory_labels)
     embeddings, logits = _upcast(embeddings), _upcast(logits)
     with _no_autocast(embeddings.device):
         if implementation != "autograd" and (

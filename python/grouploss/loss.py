@@ -10,6 +10,7 @@ from torch import nn
 
 from . import _native
 from . import functional as F
+from .distributed import gather_batches
 
 __all__ = ["CosineClassifier", "GroupLoss"]
 
@@ -124,6 +125,30 @@ class GroupLoss(nn.Module):
             CUDA); ``"fused_cpu"`` and ``"libtorch"`` force one of them;
             ``"autograd"`` records libtorch ops for autograd instead (slower,
             supports double backward). All give the same values.
+        gather_ranks: under ``torch.distributed``, refine over the global
+            batch: every rank's embeddings, logits and labels are gathered
+            (with gradients, :func:`grouploss.distributed.gather_batches`),
+            W spans the ``world_size x n`` samples, the loss is the same on
+            every rank and each rank's gradients reach only its own
+            samples. ``DistributedDataParallel`` then averages the
+            parameters' gradients over the ranks, which gives the global
+            loss's gradient divided by ``world_size``: multiply the loss by
+            ``world_size`` (or the learning rate) to step as one process on
+            the global batch would. Without a process group it does
+            nothing.
+        memory_size: keep the embeddings (detached) and labels of the last
+            ``memory_size`` samples of earlier training calls; they join
+            each group as labelled points (anchors that are not scored and
+            receive no gradient), so that a step refines over many more
+            classes (see :func:`grouploss.functional.group_loss`'s
+            ``memory_embeddings``). The memory is written by training
+            forward calls (``module.training`` and grad enabled), with the
+            gathered batch under ``gather_ranks``; it is the buffers
+            ``memory_embeddings`` and ``memory_labels`` (oldest first), so
+            a state dict carries it. 0: no memory.
+        memory_warmup_steps: training forward calls before the memory joins
+            the groups (it fills meanwhile): early embeddings drift fast.
+            The count is the buffer ``memory_steps``.
 
     Guards: a zero-variance embedding row (correlation) or zero row (cosine)
     is similar to no other sample instead of producing NaN, and a row whose
@@ -179,6 +204,9 @@ class GroupLoss(nn.Module):
         gtg_warmup_steps: int = 0,
         gtg_ramp_steps: int = 0,
         implementation: str = "auto",
+        gather_ranks: bool = False,
+        memory_size: int = 0,
+        memory_warmup_steps: int = 0,
         **option_values: Any,
     ) -> None:
         super().__init__()
@@ -192,6 +220,10 @@ class GroupLoss(nn.Module):
         _check_positive("classifier_scale", classifier_scale)
         _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
         _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)
+        _check_int("memory_size", memory_size, 0)
+        _check_int("memory_warmup_steps", memory_warmup_steps, 0)
+        if not isinstance(gather_ranks, bool):
+            raise ValueError(f"gather_ranks: expected True or False, got {gather_ranks!r}")
         if (gtg_warmup_steps or gtg_ramp_steps) and self.options.ce_weight == 0:
             raise ValueError(
                 "ce_weight: expected > 0 with gtg_warmup_steps or gtg_ramp_steps (the warm-up "
@@ -209,6 +241,9 @@ class GroupLoss(nn.Module):
         self.gtg_warmup_steps = int(gtg_warmup_steps)
         self.gtg_ramp_steps = int(gtg_ramp_steps)
         self.implementation = implementation
+        self.gather_ranks = gather_ranks
+        self.memory_size = int(memory_size)
+        self.memory_warmup_steps = int(memory_warmup_steps)
         seed = self.options.seed
         self._generator: Optional[torch.Generator] = None
         if seed is not None:
@@ -227,6 +262,11 @@ class GroupLoss(nn.Module):
         # The module's state has the same keys whatever the options.
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("anchor_generator_state", self._generator_state())
+        # The memory, oldest first (shaped by the first batch it takes), and
+        # the training calls that wrote it.
+        self.register_buffer("memory_embeddings", torch.zeros(0, 0))
+        self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("memory_steps", torch.zeros((), dtype=torch.long))
         # Forward calls counted as steps before a first `step()` call.
         self._forward_steps: Optional[int] = 0
 
@@ -261,7 +301,12 @@ class GroupLoss(nn.Module):
         key = prefix + "anchor_generator_state"
         if key in state_dict:  # takes the saved generator's size
             self.anchor_generator_state = torch.empty_like(state_dict[key], device="cpu")
-        for old in ("num_steps", "anchor_generator_state"):
+        for name in ("memory_embeddings", "memory_labels"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:  # takes the saved memory's size
+                mine = getattr(self, name)
+                setattr(self, name, mine.new_empty(saved.shape, dtype=saved.dtype))
+        for old in ("num_steps", "anchor_generator_state", *_MEMORY_BUFFERS):
             if prefix + old not in state_dict:
                 # State dicts of 0.x: no step count without a schedule, no
                 # generator state.
@@ -284,7 +329,9 @@ class GroupLoss(nn.Module):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {opts}, "
             f"normalize_embeddings={self.normalize_embeddings}, "
-            f"gtg_warmup_steps={self.gtg_warmup_steps}, gtg_ramp_steps={self.gtg_ramp_steps}"
+            f"gtg_warmup_steps={self.gtg_warmup_steps}, gtg_ramp_steps={self.gtg_ramp_steps}, "
+            f"gather_ranks={self.gather_ranks}, memory_size={self.memory_size}, "
+            f"memory_warmup_steps={self.memory_warmup_steps}"
         )
 
     def current_gtg_weight(self) -> float:
@@ -364,6 +411,12 @@ class GroupLoss(nn.Module):
                     f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
                 )
             embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
+        if self.gather_ranks:
+            embeddings = F._require_tensor("embeddings", embeddings)
+            labels = F._require_tensor("labels", labels)
+            logits = F._require_tensor("logits", logits)
+            embeddings, logits, labels = gather_batches(embeddings, logits, labels)
+        memory = self._memory_for(embeddings)
         opts = self.options
         gtg_weight = self.current_gtg_weight()
         if gtg_weight != opts.gtg_weight:
@@ -373,7 +426,7 @@ class GroupLoss(nn.Module):
             opts = opts.replace(seed=seed)
         if self._counts_forward_calls():
             self.num_steps += 1
-        return F.group_loss(
+        out = F.group_loss(
             embeddings,
             labels,
             logits,
@@ -381,7 +434,47 @@ class GroupLoss(nn.Module):
             num_classes=self.num_classes,
             return_details=return_details,
             implementation=self.implementation,
+            **memory,
         )
+        self._remember(embeddings, labels)
+        return out
+
+    def _writes_memory(self) -> bool:
+        return self.memory_size > 0 and self.training and torch.is_grad_enabled()
+
+    def _memory_for(self, embeddings: torch.Tensor) -> dict:
+        """The memory's keywords of this call: empty before the warm-up ends
+        or without a memory."""
+        if not self._writes_memory() or len(self.memory_labels) == 0:
+            return {}
+        if int(self.memory_steps.item()) < self.memory_warmup_steps:
+            return {}
+        mem = self.memory_embeddings
+        if isinstance(embeddings, torch.Tensor):
+            mem = mem.to(device=embeddings.device, dtype=F._upcast(embeddings).dtype)
+        return {"memory_embeddings": mem, "memory_labels": self.memory_labels.to(mem.device)}
+
+    def _remember(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Appends the batch to the memory (after the loss is computed: a
+        batch never joins its own group), keeping the last
+        ``memory_size`` rows."""
+        if not self._writes_memory():
+            return
+        new = F._upcast(embeddings.detach())
+        old = self.memory_embeddings
+        if old.numel() == 0 or old.shape[1] != new.shape[1]:
+            if old.numel():
+                raise ValueError(
+                    f"embeddings: expected {old.shape[1]} columns (the memory's), got "
+                    f"{new.shape[1]}"
+                )
+            old = new.new_zeros((0, new.shape[1]))
+        old = old.to(device=new.device, dtype=new.dtype)
+        keep = self.memory_size
+        self.memory_embeddings = torch.cat([old, new])[-keep:].clone()
+        labels = labels.detach().to(device=new.device, dtype=torch.long)
+        self.memory_labels = torch.cat([self.memory_labels.to(new.device), labels])[-keep:].clone()
+        self.memory_steps += 1
 
     def _counts_forward_calls(self) -> bool:
         """Whether this training forward counts as a step: only with a
@@ -403,6 +496,10 @@ class GroupLoss(nn.Module):
             )
         self._forward_steps += 1
         return True
+
+
+#: The memory's buffers (state dicts saved before it existed lack them).
+_MEMORY_BUFFERS = ("memory_embeddings", "memory_labels", "memory_steps")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -25,9 +25,9 @@
 //!   same D^2 law per slot, the one lowering the potential most kept, then
 //!   thinned against the others of the round (see [`seed_in_rounds`]). The
 //!   whole seeding costs about `SEED_TRIALS` Lloyd iterations, in wide matrix
-//!   products, and ends with the first assignment. Below that size, the
-//!   seeding is the greedy one above, which finds better centres (more
-//!   trials, one centre at a time). (On the SOP-shaped benchmark: NMI
+//!   products, and ends with the first assignment and its Hamerly bounds.
+//!   Below that size, the seeding is the greedy one above, which finds
+//!   better centres (more trials, one centre at a time). (On the SOP-shaped benchmark: NMI
 //!   0.870 with one trial, 0.884 with two, 0.904 greedy with 12, and
 //!   faiss's 0.870.)
 //! * **Lloyd with Hamerly's bounds** (Hamerly 2010): each point keeps a lower
@@ -43,6 +43,7 @@ use tch::{Kind, Tensor};
 use super::input::{
     block_rows, check_batch_size, check_embeddings, check_k, host_vec, prepare, BLOCK_BYTES,
 };
+use super::kmeans_cpu;
 use super::knn::topk_ordered;
 use crate::error::{at_least, ensure, Error, Result};
 use crate::rng::Rng;
@@ -216,18 +217,21 @@ pub const SEED_TRIALS: i64 = 2;
 /// squared distance to the centres so far and to those kept before it in
 /// the round) / (its squared distance when drawn), so that two draws from
 /// one tight group rarely both become centres; slots left empty go to later
-/// rounds. Every point's nearest centre is updated once per round, so that
-/// the seeding ends with Lloyd's first assignment (with no bound yet).
+/// rounds. Every point's nearest and second-nearest centres are updated once
+/// per round, so that the seeding ends with Lloyd's first assignment and its
+/// Hamerly bounds.
 fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Tensor, Nearest)> {
     let (n, device) = (x.size()[0], x.device());
     let elt = if x.kind() == Kind::Double { 8 } else { 4 };
     let most = (BLOCK_BYTES / (n * elt * SEED_TRIALS)).max(1);
     let per_round = (k / SEED_ROUNDS).clamp(1, most);
     let (centres, closest) = first_centre(x, sq, k, rng);
+    // Squared distance to the second-nearest centre, Hamerly's bound when
+    // the seeding ends.
+    let mut second = closest.full_like(f64::INFINITY);
     let mut near = Nearest {
         labels: Tensor::zeros([n], (Kind::Int64, device)),
         dist: closest,
-        // No bound yet: Lloyd's first refresh compares every point.
         lower: Tensor::zeros([n], (x.kind(), device)),
     };
     let mut c = 1;
@@ -236,13 +240,8 @@ fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Ten
         // SEED_TRIALS draws a slot; each slot keeps the draw that lowers
         // the potential most.
         let ids = draw_d2(&near.dist, b * SEED_TRIALS, rng)?;
-        let dist = sq_dist(x, sq, &x.index_select(0, &ids));
-        let potential = dist
-            .minimum(&near.dist.unsqueeze(1))
-            // Summed in the data's dtype (float64 costs a fifth of the
-            // seeding's time): only compared between a slot's candidates.
-            .sum_dim_intlist(0, false, x.kind())
-            .view([b, SEED_TRIALS]);
+        let round = Round::new(x, sq, &ids);
+        let potential = round.potentials(&near.dist)?.view([b, SEED_TRIALS]);
         let best =
             potential.argmin(1, false) + Tensor::arange(b, (Kind::Int64, device)) * SEED_TRIALS;
         let cols = best.index_select(
@@ -253,10 +252,82 @@ fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Ten
         centres
             .narrow(0, c, m)
             .copy_(&x.index_select(0, &ids.index_select(0, &cols)));
-        near.add_centres(&dist.index_select(1, &cols), c);
+        round.take(&cols, c, &mut near, &mut second)?;
         c += m;
     }
+    near.lower = second.sqrt();
     Ok((centres, near))
+}
+
+/// One round's candidates: the dot products `x_i . c_j` of every point i
+/// and candidate j (n x b, one matrix product), the points' and the
+/// candidates' squared norms; the squared distance is `(sq_i - 2 dot_ij) +
+/// csq_j` clamped at 0. On the CPU the passes over the block are fused
+/// ([`super::kmeans_cpu`]); elsewhere they are libtorch ops.
+struct Round<'a> {
+    dot: Tensor,
+    sq: &'a Tensor,
+    csq: Tensor,
+}
+
+impl<'a> Round<'a> {
+    fn new(x: &Tensor, sq: &'a Tensor, ids: &Tensor) -> Round<'a> {
+        Round {
+            dot: x.mm(&x.index_select(0, ids).tr()),
+            sq,
+            csq: sq.index_select(0, ids),
+        }
+    }
+
+    /// The block as the fused CPU passes take it.
+    fn block(&self) -> kmeans_cpu::Block<'_> {
+        kmeans_cpu::Block {
+            dot: &self.dot,
+            sq: self.sq,
+            csq: &self.csq,
+        }
+    }
+
+    /// The squared distances (n x b).
+    fn dist(&self) -> Tensor {
+        ((self.sq.unsqueeze(1) - &self.dot * 2.0) + self.csq.unsqueeze(0)).clamp_min(0.0)
+    }
+
+    /// The potential of each candidate, `sum_i min(d_ij, nearest_i)` (only
+    /// compared between the candidates of a slot).
+    fn potentials(&self, nearest: &Tensor) -> Result<Tensor> {
+        if kmeans_cpu::applies(&self.dot) {
+            let p = kmeans_cpu::potentials(self.block(), nearest)?;
+            return Ok(Tensor::from_slice(&p));
+        }
+        // Summed in the data's dtype here: float64 costs a fifth of the
+        // seeding's time on a GPU.
+        Ok(self
+            .dist()
+            .minimum(&nearest.unsqueeze(1))
+            .sum_dim_intlist(0, false, self.dot.kind()))
+    }
+
+    /// Takes in the candidates `cols` as centres numbered from `first`.
+    fn take(
+        &self,
+        cols: &Tensor,
+        first: i64,
+        near: &mut Nearest,
+        second: &mut Tensor,
+    ) -> Result<()> {
+        if kmeans_cpu::applies(&self.dot) {
+            let cols = host_vec::<i64>(cols)?;
+            let state = kmeans_cpu::TwoNearest {
+                labels: &mut near.labels,
+                nearest: &mut near.dist,
+                second,
+            };
+            return kmeans_cpu::take_centres(self.block(), &cols, first, state);
+        }
+        near.add_centres(self.dist().index_select(1, cols), first, second);
+        Ok(())
+    }
 }
 
 /// `b` row indices drawn with probability proportional to `weights`, with
@@ -352,10 +423,24 @@ impl Nearest {
     }
 
     /// Takes in new centres numbered from `first`, given the squared
-    /// distances (n x m) of every point to them (ties: the earlier centre).
-    fn add_centres(&mut self, dist: &Tensor, first: i64) {
-        let (d1, idx) = dist.min_dim(1, false);
+    /// distances (n x m) of every point to them (ties: the earlier centre),
+    /// and keeps `second`, every point's squared distance to its
+    /// second-nearest centre, up to date.
+    fn add_centres(&mut self, mut dist: Tensor, first: i64, second: &mut Tensor) {
+        let (d1, idx) = dist.min_dim(1, true);
+        let d2 = if dist.size()[1] > 1 {
+            let _ = dist.scatter_value_(1, &idx, f64::INFINITY);
+            dist.min_dim(1, false).0
+        } else {
+            d1.squeeze_dim(1).full_like(f64::INFINITY)
+        };
+        let (d1, idx) = (d1.squeeze_dim(1), idx.squeeze_dim(1));
         let better = d1.lt_tensor(&self.dist);
+        // A new nearest centre leaves the old one (or the new second) second;
+        // otherwise the new nearest may come second.
+        *second = d2
+            .minimum(&self.dist)
+            .where_self(&better, &second.minimum(&d1));
         self.labels = (idx + first).where_self(&better, &self.labels);
         self.dist = d1.where_self(&better, &self.dist);
     }
@@ -475,6 +560,7 @@ fn lloyd(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     /// Three tight blobs far apart.
     fn blobs(rng: &mut Rng, per: usize) -> (Tensor, Vec<i64>) {
@@ -567,6 +653,9 @@ mod tests {
         assert!(near.labels.equal(&exact.labels));
         let gap = f64::try_from((&near.dist - &exact.dist).abs().max()).unwrap();
         assert!(gap < 1e-5, "{gap}");
+        // And with Hamerly's bound: the distance to the second-nearest centre.
+        let gap = f64::try_from((&near.lower - &exact.lower).abs().max()).unwrap();
+        assert!(gap < 1e-4, "{gap}");
         // Every centre is a row of x.
         let (nearest, _) =
             sq_dist(&a, &a.square().sum_dim_intlist(1, false, a.kind()), &x).min_dim(1, false);
@@ -582,6 +671,47 @@ mod tests {
             .gt(0)
             .sum(Kind::Int64);
         assert_eq!(i64::try_from(used).unwrap(), k);
+    }
+
+    #[test]
+    fn the_fused_cpu_round_equals_the_libtorch_ops() {
+        let mut rng = Rng::new(9);
+        let (n, d) = (9000, 5); // more than one chunk of rows
+        let v: Vec<f64> = (0..n * d).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        for kind in [Kind::Float, Kind::Double] {
+            let x = Tensor::from_slice(&v)
+                .reshape([n as i64, d as i64])
+                .to_kind(kind);
+            let sq = x.square().sum_dim_intlist(1, false, kind);
+            let (_, closest) = first_centre(&x, &sq, 40, &mut Rng::new(1));
+            let ids = draw_d2(&closest, 12, &mut Rng::new(2)).unwrap();
+            let round = Round::new(&x, &sq, &ids);
+            let fused = round.potentials(&closest).unwrap();
+            let ops =
+                round
+                    .dist()
+                    .minimum(&closest.unsqueeze(1))
+                    .sum_dim_intlist(0, false, Kind::Double);
+            let gap = f64::try_from((&fused - &ops).abs().max()).unwrap();
+            let scale = f64::try_from(ops.abs().max()).unwrap();
+            assert!(gap <= 1e-5 * scale, "{kind:?}: {gap} of {scale}");
+            // Taking columns 3, 0, 7 (ties among repeated draws included).
+            let cols = Tensor::from_slice(&[3i64, 0, 7]);
+            let fresh = || Nearest {
+                labels: Tensor::zeros([n as i64], (Kind::Int64, Device::Cpu)),
+                dist: closest.copy(),
+                lower: Tensor::zeros([n as i64], (kind, Device::Cpu)),
+            };
+            let (mut a, mut b) = (fresh(), fresh());
+            let mut second_a = closest.full_like(f64::INFINITY);
+            let mut second_b = second_a.copy();
+            // `a` takes the fused pass, `b` the libtorch ops.
+            round.take(&cols, 5, &mut a, &mut second_a).unwrap();
+            b.add_centres(round.dist().index_select(1, &cols), 5, &mut second_b);
+            assert!(a.labels.equal(&b.labels), "{kind:?}");
+            assert!(a.dist.equal(&b.dist), "{kind:?}");
+            assert!(second_a.equal(&second_b), "{kind:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 pub mod index;
 pub(crate) mod input;
 pub mod kmeans;
+mod kmeans_cpu;
 pub mod knn;
 pub mod nmi;
 mod positives;

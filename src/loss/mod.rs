@@ -19,6 +19,7 @@ pub(crate) mod checks;
 mod fused_cpu;
 mod gemm;
 mod kernels;
+pub mod memory;
 mod options;
 pub mod refine;
 pub mod similarity;
@@ -29,6 +30,7 @@ use tch::{Kind, Tensor};
 
 pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
 pub use checks::{check_inputs, check_logits_width};
+pub use memory::{group_loss_with_memory, MemoryRows};
 pub use options::{GroupLossOptions, GroupLossSettings};
 pub use refine::{apply_anchors, refine, replicator};
 pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};
@@ -102,6 +104,31 @@ pub fn evaluate(
         Implementation::Auto | Implementation::Libtorch => {
             analytic::group_loss_with_grads(emb, logits, labels, opts, grads, probs)
         }
+    }
+}
+
+/// [`evaluate`] of a batch joined by `memory` (see [`memory`]): an empty or
+/// absent memory leaves it as it is; otherwise the loss goes through
+/// libtorch ops (its gradients by autograd), whatever `implementation`
+/// names, and keeps its graph with [`Implementation::Autograd`].
+pub fn evaluate_with_memory(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    memory: Option<MemoryRows<'_>>,
+    opts: &GroupLossOptions,
+    want: Want,
+    implementation: Implementation,
+) -> Result<GroupLossOutput> {
+    match memory {
+        Some(mem) if !mem.is_empty() => {
+            let want = Want {
+                grads: want.grads && implementation != Implementation::Autograd,
+                ..want
+            };
+            group_loss_with_memory(emb, logits, labels, mem, opts, want)
+        }
+        _ => evaluate(emb, logits, labels, opts, want, implementation),
     }
 }
 

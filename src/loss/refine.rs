@@ -18,9 +18,26 @@ pub fn apply_anchors(probs: &Tensor, labels: &Tensor, anchor_mask: &Tensor) -> T
 /// number is left as it is: the release divides 0 by 0 there, and below the
 /// normal range the division's gradient overflows. Everywhere else the result is exactly the release's.
 pub fn replicator(probs: &Tensor, w: &Tensor, num_iters: i64) -> Tensor {
+    replicator_with_support(probs, w, None, num_iters)
+}
+
+/// [`replicator`] with `support` (n x m, fixed) added to `W X` at every
+/// step: the pull of labelled points outside the batch, `W_bm Y_m` for
+/// their similarities `W_bm` to the batch and their one-hot rows `Y_m`
+/// (which replicator steps leave one-hot).
+pub fn replicator_with_support(
+    probs: &Tensor,
+    w: &Tensor,
+    support: Option<&Tensor>,
+    num_iters: i64,
+) -> Tensor {
     let mut x = probs.shallow_clone();
     for _ in 0..num_iters {
-        let num = &x * w.mm(&x);
+        let pull = match support {
+            Some(s) => w.mm(&x) + s,
+            None => w.mm(&x),
+        };
+        let num = &x * pull;
         let total = num.sum_dim_intlist([1i64].as_slice(), true, num.kind());
         let ok = tch::no_grad(|| total.gt(min_normal(total.kind())));
         let safe_total = total.where_scalarother(&ok, 1.0);

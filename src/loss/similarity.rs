@@ -123,25 +123,45 @@ fn with_diagonal(w: &Tensor, value: f64) -> Tensor {
 /// Rows with zero variance (correlation) or zero norm (cosine) have zero
 /// similarity to every other row instead of the release's NaN.
 pub fn similarity(emb: &Tensor, kind: Similarity, zero_diagonal: bool) -> Tensor {
-    let w = match kind {
-        Similarity::Correlation => {
-            let centred = emb - emb.mean_dim([1i64].as_slice(), true, emb.kind());
-            let u = unit_rows(&centred, emb);
-            u.mm(&u.transpose(0, 1)).relu()
-        }
-        Similarity::Cosine => {
-            let u = unit_rows(emb, emb);
-            u.mm(&u.transpose(0, 1)).relu()
+    let w = pairwise(emb, None, kind);
+    with_diagonal(&w, if zero_diagonal { 0.0 } else { 1.0 })
+}
+
+/// The n x M similarity of the rows of `a` (n x d) to the rows of `b`
+/// (M x d), other samples than those of `a` (no diagonal), entry for entry
+/// as [`similarity_with_power`] computes it within one matrix.
+pub fn cross_similarity_with_power(a: &Tensor, b: &Tensor, kind: Similarity, power: f64) -> Tensor {
+    let (kind, power) = effective_power(kind, power);
+    sharpen(&pairwise(a, Some(b), kind), power)
+}
+
+/// The similarity of every row of `a` to every row of `b` (None: of `a`),
+/// before the diagonal is set.
+fn pairwise(a: &Tensor, b: Option<&Tensor>, kind: Similarity) -> Tensor {
+    match kind {
+        Similarity::Correlation | Similarity::Cosine => {
+            let unit = |x: &Tensor| {
+                if kind == Similarity::Correlation {
+                    unit_rows(&(x - x.mean_dim([1i64].as_slice(), true, x.kind())), x)
+                } else {
+                    unit_rows(x, x)
+                }
+            };
+            let ua = unit(a);
+            let ub = b.map_or_else(|| ua.shallow_clone(), unit);
+            ua.mm(&ub.transpose(0, 1)).relu()
         }
         Similarity::Gaussian { sigma } => {
-            let sq = emb
-                .square()
-                .sum_dim_intlist([1i64].as_slice(), true, emb.kind());
-            let d2 = (&sq + sq.transpose(0, 1) - emb.mm(&emb.transpose(0, 1)) * 2.0).clamp_min(0.0);
+            let sq = |x: &Tensor| {
+                x.square()
+                    .sum_dim_intlist([1i64].as_slice(), true, x.kind())
+            };
+            let b = b.unwrap_or(a);
+            let d2 =
+                (sq(a) + sq(b).transpose(0, 1) - a.mm(&b.transpose(0, 1)) * 2.0).clamp_min(0.0);
             (d2 * (-0.5 / (sigma * sigma))).exp()
         }
-    };
-    with_diagonal(&w, if zero_diagonal { 0.0 } else { 1.0 })
+    }
 }
 
 /// The similarity's forward pass with what its analytic backward needs.

@@ -10,7 +10,8 @@ use pyo3::types::{PyDict, PyTuple};
 use super::convert::serialize_to_py;
 use super::errors::without_gil;
 use crate::loss::{
-    self, AnchorMode, GroupLossOptions, GroupLossSettings, Implementation, Similarity, Want,
+    self, AnchorMode, GroupLossOptions, GroupLossSettings, Implementation, MemoryRows, Similarity,
+    Want,
 };
 
 /// What one Group Loss call returns: the loss and, where asked for or
@@ -157,10 +158,13 @@ impl GroupLossSettings {
 /// `"autograd"` records libtorch ops (the loss carries a graph; no
 /// gradients returned); `"auto"`, `"fused_cpu"`, `"libtorch"` compute the
 /// loss without a graph and, with `want_grads`, its closed-form gradients.
+/// `memory_embeddings` and `memory_labels`: labelled points of earlier
+/// batches that join the group (`loss::memory`).
 #[pyfunction]
 #[pyo3(signature = (
     embeddings, labels, logits, options, *, seed = None, num_classes = None,
-    want_grads = true, want_probs = false, implementation = "auto"
+    want_grads = true, want_probs = false, implementation = "auto",
+    memory_embeddings = None, memory_labels = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn group_loss(
@@ -174,8 +178,27 @@ fn group_loss(
     want_grads: bool,
     want_probs: bool,
     implementation: &str,
+    memory_embeddings: Option<PyTensor>,
+    memory_labels: Option<PyTensor>,
 ) -> PyResult<PyGroupLossResult> {
     let opts = options.resolve(seed)?;
+    let memory = match (memory_embeddings, memory_labels) {
+        (Some(e), Some(l)) => Some((e.0, l.0)),
+        (None, None) => None,
+        (e, _) => {
+            let (given, missing) = if e.is_some() {
+                ("memory_embeddings", "memory_labels")
+            } else {
+                ("memory_labels", "memory_embeddings")
+            };
+            return Err(crate::Error::invalid(
+                missing,
+                "None",
+                format!("a tensor with {given} (the two go together)"),
+            )
+            .into());
+        }
+    };
     let implementation = Implementation::parse(implementation)?;
     let want = Want {
         grads: want_grads,
@@ -185,7 +208,19 @@ fn group_loss(
         if let Some(m) = num_classes {
             loss::check_logits_width(&logits, m)?;
         }
-        loss::evaluate(&embeddings, &logits, &labels, &opts, want, implementation)
+        let memory = memory.as_ref().map(|(e, l)| MemoryRows {
+            embeddings: e,
+            labels: l,
+        });
+        loss::evaluate_with_memory(
+            &embeddings,
+            &logits,
+            &labels,
+            memory,
+            &opts,
+            want,
+            implementation,
+        )
     })?;
     PyGroupLossResult::new(py, out)
 }

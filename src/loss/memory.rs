@@ -1,0 +1,211 @@
+//! A memory of earlier batches joining the group (`memory_size`).
+//!
+//! The embeddings of the last M samples of earlier steps (detached) and
+//! their labels join each batch's group as labelled points: they are rows of
+//! W and one-hot rows of X, like anchors, but they are not scored and
+//! receive no gradient. The loss is that of the concatenation of memory and
+//! batch with the memory rows as anchors, the NLL averaged over the batch's
+//! rows only and the cross-entropy over the batch's logits only.
+//!
+//! A memory row stays one-hot through the replicator steps, so only the
+//! batch's rows of W are needed: `W X` of a batch row is `W_bb X_b + W_bm
+//! Y_m`, with `W_bm` the n x M similarities of the batch to the memory and
+//! `Y_m` the memory's one-hot rows; the second term is fixed over the steps
+//! (the "support"). The cost beyond the batch is one n x M similarity,
+//! O(n M d), and a scatter of its columns into their classes, O(n M).
+//!
+//! With `batch_classes_only`, the columns are the classes of batch and
+//! memory together.
+
+use tch::{Kind, Tensor};
+
+use super::checks::{self, check_finite, check_matrix_shape, check_same_device};
+use super::refine::{self, apply_anchors, replicator_with_support};
+use super::similarity::{cross_similarity_with_power, similarity_with_power};
+use super::{
+    anchor_mask, evaluate, weighted, GroupLossOptions, GroupLossOutput, Implementation, Want,
+};
+use crate::error::{ensure, Result};
+
+/// The labelled points of earlier batches: embeddings (M x d) and labels
+/// (M, integers in `[0, m)`), on the batch's device.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryRows<'a> {
+    pub embeddings: &'a Tensor,
+    pub labels: &'a Tensor,
+}
+
+impl MemoryRows<'_> {
+    /// Number of rows.
+    pub fn len(&self) -> i64 {
+        self.embeddings.size()[0]
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The memory fits a batch of `d`-dimensional embeddings, `m` logits, on
+    /// the device of `emb`: shapes, dtypes, device, finite values, labels in
+    /// range (names `memory_embeddings` and `memory_labels`).
+    pub fn check(&self, emb: &Tensor, m: i64) -> Result<()> {
+        let (mem, labels) = (self.embeddings, self.labels);
+        checks::check_dense(mem, "memory_embeddings")?;
+        ensure(
+            mem.dim() == 2,
+            "memory_embeddings",
+            || format!("a tensor of shape {}", checks::shape(mem)),
+            "a (memory rows x embedding dims) tensor",
+        )?;
+        if mem.size()[0] > 0 {
+            check_matrix_shape(mem, "memory_embeddings", "memory rows x embedding dims")?;
+        }
+        let d = emb.size()[1];
+        ensure(
+            mem.size()[0] == 0 || mem.size()[1] == d,
+            "memory_embeddings",
+            || format!("{} columns", mem.size()[1]),
+            format!("the embeddings' {d} columns"),
+        )?;
+        checks::check_dtype(
+            mem,
+            "memory_embeddings",
+            checks::is_float,
+            "a floating dtype",
+        )?;
+        checks::check_label_vector(
+            labels,
+            "memory_labels",
+            "a 1-D tensor of class indices",
+            Some((mem.size()[0], "one label per memory row".to_string())),
+        )?;
+        check_same_device(
+            "embeddings",
+            emb,
+            &[("memory_embeddings", mem), ("memory_labels", labels)],
+        )?;
+        check_finite(mem, "memory_embeddings")?;
+        if labels.numel() > 0 {
+            let (lo, hi) = (i64::try_from(labels.min())?, i64::try_from(labels.max())?);
+            ensure(
+                lo >= 0 && hi < m,
+                "memory_labels",
+                || format!("labels from {lo} to {hi}"),
+                format!("labels in [0, {m}) (the logits' columns)"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The Group Loss of a batch joined by `memory` (see the module notes), by
+/// differentiable libtorch ops on any device; with `want.grads`, the
+/// gradients with respect to `emb` and `logits` are taken by autograd and
+/// the loss returned without a graph.
+pub fn group_loss_with_memory(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    memory: MemoryRows<'_>,
+    opts: &GroupLossOptions,
+    want: Want,
+) -> Result<GroupLossOutput> {
+    checks::check_inputs(emb, logits, labels, opts)?;
+    memory.check(emb, logits.size()[1])?;
+    if memory.is_empty() || opts.gtg_weight == 0.0 {
+        // The memory only joins the refinement.
+        let how = if want.grads {
+            Implementation::Libtorch
+        } else {
+            Implementation::Autograd
+        };
+        return evaluate(emb, logits, labels, opts, want, how);
+    }
+    if !want.grads {
+        return loss_with_memory(emb, logits, labels, memory, opts);
+    }
+    let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
+    let e = emb.detach().to_kind(kind).set_requires_grad(true);
+    let l = logits.detach().to_kind(kind).set_requires_grad(true);
+    let (mut out, grads) = tch::with_grad(|| -> Result<_> {
+        let out = loss_with_memory(&e, &l, labels, memory, opts)?;
+        let grads = Tensor::run_backward(&[&out.loss], &[&e, &l], false, false);
+        Ok((out, grads))
+    })?;
+    out.grad_embeddings = Some(grads[0].shallow_clone());
+    out.grad_logits = Some(grads[1].shallow_clone());
+    out.loss = out.loss.detach();
+    out.nll = out.nll.map(|t| t.detach());
+    out.ce = out.ce.map(|t| t.detach());
+    out.probs = if want.probs {
+        out.probs.map(|t| t.detach())
+    } else {
+        None
+    };
+    Ok(out)
+}
+
+/// [`group_loss_with_memory`]'s computation on checked inputs with a
+/// memory and a refinement term, recording autograd's graph.
+fn loss_with_memory(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    memory: MemoryRows<'_>,
+    opts: &GroupLossOptions,
+) -> Result<GroupLossOutput> {
+    let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
+    let emb = emb.to_kind(kind);
+    let logits = logits.to_kind(kind);
+    let labels = labels.to_kind(Kind::Int64);
+    let mem = memory.embeddings.detach().to_kind(kind);
+    let mem_labels = memory.labels.to_kind(Kind::Int64);
+    let n = emb.size()[0];
+
+    let w = similarity_with_power(
+        &emb,
+        opts.similarity,
+        opts.zero_diagonal,
+        opts.similarity_power,
+    );
+    let w_mem = cross_similarity_with_power(&emb, &mem, opts.similarity, opts.similarity_power);
+    let mut prior = (&logits / opts.temperature).softmax(1, kind);
+    let (targets, mem_targets, classes) = if opts.batch_classes_only {
+        let all = Tensor::cat(&[&labels, &mem_labels], 0);
+        let (classes, inverse, _) = all.internal_unique2(true, true, false);
+        prior = prior.index_select(1, &classes);
+        prior = &prior / prior.sum_dim_intlist([1i64].as_slice(), true, kind);
+        let rest = inverse.size()[0] - n;
+        (
+            inverse.narrow(0, 0, n),
+            inverse.narrow(0, n, rest),
+            Some(classes),
+        )
+    } else {
+        (labels.shallow_clone(), mem_labels, None)
+    };
+    let columns = prior.size()[1];
+    // W_bm Y_m: each memory column added into its class's column.
+    let support =
+        Tensor::zeros([n, columns], (kind, emb.device())).index_add(1, &mem_targets, &w_mem);
+    let mask = anchor_mask(&labels, opts.num_anchors, opts.anchors)?;
+    let x = replicator_with_support(
+        &apply_anchors(&prior, &targets, &mask),
+        &w,
+        Some(&support),
+        opts.num_iters,
+    );
+    let nll = refine::log_probs(&x).nll_loss(&targets);
+    let ce = (opts.ce_weight != 0.0).then(|| logits.log_softmax(1, kind).nll_loss(&labels));
+    let nll = Some(nll);
+    Ok(GroupLossOutput {
+        loss: weighted(&nll, &ce, opts),
+        nll,
+        ce,
+        probs: Some(x),
+        classes,
+        grad_embeddings: None,
+        grad_logits: None,
+    })
+}
