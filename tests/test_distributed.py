@@ -499,3 +499,31 @@ def test_gather_ranks_equals_one_process_on_the_concatenated_batch(tmp_path, kwa
     # One rank alone would give another loss (the test could fail).
     alone = grouploss.GroupLoss(6, **kwargs)(*[parts[0][i] for i in (0, 1, 2)])
     assert abs(alone.item() - loss.item()) > 1e-3
+
+
+def test_the_trainer_gathers_ranks_into_one_group_with_one_memory(glyphs_root, tmp_path):
+    """``gather_ranks`` with a memory in the Rust loop, 2 ranks (threads):
+    the run completes, rank 0's checkpoint holds the memory of the global
+    batches (2 x P x K samples a step), and a memory without
+    ``gather_ranks`` over several processes is refused by name."""
+    opts = dict(RUN, epochs=1, memory_size=40, memory_warmup_steps=1)
+    cfg = training.resolve_config(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "g",
+        progress=False,
+        gather_ranks=True,
+        **opts,
+    )
+    outcomes = _threaded_run(cfg, tmp_path / "g")
+    assert outcomes[0] == outcomes[1]
+    last = tmp_path / "g" / "checkpoints" / "last.safetensors"
+    weights = load_file(str(last))
+    assert weights["memory.embeddings"].shape == (40, cfg["embedding_size"])
+    steps = len((tmp_path / "g" / "steps.tsv").read_text().splitlines()) - 1
+    assert _trainer_state(last)["memory_steps"] == steps > 0
+    alone = training.resolve_config(
+        "glyphs", data_root=glyphs_root, out_dir=tmp_path / "a", progress=False, **opts
+    )
+    with pytest.raises(ValueError, match="^memory_size: .*gather_ranks"):
+        _threaded_run(alone, tmp_path / "a")

@@ -23,6 +23,7 @@ from data_fixtures import (
     tiny_run,
     tiny_run_script,
 )
+from safetensors.torch import load_file
 
 import grouploss
 from grouploss import training
@@ -174,6 +175,35 @@ def test_resume_after_kill_gives_the_same_metrics(long_glyphs_root, tmp_path):
     got_hist = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     ref_hist = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [h["train_loss"] for h in got_hist] == [h["train_loss"] for h in ref_hist]
+
+
+def test_a_resumed_run_continues_with_the_group_losss_memory(glyphs_root, tmp_path):
+    """A run with a memory (``memory_size``) stopped after epoch 1 and
+    resumed gives the losses of an uninterrupted one: the memory is in the
+    ``last`` checkpoint. (Without it, a test showed epoch 2's loss differs.)"""
+    opts = {k: v for k, v in TINY.items() if k != "epochs"}
+    opts.update(plots=False, memory_size=30, memory_warmup_steps=2)
+    whole = grouploss.train(
+        "glyphs", data_root=glyphs_root, out_dir=tmp_path / "a", epochs=2, **opts
+    )
+    grouploss.train("glyphs", data_root=glyphs_root, out_dir=tmp_path / "b", epochs=1, **opts)
+    # The same run, stopped after its first epoch: let it go on to two.
+    cfg = tmp_path / "b" / "config.toml"
+    cfg.write_text(cfg.read_text().replace("\nepochs = 1\n", "\nepochs = 2\n"))
+    resumed = grouploss.train(resume=tmp_path / "b", plots=False)
+    want = [h["train_loss"] for h in whole.history]
+    assert [h["train_loss"] for h in resumed.history] == want
+    last = load_file(str(tmp_path / "b" / "checkpoints" / "last.safetensors"))
+    assert last["memory.embeddings"].shape == (30, TINY.get("embedding_size", 64))
+    # The memory changes the loss once the warm-up is over.
+    plain = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "p",
+        epochs=1,
+        **dict(opts, memory_size=0),
+    )
+    assert plain.history[0]["train_loss"] != want[0]
 
 
 def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):

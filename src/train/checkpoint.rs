@@ -153,6 +153,8 @@ pub struct Checkpoint<S> {
     pub model: Vec<(String, Tensor)>,
     /// Optimizer state by `{param}.m` / `{param}.v`.
     pub optimizer: Vec<(String, Tensor)>,
+    /// The Group Loss's memory of earlier batches (`memory_size`), by name.
+    pub memory: Vec<(String, Tensor)>,
     /// The trainer state.
     pub state: S,
 }
@@ -166,6 +168,9 @@ impl<S: Serialize> Checkpoint<S> {
         }
         for (k, t) in &self.optimizer {
             tensors.push((format!("optim.{k}"), t.shallow_clone()));
+        }
+        for (k, t) in &self.memory {
+            tensors.push((format!("memory.{k}"), t.shallow_clone()));
         }
         let state = serde_json::to_string(&self.state)
             .map_err(|e| Error::invalid("checkpoint", e.to_string(), "a serialisable state"))?;
@@ -200,16 +205,20 @@ impl<S: DeserializeOwned> Checkpoint<S> {
             .map_err(|e| Error::format(path, None, format!("trainer state: {e}")))?;
         let mut model = Vec::new();
         let mut optimizer = Vec::new();
+        let mut memory = Vec::new();
         for (name, t) in tensors {
             if let Some(k) = name.strip_prefix("model.") {
                 model.push((k.to_string(), t));
             } else if let Some(k) = name.strip_prefix("optim.") {
                 optimizer.push((k.to_string(), t));
+            } else if let Some(k) = name.strip_prefix("memory.") {
+                memory.push((k.to_string(), t));
             }
         }
         Ok(Checkpoint {
             model,
             optimizer,
+            memory,
             state,
         })
     }
@@ -228,12 +237,14 @@ mod tests {
         let ck = Checkpoint {
             model: vec![("w".into(), a.shallow_clone())],
             optimizer: vec![("w.m".into(), b.shallow_clone())],
+            memory: vec![("labels".into(), b.shallow_clone())],
             state: serde_json::json!({"epoch": 3}),
         };
         ck.save(&path).unwrap();
         let back = Checkpoint::<serde_json::Value>::load(&path).unwrap();
         assert!(back.model[0].1.equal(&a));
         assert!(back.optimizer[0].1.equal(&b));
+        assert!(back.memory[0].0 == "labels" && back.memory[0].1.equal(&b));
         assert_eq!(back.state["epoch"], 3);
         // No temporary file is left behind.
         let names: Vec<_> = fs::read_dir(&dir)

@@ -15,14 +15,21 @@ pub const LOSSES: [&str; 3] = ["group", "softmax", "triplet"];
 /// The learning-rate schedules (`schedule`).
 pub const SCHEDULES: [&str; 4] = ["step", "multistep", "cosine", "constant"];
 
-/// The trainer's own options of the Group Loss (its schedule).
-const GROUP_SCHEDULE: [&str; 2] = ["gtg_warmup_epochs", "gtg_ramp_epochs"];
+/// The trainer's own options of the Group Loss (its schedule and the size
+/// of its group).
+const GROUP_TRAINER_OPTIONS: [&str; 5] = [
+    "gtg_warmup_epochs",
+    "gtg_ramp_epochs",
+    "gather_ranks",
+    "memory_size",
+    "memory_warmup_steps",
+];
 
 /// The losses that read `option`.
 fn losses_reading(option: &str) -> &'static [&'static str] {
     // `seed` is the run's (the anchors' seed derives from it).
     let loss_option = GroupLossOptions::NAMES.contains(&option) && option != "seed";
-    if loss_option || GROUP_SCHEDULE.contains(&option) {
+    if loss_option || GROUP_TRAINER_OPTIONS.contains(&option) {
         &["group"]
     } else if option == "triplet_margin" {
         &["triplet"]
@@ -131,6 +138,21 @@ pub struct TrainConfig {
     /// After the warm-up, `gtg_weight` grows linearly from 0 over this many
     /// epochs (fractions allowed; 0: switched on at once).
     pub gtg_ramp_epochs: f64,
+    /// In a data-parallel run, refine over the global batch: every rank's
+    /// embeddings, logits and labels are gathered, the loss is that of the
+    /// `world_size x P x K` samples, and each rank's gradients reach its
+    /// own samples (scaled so that the averaged gradient is the global
+    /// loss's). Does nothing in a single process.
+    pub gather_ranks: bool,
+    /// Samples of earlier steps (embeddings, detached, and labels) that
+    /// join each group as labelled points: anchors that are not scored and
+    /// receive no gradient (`GroupLoss(memory_size=...)`). 0: none. The
+    /// memory is in the `last` checkpoint. With several processes it needs
+    /// `gather_ranks` (one memory of global batches, the same on every rank).
+    pub memory_size: usize,
+    /// Optimizer steps before the memory joins the groups (it fills
+    /// meanwhile).
+    pub memory_warmup_steps: usize,
 
     // Optimisation.
     /// adam, adamw, radam (the release) or sgd.
@@ -497,10 +519,10 @@ mod tests {
         assert_eq!(all["triplet"], ["triplet_margin"]);
         assert_eq!(all["softmax"], ["classifier", "classifier_scale"]);
         let group = &all["group"];
-        // The loss's options but the run's `seed`, its schedule, the classifier.
+        // The loss's options but the run's `seed`, its trainer options, the classifier.
         let mut want: Vec<&str> = GroupLossOptions::NAMES.to_vec();
         want.retain(|&o| o != "seed");
-        want.extend(GROUP_SCHEDULE);
+        want.extend(GROUP_TRAINER_OPTIONS);
         want.extend(["classifier", "classifier_scale"]);
         want.sort();
         assert_eq!(group, &want);

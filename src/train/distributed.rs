@@ -286,6 +286,40 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
     Ok(Some(Tensor::cat(&rows, 0)))
 }
 
+/// Every rank's `local` rows, concatenated in rank order on every rank, and
+/// where this rank's rows are in the result (start, count). Ranks may hold
+/// different numbers of rows (padded for the collective).
+pub fn all_gather_rows(coll: &dyn Collective, local: &Tensor) -> Result<(Tensor, (i64, i64))> {
+    let n = local.size()[0];
+    if coll.world_size() == 1 {
+        return Ok((local.shallow_clone(), (0, n)));
+    }
+    let size = Tensor::from_slice(&[n]).to_device(local.device());
+    let counts: Vec<i64> = coll
+        .all_gather(&size)?
+        .iter()
+        .map(i64::try_from)
+        .collect::<std::result::Result<_, _>>()?;
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let mut shape = local.size();
+    shape[0] = most - n;
+    let padded = Tensor::cat(
+        &[
+            local.shallow_clone(),
+            Tensor::zeros(&shape, (local.kind(), local.device())),
+        ],
+        0,
+    );
+    let parts = coll.all_gather(&padded)?;
+    let rows: Vec<Tensor> = parts
+        .iter()
+        .zip(&counts)
+        .map(|(p, &c)| p.narrow(0, 0, c))
+        .collect();
+    let start = counts[..coll.rank()].iter().sum();
+    Ok((Tensor::cat(&rows, 0), (start, n)))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -13,10 +13,11 @@ use tch::{nn, Device, Tensor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{self as dist, Collective};
-use super::objective::{forward_backward, Objective};
+use super::memory::Memory;
+use super::objective::{forward_backward, GroupScope, Objective};
 use super::optim::{Optimizer, OptimizerKind, Schedule};
 use super::progress::{Progress, Step};
-use super::replica::{average_gradients, restore_on_rank_0, share_rank_0_state};
+use super::replica::{average_gradients, restore_on_rank_0, share_memory, share_rank_0_state};
 use super::run_dir::{RunDir, StepLog};
 use super::runner::{
     embed_set, evaluate_for_selection, initial_network, load_model, model_tensors,
@@ -58,6 +59,8 @@ struct Member<'a> {
     best: Option<(usize, f64)>,
     /// `steps.tsv` (rank 0 only).
     step_log: Option<StepLog>,
+    /// The Group Loss's memory of earlier batches (`memory_size`).
+    memory: Option<Memory>,
 }
 
 /// Where a member starts: the epoch (0-based) and the steps of it done.
@@ -154,13 +157,15 @@ impl<'a> Member<'a> {
         );
         // Rank 0 alone reads files; the others receive what it read, so the
         // run folder (and pretrained weights) need not be visible to them.
+        let mut memory = group_memory(cfg, world, device)?;
         let restored = if rank == 0 {
-            restore_on_rank_0(cfg, dir, &vs, &mut opt, world)
+            restore_on_rank_0(cfg, dir, &vs, &mut opt, world, memory.as_mut())
         } else {
             Ok(None)
         };
         let restored = dist::agree(coll, restored, device)?;
         share_rank_0_state(coll, &vs, &mut opt, restored.as_ref(), device)?;
+        share_memory(coll, restored.as_ref(), memory.as_mut(), device)?;
         let state = restored.map(|r| r.state);
         if let (0, Some(s)) = (rank, &state) {
             dir.write_metrics(&s.history)?;
@@ -203,6 +208,7 @@ impl<'a> Member<'a> {
             trainable,
             buffers,
             step_log,
+            memory,
         };
         Ok((m, start))
     }
@@ -216,6 +222,7 @@ impl<'a> Member<'a> {
         Checkpoint {
             model: model_tensors(&self.vs),
             optimizer: self.opt.state_tensors(),
+            memory: self.memory.as_ref().map_or_else(Vec::new, Memory::tensors),
             state: TrainerState {
                 epoch,
                 step,
@@ -226,6 +233,7 @@ impl<'a> Member<'a> {
                 seed: self.seed,
                 member: self.member,
                 world_size: self.coll.world_size(),
+                memory_steps: self.memory.as_ref().map_or(0, Memory::steps),
             },
         }
         .save(&self.dir.last())
@@ -337,7 +345,11 @@ impl<'a> Member<'a> {
         let labels = batch.labels.to_device(self.device);
         self.opt.zero_grad();
         let autocast = self.cfg.bf16 && self.device.is_cuda();
-        let out = forward_backward(&self.net, &images, &labels, objective, autocast)?;
+        let scope = GroupScope {
+            ranks: self.cfg.gather_ranks.then_some(self.coll),
+            memory: self.memory.as_mut(),
+        };
+        let out = forward_backward(&self.net, &images, &labels, objective, autocast, scope)?;
         let mut control = vec![
             f64::from(u8::from(stop.load(Ordering::SeqCst))),
             f64::try_from(&out.loss)?,
@@ -449,6 +461,7 @@ impl<'a> Member<'a> {
         Checkpoint {
             model: model_tensors(&self.vs),
             optimizer: Vec::new(),
+            memory: Vec::new(),
             state: BestState {
                 epoch: epoch + 1,
                 value: value.is_finite().then_some(value),
@@ -457,6 +470,31 @@ impl<'a> Member<'a> {
         }
         .save(&self.dir.best())
     }
+}
+
+/// The Group Loss's memory of a run (`memory_size` > 0 with `loss =
+/// "group"`). Several processes need `gather_ranks`, so that the memory
+/// (of global batches) is the same on every rank and rank 0's checkpoint
+/// holds it.
+fn group_memory(cfg: &TrainConfig, world: usize, device: Device) -> Result<Option<Memory>> {
+    if cfg.loss != "group" || cfg.memory_size == 0 {
+        return Ok(None);
+    }
+    if world > 1 && !cfg.gather_ranks {
+        return Err(Error::invalid(
+            "memory_size",
+            format!(
+                "{} with {world} processes and gather_ranks = false",
+                cfg.memory_size
+            ),
+            "gather_ranks = true with several processes (one memory of the global batches)",
+        ));
+    }
+    Ok(Some(Memory::new(
+        cfg.memory_size,
+        cfg.memory_warmup_steps,
+        device,
+    )))
 }
 
 /// The member's P x K sampler: its seed, this rank's share.

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod distributed;
+pub mod memory;
 pub mod objective;
 pub mod optim;
 pub mod presets;

@@ -5,6 +5,8 @@
 use tch::{Kind, Reduction, Tensor};
 
 use super::config::TrainConfig;
+use super::distributed::{all_gather_rows, Collective};
+use super::memory::Memory;
 use crate::error::{Error, Result};
 use crate::loss::{self, AnchorMode, GroupLossOptions, Implementation};
 use crate::model::EmbeddingNet;
@@ -77,15 +79,27 @@ pub fn group_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions
     Ok(opts)
 }
 
+/// What the Group Loss's group holds beyond this rank's batch.
+#[derive(Default)]
+pub struct GroupScope<'a> {
+    /// `gather_ranks`: the ranks whose batches form one group with this
+    /// one (None: this rank's batch alone).
+    pub ranks: Option<&'a dyn Collective>,
+    /// `memory_size`: earlier batches, joining as labelled points.
+    pub memory: Option<&'a mut Memory>,
+}
+
 /// The forward pass of a batch, the loss and its backward pass into the
 /// network: the parameters' `.grad` receive this batch's gradients (added
-/// to what they hold).
+/// to what they hold). The Group Loss's group may reach beyond the batch
+/// (`scope`).
 pub fn forward_backward(
     net: &EmbeddingNet,
     images: &Tensor,
     labels: &Tensor,
     objective: &Objective,
     autocast: bool,
+    scope: GroupScope<'_>,
 ) -> Result<StepLoss> {
     let (emb, logits) = if autocast {
         tch::autocast(true, || net.forward_t(images, true))
@@ -93,7 +107,7 @@ pub fn forward_backward(
         net.forward_t(images, true)
     };
     match objective {
-        Objective::Group(opts) => group_backward(&emb, &logits, labels, opts),
+        Objective::Group(opts) => group_backward(&emb, &logits, labels, opts, scope),
         Objective::Softmax => {
             let logits = logits.to_kind(Kind::Float);
             let ce = logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, -100, 0.0);
@@ -123,24 +137,59 @@ pub fn forward_backward(
 }
 
 /// The Group Loss with its closed-form gradients, handed to autograd for
-/// the network.
+/// the network. With `scope.ranks`, the loss is that of every rank's batch
+/// together (the same on every rank) and this rank's rows of its gradient
+/// are scaled by the world size, so that averaging the ranks' parameter
+/// gradients gives the global loss's. With `scope.memory`, the memory joins
+/// the group and then takes the group's samples in.
 fn group_backward(
     emb: &Tensor,
     logits: &Tensor,
     labels: &Tensor,
     opts: &GroupLossOptions,
+    scope: GroupScope<'_>,
 ) -> Result<StepLoss> {
     let want = loss::Want {
         grads: true,
         probs: false,
     };
-    let out = loss::evaluate(emb, logits, labels, opts, want, Implementation::Auto)?;
-    let (ge, gl) = match (&out.grad_embeddings, &out.grad_logits) {
+    let (emb_d, logits_d) = (emb.detach(), logits.detach());
+    let (group_emb, group_logits, group_labels, mine, world) = match scope.ranks {
+        Some(coll) if coll.world_size() > 1 => {
+            let (e, mine) = all_gather_rows(coll, &emb_d)?;
+            let (l, _) = all_gather_rows(coll, &logits_d)?;
+            let (y, _) = all_gather_rows(coll, labels)?;
+            (e, l, y, Some(mine), coll.world_size() as f64)
+        }
+        _ => (emb_d, logits_d, labels.shallow_clone(), None, 1.0),
+    };
+    let memory = scope.memory;
+    let rows = memory.as_ref().and_then(|m| m.rows());
+    let out = loss::evaluate_with_memory(
+        &group_emb,
+        &group_logits,
+        &group_labels,
+        rows,
+        opts,
+        want,
+        Implementation::Auto,
+    )?;
+    if let Some(m) = memory {
+        m.push(&group_emb, &group_labels);
+    }
+    let (ge, gl) = match (out.grad_embeddings, out.grad_logits) {
         (Some(a), Some(b)) => (a, b),
         _ => return Err(Error::invalid("loss", "no gradients", "gradients")),
     };
-    let surrogate = (emb.to_kind(ge.kind()) * ge).sum(ge.kind())
-        + (logits.to_kind(gl.kind()) * gl).sum(gl.kind());
+    let (ge, gl) = match mine {
+        Some((start, n)) => (
+            ge.narrow(0, start, n) * world,
+            gl.narrow(0, start, n) * world,
+        ),
+        None => (ge, gl),
+    };
+    let surrogate = (emb.to_kind(ge.kind()) * &ge).sum(ge.kind())
+        + (logits.to_kind(gl.kind()) * &gl).sum(gl.kind());
     surrogate.backward();
     Ok(StepLoss {
         loss: out.loss,

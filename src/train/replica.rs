@@ -8,6 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{self as dist, Collective};
+use super::memory::Memory;
 use super::optim::Optimizer;
 use super::run_dir::RunDir;
 use super::runner::{load_model, model_tensors};
@@ -34,17 +35,20 @@ pub(super) struct Restored {
     pub state: TrainerState,
     /// The optimizer's tensors: name and shape.
     pub optimizer: Vec<(String, Vec<i64>)>,
+    /// The Group Loss's memory tensors: name and shape.
+    pub memory: Vec<(String, Vec<i64>)>,
 }
 
 /// What rank 0 restores before training: pretrained backbone weights, and
-/// the `last` checkpoint of an interrupted run (into `vs` and `opt`).
-/// Returns that checkpoint's state (None for a fresh start).
+/// the `last` checkpoint of an interrupted run (into `vs`, `opt` and
+/// `memory`). Returns that checkpoint's state (None for a fresh start).
 pub(super) fn restore_on_rank_0(
     cfg: &TrainConfig,
     dir: &RunDir,
     vs: &nn::VarStore,
     opt: &mut Optimizer,
     world: usize,
+    memory: Option<&mut Memory>,
 ) -> Result<Option<Restored>> {
     if let Some(path) = &cfg.pretrained {
         let tensors = model::read_safetensors(path)?;
@@ -73,10 +77,56 @@ pub(super) fn restore_on_rank_0(
         .map(|(n, t)| (n.clone(), t.size()))
         .collect();
     opt.load_state(ck.optimizer.into_iter().collect(), ck.state.optimizer_steps)?;
+    if let Some(m) = memory {
+        m.restore(&ck.memory, ck.state.memory_steps)?;
+    }
     Ok(Some(Restored {
         state: ck.state,
         optimizer,
+        memory: ck
+            .memory
+            .iter()
+            .map(|(n, t)| (n.clone(), t.size()))
+            .collect(),
     }))
+}
+
+/// Gives every rank rank 0's restored memory (`restored` is what
+/// [`restore_on_rank_0`] returned).
+pub(super) fn share_memory(
+    coll: &dyn Collective,
+    restored: Option<&Restored>,
+    memory: Option<&mut Memory>,
+    device: Device,
+) -> Result<()> {
+    let (Some(restored), Some(memory)) = (restored, memory) else {
+        return Ok(());
+    };
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    let tensors: Vec<(String, Tensor)> = if coll.rank() == 0 {
+        memory.tensors()
+    } else {
+        restored
+            .memory
+            .iter()
+            .map(|(name, shape)| {
+                let kind = if name == "labels" {
+                    Kind::Int64
+                } else {
+                    Kind::Float
+                };
+                (
+                    name.clone(),
+                    Tensor::zeros(shape.as_slice(), (kind, device)),
+                )
+            })
+            .collect()
+    };
+    let flat: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
+    dist::broadcast_bucketed(coll, &flat)?;
+    memory.restore(&tensors, restored.state.memory_steps)
 }
 
 /// Gives every rank rank 0's variables and, when it restored one, its
@@ -125,7 +175,7 @@ mod tests {
     use super::*;
     use crate::model::EmbeddingNet;
     use crate::train::distributed::tests::on_threads;
-    use crate::train::objective::{forward_backward, Objective};
+    use crate::train::objective::{forward_backward, GroupScope, Objective};
     use crate::train::optim::OptimizerKind;
     use crate::train::runner::{build_network, parameter_groups};
     use std::path::Path;
@@ -200,7 +250,7 @@ mod tests {
             for rank in 0..2 {
                 let (x, y) = batch(&images, step, rank);
                 opt.zero_grad();
-                forward_backward(&net, &x, &y, &lopts, false).unwrap();
+                forward_backward(&net, &x, &y, &lopts, false, GroupScope::default()).unwrap();
                 grads.push(params.iter().map(|p| p.grad().copy()).collect::<Vec<_>>());
             }
             for (i, p) in params.iter().enumerate() {
@@ -233,7 +283,8 @@ mod tests {
             for step in 0..STEPS {
                 let (x, y) = batch(&images, step, rank);
                 opt.zero_grad();
-                let out = forward_backward(&net, &x, &y, &lopts, false).unwrap();
+                let out =
+                    forward_backward(&net, &x, &y, &lopts, false, GroupScope::default()).unwrap();
                 let control = Tensor::from_slice(&[0.0, f64::try_from(&out.loss).unwrap()]);
                 average_gradients(g, &params, &control).unwrap();
                 losses.push(Vec::<f64>::try_from(&control).unwrap()[1]);
@@ -256,5 +307,119 @@ mod tests {
         // The steps moved the weights (the comparison is not of two copies
         // of the initialisation).
         assert_ne!(want, before);
+    }
+
+    /// `gather_ranks`: two ranks (threads), each forwarding its own batch,
+    /// give after averaging the parameter gradients of one process that
+    /// forwards both batches and takes the loss of their concatenation.
+    #[test]
+    fn gathered_ranks_step_like_one_group_of_both_batches() {
+        let cfg = test_config();
+        // Drawn before the threads start (torch's generator is global).
+        let images: Vec<Vec<f32>> = (0..2)
+            .map(|r| {
+                tch::manual_seed(300 + r);
+                let t = Tensor::randn([12, 1, 28, 28], CPU_FLOAT).reshape([-1]);
+                Vec::<f32>::try_from(&t).unwrap()
+            })
+            .collect();
+        let batch = move |rank: usize| {
+            let x = Tensor::from_slice(&images[rank]).view([12, 1, 28, 28]);
+            let y = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]) + rank as i64;
+            (x, y.remainder(3))
+        };
+        let Objective::Group(opts) = Objective::of(&cfg, 0).unwrap() else {
+            panic!("the default loss is the Group Loss")
+        };
+        // One process: both batches forwarded apart (BatchNorm statistics
+        // per batch, as on the ranks), the loss of the concatenation.
+        let (vs, net, _opt, params) = network(&cfg, 0);
+        // The threads' networks start from these variables (their own
+        // initialisations race for torch's global generator).
+        let init: Vec<(String, Vec<f32>)> = model_tensors(&vs)
+            .into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
+            .collect();
+        let outs: Vec<(Tensor, Tensor)> =
+            (0..2).map(|r| net.forward_t(&batch(r).0, true)).collect();
+        let emb = Tensor::cat(&[&outs[0].0, &outs[1].0], 0);
+        let logits = Tensor::cat(&[&outs[0].1, &outs[1].1], 0);
+        let labels = Tensor::cat(&[batch(0).1, batch(1).1], 0);
+        let want = crate::loss::Want {
+            grads: true,
+            probs: false,
+        };
+        let out = crate::loss::evaluate(
+            &emb.detach(),
+            &logits.detach(),
+            &labels,
+            &opts,
+            want,
+            crate::loss::Implementation::Auto,
+        )
+        .unwrap();
+        let (ge, gl) = (out.grad_embeddings.unwrap(), out.grad_logits.unwrap());
+        ((&emb * &ge).sum(Kind::Float) + (&logits * &gl).sum(Kind::Float)).backward();
+        let expected: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
+        let expected_loss = f64::try_from(&out.loss).unwrap();
+
+        let ranks_batch = batch.clone();
+        let got = on_threads(2, move |g| {
+            let cfg = test_config();
+            let (vs, net, mut opt, params) = network(&cfg, 0);
+            let shaped: Vec<(String, Tensor)> = model_tensors(&vs)
+                .into_iter()
+                .zip(&init)
+                .map(|((_, t), (n, v))| {
+                    (n.clone(), Tensor::from_slice(v).view(t.size().as_slice()))
+                })
+                .collect();
+            load_model(&vs, &shaped, Path::new("init")).unwrap();
+            let lopts = Objective::of(&cfg, 0).unwrap();
+            let (x, y) = ranks_batch(g.rank());
+            opt.zero_grad();
+            let scope = GroupScope {
+                ranks: Some(g),
+                memory: None,
+            };
+            let out = forward_backward(&net, &x, &y, &lopts, false, scope).unwrap();
+            let control = Tensor::from_slice(&[0.0, f64::try_from(&out.loss).unwrap()]);
+            average_gradients(g, &params, &control).unwrap();
+            let grads: Vec<Vec<f32>> = params
+                .iter()
+                .map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1])).unwrap())
+                .collect();
+            (grads, f64::try_from(&out.loss).unwrap())
+        });
+        for (grads, loss) in &got {
+            assert!(
+                (loss - expected_loss).abs() < 1e-6,
+                "{loss} {expected_loss}"
+            );
+            for (g, e) in grads.iter().zip(&expected) {
+                let e = Vec::<f32>::try_from(&e.reshape([-1])).unwrap();
+                let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = g
+                    .iter()
+                    .zip(&e)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-3),
+                    "max difference {diff} of {scale}"
+                );
+            }
+        }
+        // Each rank alone would give another loss (the test could fail).
+        let alone = crate::loss::evaluate(
+            &outs[0].0.detach(),
+            &outs[0].1.detach(),
+            &batch(0).1,
+            &opts,
+            want,
+            crate::loss::Implementation::Auto,
+        )
+        .unwrap();
+        assert!((f64::try_from(&alone.loss).unwrap() - expected_loss).abs() > 1e-3);
     }
 }

@@ -40,6 +40,9 @@ pub struct TrainerState {
     pub member: usize,
     /// The number of processes that trained it.
     pub world_size: usize,
+    /// Batches the Group Loss's memory has taken in (`memory_size`; its
+    /// tensors are the checkpoint's `memory.*`).
+    pub memory_steps: usize,
 }
 
 impl TrainerState {
@@ -72,6 +75,7 @@ mod tests {
         json!({
             "epoch": 2, "step": 5, "optimizer_steps": 45, "history": [{"epoch": 1}],
             "best_epoch": 1, "best_value": 0.5, "seed": 3, "member": 0, "world_size": 1,
+            "memory_steps": 0,
         })
     }
 
@@ -85,7 +89,14 @@ mod tests {
 
     #[test]
     fn a_missing_or_unknown_field_is_refused_by_name() {
-        for key in ["epoch", "step", "best_epoch", "best_value", "world_size"] {
+        for key in [
+            "epoch",
+            "step",
+            "best_epoch",
+            "best_value",
+            "world_size",
+            "memory_steps",
+        ] {
             let mut v = state();
             v.as_object_mut().unwrap().remove(key);
             let e = serde_json::from_value::<TrainerState>(v)
