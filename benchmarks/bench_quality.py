@@ -316,10 +316,17 @@ def torch_run(
     model = ConvNet(1, COMMON["embedding_size"])
     params = list(model.parameters())
     group_fn = None
+    xbm = None
     if loss_name == "triplet":
         loss_fn = losses.TripletMarginLoss(margin=opts["margin"])
         miner = miners.BatchHardMiner()
         head = None
+        if opts.get("xbm"):
+            # pytorch-metric-learning's cross-batch memory of the last
+            # `xbm` embeddings, mined batch-hard against batch and memory.
+            xbm = losses.CrossBatchMemory(
+                loss_fn, COMMON["embedding_size"], memory_size=int(opts["xbm"]), miner=miner
+            )
     elif loss_name == "group":
         # The library's module as a user drops it into their own loop: its
         # own classifier on the embeddings, the searched loss settings.
@@ -360,6 +367,8 @@ def torch_run(
             e = model(images)
             if group_fn is not None:
                 loss = group_fn(e, y)
+            elif xbm is not None:
+                loss = xbm(e, y)
             elif head is None:
                 loss = loss_fn(e, y, miner(e, y))
             else:
