@@ -253,42 +253,19 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
     if world == 1 {
         return Ok(Some(local.shallow_clone()));
     }
+    if local.dim() == 0 {
+        return Err(Error::invalid("gather_rows", "a 0-d tensor", "rows"));
+    }
     let counts: Vec<i64> = (0..world)
         .map(|r| shard(n, r, world).len() as i64)
         .collect();
-    let max = counts.iter().copied().max().unwrap_or(0);
-    let have = local.size().first().copied().unwrap_or(0);
-    let mut shape = local.size();
-    if shape.is_empty() {
-        return Err(Error::invalid("gather_rows", "a 0-d tensor", "rows"));
-    }
-    let padded = if have < max {
-        shape[0] = max - have;
-        Tensor::cat(
-            &[
-                local.shallow_clone(),
-                Tensor::zeros(&shape, (local.kind(), local.device())),
-            ],
-            0,
-        )
-    } else {
-        local.shallow_clone()
-    };
-    let parts = coll.all_gather(&padded)?;
-    if coll.rank() != 0 {
-        return Ok(None);
-    }
-    let rows: Vec<Tensor> = parts
-        .iter()
-        .zip(&counts)
-        .map(|(p, &c)| p.narrow(0, 0, c))
-        .collect();
-    Ok(Some(Tensor::cat(&rows, 0)))
+    let rows = gather_counted(coll, local, &counts)?;
+    Ok((coll.rank() == 0).then_some(rows))
 }
 
 /// Every rank's `local` rows, concatenated in rank order on every rank, and
 /// where this rank's rows are in the result (start, count). Ranks may hold
-/// different numbers of rows (padded for the collective).
+/// different numbers of rows.
 pub fn all_gather_rows(coll: &dyn Collective, local: &Tensor) -> Result<(Tensor, (i64, i64))> {
     let n = local.size()[0];
     if coll.world_size() == 1 {
@@ -300,24 +277,30 @@ pub fn all_gather_rows(coll: &dyn Collective, local: &Tensor) -> Result<(Tensor,
         .iter()
         .map(i64::try_from)
         .collect::<std::result::Result<_, _>>()?;
+    let start = counts[..coll.rank()].iter().sum();
+    Ok((gather_counted(coll, local, &counts)?, (start, n)))
+}
+
+/// The rows of every rank, `counts[r]` of them on rank r, concatenated in
+/// rank order: padded to the largest count for the collective, then cut.
+fn gather_counted(coll: &dyn Collective, local: &Tensor, counts: &[i64]) -> Result<Tensor> {
     let most = counts.iter().copied().max().unwrap_or(0);
-    let mut shape = local.size();
-    shape[0] = most - n;
-    let padded = Tensor::cat(
-        &[
-            local.shallow_clone(),
-            Tensor::zeros(&shape, (local.kind(), local.device())),
-        ],
-        0,
-    );
+    let have = local.size()[0];
+    let padded = if have < most {
+        let mut shape = local.size();
+        shape[0] = most - have;
+        let pad = Tensor::zeros(&shape, (local.kind(), local.device()));
+        Tensor::cat(&[local.shallow_clone(), pad], 0)
+    } else {
+        local.shallow_clone()
+    };
     let parts = coll.all_gather(&padded)?;
     let rows: Vec<Tensor> = parts
         .iter()
-        .zip(&counts)
+        .zip(counts)
         .map(|(p, &c)| p.narrow(0, 0, c))
         .collect();
-    let start = counts[..coll.rank()].iter().sum();
-    Ok((Tensor::cat(&rows, 0), (start, n)))
+    Ok(Tensor::cat(&rows, 0))
 }
 
 #[cfg(test)]
