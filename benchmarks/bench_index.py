@@ -1,6 +1,7 @@
 """grouploss.Index against faiss-cpu's IndexFlatIP: exact cosine top-k.
 
     python benchmarks/bench_index.py [--n 500000] [--dim 256] [--queries 10000] [--k 10]
+                                     [--repeats 3] [--rounds 1]
 
 Both sides get the same L2-normalised float32 vectors (seeded) and search
 the same queries. Each side runs in a child process of its own, so that its
@@ -9,7 +10,8 @@ the memory in use once the data are made and the library has added and
 searched a few vectors (its start-up, e.g. libtorch's and OpenMP's thread
 pools, is not the index's), i.e. what the index adds (its stored copy,
 search buffers). Times: adding the vectors, and searching (median of
---repeats). Then the neighbours are compared: the same ids, but where two
+--repeats; with --rounds R the two sides alternate R times and the
+medians are reported). Then the neighbours are compared: the same ids, but where two
 similarities are within float32 rounding of each other.
 """
 
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="alternations of the two sides")
     ap.add_argument("--side", choices=("ours", "faiss"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="/tmp/bench_index", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,12 +117,26 @@ def main() -> None:
     print(machine.describe())
     shape = f"{args.n} x {args.dim} stored, {args.queries} queries, k = {args.k}"
     print(f"{shape}, {args.threads} threads")
-    results = {}
-    for side in ("ours", "faiss"):
-        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[side] = json.loads(out.strip().splitlines()[-1])
-    ours, peer = results["ours"], results["faiss"]
+    # The sides alternate, `--rounds` times: on a shared machine the speed
+    # drifts over minutes, and a single run of each can land on either side
+    # of a drift.
+    runs = {"ours": [], "faiss": []}
+    for r in range(args.rounds):
+        for side in ("ours", "faiss"):
+            cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[side].append(json.loads(out.strip().splitlines()[-1]))
+        ratio = runs["faiss"][-1]["search_s"] / runs["ours"][-1]["search_s"]
+        print(
+            f"round {r + 1}: search s ours {runs['ours'][-1]['search_s']:.2f}, "
+            f"faiss {runs['faiss'][-1]['search_s']:.2f}, faiss / ours {ratio:.2f}x"
+        )
+    median = {
+        side: {key: float(np.median([r[key] for r in rs])) for key in rs[0]}
+        for side, rs in runs.items()
+    }
+    ours, peer = median["ours"], median["faiss"]
+    print(f"medians over {args.rounds} round(s):")
     print(f"{'':8}{'add s':>10}{'search s':>10}{'peak MiB':>10}")
     for name, r in (("ours", ours), ("faiss", peer)):
         print(f"{name:8}{r['add_s']:10.2f}{r['search_s']:10.2f}{r['peak_mib']:10.0f}")

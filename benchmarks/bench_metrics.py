@@ -17,6 +17,7 @@ no more time for an NMI at least as high.
     python benchmarks/bench_metrics.py               # retrieval, twice each
     python benchmarks/bench_metrics.py --nmi         # plus the NMI timings
     python benchmarks/bench_metrics.py --nmi --repeats 0  # the NMI timings alone
+    python benchmarks/bench_metrics.py --nmi --repeats 0 --nmi-rounds 3  # alternating 3 times
     python benchmarks/bench_metrics.py --n 20000     # a smaller problem
 """
 
@@ -167,6 +168,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=N, help="samples (default: SOP's 60,502)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--nmi", action="store_true", help="also time NMI (k-means, minutes)")
+    ap.add_argument("--nmi-rounds", type=int, default=1, help="alternations of the NMI sides")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.data)))
@@ -190,9 +192,26 @@ def main() -> None:
         if args.repeats > 0:
             retrieval(data, args.repeats)
         if args.nmi:
-            print("NMI (k-means with k = number of classes)", flush=True)
-            show("grouploss", run("ours-nmi", data))
-            show("PML+faiss", run("pml-nmi", data))
+            nmi(data, args.nmi_rounds)
+
+
+def nmi(data: str, rounds: int) -> None:
+    """NMI's time, the two sides alternating ``rounds`` times (on a shared
+    machine the speed drifts over minutes), and the ratio of the medians."""
+    print("NMI (k-means with k = number of classes)", flush=True)
+    ours, peer = [], []
+    for _ in range(rounds):
+        ours.append(run("ours-nmi", data))
+        show("grouploss", ours[-1])
+        peer.append(run("pml-nmi", data))
+        show("PML+faiss", peer[-1])
+    t_ours = float(np.median([r["seconds"] for r in ours]))
+    t_peer = float(np.median([r["seconds"] for r in peer]))
+    print(
+        f"  median over {rounds}: grouploss {t_ours:.1f} s, PML+faiss {t_peer:.1f} s, "
+        f"PML+faiss / grouploss {t_peer / t_ours:.2f}x",
+        flush=True,
+    )
 
 
 def retrieval(data: str, repeats: int) -> None:

@@ -81,6 +81,23 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(load_file(str(path))) == ["ids", "labels", "vectors"]
 
 
+def test_given_ids_then_default_ids_go_on_from_the_largest(tmp_path):
+    rng = np.random.default_rng(4)
+    gallery = rng.normal(size=(9, 8)).astype(np.float32)
+    index = Index(8)
+    index.add(gallery[:3])
+    index.add(gallery[3:5], ids=[3, 4])  # following on: still positions
+    index.add(gallery[5:7], ids=[40, 20])
+    index.add(gallery[7:])
+    want = [0, 1, 2, 3, 4, 40, 20, 41, 42]
+    np.testing.assert_array_equal(index.ids, want)
+    _, found = index.search(gallery, 1)
+    np.testing.assert_array_equal(found[:, 0], want)
+    path = tmp_path / "ids.safetensors"
+    index.save(path)
+    np.testing.assert_array_equal(Index.load(path).ids, want)
+
+
 def test_arguments_are_checked(tmp_path):
     index = Index(3)
     with pytest.raises(ValueError, match="embeddings: expected 3 columns|embeddings: .* width"):

@@ -319,6 +319,23 @@ def test_kmeans_is_fixed_by_the_seed_and_keeps_the_input_type():
     assert len(many) > 1
 
 
+def test_kmeans_leaves_torchs_thread_count_as_it_was():
+    """k-means runs libtorch's ops on one thread while its own kernels use
+    every thread (grouploss.loss.threads::TorchInline); the count the user
+    set comes back afterwards, errors included."""
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        M.kmeans(x, 5, seed=0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="k"):
+            M.kmeans(x, 301, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nmi_of_evaluate_clusters_the_queries():
     x, y = make_blobs(n_samples=600, centers=6, n_features=8, cluster_std=0.5, random_state=3)
     assert M.evaluate(x, y, include=("nmi",), normalize=False) == {"nmi": 1.0}

@@ -41,7 +41,8 @@ class Index:
     the memory) on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
     :meth:`search` runs in blocks of queries and of stored vectors
     (computed in float32): beyond the stored vectors, memory stays near one
-    tile of similarities (about 4 MiB) however many are stored. Results
+    block of queries however many are stored (on a CPU with AVX2 the
+    similarities are kept in cache, never written out). Results
     are exact and ordered by (-similarity, order of addition), ties
     included. :meth:`save` writes safetensors (nothing executable).
 

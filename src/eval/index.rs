@@ -2,6 +2,12 @@
 //! float16, CPU or CUDA) with ids and optional labels, searched in blocks of
 //! queries and of stored vectors, so that memory beyond the vectors stays
 //! O(block) however many are stored.
+//!
+//! On a CPU with AVX2 and FMA the search never forms a tile of similarities:
+//! the crate's register-tile kernel ([`crate::loss::gemm`]'s `dot_tiles`)
+//! hands each 6 x 16 block of products, still in cache, to the queries'
+//! heaps of their `k` best; elsewhere a libtorch product per tile is read
+//! by the same heaps.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -14,28 +20,102 @@ use super::knn::topk_ordered;
 use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
 use crate::error::{ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
+use crate::loss::{gemm, threads};
 use crate::names::{device_name, dtype_name};
 
 /// Rows per chunk of an `add` (its temporaries are a chunk's).
 const ADD_ROWS: i64 = 1_024;
 
-/// A tile of similarities on the CPU: queries x stored vectors, float32,
-/// 4 MiB (small enough to keep the search's memory near faiss's; near
-/// square, where the matrix product runs fastest), read by one fused pass
-/// in Rust ([`scan_tile`]).
-const CPU_QUERIES: i64 = 512;
+/// Queries per block on the CPU: each thread's share (512 x 1 KiB at 256
+/// dimensions, 2 threads) stays in L2 while the stored vectors stream past
+/// (blocks of 512 queries were up to 15% slower).
+const CPU_QUERIES: i64 = 1024;
+/// Stored vectors per block of the fused scan ([`gemm::dot_tiles`]); only
+/// float16 storage is converted, a block at a time (16 MiB at 256
+/// dimensions).
+const FUSED_STORED: i64 = 16_384;
+/// Without the fused kernels: a tile of similarities, queries x stored
+/// vectors, float32, 4 MiB (small enough to keep the search's memory near
+/// faiss's; near square, where the matrix product runs fastest), read by
+/// [`offer_row`].
 const CPU_STORED: i64 = 2_048;
 
 /// On CUDA: larger tiles, for fewer and larger kernels.
 const CUDA_STORED_BLOCK: i64 = 65_536;
 const CUDA_TILE_BYTES: i64 = 64 << 20;
 
+/// The ids of the stored vectors: their positions (the ids `add` gives when
+/// none are passed, from an empty index) until other ids are added, then a
+/// list. Positions take no memory (a list of 500,000 takes 4 MB).
+#[derive(Debug)]
+enum Ids {
+    Positions(usize),
+    Listed(Vec<i64>),
+}
+
+impl Ids {
+    /// A saved list: positions where it is `0..n`.
+    fn from_list(ids: Vec<i64>) -> Self {
+        if ids.iter().enumerate().all(|(p, &id)| id == p as i64) {
+            Ids::Positions(ids.len())
+        } else {
+            Ids::Listed(ids)
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Ids::Positions(n) => *n,
+            Ids::Listed(ids) => ids.len(),
+        }
+    }
+
+    fn get(&self, position: usize) -> i64 {
+        match self {
+            Ids::Positions(_) => position as i64,
+            Ids::Listed(ids) => ids[position],
+        }
+    }
+
+    fn to_vec(&self) -> Vec<i64> {
+        match self {
+            Ids::Positions(n) => (0..*n as i64).collect(),
+            Ids::Listed(ids) => ids.clone(),
+        }
+    }
+
+    /// `m` more: `ids`, or (None) from one past the largest so far.
+    fn extend(&mut self, ids: Option<Vec<i64>>, m: usize) {
+        let start = match self {
+            Ids::Positions(n) => *n as i64,
+            Ids::Listed(ids) => ids.iter().copied().max().map_or(0, |x| x + 1),
+        };
+        let follows = |ids: &[i64]| {
+            ids.iter()
+                .enumerate()
+                .all(|(j, &id)| id == start + j as i64)
+        };
+        match (self, ids) {
+            (Ids::Positions(n), None) => *n += m,
+            (Ids::Positions(n), Some(ids)) if follows(&ids) => *n += m,
+            (Ids::Listed(stored), ids) => {
+                stored.extend(ids.unwrap_or_else(|| (start..start + m as i64).collect()))
+            }
+            (this @ Ids::Positions(_), Some(ids)) => {
+                let mut all = this.to_vec();
+                all.extend(ids);
+                *this = Ids::Listed(all);
+            }
+        }
+    }
+}
+
 /// Unit vectors with ids (and labels), searched by exact cosine similarity.
 #[derive(Debug)]
 pub struct Index {
     /// n x dim, L2-normalised, in the storage dtype, on the index's device.
     vectors: Tensor,
-    ids: Vec<i64>,
+    ids: Ids,
     /// One per vector, or none for an index without labels.
     labels: Option<Vec<i64>>,
 }
@@ -53,7 +133,7 @@ impl Index {
         )?;
         Ok(Index {
             vectors: Tensor::zeros([0, dim], (kind, device)),
-            ids: Vec::new(),
+            ids: Ids::Positions(0),
             labels: None,
         })
     }
@@ -65,7 +145,7 @@ impl Index {
 
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.ids.len() == 0
     }
 
     /// The vectors' width.
@@ -84,8 +164,8 @@ impl Index {
     }
 
     /// The ids, in the order stored.
-    pub fn ids(&self) -> &[i64] {
-        &self.ids
+    pub fn ids(&self) -> Vec<i64> {
+        self.ids.to_vec()
     }
 
     /// The labels, if the index has them.
@@ -111,7 +191,6 @@ impl Index {
             || format!("{d} columns"),
             format!("the index's width ({})", self.dim()),
         )?;
-        let start = self.ids.iter().copied().max().map_or(0, |x| x + 1);
         let one_per_row = |arg: &str, len: usize| {
             ensure(
                 len as i64 == m,
@@ -147,10 +226,7 @@ impl Index {
             }
         }
         self.vectors = vectors;
-        match ids {
-            Some(ids) => self.ids.extend(ids),
-            None => self.ids.extend(start..start + m),
-        }
+        self.ids.extend(ids, m as usize);
         Ok(())
     }
 
@@ -182,8 +258,8 @@ impl Index {
     /// The `k` most similar stored vectors of every query (q x dim): their
     /// cosine similarities (q x k, float32) and ids (q x k, int64), on the
     /// index's device, ordered by (-similarity, order of addition).
-    /// `batch_size`: queries per block (None: tiles of similarities near
-    /// 4 MiB on the CPU, 64 MiB on CUDA).
+    /// `batch_size`: queries per block (None: 1,024 on the CPU, shared out
+    /// over the threads; tiles of similarities near 64 MiB on CUDA).
     pub fn search(
         &self,
         queries: &Tensor,
@@ -206,7 +282,15 @@ impl Index {
             format!("the index's width ({})", self.dim()),
         )?;
         let cuda = self.device().is_cuda();
-        let block = if cuda { CUDA_STORED_BLOCK } else { CPU_STORED }.min(n);
+        let fused = !cuda && gemm::available();
+        let block = if cuda {
+            CUDA_STORED_BLOCK
+        } else if fused {
+            FUSED_STORED
+        } else {
+            CPU_STORED
+        }
+        .min(n);
         let rows = batch_size
             .unwrap_or(if cuda {
                 CUDA_TILE_BYTES / (4 * block)
@@ -215,6 +299,8 @@ impl Index {
             })
             .max(1);
         let nq = queries.size()[0];
+        // Between the fused scans, libtorch only normalises the queries.
+        let _inline = fused.then(threads::TorchInline::begin);
         let (mut scores, mut found) = (Vec::new(), Vec::new());
         for start in (0..nq).step_by(rows as usize) {
             let len = rows.min(nq - start);
@@ -223,38 +309,73 @@ impl Index {
             let (s, i) = if cuda {
                 self.search_block(&q, k, block)?
             } else {
-                self.scan_block(&q, k, block)?
+                self.scan_block(&q, k, block, fused)?
             };
             scores.push(s);
             found.push(i);
         }
         let positions = host_vec::<i64>(&Tensor::cat(&found, 0))?;
-        let ids: Vec<i64> = positions.iter().map(|&p| self.ids[p as usize]).collect();
+        let ids: Vec<i64> = positions
+            .iter()
+            .map(|&p| self.ids.get(p as usize))
+            .collect();
         let ids = Tensor::from_slice(&ids)
             .reshape([nq, k])
             .to_device(self.device());
         Ok((Tensor::cat(&scores, 0), ids))
     }
 
-    /// [`Self::search_block`] on the CPU: each tile of similarities read once
-    /// by [`scan_tile`], which keeps every query's `k` best in a heap.
-    fn scan_block(&self, q: &Tensor, k: i64, block: i64) -> Result<(Tensor, Tensor)> {
-        let (n, rows) = (self.len() as i64, q.size()[0]);
+    /// [`Self::search_block`] on the CPU: every query's `k` best kept in a
+    /// heap by [`offer_row`], over blocks of `block` stored vectors. `fused`
+    /// ([`gemm::dot_tiles`], where the CPU has its kernels): the similarities
+    /// are read from registers' tiles as they are computed; otherwise from a
+    /// libtorch product of the block.
+    fn scan_block(&self, q: &Tensor, k: i64, block: i64, fused: bool) -> Result<(Tensor, Tensor)> {
+        let (n, rows, d) = (self.len() as i64, q.size()[0], self.dim() as usize);
+        let q = q.contiguous();
+        let qs = cpu_slice::<f32>(&q)?;
+        let k = k as usize;
         let mut heaps: Vec<BinaryHeap<Hit>> = (0..rows)
-            .map(|_| BinaryHeap::with_capacity(k as usize + 1))
+            .map(|_| BinaryHeap::with_capacity(k + 1))
             .collect();
-        let threads = tch::get_num_threads().max(1) as usize;
-        let per = (rows as usize).div_ceil(threads).max(1);
+        let mut los = vec![f32::NEG_INFINITY; rows as usize];
+        let workers = threads::count();
+        let per = (rows as usize).div_ceil(workers).max(1);
         for start in (0..n).step_by(block as usize) {
             let len = block.min(n - start);
             let g = self.vectors.narrow(0, start, len).to_kind(Kind::Float);
-            let s = q.matmul(&g.tr()).contiguous();
-            let tile = cpu_slice::<f32>(&s)?;
+            let g = g.contiguous();
+            let s = if fused {
+                None
+            } else {
+                Some(q.matmul(&g.tr()).contiguous())
+            };
+            let (gs, tile) = (
+                cpu_slice::<f32>(&g)?,
+                s.as_ref().map(cpu_slice::<f32>).transpose()?,
+            );
             let width = len as usize;
             std::thread::scope(|scope| {
-                for (c, chunk) in heaps.chunks_mut(per).enumerate() {
-                    let rows = &tile[c * per * width..];
-                    scope.spawn(move || scan_tile(chunk, rows, width, start, k as usize));
+                for (c, (hs, lo)) in heaps.chunks_mut(per).zip(los.chunks_mut(per)).enumerate() {
+                    let first = c * per;
+                    scope.spawn(move || match tile {
+                        None => {
+                            let a = &qs[first * d..(first + hs.len()) * d];
+                            gemm::dot_tiles(a, gemm::Rhs::Rows(gs), d, |t| {
+                                for r in 0..t.rows {
+                                    let i = t.row0 + r;
+                                    let col0 = start + t.col0 as i64;
+                                    offer_row(&mut hs[i], &mut lo[i], t.row(r), col0, k);
+                                }
+                            });
+                        }
+                        Some(tile) => {
+                            let rows = tile[first * width..].chunks(width);
+                            for ((heap, lo), row) in hs.iter_mut().zip(lo.iter_mut()).zip(rows) {
+                                offer_row(heap, lo, row, start, k);
+                            }
+                        }
+                    });
                 }
             });
         }
@@ -265,6 +386,7 @@ impl Index {
                 positions.push(hit.j);
             }
         }
+        let k = k as i64;
         Ok((
             Tensor::from_slice(&sims).reshape([rows, k]),
             Tensor::from_slice(&positions).reshape([rows, k]),
@@ -301,7 +423,7 @@ impl Index {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named = vec![
             ("vectors", self.vectors.to_device(Device::Cpu)),
-            ("ids", Tensor::from_slice(&self.ids)),
+            ("ids", Tensor::from_slice(&self.ids.to_vec())),
         ];
         if let Some(labels) = &self.labels {
             named.push(("labels", Tensor::from_slice(labels)));
@@ -341,7 +463,7 @@ impl Index {
         }
         Ok(Index {
             vectors: vectors.to_device(device),
-            ids,
+            ids: Ids::from_list(ids),
             labels,
         })
     }
@@ -400,30 +522,30 @@ impl PartialOrd for Hit {
     }
 }
 
-/// Offers row r of `tile` (rows of `width` similarities to the stored
-/// vectors `col0..`) to `heaps[r]`, each kept to its `k` best. Groups of
-/// similarities all below a full heap's worst are rejected by one
-/// vectorised test; equal similarities keep the earlier position, since
-/// positions grow along a row and from tile to tile.
-fn scan_tile(heaps: &mut [BinaryHeap<Hit>], tile: &[f32], width: usize, col0: i64, k: usize) {
-    for (heap, row) in heaps.iter_mut().zip(tile.chunks(width)) {
-        for (g, group) in row.chunks(GROUP).enumerate() {
-            let full = heap.len() == k;
-            if full && !any_at_least(group, heap.peek().map_or(f32::NEG_INFINITY, |h| h.s)) {
-                continue;
+/// Offers a query's similarities `row` to stored vectors `col0..` to its
+/// heap of the `k` best. `lo`: below it nothing enters the heap (the worst
+/// kept once the heap is full); groups of [`GROUP`] all below it are
+/// rejected by one vectorised test. Equal similarities keep the earlier
+/// position: a query's rows are offered in order of position.
+fn offer_row(heap: &mut BinaryHeap<Hit>, lo: &mut f32, row: &[f32], col0: i64, k: usize) {
+    for (g, group) in row.chunks(GROUP).enumerate() {
+        if !any_at_least(group, *lo) {
+            continue;
+        }
+        for (i, &s) in group.iter().enumerate() {
+            let hit = Hit {
+                s,
+                j: col0 + (g * GROUP + i) as i64,
+            };
+            if heap.len() < k {
+                heap.push(hit);
+            } else if hit < *heap.peek().expect("a full heap") {
+                heap.pop();
+                heap.push(hit);
             }
-            for (i, &s) in group.iter().enumerate() {
-                let hit = Hit {
-                    s,
-                    j: col0 + (g * GROUP + i) as i64,
-                };
-                if heap.len() < k {
-                    heap.push(hit);
-                } else if hit < *heap.peek().expect("a full heap") {
-                    heap.pop();
-                    heap.push(hit);
-                }
-            }
+        }
+        if heap.len() == k {
+            *lo = heap.peek().expect("a full heap").s;
         }
     }
 }
@@ -466,16 +588,36 @@ mod tests {
         let (want_v, want_i) = topk_ordered(&s, k).unwrap();
         for block in [1, 7, 64, 300] {
             let q = normalize(&q);
-            // The torch top-k (CUDA) and the Rust scan (CPU), over tiles.
-            for (v, i) in [
+            // The torch top-k (CUDA) and the Rust scans (CPU), over tiles.
+            let mut found = vec![
                 index.search_block(&q, k, block).unwrap(),
-                index.scan_block(&q, k, block).unwrap(),
-            ] {
+                index.scan_block(&q, k, block, false).unwrap(),
+            ];
+            if gemm::available() {
+                found.push(index.scan_block(&q, k, block, true).unwrap());
+            }
+            for (v, i) in found {
                 assert!(v.allclose(&want_v, 0.0, 1e-6, false), "block {block}");
                 assert!(i.equal(&want_i), "block {block}");
             }
         }
         let (_, ids) = index.search(&q, k, Some(5)).unwrap();
         assert!(ids.equal(&want_i));
+    }
+
+    /// Ids stay positions (no list) while every add follows on; other ids
+    /// turn them into a list, after which default ids go on from the largest.
+    #[test]
+    fn ids_are_positions_until_others_are_added() {
+        let mut ids = Ids::Positions(0);
+        ids.extend(None, 3);
+        ids.extend(Some(vec![3, 4]), 2);
+        assert!(matches!(ids, Ids::Positions(5)));
+        ids.extend(Some(vec![10, 7]), 2);
+        ids.extend(None, 2);
+        assert_eq!(ids.to_vec(), [0, 1, 2, 3, 4, 10, 7, 11, 12]);
+        assert_eq!((ids.len(), ids.get(5), ids.get(8)), (9, 10, 12));
+        assert!(matches!(Ids::from_list(vec![0, 1, 2]), Ids::Positions(3)));
+        assert!(matches!(Ids::from_list(vec![0, 2]), Ids::Listed(_)));
     }
 }

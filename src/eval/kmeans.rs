@@ -37,6 +37,17 @@
 //!   being compared with the others. The assignments are those of plain
 //!   Lloyd (up to ties within rounding); only points near a boundary are
 //!   compared with all k centres once the centres settle.
+//!
+//! On a CPU with AVX2 and FMA, in float32, the points x centres products go
+//! through the crate's register-tile kernel ([`crate::loss::gemm`]'s
+//! `dot_tiles`) instead of libtorch's product: every point's two nearest
+//! centres are kept as the tiles are computed, so that the points x k
+//! distances are never written out, and the seeding's products go into one
+//! buffer reused from round to round. Meanwhile libtorch's own ops run on
+//! one thread ([`crate::loss::threads::TorchInline`]): its OpenMP workers,
+//! spinning after each parallel op, would compete with the kernel's threads.
+//! (SOP-shaped benchmark, 2 cores: 24.3 s before, 17 to 20 s after; see
+//! BENCHMARKS.md.)
 
 use tch::{Kind, Tensor};
 
@@ -46,6 +57,7 @@ use super::input::{
 use super::kmeans_cpu;
 use super::knn::topk_ordered;
 use crate::error::{at_least, ensure, Error, Result};
+use crate::loss::threads;
 use crate::rng::Rng;
 
 /// Options of [`kmeans_with`].
@@ -121,6 +133,9 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
     )?;
     check_batch_size(opts.batch_size)?;
     let x = prepare(x, false);
+    // The libtorch ops between the fused products are small: on one thread,
+    // they leave the cores to the products' threads.
+    let _inline = kmeans_cpu::fuses(&x).then(threads::TorchInline::begin);
     let sq = x.square().sum_dim_intlist(1, false, x.kind());
     let variance = x
         .var_dim([0i64].as_slice(), false, false)
@@ -234,13 +249,15 @@ fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Ten
         dist: closest,
         lower: Tensor::zeros([n], (x.kind(), device)),
     };
+    let scratch = kmeans_cpu::fuses(x)
+        .then(|| Tensor::empty([n * per_round * SEED_TRIALS], (Kind::Float, device)));
     let mut c = 1;
     while c < k {
         let b = per_round.min(k - c);
         // SEED_TRIALS draws a slot; each slot keeps the draw that lowers
         // the potential most.
         let ids = draw_d2(&near.dist, b * SEED_TRIALS, rng)?;
-        let round = Round::new(x, sq, &ids);
+        let round = Round::new(x, sq, &ids, scratch.as_ref());
         let potential = round.potentials(&near.dist)?.view([b, SEED_TRIALS]);
         let best =
             potential.argmin(1, false) + Tensor::arange(b, (Kind::Int64, device)) * SEED_TRIALS;
@@ -271,9 +288,26 @@ struct Round<'a> {
 }
 
 impl<'a> Round<'a> {
-    fn new(x: &Tensor, sq: &'a Tensor, ids: &Tensor) -> Round<'a> {
+    /// `scratch`: float32 elements for the dot products of the fused
+    /// kernels, reused from round to round.
+    fn new(x: &Tensor, sq: &'a Tensor, ids: &Tensor, scratch: Option<&Tensor>) -> Round<'a> {
         Round {
-            dot: x.mm(&x.index_select(0, ids).tr()),
+            dot: {
+                let candidates = x.index_select(0, ids);
+                let (n, b) = (x.size()[0], ids.size()[0]);
+                match scratch {
+                    Some(s) if s.size()[0] >= n * b => {
+                        let mut dot = s.narrow(0, 0, n * b).view([n, b]);
+                        let fused = kmeans_cpu::dots(x, &candidates, &mut dot);
+                        if fused {
+                            dot
+                        } else {
+                            x.mm(&candidates.tr())
+                        }
+                    }
+                    _ => x.mm(&candidates.tr()),
+                }
+            },
             sq,
             csq: sq.index_select(0, ids),
         }
@@ -477,32 +511,49 @@ fn nearest_two(
     which: &Tensor,
     rows: i64,
 ) -> (Tensor, Tensor, Tensor) {
-    let (m, k) = (which.size()[0], centres.size()[0]);
+    let m = which.size()[0];
     let csq = centres.square().sum_dim_intlist(1, false, centres.kind());
-    let minus2t = (centres * -2.0).tr().contiguous();
     let (mut labels, mut dists, mut lowers) = (Vec::new(), Vec::new(), Vec::new());
     let mut start = 0;
     while start < m {
         let len = rows.min(m - start);
         let ids = which.narrow(0, start, len);
-        let mut d = csq.addmm(&x.index_select(0, &ids), &minus2t);
-        let own = sq.index_select(0, &ids);
-        let (d1, idx) = d.min_dim(1, true);
-        dists.push((d1.squeeze_dim(1) + &own).clamp_min(0.0));
-        lowers.push(if k > 1 {
-            let _ = d.scatter_value_(1, &idx, f64::INFINITY);
-            let (d2, _) = d.min_dim(1, false);
-            (d2 + &own).clamp_min(0.0).sqrt()
-        } else {
-            own.full_like(f64::INFINITY)
-        });
-        labels.push(idx.squeeze_dim(1));
+        let (points, own) = (x.index_select(0, &ids), sq.index_select(0, &ids));
+        let (l, d1, lower) = kmeans_cpu::nearest_two(&points, &own, centres, &csq)
+            .unwrap_or_else(|| nearest_two_by_ops(&points, &own, centres, &csq));
+        labels.push(l);
+        dists.push(d1);
+        lowers.push(lower);
         start += len;
     }
     (
         Tensor::cat(&labels, 0),
         Tensor::cat(&dists, 0),
         Tensor::cat(&lowers, 0),
+    )
+}
+
+/// [`kmeans_cpu::nearest_two`] as libtorch ops, through the points x
+/// centres distances: on CUDA, in float64, and without the CPU kernels.
+fn nearest_two_by_ops(
+    points: &Tensor,
+    own: &Tensor,
+    centres: &Tensor,
+    csq: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
+    let mut d = csq.addmm(points, &(centres * -2.0).tr());
+    let (d1, idx) = d.min_dim(1, true);
+    let lower = if centres.size()[0] > 1 {
+        let _ = d.scatter_value_(1, &idx, f64::INFINITY);
+        let (d2, _) = d.min_dim(1, false);
+        (d2 + own).clamp_min(0.0).sqrt()
+    } else {
+        own.full_like(f64::INFINITY)
+    };
+    (
+        idx.squeeze_dim(1),
+        (d1.squeeze_dim(1) + own).clamp_min(0.0),
+        lower,
     )
 }
 
@@ -685,7 +736,10 @@ mod tests {
             let sq = x.square().sum_dim_intlist(1, false, kind);
             let (_, closest) = first_centre(&x, &sq, 40, &mut Rng::new(1));
             let ids = draw_d2(&closest, 12, &mut Rng::new(2)).unwrap();
-            let round = Round::new(&x, &sq, &ids);
+            // Float32: the fused product into reused scratch, where the
+            // kernels run.
+            let scratch = Tensor::empty([n as i64 * 12], (Kind::Float, Device::Cpu));
+            let round = Round::new(&x, &sq, &ids, Some(&scratch));
             let fused = round.potentials(&closest).unwrap();
             let ops =
                 round
@@ -712,6 +766,38 @@ mod tests {
             assert!(a.dist.equal(&b.dist), "{kind:?}");
             assert!(second_a.equal(&second_b), "{kind:?}");
         }
+    }
+
+    /// The fused products (where this CPU has the kernels) equal libtorch's
+    /// up to the order of summation: the seeding's dot products, and every
+    /// point's two nearest centres.
+    #[test]
+    fn the_fused_cpu_products_equal_the_libtorch_ops() {
+        let mut rng = Rng::new(11);
+        let (n, k, d) = (500, 45, 300); // tails of every tile and block
+        let v: Vec<f32> = (0..n * d).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        let x = Tensor::from_slice(&v).reshape([n as i64, d as i64]);
+        let sq = x.square().sum_dim_intlist(1, false, Kind::Float);
+        let centres = x.narrow(0, 7, k).copy();
+        let csq = centres.square().sum_dim_intlist(1, false, Kind::Float);
+        let mut dots = Tensor::empty([n as i64, k], (Kind::Float, Device::Cpu));
+        if !kmeans_cpu::dots(&x, &centres, &mut dots) {
+            return; // no kernels: the libtorch ops run, tested elsewhere
+        }
+        let gap = f64::try_from((dots - x.mm(&centres.tr())).abs().max()).unwrap();
+        assert!(gap < 1e-4, "{gap}");
+        let (l, d1, lower) = kmeans_cpu::nearest_two(&x, &sq, &centres, &csq).unwrap();
+        let (want_l, want_d1, want_lower) = nearest_two_by_ops(&x, &sq, &centres, &csq);
+        // Every centre is a point: its own distance is (about) 0.
+        assert!(l.equal(&want_l));
+        let gap = f64::try_from((d1 - want_d1).abs().max()).unwrap();
+        assert!(gap < 1e-3, "{gap}");
+        let gap = f64::try_from((lower - want_lower).abs().max()).unwrap();
+        assert!(gap < 1e-3, "{gap}");
+        // One centre: no second.
+        let one = centres.narrow(0, 0, 1);
+        let (_, _, lower) = kmeans_cpu::nearest_two(&x, &sq, &one, &csq.narrow(0, 0, 1)).unwrap();
+        assert_eq!(f64::try_from(lower.min()).unwrap(), f64::INFINITY);
     }
 
     #[test]

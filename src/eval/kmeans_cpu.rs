@@ -15,9 +15,14 @@ use tch::{Device, Kind, Tensor};
 
 use super::scan_cpu::{cpu_slice, Sim};
 use crate::error::{Error, Result};
+use crate::loss::{gemm, threads};
 
 /// Rows per unit of work.
 const CHUNK: usize = 4096;
+
+/// Rows of points per call of [`gemm::dot_tiles`]: 192 rows of 512 float32
+/// features (384 KiB) stay in L2 while the centres stream past.
+const DOT_ROWS_BYTES: usize = 384 << 10;
 
 /// Whether the fused passes apply: CPU tensors of float32 or float64.
 pub(crate) fn applies(x: &Tensor) -> bool {
@@ -50,7 +55,7 @@ fn dist<T: Elem>(sq: T, dot: T, csq: T) -> T {
 /// The row chunks of `n` rows, spread over the threads in turn.
 fn for_chunks(n: usize, work: impl Fn(usize, std::ops::Range<usize>) + Sync) {
     let chunks = n.div_ceil(CHUNK);
-    let threads = (tch::get_num_threads().max(1) as usize).min(chunks).max(1);
+    let threads = threads::count().min(chunks).max(1);
     let work = &work;
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -226,4 +231,162 @@ fn take_typed<T: Elem>(
         }
     });
     Ok(())
+}
+
+/// The float32 CPU rows of `t` (2-D, contiguous) where the fused products
+/// apply ([`gemm::dot_tiles`]: float32 on a CPU with its kernels).
+fn dot_rows(t: &Tensor) -> Option<(&[f32], usize)> {
+    if !gemm::available() || t.kind() != Kind::Float || t.dim() != 2 {
+        return None;
+    }
+    let d = t.size()[1] as usize;
+    cpu_slice::<f32>(t).ok().filter(|_| d > 0).map(|s| (s, d))
+}
+
+/// Calls `work(rows, points)` over `x`'s rows in blocks that stay in L2,
+/// the rows shared out evenly over the threads (each row's result is its
+/// own, whatever the split).
+fn for_dot_blocks(x: &[f32], d: usize, work: impl Fn(std::ops::Range<usize>, &[f32]) + Sync) {
+    let n = x.len() / d;
+    let per = (DOT_ROWS_BYTES / (4 * d)).max(6) / 6 * 6;
+    let threads = threads::count().min(n.div_ceil(per)).max(1);
+    let share = n.div_ceil(threads);
+    let work = &work;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let rows = t * share..((t + 1) * share).min(n);
+            s.spawn(move || {
+                for start in rows.clone().step_by(per) {
+                    let block = start..(start + per).min(rows.end);
+                    work(block.clone(), &x[block.start * d..block.end * d]);
+                }
+            });
+        }
+    });
+}
+
+/// Whether the products of `x`'s rows go through the fused kernels.
+pub(crate) fn fuses(x: &Tensor) -> bool {
+    dot_rows(x).is_some()
+}
+
+/// `x @ c^T` (n x b, float32) by the fused kernels, written into `out`
+/// (contiguous, n x b: reused from round to round, fresh pages cost about
+/// as much as the product's writes); false, with `out` untouched, where
+/// they do not apply (then libtorch's product is used).
+pub(crate) fn dots(x: &Tensor, c: &Tensor, out: &mut Tensor) -> bool {
+    let (Some((xs, d)), Some((cs, dc))) = (dot_rows(x), dot_rows(c)) else {
+        return false;
+    };
+    let (n, b) = (xs.len() / d, cs.len() / d);
+    if d != dc || out.size() != [n as i64, b as i64] {
+        return false;
+    }
+    let (Some(cs), Ok(out)) = (gemm::Packed::new(cs, d), cpu_slice_mut::<f32>(out, n * b)) else {
+        return false;
+    };
+    let rows = Rows(out.as_mut_ptr());
+    for_dot_blocks(xs, d, |block, points| {
+        // SAFETY: blocks are disjoint row ranges within 0..n.
+        let dst = unsafe { rows.range(block.start * b..block.end * b) };
+        gemm::dot_tiles(points, gemm::Rhs::Packed(&cs), d, |t| {
+            for r in 0..t.rows {
+                let at = (t.row0 + r) * b + t.col0;
+                dst[at..at + t.cols].copy_from_slice(t.row(r));
+            }
+        });
+    });
+    true
+}
+
+/// Every point's nearest centre, its squared distance and the distance
+/// (not squared) to the second-nearest: `nearest_two` of
+/// [`super::kmeans`] without forming the points x centres distances, for
+/// float32 on the CPU (None elsewhere). `x` (m x d) the points, `sq` (m)
+/// their squared norms, `centres` (k x d), `csq` (k) theirs; the squared
+/// distance `(csq_j - 2 x_i . c_j) + sq_i` is clamped at 0, ties go to the
+/// earlier centre.
+pub(crate) fn nearest_two(
+    x: &Tensor,
+    sq: &Tensor,
+    centres: &Tensor,
+    csq: &Tensor,
+) -> Option<(Tensor, Tensor, Tensor)> {
+    let ((xs, d), (cs, dc)) = (dot_rows(x)?, dot_rows(centres)?);
+    let (own, csq) = (cpu_slice::<f32>(sq).ok()?, cpu_slice::<f32>(csq).ok()?);
+    let m = xs.len() / d;
+    if d != dc || own.len() != m || csq.len() != cs.len() / d {
+        return None;
+    }
+    let cs = gemm::Packed::new(cs, d)?;
+    let mut labels = vec![0i64; m];
+    let mut first = vec![f32::INFINITY; m];
+    let mut second = vec![f32::INFINITY; m];
+    let (lab, d1s, d2s) = (
+        Rows(labels.as_mut_ptr()),
+        Rows(first.as_mut_ptr()),
+        Rows(second.as_mut_ptr()),
+    );
+    for_dot_blocks(xs, d, |block, points| {
+        // SAFETY: blocks are disjoint row ranges within 0..m.
+        let (l, d1, d2) = unsafe {
+            (
+                lab.range(block.clone()),
+                d1s.range(block.clone()),
+                d2s.range(block),
+            )
+        };
+        gemm::dot_tiles(points, gemm::Rhs::Packed(&cs), d, |t| {
+            let c = &csq[t.col0..t.col0 + t.cols];
+            for r in 0..t.rows {
+                let i = t.row0 + r;
+                two_smallest(t.row(r), c, t.col0, (&mut l[i], &mut d1[i], &mut d2[i]));
+            }
+        });
+    });
+    // As libtorch rounds `(d + sq).clamp_min(0)`.
+    let plus_own =
+        |v: &[f32]| -> Vec<f32> { v.iter().zip(own).map(|(&v, &o)| (v + o).max(0.0)).collect() };
+    let lower = if csq.len() > 1 {
+        plus_own(&second).into_iter().map(f32::sqrt).collect()
+    } else {
+        vec![f32::INFINITY; m]
+    };
+    let nearest = plus_own(&first);
+    Some((
+        Tensor::from_slice(&labels),
+        Tensor::from_slice(&nearest),
+        Tensor::from_slice(&lower),
+    ))
+}
+
+/// Updates a point's (label, smallest, second smallest) of `csq_j - 2 dot_j`
+/// over centres `col0..` (`dots` and `csq` theirs); strict comparisons keep
+/// the earlier centre on ties. Most groups beat neither and are rejected by
+/// one vectorisable test.
+#[inline]
+fn two_smallest(
+    dots: &[f32],
+    csq: &[f32],
+    col0: usize,
+    (l, d1, d2): (&mut i64, &mut f32, &mut f32),
+) {
+    let mut v = [f32::INFINITY; gemm::TILE_COLS];
+    for ((v, &p), &c) in v.iter_mut().zip(dots).zip(csq) {
+        *v = c - (p + p);
+    }
+    let mut any = false;
+    for &x in &v {
+        any |= x < *d2;
+    }
+    if !any {
+        return;
+    }
+    for (j, &x) in v.iter().enumerate().take(dots.len()) {
+        if x < *d1 {
+            (*d2, *d1, *l) = (*d1, x, (col0 + j) as i64);
+        } else if x < *d2 {
+            *d2 = x;
+        }
+    }
 }

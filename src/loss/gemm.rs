@@ -54,7 +54,6 @@ unsafe impl Sync for View {}
 
 impl View {
     /// A view of a slice; panics unless the slice holds every row.
-    #[cfg(test)]
     fn of(data: &[f32], rows: usize, cols: usize, ld: usize) -> Self {
         assert!(
             cols <= ld || rows <= 1,
@@ -185,6 +184,160 @@ fn matmul_slices(
 thread_local! {
     /// A block of a packed panel (16 KiB), one per thread.
     static PANEL: RefCell<Vec<f32>> = RefCell::new(vec![0.0; KC * NR]);
+}
+
+/// The most columns of a [`DotTile`].
+pub(crate) const TILE_COLS: usize = NR;
+
+/// One register tile of [`dot_tiles`]: the dot products of rows
+/// `row0..row0 + rows` of A with rows `col0..col0 + cols` of B.
+pub(crate) struct DotTile<'a> {
+    pub row0: usize,
+    pub rows: usize,
+    pub col0: usize,
+    pub cols: usize,
+    dots: &'a [f32],
+}
+
+impl DotTile<'_> {
+    /// Row `r < rows`: the dot products of A's row `row0 + r` with B's rows
+    /// `col0..col0 + cols`.
+    pub(crate) fn row(&self, r: usize) -> &[f32] {
+        &self.dots[r * NR..r * NR + self.cols]
+    }
+}
+
+thread_local! {
+    /// [`dot_tiles`]' panel of B (when packed as it goes) and its strip of
+    /// products.
+    static DOT_BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The rows of B (`n x d`) packed once for [`dot_tiles`], for a B that
+/// many calls read: panels of 16 rows, each transposed (`d x 16`, zero past
+/// the last row).
+pub(crate) struct Packed {
+    data: Vec<f32>,
+    rows: usize,
+    d: usize,
+}
+
+impl Packed {
+    /// None where this CPU lacks the kernels ([`available`]).
+    pub(crate) fn new(b: &[f32], d: usize) -> Option<Self> {
+        if !available() || d == 0 || !b.len().is_multiple_of(d) {
+            return None;
+        }
+        let rows = b.len() / d;
+        let bv = View::of(b, rows, d, d);
+        let mut data = vec![0.0; rows.div_ceil(NR) * d * NR];
+        for (p, panel) in data.chunks_mut(d * NR).enumerate() {
+            let j0 = p * NR;
+            // SAFETY: the view covers `b`; the panel holds d x NR floats.
+            unsafe { pack_transposed(bv, j0, NR.min(rows - j0), 0, d, panel) };
+        }
+        Some(Packed { data, rows, d })
+    }
+
+    /// Panel `p`'s rows `k0..` (of `d x NR`).
+    fn panel(&self, p: usize, k0: usize) -> *const f32 {
+        self.data[p * self.d * NR + k0 * NR..].as_ptr()
+    }
+}
+
+/// B of [`dot_tiles`]: its rows (row-major `n x d`), packed panel by panel
+/// as the product goes, or [`Packed`] once.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs<'a> {
+    Rows(&'a [f32]),
+    Packed(&'a Packed),
+}
+
+/// The dot products of every row of `a` (`m x d`, row-major) with every row
+/// of `b` (`n x d`), handed to `visit` one register tile at a time, without
+/// forming the `m x n` product: a visitor that keeps little of it (a top-k,
+/// the nearest centres) reads each product from the cache once, instead of
+/// writing a product to memory and reading it back. Columns of B go in
+/// panels of 16 (a last one of at most 8 in one vector a row), each swept
+/// by all the rows of A, so every row of A meets B's rows in increasing
+/// order. One thread; the caller shares out rows. Each dot product is
+/// summed in order of the features (one fused multiply-add chain per block
+/// of 256 features, the blocks added in order), whatever the CPU and the
+/// thread count. Returns false, visiting nothing, where this CPU lacks the
+/// kernels (AVX2 and FMA).
+pub(crate) fn dot_tiles(
+    a: &[f32],
+    b: Rhs<'_>,
+    d: usize,
+    mut visit: impl FnMut(&DotTile<'_>),
+) -> bool {
+    if !available() {
+        return false;
+    }
+    let n = match b {
+        Rhs::Rows(rows) => rows.len() / d.max(1),
+        Rhs::Packed(p) => p.rows,
+    };
+    let b_fits = match b {
+        Rhs::Rows(rows) => rows.len() == n * d,
+        Rhs::Packed(p) => p.d == d,
+    };
+    assert!(
+        d > 0 && a.len().is_multiple_of(d) && b_fits,
+        "dot_tiles: {} elements in rows of {d}, against B of another width",
+        a.len()
+    );
+    let m = a.len() / d;
+    let av = View::of(a, m, d, d);
+    let row_tiles = m.div_ceil(MR);
+    DOT_BUFFERS.with(|bufs| {
+        let (buf, strip) = &mut *bufs.borrow_mut();
+        buf.resize(KC * NR, 0.0);
+        strip.resize(row_tiles * MR * NR, 0.0);
+        for j0 in (0..n).step_by(NR) {
+            let nc = NR.min(n - j0);
+            for k0 in (0..d).step_by(KC) {
+                let kc = KC.min(d - k0);
+                let panel = match b {
+                    Rhs::Rows(rows) => {
+                        // SAFETY: the view covers `rows`; `buf` holds KC x NR.
+                        unsafe { pack_transposed(View::of(rows, n, d, d), j0, nc, k0, kc, buf) };
+                        buf.as_ptr()
+                    }
+                    Rhs::Packed(p) => p.panel(j0 / NR, k0),
+                };
+                for t in 0..row_tiles {
+                    let i0 = t * MR;
+                    // SAFETY: the view covers `a`; the strip holds MR x NR
+                    // floats per row tile; the panel (zero past nc) kc x NR.
+                    unsafe {
+                        tile(Tile {
+                            mr: MR.min(m - i0),
+                            kc,
+                            a: av.at(i0, k0),
+                            lda: d,
+                            panel,
+                            c: strip.as_mut_ptr().add(i0 * NR),
+                            ldc: NR,
+                            nc,
+                            accumulate: k0 > 0,
+                        })
+                    };
+                }
+            }
+            for t in 0..row_tiles {
+                let i0 = t * MR;
+                visit(&DotTile {
+                    row0: i0,
+                    rows: MR.min(m - i0),
+                    col0: j0,
+                    cols: nc,
+                    dots: &strip[i0 * NR..(i0 + MR) * NR],
+                });
+            }
+        }
+    });
+    true
 }
 
 /// One task: row tiles `tiles` of column panel `panel`.
@@ -389,15 +542,25 @@ struct Tile {
 unsafe fn tile(t: Tile) {
     #[cfg(target_arch = "x86_64")]
     match t.mr {
-        6 => tile_avx::<6>(t),
-        5 => tile_avx::<5>(t),
-        4 => tile_avx::<4>(t),
-        3 => tile_avx::<3>(t),
-        2 => tile_avx::<2>(t),
-        _ => tile_avx::<1>(t),
+        6 => tile_width::<6>(t),
+        5 => tile_width::<5>(t),
+        4 => tile_width::<4>(t),
+        3 => tile_width::<3>(t),
+        2 => tile_width::<2>(t),
+        _ => tile_width::<1>(t),
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("the kernels run on x86-64 only ({} rows)", t.mr)
+}
+
+/// A tile of at most 8 columns takes one vector per row, not two.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_width<const R: usize>(t: Tile) {
+    if t.nc <= NR / 2 {
+        tile_avx_narrow::<R>(t)
+    } else {
+        tile_avx::<R>(t)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -441,15 +604,37 @@ unsafe fn tile_avx<const R: usize>(t: Tile) {
         for r in 0..R {
             _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r][0]);
             _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[r][1]);
-            let row = c.add(r * ldc);
-            for j in 0..nc {
-                *row.add(j) = if accumulate {
-                    *row.add(j) + tmp[j]
-                } else {
-                    tmp[j]
-                };
-            }
+            store_columns(c.add(r * ldc), &tmp[..nc], accumulate);
         }
+    }
+}
+
+/// `row[j] (+)= values[j]`, one row of a tile narrower than its vectors.
+///
+/// SAFETY: `row` holds `values.len()` floats.
+unsafe fn store_columns(row: *mut f32, values: &[f32], accumulate: bool) {
+    for (j, &v) in values.iter().enumerate() {
+        *row.add(j) = if accumulate { *row.add(j) + v } else { v };
+    }
+}
+
+/// [`tile_avx`] for at most 8 columns: one vector a row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx_narrow<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for p in 0..t.kc {
+        let b = _mm256_loadu_ps(t.panel.add(p * NR));
+        for r in 0..R {
+            let av = _mm256_broadcast_ss(&*t.a.add(r * t.lda + p));
+            acc[r] = _mm256_fmadd_ps(av, b, acc[r]);
+        }
+    }
+    let mut tmp = [0f32; NR / 2];
+    for r in 0..R {
+        _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r]);
+        store_columns(t.c.add(r * t.ldc), &tmp[..t.nc], t.accumulate);
     }
 }
 
@@ -557,6 +742,47 @@ mod tests {
                 matmul_slices(av, av, true, true, &mut sym, true);
             }
             assert_eq!(full, sym, "{m} x {k}");
+        }
+    }
+
+    /// Every (row, column) product is visited once, equal to its
+    /// definition, and each row meets the columns in increasing order.
+    #[test]
+    fn dot_tiles_visit_every_product_once_in_column_order() {
+        if !available() {
+            return;
+        }
+        for &(m, n, d) in &[
+            (1, 1, 1),
+            (6, 16, 4),
+            (7, 33, 9),
+            (13, 40, 300),
+            (20, 17, 520),
+            (9, 24, 40),
+        ] {
+            let a = data(m * d, 5);
+            let b = data(n * d, 6);
+            let want = naive(View::of(&a, m, d, d), View::of(&b, n, d, d), true);
+            let packed = Packed::new(&b, d).unwrap();
+            let mut results = Vec::new();
+            for rhs in [Rhs::Rows(&b), Rhs::Packed(&packed)] {
+                let mut got = vec![f32::NAN; m * n];
+                let mut next_col = vec![0; m];
+                assert!(dot_tiles(&a, rhs, d, |t| {
+                    for r in 0..t.rows {
+                        let i = t.row0 + r;
+                        assert_eq!(t.col0, next_col[i], "row {i}: columns out of order");
+                        next_col[i] = t.col0 + t.cols;
+                        got[i * n + t.col0..i * n + t.col0 + t.cols].copy_from_slice(t.row(r));
+                    }
+                }));
+                let what = format!("dot tiles {m}x{d}x{n}");
+                assert!(next_col.iter().all(|&c| c == n), "{what}: columns missed");
+                check(&got, &want, d, &what);
+                results.push(got);
+            }
+            // Packed once or as it goes: the same sums.
+            assert_eq!(results[0], results[1]);
         }
     }
 }

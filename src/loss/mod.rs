@@ -17,13 +17,13 @@ pub mod anchors;
 mod avx_f32;
 pub(crate) mod checks;
 mod fused_cpu;
-mod gemm;
+pub(crate) mod gemm;
 mod kernels;
 pub mod memory;
 mod options;
 pub mod refine;
 pub mod similarity;
-mod threads;
+pub(crate) mod threads;
 pub mod triplet;
 
 use tch::{Kind, Tensor};

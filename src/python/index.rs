@@ -129,7 +129,7 @@ impl PyIndex {
     /// The stored ids, in order.
     #[getter]
     fn ids(&self, py: Python<'_>) -> PyResult<Vec<i64>> {
-        self.run(py, |index| Ok(index.ids().to_vec()))
+        self.run(py, |index| Ok(index.ids()))
     }
 
     /// The stored labels, or None.
