@@ -389,6 +389,66 @@ def _loss_classifier_rank(rank: int, world: int, port: int, wrap: bool, out: str
     os._exit(0)
 
 
+def _loss_memory_rank(rank: int, world: int, port: int, opts: tuple, out: str) -> None:
+    """One rank: ``DDP(GroupLoss(..., memory_size=24))`` over this rank's own
+    batches of 12 (classes 4 x rank + 0..3); saves the memory after 3 steps.
+    ``opts``: (gather_ranks, DDP's broadcast_buffers)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gather, broadcast = opts
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    loss = grouploss.GroupLoss(8, embedding_size=5, memory_size=24, gather_ranks=gather)
+    loss_fn = DDP(loss, broadcast_buffers=broadcast)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(3):
+        x = torch.randn(12, 5, generator=g, requires_grad=True)
+        y = torch.arange(4).repeat_interleave(3) + 4 * rank
+        loss_fn(x, y).backward()
+    torch.save(
+        {"embeddings": loss.memory_embeddings, "labels": loss.memory_labels},
+        f"{out}/rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as in _loss_classifier_rank
+
+
+@pytest.mark.parametrize("gather, broadcast", [(False, True), (False, False), (True, True)])
+def test_ddp_of_the_loss_shares_the_memory_as_documented(tmp_path, gather, broadcast):
+    """``DDP(loss_fn)`` copies rank 0's buffers, the memory among them, to
+    every rank before each forward: without ``gather_ranks`` every rank
+    refines with rank 0's memory (then appends its own batch), and
+    ``broadcast_buffers=False`` keeps one memory per rank; with
+    ``gather_ranks`` the memories hold the gathered batches, equal on every
+    rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_loss_memory_rank, args=(2, port, (gather, broadcast), str(tmp_path)), nprocs=2)
+    m0, m1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(m0["labels"]) == len(m1["labels"]) == 24
+    if gather:
+        assert torch.equal(m0["embeddings"], m1["embeddings"])
+        assert torch.equal(m0["labels"], m1["labels"])
+        assert set(m0["labels"].tolist()) == set(range(8))  # both ranks' classes
+        return
+    assert set(m0["labels"].tolist()) == {0, 1, 2, 3}
+    assert set(m1["labels"][12:].tolist()) == {4, 5, 6, 7}  # its own last batch
+    older = m1["labels"][:12].tolist()
+    if broadcast:  # rank 0's second batch, copied before the third forward
+        assert torch.equal(m1["embeddings"][:12], m0["embeddings"][:12])
+        assert set(older) == {0, 1, 2, 3}
+    else:
+        assert set(older) == {4, 5, 6, 7}
+
+
 @pytest.mark.parametrize("wrap", [True, False])
 def test_the_loss_classifier_stays_equal_across_ranks_in_ddp(tmp_path, wrap):
     """``DDP(loss_fn)`` averages the gradients of GroupLoss's own classifier

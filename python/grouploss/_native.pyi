@@ -94,6 +94,13 @@ def group_loss(
     memory_embeddings: Optional[torch.Tensor] = None,
     memory_labels: Optional[torch.Tensor] = None,
 ) -> GroupLossResult: ...
+def memory_push(
+    memory_embeddings: torch.Tensor,
+    memory_labels: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    size: int,
+) -> Tuple[torch.Tensor, torch.Tensor]: ...
 def similarity(
     embeddings: torch.Tensor,
     similarity: str = "correlation",

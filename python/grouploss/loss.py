@@ -145,7 +145,13 @@ class GroupLoss(nn.Module):
             forward calls (``module.training`` and grad enabled), with the
             gathered batch under ``gather_ranks``; it is the buffers
             ``memory_embeddings`` and ``memory_labels`` (oldest first), so
-            a state dict carries it. 0: no memory.
+            a state dict carries it. 0: no memory. Under
+            ``DistributedDataParallel(loss_fn)`` (a loss owning its
+            classifier) DDP copies rank 0's buffers, the memory among them,
+            to every rank before each forward: with ``gather_ranks`` the
+            memories are equal anyway; without it every rank refines with
+            rank 0's memory, and ``DistributedDataParallel(loss_fn,
+            broadcast_buffers=False)`` keeps one memory per rank.
         memory_warmup_steps: training forward calls before the memory joins
             the groups (it fills meanwhile): early embeddings drift fast.
             The count is the buffer ``memory_steps``.
@@ -460,20 +466,13 @@ class GroupLoss(nn.Module):
         ``memory_size`` rows."""
         if not self._writes_memory():
             return
-        new = F._upcast(embeddings.detach())
-        old = self.memory_embeddings
-        if old.numel() == 0 or old.shape[1] != new.shape[1]:
-            if old.numel():
-                raise ValueError(
-                    f"embeddings: expected {old.shape[1]} columns (the memory's), got "
-                    f"{new.shape[1]}"
-                )
-            old = new.new_zeros((0, new.shape[1]))
-        old = old.to(device=new.device, dtype=new.dtype)
-        keep = self.memory_size
-        self.memory_embeddings = torch.cat([old, new])[-keep:].clone()
-        labels = labels.detach().to(device=new.device, dtype=torch.long)
-        self.memory_labels = torch.cat([self.memory_labels.to(new.device), labels])[-keep:].clone()
+        self.memory_embeddings, self.memory_labels = _native.memory_push(
+            self.memory_embeddings,
+            self.memory_labels,
+            F._upcast(embeddings.detach()),
+            labels.detach(),
+            self.memory_size,
+        )
         self.memory_steps += 1
 
     def _counts_forward_calls(self) -> bool:

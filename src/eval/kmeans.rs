@@ -135,7 +135,7 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
     let x = prepare(x, false);
     // The libtorch ops between the fused products are small: on one thread,
     // they leave the cores to the products' threads.
-    let _inline = kmeans_cpu::fuses(&x).then(threads::TorchInline::begin);
+    let _inline = kmeans_cpu::has_product_kernels(&x).then(threads::TorchInline::begin);
     let sq = x.square().sum_dim_intlist(1, false, x.kind());
     let variance = x
         .var_dim([0i64].as_slice(), false, false)
@@ -249,7 +249,7 @@ fn seed_in_rounds(x: &Tensor, sq: &Tensor, k: i64, rng: &mut Rng) -> Result<(Ten
         dist: closest,
         lower: Tensor::zeros([n], (x.kind(), device)),
     };
-    let scratch = kmeans_cpu::fuses(x)
+    let scratch = kmeans_cpu::has_product_kernels(x)
         .then(|| Tensor::empty([n * per_round * SEED_TRIALS], (Kind::Float, device)));
     let mut c = 1;
     while c < k {
@@ -295,18 +295,12 @@ impl<'a> Round<'a> {
             dot: {
                 let candidates = x.index_select(0, ids);
                 let (n, b) = (x.size()[0], ids.size()[0]);
-                match scratch {
-                    Some(s) if s.size()[0] >= n * b => {
+                scratch
+                    .and_then(|s| {
                         let mut dot = s.narrow(0, 0, n * b).view([n, b]);
-                        let fused = kmeans_cpu::dots(x, &candidates, &mut dot);
-                        if fused {
-                            dot
-                        } else {
-                            x.mm(&candidates.tr())
-                        }
-                    }
-                    _ => x.mm(&candidates.tr()),
-                }
+                        kmeans_cpu::dots(x, &candidates, &mut dot).then_some(dot)
+                    })
+                    .unwrap_or_else(|| x.mm(&candidates.tr()))
             },
             sq,
             csq: sq.index_select(0, ids),
@@ -513,14 +507,21 @@ fn nearest_two(
 ) -> (Tensor, Tensor, Tensor) {
     let m = which.size()[0];
     let csq = centres.square().sum_dim_intlist(1, false, centres.kind());
+    let fused = kmeans_cpu::Centres::new(centres, &csq);
+    let minus2t = fused.is_none().then(|| (centres * -2.0).tr().contiguous());
     let (mut labels, mut dists, mut lowers) = (Vec::new(), Vec::new(), Vec::new());
     let mut start = 0;
     while start < m {
         let len = rows.min(m - start);
         let ids = which.narrow(0, start, len);
         let (points, own) = (x.index_select(0, &ids), sq.index_select(0, &ids));
-        let (l, d1, lower) = kmeans_cpu::nearest_two(&points, &own, centres, &csq)
-            .unwrap_or_else(|| nearest_two_by_ops(&points, &own, centres, &csq));
+        let found = fused.as_ref().and_then(|c| c.nearest_two(&points, &own));
+        let (l, d1, lower) = found.unwrap_or_else(|| {
+            let minus2t = minus2t
+                .as_ref()
+                .map_or_else(|| (centres * -2.0).tr().contiguous(), Tensor::shallow_clone);
+            nearest_two_by_ops(&points, &own, &minus2t, &csq)
+        });
         labels.push(l);
         dists.push(d1);
         lowers.push(lower);
@@ -533,17 +534,18 @@ fn nearest_two(
     )
 }
 
-/// [`kmeans_cpu::nearest_two`] as libtorch ops, through the points x
-/// centres distances: on CUDA, in float64, and without the CPU kernels.
+/// [`kmeans_cpu::Centres::nearest_two`] as libtorch ops, through the
+/// points x centres distances: on CUDA, in float64, and without the CPU
+/// kernels. `minus2t`: the centres times -2, transposed (d x k).
 fn nearest_two_by_ops(
     points: &Tensor,
     own: &Tensor,
-    centres: &Tensor,
+    minus2t: &Tensor,
     csq: &Tensor,
 ) -> (Tensor, Tensor, Tensor) {
-    let mut d = csq.addmm(points, &(centres * -2.0).tr());
+    let mut d = csq.addmm(points, minus2t);
     let (d1, idx) = d.min_dim(1, true);
-    let lower = if centres.size()[0] > 1 {
+    let lower = if minus2t.size()[1] > 1 {
         let _ = d.scatter_value_(1, &idx, f64::INFINITY);
         let (d2, _) = d.min_dim(1, false);
         (d2 + own).clamp_min(0.0).sqrt()
@@ -786,8 +788,10 @@ mod tests {
         }
         let gap = f64::try_from((dots - x.mm(&centres.tr())).abs().max()).unwrap();
         assert!(gap < 1e-4, "{gap}");
-        let (l, d1, lower) = kmeans_cpu::nearest_two(&x, &sq, &centres, &csq).unwrap();
-        let (want_l, want_d1, want_lower) = nearest_two_by_ops(&x, &sq, &centres, &csq);
+        let fused = kmeans_cpu::Centres::new(&centres, &csq).unwrap();
+        let (l, d1, lower) = fused.nearest_two(&x, &sq).unwrap();
+        let minus2t = (&centres * -2.0).tr().contiguous();
+        let (want_l, want_d1, want_lower) = nearest_two_by_ops(&x, &sq, &minus2t, &csq);
         // Every centre is a point: its own distance is (about) 0.
         assert!(l.equal(&want_l));
         let gap = f64::try_from((d1 - want_d1).abs().max()).unwrap();
@@ -796,7 +800,8 @@ mod tests {
         assert!(gap < 1e-3, "{gap}");
         // One centre: no second.
         let one = centres.narrow(0, 0, 1);
-        let (_, _, lower) = kmeans_cpu::nearest_two(&x, &sq, &one, &csq.narrow(0, 0, 1)).unwrap();
+        let fused = kmeans_cpu::Centres::new(&one, &csq.narrow(0, 0, 1)).unwrap();
+        let (_, _, lower) = fused.nearest_two(&x, &sq).unwrap();
         assert_eq!(f64::try_from(lower.min()).unwrap(), f64::INFINITY);
     }
 

@@ -1,15 +1,20 @@
-//! The per-round passes of k-means' seeding in rounds on the CPU, fused.
+//! k-means' passes on the CPU, fused.
 //!
-//! A round computes the dot products `x_i . c_j` of every point i and
-//! candidate j by one matrix product (libtorch); the squared distance is
-//! `(|x_i|^2 - 2 x_i . c_j) + |c_j|^2`, clamped at 0. As libtorch ops, the potentials of the
-//! candidates and the update of every point's two nearest centres read and
-//! write the n x candidates block about eight times; on SOP's shape (60,502
-//! points, 88 candidates a round, 257 rounds) that is 20 MiB a pass, out of
-//! cache, and cost a third of the seeding. Here each is one pass, in row
-//! chunks of [`CHUNK`] over the threads. The potentials are summed in
-//! float64 per chunk, then the chunks in order, so that the result does not
-//! depend on the thread count.
+//! The seeding in rounds: a round computes the dot products `x_i . c_j` of
+//! every point i and candidate j into a block (by [`dots`], or libtorch's
+//! product); the squared distance is `(|x_i|^2 - 2 x_i . c_j) + |c_j|^2`,
+//! clamped at 0. As libtorch ops, the potentials of the candidates and the
+//! update of every point's two nearest centres read and write the n x
+//! candidates block about eight times; on SOP's shape (60,502 points, 88
+//! candidates a round, 257 rounds) that is 20 MiB a pass, out of cache, and
+//! cost a third of the seeding. Here each is one pass, in row chunks of
+//! [`CHUNK`] over the threads. The potentials are summed in float64 per
+//! chunk, then the chunks in order, so that the result does not depend on
+//! the thread count.
+//!
+//! Lloyd: every point's two nearest centres ([`Centres::nearest_two`]) are
+//! kept as the register tiles of the points x centres products are made,
+//! without writing the products out.
 
 use tch::{Device, Kind, Tensor};
 
@@ -265,8 +270,9 @@ fn for_dot_blocks(x: &[f32], d: usize, work: impl Fn(std::ops::Range<usize>, &[f
     });
 }
 
-/// Whether the products of `x`'s rows go through the fused kernels.
-pub(crate) fn fuses(x: &Tensor) -> bool {
+/// Whether the products of `x`'s rows go through the crate's kernels
+/// ([`dots`], [`Centres`]): float32 on a CPU with AVX2 and FMA.
+pub(crate) fn has_product_kernels(x: &Tensor) -> bool {
     dot_rows(x).is_some()
 }
 
@@ -299,65 +305,79 @@ pub(crate) fn dots(x: &Tensor, c: &Tensor, out: &mut Tensor) -> bool {
     true
 }
 
-/// Every point's nearest centre, its squared distance and the distance
-/// (not squared) to the second-nearest: `nearest_two` of
-/// [`super::kmeans`] without forming the points x centres distances, for
-/// float32 on the CPU (None elsewhere). `x` (m x d) the points, `sq` (m)
-/// their squared norms, `centres` (k x d), `csq` (k) theirs; the squared
-/// distance `(csq_j - 2 x_i . c_j) + sq_i` is clamped at 0, ties go to the
-/// earlier centre.
-pub(crate) fn nearest_two(
-    x: &Tensor,
-    sq: &Tensor,
-    centres: &Tensor,
-    csq: &Tensor,
-) -> Option<(Tensor, Tensor, Tensor)> {
-    let ((xs, d), (cs, dc)) = (dot_rows(x)?, dot_rows(centres)?);
-    let (own, csq) = (cpu_slice::<f32>(sq).ok()?, cpu_slice::<f32>(csq).ok()?);
-    let m = xs.len() / d;
-    if d != dc || own.len() != m || csq.len() != cs.len() / d {
-        return None;
+/// The centres of a Lloyd pass as [`Centres::nearest_two`] reads them:
+/// packed once ([`gemm::Packed`]), with their squared norms.
+pub(crate) struct Centres {
+    packed: gemm::Packed,
+    csq: Vec<f32>,
+    d: usize,
+}
+
+impl Centres {
+    /// `centres` (k x d) and their squared norms `csq` (k), or None where
+    /// the kernels do not apply.
+    pub(crate) fn new(centres: &Tensor, csq: &Tensor) -> Option<Self> {
+        let (cs, d) = dot_rows(centres)?;
+        let csq = cpu_slice::<f32>(csq).ok()?.to_vec();
+        let packed = gemm::Packed::new(cs, d).filter(|_| csq.len() == cs.len() / d)?;
+        Some(Centres { packed, csq, d })
     }
-    let cs = gemm::Packed::new(cs, d)?;
-    let mut labels = vec![0i64; m];
-    let mut first = vec![f32::INFINITY; m];
-    let mut second = vec![f32::INFINITY; m];
-    let (lab, d1s, d2s) = (
-        Rows(labels.as_mut_ptr()),
-        Rows(first.as_mut_ptr()),
-        Rows(second.as_mut_ptr()),
-    );
-    for_dot_blocks(xs, d, |block, points| {
-        // SAFETY: blocks are disjoint row ranges within 0..m.
-        let (l, d1, d2) = unsafe {
-            (
-                lab.range(block.clone()),
-                d1s.range(block.clone()),
-                d2s.range(block),
-            )
-        };
-        gemm::dot_tiles(points, gemm::Rhs::Packed(&cs), d, |t| {
-            let c = &csq[t.col0..t.col0 + t.cols];
-            for r in 0..t.rows {
-                let i = t.row0 + r;
-                two_smallest(t.row(r), c, t.col0, (&mut l[i], &mut d1[i], &mut d2[i]));
-            }
+
+    /// Every point's nearest centre, its squared distance and the distance
+    /// (not squared) to the second-nearest, without forming the points x
+    /// centres distances (None where the kernels do not apply). `x` (m x d)
+    /// the points, `sq` (m) their squared norms; the squared distance
+    /// `(csq_j - 2 x_i . c_j) + sq_i` is clamped at 0, ties go to the
+    /// earlier centre.
+    pub(crate) fn nearest_two(&self, x: &Tensor, sq: &Tensor) -> Option<(Tensor, Tensor, Tensor)> {
+        let (xs, d) = dot_rows(x)?;
+        let own = cpu_slice::<f32>(sq).ok()?;
+        let m = xs.len() / d;
+        if d != self.d || own.len() != m {
+            return None;
+        }
+        let mut labels = vec![0i64; m];
+        let mut first = vec![f32::INFINITY; m];
+        let mut second = vec![f32::INFINITY; m];
+        let (lab, d1s, d2s) = (
+            Rows(labels.as_mut_ptr()),
+            Rows(first.as_mut_ptr()),
+            Rows(second.as_mut_ptr()),
+        );
+        let csq = &self.csq;
+        for_dot_blocks(xs, d, |block, points| {
+            // SAFETY: blocks are disjoint row ranges within 0..m.
+            let (l, d1, d2) = unsafe {
+                (
+                    lab.range(block.clone()),
+                    d1s.range(block.clone()),
+                    d2s.range(block),
+                )
+            };
+            gemm::dot_tiles(points, gemm::Rhs::Packed(&self.packed), d, |t| {
+                let c = &csq[t.col0..t.col0 + t.cols];
+                for r in 0..t.rows {
+                    let i = t.row0 + r;
+                    two_smallest(t.row(r), c, t.col0, (&mut l[i], &mut d1[i], &mut d2[i]));
+                }
+            });
         });
-    });
-    // As libtorch rounds `(d + sq).clamp_min(0)`.
-    let plus_own =
-        |v: &[f32]| -> Vec<f32> { v.iter().zip(own).map(|(&v, &o)| (v + o).max(0.0)).collect() };
-    let lower = if csq.len() > 1 {
-        plus_own(&second).into_iter().map(f32::sqrt).collect()
-    } else {
-        vec![f32::INFINITY; m]
-    };
-    let nearest = plus_own(&first);
-    Some((
-        Tensor::from_slice(&labels),
-        Tensor::from_slice(&nearest),
-        Tensor::from_slice(&lower),
-    ))
+        // As libtorch rounds `(d + sq).clamp_min(0)`.
+        let plus_own = |v: &[f32]| -> Vec<f32> {
+            v.iter().zip(own).map(|(&v, &o)| (v + o).max(0.0)).collect()
+        };
+        let lower = if csq.len() > 1 {
+            plus_own(&second).into_iter().map(f32::sqrt).collect()
+        } else {
+            vec![f32::INFINITY; m]
+        };
+        let nearest = plus_own(&first);
+        Some((
+            Tensor::from_slice(&labels),
+            Tensor::from_slice(&nearest),
+            Tensor::from_slice(&lower),
+        ))
+    }
 }
 
 /// Updates a point's (label, smallest, second smallest) of `csq_j - 2 dot_j`

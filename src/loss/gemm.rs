@@ -1,16 +1,17 @@
-//! Matrix products of a batch's size (tens of rows, long rows) on f32
-//! buffers, for the fused CPU loss.
+//! Matrix products on f32 buffers by the classic register tile: 6 rows of A
+//! broadcast against a 16-wide panel of B packed contiguously (which also
+//! avoids the cache-set aliasing of rows 4 KiB apart), 12 accumulators.
 //!
-//! On such shapes libtorch's BLAS runs at about half of this CPU's FMA peak:
-//! its packing copies dominate the few multiply-adds per packed element, and
-//! its second thread costs more than it brings (the products of the CUB
-//! batch run slower on 2 threads than on 1). Here the classic register tile
-//! instead: 6 rows of A broadcast against a 16-wide panel of B packed
-//! contiguously (which also avoids the cache-set aliasing of rows 4 KiB
-//! apart), 12 accumulators, panels shared out over the threads. The Gram
-//! matrices are symmetric, so only their tiles on and below the diagonal
-//! are computed. Larger products stay with libtorch, whose blocking for
-//! the caches wins there.
+//! Two uses. The fused CPU loss's products of a batch's size (tens of rows,
+//! long rows), [`try_matmul`]: there libtorch's BLAS runs at about half of
+//! this CPU's FMA peak (its packing copies dominate the few multiply-adds
+//! per packed element, and its second thread costs more than it brings);
+//! here the panels are shared out over the threads, and the Gram matrices
+//! only get their tiles on and below the diagonal. Larger plain products
+//! stay with libtorch, whose blocking for the caches wins there. And
+//! products that are consumed as they are made, [`dot_tiles`]: the
+//! retrieval index's top-k and k-means' nearest centres read each tile
+//! while it is in cache, and the product is never written out.
 
 // The packing and tile loops index raw panels by (k, column) pairs.
 #![allow(clippy::needless_range_loop)]
@@ -203,6 +204,7 @@ impl DotTile<'_> {
     /// Row `r < rows`: the dot products of A's row `row0 + r` with B's rows
     /// `col0..col0 + cols`.
     pub(crate) fn row(&self, r: usize) -> &[f32] {
+        debug_assert!(r < self.rows, "row {r} of a tile of {}", self.rows);
         &self.dots[r * NR..r * NR + self.cols]
     }
 }
@@ -292,7 +294,9 @@ pub(crate) fn dot_tiles(
     let row_tiles = m.div_ceil(MR);
     DOT_BUFFERS.with(|bufs| {
         let (buf, strip) = &mut *bufs.borrow_mut();
-        buf.resize(KC * NR, 0.0);
+        if let Rhs::Rows(_) = b {
+            buf.resize(KC * NR, 0.0);
+        }
         strip.resize(row_tiles * MR * NR, 0.0);
         for j0 in (0..n).step_by(NR) {
             let nc = NR.min(n - j0);
@@ -300,7 +304,8 @@ pub(crate) fn dot_tiles(
                 let kc = KC.min(d - k0);
                 let panel = match b {
                     Rhs::Rows(rows) => {
-                        // SAFETY: the view covers `rows`; `buf` holds KC x NR.
+                        // SAFETY: the view covers `rows` (View::of checks);
+                        // `buf` holds KC x NR.
                         unsafe { pack_transposed(View::of(rows, n, d, d), j0, nc, k0, kc, buf) };
                         buf.as_ptr()
                     }

@@ -99,6 +99,63 @@ impl MemoryRows<'_> {
     }
 }
 
+/// The memory once a batch has joined it: `memory`'s rows (oldest first),
+/// then `embeddings` (detached) and `labels`, of which the last `size` are
+/// kept, in the batch's dtype and on its device. The one first-in
+/// first-out rule of the `GroupLoss` module (`_native.memory_push`) and of
+/// the trainer ([`crate::train::memory::Memory`]). Errors name
+/// `embeddings` when its width is not the memory's.
+pub fn push_rows(
+    memory: MemoryRows<'_>,
+    embeddings: &Tensor,
+    labels: &Tensor,
+    size: usize,
+) -> Result<(Tensor, Tensor)> {
+    check_matrix_shape(embeddings, "embeddings", "samples x embedding dims")?;
+    checks::check_label_vector(
+        labels,
+        "labels",
+        "a 1-D tensor of class indices",
+        Some((
+            embeddings.size()[0],
+            "one label per row of embeddings".to_string(),
+        )),
+    )?;
+    let new = embeddings.detach();
+    let (device, kind) = (new.device(), new.kind());
+    let labels = labels.to_device(device).to_kind(Kind::Int64);
+    ensure(
+        memory.labels.size() == [memory.len()],
+        "memory_labels",
+        || format!("a tensor of shape {}", checks::shape(memory.labels)),
+        format!("one label per memory row ({})", memory.len()),
+    )?;
+    let (all, all_labels) = if memory.is_empty() {
+        (new, labels)
+    } else {
+        let (have, got) = (memory.embeddings.size()[1], new.size()[1]);
+        ensure(
+            have == got,
+            "embeddings",
+            || format!("{got} columns"),
+            format!("the memory's {have} columns"),
+        )?;
+        let old = memory.embeddings.to_device(device).to_kind(kind);
+        let old_labels = memory.labels.to_device(device).to_kind(Kind::Int64);
+        (
+            Tensor::cat(&[&old, &new], 0),
+            Tensor::cat(&[&old_labels, &labels], 0),
+        )
+    };
+    let rows = all.size()[0];
+    let keep = (size as i64).min(rows);
+    // A copy: the kept rows, not the whole concatenation, stay alive.
+    Ok((
+        all.narrow(0, rows - keep, keep).copy(),
+        all_labels.narrow(0, rows - keep, keep).copy(),
+    ))
+}
+
 /// The Group Loss of a batch joined by `memory` (see the module notes), by
 /// differentiable libtorch ops on any device; with `want.grads`, the
 /// gradients with respect to `emb` and `logits` are taken by autograd and
@@ -208,4 +265,51 @@ fn loss_with_memory(
         grad_embeddings: None,
         grad_logits: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// First in, first out; the batch's dtype; the width checked by name.
+    #[test]
+    fn push_rows_keeps_the_last_rows_in_the_batchs_dtype() {
+        let empty = Tensor::zeros([0, 0], (Kind::Float, Device::Cpu));
+        let none = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+        let batch = |v: f64| Tensor::full([2, 3], v, (Kind::Double, Device::Cpu));
+        let rows = |e, l| MemoryRows {
+            embeddings: e,
+            labels: l,
+        };
+        let (e, l) = push_rows(
+            rows(&empty, &none),
+            &batch(1.0),
+            &Tensor::from_slice(&[1i32, 2]),
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.kind(), l.kind(), e.size()),
+            (Kind::Double, Kind::Int64, vec![2, 3])
+        );
+        let (e, l) = push_rows(
+            rows(&e, &l),
+            &batch(2.0),
+            &Tensor::from_slice(&[3i64, 4]),
+            3,
+        )
+        .unwrap();
+        assert_eq!(Vec::<i64>::try_from(&l).unwrap(), [2, 3, 4]);
+        assert_eq!(
+            Vec::<f64>::try_from(e.select(1, 0)).unwrap(),
+            [1.0, 2.0, 2.0]
+        );
+        let narrow = Tensor::zeros([2, 4], (Kind::Double, Device::Cpu));
+        let err = push_rows(rows(&e, &l), &narrow, &Tensor::from_slice(&[0i64, 0]), 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "embeddings: expected the memory's 3 columns, got 4 columns"
+        );
+    }
 }

@@ -30,7 +30,7 @@ use tch::{Kind, Tensor};
 
 pub use anchors::{anchor_flags, anchor_mask, AnchorMode};
 pub use checks::{check_inputs, check_logits_width};
-pub use memory::{group_loss_with_memory, MemoryRows};
+pub use memory::{group_loss_with_memory, push_rows, MemoryRows};
 pub use options::{GroupLossOptions, GroupLossSettings};
 pub use refine::{apply_anchors, refine, replicator};
 pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};

@@ -32,6 +32,9 @@ pub(crate) fn count() -> usize {
 /// milliseconds (the default policy), competing with the crate's threads
 /// for the cores. Measured on 2 cores: k-means of SOP's size took 22.6 s
 /// with the workers spinning and 18.4 s with `OMP_WAIT_POLICY=passive`.
+/// libtorch's count is the calling thread's for its OpenMP ops but
+/// process-wide for MKL's: matrix products that other threads run through
+/// MKL meanwhile run on one thread too.
 pub(crate) struct TorchInline {
     saved: Option<usize>,
 }

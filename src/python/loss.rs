@@ -225,6 +225,29 @@ fn group_loss(
     PyGroupLossResult::new(py, out)
 }
 
+/// The memory once a batch has joined it (`loss::push_rows`): the last
+/// `size` rows of `memory_embeddings` then `embeddings` (detached), with
+/// their labels, in the batch's dtype and on its device.
+#[pyfunction]
+#[pyo3(signature = (memory_embeddings, memory_labels, embeddings, labels, size))]
+fn memory_push(
+    py: Python<'_>,
+    memory_embeddings: PyTensor,
+    memory_labels: PyTensor,
+    embeddings: PyTensor,
+    labels: PyTensor,
+    size: usize,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let (e, l) = without_gil(py, move || {
+        let memory = MemoryRows {
+            embeddings: &memory_embeddings,
+            labels: &memory_labels,
+        };
+        loss::push_rows(memory, &embeddings, &labels, size)
+    })?;
+    Ok((PyTensor(e), PyTensor(l)))
+}
+
 /// Pairwise similarity W of the rows of `embeddings`, sharpened by
 /// `similarity_power`.
 #[pyfunction]
@@ -286,6 +309,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGroupLossResult>()?;
     m.add_class::<GroupLossSettings>()?;
     m.add("IMPLEMENTATIONS", Implementation::NAMES)?;
+    m.add_function(wrap_pyfunction!(memory_push, m)?)?;
     m.add_function(wrap_pyfunction!(similarity, m)?)?;
     m.add_function(wrap_pyfunction!(anchor_mask, m)?)?;
     m.add_function(wrap_pyfunction!(refine, m)?)?;

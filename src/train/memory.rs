@@ -8,7 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::loss::MemoryRows;
+use crate::loss::{self, MemoryRows};
 
 /// The names of the memory's tensors in a checkpoint (under `memory.`).
 const EMBEDDINGS: &str = "embeddings";
@@ -48,22 +48,16 @@ impl Memory {
     }
 
     /// Appends a batch (after its loss: a batch never joins its own group),
-    /// keeping the last `size` samples.
-    pub fn push(&mut self, embeddings: &Tensor, labels: &Tensor) {
-        let new = embeddings.detach().to_kind(Kind::Float);
-        let all = if self.labels.numel() == 0 {
-            (new, labels.to_kind(Kind::Int64))
-        } else {
-            (
-                Tensor::cat(&[&self.embeddings, &new], 0),
-                Tensor::cat(&[&self.labels, &labels.to_kind(Kind::Int64)], 0),
-            )
+    /// keeping the last `size` samples ([`loss::push_rows`]).
+    pub fn push(&mut self, embeddings: &Tensor, labels: &Tensor) -> Result<()> {
+        let memory = MemoryRows {
+            embeddings: &self.embeddings,
+            labels: &self.labels,
         };
-        let rows = all.1.size()[0];
-        let keep = (self.size as i64).min(rows);
-        self.embeddings = all.0.narrow(0, rows - keep, keep).contiguous();
-        self.labels = all.1.narrow(0, rows - keep, keep).contiguous();
+        let new = embeddings.detach().to_kind(Kind::Float);
+        (self.embeddings, self.labels) = loss::push_rows(memory, &new, labels, self.size)?;
         self.steps += 1;
+        Ok(())
     }
 
     /// Batches pushed so far (saved in the trainer's state).
@@ -116,7 +110,8 @@ mod tests {
         for step in 0..3i64 {
             let e = Tensor::from_slice(&[step as f64; 6]).reshape([3, 2])
                 + Tensor::arange(3, (Kind::Double, Device::Cpu)).unsqueeze(1);
-            m.push(&e, &Tensor::from_slice(&[step, step, step]));
+            m.push(&e, &Tensor::from_slice(&[step, step, step]))
+                .unwrap();
             assert_eq!(m.rows().is_some(), step >= 1, "after push {step}");
         }
         let rows = m.rows().unwrap();

@@ -175,7 +175,7 @@ fn group_backward(
         Implementation::Auto,
     )?;
     if let Some(m) = memory {
-        m.push(&group_emb, &group_labels);
+        m.push(&group_emb, &group_labels)?;
     }
     let (ge, gl) = match (out.grad_embeddings, out.grad_logits) {
         (Some(a), Some(b)) => (a, b),
