@@ -60,6 +60,15 @@ impl Memory {
         Ok(())
     }
 
+    /// The dtype of the checkpoint tensor `name` (`memory.<name>`).
+    pub fn kind_of(name: &str) -> Kind {
+        if name == LABELS {
+            Kind::Int64
+        } else {
+            Kind::Float
+        }
+    }
+
     /// Batches pushed so far (saved in the trainer's state).
     pub fn steps(&self) -> usize {
         self.steps

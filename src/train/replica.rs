@@ -105,25 +105,20 @@ pub(super) fn share_memory(
     if coll.world_size() == 1 {
         return Ok(());
     }
-    let tensors: Vec<(String, Tensor)> = if coll.rank() == 0 {
-        memory.tensors()
-    } else {
-        restored
-            .memory
-            .iter()
-            .map(|(name, shape)| {
-                let kind = if name == "labels" {
-                    Kind::Int64
-                } else {
-                    Kind::Float
-                };
-                (
-                    name.clone(),
-                    Tensor::zeros(shape.as_slice(), (kind, device)),
-                )
-            })
-            .collect()
-    };
+    // Every rank lists the tensors in the order of `restored.memory` (the
+    // checkpoint's, which need not be the memory's own).
+    let mut held: std::collections::HashMap<String, Tensor> =
+        memory.tensors().into_iter().collect();
+    let mut tensors = Vec::with_capacity(restored.memory.len());
+    for (name, shape) in &restored.memory {
+        let t = if coll.rank() == 0 {
+            held.remove(name)
+                .ok_or_else(|| Error::invalid("checkpoint", name, "a restored memory tensor"))?
+        } else {
+            Tensor::zeros(shape.as_slice(), (Memory::kind_of(name), device))
+        };
+        tensors.push((name.clone(), t));
+    }
     let flat: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
     dist::broadcast_bucketed(coll, &flat)?;
     memory.restore(&tensors, restored.state.memory_steps)
@@ -421,5 +416,49 @@ mod tests {
         )
         .unwrap();
         assert!((f64::try_from(&alone.loss).unwrap() - expected_loss).abs() > 1e-3);
+    }
+
+    /// Ranks 1.. get rank 0's memory, whatever order the checkpoint lists
+    /// its tensors in (safetensors reads them from a hash map).
+    #[test]
+    fn the_memory_is_shared_in_the_checkpoints_order() {
+        let got = on_threads(2, |coll| {
+            let mut memory = Memory::new(6, 0, Device::Cpu);
+            if coll.rank() == 0 {
+                let e = Tensor::arange(8, CPU_FLOAT).view([4, 2]);
+                memory
+                    .push(&e, &Tensor::from_slice(&[3i64, 1, 4, 1]))
+                    .unwrap();
+            }
+            let restored = Restored {
+                state: TrainerState {
+                    epoch: 1,
+                    step: 0,
+                    optimizer_steps: 1,
+                    history: Vec::new(),
+                    best_epoch: None,
+                    best_value: None,
+                    seed: 0,
+                    member: 0,
+                    world_size: 2,
+                    memory_steps: 1,
+                },
+                optimizer: Vec::new(),
+                memory: vec![
+                    ("labels".into(), vec![4]),
+                    ("embeddings".into(), vec![4, 2]),
+                ],
+            };
+            share_memory(coll, Some(&restored), Some(&mut memory), Device::Cpu).unwrap();
+            let rows = memory.rows().unwrap();
+            (
+                Vec::<f32>::try_from(&rows.embeddings.reshape([-1])).unwrap(),
+                Vec::<i64>::try_from(rows.labels).unwrap(),
+                memory.steps(),
+            )
+        });
+        assert_eq!(got[0], got[1]);
+        assert_eq!(got[1].1, [3, 1, 4, 1]);
+        assert_eq!(got[1].2, 1);
     }
 }
