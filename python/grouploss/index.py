@@ -41,7 +41,7 @@ class Index:
     the memory) on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
     :meth:`search` runs in blocks of queries and of stored vectors
     (computed in float32): beyond the stored vectors, memory stays near one
-    block of queries however many are stored (on a CPU with AVX2 the
+    block of queries however many are stored (on a CPU with AVX2 and FMA the
     similarities are kept in cache, never written out). Results
     are exact and ordered by (-similarity, order of addition), ties
     included. :meth:`save` writes safetensors (nothing executable).

@@ -307,15 +307,15 @@ class GroupLoss(nn.Module):
         key = prefix + "anchor_generator_state"
         if key in state_dict:  # takes the saved generator's size
             self.anchor_generator_state = torch.empty_like(state_dict[key], device="cpu")
-        for name in ("memory_embeddings", "memory_labels"):
+        for name in _MEMORY_BUFFERS[:2]:  # embeddings and labels
             saved = state_dict.get(prefix + name)
             if saved is not None:  # takes the saved memory's size
                 mine = getattr(self, name)
                 setattr(self, name, mine.new_empty(saved.shape, dtype=saved.dtype))
         for old in ("num_steps", "anchor_generator_state", *_MEMORY_BUFFERS):
             if prefix + old not in state_dict:
-                # State dicts of 0.x: no step count without a schedule, no
-                # generator state.
+                # State dicts of 0.x (no step count without a schedule, no
+                # generator state) and of versions before the memory.
                 warnings.warn(
                     f"{prefix}{old}: missing from the state dict (saved by an older "
                     "grouploss); kept as constructed. Save it again to include it.",

@@ -534,8 +534,8 @@ impl PartialOrd for Hit {
 /// Offers a query's similarities `row` to stored vectors `col0..` to its
 /// heap of the `k` best. `lo`: below it nothing enters the heap (the worst
 /// kept once the heap is full); groups of [`GROUP`] all below it are
-/// rejected by one vectorised test. Equal similarities keep the earlier
-/// position: a query's rows are offered in order of position.
+/// rejected by one vectorised test. Equal similarities keep the smaller
+/// position ([`Hit`]'s order), in whatever order they are offered.
 fn offer_row(heap: &mut BinaryHeap<Hit>, lo: &mut f32, row: &[f32], col0: i64, k: usize) {
     for (g, group) in row.chunks(GROUP).enumerate() {
         if !any_at_least(group, *lo) {

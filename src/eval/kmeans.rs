@@ -507,21 +507,21 @@ fn nearest_two(
 ) -> (Tensor, Tensor, Tensor) {
     let m = which.size()[0];
     let csq = centres.square().sum_dim_intlist(1, false, centres.kind());
-    let fused = kmeans_cpu::Centres::new(centres, &csq);
-    let minus2t = fused.is_none().then(|| (centres * -2.0).tr().contiguous());
+    // The crate's kernels where they apply (Ok), else libtorch's product
+    // through the centres times -2, transposed (Err).
+    let products =
+        kmeans_cpu::Centres::new(centres, &csq).ok_or_else(|| (centres * -2.0).tr().contiguous());
     let (mut labels, mut dists, mut lowers) = (Vec::new(), Vec::new(), Vec::new());
     let mut start = 0;
     while start < m {
         let len = rows.min(m - start);
         let ids = which.narrow(0, start, len);
         let (points, own) = (x.index_select(0, &ids), sq.index_select(0, &ids));
-        let found = fused.as_ref().and_then(|c| c.nearest_two(&points, &own));
-        let (l, d1, lower) = found.unwrap_or_else(|| {
-            let minus2t = minus2t
-                .as_ref()
-                .map_or_else(|| (centres * -2.0).tr().contiguous(), Tensor::shallow_clone);
-            nearest_two_by_ops(&points, &own, &minus2t, &csq)
-        });
+        let (l, d1, lower) = match &products {
+            // Rows of `x`, like the centres: float32 on the CPU, d wide.
+            Ok(c) => c.nearest_two(&points, &own).expect("rows like the centres"),
+            Err(minus2t) => nearest_two_by_ops(&points, &own, minus2t, &csq),
+        };
         labels.push(l);
         dists.push(d1);
         lowers.push(lower);

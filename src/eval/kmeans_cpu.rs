@@ -295,12 +295,13 @@ pub(crate) fn dots(x: &Tensor, c: &Tensor, out: &mut Tensor) -> bool {
     for_dot_blocks(xs, d, |block, points| {
         // SAFETY: blocks are disjoint row ranges within 0..n.
         let dst = unsafe { rows.range(block.start * b..block.end * b) };
-        gemm::dot_tiles(points, gemm::Rhs::Packed(&cs), d, |t| {
+        let done = gemm::dot_tiles(points, gemm::Rhs::Packed(&cs), d, |t| {
             for r in 0..t.rows {
                 let at = (t.row0 + r) * b + t.col0;
                 dst[at..at + t.cols].copy_from_slice(t.row(r));
             }
         });
+        assert!(done, "packed centres imply the kernels");
     });
     true
 }
@@ -354,13 +355,14 @@ impl Centres {
                     d2s.range(block),
                 )
             };
-            gemm::dot_tiles(points, gemm::Rhs::Packed(&self.packed), d, |t| {
+            let done = gemm::dot_tiles(points, gemm::Rhs::Packed(&self.packed), d, |t| {
                 let c = &csq[t.col0..t.col0 + t.cols];
                 for r in 0..t.rows {
                     let i = t.row0 + r;
                     two_smallest(t.row(r), c, t.col0, (&mut l[i], &mut d1[i], &mut d2[i]));
                 }
             });
+            assert!(done, "packed centres imply the kernels");
         });
         // As libtorch rounds `(d + sq).clamp_min(0)`.
         let plus_own = |v: &[f32]| -> Vec<f32> {

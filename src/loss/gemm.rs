@@ -225,7 +225,8 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    /// None where this CPU lacks the kernels ([`available`]).
+    /// None where this CPU lacks the kernels ([`available`]), or where `b`
+    /// is not rows of `d > 0` values.
     pub(crate) fn new(b: &[f32], d: usize) -> Option<Self> {
         if !available() || d == 0 || !b.len().is_multiple_of(d) {
             return None;

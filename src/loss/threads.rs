@@ -25,8 +25,10 @@ pub(crate) fn count() -> usize {
         .unwrap_or_else(|| tch::get_num_threads().max(1) as usize)
 }
 
-/// While alive, libtorch's ops run on the calling thread alone; the
-/// crate's own threads ([`count`]) keep libtorch's former count. For loops
+/// While alive, libtorch's ops run on the calling thread alone; work
+/// shared out by [`count`] (the evaluation's std threads) keeps libtorch's
+/// former count, while the fused loss's pool and helper thread, which read
+/// libtorch's count, would run on one (no loss runs inside a guard). For loops
 /// that alternate small libtorch ops with work on the crate's threads:
 /// after each parallel libtorch op its OpenMP workers spin-wait for
 /// milliseconds (the default policy), competing with the crate's threads
