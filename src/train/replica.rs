@@ -105,23 +105,44 @@ pub(super) fn share_memory(
     if coll.world_size() == 1 {
         return Ok(());
     }
-    // Every rank lists the tensors in the order of `restored.memory` (the
-    // checkpoint's, which need not be the memory's own).
-    let mut held: std::collections::HashMap<String, Tensor> =
-        memory.tensors().into_iter().collect();
-    let mut tensors = Vec::with_capacity(restored.memory.len());
-    for (name, shape) in &restored.memory {
+    let tensors = broadcast_listed(
+        coll,
+        &restored.memory,
+        memory.tensors(),
+        "a restored memory tensor",
+        Memory::kind_of,
+        device,
+    )?;
+    memory.restore(&tensors, restored.state.memory_steps)
+}
+
+/// Rank 0's tensors `held` on every rank, in the order of `listed` (the
+/// restored checkpoint's names and shapes, the same on every rank: `held`'s
+/// own order may differ); the other ranks receive into zeros of
+/// `kind_of(name)`. `what`: a listed tensor rank 0 lacks, in the error.
+fn broadcast_listed(
+    coll: &dyn Collective,
+    listed: &[(String, Vec<i64>)],
+    held: Vec<(String, Tensor)>,
+    what: &str,
+    kind_of: impl Fn(&str) -> Kind,
+    device: Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut held: std::collections::HashMap<String, Tensor> = held.into_iter().collect();
+    let mut tensors = Vec::with_capacity(listed.len());
+    for (name, shape) in listed {
         let t = if coll.rank() == 0 {
             held.remove(name)
-                .ok_or_else(|| Error::invalid("checkpoint", name, "a restored memory tensor"))?
+                .ok_or_else(|| Error::invalid("checkpoint", name, what))?
+                .to_device(device)
         } else {
-            Tensor::zeros(shape.as_slice(), (Memory::kind_of(name), device))
+            Tensor::zeros(shape.as_slice(), (kind_of(name), device))
         };
         tensors.push((name.clone(), t));
     }
     let flat: Vec<Tensor> = tensors.iter().map(|(_, t)| t.shallow_clone()).collect();
     dist::broadcast_bucketed(coll, &flat)?;
-    memory.restore(&tensors, restored.state.memory_steps)
+    Ok(tensors)
 }
 
 /// Gives every rank rank 0's variables and, when it restored one, its
@@ -142,23 +163,17 @@ pub(super) fn share_rank_0_state(
         return Ok(());
     };
     let params = vs.variables();
-    let mut held: std::collections::HashMap<String, Tensor> =
-        opt.state_tensors().into_iter().collect();
-    let mut state = Vec::with_capacity(restored.optimizer.len());
-    for (name, shape) in &restored.optimizer {
-        let t = if coll.rank() == 0 {
-            held.remove(name)
-                .ok_or_else(|| Error::invalid("checkpoint", name, "a restored optimizer state"))?
-                .to_device(device)
-        } else {
+    let state = broadcast_listed(
+        coll,
+        &restored.optimizer,
+        opt.state_tensors(),
+        "a restored optimizer state",
+        |name| {
             let param = name.rsplit_once('.').map_or("", |(p, _)| p);
-            let kind = params.get(param).map_or(Kind::Float, Tensor::kind);
-            Tensor::zeros(shape.as_slice(), (kind, device))
-        };
-        state.push((name.clone(), t));
-    }
-    let tensors: Vec<Tensor> = state.iter().map(|(_, t)| t.shallow_clone()).collect();
-    dist::broadcast_bucketed(coll, &tensors)?;
+            params.get(param).map_or(Kind::Float, Tensor::kind)
+        },
+        device,
+    )?;
     if coll.rank() != 0 {
         opt.load_state(state.into_iter().collect(), restored.state.optimizer_steps)?;
     }
