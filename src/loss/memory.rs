@@ -20,11 +20,8 @@
 use tch::{Kind, Tensor};
 
 use super::checks::{self, check_finite, check_matrix_shape, check_same_device};
-use super::refine::{self, apply_anchors, replicator_with_support};
-use super::similarity::{cross_similarity_with_power, similarity_with_power};
-use super::{
-    anchor_mask, evaluate, weighted, GroupLossOptions, GroupLossOutput, Implementation, Want,
-};
+use super::refine;
+use super::{autograd_loss, evaluate, GroupLossOptions, GroupLossOutput, Implementation, Want};
 use crate::error::{ensure, Result};
 
 /// The labelled points of earlier batches: embeddings (M x d) and labels
@@ -180,13 +177,13 @@ pub fn group_loss_with_memory(
         return evaluate(emb, logits, labels, opts, want, how);
     }
     if !want.grads {
-        return loss_with_memory(emb, logits, labels, memory, opts);
+        return autograd_loss(emb, logits, labels, Some(memory), opts);
     }
     let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
     let e = emb.detach().to_kind(kind).set_requires_grad(true);
     let l = logits.detach().to_kind(kind).set_requires_grad(true);
     let (mut out, grads) = tch::with_grad(|| -> Result<_> {
-        let out = loss_with_memory(&e, &l, labels, memory, opts)?;
+        let out = autograd_loss(&e, &l, labels, Some(memory), opts)?;
         let grads = Tensor::run_backward(&[&out.loss], &[&e, &l], false, false);
         Ok((out, grads))
     })?;
@@ -201,70 +198,6 @@ pub fn group_loss_with_memory(
         None
     };
     Ok(out)
-}
-
-/// [`group_loss_with_memory`]'s computation on checked inputs with a
-/// memory and a refinement term, recording autograd's graph.
-fn loss_with_memory(
-    emb: &Tensor,
-    logits: &Tensor,
-    labels: &Tensor,
-    memory: MemoryRows<'_>,
-    opts: &GroupLossOptions,
-) -> Result<GroupLossOutput> {
-    let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
-    let emb = emb.to_kind(kind);
-    let logits = logits.to_kind(kind);
-    let labels = labels.to_kind(Kind::Int64);
-    let mem = memory.embeddings.detach().to_kind(kind);
-    let mem_labels = memory.labels.to_kind(Kind::Int64);
-    let n = emb.size()[0];
-
-    let w = similarity_with_power(
-        &emb,
-        opts.similarity,
-        opts.zero_diagonal,
-        opts.similarity_power,
-    );
-    let w_mem = cross_similarity_with_power(&emb, &mem, opts.similarity, opts.similarity_power);
-    let mut prior = (&logits / opts.temperature).softmax(1, kind);
-    let (targets, mem_targets, classes) = if opts.batch_classes_only {
-        let all = Tensor::cat(&[&labels, &mem_labels], 0);
-        let (classes, inverse, _) = all.internal_unique2(true, true, false);
-        prior = prior.index_select(1, &classes);
-        prior = &prior / prior.sum_dim_intlist([1i64].as_slice(), true, kind);
-        let rest = inverse.size()[0] - n;
-        (
-            inverse.narrow(0, 0, n),
-            inverse.narrow(0, n, rest),
-            Some(classes),
-        )
-    } else {
-        (labels.shallow_clone(), mem_labels, None)
-    };
-    let columns = prior.size()[1];
-    // W_bm Y_m: each memory column added into its class's column.
-    let support =
-        Tensor::zeros([n, columns], (kind, emb.device())).index_add(1, &mem_targets, &w_mem);
-    let mask = anchor_mask(&labels, opts.num_anchors, opts.anchors)?;
-    let x = replicator_with_support(
-        &apply_anchors(&prior, &targets, &mask),
-        &w,
-        Some(&support),
-        opts.num_iters,
-    );
-    let nll = refine::log_probs(&x).nll_loss(&targets);
-    let ce = (opts.ce_weight != 0.0).then(|| logits.log_softmax(1, kind).nll_loss(&labels));
-    let nll = Some(nll);
-    Ok(GroupLossOutput {
-        loss: weighted(&nll, &ce, opts),
-        nll,
-        ce,
-        probs: Some(x),
-        classes,
-        grad_embeddings: None,
-        grad_logits: None,
-    })
 }
 
 #[cfg(test)]

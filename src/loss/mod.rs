@@ -36,6 +36,8 @@ pub use refine::{apply_anchors, refine, replicator};
 pub use similarity::{sharpen, similarity, similarity_with_power, Similarity};
 
 use crate::error::Result;
+use refine::replicator_with_support;
+use similarity::cross_similarity_with_power;
 
 /// How the loss is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,31 +166,27 @@ pub fn group_loss(
     opts: &GroupLossOptions,
 ) -> Result<GroupLossOutput> {
     check_inputs(emb, logits, labels, opts)?;
+    autograd_loss(emb, logits, labels, None, opts)
+}
+
+/// [`group_loss`] on checked inputs, by differentiable libtorch ops: the
+/// batch alone, or joined by a checked `memory` (see [`memory`]).
+pub(crate) fn autograd_loss(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    memory: Option<MemoryRows<'_>>,
+    opts: &GroupLossOptions,
+) -> Result<GroupLossOutput> {
     let kind = refine::compute_kind(&[emb.kind(), logits.kind()]);
     let emb = emb.to_kind(kind);
     let logits = logits.to_kind(kind);
     let labels = labels.to_kind(Kind::Int64);
 
     let (nll, probs, classes) = if opts.gtg_weight != 0.0 {
-        let w = similarity_with_power(
-            &emb,
-            opts.similarity,
-            opts.zero_diagonal,
-            opts.similarity_power,
-        );
-        let mut prior = (&logits / opts.temperature).softmax(1, kind);
-        let (targets, classes) = if opts.batch_classes_only {
-            let (classes, inverse, _) = labels.internal_unique2(true, true, false);
-            prior = prior.index_select(1, &classes);
-            prior = &prior / prior.sum_dim_intlist([1i64].as_slice(), true, kind);
-            (inverse, Some(classes))
-        } else {
-            (labels.shallow_clone(), None)
-        };
-        let mask = anchor_mask(&labels, opts.num_anchors, opts.anchors)?;
-        let x = refine(&prior, &w, &targets, &mask, opts.num_iters);
-        let nll = refine::log_probs(&x).nll_loss(&targets);
-        (Some(nll), Some(x), classes)
+        let refined = refined_probs(&emb, &logits, &labels, memory, opts)?;
+        let nll = refine::log_probs(&refined.x).nll_loss(&refined.targets);
+        (Some(nll), Some(refined.x), refined.classes)
     } else {
         (None, None, None)
     };
@@ -205,6 +203,69 @@ pub fn group_loss(
         classes,
         grad_embeddings: None,
         grad_logits: None,
+    })
+}
+
+/// The refinement's result: X (n x columns), the batch's columns of X
+/// (`targets`) and, with `batch_classes_only`, the classes of the columns.
+struct Refined {
+    x: Tensor,
+    targets: Tensor,
+    classes: Option<Tensor>,
+}
+
+/// Steps 1 to 4 of the module notes on a batch in the compute kind, with
+/// `memory`'s rows (when given) as one-hot points outside the batch: their
+/// similarities to the batch, scattered into their classes' columns, are the
+/// replicator's fixed support.
+fn refined_probs(
+    emb: &Tensor,
+    logits: &Tensor,
+    labels: &Tensor,
+    memory: Option<MemoryRows<'_>>,
+    opts: &GroupLossOptions,
+) -> Result<Refined> {
+    let kind = emb.kind();
+    let n = emb.size()[0];
+    let w = similarity_with_power(
+        emb,
+        opts.similarity,
+        opts.zero_diagonal,
+        opts.similarity_power,
+    );
+    let mem_labels = memory.map(|m| m.labels.to_kind(Kind::Int64));
+    let mut prior = (logits / opts.temperature).softmax(1, kind);
+    let (targets, mem_targets, classes) = if opts.batch_classes_only {
+        let all = match &mem_labels {
+            Some(m) => Tensor::cat(&[labels, m], 0),
+            None => labels.shallow_clone(),
+        };
+        let (classes, inverse, _) = all.internal_unique2(true, true, false);
+        prior = prior.index_select(1, &classes);
+        prior = &prior / prior.sum_dim_intlist([1i64].as_slice(), true, kind);
+        let rest = inverse.size()[0] - n;
+        let mem_targets = mem_labels.as_ref().map(|_| inverse.narrow(0, n, rest));
+        (inverse.narrow(0, 0, n), mem_targets, Some(classes))
+    } else {
+        (labels.shallow_clone(), mem_labels, None)
+    };
+    // W_bm Y_m: each memory row's similarities added into its class's column.
+    let support = memory.zip(mem_targets).map(|(mem, mem_targets)| {
+        let mem = mem.embeddings.detach().to_kind(kind);
+        let w_mem = cross_similarity_with_power(emb, &mem, opts.similarity, opts.similarity_power);
+        Tensor::zeros([n, prior.size()[1]], (kind, emb.device())).index_add(1, &mem_targets, &w_mem)
+    });
+    let mask = anchor_mask(labels, opts.num_anchors, opts.anchors)?;
+    let x = replicator_with_support(
+        &apply_anchors(&prior, &targets, &mask),
+        &w,
+        support.as_ref(),
+        opts.num_iters,
+    );
+    Ok(Refined {
+        x,
+        targets,
+        classes,
     })
 }
 
