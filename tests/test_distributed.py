@@ -561,6 +561,61 @@ def test_gather_ranks_equals_one_process_on_the_concatenated_batch(tmp_path, kwa
     assert abs(alone.item() - loss.item()) > 1e-3
 
 
+def _mismatched_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of ``gather_ranks=True`` where rank 1 passes 7 labels for 8
+    embeddings; saves the error it got (a hang ends in gloo's 20 s timeout)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
+    )
+    emb = torch.randn(8, 5)
+    labels = torch.arange(8 - rank) % 4
+    try:
+        grouploss.GroupLoss(4, embedding_size=5, gather_ranks=True)(emb, labels)
+        got = "no error"
+    except Exception as e:  # noqa: BLE001 (the test reads the type and text)
+        got = f"{type(e).__name__}: {e}"
+    (pathlib.Path(out) / f"rank{rank}.txt").write_text(got)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_gather_ranks_names_a_mismatched_argument_on_every_rank(tmp_path):
+    """A labels length that does not match the embeddings on one rank is a
+    ValueError naming ``labels`` and that rank on every rank, none left
+    waiting in the gather."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mismatched_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    want = (
+        "ValueError: labels: expected one row per row of embeddings on every rank, "
+        "got 7 rows for 8 on rank 1"
+    )
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text() == want
+
+
+def test_gather_batches_checks_its_arguments():
+    from grouploss.distributed import gather_batches
+
+    with pytest.raises(ValueError, match="^tensors: expected at least one tensor"):
+        gather_batches()
+    with pytest.raises(ValueError, match="^names: expected 2 names, got 1"):
+        gather_batches(torch.zeros(2), torch.zeros(2), names=["a"])
+    x = torch.zeros(3, 2)
+    assert gather_batches(x)[0] is x  # no process group: as it is
+
+
 def test_the_trainer_gathers_ranks_into_one_group_with_one_memory(glyphs_root, tmp_path):
     """``gather_ranks`` with a memory in the Rust loop, 2 ranks (threads):
     the run completes, rank 0's checkpoint holds the memory of the global

@@ -219,7 +219,9 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + n], None, None
 
 
-def gather_batches(*tensors: torch.Tensor) -> List[torch.Tensor]:
+def gather_batches(
+    *tensors: torch.Tensor, names: Optional[Sequence[str]] = None
+) -> List[torch.Tensor]:
     """Every rank's ``tensors`` concatenated along the first dimension, in
     rank order, on every rank of the default process group (the batches may
     differ in size between ranks; all tensors of a call share it).
@@ -230,21 +232,29 @@ def gather_batches(*tensors: torch.Tensor) -> List[torch.Tensor]:
     process computing the loss of the concatenated batch would find.
     ``GroupLoss(gather_ranks=True)`` uses it. Without an initialised
     process group (or with one rank) the tensors come back as they are.
+
+    The ranks exchange their tensors' row counts first, so a tensor whose
+    rows do not match the first's on any rank is a ``ValueError`` on every
+    rank (none is left waiting in the gather), naming it by ``names``
+    (default ``tensors[i]``).
     """
+    if not tensors:
+        raise ValueError("tensors: expected at least one tensor, got none")
+    names = [f"tensors[{i}]" for i in range(len(tensors))] if names is None else list(names)
+    if len(names) != len(tensors):
+        raise ValueError(f"names: expected {len(tensors)} names, got {len(names)}")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(tensors)
-    n = tensors[0].shape[0]
-    for i, t in enumerate(tensors):
-        if t.shape[0] != n:
-            raise ValueError(
-                f"tensors: expected the same number of rows in each, got {n} and "
-                f"{t.shape[0]} (tensor {i})"
-            )
     device = _comm_device()
-    size = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
+    # -1 stands for a 0-d tensor (no rows).
+    rows = torch.tensor(
+        [t.shape[0] if t.dim() else -1 for t in tensors], dtype=torch.int64, device=device
+    )
+    every = [torch.zeros_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, rows)
+    table = [r.tolist() for r in every]
+    _check_rows(table, names)
+    counts = [r[0] for r in table]
     rank = dist.get_rank()
     out = []
     for t in tensors:
@@ -252,6 +262,21 @@ def gather_batches(*tensors: torch.Tensor) -> List[torch.Tensor]:
         gathered = _GatherRows.apply(moved, counts, rank)
         out.append(gathered.to(t.device))
     return out
+
+
+def _check_rows(table: List[List[int]], names: List[str]) -> None:
+    """Every rank's row counts (``table[rank][i]`` of tensor i, -1 for 0-d)
+    agree within the rank; raises on every rank alike otherwise."""
+    for rank, counts in enumerate(table):
+        for name, n in zip(names, counts):
+            if n < 0:
+                raise ValueError(f"{name}: expected rows, got a 0-d tensor on rank {rank}")
+        for name, n in zip(names[1:], counts[1:]):
+            if n != counts[0]:
+                raise ValueError(
+                    f"{name}: expected one row per row of {names[0]} on every rank, got "
+                    f"{n} rows for {counts[0]} on rank {rank}"
+                )
 
 
 @contextlib.contextmanager

@@ -421,7 +421,9 @@ class GroupLoss(nn.Module):
             embeddings = F._require_tensor("embeddings", embeddings)
             labels = F._require_tensor("labels", labels)
             logits = F._require_tensor("logits", logits)
-            embeddings, logits, labels = gather_batches(embeddings, logits, labels)
+            embeddings, logits, labels = gather_batches(
+                embeddings, logits, labels, names=("embeddings", "logits", "labels")
+            )
         memory = self._memory_for(embeddings)
         opts = self.options
         gtg_weight = self.current_gtg_weight()

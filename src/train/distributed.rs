@@ -263,22 +263,47 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
     Ok((coll.rank() == 0).then_some(rows))
 }
 
-/// Every rank's `local` rows, concatenated in rank order on every rank, and
-/// where this rank's rows are in the result (start, count). Ranks may hold
-/// different numbers of rows.
-pub fn all_gather_rows(coll: &dyn Collective, local: &Tensor) -> Result<(Tensor, (i64, i64))> {
-    let n = local.size()[0];
-    if coll.world_size() == 1 {
-        return Ok((local.shallow_clone(), (0, n)));
+/// Every rank's rows of each of `locals`, concatenated in rank order on
+/// every rank, and where this rank's rows are in each result (start,
+/// count). The tensors of one rank share their number of rows; ranks may
+/// hold different numbers, gathered once for all the tensors.
+pub fn all_gather_rows(
+    coll: &dyn Collective,
+    locals: &[&Tensor],
+) -> Result<(Vec<Tensor>, (i64, i64))> {
+    let Some(first) = locals.first() else {
+        return Err(Error::invalid(
+            "all_gather_rows",
+            "no tensors",
+            "one tensor or more",
+        ));
+    };
+    if locals.iter().any(|t| t.dim() == 0) {
+        return Err(Error::invalid("all_gather_rows", "a 0-d tensor", "rows"));
     }
-    let size = Tensor::from_slice(&[n]).to_device(local.device());
+    let n = first.size()[0];
+    if let Some(t) = locals.iter().find(|t| t.size()[0] != n) {
+        return Err(Error::invalid(
+            "all_gather_rows",
+            format!("{} rows after {n}", t.size()[0]),
+            "the same number of rows in every tensor",
+        ));
+    }
+    if coll.world_size() == 1 {
+        return Ok((locals.iter().map(|t| t.shallow_clone()).collect(), (0, n)));
+    }
+    let size = Tensor::from_slice(&[n]).to_device(first.device());
     let counts: Vec<i64> = coll
         .all_gather(&size)?
         .iter()
         .map(i64::try_from)
         .collect::<std::result::Result<_, _>>()?;
     let start = counts[..coll.rank()].iter().sum();
-    Ok((gather_counted(coll, local, &counts)?, (start, n)))
+    let gathered = locals
+        .iter()
+        .map(|t| gather_counted(coll, t, &counts))
+        .collect::<Result<_>>()?;
+    Ok((gathered, (start, n)))
 }
 
 /// The rows of every rank, `counts[r]` of them on rank r, concatenated in
@@ -507,5 +532,70 @@ pub(crate) mod tests {
         }
         assert_eq!(shard(2, 2, 3), 1..2);
         assert_eq!(shard(2, 0, 3), 0..0);
+    }
+
+    /// A rank's all-gathers, counted.
+    struct Counting<'a> {
+        inner: &'a ThreadGroup,
+        gathers: std::cell::Cell<usize>,
+    }
+
+    impl Collective for Counting<'_> {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<()> {
+            self.inner.all_reduce_mean(tensors)
+        }
+        fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
+            self.gathers.set(self.gathers.get() + 1);
+            self.inner.all_gather(tensor)
+        }
+        fn broadcast(&self, tensors: &[Tensor], src: usize) -> Result<()> {
+            self.inner.broadcast(tensors, src)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.inner.barrier()
+        }
+    }
+
+    /// Ranks of 2, 3 and 1 rows: every tensor in rank order on every rank,
+    /// each rank's place in it, and one exchange of the counts for all the
+    /// tensors (plus one per tensor).
+    #[test]
+    fn all_gather_rows_gathers_the_counts_once() {
+        let out = on_threads(3, |g| {
+            let counting = Counting {
+                inner: g,
+                gathers: 0.into(),
+            };
+            let r = g.rank() as i64;
+            let n = [2, 3, 1][r as usize];
+            let rows = Tensor::full([n, 2], r as f64, (Kind::Double, Device::Cpu));
+            let labels = Tensor::full([n], 10 * r, (Kind::Int64, Device::Cpu));
+            let (all, mine) = all_gather_rows(&counting, &[&rows, &labels]).unwrap();
+            let bad = all_gather_rows(&counting, &[&rows, &labels.narrow(0, 0, n - 1)]);
+            (
+                Vec::<f64>::try_from(all[0].select(1, 1)).unwrap(),
+                Vec::<i64>::try_from(&all[1]).unwrap(),
+                mine,
+                counting.gathers.get(),
+                bad.unwrap_err().to_string(),
+            )
+        });
+        let starts = [0, 2, 5];
+        for (r, (rows, labels, mine, gathers, bad)) in out.into_iter().enumerate() {
+            assert_eq!(rows, [0.0, 0.0, 1.0, 1.0, 1.0, 2.0]);
+            assert_eq!(labels, [0, 0, 10, 10, 10, 20]);
+            assert_eq!(mine, (starts[r], [2, 3, 1][r]));
+            assert_eq!(gathers, 3);
+            assert!(
+                bad.starts_with("all_gather_rows: expected the same number"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -156,9 +156,8 @@ fn group_backward(
     let (emb_d, logits_d) = (emb.detach(), logits.detach());
     let (group_emb, group_logits, group_labels, mine, world) = match scope.ranks {
         Some(coll) if coll.world_size() > 1 => {
-            let (e, mine) = all_gather_rows(coll, &emb_d)?;
-            let (l, _) = all_gather_rows(coll, &logits_d)?;
-            let (y, _) = all_gather_rows(coll, labels)?;
+            let (all, mine) = all_gather_rows(coll, &[&emb_d, &logits_d, labels])?;
+            let [e, l, y]: [Tensor; 3] = all.try_into().expect("one result per tensor");
             (e, l, y, Some(mine), coll.world_size() as f64)
         }
         _ => (emb_d, logits_d, labels.shallow_clone(), None, 1.0),
