@@ -229,3 +229,47 @@ def test_search_in_an_index_needs_the_run(small_run, tmp_path, capsys, monkeypat
     (tmp_path / "test").mkdir()
     assert cli.main(["search", str(small_run), str(image), "--gallery", "test", "--k", "1"]) == 0
     assert "t10k-images-idx3-ubyte" in capsys.readouterr().out
+
+
+def test_a_gallery_that_is_neither_split_nor_folder_names_its_option(
+    small_run, tmp_path, capsys, monkeypatch
+):
+    from PIL import Image
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    image = tmp_path / "q.png"
+    Image.new("L", (28, 28)).save(image)
+    assert cli.main(["search", str(small_run), str(image), "--gallery", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "--gallery: expected a split name (train, val, test" in err
+    assert "or a folder, got 'nowhere'" in err
+    out = tmp_path / "e.npy"
+    assert cli.main(["embed", str(small_run), "--data", "nowhere", "--out", str(out)]) == 2
+    assert "--data: expected a split name" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_embed_takes_the_checkpoint_and_device_like_the_other_commands(
+    small_run, tmp_path, monkeypatch
+):
+    """``grouploss embed --checkpoint last --device cpu`` loads that model
+    and writes its embeddings and labels of the split."""
+    import numpy as np
+
+    from grouploss import training
+
+    asked = []
+    load_run = training.load_run
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs)
+        return load_run(*args, **kwargs)
+
+    monkeypatch.setattr(training, "load_run", recording)
+    out = tmp_path / "emb.npy"
+    argv = ["embed", str(small_run), "--data", "test", "--out", str(out)]
+    assert cli.main([*argv, "--checkpoint", "last", "--device", "cpu"]) == 0
+    assert asked == [{"checkpoint": "last", "device": "cpu"}]
+    emb, labels = load_run(small_run, checkpoint="last", device="cpu").embed_split("test")
+    np.testing.assert_array_equal(np.load(out), emb.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "emb_labels.npy"), labels.numpy())

@@ -174,7 +174,7 @@ def _embed_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("run_dir", type=_existing)
     m.add_argument("--data", required=True, help="a split name of the run's dataset, or a folder")
     m.add_argument("--out", required=True, type=pathlib.Path, help="embeddings .npy")
-    m.add_argument("--device", default="auto")
+    _model_options(m)
     return m
 
 
@@ -382,10 +382,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 SPLITS = ("train", "val", "test", "query", "gallery", "all")
 
 
-def _gallery(model: training.RunModel, data: str):
+def _gallery(model: training.RunModel, data: str, option: str):
     """``(embeddings, labels, dataset)`` of a split name of the run's
     dataset (first) or an image folder (``./test`` for a folder named like
-    a split)."""
+    a split), given by the command line's ``option``."""
     from .datasets import ImageFolder
 
     if data in SPLITS:
@@ -393,16 +393,29 @@ def _gallery(model: training.RunModel, data: str):
     elif pathlib.Path(data).is_dir():
         dataset = ImageFolder(data, split="all")
     else:
-        raise ValueError(f"{data}: neither a split ({', '.join(SPLITS)}) nor a folder")
+        raise UsageError(
+            f"{option}: expected a split name ({', '.join(SPLITS)}) or a folder, got {data!r}"
+        )
     emb, labels = model.embed_dataset(dataset)
     return emb, labels, dataset
+
+
+def _gallery_index(model: training.RunModel, data: str, option: str, dtype: str = "float32"):
+    """``(index, dataset)``: :func:`_gallery`'s embeddings in a
+    :class:`grouploss.Index` (ids their positions, labels their classes)."""
+    from .index import Index
+
+    emb, labels, dataset = _gallery(model, data, option)
+    index = Index(emb.shape[1], dtype=dtype)
+    index.add(emb, labels=labels)
+    return index, dataset
 
 
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    model = training.load_run(args.run_dir, device=args.device)
-    emb, labels, _ = _gallery(model, args.data)
+    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    emb, labels, _ = _gallery(model, args.data, "--data")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, emb.cpu().numpy())
     labels_out = args.out.with_name(args.out.stem + "_labels.npy")
@@ -419,12 +432,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .index import Index
-
     model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
-    emb, labels, _ = _gallery(model, args.data)
-    index = Index(emb.shape[1], dtype=args.dtype)
-    index.add(emb, labels=labels)
+    index, _ = _gallery_index(model, args.data, "--data", dtype=args.dtype)
     index.save(args.out)
     print(f"{len(index)} embeddings of {args.data} ({args.dtype}) -> {args.out}")
     return 0
@@ -438,9 +447,7 @@ def _search(args: argparse.Namespace) -> int:
         if args.run is not None:
             raise UsageError("--run: only with an index file (RUN_DIR embeds the queries)")
         model = training.load_run(args.source, checkpoint=args.checkpoint, device=args.device)
-        emb, labels, gallery = _gallery(model, args.gallery or "test")
-        index = Index(emb.shape[1])
-        index.add(emb, labels=labels)
+        index, gallery = _gallery_index(model, args.gallery or "test", "--gallery")
     else:
         if args.run is None:
             raise UsageError("--run: needed with an index file, to embed the queries")
