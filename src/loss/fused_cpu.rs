@@ -599,60 +599,87 @@ fn anchored_wx<T: Real>(w: &Buf<T>, x: &Buf<T>, u: usize, targets: &[usize]) -> 
     out
 }
 
-fn run<T: Real>(
-    emb: &Tensor,
+/// Where each sample goes in the refinement: the prior's columns, each
+/// row's column, the anchors and the rows' order.
+struct Layout {
+    /// With `batch_classes_only`: the sorted classes of the prior's columns.
+    classes: Option<Vec<usize>>,
+    /// The prior's columns: m, or the batch's classes.
+    mp: usize,
+    /// Anchors, in the samples' order (none without the refinement).
+    flags: Vec<bool>,
+    ord: Order,
+    /// Each row's column, in the refinement's order.
+    tp: Vec<usize>,
+}
+
+impl Layout {
+    fn new(y: &[i64], m: usize, opts: &GroupLossOptions) -> Self {
+        let n = y.len();
+        let classes: Option<Vec<usize>> = opts.batch_classes_only.then(|| {
+            let mut c: Vec<usize> = y.iter().map(|&v| v as usize).collect();
+            c.sort_unstable();
+            c.dedup();
+            c
+        });
+        let targets: Vec<usize> = match &classes {
+            Some(c) => y
+                .iter()
+                .map(|&v| c.binary_search(&(v as usize)).unwrap_or(0))
+                .collect(),
+            None => y.iter().map(|&v| v as usize).collect(),
+        };
+        let mp = classes.as_ref().map_or(m, |c| c.len());
+        let flags = if opts.gtg_weight != 0.0 {
+            anchor_flags(y, opts.num_anchors as usize, opts.anchors)
+        } else {
+            vec![false; n]
+        };
+        let ord = Order::new(&flags);
+        let tp = ord.order.iter().map(|&i| targets[i]).collect();
+        Layout {
+            classes,
+            mp,
+            flags,
+            ord,
+            tp,
+        }
+    }
+}
+
+/// What one pass over the logits gives.
+struct LogitsPass<T: Real> {
+    /// `exp(l - max)` per row, samples' order (kept for the gradients).
+    ce_exp: Option<Buf<T>>,
+    /// `1 / sum` of each row of `ce_exp`.
+    ce_scales: Vec<T>,
+    /// The cross-entropy, when weighted.
+    ce: Option<f64>,
+    /// The prior X0 in the refinement's order, anchor rows one-hot (when
+    /// the refinement runs).
+    prior: Option<Buf<T>>,
+}
+
+/// The logits in one pass per exponential: the cross-entropy's rows and the
+/// prior's, rows in parallel; non-finite logits are an error naming them.
+fn logits_pass<T: Real>(
     logits: &Tensor,
     y: &[i64],
+    lay: &Layout,
     opts: &GroupLossOptions,
+    inv_t: T,
     want_grads: bool,
-    want_probs: bool,
-) -> Result<GroupLossOutput> {
-    let n = y.len();
-    let m = logits.size()[1] as usize;
-    let nf = n as f64;
-    // Wake the helper thread now, so that it polls by the first product.
-    let depth = (emb.size()[1] as usize).max(m);
-    let _hot = threads::Hot::begin(T::KIND == Kind::Float && gemm::worth_sharing(n, depth));
-    let inv_t = T::from_f64(1.0 / opts.temperature);
+) -> Result<LogitsPass<T>> {
+    let (n, m, mp) = (y.len(), logits.size()[1] as usize, lay.mp);
     let want_ce = opts.ce_weight != 0.0;
-    let want_gtg = opts.gtg_weight != 0.0;
-
-    // Classes of the prior's columns and each sample's column.
-    let classes: Option<Vec<usize>> = opts.batch_classes_only.then(|| {
-        let mut c: Vec<usize> = y.iter().map(|&v| v as usize).collect();
-        c.sort_unstable();
-        c.dedup();
-        c
-    });
-    let targets: Vec<usize> = match &classes {
-        Some(c) => y
-            .iter()
-            .map(|&v| c.binary_search(&(v as usize)).unwrap_or(0))
-            .collect(),
-        None => y.iter().map(|&v| v as usize).collect(),
-    };
-    let mp = classes.as_ref().map_or(m, |c| c.len());
-    let flags = if want_gtg {
-        anchor_flags(y, opts.num_anchors as usize, opts.anchors)
-    } else {
-        vec![false; n]
-    };
-    let ord = Order::new(&flags);
-    let u = ord.u;
-    // Sample-order quantities in the refinement's order.
-    let tp: Vec<usize> = ord.order.iter().map(|&i| targets[i]).collect();
-
-    // The logits in one pass per exponential: exp(l - max) for the
-    // cross-entropy (samples' order) and the prior of the non-anchor rows
-    // (refinement order; anchor rows one-hot).
     let lg = Buf::<T>::new(logits.shallow_clone());
     let mut ce_exp = want_ce.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
-    let mut prior = want_gtg.then(|| Buf::<T>::empty(&[n as i64, mp as i64]));
+    let mut prior = (opts.gtg_weight != 0.0).then(|| Buf::<T>::empty(&[n as i64, mp as i64]));
     let rows: Vec<LogitsRow<T>> = {
         let ls = lg.s();
         let ce_rows = ce_exp.as_mut().map(|b| Rows::of(b.m(), m));
         let prior_rows = prior.as_mut().map(|b| Rows::of(b.m(), mp));
-        let (pos, flags, cls) = (&ord.pos, &flags, classes.as_deref());
+        let (pos, flags, cls) = (&lay.ord.pos, &lay.flags, lay.classes.as_deref());
         par_rows(n, n * m, |i| {
             // SAFETY: row i of ce_exp and row pos[i] of the prior are
             // visited by this call only.
@@ -673,53 +700,193 @@ fn run<T: Real>(
     if rows.iter().any(|r| !r.finite) {
         return Err(count_not_finite(logits, "logits"));
     }
-    let ce_value = want_ce.then(|| rows.iter().map(|r| r.ce).sum::<f64>() / nf);
-    let ce_scales: Vec<T> = rows.iter().map(|r| r.scale).collect();
-    if !want_grads {
-        ce_exp = None;
+    if let Some(x0) = prior.as_mut() {
+        let x = x0.m();
+        for k in lay.ord.u..n {
+            let row = &mut x[k * mp..(k + 1) * mp];
+            row.fill(T::ZERO);
+            row[lay.tp[k]] = T::ONE;
+        }
     }
+    Ok(LogitsPass {
+        ce_exp: if want_grads { ce_exp } else { None },
+        ce_scales: rows.iter().map(|r| r.scale).collect(),
+        ce: want_ce.then(|| rows.iter().map(|r| r.ce).sum::<f64>() / n as f64),
+        prior,
+    })
+}
 
-    let mut grad_logits = want_grads.then(|| Buf::<T>::empty(&[n as i64, m as i64]));
-    let mut grad_emb: Option<Buf<T>> = None;
-    let mut nll_value = None;
-    let mut probs = None;
-
-    if let Some(mut x0) = prior {
-        {
-            let x = x0.m();
-            for k in u..n {
-                let row = &mut x[k * mp..(k + 1) * mp];
-                row.fill(T::ZERO);
-                row[tp[k]] = T::ONE;
+/// The loss and gradients of a checked batch of CPU tensors of `T`'s kind.
+fn run<T: Real>(
+    emb: &Tensor,
+    logits: &Tensor,
+    y: &[i64],
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+) -> Result<GroupLossOutput> {
+    let n = y.len();
+    let m = logits.size()[1] as usize;
+    // Wake the helper thread now, so that it polls by the first product.
+    let depth = (emb.size()[1] as usize).max(m);
+    let _hot = threads::Hot::begin(T::KIND == Kind::Float && gemm::worth_sharing(n, depth));
+    let inv_t = T::from_f64(1.0 / opts.temperature);
+    let lay = Layout::new(y, m, opts);
+    let pass = logits_pass::<T>(logits, y, &lay, opts, inv_t, want_grads)?;
+    let refinement = match &pass.prior {
+        Some(x0) => Some(refinement(emb, x0, &lay, opts, want_grads, want_probs)?),
+        None => {
+            let e = Buf::<T>::new(emb.shallow_clone());
+            if !max_and_finite(e.s()).1 {
+                return Err(count_not_finite(emb, "embeddings"));
             }
+            None
         }
-        let (kind, power) = effective_power(opts.similarity, opts.similarity_power);
-        let sim = similarity_forward::<T>(emb, kind, opts.zero_diagonal, power, &ord)?;
-        let w = sim.w.s();
-
-        let mut steps: Vec<Step<T>> = Vec::new();
-        for _ in 1..opts.num_iters {
-            let x_prev = match steps.last() {
-                Some(st) => Buf::new(st.x.t.shallow_clone()),
-                None => Buf::new(x0.t.shallow_clone()),
-            };
-            let a = anchored_wx(&sim.w, &x_prev, u, &tp);
-            let mut next = Buf::<T>::empty(&[n as i64, mp as i64]);
-            let s = replicator_rows(x_prev.s(), a.s(), next.m(), u, n, mp);
-            steps.push(Step {
-                x_prev,
-                a,
-                s,
-                x: next,
+    };
+    let (nll, probs, grads) = match refinement {
+        Some(r) => (Some(r.nll), r.probs, r.grads),
+        None => (None, None, None),
+    };
+    let grad_logits = want_grads.then(|| {
+        let mut gl = Buf::<T>::empty(&[n as i64, m as i64]);
+        let refined = pass
+            .prior
+            .as_ref()
+            .zip(grads.as_ref())
+            .map(|(x0, (dx0, _))| {
+                (
+                    x0,
+                    dx0,
+                    &lay.flags[..],
+                    &lay.ord.pos[..],
+                    lay.classes.as_deref(),
+                )
             });
-        }
-        let mut x = match steps.last() {
+        let ce = pass.ce_exp.as_ref().map(|e| (e, &pass.ce_scales[..]));
+        logits_grad(&mut gl, refined, ce, y, opts, inv_t, m, lay.mp);
+        gl
+    });
+    let grad_emb = match grads {
+        Some((_, ge)) => Some(ge),
+        None => want_grads.then(|| Buf::zeros(&emb.size())),
+    };
+    let loss = nll.unwrap_or(0.0) * opts.gtg_weight + pass.ce.unwrap_or(0.0) * opts.ce_weight;
+    let classes_tensor = lay.classes.map(|c| {
+        let v: Vec<i64> = c.iter().map(|&k| k as i64).collect();
+        Tensor::from_slice(&v)
+    });
+    Ok(GroupLossOutput {
+        loss: scalar::<T>(loss),
+        nll: nll.map(scalar::<T>),
+        ce: pass.ce.map(scalar::<T>),
+        probs,
+        classes: classes_tensor,
+        grad_embeddings: grad_emb.map(|b| b.t),
+        grad_logits: grad_logits.map(|b| b.t),
+    })
+}
+
+/// What the refinement gives.
+struct Refinement<T: Real> {
+    /// The NLL of the refined label probabilities.
+    nll: f64,
+    /// The refined probabilities, samples' order (when asked for).
+    probs: Option<Tensor>,
+    /// dX0 (its non-anchor rows, refinement order) and d embeddings (when
+    /// asked for).
+    grads: Option<(Buf<T>, Buf<T>)>,
+}
+
+/// Steps 1 and 3 to 5 of the loss from the prior `x0`: W, the replicator
+/// steps, the NLL, and backward through them.
+fn refinement<T: Real>(
+    emb: &Tensor,
+    x0: &Buf<T>,
+    lay: &Layout,
+    opts: &GroupLossOptions,
+    want_grads: bool,
+    want_probs: bool,
+) -> Result<Refinement<T>> {
+    let (kind, power) = effective_power(opts.similarity, opts.similarity_power);
+    let sim = similarity_forward::<T>(emb, kind, opts.zero_diagonal, power, &lay.ord)?;
+    let (steps, mut x) = forward_steps(&sim.w, x0, lay, opts.num_iters);
+    let last = LastStep::of(&mut x, sim.w.s(), lay);
+    let last_grads = want_grads.then(|| last.grads(&x, sim.w.s(), lay, opts.gtg_weight));
+    last.restore(&mut x, lay);
+    let grads = last_grads.map(|(dx, mut dw)| {
+        let dx0 = backward_steps(&steps, &sim.w, dx, &mut dw, lay);
+        (dx0, similarity_backward(&sim, &dw, kind, &lay.ord.pos))
+    });
+    let probs = want_probs.then(|| last.probs(&sim.w, &x, lay));
+    Ok(Refinement {
+        nll: last.nll(),
+        probs,
+        grads,
+    })
+}
+
+/// The first `num_iters - 1` replicator steps from `x0`, kept for the
+/// backward, and the X they end at (sharing its buffer with the last kept
+/// step, or with `x0`).
+fn forward_steps<T: Real>(
+    w: &Buf<T>,
+    x0: &Buf<T>,
+    lay: &Layout,
+    num_iters: i64,
+) -> (Vec<Step<T>>, Buf<T>) {
+    let (n, mp, u) = (lay.tp.len(), lay.mp, lay.ord.u);
+    let mut steps: Vec<Step<T>> = Vec::new();
+    for _ in 1..num_iters {
+        let x_prev = match steps.last() {
             Some(st) => Buf::new(st.x.t.shallow_clone()),
             None => Buf::new(x0.t.shallow_clone()),
         };
+        let a = anchored_wx(w, &x_prev, u, &lay.tp);
+        let mut next = Buf::<T>::empty(&[n as i64, mp as i64]);
+        let s = replicator_rows(x_prev.s(), a.s(), next.m(), u, n, mp);
+        steps.push(Step {
+            x_prev,
+            a,
+            s,
+            x: next,
+        });
+    }
+    let x = match steps.last() {
+        Some(st) => Buf::new(st.x.t.shallow_clone()),
+        None => Buf::new(x0.t.shallow_clone()),
+    };
+    (steps, x)
+}
 
-        // The last step through the Gram matrix of X with each row's own
-        // label entry left out (see `analytic`); the anchor rows are then 0.
+/// The last replicator step in closed form, through the Gram matrix of X
+/// with each row's own label entry left out (see `analytic`): the label
+/// probabilities and what their gradient needs. n x n quantities are
+/// row-major, rows and columns in the refinement's order.
+struct LastStep<T: Real> {
+    /// X[i, t_i].
+    xy: Vec<T>,
+    /// q[i][j] = X[j, t_i].
+    q: Vec<T>,
+    /// g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k].
+    g_off: Vec<T>,
+    /// sum_j W[i][j] X[j, t_i] over j of i's class, and over the others.
+    own: Vec<T>,
+    other: Vec<T>,
+    /// The update's row sums without the label column (`s_off`) and with.
+    s_off: Vec<T>,
+    s: Vec<T>,
+    /// Rows whose sum is above the smallest normal (updated; the others
+    /// keep X).
+    ok: Vec<bool>,
+    /// The refined label probability of each row.
+    p: Vec<T>,
+}
+
+impl<T: Real> LastStep<T> {
+    /// The step from X, whose label entries it leaves zeroed (the anchor
+    /// rows are then 0) until [`LastStep::restore`].
+    fn of(x: &mut Buf<T>, w: &[T], lay: &Layout) -> Self {
+        let (n, mp, u, tp) = (lay.tp.len(), lay.mp, lay.ord.u, &lay.tp);
         let xy: Vec<T> = (0..n).map(|i| x.s()[i * mp + tp[i]]).collect();
         for i in 0..n {
             x.m()[i * mp + tp[i]] = T::ZERO;
@@ -738,17 +905,15 @@ fn run<T: Real>(
         let mut xg = vec![T::ZERO; n * n];
         for (i, row) in xg.chunks_exact_mut(n.max(1)).enumerate() {
             let xr = &xs[i * mp..(i + 1) * mp];
-            for (g, &tj) in row.iter_mut().zip(&tp) {
+            for (g, &tj) in row.iter_mut().zip(tp) {
                 *g = xr[tj];
             }
         }
         // q[i][j] = X[j, t_i] (xy[j] in i's class);
-        // g_off[i][j] = sum_{k != t_i} X[i, k] X[j, k] = G^[i][j] + X[i, t_j] xy[j].
+        // g_off[i][j] = G^[i][j] + X[i, t_j] xy[j].
         let mut q = vec![T::ZERO; n * n];
         let mut g_off = vec![T::ZERO; n * n];
-        let mut ay = vec![T::ZERO; n];
-        let mut own = vec![T::ZERO; n];
-        let mut other = vec![T::ZERO; n];
+        let (mut own, mut other) = (vec![T::ZERO; n], vec![T::ZERO; n]);
         let mut s_off = vec![T::ZERO; n];
         for i in 0..n {
             let (ti, wi) = (tp[i], &w[i * n..(i + 1) * n]);
@@ -772,202 +937,180 @@ fn run<T: Real>(
             }
             s_off[i] = dot(wi, gi);
             (own[i], other[i]) = (own_i, other_i);
-            ay[i] = own_i + other_i;
         }
+        let ay: Vec<T> = (0..n).map(|i| own[i] + other[i]).collect();
         let s: Vec<T> = (0..n).map(|i| s_off[i] + xy[i] * ay[i]).collect();
         let ok: Vec<bool> = s.iter().map(|&v| v > T::MIN_NORMAL).collect();
         let p: Vec<T> = (0..n)
             .map(|i| if ok[i] { xy[i] * ay[i] / s[i] } else { xy[i] })
             .collect();
+        LastStep {
+            xy,
+            q,
+            g_off,
+            own,
+            other,
+            s_off,
+            s,
+            ok,
+            p,
+        }
+    }
+
+    /// Puts X's label entries back.
+    fn restore(&self, x: &mut Buf<T>, lay: &Layout) {
+        let xs = x.m();
+        for (i, (&t, &v)) in lay.tp.iter().zip(&self.xy).enumerate() {
+            xs[i * lay.mp + t] = v;
+        }
+    }
+
+    /// The NLL of the label probabilities (`log(p + 1e-12)`, the release's).
+    fn nll(&self) -> f64 {
         let eps = T::from_f64(1e-12);
-        nll_value = Some(-p.iter().map(|&v| (v + eps).ln().to_f64()).sum::<f64>() / nf);
+        -self.p.iter().map(|&v| (v + eps).ln().to_f64()).sum::<f64>() / self.p.len() as f64
+    }
 
-        let last_grads = if want_grads {
-            let gw = T::from_f64(-opts.gtg_weight / nf);
-            let gi: Vec<T> = p.iter().map(|&v| gw / (v + eps)).collect();
-            let coef = |f: &dyn Fn(usize) -> T| -> Vec<T> {
-                (0..n).map(|i| if ok[i] { f(i) } else { T::ZERO }).collect()
-            };
-            let a_c = coef(&|i| gi[i] / s[i]);
-            let b_c = coef(&|i| -gi[i] * p[i] / s[i]);
-            // (g / s) (s~ / s): s * s would underflow for small s.
-            let c_c = coef(&|i| gi[i] / s[i] * (s_off[i] / s[i]));
-
-            // dX = (W o (b_i + b_j)) X on the non-anchor rows only: X's
-            // anchor rows are 0 here, and the anchor rows of dX reach
-            // nothing (dX below has the `u` non-anchor rows).
-            let mut dx = Buf::<T>::empty(&[u as i64, mp as i64]);
-            if u > 0 {
-                let mut mmat = Buf::<T>::empty(&[u as i64, u as i64]);
-                {
-                    let mv = mmat.m();
-                    for (i, row) in mv.chunks_exact_mut(u).enumerate() {
-                        let (wi, bi) = (&w[i * n..i * n + u], b_c[i]);
-                        for ((m, &wv), &bj) in row.iter_mut().zip(wi).zip(&b_c[..u]) {
-                            *m = wv * (bi + bj);
-                        }
-                    }
-                }
-                matmul_into(&mmat.t, &x.t.narrow(0, 0, u as i64), false, &dx.t);
-            }
-            let mut dw = vec![T::ZERO; n * n];
-            {
-                let dxs = dx.m();
-                for j in 0..u {
-                    let row = &mut dxs[j * mp..(j + 1) * mp];
-                    for i in 0..n {
-                        let b = if tp[i] == tp[j] { T::ZERO } else { b_c[j] };
-                        row[tp[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
-                    }
-                    let pass = if ok[j] { T::ZERO } else { gi[j] };
-                    // A coefficient may overflow where its factor is 0 (a
-                    // label probability that underflowed): 0 * inf is 0 here.
-                    let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
-                    row[tp[j]] += prod(c_c[j], own[j]) + prod(a_c[j], other[j]) + pass;
-                }
-                for (i, row) in dw.chunks_exact_mut(n.max(1)).enumerate() {
-                    let (cq, bg) = (c_c[i] * xy[i], b_c[i]);
-                    let (qi, gi) = (&q[i * n..(i + 1) * n], &g_off[i * n..(i + 1) * n]);
-                    for ((d, &qv), &gv) in row.iter_mut().zip(qi).zip(gi) {
-                        *d = cq * qv + bg * gv;
-                    }
-                }
-            }
-            Some((dx, dw))
-        } else {
-            None
+    /// dX (its non-anchor rows) and dW of `gtg_weight` times the NLL,
+    /// through this step from X with its label entries zeroed.
+    fn grads(&self, x: &Buf<T>, w: &[T], lay: &Layout, gtg_weight: f64) -> (Buf<T>, Vec<T>) {
+        let (n, mp, u, tp) = (lay.tp.len(), lay.mp, lay.ord.u, &lay.tp);
+        let (xy, s, p, ok) = (&self.xy, &self.s, &self.p, &self.ok);
+        let eps = T::from_f64(1e-12);
+        let gw = T::from_f64(-gtg_weight / n as f64);
+        let gi: Vec<T> = p.iter().map(|&v| gw / (v + eps)).collect();
+        let coef = |f: &dyn Fn(usize) -> T| -> Vec<T> {
+            (0..n).map(|i| if ok[i] { f(i) } else { T::ZERO }).collect()
         };
+        let a_c = coef(&|i| gi[i] / s[i]);
+        let b_c = coef(&|i| -gi[i] * p[i] / s[i]);
+        // (g / s) (s~ / s): s * s would underflow for small s.
+        let c_c = coef(&|i| gi[i] / s[i] * (self.s_off[i] / s[i]));
+
+        // dX = (W o (b_i + b_j)) X on the non-anchor rows only: X's anchor
+        // rows are 0 here, and the anchor rows of dX reach nothing (dX
+        // below has the `u` non-anchor rows).
+        let mut dx = Buf::<T>::empty(&[u as i64, mp as i64]);
+        if u > 0 {
+            let mut mmat = Buf::<T>::empty(&[u as i64, u as i64]);
+            for (i, row) in mmat.m().chunks_exact_mut(u).enumerate() {
+                let (wi, bi) = (&w[i * n..i * n + u], b_c[i]);
+                for ((m, &wv), &bj) in row.iter_mut().zip(wi).zip(&b_c[..u]) {
+                    *m = wv * (bi + bj);
+                }
+            }
+            matmul_into(&mmat.t, &x.t.narrow(0, 0, u as i64), false, &dx.t);
+        }
+        let dxs = dx.m();
+        for j in 0..u {
+            let row = &mut dxs[j * mp..(j + 1) * mp];
+            for i in 0..n {
+                let b = if tp[i] == tp[j] { T::ZERO } else { b_c[j] };
+                row[tp[i]] += w[j * n + i] * xy[i] * (c_c[i] + b);
+            }
+            let pass = if ok[j] { T::ZERO } else { gi[j] };
+            // A coefficient may overflow where its factor is 0 (a label
+            // probability that underflowed): 0 * inf is 0 here.
+            let prod = |c: T, v: T| if v == T::ZERO { T::ZERO } else { c * v };
+            row[tp[j]] += prod(c_c[j], self.own[j]) + prod(a_c[j], self.other[j]) + pass;
+        }
+        let mut dw = vec![T::ZERO; n * n];
+        for (i, row) in dw.chunks_exact_mut(n.max(1)).enumerate() {
+            let (cq, bg) = (c_c[i] * xy[i], b_c[i]);
+            let (qi, gi) = (&self.q[i * n..(i + 1) * n], &self.g_off[i * n..(i + 1) * n]);
+            for ((d, &qv), &gv) in row.iter_mut().zip(qi).zip(gi) {
+                *d = cq * qv + bg * gv;
+            }
+        }
+        (dx, dw)
+    }
+
+    /// The refined probabilities of this step from X (label entries
+    /// restored), in the samples' order.
+    fn probs(&self, w: &Buf<T>, x: &Buf<T>, lay: &Layout) -> Tensor {
+        let (n, mp, u) = (lay.tp.len(), lay.mp, lay.ord.u);
+        let a = anchored_wx(w, x, u, &lay.tp);
+        let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
+        let (o, xs, am) = (out.m(), x.s(), a.s());
         for i in 0..n {
-            x.m()[i * mp + tp[i]] = xy[i];
-        }
-
-        if let Some((mut dx, mut dw)) = last_grads {
-            for st in steps.iter().rev() {
-                // Anchor rows: X one-hot before and after, so dA is 0 there
-                // (dA, dN and dX hold the non-anchor rows).
-                let mut da = Buf::<T>::empty(&[u as i64, mp as i64]);
-                let mut dn = vec![T::ZERO; u * mp];
-                let mut pass = vec![false; u];
-                {
-                    let (dxs, xt, xp) = (dx.s(), st.x.s(), st.x_prev.s());
-                    let das = da.m();
-                    for i in 0..u {
-                        let r = i * mp..(i + 1) * mp;
-                        if st.s[i] > T::MIN_NORMAL {
-                            let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
-                            let inv = T::ONE / st.s[i];
-                            for k in r {
-                                dn[k] = (dxs[k] - rr) * inv;
-                                das[k] = dn[k] * xp[k];
-                            }
-                        } else {
-                            pass[i] = true;
-                            das[r].fill(T::ZERO);
-                        }
-                    }
-                }
-                let mut next = Buf::<T>::empty(&[u as i64, mp as i64]);
-                if u > 0 {
-                    let (da_n, xp_n) = (
-                        Buf::<T>::new(da.t.shallow_clone()),
-                        Buf::<T>::new(st.x_prev.t.narrow(0, 0, u as i64)),
-                    );
-                    // dW += dA X^T: the anchor columns pick dA at their label.
-                    let dw_nn = da_n.mm(&xp_n, true);
-                    let (dws, das) = (dw_nn.s(), da.s());
-                    for i in 0..u {
-                        for j in 0..u {
-                            dw[i * n + j] += dws[i * u + j];
-                        }
-                        for a in u..n {
-                            dw[i * n + a] += das[i * mp + tp[a]];
-                        }
-                    }
-                    let w_nn = leading_block(&sim.w, u);
-                    matmul_into(&w_nn, &da_n.t, false, &next.t);
-                    let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
-                    for i in 0..u {
-                        for k in i * mp..(i + 1) * mp {
-                            nx[k] += dn[k] * am[k];
-                            if pass[i] {
-                                nx[k] += dxs[k];
-                            }
-                        }
-                    }
-                }
-                dx = next;
+            for k in i * mp..(i + 1) * mp {
+                o[k] = if self.ok[i] && i < u {
+                    xs[k] * am[k] / self.s[i]
+                } else {
+                    xs[k]
+                };
             }
-
-            if let Some(gl) = grad_logits.as_mut() {
-                logits_grad(
-                    gl,
-                    Some((&x0, &dx, &flags, &ord.pos, classes.as_deref())),
-                    ce_exp.as_ref().map(|e| (e, &ce_scales[..])),
-                    y,
-                    opts,
-                    inv_t,
-                    m,
-                    mp,
-                );
-            }
-            grad_emb = Some(similarity_backward(&sim, &dw, kind, &ord.pos));
         }
+        lay.ord.restore(&out.t)
+    }
+}
 
-        if want_probs {
-            let a = anchored_wx(&sim.w, &x, u, &tp);
-            let mut out = Buf::<T>::empty(&[n as i64, mp as i64]);
-            {
-                let (o, xs, am) = (out.m(), x.s(), a.s());
-                for i in 0..n {
-                    for k in i * mp..(i + 1) * mp {
-                        o[k] = if ok[i] && i < u {
-                            xs[k] * am[k] / s[i]
-                        } else {
-                            xs[k]
-                        };
+/// dX0 (its non-anchor rows) from `dx`, the gradient of the last step's
+/// input, back through the kept steps, adding each step's part of dW to
+/// `dw`.
+fn backward_steps<T: Real>(
+    steps: &[Step<T>],
+    w: &Buf<T>,
+    mut dx: Buf<T>,
+    dw: &mut [T],
+    lay: &Layout,
+) -> Buf<T> {
+    let (n, mp, u, tp) = (lay.tp.len(), lay.mp, lay.ord.u, &lay.tp);
+    for st in steps.iter().rev() {
+        // Anchor rows: X one-hot before and after, so dA is 0 there (dA,
+        // dN and dX hold the non-anchor rows).
+        let mut da = Buf::<T>::empty(&[u as i64, mp as i64]);
+        let mut dn = vec![T::ZERO; u * mp];
+        let mut pass = vec![false; u];
+        {
+            let (dxs, xt, xp) = (dx.s(), st.x.s(), st.x_prev.s());
+            let das = da.m();
+            for i in 0..u {
+                let r = i * mp..(i + 1) * mp;
+                if st.s[i] > T::MIN_NORMAL {
+                    let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
+                    let inv = T::ONE / st.s[i];
+                    for k in r {
+                        dn[k] = (dxs[k] - rr) * inv;
+                        das[k] = dn[k] * xp[k];
+                    }
+                } else {
+                    pass[i] = true;
+                    das[r].fill(T::ZERO);
+                }
+            }
+        }
+        let mut next = Buf::<T>::empty(&[u as i64, mp as i64]);
+        if u > 0 {
+            let (da_n, xp_n) = (
+                Buf::<T>::new(da.t.shallow_clone()),
+                Buf::<T>::new(st.x_prev.t.narrow(0, 0, u as i64)),
+            );
+            // dW += dA X^T: the anchor columns pick dA at their label.
+            let dw_nn = da_n.mm(&xp_n, true);
+            let (dws, das) = (dw_nn.s(), da.s());
+            for i in 0..u {
+                for j in 0..u {
+                    dw[i * n + j] += dws[i * u + j];
+                }
+                for a in u..n {
+                    dw[i * n + a] += das[i * mp + tp[a]];
+                }
+            }
+            matmul_into(&leading_block(w, u), &da_n.t, false, &next.t);
+            let (nx, am, dxs) = (next.m(), st.a.s(), dx.s());
+            for i in 0..u {
+                for k in i * mp..(i + 1) * mp {
+                    nx[k] += dn[k] * am[k];
+                    if pass[i] {
+                        nx[k] += dxs[k];
                     }
                 }
             }
-            probs = Some(ord.restore(&out.t));
         }
-        drop(x0);
-    } else {
-        let e = Buf::<T>::new(emb.shallow_clone());
-        if !max_and_finite(e.s()).1 {
-            return Err(count_not_finite(emb, "embeddings"));
-        }
+        dx = next;
     }
-    if let (None, Some(gl)) = (nll_value, grad_logits.as_mut()) {
-        logits_grad(
-            gl,
-            None,
-            ce_exp.as_ref().map(|e| (e, &ce_scales[..])),
-            y,
-            opts,
-            inv_t,
-            m,
-            mp,
-        );
-    }
-
-    if want_grads && grad_emb.is_none() {
-        grad_emb = Some(Buf::zeros(&emb.size()));
-    }
-    let loss =
-        nll_value.unwrap_or(0.0) * opts.gtg_weight + ce_value.unwrap_or(0.0) * opts.ce_weight;
-    let classes_tensor = classes.map(|c| {
-        let v: Vec<i64> = c.iter().map(|&k| k as i64).collect();
-        Tensor::from_slice(&v)
-    });
-    Ok(GroupLossOutput {
-        loss: scalar::<T>(loss),
-        nll: nll_value.map(scalar::<T>),
-        ce: ce_value.map(scalar::<T>),
-        probs,
-        classes: classes_tensor,
-        grad_embeddings: grad_emb.map(|b| b.t),
-        grad_logits: grad_logits.map(|b| b.t),
-    })
+    dx
 }
 
 /// One replicator step on raw rows: `next = x * a / rowsum(x * a)`, rows
