@@ -285,129 +285,151 @@ fn similarity_forward<T: Real>(
     power: f64,
     ord: &Order,
 ) -> Result<Sim<T>> {
-    let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
-    let u = ord.u;
     let diag = if zero_diagonal { T::ZERO } else { T::ONE };
-    let mut active = vec![false; n * n];
     match kind {
         Similarity::Correlation | Similarity::Cosine => {
-            // Centred (or raw) rows are kept unnormalised; the norms are
-            // applied to the n x n products instead of the n x d rows.
-            let mut rows = Buf::<T>::empty(&[n as i64, d as i64]);
-            let mut norms = vec![T::ZERO; n];
-            let mut degenerate = vec![false; n];
-            let tol = T::from_f64(64.0 * T::EPS);
-            {
-                let src = Buf::<T>::new(emb.shallow_clone());
-                let x = src.s();
-                let out = Rows::of(rows.m(), d);
-                let centre = kind == Similarity::Correlation;
-                let sums = par_rows(n, n * d, |i| {
-                    let o = ord.order[i];
-                    // SAFETY: each row index is visited once.
-                    centre_row(&x[o * d..(o + 1) * d], unsafe { out.row(i) }, centre)
-                });
-                for (i, &(sq, sq_raw, finite)) in sums.iter().enumerate() {
-                    if !finite {
-                        return Err(count_not_finite(emb, "embeddings"));
-                    }
-                    let (norm, ref_norm) = (sq.sqrt(), sq_raw.sqrt());
-                    degenerate[i] = norm <= ref_norm * tol;
-                    // `norms` holds 1 / norm, 0 for degenerate rows.
-                    norms[i] = if degenerate[i] || norm <= T::TINY {
-                        T::ZERO
-                    } else {
-                        T::ONE / norm
-                    };
-                }
-            }
-            let mut w = rows.gram_anchored(u);
-            let mut dpower = Vec::new();
-            if power == 1.0 {
-                // The release's W, without per-entry branches.
-                for (i, (row, act)) in w
-                    .m()
-                    .chunks_exact_mut(n.max(1))
-                    .zip(active.chunks_exact_mut(n.max(1)))
-                    .enumerate()
-                {
-                    let ni = norms[i];
-                    for ((c, a), &nj) in row.iter_mut().zip(act.iter_mut()).zip(&norms) {
-                        let v = *c * ni * nj;
-                        *a = v > T::ZERO;
-                        *c = if v > T::ZERO { v } else { T::ZERO };
-                    }
-                    row[i] = diag;
-                    act[i] = false;
-                }
-            } else {
-                dpower = vec![T::ZERO; n * n];
-                let c = w.m();
-                for i in 0..n {
-                    for j in 0..n {
-                        let v = c[i * n + j] * norms[i] * norms[j];
-                        if power != 1.0 && i != j && v > T::ZERO {
-                            dpower[i * n + j] = T::from_f64(power) * v.powf(power - 1.0);
-                        }
-                        if i == j {
-                            c[i * n + j] = diag;
-                        } else if v > T::ZERO {
-                            c[i * n + j] = if power == 1.0 { v } else { v.powf(power) };
-                            active[i * n + j] = true;
-                        } else {
-                            c[i * n + j] = T::ZERO;
-                        }
-                    }
-                }
-            }
-            Ok(Sim {
-                rows,
-                norms,
-                degenerate,
-                w,
-                active,
-                dpower,
-            })
+            unit_similarity(emb, kind == Similarity::Correlation, diag, power, ord)
         }
-        Similarity::Gaussian { sigma } => {
-            let src = Buf::<T>::new(ord.permute(emb));
-            let x = src.s();
-            for i in 0..n {
-                if !max_and_finite(&x[i * d..(i + 1) * d]).1 {
-                    return Err(count_not_finite(emb, "embeddings"));
+        Similarity::Gaussian { sigma } => gaussian_similarity(emb, sigma, diag, ord),
+    }
+}
+
+/// The correlation (`centre`) or cosine W, clipped at 0 and raised to
+/// `power`, with `diag` on the diagonal.
+fn unit_similarity<T: Real>(
+    emb: &Tensor,
+    centre: bool,
+    diag: T,
+    power: f64,
+    ord: &Order,
+) -> Result<Sim<T>> {
+    let n = emb.size()[0] as usize;
+    let (rows, norms, degenerate) = centred_rows::<T>(emb, centre, ord)?;
+    // The norms are applied to the n x n products instead of the n x d rows.
+    let mut w = rows.gram_anchored(ord.u);
+    let mut active = vec![false; n * n];
+    let mut dpower = Vec::new();
+    if power == 1.0 {
+        // The release's W, without per-entry branches.
+        for (i, (row, act)) in w
+            .m()
+            .chunks_exact_mut(n.max(1))
+            .zip(active.chunks_exact_mut(n.max(1)))
+            .enumerate()
+        {
+            let ni = norms[i];
+            for ((c, a), &nj) in row.iter_mut().zip(act.iter_mut()).zip(&norms) {
+                let v = *c * ni * nj;
+                *a = v > T::ZERO;
+                *c = if v > T::ZERO { v } else { T::ZERO };
+            }
+            row[i] = diag;
+            act[i] = false;
+        }
+    } else {
+        dpower = vec![T::ZERO; n * n];
+        let c = w.m();
+        for i in 0..n {
+            for j in 0..n {
+                let v = c[i * n + j] * norms[i] * norms[j];
+                if i == j {
+                    c[i * n + j] = diag;
+                } else if v > T::ZERO {
+                    dpower[i * n + j] = T::from_f64(power) * v.powf(power - 1.0);
+                    c[i * n + j] = v.powf(power);
+                    active[i * n + j] = true;
+                } else {
+                    c[i * n + j] = T::ZERO;
                 }
             }
-            let sq: Vec<T> = (0..n)
-                .map(|i| dot(&x[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]))
-                .collect();
-            let mut w = src.gram_anchored(u);
-            let scale = T::from_f64(-0.5 / (sigma * sigma));
-            let two = T::from_f64(2.0);
-            {
-                let g = w.m();
-                for i in 0..n {
-                    for j in 0..n {
-                        if i == j {
-                            g[i * n + j] = diag;
-                        } else {
-                            let d2 = sq[i] + sq[j] - two * g[i * n + j];
-                            let d2 = if d2 > T::ZERO { d2 } else { T::ZERO };
-                            g[i * n + j] = (d2 * scale).exp();
-                            active[i * n + j] = true;
-                        }
-                    }
-                }
-            }
-            Ok(Sim {
-                rows: src,
-                norms: Vec::new(),
-                degenerate: Vec::new(),
-                w,
-                active,
-                dpower: Vec::new(),
-            })
         }
     }
+    Ok(Sim {
+        rows,
+        norms,
+        degenerate,
+        w,
+        active,
+        dpower,
+    })
+}
+
+/// The embeddings' rows in the refinement's order, centred when `centre`,
+/// unnormalised; each row's `1 / norm` (0 for a degenerate row: a norm
+/// within rounding of 0 next to the raw row's); which rows are degenerate.
+/// Non-finite embeddings are an error naming them.
+fn centred_rows<T: Real>(
+    emb: &Tensor,
+    centre: bool,
+    ord: &Order,
+) -> Result<(Buf<T>, Vec<T>, Vec<bool>)> {
+    let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
+    let mut rows = Buf::<T>::empty(&[n as i64, d as i64]);
+    let mut norms = vec![T::ZERO; n];
+    let mut degenerate = vec![false; n];
+    let tol = T::from_f64(64.0 * T::EPS);
+    let src = Buf::<T>::new(emb.shallow_clone());
+    let x = src.s();
+    let out = Rows::of(rows.m(), d);
+    let sums = par_rows(n, n * d, |i| {
+        let o = ord.order[i];
+        // SAFETY: each row index is visited once.
+        centre_row(&x[o * d..(o + 1) * d], unsafe { out.row(i) }, centre)
+    });
+    for (i, &(sq, sq_raw, finite)) in sums.iter().enumerate() {
+        if !finite {
+            return Err(count_not_finite(emb, "embeddings"));
+        }
+        let (norm, ref_norm) = (sq.sqrt(), sq_raw.sqrt());
+        degenerate[i] = norm <= ref_norm * tol;
+        norms[i] = if degenerate[i] || norm <= T::TINY {
+            T::ZERO
+        } else {
+            T::ONE / norm
+        };
+    }
+    Ok((rows, norms, degenerate))
+}
+
+/// The gaussian W, `exp(-|x_i - x_j|^2 / (2 sigma^2))`, with `diag` on the
+/// diagonal.
+fn gaussian_similarity<T: Real>(emb: &Tensor, sigma: f64, diag: T, ord: &Order) -> Result<Sim<T>> {
+    let (n, d) = (emb.size()[0] as usize, emb.size()[1] as usize);
+    let src = Buf::<T>::new(ord.permute(emb));
+    let x = src.s();
+    for i in 0..n {
+        if !max_and_finite(&x[i * d..(i + 1) * d]).1 {
+            return Err(count_not_finite(emb, "embeddings"));
+        }
+    }
+    let sq: Vec<T> = (0..n)
+        .map(|i| dot(&x[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]))
+        .collect();
+    let mut w = src.gram_anchored(ord.u);
+    let mut active = vec![false; n * n];
+    let scale = T::from_f64(-0.5 / (sigma * sigma));
+    let two = T::from_f64(2.0);
+    let g = w.m();
+    for i in 0..n {
+        for j in 0..n {
+            if i == j {
+                g[i * n + j] = diag;
+            } else {
+                let d2 = sq[i] + sq[j] - two * g[i * n + j];
+                let d2 = if d2 > T::ZERO { d2 } else { T::ZERO };
+                g[i * n + j] = (d2 * scale).exp();
+                active[i * n + j] = true;
+            }
+        }
+    }
+    Ok(Sim {
+        rows: src,
+        norms: Vec::new(),
+        degenerate: Vec::new(),
+        w,
+        active,
+        dpower: Vec::new(),
+    })
 }
 
 /// The embeddings' gradient from W's (`dw`, refinement order), in the
