@@ -126,6 +126,38 @@ pub(crate) fn at_least<T: PartialOrd + std::fmt::Display>(
     }
 }
 
+/// Returns `Err(Error::InvalidArgument)` ("`arg`: expected a finite number
+/// > 0, got `value`") unless `value` is finite and positive.
+pub(crate) fn positive(arg: &str, value: f64) -> Result<()> {
+    ensure(
+        value.is_finite() && value > 0.0,
+        arg,
+        || value.to_string(),
+        "a finite number > 0",
+    )
+}
+
+/// Likewise for a finite `value >= 0`.
+pub(crate) fn non_negative(arg: &str, value: f64) -> Result<()> {
+    ensure(
+        value.is_finite() && value >= 0.0,
+        arg,
+        || value.to_string(),
+        "a finite number >= 0",
+    )
+}
+
+/// Returns `Err(Error::InvalidArgument)` ("`arg`: expected one of
+/// [...], got "`value`"") unless `value` is one of `allowed`.
+pub(crate) fn one_of(arg: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    ensure(
+        allowed.contains(&value),
+        arg,
+        || format!("{value:?}"),
+        format!("one of {allowed:?}"),
+    )
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()

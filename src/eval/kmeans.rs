@@ -56,7 +56,7 @@ use super::input::{
 };
 use super::kmeans_cpu;
 use super::knn::topk_ordered;
-use crate::error::{at_least, ensure, Error, Result};
+use crate::error::{at_least, non_negative, Error, Result};
 use crate::loss::threads;
 use crate::rng::Rng;
 
@@ -125,12 +125,7 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
     check_k(k, n, "the number of samples")?;
     at_least("n_init", opts.n_init, 1)?;
     at_least("max_iter", opts.max_iter, 1)?;
-    ensure(
-        opts.tol.is_finite() && opts.tol >= 0.0,
-        "tol",
-        || opts.tol.to_string(),
-        "a finite number >= 0",
-    )?;
+    non_negative("tol", opts.tol)?;
     check_batch_size(opts.batch_size)?;
     let x = prepare(x, false);
     // The libtorch ops between the fused products are small: on one thread,

@@ -285,8 +285,74 @@ pub(crate) fn evaluate_with(
     strategy: Strategy,
 ) -> Result<Metrics> {
     let _guard = tch::no_grad_guard();
-    let same_set = query.is_none();
-    check_embeddings(embeddings, "embeddings", if same_set { 2 } else { 1 })?;
+    let (yg, yq) = checked_labels(embeddings, labels, query, own, opts)?;
+    let n = embeddings.size()[0];
+    let own = own.map_or(Own::Nothing, Own::At);
+    let gallery_size = if query.is_none() || own.any() {
+        n - 1
+    } else {
+        n
+    };
+    let need = needs(opts, gallery_size)?;
+
+    let g = prepare(embeddings, opts.normalize);
+    let (q, yq) = match (query, yq) {
+        (Some((qe, _)), Some(yq)) => (prepare(qe, opts.normalize), yq),
+        _ => (g.shallow_clone(), yg.clone()),
+    };
+    let mut out = Metrics {
+        recall: Vec::new(),
+        precision: Vec::new(),
+        map_at_k: Vec::new(),
+        map_at_r: None,
+        r_precision: None,
+        nmi: None,
+        num_queries: yq.len(),
+        left_out: 0,
+    };
+    if need.count || need.collects() {
+        let gallery = query.is_some().then_some((&g, yg.as_slice()));
+        let top_k = need.top > 0;
+        let request = Request {
+            ks: if need.count { opts.ks.as_slice() } else { &[] },
+            top_ks: if top_k { opts.ks.as_slice() } else { &[] },
+            need,
+            average: opts.average,
+            batch_size: opts.batch_size,
+            strategy,
+        };
+        let r = retrieval::retrieval(&q, &yq, gallery, own, request)?;
+        out.recall = r.recall;
+        if opts.wants(Metric::Precision) {
+            out.precision = r.precision;
+        }
+        if opts.wants(Metric::MapAtK) {
+            out.map_at_k = r.map_at_k;
+        }
+        out.left_out = r.left_out;
+        out.map_at_r = opts.wants(Metric::MapAtR).then_some(r.map_at_r);
+        out.r_precision = opts.wants(Metric::RPrecision).then_some(r.r_precision);
+    }
+    if opts.wants(Metric::Nmi) {
+        out.nmi = Some(kmeans_nmi(&q, &yq, opts)?);
+    }
+    Ok(out)
+}
+
+/// The gallery's labels and the queries' (with a query set), after checking
+/// the embeddings, labels, `own` and `batch_size`.
+fn checked_labels(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    query: Option<(&Tensor, &Tensor)>,
+    own: Option<&[i64]>,
+    opts: &EvalOptions,
+) -> Result<(Vec<i64>, Option<Vec<i64>>)> {
+    check_embeddings(
+        embeddings,
+        "embeddings",
+        if query.is_none() { 2 } else { 1 },
+    )?;
     let n = embeddings.size()[0];
     let yg = labels_vec(labels, "labels", Some((n, "embeddings")))?;
     let yq = match query {
@@ -305,8 +371,12 @@ pub(crate) fn evaluate_with(
     if let (Some(own), Some(yq)) = (own, &yq) {
         check_own(own, yq, &yg)?;
     }
-    let own = own.map_or(Own::Nothing, Own::At);
-    let gallery_size = if same_set || own.any() { n - 1 } else { n };
+    Ok((yg, yq))
+}
+
+/// What the retrieval metrics asked for need, after checking that every K
+/// is in `1..=gallery_size` (`ks` not empty) where one is used.
+fn needs(opts: &EvalOptions, gallery_size: i64) -> Result<Need> {
     let top_k = opts.wants(Metric::Precision) || opts.wants(Metric::MapAtK);
     let need = Need {
         count: opts.wants(Metric::Recall),
@@ -333,65 +403,26 @@ pub(crate) fn evaluate_with(
             )?;
         }
     }
+    Ok(need)
+}
 
-    let g = prepare(embeddings, opts.normalize);
-    let (q, yq) = match (query, yq) {
-        (Some((qe, _)), Some(yq)) => (prepare(qe, opts.normalize), yq),
-        _ => (g.shallow_clone(), yg.clone()),
-    };
-    let mut out = Metrics {
-        recall: Vec::new(),
-        precision: Vec::new(),
-        map_at_k: Vec::new(),
-        map_at_r: None,
-        r_precision: None,
-        nmi: None,
-        num_queries: yq.len(),
-        left_out: 0,
-    };
-    if need.count || need.collects() {
-        let gallery = if same_set {
-            None
-        } else {
-            Some((&g, yg.as_slice()))
-        };
-        let request = Request {
-            ks: if need.count { opts.ks.as_slice() } else { &[] },
-            top_ks: if top_k { opts.ks.as_slice() } else { &[] },
-            need,
-            average: opts.average,
+/// The NMI of the queries' labels and k-means' clusters of the queries,
+/// k the number of classes.
+fn kmeans_nmi(q: &Tensor, yq: &[i64], opts: &EvalOptions) -> Result<f64> {
+    let k = yq.iter().collect::<BTreeSet<_>>().len() as i64;
+    let clusters = kmeans_with(
+        q,
+        k,
+        &KMeansOptions {
+            n_init: opts.kmeans_n_init,
+            max_iter: opts.kmeans_max_iter,
+            seed: opts.seed,
             batch_size: opts.batch_size,
-            strategy,
-        };
-        let r = retrieval::retrieval(&q, &yq, gallery, own, request)?;
-        out.recall = r.recall;
-        if opts.wants(Metric::Precision) {
-            out.precision = r.precision;
-        }
-        if opts.wants(Metric::MapAtK) {
-            out.map_at_k = r.map_at_k;
-        }
-        out.left_out = r.left_out;
-        out.map_at_r = opts.wants(Metric::MapAtR).then_some(r.map_at_r);
-        out.r_precision = opts.wants(Metric::RPrecision).then_some(r.r_precision);
-    }
-    if opts.wants(Metric::Nmi) {
-        let k = yq.iter().collect::<BTreeSet<_>>().len() as i64;
-        let clusters = kmeans_with(
-            &q,
-            k,
-            &KMeansOptions {
-                n_init: opts.kmeans_n_init,
-                max_iter: opts.kmeans_max_iter,
-                seed: opts.seed,
-                batch_size: opts.batch_size,
-                ..Default::default()
-            },
-        )?;
-        let assigned = input::host_vec::<i64>(&clusters.assignments)?;
-        out.nmi = Some(nmi(&yq, &assigned)?);
-    }
-    Ok(out)
+            ..Default::default()
+        },
+    )?;
+    let assigned = input::host_vec::<i64>(&clusters.assignments)?;
+    nmi(yq, &assigned)
 }
 
 #[cfg(test)]

@@ -202,13 +202,7 @@ pub(crate) fn check_power(power: f64) -> Result<()> {
 
 /// Scalar options of the loss.
 pub(crate) fn check_options(opts: &GroupLossOptions) -> Result<()> {
-    let t = opts.temperature;
-    ensure(
-        t.is_finite() && t > 0.0,
-        "temperature",
-        || format!("{t}"),
-        "a finite number > 0",
-    )?;
+    crate::error::positive("temperature", opts.temperature)?;
     ensure(
         opts.num_anchors >= 0,
         "num_anchors",
@@ -225,12 +219,7 @@ pub(crate) fn check_options(opts: &GroupLossOptions) -> Result<()> {
         ("gtg_weight", opts.gtg_weight),
         ("ce_weight", opts.ce_weight),
     ] {
-        ensure(
-            w.is_finite() && w >= 0.0,
-            name,
-            || format!("{w}"),
-            "a finite number >= 0",
-        )?;
+        crate::error::non_negative(name, w)?;
     }
     check_power(opts.similarity_power)?;
     ensure(

@@ -25,9 +25,7 @@ impl Similarity {
             "correlation" => Ok(Similarity::Correlation),
             "cosine" => Ok(Similarity::Cosine),
             "gaussian" => {
-                if !(sigma.is_finite() && sigma > 0.0) {
-                    return Err(Error::invalid("sigma", sigma, "a finite number > 0"));
-                }
+                crate::error::positive("sigma", sigma)?;
                 Ok(Similarity::Gaussian { sigma })
             }
             other => Err(Error::invalid(

@@ -129,12 +129,7 @@ pub fn triplet_margin_batch_hard(
 }
 
 fn check_triplet_inputs(embeddings: &Tensor, labels: &Tensor, margin: f64) -> Result<()> {
-    ensure(
-        margin.is_finite() && margin >= 0.0,
-        "margin",
-        || format!("{margin}"),
-        "a finite number >= 0",
-    )?;
+    crate::error::non_negative("margin", margin)?;
     check_matrix_shape(embeddings, "embeddings", "batch x embedding dims")?;
     check_dtype(
         embeddings,

@@ -21,13 +21,7 @@ impl ClassifierKind {
         match kind {
             "linear" => Ok(ClassifierKind::Linear),
             "cosine" => {
-                if !(scale.is_finite() && scale > 0.0) {
-                    return Err(Error::invalid(
-                        "classifier_scale",
-                        scale,
-                        "a finite number > 0",
-                    ));
-                }
+                crate::error::positive("classifier_scale", scale)?;
                 Ok(ClassifierKind::Cosine { scale })
             }
             other => Err(Error::invalid(

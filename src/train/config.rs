@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{at_least, non_negative, one_of, positive, Error, Result};
 use crate::loss::{GroupLossOptions, GroupLossSettings};
 
 /// The losses the trainer runs (`loss`).
@@ -347,43 +347,26 @@ impl TrainConfig {
 
     /// Checks every value, naming the option at fault.
     pub fn validate(&self) -> Result<()> {
-        use crate::error::at_least;
-        let pos = |name: &str, v: f64| -> Result<()> {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(Error::invalid(name, v, "a finite number > 0"))
-            }
-        };
-        let nonneg = |name: &str, v: f64| -> Result<()> {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(Error::invalid(name, v, "a finite number >= 0"))
-            }
-        };
-        let one_of = |name: &str, v: &str, allowed: &[&str]| -> Result<()> {
-            if allowed.contains(&v) {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    name,
-                    format!("{v:?}"),
-                    format!("one of {allowed:?}"),
-                ))
-            }
-        };
+        self.validate_numbers()?;
+        self.validate_names()?;
+        self.validate_combinations()?;
+        crate::model::BackboneSpec::parse(&self.backbone)?;
+        Ok(())
+    }
+
+    /// Each number in its range (the loss's options included).
+    fn validate_numbers(&self) -> Result<()> {
         at_least("epochs", self.epochs, 1)?;
         at_least("classes_per_batch", self.classes_per_batch, 2)?;
         at_least("samples_per_class", self.samples_per_class, 1)?;
         self.group_loss_options()?;
-        pos("lr", self.lr)?;
-        nonneg("backbone_lr", self.backbone_lr)?;
-        nonneg("weight_decay", self.weight_decay)?;
-        nonneg("warmup_epochs", self.warmup_epochs)?;
-        nonneg("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
-        pos("lr_decay", self.lr_decay)?;
-        pos("classifier_scale", self.classifier_scale)?;
+        positive("lr", self.lr)?;
+        non_negative("backbone_lr", self.backbone_lr)?;
+        non_negative("weight_decay", self.weight_decay)?;
+        non_negative("warmup_epochs", self.warmup_epochs)?;
+        non_negative("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
+        positive("lr_decay", self.lr_decay)?;
+        positive("classifier_scale", self.classifier_scale)?;
         if !(0.0..1.0).contains(&self.val_fraction) {
             return Err(Error::invalid(
                 "val_fraction",
@@ -401,6 +384,11 @@ impl TrainConfig {
                 "a non-empty list of integers >= 1",
             ));
         }
+        non_negative("triplet_margin", self.triplet_margin)
+    }
+
+    /// Each named choice among its names.
+    fn validate_names(&self) -> Result<()> {
         one_of(
             "optimizer",
             &self.optimizer,
@@ -408,23 +396,8 @@ impl TrainConfig {
         )?;
         one_of("schedule", &self.schedule, &SCHEDULES)?;
         one_of("loss", &self.loss, &LOSSES)?;
-        nonneg("triplet_margin", self.triplet_margin)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
         one_of("on_error", &self.on_error, &["raise", "skip"])?;
-        if self.gtg_warmup_epochs > 0 && self.group_loss.ce_weight == 0.0 {
-            return Err(Error::invalid(
-                "gtg_warmup_epochs",
-                self.gtg_warmup_epochs,
-                "0 when ce_weight = 0 (the warm-up trains with CE alone)",
-            ));
-        }
-        if self.gtg_ramp_epochs > 0.0 && self.group_loss.ce_weight == 0.0 {
-            return Err(Error::invalid(
-                "gtg_ramp_epochs",
-                self.gtg_ramp_epochs,
-                "0 when ce_weight = 0 (the ramp starts from CE alone)",
-            ));
-        }
         one_of("classifier", &self.classifier, &["linear", "cosine"])?;
         one_of(
             "normalization",
@@ -446,6 +419,26 @@ impl TrainConfig {
                 "map@r, r_precision, nmi or recall@K with K in recall_ks",
             ));
         }
+        Ok(())
+    }
+
+    /// Options that exclude each other.
+    fn validate_combinations(&self) -> Result<()> {
+        let no_ce = self.group_loss.ce_weight == 0.0;
+        if self.gtg_warmup_epochs > 0 && no_ce {
+            return Err(Error::invalid(
+                "gtg_warmup_epochs",
+                self.gtg_warmup_epochs,
+                "0 when ce_weight = 0 (the warm-up trains with CE alone)",
+            ));
+        }
+        if self.gtg_ramp_epochs > 0.0 && no_ce {
+            return Err(Error::invalid(
+                "gtg_ramp_epochs",
+                self.gtg_ramp_epochs,
+                "0 when ce_weight = 0 (the ramp starts from CE alone)",
+            ));
+        }
         if self.select_on == "val" && self.val_fraction == 0.0 {
             return Err(Error::invalid(
                 "val_fraction",
@@ -453,17 +446,13 @@ impl TrainConfig {
                 "a fraction > 0 when select_on = \"val\" (or select_on = \"test\")",
             ));
         }
-        if self.loss == "group"
-            && self.group_loss.gtg_weight == 0.0
-            && self.group_loss.ce_weight == 0.0
-        {
+        if self.loss == "group" && self.group_loss.gtg_weight == 0.0 && no_ce {
             return Err(Error::invalid(
                 "gtg_weight",
                 "gtg_weight = ce_weight = 0",
                 "at least one of gtg_weight and ce_weight > 0",
             ));
         }
-        crate::model::BackboneSpec::parse(&self.backbone)?;
         Ok(())
     }
 
