@@ -291,104 +291,139 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
         .ok_or("corrupt MAT-file")?;
     let (_, name) = r.element()?;
     let name = String::from_utf8_lossy(name).into_owned();
+    let array = Array {
+        dims,
+        count,
+        depth,
+        size: data.len(),
+    };
     let value = match class {
-        MX_CELL => {
-            let mut items = Vec::with_capacity(count.min(data.len() / 8));
-            for _ in 0..count {
-                let (ty, d) = r.element()?;
-                if ty != MI_MATRIX {
-                    return Err("corrupt MAT-file (cell item is not an array)".into());
-                }
-                items.push(matrix(d, big, depth + 1)?.1);
-            }
-            MatValue::Cell { dims, items }
-        }
-        MX_STRUCT => {
-            let (ty, len_raw) = r.element()?;
-            let len = numbers(ty, len_raw, big)?.first().copied().unwrap_or(0.0) as usize;
-            let (_, names) = r.element()?;
-            if len == 0 {
-                return Err("corrupt MAT-file (struct field name length 0)".into());
-            }
-            let fields: Vec<String> = names
-                .chunks(len)
-                .map(|c| {
-                    let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
-                    String::from_utf8_lossy(&c[..end]).into_owned()
-                })
-                .collect();
-            // Each field of each item is an element of at least 8 bytes: a
-            // count the data cannot hold is corrupt (and would loop for ever
-            // on a struct without fields).
-            if fields.is_empty() && count > 0
-                || count.saturating_mul(fields.len()).saturating_mul(8) > data.len()
-            {
-                return Err(format!(
-                    "corrupt MAT-file (struct of {count} items with {} fields in {} bytes)",
-                    fields.len(),
-                    data.len()
-                ));
-            }
-            let mut items = Vec::with_capacity(count);
-            for _ in 0..count {
-                let mut values = Vec::with_capacity(fields.len());
-                for _ in 0..fields.len() {
-                    let (ty, d) = r.element()?;
-                    if ty != MI_MATRIX {
-                        return Err("corrupt MAT-file (struct field is not an array)".into());
-                    }
-                    values.push(matrix(d, big, depth + 1)?.1);
-                }
-                items.push(values);
-            }
-            MatValue::Struct {
-                dims,
-                fields,
-                items,
-            }
-        }
-        MX_CHAR => {
-            let chars = if r.done() {
-                Vec::new()
-            } else {
-                let (ty, d) = r.element()?;
-                text(ty, d, big)?
-            };
-            // Column-major: character (i, j) is at i + j * rows.
-            let rows = dims.first().copied().unwrap_or(1).max(1);
-            // Rows without characters (dims [huge, 0]) would build a huge
-            // string of newlines.
-            if rows > 1 && (chars.len() != count || rows > chars.len()) {
-                return Err(format!(
-                    "corrupt MAT-file (char array {dims:?} holds {} characters)",
-                    chars.len()
-                ));
-            }
-            let cols = chars.len() / rows;
-            let text = (0..rows)
-                .map(|i| (0..cols).map(|j| chars[i + j * rows]).collect::<String>())
-                .collect::<Vec<_>>()
-                .join("\n");
-            MatValue::Char { dims, text }
-        }
-        6..=15 => {
-            let data = if r.done() {
-                Vec::new()
-            } else {
-                let (ty, d) = r.element()?;
-                numbers(ty, d, big)?
-            };
-            if data.len() != count {
-                return Err(format!(
-                    "corrupt MAT-file (array {name:?} of {count} elements has {} values)",
-                    data.len()
-                ));
-            }
-            MatValue::Numeric { dims, data }
-        }
+        MX_CELL => cell(&mut r, array)?,
+        MX_STRUCT => structure(&mut r, array)?,
+        MX_CHAR => char_array(&mut r, array)?,
+        6..=15 => numeric(&mut r, array, &name)?,
         _ => MatValue::Other,
     };
     Ok((name, value))
+}
+
+/// An array's header, as read before its contents.
+struct Array {
+    dims: Vec<usize>,
+    /// The product of `dims`.
+    count: usize,
+    /// Nesting depth (cells and structs hold arrays).
+    depth: usize,
+    /// Bytes of the array's element.
+    size: usize,
+}
+
+/// The next element, which must be an array (`what` names it in the error).
+fn nested(r: &mut Reader<'_>, depth: usize, what: &str) -> std::result::Result<MatValue, String> {
+    let (ty, d) = r.element()?;
+    if ty != MI_MATRIX {
+        return Err(format!("corrupt MAT-file ({what} is not an array)"));
+    }
+    Ok(matrix(d, r.big, depth + 1)?.1)
+}
+
+/// A cell array's items.
+fn cell(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
+    let mut items = Vec::with_capacity(a.count.min(a.size / 8));
+    for _ in 0..a.count {
+        items.push(nested(r, a.depth, "cell item")?);
+    }
+    Ok(MatValue::Cell {
+        dims: a.dims,
+        items,
+    })
+}
+
+/// A struct array's field names and each item's fields.
+fn structure(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
+    let (ty, len_raw) = r.element()?;
+    let len = numbers(ty, len_raw, r.big)?.first().copied().unwrap_or(0.0) as usize;
+    let (_, names) = r.element()?;
+    if len == 0 {
+        return Err("corrupt MAT-file (struct field name length 0)".into());
+    }
+    let fields: Vec<String> = names
+        .chunks(len)
+        .map(|c| {
+            let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+            String::from_utf8_lossy(&c[..end]).into_owned()
+        })
+        .collect();
+    // Each field of each item is an element of at least 8 bytes: a count
+    // the data cannot hold is corrupt (and would loop for ever on a struct
+    // without fields).
+    let count = a.count;
+    if fields.is_empty() && count > 0
+        || count.saturating_mul(fields.len()).saturating_mul(8) > a.size
+    {
+        return Err(format!(
+            "corrupt MAT-file (struct of {count} items with {} fields in {} bytes)",
+            fields.len(),
+            a.size
+        ));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        let values = (0..fields.len())
+            .map(|_| nested(r, a.depth, "struct field"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        items.push(values);
+    }
+    Ok(MatValue::Struct {
+        dims: a.dims,
+        fields,
+        items,
+    })
+}
+
+/// A char array's rows, joined by newlines.
+fn char_array(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
+    let chars = if r.done() {
+        Vec::new()
+    } else {
+        let (ty, d) = r.element()?;
+        text(ty, d, r.big)?
+    };
+    let dims = a.dims;
+    // Column-major: character (i, j) is at i + j * rows.
+    let rows = dims.first().copied().unwrap_or(1).max(1);
+    // Rows without characters (dims [huge, 0]) would build a huge string of
+    // newlines.
+    if rows > 1 && (chars.len() != a.count || rows > chars.len()) {
+        return Err(format!(
+            "corrupt MAT-file (char array {dims:?} holds {} characters)",
+            chars.len()
+        ));
+    }
+    let cols = chars.len() / rows;
+    let text = (0..rows)
+        .map(|i| (0..cols).map(|j| chars[i + j * rows]).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(MatValue::Char { dims, text })
+}
+
+/// A numeric array `name`'s values, as float64.
+fn numeric(r: &mut Reader<'_>, a: Array, name: &str) -> std::result::Result<MatValue, String> {
+    let data = if r.done() {
+        Vec::new()
+    } else {
+        let (ty, d) = r.element()?;
+        numbers(ty, d, r.big)?
+    };
+    if data.len() != a.count {
+        return Err(format!(
+            "corrupt MAT-file (array {name:?} of {} elements has {} values)",
+            a.count,
+            data.len()
+        ));
+    }
+    Ok(MatValue::Numeric { dims: a.dims, data })
 }
 
 #[cfg(test)]
