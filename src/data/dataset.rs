@@ -158,6 +158,56 @@ impl Listing {
 
     /// The dataset of one split.
     pub(crate) fn select(self, options: &DatasetOptions) -> Result<Dataset> {
+        let has_val_part = self.check_split(options)?;
+        let (split, vf) = (options.split, options.val_fraction);
+        let val_classes = if vf > 0.0 && matches!(split, Split::Train | Split::Val) {
+            self.carve_val(vf, options.split_seed)?
+        } else {
+            HashSet::new()
+        };
+        let keep = |r: &Record| match split {
+            Split::Train => r.part == Part::Train && !val_classes.contains(&r.class),
+            Split::Val if has_val_part => r.part == Part::Val,
+            Split::Val => r.part == Part::Train && val_classes.contains(&r.class),
+            Split::Test => r.part == Part::Test,
+            Split::Query => r.part == Part::Test && r.query,
+            Split::Gallery => r.part == Part::Test && r.gallery,
+            Split::All => true,
+        };
+        let records: Vec<Record> = self.records.into_iter().filter(keep).collect();
+        if records.is_empty() {
+            return Err(Error::format(
+                &self.root,
+                None,
+                format!("the {} split of {} has no images", split.name(), self.name),
+            ));
+        }
+        let (classes, labels) = dense_classes(&records, &self.class_names);
+        let flags = self.has_query_flags && !matches!(split, Split::Train | Split::Val);
+        let is_query = flags.then(|| records.iter().map(|r| r.query).collect());
+        let is_gallery = flags.then(|| records.iter().map(|r| r.gallery).collect());
+        Ok(Dataset {
+            name: self.name,
+            root: self.root,
+            split,
+            sources: self.sources,
+            entry: self.entry,
+            items: records.iter().map(|r| r.item.clone()).collect(),
+            origins: records
+                .iter()
+                .map(|r| (r.source as u32, r.line as u32))
+                .collect(),
+            labels,
+            classes,
+            blocks: self.blocks,
+            is_query,
+            is_gallery,
+        })
+    }
+
+    /// `val_fraction` and `split` fit the listing; whether it has its own
+    /// val part.
+    fn check_split(&self, options: &DatasetOptions) -> Result<bool> {
         let vf = options.val_fraction;
         ensure(
             (0.0..1.0).contains(&vf),
@@ -183,20 +233,6 @@ impl Listing {
                 "a fraction > 0 of the training classes for split='val'",
             )?;
         }
-        let val_classes = if vf > 0.0 && matches!(split, Split::Train | Split::Val) {
-            self.carve_val(vf, options.split_seed)?
-        } else {
-            HashSet::new()
-        };
-        let keep = |r: &Record| match split {
-            Split::Train => r.part == Part::Train && !val_classes.contains(&r.class),
-            Split::Val if has_val_part => r.part == Part::Val,
-            Split::Val => r.part == Part::Train && val_classes.contains(&r.class),
-            Split::Test => r.part == Part::Test,
-            Split::Query => r.part == Part::Test && r.query,
-            Split::Gallery => r.part == Part::Test && r.gallery,
-            Split::All => true,
-        };
         if matches!(split, Split::Query | Split::Gallery) && !self.has_query_flags {
             return Err(Error::invalid(
                 "split",
@@ -207,44 +243,7 @@ impl Listing {
                 ),
             ));
         }
-        let records: Vec<Record> = self.records.into_iter().filter(keep).collect();
-        if records.is_empty() {
-            return Err(Error::format(
-                &self.root,
-                None,
-                format!("the {} split of {} has no images", split.name(), self.name),
-            ));
-        }
-        // Classes of the split, numbered 0..C in the published order.
-        let mut present = vec![usize::MAX; self.class_names.len()];
-        let mut seen: Vec<usize> = records.iter().map(|r| r.class).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        for (dense, &c) in seen.iter().enumerate() {
-            present[c] = dense;
-        }
-        let classes = seen.iter().map(|&c| self.class_names[c].clone()).collect();
-        let labels = records.iter().map(|r| present[r.class] as i64).collect();
-        let flags = self.has_query_flags && !matches!(split, Split::Train | Split::Val);
-        let is_query = flags.then(|| records.iter().map(|r| r.query).collect());
-        let is_gallery = flags.then(|| records.iter().map(|r| r.gallery).collect());
-        Ok(Dataset {
-            name: self.name,
-            root: self.root,
-            split,
-            sources: self.sources,
-            entry: self.entry,
-            items: records.iter().map(|r| r.item.clone()).collect(),
-            origins: records
-                .iter()
-                .map(|r| (r.source as u32, r.line as u32))
-                .collect(),
-            labels,
-            classes,
-            blocks: self.blocks,
-            is_query,
-            is_gallery,
-        })
+        Ok(has_val_part)
     }
 
     fn carve_val(&self, vf: f64, seed: u64) -> Result<HashSet<usize>> {
@@ -411,4 +410,19 @@ impl Dataset {
             b.pixels[row * n..(row + 1) * n].to_vec(),
         )
     }
+}
+
+/// The classes of `records`, numbered 0..C in the published order: their
+/// names and each record's class number.
+fn dense_classes(records: &[Record], class_names: &[String]) -> (Vec<String>, Vec<i64>) {
+    let mut present = vec![usize::MAX; class_names.len()];
+    let mut seen: Vec<usize> = records.iter().map(|r| r.class).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for (dense, &c) in seen.iter().enumerate() {
+        present[c] = dense;
+    }
+    let classes = seen.iter().map(|&c| class_names[c].clone()).collect();
+    let labels = records.iter().map(|r| present[r.class] as i64).collect();
+    (classes, labels)
 }

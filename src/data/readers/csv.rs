@@ -27,84 +27,128 @@ pub fn csv(root: &Path, csv_file: Option<&Path>, options: &DatasetOptions) -> Re
     let Some((header_line, header)) = lines.first() else {
         return Err(Error::format(&file, None, "empty file"));
     };
-    let header: Vec<String> =
-        fields(header).map_err(|m| Error::format(&file, Some(*header_line), m))?;
-    let col = |name: &str| header.iter().position(|h| h.trim() == name);
-    let (Some(c_label), Some(c_path), Some(c_split)) = (col("label"), col("path"), col("split"))
-    else {
-        return Err(Error::format(
-            &file,
-            Some(*header_line),
-            format!("header {header:?} lacks one of the columns label, path, split"),
-        ));
-    };
-    let (c_query, c_gallery) = (col("is_query"), col("is_gallery"));
+    let columns = Columns::of(header).map_err(|m| Error::format(&file, Some(*header_line), m))?;
     let mut listing = Listing::new("CsvDataset", &root, "line");
     listing.sources = vec![file.clone()];
-    listing.has_query_flags = c_query.is_some() || c_gallery.is_some();
-    let mut rows = Vec::new();
-    for (line, text) in &lines[1..] {
-        let bad = |m: String| Error::format(&file, Some(*line), m);
-        let f = fields(text).map_err(bad)?;
-        if f.len() != header.len() {
-            return Err(bad(format!(
-                "{} fields, the header has {}",
-                f.len(),
-                header.len()
-            )));
+    listing.has_query_flags = columns.query.is_some() || columns.gallery.is_some();
+    let rows = lines[1..]
+        .iter()
+        .map(|(line, text)| {
+            columns
+                .row(text, &root, *line)
+                .map_err(|m| Error::format(&file, Some(*line), m))
+        })
+        .collect::<Result<Vec<Row>>>()?;
+    let (names, index) = class_names(&rows);
+    listing.records = rows
+        .into_iter()
+        .map(|row| Record {
+            class: index[row.label.as_str()],
+            item: Item::File(row.path),
+            part: row.part,
+            source: 0,
+            line: row.line,
+            query: row.query,
+            gallery: row.gallery,
+        })
+        .collect();
+    listing.class_names = names;
+    listing.select(options)
+}
+
+/// Where the columns are in the header.
+struct Columns {
+    /// Number of columns.
+    width: usize,
+    label: usize,
+    path: usize,
+    split: usize,
+    query: Option<usize>,
+    gallery: Option<usize>,
+}
+
+/// One line of the file, read.
+struct Row {
+    path: PathBuf,
+    label: String,
+    part: Part,
+    query: bool,
+    gallery: bool,
+    line: usize,
+}
+
+impl Columns {
+    fn of(header: &str) -> std::result::Result<Self, String> {
+        let header: Vec<String> = fields(header)?;
+        let col = |name: &str| header.iter().position(|h| h.trim() == name);
+        let (Some(label), Some(path), Some(split)) = (col("label"), col("path"), col("split"))
+        else {
+            return Err(format!(
+                "header {header:?} lacks one of the columns label, path, split"
+            ));
+        };
+        Ok(Columns {
+            width: header.len(),
+            label,
+            path,
+            split,
+            query: col("is_query"),
+            gallery: col("is_gallery"),
+        })
+    }
+
+    /// The row of line `line`, its path joined inside `root`.
+    fn row(&self, text: &str, root: &Path, line: usize) -> std::result::Result<Row, String> {
+        let f = fields(text)?;
+        if f.len() != self.width {
+            return Err(format!("{} fields, the header has {}", f.len(), self.width));
         }
-        let part = match f[c_split].trim().to_ascii_lowercase().as_str() {
+        let part = match f[self.split].trim().to_ascii_lowercase().as_str() {
             "train" => Part::Train,
             "val" => Part::Val,
             "test" => Part::Test,
-            other => return Err(bad(format!("split {other:?} is not train, val or test"))),
+            other => return Err(format!("split {other:?} is not train, val or test")),
         };
-        let flag = |c: Option<usize>| -> Result<bool> {
+        let flag = |c: Option<usize>| -> std::result::Result<bool, String> {
             let Some(c) = c else { return Ok(true) };
             match f[c].trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" => Ok(true),
                 "0" | "false" | "no" | "" => Ok(false),
-                other => Err(bad(format!(
-                    "{:?} is not a boolean (0/1, true/false)",
-                    other
-                ))),
+                other => Err(format!("{other:?} is not a boolean (0/1, true/false)")),
             }
         };
-        let (query, gallery) = (flag(c_query)?, flag(c_gallery)?);
-        let label = f[c_label].trim().to_string();
+        let (query, gallery) = (flag(self.query)?, flag(self.gallery)?);
+        let label = f[self.label].trim().to_string();
         if label.is_empty() {
-            return Err(bad("empty label".into()));
+            return Err("empty label".into());
         }
-        let path = join_inside(&root, f[c_path].trim()).map_err(bad)?;
-        rows.push((path, label, part, query, gallery, *line));
+        let path = join_inside(root, f[self.path].trim())?;
+        Ok(Row {
+            path,
+            label,
+            part,
+            query,
+            gallery,
+            line,
+        })
     }
-    // Integer labels sort as numbers, others as text.
-    let mut names: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+}
+
+/// The sorted class names of the rows (integer labels as numbers, others
+/// as text) and each name's index.
+fn class_names(rows: &[Row]) -> (Vec<String>, HashMap<String, usize>) {
+    let mut names: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     names.sort_unstable();
     names.dedup();
     if names.iter().all(|n| n.parse::<i64>().is_ok()) {
         names.sort_by_key(|n| n.parse::<i64>().unwrap_or_default());
     }
-    let index: HashMap<&str, usize> = names
+    let index = names
         .iter()
         .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
+        .map(|(i, n)| (n.clone(), i))
         .collect();
-    let records = rows
-        .iter()
-        .map(|(path, label, part, query, gallery, line)| Record {
-            item: Item::File(path.clone()),
-            class: index[label.as_str()],
-            part: *part,
-            source: 0,
-            line: *line,
-            query: *query,
-            gallery: *gallery,
-        })
-        .collect();
-    listing.records = records;
-    listing.class_names = names;
-    listing.select(options)
+    (names, index)
 }
 
 /// The fields of one CSV line: commas separate, double quotes quote, and a
