@@ -571,69 +571,11 @@ pub fn train_on(
     } else {
         Progress::silent()
     };
-    progress.line(&format!(
-        "run {} on {}{}: {} ({}), {} epoch{}",
-        run_dir.display(),
-        device_name(device),
-        if world > 1 {
-            format!(" x {world} processes")
-        } else {
-            String::new()
-        },
-        cfg.dataset,
-        cfg.backbone,
-        cfg.epochs,
-        if cfg.epochs == 1 { "" } else { "s" }
-    ));
+    progress.line(&run_line(cfg, run_dir, device, world));
     let data = RunData::open(cfg)?;
-    let mut test_embeddings = Vec::new();
-    let mut first_history = Vec::new();
-    let mut first_best = 0;
-    let mut member_summaries = Vec::new();
-    for i in 0..cfg.ensemble {
-        let mdir = dir.member(i, cfg.ensemble);
-        let (_vs, net, history, best_epoch) = train_member(
-            cfg,
-            &data,
-            &mdir,
-            i,
-            cfg.ensemble,
-            device,
-            stop,
-            &mut progress,
-            coll,
-        )?;
-        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device, 0, coll)?;
-        if let Some(emb) = test_emb {
-            let test = evaluate_embeddings(&emb, cfg)?;
-            progress.line(&format!(
-                "model {}: test (best epoch {best_epoch}): {}",
-                i + 1,
-                round_map(&test)
-            ));
-            member_summaries
-                .push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
-            test_embeddings.push(emb);
-        }
-        if i == 0 {
-            first_history = history;
-            first_best = best_epoch;
-        }
-    }
+    let members = train_members(cfg, &data, &dir, device, stop, &mut progress, coll)?;
     let outcome = if rank == 0 {
-        summarize(
-            cfg,
-            &data,
-            &dir,
-            &test_embeddings,
-            member_summaries,
-            first_history,
-            first_best,
-            device,
-            world,
-            &mut progress,
-        )
-        .map(Some)
+        summarize(cfg, &data, &dir, members, device, world, &mut progress).map(Some)
     } else {
         // Replaced by rank 0's outcome in `agree`.
         Ok(None)
@@ -646,55 +588,139 @@ pub fn train_on(
     })
 }
 
+/// The run's first progress line.
+fn run_line(cfg: &TrainConfig, run_dir: &Path, device: Device, world: usize) -> String {
+    format!(
+        "run {} on {}{}: {} ({}), {} epoch{}",
+        run_dir.display(),
+        device_name(device),
+        if world > 1 {
+            format!(" x {world} processes")
+        } else {
+            String::new()
+        },
+        cfg.dataset,
+        cfg.backbone,
+        cfg.epochs,
+        if cfg.epochs == 1 { "" } else { "s" }
+    )
+}
+
+/// What the ensemble's members leave for the summary.
+struct Members {
+    /// Each member's test embeddings (rank 0; empty elsewhere).
+    test_embeddings: Vec<SetEmbeddings>,
+    /// Each member's seed, best epoch and test metrics (rank 0).
+    summaries: Vec<Value>,
+    /// The first member's history and best epoch: the run's.
+    history: Vec<Value>,
+    best_epoch: usize,
+}
+
+/// Trains the ensemble's members one after the other, each evaluated on the
+/// test set at its best epoch.
+fn train_members(
+    cfg: &TrainConfig,
+    data: &RunData,
+    dir: &RunDir,
+    device: Device,
+    stop: &AtomicBool,
+    progress: &mut Progress,
+    coll: &dyn Collective,
+) -> Result<Members> {
+    let mut out = Members {
+        test_embeddings: Vec::new(),
+        summaries: Vec::new(),
+        history: Vec::new(),
+        best_epoch: 0,
+    };
+    for i in 0..cfg.ensemble {
+        let mdir = dir.member(i, cfg.ensemble);
+        let (_vs, net, history, best_epoch) = train_member(
+            cfg,
+            data,
+            &mdir,
+            i,
+            cfg.ensemble,
+            device,
+            stop,
+            progress,
+            coll,
+        )?;
+        let test_emb = embed_set(&net, &data.test, &data.eval_transform, cfg, device, 0, coll)?;
+        if let Some(emb) = test_emb {
+            let test = evaluate_embeddings(&emb, cfg)?;
+            progress.line(&format!(
+                "model {}: test (best epoch {best_epoch}): {}",
+                i + 1,
+                round_map(&test)
+            ));
+            out.summaries
+                .push(json!({"seed": cfg.seed + i as u64, "best_epoch": best_epoch, "test": test}));
+            out.test_embeddings.push(emb);
+        }
+        if i == 0 {
+            out.history = history;
+            out.best_epoch = best_epoch;
+        }
+    }
+    Ok(out)
+}
+
+/// The test metrics of the members' embeddings side by side (each
+/// L2-normalised), when there are several.
+fn ensemble_test(
+    test_embeddings: &[SetEmbeddings],
+    cfg: &TrainConfig,
+    progress: &mut Progress,
+) -> Result<Option<Map<String, Value>>> {
+    if test_embeddings.len() < 2 {
+        return Ok(None);
+    }
+    let cat = |f: &dyn Fn(&SetEmbeddings) -> Tensor| {
+        Tensor::cat(
+            &test_embeddings
+                .iter()
+                .map(|m| model::l2_normalize(&f(m)))
+                .collect::<Vec<_>>(),
+            1,
+        )
+    };
+    let first = &test_embeddings[0];
+    let gallery = cat(&|e| e.0.shallow_clone());
+    let labels = first.1.shallow_clone();
+    let query = first.2.as_ref().map(|(_, ql)| {
+        let q = cat(&|e| {
+            e.2.as_ref()
+                .map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone())
+        });
+        (q, ql.shallow_clone())
+    });
+    let m = evaluate_embeddings(&(gallery, labels, query), cfg)?;
+    progress.line(&format!(
+        "ensemble of {}: test: {}",
+        test_embeddings.len(),
+        round_map(&m)
+    ));
+    Ok(Some(m))
+}
+
 /// Rank 0's end of a run: the ensemble's test metrics and `summary.json`.
-#[allow(clippy::too_many_arguments)]
 fn summarize(
     cfg: &TrainConfig,
     data: &RunData,
     dir: &RunDir,
-    test_embeddings: &[SetEmbeddings],
-    member_summaries: Vec<Value>,
-    history: Vec<Value>,
-    best_epoch: usize,
+    members: Members,
     device: Device,
     world: usize,
     progress: &mut Progress,
 ) -> Result<TrainOutcome> {
-    let test = member_summaries[0]["test"]
+    let test = members.summaries[0]["test"]
         .as_object()
         .cloned()
         .unwrap_or_default();
-    let ensemble_test = if test_embeddings.len() > 1 {
-        let norm = |t: &Tensor| model::l2_normalize(t);
-        let cat = |f: &dyn Fn(&SetEmbeddings) -> Tensor| {
-            Tensor::cat(
-                &test_embeddings
-                    .iter()
-                    .map(|m| norm(&f(m)))
-                    .collect::<Vec<_>>(),
-                1,
-            )
-        };
-        let first = &test_embeddings[0];
-        let gallery = cat(&|e| e.0.shallow_clone());
-        let labels = first.1.shallow_clone();
-        let query = first.2.as_ref().map(|(_, ql)| {
-            let q = cat(&|e| {
-                e.2.as_ref()
-                    .map_or_else(|| e.0.shallow_clone(), |q| q.0.shallow_clone())
-            });
-            (q, ql.shallow_clone())
-        });
-        let m = evaluate_embeddings(&(gallery, labels, query), cfg)?;
-        progress.line(&format!(
-            "ensemble of {}: test: {}",
-            test_embeddings.len(),
-            round_map(&m)
-        ));
-        Some(m)
-    } else {
-        None
-    };
+    let ensemble_test = ensemble_test(&members.test_embeddings, cfg, progress)?;
+    let best_epoch = members.best_epoch;
     let selected_on = if cfg.select_on == "test" {
         "test (the release's protocol: the best epoch was picked on the test classes)"
     } else {
@@ -706,7 +732,7 @@ fn summarize(
         "select_metric": cfg.select_metric,
         "test": test,
         "ensemble_test": ensemble_test,
-        "members": member_summaries,
+        "members": members.summaries,
         "train_classes": data.train.classes().len(),
         "train_images": data.train.len(),
         "device": device_name(device),
@@ -715,7 +741,7 @@ fn summarize(
     dir.write_summary(&summary)?;
     Ok(TrainOutcome {
         run_dir: dir.root.clone(),
-        history,
+        history: members.history,
         best_epoch,
         test,
         ensemble_test,
