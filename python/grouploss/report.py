@@ -503,13 +503,18 @@ def _section(title: str, body: str, anchor: str) -> str:
 
 
 def _build(run: RunInspection, *, max_points: int, queries: int, seed: int) -> str:
-    from . import __version__
+    """The report's HTML page: one section per view of the run."""
+    parts = [_metrics_section(run), _curves_section(run)]
+    if len(run.labels) >= 3:
+        parts.append(_map_section(run, max_points=max_points, seed=seed))
+    parts += _gallery_sections(run, queries=queries, seed=seed)
+    parts += [_confused_section(run), _loss_section(run, seed=seed), _config_section(run)]
+    return _page(run, parts)
 
-    cfg = run.config
-    summary = run.summary
-    parts = []
 
-    # Test metrics.
+def _metrics_section(run: RunInspection) -> str:
+    """Test metrics (from summary.json, else computed now) and the run's facts."""
+    cfg, summary = run.config, run.summary
     if summary is not None and summary.get("test"):
         cols = [(f"best epoch ({summary.get('best_epoch')})", summary["test"])]
         if summary.get("ensemble_test"):
@@ -532,16 +537,15 @@ def _build(run: RunInspection, *, max_points: int, queries: int, seed: int) -> s
         )
     n_cls = len(np.unique(run.labels))
     facts.append((f"{run.split} split", f"{len(run.labels)} images, {n_cls} classes"))
-    parts.append(
-        _section(
-            f"{run.split.capitalize()} metrics",
-            f'<p class="note">{_esc(note)}</p><div class="figures">'
-            f"{_metrics_table(cols)}{_kv_table(facts)}</div>",
-            "metrics",
-        )
+    return _section(
+        f"{run.split.capitalize()} metrics",
+        f'<p class="note">{_esc(note)}</p><div class="figures">'
+        f"{_metrics_table(cols)}{_kv_table(facts)}</div>",
+        "metrics",
     )
 
-    # Curves.
+
+def _curves_section(run: RunInspection) -> str:
     if run.history:
         body = (
             '<div class="figures">'
@@ -551,42 +555,45 @@ def _build(run: RunInspection, *, max_points: int, queries: int, seed: int) -> s
         )
     else:
         body = '<p class="note">No epoch finished yet.</p>'
-    parts.append(_section("Training curves", body, "curves"))
+    return _section("Training curves", body, "curves")
 
-    # Embedding map.
-    if len(run.labels) >= 3:
-        fig = run.embedding_figure(max_points=max_points, seed=seed)
-        body = (
-            '<p class="note">Nearby points have similar embeddings; colours are classes '
-            "(cycled), thumbnails framed in their class's colour.</p>"
-            + _img(fig, "t-SNE map of the embeddings")
-        )
-        parts.append(_section("Embedding map", body, "map"))
 
-    # Galleries.
+def _map_section(run: RunInspection, *, max_points: int, seed: int) -> str:
+    fig = run.embedding_figure(max_points=max_points, seed=seed)
+    body = (
+        '<p class="note">Nearby points have similar embeddings; colours are classes '
+        "(cycled), thumbnails framed in their class's colour.</p>"
+        + _img(fig, "t-SNE map of the embeddings")
+    )
+    return _section("Embedding map", body, "map")
+
+
+def _gallery_sections(run: RunInspection, *, queries: int, seed: int) -> List[str]:
+    """Random queries with their neighbours, then the worst queries."""
     k = run.neighbours.indices.shape[1]
     intro = (
         f'<p class="note">Each row: a query (black frame, its class on the left) and '
         f"its {k} nearest neighbours by cosine similarity (above each), framed green "
         "when of the query's class and red otherwise (their class below).</p>"
     )
-    parts.append(
+    return [
         _section(
             "Retrieval gallery",
             intro
             + _img(run.gallery_figure(count=queries, seed=seed), "random queries and neighbours"),
             "gallery",
-        )
-    )
-    parts.append(
+        ),
         _section(
             "Worst queries",
             '<p class="note">Fewest neighbours of their class among the top '
             f"{k}; among equals the most confident mistakes first.</p>"
             + _img(run.worst_queries_figure(count=queries), "worst queries"),
             "worst",
-        )
-    )
+        ),
+    ]
+
+
+def _confused_section(run: RunInspection) -> str:
     pairs = run.confused_classes(10)
     if pairs:
         rows = "".join(
@@ -600,9 +607,11 @@ def _build(run: RunInspection, *, max_points: int, queries: int, seed: int) -> s
         )
     else:
         body = '<p class="note">No query has a nearest neighbour of another class.</p>'
-    parts.append(_section("Classes most often confused", body, "confused"))
+    return _section("Classes most often confused", body, "confused")
 
-    # The loss on one training batch.
+
+def _loss_section(run: RunInspection, *, seed: int) -> str:
+    """The loss on one training batch: prior and refined probabilities."""
     try:
         fig = run.probability_figure(seed=seed)
         body = (
@@ -614,18 +623,19 @@ def _build(run: RunInspection, *, max_points: int, queries: int, seed: int) -> s
         )
     except ValueError as e:
         body = f'<p class="note">Not drawn: {_esc(e)}</p>'
-    parts.append(_section("What the loss does on one batch", body, "loss"))
+    return _section("What the loss does on one batch", body, "loss")
 
-    # Configuration.
-    items = sorted(cfg.items())
-    parts.append(
-        _section(
-            "Configuration",
-            f'<div class="columns">{_kv_table(items)}</div>',
-            "config",
-        )
-    )
 
+def _config_section(run: RunInspection) -> str:
+    items = sorted(run.config.items())
+    return _section("Configuration", f'<div class="columns">{_kv_table(items)}</div>', "config")
+
+
+def _page(run: RunInspection, parts: List[str]) -> str:
+    """The whole page: title, the run's line, the sections."""
+    from . import __version__
+
+    cfg = run.config
     title = f"grouploss report: {run.run_dir.name}"
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     sub = (
