@@ -127,29 +127,40 @@ pub fn push_rows(
         || format!("a tensor of shape {}", checks::shape(memory.labels)),
         format!("one label per memory row ({})", memory.len()),
     )?;
-    let (all, all_labels) = if memory.is_empty() {
-        (new, labels)
-    } else {
-        let (have, got) = (memory.embeddings.size()[1], new.size()[1]);
+    let (have, got) = (memory.len(), new.size()[0]);
+    if have > 0 {
+        let width = memory.embeddings.size()[1];
         ensure(
-            have == got,
+            width == new.size()[1],
             "embeddings",
-            || format!("{got} columns"),
-            format!("the memory's {have} columns"),
+            || format!("{} columns", new.size()[1]),
+            format!("the memory's {width} columns"),
         )?;
-        let old = memory.embeddings.to_device(device).to_kind(kind);
-        let old_labels = memory.labels.to_device(device).to_kind(Kind::Int64);
-        (
-            Tensor::cat(&[&old, &new], 0),
-            Tensor::cat(&[&old_labels, &labels], 0),
-        )
-    };
-    let rows = all.size()[0];
-    let keep = (size as i64).min(rows);
-    // A copy: the kept rows, not the whole concatenation, stay alive.
+    }
+    // The kept rows only are copied: the newest `from_new` of the batch
+    // after the newest `from_old` of the memory, in one new tensor (which
+    // shares no storage with the batch or the old memory).
+    let keep = (size as i64).min(have + got);
+    let from_new = keep.min(got);
+    let from_old = keep - from_new;
+    let new_rows = new.narrow(0, got - from_new, from_new);
+    let new_labels = labels.narrow(0, got - from_new, from_new);
+    if from_old == 0 {
+        return Ok((new_rows.copy(), new_labels.copy()));
+    }
+    let old_rows = memory
+        .embeddings
+        .narrow(0, have - from_old, from_old)
+        .to_device(device)
+        .to_kind(kind);
+    let old_labels = memory
+        .labels
+        .narrow(0, have - from_old, from_old)
+        .to_device(device)
+        .to_kind(Kind::Int64);
     Ok((
-        all.narrow(0, rows - keep, keep).copy(),
-        all_labels.narrow(0, rows - keep, keep).copy(),
+        Tensor::cat(&[&old_rows, &new_rows], 0),
+        Tensor::cat(&[&old_labels, &new_labels], 0),
     ))
 }
 

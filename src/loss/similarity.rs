@@ -93,18 +93,32 @@ pub fn similarity_with_power(
 /// would give 0/0 = NaN in the release). Degenerate rows are similar to
 /// nothing but themselves.
 fn unit_rows(x: &Tensor, reference: &Tensor) -> Tensor {
+    let (norm, degenerate) = row_norms(x, reference);
+    (x / norm).masked_fill(&degenerate, 0.0)
+}
+
+/// Each row's norm (clamped away from 0) and whether the row is degenerate:
+/// a norm within rounding of 0 next to the same row of `reference` (the
+/// rows before centring), the release's NaN row.
+fn row_norms(x: &Tensor, reference: &Tensor) -> (Tensor, Tensor) {
     let norm = x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
     let ref_norm = reference.norm_scalaropt_dim(2, [1i64].as_slice(), true);
-    let eps = match x.kind() {
-        Kind::Double => f64::EPSILON,
-        _ => f32::EPSILON as f64,
+    let (eps, tiny) = match x.kind() {
+        Kind::Double => (f64::EPSILON, 1e-300),
+        _ => (f32::EPSILON as f64, 1e-30),
     };
     let degenerate = tch::no_grad(|| norm.le_tensor(&(&ref_norm * (64.0 * eps))));
-    let tiny = match x.kind() {
-        Kind::Double => 1e-300,
-        _ => 1e-30,
-    };
-    (x / norm.clamp_min(tiny)).masked_fill(&degenerate, 0.0)
+    (norm.clamp_min(tiny), degenerate)
+}
+
+/// Correlation and cosine's rows before normalising: centred (correlation)
+/// or as they are.
+fn centred(x: &Tensor, kind: Similarity) -> Tensor {
+    if kind == Similarity::Correlation {
+        x - x.mean_dim([1i64].as_slice(), true, x.kind())
+    } else {
+        x.shallow_clone()
+    }
 }
 
 /// Replaces the diagonal of a square matrix with `value`, out of place so that
@@ -138,16 +152,19 @@ pub fn cross_similarity_with_power(a: &Tensor, b: &Tensor, kind: Similarity, pow
 fn pairwise(a: &Tensor, b: Option<&Tensor>, kind: Similarity) -> Tensor {
     match kind {
         Similarity::Correlation | Similarity::Cosine => {
-            let unit = |x: &Tensor| {
-                if kind == Similarity::Correlation {
-                    unit_rows(&(x - x.mean_dim([1i64].as_slice(), true, x.kind())), x)
-                } else {
-                    unit_rows(x, x)
+            let ua = unit_rows(&centred(a, kind), a);
+            match b {
+                None => ua.mm(&ua.transpose(0, 1)),
+                // The other side's norms divide the n x M products rather
+                // than its M x d rows (M is a memory, often thousands).
+                Some(b) => {
+                    let cb = centred(b, kind);
+                    let (norm, degenerate) = row_norms(&cb, b);
+                    let scale = norm.reciprocal().masked_fill(&degenerate, 0.0);
+                    ua.mm(&cb.transpose(0, 1)) * scale.transpose(0, 1)
                 }
-            };
-            let ua = unit(a);
-            let ub = b.map_or_else(|| ua.shallow_clone(), unit);
-            ua.mm(&ub.transpose(0, 1)).relu()
+            }
+            .relu()
         }
         Similarity::Gaussian { sigma } => {
             let sq = |x: &Tensor| {
@@ -190,19 +207,8 @@ impl SimilarityPass {
         let diag = if zero_diagonal { 0.0 } else { 1.0 };
         match kind {
             Similarity::Correlation | Similarity::Cosine => {
-                let x = if kind == Similarity::Correlation {
-                    emb - emb.mean_dim([1i64].as_slice(), true, emb.kind())
-                } else {
-                    emb.shallow_clone()
-                };
-                let norm = x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
-                let ref_norm = emb.norm_scalaropt_dim(2, [1i64].as_slice(), true);
-                let (eps, tiny) = match x.kind() {
-                    Kind::Double => (f64::EPSILON, 1e-300),
-                    _ => (f32::EPSILON as f64, 1e-30),
-                };
-                let degenerate = norm.le_tensor(&(&ref_norm * (64.0 * eps)));
-                let norm = norm.clamp_min(tiny);
+                let x = centred(emb, kind);
+                let (norm, degenerate) = row_norms(&x, emb);
                 let u = (&x / &norm).masked_fill(&degenerate, 0.0);
                 let c = u.mm(&u.transpose(0, 1));
                 let active = c.gt(0.0).logical_and(&eye.logical_not());
