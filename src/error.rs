@@ -147,14 +147,23 @@ pub(crate) fn non_negative(arg: &str, value: f64) -> Result<()> {
     )
 }
 
-/// Returns `Err(Error::InvalidArgument)` ("`arg`: expected one of
-/// [...], got "`value`"") unless `value` is one of `allowed`.
+/// Returns `Err(`[`not_one_of`]`)` unless `value` is one of `allowed`.
 pub(crate) fn one_of(arg: &str, value: &str, allowed: &[&str]) -> Result<()> {
-    ensure(
-        allowed.contains(&value),
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(not_one_of(arg, value, allowed))
+    }
+}
+
+/// The error of a name outside its choices: "`arg`: expected one of "a",
+/// "b", got "`value`"".
+pub(crate) fn not_one_of(arg: &str, value: &str, allowed: &[&str]) -> Error {
+    let names: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+    Error::invalid(
         arg,
-        || format!("{value:?}"),
-        format!("one of {allowed:?}"),
+        format!("{value:?}"),
+        format!("one of {}", names.join(", ")),
     )
 }
 

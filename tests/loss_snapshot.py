@@ -1,10 +1,12 @@
 """Bit-for-bit guard for refactoring the loss's kernels (not a test).
 
 Computes the loss, its parts, the refined probabilities (and their
-classes) and both gradients of one implementation over a grid of 270
-batches (float64 and float32; three batch shapes; 1 to 3 iterations; 0, 1
-and 3 anchors; every similarity, sharpened or not; zero diagonal; batch
-classes only; either weight 0), and compares two such snapshots exactly::
+classes) and both gradients of one implementation over a grid of 480
+batches (float64 and float32; four batch shapes, up to 256 rows; 1 to 3
+iterations; 0, 1, 3 anchors per class or all rows anchors; every
+similarity, sharpened or not; zero diagonal; batch classes only; either
+weight 0), each with and without gradients and probabilities, and
+compares two such snapshots exactly::
 
     python tests/loss_snapshot.py save before.pt --implementation fused_cpu
     # ... change the code, rebuild ...
@@ -35,8 +37,15 @@ OPTIONS = [
     (10.0, False, False, "correlation", 1.0, 0.0, 1.0),
     (10.0, False, True, "correlation", 1.0, 1.0, 1.0),
 ]
-#: (n, P, K, classes, dims)
-SHAPES = [(20, 4, 5, 11, 8), (54, 6, 9, 100, 64), (120, 30, 4, 300, 128)]
+#: (n, P, K, classes, dims); the last is past the products' blocking
+SHAPES = [(20, 4, 5, 11, 8), (54, 6, 9, 100, 64), (120, 30, 4, 300, 128), (256, 64, 4, 500, 64)]
+#: Anchors per class: none, some, and 9 (every row an anchor)
+ANCHORS = (0, 1, 3, 9)
+#: (want_grads, want_probs)
+WANTS = ((True, True), (False, True), (True, False))
+
+
+OUTPUTS = ("loss", "nll", "ce", "probs", "classes", "grad_embeddings", "grad_logits")
 
 
 def _batch(case: int, shape, kind: torch.dtype):
@@ -51,13 +60,14 @@ def _batch(case: int, shape, kind: torch.dtype):
 
 
 def snapshot(implementation: str) -> dict:
-    """``{case: {output name: tensor}}`` over the grid."""
+    """``{(case, want_grads, want_probs): {output name: tensor}}`` over the
+    grid."""
     torch.set_num_threads(2)
     out, case = {}, 0
     for kind in (torch.float64, torch.float32):
         for shape in SHAPES:
             for iters in (1, 2, 3):
-                for anchors in (0, 1, 3):
+                for anchors in ANCHORS:
                     for t, zd, bco, sim, power, gw, cw in OPTIONS:
                         case += 1
                         emb, labels, logits = _batch(case, shape, kind)
@@ -76,27 +86,21 @@ def snapshot(implementation: str) -> dict:
                                 sigma=3.0,
                             ),
                         )
-                        r = _native.group_loss(
-                            emb,
-                            labels,
-                            logits,
-                            want_grads=True,
-                            want_probs=True,
-                            options=opts,
-                            seed=None,
-                            num_classes=None,
-                            implementation=implementation,
-                        )
-                        names = (
-                            "loss",
-                            "nll",
-                            "ce",
-                            "probs",
-                            "classes",
-                            "grad_embeddings",
-                            "grad_logits",
-                        )
-                        out[case] = {a: getattr(r, a) for a in names if getattr(r, a) is not None}
+                        for grads, probs in WANTS:
+                            r = _native.group_loss(
+                                emb,
+                                labels,
+                                logits,
+                                want_grads=grads,
+                                want_probs=probs,
+                                options=opts,
+                                seed=None,
+                                num_classes=None,
+                                implementation=implementation,
+                            )
+                            out[(case, grads, probs)] = {
+                                a: getattr(r, a) for a in OUTPUTS if getattr(r, a) is not None
+                            }
     return out
 
 
@@ -129,11 +133,11 @@ def main(argv=None) -> int:
     if args.command == "save":
         snap = snapshot(args.implementation)
         torch.save(snap, args.out)
-        print(f"{len(snap)} cases ({args.implementation}) -> {args.out}")
+        print(f"{len(snap)} calls ({args.implementation}) -> {args.out}")
         return 0
     a, b = (torch.load(p, weights_only=True) for p in (args.before, args.after))
     bad = differences(a, b)
-    print(f"{len(a)} cases, {len(bad)} outputs differ" + (f": {bad[:10]}" if bad else ""))
+    print(f"{len(a)} calls, {len(bad)} outputs differ" + (f": {bad[:10]}" if bad else ""))
     return 1 if bad else 0
 
 

@@ -572,23 +572,34 @@ def _mismatched_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
     )
+    from grouploss.distributed import gather_batches
+
     emb = torch.randn(8, 5)
     labels = torch.arange(8 - rank) % 4
-    try:
-        grouploss.GroupLoss(4, embedding_size=5, gather_ranks=True)(emb, labels)
-        got = "no error"
-    except Exception as e:  # noqa: BLE001 (the test reads the type and text)
-        got = f"{type(e).__name__}: {e}"
-    (pathlib.Path(out) / f"rank{rank}.txt").write_text(got)
+    calls = [
+        lambda: grouploss.GroupLoss(4, embedding_size=5, gather_ranks=True)(emb, labels),
+        # rank 1's logits in float64: the gather's buffers would not match
+        lambda: gather_batches(
+            emb, torch.zeros(8, 4, dtype=[torch.float32, torch.float64][rank]), names=["e", "l"]
+        ),
+    ]
+    got = []
+    for call in calls:
+        try:
+            call()
+            got.append("no error")
+        except Exception as e:  # noqa: BLE001 (the test reads the type and text)
+            got.append(f"{type(e).__name__}: {e}")
+    (pathlib.Path(out) / f"rank{rank}.txt").write_text("\n".join(got))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
 
 
 def test_gather_ranks_names_a_mismatched_argument_on_every_rank(tmp_path):
-    """A labels length that does not match the embeddings on one rank is a
-    ValueError naming ``labels`` and that rank on every rank, none left
-    waiting in the gather."""
+    """A labels length that does not match the embeddings on one rank, or
+    logits of another dtype on one rank, is a ValueError naming the argument
+    and the rank on every rank, none left waiting in the gather."""
     import socket
 
     import torch.multiprocessing as mp
@@ -599,7 +610,9 @@ def test_gather_ranks_names_a_mismatched_argument_on_every_rank(tmp_path):
     mp.spawn(_mismatched_rank, args=(2, port, str(tmp_path)), nprocs=2)
     want = (
         "ValueError: labels: expected one row per row of embeddings on every rank, "
-        "got 7 rows for 8 on rank 1"
+        "got 7 rows for 8 on rank 1\n"
+        "ValueError: l: expected the same shape beyond the rows and the same dtype on "
+        "every rank, got another on rank 1 than on rank 0"
     )
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == want

@@ -382,30 +382,36 @@ def _evaluate(args: argparse.Namespace) -> int:
 SPLITS = ("train", "val", "test", "query", "gallery", "all")
 
 
-def _gallery(model: training.RunModel, data: str, option: str):
+def _check_gallery(data: str, option: str) -> str:
+    """``data`` when it is a split name or a folder (checked before a model
+    is loaded); a usage error naming ``option`` otherwise."""
+    if data not in SPLITS and not pathlib.Path(data).is_dir():
+        raise UsageError(
+            f"{option}: expected a split name ({', '.join(SPLITS)}) or a folder, got {data!r}"
+        )
+    return data
+
+
+def _gallery(model: training.RunModel, data: str):
     """``(embeddings, labels, dataset)`` of a split name of the run's
     dataset (first) or an image folder (``./test`` for a folder named like
-    a split), given by the command line's ``option``."""
+    a split), checked by :func:`_check_gallery`."""
     from .datasets import ImageFolder
 
     if data in SPLITS:
         dataset = model.dataset(data)
-    elif pathlib.Path(data).is_dir():
-        dataset = ImageFolder(data, split="all")
     else:
-        raise UsageError(
-            f"{option}: expected a split name ({', '.join(SPLITS)}) or a folder, got {data!r}"
-        )
+        dataset = ImageFolder(data, split="all")
     emb, labels = model.embed_dataset(dataset)
     return emb, labels, dataset
 
 
-def _gallery_index(model: training.RunModel, data: str, option: str, dtype: str = "float32"):
+def _gallery_index(model: training.RunModel, data: str, dtype: str = "float32"):
     """``(index, dataset)``: :func:`_gallery`'s embeddings in a
     :class:`grouploss.Index` (ids their positions, labels their classes)."""
     from .index import Index
 
-    emb, labels, dataset = _gallery(model, data, option)
+    emb, labels, dataset = _gallery(model, data)
     index = Index(emb.shape[1], dtype=dtype)
     index.add(emb, labels=labels)
     return index, dataset
@@ -414,8 +420,9 @@ def _gallery_index(model: training.RunModel, data: str, option: str, dtype: str 
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    data = _check_gallery(args.data, "--data")
     model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
-    emb, labels, _ = _gallery(model, args.data, "--data")
+    emb, labels, _ = _gallery(model, data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, emb.cpu().numpy())
     labels_out = args.out.with_name(args.out.stem + "_labels.npy")
@@ -432,8 +439,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
+    data = _check_gallery(args.data, "--data")
     model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
-    index, _ = _gallery_index(model, args.data, "--data", dtype=args.dtype)
+    index, _ = _gallery_index(model, data, dtype=args.dtype)
     index.save(args.out)
     print(f"{len(index)} embeddings of {args.data} ({args.dtype}) -> {args.out}")
     return 0
@@ -446,8 +454,9 @@ def _search(args: argparse.Namespace) -> int:
     if args.source.is_dir():
         if args.run is not None:
             raise UsageError("--run: only with an index file (RUN_DIR embeds the queries)")
+        data = _check_gallery(args.gallery or "test", "--gallery")
         model = training.load_run(args.source, checkpoint=args.checkpoint, device=args.device)
-        index, gallery = _gallery_index(model, args.gallery or "test", "--gallery")
+        index, gallery = _gallery_index(model, data)
     else:
         if args.run is None:
             raise UsageError("--run: needed with an index file, to embed the queries")

@@ -35,6 +35,7 @@ import datetime
 import os
 import signal
 import threading
+import zlib
 from typing import Iterator, List, Optional, Sequence
 
 import torch
@@ -233,10 +234,11 @@ def gather_batches(
     ``GroupLoss(gather_ranks=True)`` uses it. Without an initialised
     process group (or with one rank) the tensors come back as they are.
 
-    The ranks exchange their tensors' row counts first, so a tensor whose
-    rows do not match the first's on any rank is a ``ValueError`` on every
-    rank (none is left waiting in the gather), naming it by ``names``
-    (default ``tensors[i]``).
+    The ranks first exchange each tensor's row count and a checksum of its
+    other dimensions and dtype, so a tensor whose rows do not match the
+    first's on some rank, or whose shape beyond the rows or dtype differs
+    between ranks, is a ``ValueError`` on every rank (none is left waiting
+    in the gather), naming it by ``names`` (default ``tensors[i]``).
     """
     if not tensors:
         raise ValueError("tensors: expected at least one tensor, got none")
@@ -246,15 +248,12 @@ def gather_batches(
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(tensors)
     device = _comm_device()
-    # -1 stands for a 0-d tensor (no rows).
-    rows = torch.tensor(
-        [t.shape[0] if t.dim() else -1 for t in tensors], dtype=torch.int64, device=device
-    )
+    rows = torch.tensor([_row_key(t) for t in tensors], dtype=torch.int64, device=device)
     every = [torch.zeros_like(rows) for _ in range(dist.get_world_size())]
     dist.all_gather(every, rows)
     table = [r.tolist() for r in every]
     _check_rows(table, names)
-    counts = [r[0] for r in table]
+    counts = [r[0][0] for r in table]
     rank = dist.get_rank()
     out = []
     for t in tensors:
@@ -264,18 +263,34 @@ def gather_batches(
     return out
 
 
-def _check_rows(table: List[List[int]], names: List[str]) -> None:
-    """Every rank's row counts (``table[rank][i]`` of tensor i, -1 for 0-d)
-    agree within the rank; raises on every rank alike otherwise."""
-    for rank, counts in enumerate(table):
-        for name, n in zip(names, counts):
+def _row_key(t: torch.Tensor) -> List[int]:
+    """What the ranks must agree on for one tensor, as integers: its rows
+    (-1 for a 0-d tensor), and a checksum of its shape beyond the rows and
+    its dtype (the gather's buffers must match on every rank)."""
+    rest = f"{tuple(t.shape[1:])} {t.dtype}".encode()
+    return [t.shape[0] if t.dim() else -1, zlib.crc32(rest)]
+
+
+def _check_rows(table: List[List[List[int]]], names: List[str]) -> None:
+    """Every rank's keys (``table[rank][i]``, :func:`_row_key` of tensor i)
+    agree: the rows within each rank, the rest between the ranks. Raises on
+    every rank alike otherwise."""
+    for rank, keys in enumerate(table):
+        for name, (n, _) in zip(names, keys):
             if n < 0:
                 raise ValueError(f"{name}: expected rows, got a 0-d tensor on rank {rank}")
-        for name, n in zip(names[1:], counts[1:]):
-            if n != counts[0]:
+        first = keys[0][0]
+        for name, (n, _) in zip(names[1:], keys[1:]):
+            if n != first:
                 raise ValueError(
                     f"{name}: expected one row per row of {names[0]} on every rank, got "
-                    f"{n} rows for {counts[0]} on rank {rank}"
+                    f"{n} rows for {first} on rank {rank}"
+                )
+        for name, (_, rest), (_, rest0) in zip(names, keys, table[0]):
+            if rest != rest0:
+                raise ValueError(
+                    f"{name}: expected the same shape beyond the rows and the same dtype on "
+                    f"every rank, got another on rank {rank} than on rank 0"
                 )
 
 

@@ -209,9 +209,10 @@ struct LastStep {
     q: Tensor,
     /// W o q^T; its row sums are A[i, y_i].
     wq: Tensor,
-    /// The update's row sums, which rows are above the smallest normal, and
-    /// the sums with 1 where they are not.
+    /// Which rows' update sums are above the smallest normal (updated; the
+    /// others keep X).
     ok: Tensor,
+    /// The update's row sums, 1 where they are not above it.
     safe_s: Tensor,
     /// The refined label probabilities.
     p: Tensor,

@@ -819,8 +819,9 @@ struct Refinement<T: Real> {
     grads: Option<(Buf<T>, Buf<T>)>,
 }
 
-/// Steps 1 and 3 to 5 of the loss from the prior `x0`: W, the replicator
-/// steps, the NLL, and backward through them.
+/// Steps 1, 4 and 5 of the loss from the prior `x0` (its anchor rows
+/// already one-hot, step 3): W, the replicator steps, the NLL, and backward
+/// through them.
 fn refinement<T: Real>(
     emb: &Tensor,
     x0: &Buf<T>,

@@ -65,10 +65,10 @@ impl Implementation {
             "fused_cpu" => Ok(Implementation::FusedCpu),
             "libtorch" => Ok(Implementation::Libtorch),
             "autograd" => Ok(Implementation::Autograd),
-            other => Err(crate::Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "implementation",
-                format!("{other:?}"),
-                "one of \"auto\", \"fused_cpu\", \"libtorch\", \"autograd\"",
+                other,
+                &Implementation::NAMES,
             )),
         }
     }

@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Which similarity the refinement uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,10 +28,10 @@ impl Similarity {
                 crate::error::positive("sigma", sigma)?;
                 Ok(Similarity::Gaussian { sigma })
             }
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "similarity",
-                format!("{other:?}"),
-                "one of \"correlation\", \"cosine\", \"gaussian\"",
+                other,
+                &["correlation", "cosine", "gaussian"],
             )),
         }
     }

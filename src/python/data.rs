@@ -479,11 +479,7 @@ impl PyEpoch {
 fn default_build_dir(kind: &str) -> PyResult<PathBuf> {
     let home = data::home(kind).ok_or_else(|| {
         let kinds: Vec<&str> = data::readers::HOMES.iter().map(|(k, _)| *k).collect();
-        Error::invalid(
-            "kind",
-            format!("{kind:?}"),
-            format!("one of {}", kinds.join(", ")),
-        )
+        crate::error::not_one_of("kind", kind, &kinds)
     })?;
     Ok(data::paths::build_dir(home)?)
 }

@@ -605,7 +605,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("loss: expected one of [\"group\", \"softmax\""),
+            e.starts_with("loss: expected one of \"group\", \"softmax\""),
             "{e}"
         );
         let e = TrainConfig::resolve(None, None, with(&[("schedule", "exp".into())]))

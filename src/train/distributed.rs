@@ -266,44 +266,67 @@ pub fn gather_rows(coll: &dyn Collective, local: &Tensor, n: usize) -> Result<Op
 /// Every rank's rows of each of `locals`, concatenated in rank order on
 /// every rank, and where this rank's rows are in each result (start,
 /// count). The tensors of one rank share their number of rows; ranks may
-/// hold different numbers, gathered once for all the tensors.
+/// hold different numbers. The ranks exchange every tensor's row count once
+/// (-1 for a 0-d tensor), and each rank checks the whole table: a mismatch
+/// on any rank is the same error on every rank (naming `locals[i]` and the
+/// rank), none is left waiting in a gather. Every rank passes as many
+/// tensors.
 pub fn all_gather_rows(
     coll: &dyn Collective,
     locals: &[&Tensor],
 ) -> Result<(Vec<Tensor>, (i64, i64))> {
     let Some(first) = locals.first() else {
-        return Err(Error::invalid(
-            "all_gather_rows",
-            "no tensors",
-            "one tensor or more",
-        ));
+        return Err(Error::invalid("locals", "no tensors", "one tensor or more"));
     };
-    if locals.iter().any(|t| t.dim() == 0) {
-        return Err(Error::invalid("all_gather_rows", "a 0-d tensor", "rows"));
-    }
-    let n = first.size()[0];
-    if let Some(t) = locals.iter().find(|t| t.size()[0] != n) {
-        return Err(Error::invalid(
-            "all_gather_rows",
-            format!("{} rows after {n}", t.size()[0]),
-            "the same number of rows in every tensor",
-        ));
-    }
+    let rows: Vec<i64> = locals
+        .iter()
+        .map(|t| if t.dim() == 0 { -1 } else { t.size()[0] })
+        .collect();
+    let table: Vec<Vec<i64>> = if coll.world_size() == 1 {
+        vec![rows]
+    } else {
+        let mine = Tensor::from_slice(&rows).to_device(first.device());
+        coll.all_gather(&mine)?
+            .iter()
+            .map(Vec::<i64>::try_from)
+            .collect::<std::result::Result<_, _>>()?
+    };
+    check_row_table(&table)?;
+    let counts: Vec<i64> = table.iter().map(|r| r[0]).collect();
+    let (rank, n) = (coll.rank(), counts[coll.rank()]);
     if coll.world_size() == 1 {
         return Ok((locals.iter().map(|t| t.shallow_clone()).collect(), (0, n)));
     }
-    let size = Tensor::from_slice(&[n]).to_device(first.device());
-    let counts: Vec<i64> = coll
-        .all_gather(&size)?
-        .iter()
-        .map(i64::try_from)
-        .collect::<std::result::Result<_, _>>()?;
-    let start = counts[..coll.rank()].iter().sum();
+    let start = counts[..rank].iter().sum();
     let gathered = locals
         .iter()
         .map(|t| gather_counted(coll, t, &counts))
         .collect::<Result<_>>()?;
     Ok((gathered, (start, n)))
+}
+
+/// `table[rank][i]`, the rows of tensor i on each rank (-1: 0-d), agree
+/// within every rank.
+fn check_row_table(table: &[Vec<i64>]) -> Result<()> {
+    for (rank, rows) in table.iter().enumerate() {
+        for (i, &r) in rows.iter().enumerate() {
+            if r < 0 {
+                return Err(Error::invalid(
+                    format!("locals[{i}]"),
+                    format!("a 0-d tensor on rank {rank}"),
+                    "rows",
+                ));
+            }
+            if r != rows[0] {
+                return Err(Error::invalid(
+                    format!("locals[{i}]"),
+                    format!("{r} rows for {} on rank {rank}", rows[0]),
+                    "as many rows as locals[0] on every rank",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The rows of every rank, `counts[r]` of them on rank r, concatenated in
@@ -564,7 +587,8 @@ pub(crate) mod tests {
 
     /// Ranks of 2, 3 and 1 rows: every tensor in rank order on every rank,
     /// each rank's place in it, and one exchange of the counts for all the
-    /// tensors (plus one per tensor).
+    /// tensors (plus one per tensor). A mismatch on one rank is the same
+    /// error on every rank.
     #[test]
     fn all_gather_rows_gathers_the_counts_once() {
         let out = on_threads(3, |g| {
@@ -577,7 +601,12 @@ pub(crate) mod tests {
             let rows = Tensor::full([n, 2], r as f64, (Kind::Double, Device::Cpu));
             let labels = Tensor::full([n], 10 * r, (Kind::Int64, Device::Cpu));
             let (all, mine) = all_gather_rows(&counting, &[&rows, &labels]).unwrap();
-            let bad = all_gather_rows(&counting, &[&rows, &labels.narrow(0, 0, n - 1)]);
+            let short = if r == 1 {
+                labels.narrow(0, 0, n - 1)
+            } else {
+                labels.shallow_clone()
+            };
+            let bad = all_gather_rows(&counting, &[&rows, &short]);
             (
                 Vec::<f64>::try_from(all[0].select(1, 1)).unwrap(),
                 Vec::<i64>::try_from(&all[1]).unwrap(),
@@ -591,10 +620,12 @@ pub(crate) mod tests {
             assert_eq!(rows, [0.0, 0.0, 1.0, 1.0, 1.0, 2.0]);
             assert_eq!(labels, [0, 0, 10, 10, 10, 20]);
             assert_eq!(mine, (starts[r], [2, 3, 1][r]));
-            assert_eq!(gathers, 3);
-            assert!(
-                bad.starts_with("all_gather_rows: expected the same number"),
-                "{bad}"
+            // The table and two tensors, then the bad call's table alone.
+            assert_eq!(gathers, 4);
+            assert_eq!(
+                bad,
+                "locals[1]: expected as many rows as locals[0] on every rank, \
+                 got 2 rows for 3 on rank 1"
             );
         }
     }

@@ -43,10 +43,10 @@ impl Objective {
             "triplet" => Ok(Objective::Triplet {
                 margin: cfg.triplet_margin,
             }),
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "loss",
-                format!("{other:?}"),
-                "one of group, softmax, triplet",
+                other,
+                &super::config::LOSSES,
             )),
         }
     }

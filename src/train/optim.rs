@@ -29,10 +29,10 @@ impl OptimizerKind {
             "adamw" => Ok(OptimizerKind::AdamW),
             "radam" => Ok(OptimizerKind::RAdam),
             "sgd" => Ok(OptimizerKind::Sgd),
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "optimizer",
-                format!("{other:?}"),
-                "one of adam, adamw, radam, sgd",
+                other,
+                &["adam", "adamw", "radam", "sgd"],
             )),
         }
     }

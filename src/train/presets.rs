@@ -9,7 +9,7 @@
 //! the SOP values.
 
 use super::config::TrainConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loss::GroupLossSettings;
 
 /// The names [`preset`] accepts.
@@ -188,13 +188,7 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
             5.2725e-12,
             vec![1, 10, 20, 30],
         ),
-        other => {
-            return Err(Error::invalid(
-                "preset",
-                format!("{other:?}"),
-                format!("one of {PRESETS:?}"),
-            ))
-        }
+        other => return Err(crate::error::not_one_of("preset", other, &PRESETS)),
     };
     Ok(cfg)
 }

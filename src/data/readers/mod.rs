@@ -78,10 +78,19 @@ pub fn open(
             extra.csv_file.as_deref(),
             options,
         ),
-        other => Err(Error::invalid(
+        other => Err(crate::error::not_one_of(
             "kind",
-            format!("{other:?}"),
-            "one of fashion_mnist, glyphs, cub200, cars196, sop, inshop, image_folder, csv",
+            other,
+            &[
+                "fashion_mnist",
+                "glyphs",
+                "cub200",
+                "cars196",
+                "sop",
+                "inshop",
+                "image_folder",
+                "csv",
+            ],
         )),
     }
 }
