@@ -582,6 +582,11 @@ def _mismatched_rank(rank: int, world: int, port: int, out: str) -> None:
         lambda: gather_batches(
             emb, torch.zeros(8, 4, dtype=[torch.float32, torch.float64][rank]), names=["e", "l"]
         ),
+        # rank 0's embeddings too wide for the module's classifier: an error
+        # before the gather, on rank 0 alone
+        lambda: grouploss.GroupLoss(4, embedding_size=5, gather_ranks=True)(
+            torch.randn(8, 5 + (rank == 0)), labels[:7]
+        ),
     ]
     got = []
     for call in calls:
@@ -612,10 +617,13 @@ def test_gather_ranks_names_a_mismatched_argument_on_every_rank(tmp_path):
         "ValueError: labels: expected one row per row of embeddings on every rank, "
         "got 7 rows for 8 on rank 1\n"
         "ValueError: l: expected the same shape beyond the rows and the same dtype on "
-        "every rank, got another on rank 1 than on rank 0"
+        "every rank, got another on rank 1 than on rank 0\n"
     )
-    for r in (0, 1):
-        assert (tmp_path / f"rank{r}.txt").read_text() == want
+    got = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert got[0].startswith(want + "ValueError: embeddings: expected "), got[0]
+    assert got[1] == want + (
+        "RuntimeError: rank 0 failed before gathering the batches (its own error says why)"
+    )
 
 
 def test_gather_batches_checks_its_arguments():

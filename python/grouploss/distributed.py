@@ -44,6 +44,7 @@ import torch.distributed as dist
 __all__ = [
     "ProcessGroup",
     "RankZeroFailed",
+    "abandon_gather",
     "broadcast_text",
     "gather_batches",
     "launched_by_torchrun",
@@ -247,13 +248,10 @@ def gather_batches(
         raise ValueError(f"names: expected {len(tensors)} names, got {len(names)}")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(tensors)
-    device = _comm_device()
-    rows = torch.tensor([_row_key(t) for t in tensors], dtype=torch.int64, device=device)
-    every = [torch.zeros_like(rows) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, rows)
-    table = [r.tolist() for r in every]
+    table = _exchange_keys([_row_key(t) for t in tensors])
     _check_rows(table, names)
     counts = [r[0][0] for r in table]
+    device = _comm_device()
     rank = dist.get_rank()
     out = []
     for t in tensors:
@@ -261,6 +259,27 @@ def gather_batches(
         gathered = _GatherRows.apply(moved, counts, rank)
         out.append(gathered.to(t.device))
     return out
+
+
+#: A row count that says the rank failed before its gather.
+_FAILED = -2
+
+
+def abandon_gather(count: int) -> None:
+    """Called instead of :func:`gather_batches` (of ``count`` tensors) by a
+    rank that failed before it: the other ranks, waiting there, raise a
+    ``RuntimeError`` naming this rank instead of waiting for ever. A no-op
+    without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _exchange_keys([[_FAILED, 0]] * count)
+
+
+def _exchange_keys(keys: List[List[int]]) -> List[List[List[int]]]:
+    """Every rank's ``keys`` (the same number on each), in rank order."""
+    mine = torch.tensor(keys, dtype=torch.int64, device=_comm_device())
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [r.tolist() for r in every]
 
 
 def _row_key(t: torch.Tensor) -> List[int]:
@@ -275,6 +294,11 @@ def _check_rows(table: List[List[List[int]]], names: List[str]) -> None:
     """Every rank's keys (``table[rank][i]``, :func:`_row_key` of tensor i)
     agree: the rows within each rank, the rest between the ranks. Raises on
     every rank alike otherwise."""
+    for rank, keys in enumerate(table):
+        if keys[0][0] == _FAILED:
+            raise RuntimeError(
+                f"rank {rank} failed before gathering the batches (its own error says why)"
+            )
     for rank, keys in enumerate(table):
         for name, (n, _) in zip(names, keys):
             if n < 0:

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _native
 from . import functional as F
-from .distributed import gather_batches
+from .distributed import abandon_gather, gather_batches
 
 __all__ = ["CosineClassifier", "GroupLoss"]
 
@@ -135,7 +135,9 @@ class GroupLoss(nn.Module):
             loss's gradient divided by ``world_size``: multiply the loss by
             ``world_size`` (or the learning rate) to step as one process on
             the global batch would. Without a process group it does
-            nothing.
+            nothing. A batch refused on one rank (wrong shape, labels of
+            another length) raises on every rank, so none is left waiting
+            in the gather.
         memory_size: keep the embeddings (detached) and labels of the last
             ``memory_size`` samples of earlier training calls; they join
             each group as labelled points (anchors that are not scored and
@@ -409,18 +411,18 @@ class GroupLoss(nn.Module):
             return_details: return a :class:`grouploss.functional.GroupLossOutput`
                 (loss, nll, ce, refined probabilities) instead of the loss.
         """
-        if logits is None:
-            logits = self.compute_logits(embeddings)
-        if self.normalize_embeddings:
-            if not isinstance(embeddings, torch.Tensor):
-                raise TypeError(
-                    f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
-                )
-            embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
-        if self.gather_ranks:
-            embeddings = F._require_tensor("embeddings", embeddings)
-            labels = F._require_tensor("labels", labels)
-            logits = F._require_tensor("logits", logits)
+        if not self.gather_ranks:
+            embeddings, logits = self._prepared(embeddings, logits)
+        else:
+            try:
+                embeddings, logits = self._prepared(embeddings, logits)
+                embeddings = F._require_tensor("embeddings", embeddings)
+                labels = F._require_tensor("labels", labels)
+                logits = F._require_tensor("logits", logits)
+            except Exception:
+                # The other ranks wait in the gather: they raise too.
+                abandon_gather(3)
+                raise
             embeddings, logits, labels = gather_batches(
                 embeddings, logits, labels, names=("embeddings", "logits", "labels")
             )
@@ -446,6 +448,19 @@ class GroupLoss(nn.Module):
         )
         self._remember(embeddings, labels)
         return out
+
+    def _prepared(self, embeddings, logits):
+        """The logits (the module's classifier's when None) and the
+        embeddings, normalised with ``normalize_embeddings``."""
+        if logits is None:
+            logits = self.compute_logits(embeddings)
+        if self.normalize_embeddings:
+            if not isinstance(embeddings, torch.Tensor):
+                raise TypeError(
+                    f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
+                )
+            embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
+        return embeddings, logits
 
     def _writes_memory(self) -> bool:
         return self.memory_size > 0 and self.training and torch.is_grad_enabled()
