@@ -53,20 +53,28 @@ impl RunModel {
     /// Loads `run_dir`'s `checkpoint` (`best` or `last`) on `device_name`
     /// (`auto` by default).
     pub fn open(run_dir: &Path, checkpoint: &str, device_name: &str) -> Result<Self> {
+        crate::error::one_of("checkpoint", checkpoint, &["best", "last"])?;
         let dir = RunDir::new(run_dir);
-        let text = std::fs::read_to_string(dir.config()).map_err(|e| Error::io(dir.config(), e))?;
+        let text = std::fs::read_to_string(dir.config()).map_err(|e| {
+            let e = if e.kind() == std::io::ErrorKind::NotFound {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "no such file: {} is not a run folder (`grouploss train` writes one)",
+                        run_dir.display()
+                    ),
+                )
+            } else {
+                e
+            };
+            Error::io(dir.config(), e)
+        })?;
         let config = TrainConfig::from_toml(&text, &dir.config().display().to_string())?;
         let member = dir.member(0, config.ensemble);
-        let path = match checkpoint {
-            "best" => member.best(),
-            "last" => member.last(),
-            other => {
-                return Err(Error::invalid(
-                    "checkpoint",
-                    format!("{other:?}"),
-                    "\"best\" or \"last\"",
-                ))
-            }
+        let path = if checkpoint == "best" {
+            member.best()
+        } else {
+            member.last()
         };
         // The weights only: either checkpoint's state is checked when a run
         // resumes or reloads it.
