@@ -81,7 +81,7 @@ def test_other_errors_are_one_line_with_status_1(capsys, monkeypatch, tmp_path):
     assert cli.main(["evaluate", str(tmp_path)]) == 1
     _, err = capsys.readouterr()
     assert err == f"grouploss: error: {tmp_path / 'config.toml'}: " + (
-        "No such file or directory (os error 2)\n"
+        f"no such file: {tmp_path} is not a run folder (`grouploss train` writes one)\n"
     )
 
 

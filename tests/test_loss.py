@@ -719,7 +719,7 @@ def test_bad_new_options_name_the_argument():
         similarity_power=0.5,
     )
     _raises(r"^similarity_power: expected", F.similarity, emb, similarity_power=0.0)
-    _raises(r"^classifier: expected 'linear' or 'cosine'", GroupLoss, 3, classifier="arc")
+    _raises(r'^classifier: expected one of "linear", "cosine"', GroupLoss, 3, classifier="arc")
     _raises(r"^classifier_scale: expected a finite number > 0", GroupLoss, 3, classifier_scale=0.0)
     _raises(r"^gtg_warmup_steps: expected an integer >= 0", GroupLoss, 3, gtg_warmup_steps=-1)
     _raises(r"^gtg_ramp_steps: expected an integer >= 0", GroupLoss, 3, gtg_ramp_steps=1.5)
@@ -1065,7 +1065,7 @@ def test_the_options_defaults_are_the_rust_cores():
         (dict(similarity="dot"), r"^similarity: expected one of"),
         (dict(similarity="gaussian", sigma=0.0), r"^sigma: expected a finite number > 0"),
         (dict(similarity_power=0.5), r"^similarity_power: expected a finite number >= 1"),
-        (dict(anchors="last"), r"^anchors: expected \"first\" or \"random\""),
+        (dict(anchors="last"), r"^anchors: expected one of \"first\", \"random\""),
     ],
 )
 def test_the_options_are_validated_once_for_every_layer(bad, match):

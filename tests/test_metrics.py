@@ -381,7 +381,7 @@ def _x():
         (lambda x, y: M.evaluate(x, y, ks=(0,)), "ks: expected an integer >= 1, got 0"),
         (
             lambda x, y: M.evaluate(x, y, include=("recall", "ndcg")),
-            'include: expected names among "recall", "precision", "map", "map@r", "r_precision", '
+            'include: expected one of "recall", "precision", "map", "map@r", "r_precision", '
             '"nmi", got "ndcg"',
         ),
         (
@@ -577,7 +577,7 @@ def test_ids_are_checked():
         M.evaluate(emb, labels, query_ids=[0, 2], gallery_ids=[0, 1, 2, 3], **q)
     with pytest.raises(ValueError, match="query_ids: expected a query set"):
         M.evaluate(emb, labels, query_ids=[0], gallery_ids=[0, 1, 2, 3])
-    with pytest.raises(ValueError, match='average: expected "query" or "class"'):
+    with pytest.raises(ValueError, match='average: expected one of "query", "class", got "micro"'):
         M.evaluate(emb, labels, average="micro")
 
 

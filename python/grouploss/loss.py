@@ -224,7 +224,7 @@ class GroupLoss(nn.Module):
         if embedding_size is not None:
             _check_int("embedding_size", embedding_size, 1)
         if classifier not in ("linear", "cosine"):
-            raise ValueError(f"classifier: expected 'linear' or 'cosine', got {classifier!r}")
+            raise ValueError(f'classifier: expected one of "linear", "cosine", got {classifier!r}')
         _check_positive("classifier_scale", classifier_scale)
         _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
         _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)

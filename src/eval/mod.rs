@@ -37,7 +37,7 @@ use std::collections::BTreeSet;
 
 use tch::Tensor;
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 use input::{check_batch_size, check_embeddings, labels_vec, prepare};
 use positives::Own;
 use retrieval::{Need, Request, Strategy};
@@ -93,12 +93,8 @@ impl Metric {
             .into_iter()
             .find(|m| m.name() == name)
             .ok_or_else(|| {
-                Error::invalid(
-                    "include",
-                    format!("{name:?}"),
-                    "names among \"recall\", \"precision\", \"map\", \"map@r\", \
-                     \"r_precision\", \"nmi\"",
-                )
+                let names = Metric::ALL.map(|m| m.name());
+                crate::error::not_one_of("include", name, &names)
             })
     }
 

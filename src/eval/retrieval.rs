@@ -64,10 +64,10 @@ impl Average {
         match name {
             "query" => Ok(Average::Query),
             "class" => Ok(Average::Class),
-            other => Err(crate::error::Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "average",
-                format!("{other:?}"),
-                "\"query\" or \"class\"",
+                other,
+                &["query", "class"],
             )),
         }
     }

@@ -23,10 +23,10 @@ impl AnchorMode {
         match mode {
             "first" => Ok(AnchorMode::First),
             "random" => Ok(AnchorMode::Random { seed }),
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "anchors",
-                format!("{other:?}"),
-                "\"first\" or \"random\"",
+                other,
+                &["first", "random"],
             )),
         }
     }

@@ -4,7 +4,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use super::init::{torch_default_uniform, torch_linear};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The classifier whose logits feed the Group Loss prior and the CE term.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,10 +24,10 @@ impl ClassifierKind {
                 crate::error::positive("classifier_scale", scale)?;
                 Ok(ClassifierKind::Cosine { scale })
             }
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "classifier",
-                format!("{other:?}"),
-                "\"linear\" or \"cosine\"",
+                other,
+                &["linear", "cosine"],
             )),
         }
     }

@@ -389,16 +389,12 @@ impl TrainConfig {
 
     /// Each named choice among its names.
     fn validate_names(&self) -> Result<()> {
-        one_of(
-            "optimizer",
-            &self.optimizer,
-            &["adam", "adamw", "radam", "sgd"],
-        )?;
+        super::optim::OptimizerKind::parse(&self.optimizer)?;
         one_of("schedule", &self.schedule, &SCHEDULES)?;
         one_of("loss", &self.loss, &LOSSES)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
         one_of("on_error", &self.on_error, &["raise", "skip"])?;
-        one_of("classifier", &self.classifier, &["linear", "cosine"])?;
+        crate::model::ClassifierKind::parse(&self.classifier, self.classifier_scale)?;
         one_of(
             "normalization",
             &self.normalization,
@@ -444,13 +440,6 @@ impl TrainConfig {
                 "val_fraction",
                 0.0,
                 "a fraction > 0 when select_on = \"val\" (or select_on = \"test\")",
-            ));
-        }
-        if self.loss == "group" && self.group_loss.gtg_weight == 0.0 && no_ce {
-            return Err(Error::invalid(
-                "gtg_weight",
-                "gtg_weight = ce_weight = 0",
-                "at least one of gtg_weight and ce_weight > 0",
             ));
         }
         Ok(())

@@ -32,6 +32,8 @@ use crate::sampler::{ClassBalancedSampler, SamplerOptions};
 
 /// Stream id of a rank's loader seed, `derive_seed(seed, [rank, RANK_STREAM])`.
 const RANK_STREAM: u64 = 0x5241_4E4B;
+/// The seed stream of a step's torch generator (dropout and the like).
+const STEP_STREAM: u64 = 1;
 
 /// What a member's training holds between its phases.
 struct Member<'a> {
@@ -336,7 +338,7 @@ impl<'a> Member<'a> {
         stop: &AtomicBool,
     ) -> Result<Vec<f64>> {
         let world = self.coll.world_size();
-        let mut stream = vec![epoch as u64, step as u64, 1];
+        let mut stream = vec![epoch as u64, step as u64, STEP_STREAM];
         if world > 1 {
             stream.push(self.coll.rank() as u64);
         }

@@ -68,13 +68,16 @@ impl Objective {
     }
 }
 
+/// The seed stream of an epoch's random anchors.
+const ANCHOR_STREAM: u64 = 7;
+
 /// The Group Loss's options for `epoch`: the weight of its warm-up and
 /// ramp, random anchors seeded for the epoch.
 pub fn group_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
     let mut opts = cfg.group_loss_options()?;
     opts.gtg_weight = cfg.gtg_weight_at(epoch as f64);
     if let AnchorMode::Random { seed } = &mut opts.anchors {
-        *seed = derive_seed(cfg.seed, &[epoch as u64, 7]);
+        *seed = derive_seed(cfg.seed, &[epoch as u64, ANCHOR_STREAM]);
     }
     Ok(opts)
 }
@@ -110,7 +113,14 @@ pub fn forward_backward(
         Objective::Group(opts) => group_backward(&emb, &logits, labels, opts, scope),
         Objective::Softmax => {
             let logits = logits.to_kind(Kind::Float);
-            let ce = logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, -100, 0.0);
+            let (no_weights, ignore_index, label_smoothing) = (None, -100, 0.0);
+            let ce = logits.cross_entropy_loss::<Tensor>(
+                labels,
+                no_weights,
+                Reduction::Mean,
+                ignore_index,
+                label_smoothing,
+            );
             ce.backward();
             Ok(StepLoss {
                 loss: ce.detach(),

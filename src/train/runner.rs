@@ -23,6 +23,9 @@ use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig
 use crate::names::device_name;
 use crate::rng::derive_seed;
 
+/// The seed stream of the images an evaluation subsamples (`max_images`).
+const EVAL_SUBSET_STREAM: u64 = 11;
+
 /// What a finished run reports (rank 0 computes it; every rank receives it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,7 +362,8 @@ pub(super) fn embed_set(
         EvalSet::All(ds) => {
             let mut idx = all(ds);
             if max_images > 0 && max_images < idx.len() {
-                crate::rng::Rng::new(derive_seed(cfg.seed, &[11])).shuffle(&mut idx);
+                crate::rng::Rng::new(derive_seed(cfg.seed, &[EVAL_SUBSET_STREAM]))
+                    .shuffle(&mut idx);
                 idx.truncate(max_images);
                 idx.sort_unstable();
             }
