@@ -225,6 +225,20 @@ def test_load_refuses_a_foreign_safetensors_file(tmp_path):
         export.load(tmp_path / "other.safetensors")
 
 
+def test_load_names_a_file_of_another_format(runs, tmp_path):
+    """save's default (TorchScript) handed to load's (safetensors, which
+    cannot run code) says which format it is; a file of neither kind is a
+    ValueError naming it."""
+    model = grouploss.load_run(runs("convnet"), device="cpu")
+    scripted = export.save(model.to_torch(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m\.pt is a TorchScript archive .*format='torchscript'"):
+        export.load(scripted)
+    assert isinstance(export.load(scripted, format="torchscript"), torch.jit.ScriptModule)
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"^path: .*notes\.txt is not a safetensors file"):
+        export.load(tmp_path / "notes.txt")
+
+
 def test_load_refuses_a_torchscript_backbone_named_in_the_metadata(runs, tmp_path):
     """Rebuilding such a model would load the program its metadata names:
     a safetensors file must not be able to run code."""

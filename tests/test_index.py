@@ -135,3 +135,15 @@ def test_the_same_neighbours_as_faiss():
     differ = ids != f_ids
     assert differ.mean() < 0.01
     assert np.all(np.abs(scores[differ] - f_scores[differ]) < 1e-5)
+
+
+def test_search_block_size_and_foreign_files_are_named(tmp_path):
+    index = Index(3)
+    index.add(torch.randn(5, 3))
+    for bad in (0, -1):
+        want = rf"^batch_size: expected None or an integer >= 1, got {bad}"
+        with pytest.raises(ValueError, match=want):
+            index.search(torch.randn(2, 3), 2, batch_size=bad)
+    (tmp_path / "notes.txt").write_text("not an index")
+    with pytest.raises(ValueError, match=r"^path: .*notes\.txt: not a safetensors file"):
+        Index.load(tmp_path / "notes.txt")

@@ -1139,3 +1139,12 @@ def test_the_classifier_is_the_layer_its_argument_names():
     for loss_fn, kind in ((linear, "linear"), (cosine, "cosine")):
         with pytest.warns(FutureWarning, match="classifier_kind is deprecated"):
             assert loss_fn.classifier_kind == kind
+
+
+def test_integer_embeddings_are_named_before_the_classifier_or_normalisation():
+    emb, labels, _ = pk_batch(3, 4, m=6, d=5, seed=1)
+    for loss_fn in (GroupLoss(6, embedding_size=5), GroupLoss(6, normalize_embeddings=True)):
+        logits = None if loss_fn.classifier is not None else torch.zeros(12, 6)
+        want = "^embeddings: expected a floating tensor, got dtype int64"
+        with pytest.raises(ValueError, match=want):
+            loss_fn(emb.long(), labels, logits)

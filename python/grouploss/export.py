@@ -86,14 +86,29 @@ def save(model: EmbeddingModel, path: PathLike, *, format: str = "torchscript") 
 def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
     """Reads a model written by :func:`save`: an :class:`EmbeddingModel`
     from ``"safetensors"`` (rebuilt from its description; no code is read
-    from the file), or the ``torch.jit`` module of ``"torchscript"``."""
+    from the file), or the ``torch.jit`` module of ``"torchscript"``.
+
+    The default is the format that cannot run code, so a TorchScript file
+    (what :func:`save` writes by default) needs ``format="torchscript"``;
+    handed to the default, it is a ``ValueError`` saying so."""
     _check_format(format)
     path = pathlib.Path(path)
     if format == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with open(path, "rb") as raw:
+        if raw.read(4) == b"PK\x03\x04":
+            raise ValueError(
+                f"path: {path} is a TorchScript archive (save's default format), not "
+                "safetensors; load it with format='torchscript' (it holds a program: "
+                "only from a source you trust)"
+            )
+    try:
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"path: {path} is not a safetensors file ({e})") from None
+    with f:
         metadata = f.metadata() or {}
         if _METADATA_KEY not in metadata:
             raise ValueError(f"path: {path} is not a model written by grouploss.export.save")

@@ -15,6 +15,13 @@ from .distributed import abandon_gather, gather_batches
 __all__ = ["CosineClassifier", "GroupLoss"]
 
 
+def _check_floating(embeddings: torch.Tensor) -> None:
+    if not embeddings.is_floating_point():
+        raise ValueError(
+            f"embeddings: expected a floating tensor, got dtype {str(embeddings.dtype)[6:]}"
+        )
+
+
 class GroupLoss(nn.Module):
     r"""The Group Loss for deep metric learning (Elezi et al., ECCV 2020).
 
@@ -172,6 +179,9 @@ class GroupLoss(nn.Module):
         ValueError: naming the argument, with what was seen and expected, for
             wrong shapes, dtypes, devices, label ranges, NaN/Inf inputs and
             invalid options.
+        RuntimeError: embeddings on another device than the module's own
+            classifier (as ``nn.Linear`` raises; move the module with
+            ``.to(device)``).
 
     Example::
 
@@ -377,7 +387,9 @@ class GroupLoss(nn.Module):
                 f"embeddings: expected shape (batch, {self.embedding_size}) (embedding_size), "
                 f"got {list(embeddings.shape)}"
             )
+        _check_floating(embeddings)
         if embeddings.device != self.classifier.weight.device:
+            # RuntimeError, as nn.Linear raises for inputs on another device.
             raise RuntimeError(
                 f"embeddings: expected a tensor on {self.classifier.weight.device} (the "
                 f"device of GroupLoss's classifier; move the module with .to(device) like "
@@ -459,6 +471,7 @@ class GroupLoss(nn.Module):
                 raise TypeError(
                     f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
                 )
+            _check_floating(embeddings)
             embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
         return embeddings, logits
 

@@ -639,7 +639,7 @@ def _page(run: RunInspection, parts: List[str]) -> str:
     title = f"grouploss report: {run.run_dir.name}"
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     sub = (
-        f"{cfg.get('dataset')} &middot; {cfg.get('backbone')} &middot; "
+        f"{_esc(cfg.get('dataset'))} &middot; {_esc(cfg.get('backbone'))} &middot; "
         f"checkpoint {_esc(run.checkpoint)} &middot; {_esc(run.run_dir)} &middot; "
         f"grouploss {_esc(__version__)} &middot; {when}"
     )

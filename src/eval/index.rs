@@ -15,7 +15,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::input::{check_embeddings, host_vec};
+use super::input::{check_batch_size, check_embeddings, host_vec};
 use super::knn::topk_ordered;
 use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
 use crate::error::{ensure, Error, Result};
@@ -270,6 +270,7 @@ impl Index {
     ) -> Result<(Tensor, Tensor)> {
         let _guard = tch::no_grad_guard();
         check_embeddings(queries, "queries", 1)?;
+        check_batch_size(batch_size)?;
         let n = self.len() as i64;
         ensure(
             k >= 1 && k <= n,
@@ -452,7 +453,9 @@ impl Index {
         }
         let mut vectors = None;
         let (mut ids, mut labels) = (None, None);
-        for (name, t) in Tensor::read_safetensors(path)? {
+        let tensors = Tensor::read_safetensors(path)
+            .map_err(|e| bad_file(path, &format!("not a safetensors file ({e})")))?;
+        for (name, t) in tensors {
             match name.as_str() {
                 "vectors" => vectors = Some(t),
                 "ids" => ids = Some(host_vec::<i64>(&t)?),
