@@ -1148,3 +1148,12 @@ def test_integer_embeddings_are_named_before_the_classifier_or_normalisation():
         want = "^embeddings: expected a floating tensor, got dtype int64"
         with pytest.raises(ValueError, match=want):
             loss_fn(emb.long(), labels, logits)
+
+
+def test_negative_seeds_are_named():
+    with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -1"):
+        grouploss.GroupLossOptions(seed=-1)
+    with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -1"):
+        GroupLoss(10, anchors="random", seed=-1)
+    with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -3"):
+        F.anchor_mask(torch.tensor([0, 0, 1]), 1, "random", seed=-3)

@@ -203,3 +203,11 @@ def test_a_large_epoch_plans_fast():
     assert len(np.unique(plan)) == len(labels)
     # The benchmark measures ~0.1 s on 2 cores; allow for a loaded machine.
     assert elapsed < 2.0, elapsed
+
+
+def test_negative_seeds_and_epochs_are_named():
+    with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -1"):
+        ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, seed=-1)
+    sampler = ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, seed=2**64 - 1)
+    with pytest.raises(ValueError, match=r"^epoch: expected an integer >= 0, got -1"):
+        sampler.set_epoch(-1)

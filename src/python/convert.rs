@@ -94,3 +94,46 @@ fn bad_value(key: &str, v: &Bound<'_, PyAny>) -> PyErr {
     let shown = v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string());
     crate::Error::invalid(key, shown, "a bool, int, float, str, path, list or dict").into()
 }
+
+/// An argument `arg` that must be an integer >= 0: pyo3's own conversion
+/// to `u64` raises an OverflowError naming nothing for a negative int.
+fn unsigned(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
+    let v: i128 = obj.extract().map_err(|_| {
+        let got = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_string(), |n| n.to_string());
+        pyo3::exceptions::PyTypeError::new_err(format!("{arg}: expected an integer, got {got}"))
+    })?;
+    u64::try_from(v).map_err(|_| crate::Error::invalid(arg, v, "an integer >= 0").into())
+}
+
+/// `seed` (`#[pyo3(from_py_with = ...)]`): an integer >= 0.
+pub(crate) fn seed_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    unsigned(obj, "seed")
+}
+
+/// `seed`, or None.
+pub(crate) fn optional_seed_arg(obj: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+    if obj.is_none() {
+        Ok(None)
+    } else {
+        unsigned(obj, "seed").map(Some)
+    }
+}
+
+/// `split_seed`: an integer >= 0.
+pub(crate) fn split_seed_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    unsigned(obj, "split_seed")
+}
+
+/// `epoch`: an integer >= 0.
+pub(crate) fn epoch_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    unsigned(obj, "epoch")
+}
+
+/// `member`: an integer >= 0.
+pub(crate) fn member_arg(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let v = unsigned(obj, "member")?;
+    usize::try_from(v).map_err(|_| crate::Error::invalid("member", v, "a smaller integer").into())
+}

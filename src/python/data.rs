@@ -36,7 +36,7 @@ fn open_dataset(
     root: Option<PathBuf>,
     split: &str,
     val_fraction: f64,
-    split_seed: u64,
+    #[pyo3(from_py_with = crate::python::convert::split_seed_arg)] split_seed: u64,
     zero_shot: bool,
     train_fraction: f64,
     csv_file: Option<PathBuf>,
@@ -160,7 +160,7 @@ impl PyDataset {
         py: Python<'_>,
         index: i64,
         transform: &PyTransform,
-        seed: u64,
+        #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
     ) -> PyResult<PyTensor> {
         let i = self.index(index)?;
         let (ds, t) = (&self.inner, &transform.inner);
@@ -270,7 +270,12 @@ transform_function! {
 impl PyTransform {
     /// Applies the transform to a uint8 image `(H, W)` or `(H, W, C)`.
     #[pyo3(signature = (image, seed = 0))]
-    fn __call__(&self, py: Python<'_>, image: &Bound<'_, PyAny>, seed: u64) -> PyResult<PyTensor> {
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        image: &Bound<'_, PyAny>,
+        #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
+    ) -> PyResult<PyTensor> {
         let arr = image.downcast::<numpy::PyArrayDyn<u8>>().map_err(|_| {
             Error::invalid(
                 "image",
@@ -382,7 +387,7 @@ impl PyLoader {
         transform: &PyTransform,
         num_threads: i64,
         prefetch: i64,
-        seed: u64,
+        #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
         on_error: &str,
     ) -> PyResult<Self> {
         let options = LoaderOptions {
@@ -398,7 +403,12 @@ impl PyLoader {
     }
 
     /// Starts loading `batches` (int64 array `(n, b)` or lists of indices).
-    fn epoch(&self, py: Python<'_>, batches: &Bound<'_, PyAny>, epoch: u64) -> PyResult<PyEpoch> {
+    fn epoch(
+        &self,
+        py: Python<'_>,
+        batches: &Bound<'_, PyAny>,
+        #[pyo3(from_py_with = crate::python::convert::epoch_arg)] epoch: u64,
+    ) -> PyResult<PyEpoch> {
         let batches = batches_from(batches)?;
         let loader = &self.inner;
         let it = without_gil(py, move || loader.epoch(batches, epoch))?;
@@ -412,7 +422,7 @@ impl PyLoader {
         &self,
         py: Python<'_>,
         batch: Vec<i64>,
-        epoch: u64,
+        #[pyo3(from_py_with = crate::python::convert::epoch_arg)] epoch: u64,
         batch_index: usize,
     ) -> PyResult<(PyTensor, PyTensor, Vec<usize>)> {
         let batch = batch

@@ -4,13 +4,10 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
 use super::errors::without_gil;
+use super::sampler::count;
 use crate::error::Error;
 use crate::eval::input::{host_vec, labels_vec};
 use crate::eval::{self, Average, EvalOptions, KnnOptions, Metric};
-
-fn count(value: i64, arg: &str) -> Result<usize, Error> {
-    usize::try_from(value).map_err(|_| Error::invalid(arg, value, "an integer >= 1"))
-}
 
 /// Retrieval and clustering metrics; returns ([(key, value)], left_out).
 /// `query_own`: with a query set, query i's own entry in the gallery (an
@@ -34,7 +31,7 @@ fn evaluate(
     include: Option<Vec<String>>,
     normalize: bool,
     batch_size: Option<i64>,
-    seed: u64,
+    #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
     kmeans_n_init: i64,
     kmeans_max_iter: i64,
     query_own: Option<PyTensor>,
@@ -53,8 +50,8 @@ fn evaluate(
         normalize,
         batch_size,
         seed,
-        kmeans_n_init: count(kmeans_n_init, "kmeans_n_init")?,
-        kmeans_max_iter: count(kmeans_max_iter, "kmeans_max_iter")?,
+        kmeans_n_init: count("kmeans_n_init", kmeans_n_init, "an integer >= 1")?,
+        kmeans_max_iter: count("kmeans_max_iter", kmeans_max_iter, "an integer >= 1")?,
         average: Average::parse(average)?,
     };
     let query = match (query_embeddings, query_labels) {
@@ -93,10 +90,10 @@ fn kmeans(
     k: i64,
     n_init: i64,
     max_iter: i64,
-    seed: u64,
+    #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
 ) -> PyResult<(PyTensor, PyTensor, f64)> {
-    let n_init = count(n_init, "n_init")?;
-    let max_iter = count(max_iter, "max_iter")?;
+    let n_init = count("n_init", n_init, "an integer >= 1")?;
+    let max_iter = count("max_iter", max_iter, "an integer >= 1")?;
     let out = without_gil(py, move || eval::kmeans(&x, k, n_init, max_iter, seed))?;
     Ok((
         PyTensor(out.assignments),

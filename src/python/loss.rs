@@ -97,7 +97,7 @@ impl GroupLossSettings {
         similarity_power: f64,
         zero_diagonal: bool,
         anchors: String,
-        seed: Option<u64>,
+        #[pyo3(from_py_with = crate::python::convert::optional_seed_arg)] seed: Option<u64>,
         batch_classes_only: bool,
     ) -> PyResult<Self> {
         let options = GroupLossSettings {
@@ -173,7 +173,7 @@ fn group_loss(
     labels: PyTensor,
     logits: PyTensor,
     options: PyRef<'_, GroupLossSettings>,
-    seed: Option<u64>,
+    #[pyo3(from_py_with = crate::python::convert::optional_seed_arg)] seed: Option<u64>,
     num_classes: Option<i64>,
     want_grads: bool,
     want_probs: bool,
@@ -278,7 +278,7 @@ fn anchor_mask(
     labels: PyTensor,
     num_anchors: i64,
     anchors: &str,
-    seed: u64,
+    #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
 ) -> PyResult<PyTensor> {
     let mode = AnchorMode::parse(anchors, seed)?;
     let mask = without_gil(py, move || {

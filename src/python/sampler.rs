@@ -45,7 +45,7 @@ impl PySampler {
         labels: PyReadonlyArray1<'_, i64>,
         classes_per_batch: i64,
         samples_per_class: i64,
-        seed: u64,
+        #[pyo3(from_py_with = crate::python::convert::seed_arg)] seed: u64,
         num_replicas: i64,
         rank: i64,
     ) -> PyResult<Self> {
@@ -72,7 +72,7 @@ impl PySampler {
         })
     }
 
-    fn set_epoch(&mut self, epoch: u64) {
+    fn set_epoch(&mut self, #[pyo3(from_py_with = crate::python::convert::epoch_arg)] epoch: u64) {
         self.inner.set_epoch(epoch);
     }
 

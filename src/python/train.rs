@@ -86,7 +86,7 @@ fn initial_state_dict(
     config: &Bound<'_, PyDict>,
     in_channels: i64,
     num_classes: i64,
-    member: usize,
+    #[pyo3(from_py_with = crate::python::convert::member_arg)] member: usize,
 ) -> PyResult<BTreeMap<String, PyTensor>> {
     let cfg = config_from(config)?;
     let vars = without_gil(py, move || {
