@@ -33,7 +33,7 @@ IMPLEMENTATIONS: List[str]
 
 @final
 class GroupLossOptions:
-    """The Group Loss's options, validated on construction."""
+    """The Group Loss's options as users write them, validated when built."""
 
     NAMES: List[str]
     def __new__(

@@ -71,6 +71,10 @@ class Transform:
     output_shape = NativeAttribute[Tuple[int, int, int]]("``(channels, size, size)``.")
 
     def __call__(self, image: Any, seed: Optional[int] = None) -> torch.Tensor:
+        """The transformed float32 ``(C, H, W)`` tensor of a uint8 image: a
+        ``(C, H, W)`` or ``(H, W)`` tensor, an ``(H, W, C)`` or ``(H, W)``
+        numpy array, or a PIL image. ``seed`` fixes the random augmentation
+        (None: one drawn from torch's generator)."""
         if isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8:
                 raise ValueError(f"image: expected a uint8 tensor, got {image.dtype}")

@@ -136,6 +136,7 @@ class ProcessGroup:
             w.wait()
 
     def barrier(self) -> None:
+        """Returns once every rank of the group has called it."""
         dist.barrier(group=self.group)
 
     def __repr__(self) -> str:

@@ -359,9 +359,11 @@ class RunInspection:
         return metrics.evaluate(emb, lab, ks=ks)
 
     def loss_figure(self, path: Optional[PathLike] = None):
+        """The training loss per epoch (saved to ``path`` when given)."""
         return plots.loss_curve(self.history, path)
 
     def metrics_figure(self, path: Optional[PathLike] = None):
+        """The selection split's metrics per epoch."""
         split = "test" if self.config.get("select_on") == "test" else "val"
         return plots.metric_curves(self.history, split, path)
 
@@ -373,6 +375,8 @@ class RunInspection:
         seed: int = 0,
         path: Optional[PathLike] = None,
     ):
+        """A t-SNE map of at most ``max_points`` embeddings, ``thumbnails``
+        of them drawn as their images."""
         return plots.embedding_map(
             self.embeddings,
             self.labels,
@@ -400,6 +404,8 @@ class RunInspection:
         )
 
     def gallery_figure(self, *, count: int = 8, seed: int = 0, path: Optional[PathLike] = None):
+        """``count`` random queries (drawn with ``seed``) and their nearest
+        neighbours."""
         k = self.neighbours.indices.shape[1]
         rows = random_queries(self.neighbours, count, seed)
         return self._gallery(
@@ -407,6 +413,7 @@ class RunInspection:
         )
 
     def worst_queries_figure(self, *, count: int = 8, path: Optional[PathLike] = None):
+        """The ``count`` queries with the fewest neighbours of their class."""
         k = self.neighbours.indices.shape[1]
         rows = worst_queries(self.neighbours, count)
         return self._gallery(
@@ -422,9 +429,12 @@ class RunInspection:
         ]
 
     def batch_probabilities(self, *, seed: int = 0) -> BatchProbabilities:
+        """One training batch (drawn with ``seed``) through the model: the
+        prior and refined class probabilities."""
         return batch_probabilities(self.model, seed=seed, data_root=self.data_root)
 
     def probability_figure(self, *, seed: int = 0, path: Optional[PathLike] = None):
+        """:meth:`batch_probabilities` drawn as two heat maps."""
         b = self.batch_probabilities(seed=seed)
         return plots.probability_heatmaps(
             b.before,

@@ -106,6 +106,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
 
     @property
     def epoch(self) -> int:
+        """The epoch set by :meth:`set_epoch` (0 at first)."""
         return self._native.epoch
 
     def plan(self) -> np.ndarray:

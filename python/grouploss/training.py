@@ -240,6 +240,7 @@ class RunModel:
 
     @property
     def summary(self) -> dict:
+        """The run's ``summary.json`` (written when the run finished)."""
         return json.loads((self.run_dir / "summary.json").read_text())
 
     def embed(self, images: torch.Tensor, *, root: Optional[PathLike] = None) -> torch.Tensor:

@@ -82,10 +82,12 @@ impl Default for GroupLossOptions {
     }
 }
 
-/// The Group Loss's options as users write them: the similarity and the
-/// anchors by name, with `sigma` and `seed` beside them whatever those
-/// names are. Python's `grouploss.GroupLossOptions` (validated when built);
-/// [`GroupLossSettings::resolve`] gives the [`GroupLossOptions`] of a call.
+/// The Group Loss's options as users write them, validated when built:
+/// `GroupLossOptions(temperature=24.0, num_anchors=2, ...)`, keywords only,
+/// each described in `GroupLoss`'s documentation; the similarity and the
+/// anchors by name, with `sigma` and `seed` beside them. The trainer's TOML
+/// keys are the same names. (In Rust, `GroupLossSettings::resolve` gives the
+/// `GroupLossOptions` a call computes with.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(
     feature = "python",
@@ -98,16 +100,23 @@ impl Default for GroupLossOptions {
     )
 )]
 pub struct GroupLossSettings {
+    /// T of the prior `softmax(logits / T)`.
     pub temperature: f64,
+    /// Anchors (labelled points) per class and batch.
     pub num_anchors: i64,
+    /// Replicator-dynamics steps.
     pub num_iters: i64,
+    /// Weight of the NLL of the refined probabilities.
     pub gtg_weight: f64,
+    /// Weight of the cross-entropy of the raw logits.
     pub ce_weight: f64,
     /// `correlation`, `cosine` or `gaussian`.
     pub similarity: String,
     /// The gaussian similarity's bandwidth.
     pub sigma: f64,
+    /// W's entries raised to this power (>= 1; 1 is the release's W).
     pub similarity_power: f64,
+    /// W's diagonal 0 (the paper's text) instead of 1 (the release).
     pub zero_diagonal: bool,
     /// `first` or `random`.
     pub anchors: String,
@@ -115,6 +124,8 @@ pub struct GroupLossSettings {
     /// serialised: the trainer's configuration has its own `seed`.
     #[serde(skip)]
     pub seed: Option<u64>,
+    /// Refine over the classes present in the batch (the prior's columns
+    /// restricted and renormalised).
     pub batch_classes_only: bool,
 }
 
