@@ -15,6 +15,10 @@ from .distributed import abandon_gather, gather_batches
 __all__ = ["CosineClassifier", "GroupLoss"]
 
 
+#: What ``gather_ranks`` gathers, in order.
+_GATHERED = ("embeddings", "logits", "labels")
+
+
 def _check_floating(embeddings: torch.Tensor) -> None:
     if not embeddings.is_floating_point():
         raise ValueError(
@@ -433,11 +437,9 @@ class GroupLoss(nn.Module):
                 logits = F._require_tensor("logits", logits)
             except Exception:
                 # The other ranks wait in the gather: they raise too.
-                abandon_gather(3)
+                abandon_gather(len(_GATHERED))
                 raise
-            embeddings, logits, labels = gather_batches(
-                embeddings, logits, labels, names=("embeddings", "logits", "labels")
-            )
+            embeddings, logits, labels = gather_batches(embeddings, logits, labels, names=_GATHERED)
         memory = self._memory_for(embeddings)
         opts = self.options
         gtg_weight = self.current_gtg_weight()

@@ -1,5 +1,6 @@
-//! Evaluation of embeddings: retrieval (Recall@K, MAP@R, R-Precision) and
-//! clustering (NMI of k-means) at any scale, on CPU or CUDA tensors.
+//! Evaluation of embeddings: retrieval (Recall@K, Precision@K, mAP@K, MAP@R,
+//! R-Precision; per query or per class, [`Average`]) and clustering (NMI of
+//! k-means) at any scale, on CPU or CUDA tensors.
 //!
 //! Definitions (the docstrings of `grouploss.metrics` repeat them):
 //!
@@ -16,6 +17,12 @@
 //!   `R-Precision = (same-class items in the first R) / R` and
 //!   `MAP@R = (1/R) sum_{i <= R, item i same-class} precision@i`. Queries with
 //!   R = 0 are left out of both and counted in [`Metrics::left_out`].
+//! * Precision@K and mAP@K (open-metric-learning's): the same-class items
+//!   among the first K over min(K, R), and the sum of precision@i at the
+//!   same-class places i <= K over min(K, R); queries with R = 0 are left
+//!   out as above.
+//! * Each retrieval metric is the mean over the queries, or with
+//!   [`Average::Class`] the mean over the classes of their queries' mean.
 //! * NMI: k-means ([`kmeans()`]) of the query embeddings with k = the number of
 //!   their classes, then [`nmi()`] of classes and clusters.
 //!
@@ -171,8 +178,9 @@ pub struct Metrics {
     pub nmi: Option<f64>,
     /// Queries evaluated.
     pub num_queries: usize,
-    /// Queries left out of MAP@R and R-Precision: no other item of their
-    /// class in the gallery. (When all are, those metrics are NaN.)
+    /// Queries left out of MAP@R, R-Precision, Precision@K and mAP@K: no
+    /// other item of their class in the gallery. (When all are, those
+    /// metrics are NaN.)
     pub left_out: usize,
 }
 

@@ -1,4 +1,5 @@
-//! Recall@K, MAP@R and R-Precision from a scan of the similarities.
+//! Recall@K, Precision@K, mAP@K, MAP@R and R-Precision from a scan of the
+//! similarities.
 //!
 //! Query i ranks the gallery by (-similarity, index), itself excluded when
 //! the gallery is the query set. Its R positives are the gallery items of its
@@ -7,11 +8,12 @@
 //! * Recall@K only needs the rank of the best positive, 1 + the number of
 //!   other-class items ranked before it: a count over the gallery, for every
 //!   K at once, however large K is.
-//! * MAP@R and R-Precision only look at the first R places. The rank of the
-//!   m-th positive is m + the number of other-class items before it, and
-//!   those that matter are among the R best other-class items.
+//! * MAP@R and R-Precision only look at the first R places, Precision@K and
+//!   mAP@K at the first K. The rank of the m-th positive is m + the number
+//!   of other-class items before it, and those that matter are among the
+//!   max(R, K) best other-class items ([`Need::cap`]).
 //!
-//! So a scan keeps per query one counter and a list of at most R items, and
+//! So a scan keeps per query one counter and a list of at most max(R, K) items, and
 //! memory stays O(block x n + sum of R) for any K, never n x n.
 
 use tch::{Device, Kind, Tensor};
@@ -103,8 +105,8 @@ pub(crate) struct ScanInput<'a> {
 pub(crate) struct ScanOut {
     /// Other-class items ranked before the best positive.
     pub before: Vec<u64>,
-    /// The R best other-class items (similarity, index), best first; empty
-    /// unless [`Need::negatives`].
+    /// The [`Need::cap`] best other-class items (similarity, index), best
+    /// first; empty unless [`Need::collects`].
     pub negatives: Vec<Vec<(f64, i64)>>,
 }
 

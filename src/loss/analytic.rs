@@ -12,8 +12,9 @@
 //! * softmax, cross-entropy and the similarity have their textbook gradients.
 //!
 //! Nothing here records an autograd graph: callers hand the gradients to the
-//! autograd engine (`torch.autograd.Function` in Python, `run_backward` in the
-//! Rust training loop).
+//! autograd engine (`torch.autograd.Function` in Python; in the Rust training
+//! loop, the backward of the surrogate `sum(emb * d_emb) + sum(logits *
+//! d_logits)`, `train::objective`).
 
 use tch::{Kind, Tensor};
 

@@ -380,7 +380,7 @@ pub(super) fn embed_set(
 
 /// Recall@K, MAP@R, R-Precision and NMI of embeddings, as a JSON map.
 pub fn evaluate_embeddings(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map<String, Value>> {
-    evaluate_with(emb, cfg, Metric::ALL.to_vec())
+    run_metrics(emb, cfg, Metric::ALL.to_vec())
 }
 
 /// The metrics of the per-epoch selection: NMI's k-means is left out (it
@@ -393,10 +393,10 @@ pub(super) fn evaluate_for_selection(
     if cfg.select_metric == "nmi" {
         include.push(Metric::Nmi);
     }
-    evaluate_with(emb, cfg, include)
+    run_metrics(emb, cfg, include)
 }
 
-fn evaluate_with(
+fn run_metrics(
     emb: &SetEmbeddings,
     cfg: &TrainConfig,
     include: Vec<Metric>,
