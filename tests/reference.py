@@ -1,5 +1,6 @@
-"""A brute-force Group Loss written from the spec (shared/spec/group-loss.md),
-the way the authors' release computes it: anchors picked in a Python loop,
+"""A brute-force Group Loss written from the spec
+(../shared/spec/group-loss.md, beside the checkout), the way the authors'
+release computes it: anchors picked in a Python loop,
 the Pearson correlation from its definition, plain tensor ops throughout.
 
 Tests compare the Rust op against it; benchmarks time it as the peer.

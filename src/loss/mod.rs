@@ -1,6 +1,7 @@
 //! The Group Loss (Elezi et al., ECCV 2020) over libtorch tensors.
 //!
-//! One step, as in the authors' release (`shared/spec/group-loss.md`):
+//! One step, as in the authors' release (`../shared/spec/group-loss.md`,
+//! beside the checkout):
 //!
 //! 1. `W = relu(corr(emb))`, the Pearson correlation between samples;
 //! 2. `X0 = softmax(logits / T)`;

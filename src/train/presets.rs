@@ -1,8 +1,8 @@
 //! Presets: complete configurations that any option overrides.
 //!
 //! `cub200`, `cars196` and `sop` carry the hyperparameters of the authors'
-//! release (random-searched per dataset; `shared/spec/group-loss.md`):
-//! BN-Inception with 1024-d features, RAdam with decoupled weight decay,
+//! release (random-searched per dataset; `../shared/spec/group-loss.md`,
+//! beside the checkout): BN-Inception with 1024-d features, RAdam with decoupled weight decay,
 //! 70 epochs, learning rate / 10 at epochs 31 and 51, BatchNorm momentum 0.9,
 //! RandomResizedCrop(227) + flip for training, Resize(256) + CenterCrop(227)
 //! for evaluation, Caffe BGR input. `inshop` was not in the release: it uses
