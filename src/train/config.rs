@@ -25,6 +25,48 @@ const GROUP_TRAINER_OPTIONS: [&str; 5] = [
     "memory_warmup_steps",
 ];
 
+/// A new value of `key` of the same kind as the preset's `old` (an integer
+/// for an integer, a number for a number, ...), as an error naming the key
+/// rather than serde's message about Rust types.
+fn check_same_kind(key: &str, old: &toml::Value, new: &toml::Value) -> Result<()> {
+    use toml::Value::{Array, Boolean, Float, Integer, String};
+    let expected = match (old, new) {
+        (Integer(_), Integer(_))
+        | (Float(_), Float(_) | Integer(_))
+        | (Boolean(_), Boolean(_))
+        | (String(_), String(_))
+        | (Array(_), Array(_)) => return Ok(()),
+        (Integer(_), _) => "an integer",
+        (Float(_), _) => "a number",
+        (Boolean(_), _) => "true or false",
+        (String(_), _) => "a string",
+        (Array(_), _) => "a list",
+        _ => return Ok(()),
+    };
+    Err(Error::invalid(key, new, expected))
+}
+
+/// A configuration that does not deserialise: a negative value of an
+/// unsigned option as an error naming the option; otherwise serde's
+/// message, naming `source`.
+fn field_error(e: &toml::de::Error, source: &str) -> Error {
+    let message = e.to_string();
+    let key = message
+        .split("\nin `")
+        .nth(1)
+        .and_then(|r| r.split('`').next());
+    let value = message
+        .strip_prefix("invalid value: integer `")
+        .and_then(|r| r.split('`').next());
+    let unsigned = ["usize", "u64", "u32"]
+        .iter()
+        .any(|t| message.contains(&format!("expected {t}")));
+    match (key, value) {
+        (Some(key), Some(value)) if unsigned => Error::invalid(key, value, "an integer >= 0"),
+        _ => Error::format(source, None, message),
+    }
+}
+
 /// The losses that read `option`.
 fn losses_reading(option: &str) -> &'static [&'static str] {
     // `seed` is the run's (the anchors' seed derives from it).
@@ -319,11 +361,14 @@ impl TrainConfig {
                 let message = format!("unknown field `{k}`, expected one of {known:?}");
                 return Err(Error::format(source, None, message));
             }
+            if let Some(old) = base.get(&k) {
+                check_same_kind(&k, old, &v)?;
+            }
             base.insert(k, v);
         }
         let merged: TrainConfig = toml::Value::Table(base)
             .try_into()
-            .map_err(|e: toml::de::Error| Error::format(source, None, e.to_string()))?;
+            .map_err(|e: toml::de::Error| field_error(&e, source))?;
         merged.validate()?;
         Ok(merged)
     }
@@ -557,6 +602,41 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
+    }
+
+    /// Values of the wrong kind, or negative for an unsigned option, are
+    /// errors naming the option (not serde's message about Rust types).
+    #[test]
+    fn wrong_kinds_and_negative_counts_are_named() {
+        let cases = [
+            (
+                "epochs",
+                toml::Value::Integer(-1),
+                "epochs: expected an integer >= 0, got -1",
+            ),
+            (
+                "seed",
+                toml::Value::Integer(-2),
+                "seed: expected an integer >= 0, got -2",
+            ),
+            (
+                "epochs",
+                toml::Value::Float(1.5),
+                "epochs: expected an integer, got 1.5",
+            ),
+            ("lr", "x".into(), "lr: expected a number, got \"x\""),
+            (
+                "bf16",
+                toml::Value::Integer(1),
+                "bf16: expected true or false, got 1",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let e = TrainConfig::resolve(Some("glyphs"), None, with(&[(key, value)])).unwrap_err();
+            assert_eq!(e.to_string(), want);
+        }
+        let lr = TrainConfig::resolve(None, None, with(&[("lr", toml::Value::Integer(1))]));
+        assert_eq!(lr.unwrap().lr, 1.0);
     }
 
     #[test]
