@@ -1157,3 +1157,10 @@ def test_negative_seeds_are_named():
         GroupLoss(10, anchors="random", seed=-1)
     with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -3"):
         F.anchor_mask(torch.tensor([0, 0, 1]), 1, "random", seed=-3)
+
+
+def test_refine_names_w_as_its_parameter():
+    probs = torch.full((6, 3), 1 / 3)
+    labels, mask = torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^w: expected shape \[6, 6\]"):
+        F.refine(probs, torch.rand(5, 5), labels, mask)

@@ -199,6 +199,10 @@ def test_nearest_neighbours_against_brute_force():
     np.testing.assert_array_equal(nb.has_match, [True, True, True, True, False])
     with pytest.raises(ValueError, match="^is_gallery"):
         nearest_neighbours(emb, labels, 3, is_query=query)
+    with pytest.raises(ValueError, match="^k: expected an integer >= 1, got 0"):
+        nearest_neighbours(emb, labels, 0)
+    with pytest.raises(ValueError, match="^is_query: expected at least one query"):
+        nearest_neighbours(emb, labels, 3, is_query=np.zeros(10, bool), is_gallery=~query)
 
 
 def test_worst_queries_and_confused_classes():

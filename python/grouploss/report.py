@@ -98,13 +98,17 @@ def nearest_neighbours(
         )
     if (is_query is None) != (is_gallery is None):
         raise ValueError("is_gallery: expected both is_query and is_gallery, or neither")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     if is_query is None:
         queries, gallery = np.arange(n), np.arange(n)
         k = min(int(k), n - 1)
     else:
         queries, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
         k = min(int(k), len(gallery))
-    if k < 1 or len(queries) == 0:
+        if len(queries) == 0:
+            raise ValueError("is_query: expected at least one query, got none")
+    if k < 1:
         raise ValueError(f"embeddings: expected at least 2 items to search, got {n}")
     if is_query is None:
         sims, idx = metrics.knn(emb, k)

@@ -321,10 +321,10 @@ pub fn refine_checked(
     use crate::error::ensure;
     checks::check_matrix(probs, "probs", "batch x classes")?;
     let (n, m) = (probs.size()[0], probs.size()[1]);
-    checks::check_matrix(w, "W", "batch x batch")?;
+    checks::check_matrix(w, "w", "batch x batch")?;
     ensure(
         w.size() == [n, n],
-        "W",
+        "w",
         || format!("shape {}", checks::shape(w)),
         format!("shape [{n}, {n}] (batch x batch)"),
     )?;
@@ -347,7 +347,7 @@ pub fn refine_checked(
         || num_iters.to_string(),
         "an integer >= 1",
     )?;
-    let others = [("W", w), ("labels", labels), ("anchor_mask", anchor_mask)];
+    let others = [("w", w), ("labels", labels), ("anchor_mask", anchor_mask)];
     checks::check_same_device("probs", probs, &others)?;
     let k = refine::compute_kind(&[probs.kind(), w.kind()]);
     Ok(refine(
