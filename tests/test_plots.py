@@ -75,6 +75,8 @@ def test_probability_heatmaps_show_the_batch_classes_sorted_with_anchors():
         plots.probability_heatmaps(before[:, :3], after[:, :3], labels, classes=[1, 3])
     with pytest.raises(ValueError, match="^after: expected the shape of before"):
         plots.probability_heatmaps(before, after[:, :3], labels)
+    with pytest.raises(ValueError, match="^labels: expected one label per row of before"):
+        plots.probability_heatmaps(before, after, labels[:-1])
 
 
 def test_embedding_map_subsamples_and_draws_thumbnails():

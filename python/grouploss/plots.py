@@ -181,9 +181,9 @@ def embedding_map(
             uses).
         seed: the subset, the thumbnails and t-SNE's initialisation.
     """
+    plt = _plt()  # first: a missing extra is named with its install hint
     from sklearn.manifold import TSNE
 
-    plt = _plt()
     labels = np.asarray(labels)
     emb = np.asarray(embeddings, dtype=np.float32)
     n = len(labels)
@@ -331,10 +331,16 @@ def probability_heatmaps(
     """
     plt = _plt()
     before, after, labels = np.asarray(before), np.asarray(after), np.asarray(labels)
-    if before.shape != after.shape or before.ndim != 2 or len(before) != len(labels):
+    if before.ndim != 2:
+        raise ValueError(f"before: expected a (n, m) array, got shape {list(before.shape)}")
+    if after.shape != before.shape:
         raise ValueError(
-            f"after: expected the shape of before, ({len(labels)}, m), "
-            f"got {list(before.shape)} and {list(after.shape)}"
+            f"after: expected the shape of before, {list(before.shape)}, got {list(after.shape)}"
+        )
+    if labels.shape != (len(before),):
+        raise ValueError(
+            f"labels: expected one label per row of before ({len(before)}), "
+            f"got shape {list(labels.shape)}"
         )
     batch_classes = np.unique(labels)
     if classes is None:
