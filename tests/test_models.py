@@ -219,3 +219,17 @@ def test_bad_shapes_raise():
         initial_state_dict("glyphs", in_channels=0, num_classes=3)
     with pytest.raises(ValueError, match="backbone"):
         initial_state_dict("glyphs", in_channels=1, num_classes=3, backbone="vgg")
+
+
+def test_input_normalization_checks_its_arguments():
+    from grouploss.models import InputNormalization
+
+    for args, kwargs, message in [
+        (([], []), {}, "^mean: expected one value per channel"),
+        (([0.5], [0.0]), {}, r"^std: expected finite values > 0, got \[0.0\]"),
+        (([0.5, 0.5], [1.0]), {}, "^std: expected 2 values"),
+        (([0.5] * 3, [1.0] * 3), {"source_channels": [2, 1, 5]}, r"^source_channels: .*\[0, 3\)"),
+        (([0.5], [1.0]), {"scale": 0.0}, "^scale: expected a finite number > 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            InputNormalization(*args, **kwargs)

@@ -13,6 +13,7 @@ layers and BatchNorm as ``torch.nn.Conv2d``, ``torch.nn.Linear`` and
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -327,11 +328,21 @@ class InputNormalization(nn.Module):
         source_channels: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
-        if len(mean) != len(std) or not mean:
+        if len(mean) == 0:
+            raise ValueError("mean: expected one value per channel, got none")
+        if len(mean) != len(std):
             raise ValueError(f"std: expected {len(mean)} values (one per mean), got {len(std)}")
+        if not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError(f"std: expected finite values > 0, got {list(std)}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: expected a finite number > 0, got {scale}")
         source = list(range(len(mean))) if source_channels is None else list(source_channels)
         if len(source) != len(mean):
             raise ValueError(f"source_channels: expected {len(mean)} values, got {len(source)}")
+        if not all(0 <= c < len(mean) for c in source):
+            raise ValueError(
+                f"source_channels: expected channel indices in [0, {len(mean)}), got {source}"
+            )
         self.scale = float(scale)
         self.channels = len(mean)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
