@@ -237,6 +237,9 @@ def test_load_names_a_file_of_another_format(runs, tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match=r"^path: .*notes\.txt is not a safetensors file"):
         export.load(tmp_path / "notes.txt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"state\.pt is a zip archive \(torch\.save's\?\)"):
+        export.load(tmp_path / "state.pt")
 
 
 def test_load_refuses_a_torchscript_backbone_named_in_the_metadata(runs, tmp_path):

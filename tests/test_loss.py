@@ -957,11 +957,15 @@ def test_module_classifier_follows_the_embeddings_dtype():
 
 
 def test_help_shows_every_parameter_the_formula_and_an_example():
+    for documented, params in [
+        (GroupLoss, inspect.signature(GroupLoss.__init__).parameters),
+        (F.group_loss, inspect.signature(F.group_loss).parameters),
+    ]:
+        doc = inspect.getdoc(documented)
+        for name in params:
+            if name not in ("self", "option_values"):
+                assert f"{name}:" in doc, (documented, name)
     doc = inspect.getdoc(GroupLoss)
-    params = inspect.signature(GroupLoss.__init__).parameters
-    for name in params:
-        if name != "self":
-            assert f"{name}:" in doc, name
     for piece in ("X * (W @ X)", "softmax(logits / temperature)", "Example::", "relu(corr"):
         assert piece in doc
 

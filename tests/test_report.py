@@ -203,6 +203,10 @@ def test_nearest_neighbours_against_brute_force():
         nearest_neighbours(emb, labels, 0)
     with pytest.raises(ValueError, match="^is_query: expected at least one query"):
         nearest_neighbours(emb, labels, 3, is_query=np.zeros(10, bool), is_gallery=~query)
+    with pytest.raises(ValueError, match="^is_gallery: expected at least one gallery item"):
+        nearest_neighbours(emb, labels, 3, is_query=query, is_gallery=np.zeros(10, bool))
+    with pytest.raises(ValueError, match=r"^k: expected an integer >= 1, got 0$"):
+        nearest_neighbours(emb, labels, np.int64(0))
 
 
 def test_worst_queries_and_confused_classes():

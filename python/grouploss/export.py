@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import zipfile
 from typing import Dict, Union
 
 import torch
@@ -98,12 +99,17 @@ def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
     from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as raw:
-        if raw.read(4) == b"PK\x03\x04":
+        is_zip = raw.read(4) == b"PK\x03\x04"
+    if is_zip:
+        with zipfile.ZipFile(path) as archive:
+            scripted = any("/code/" in name for name in archive.namelist())
+        if scripted:
             raise ValueError(
                 f"path: {path} is a TorchScript archive (save's default format), not "
                 "safetensors; load it with format='torchscript' (it holds a program: "
                 "only from a source you trust)"
             )
+        raise ValueError(f"path: {path} is a zip archive (torch.save's?), not safetensors")
     try:
         f = safe_open(str(path), framework="pt")
     except SafetensorError as e:

@@ -185,7 +185,8 @@ class GroupLoss(nn.Module):
             invalid options.
         RuntimeError: embeddings on another device than the module's own
             classifier (as ``nn.Linear`` raises; move the module with
-            ``.to(device)``).
+            ``.to(device)``); with ``gather_ranks``, on the other ranks when
+            one rank's batch was refused before the gather.
 
     Example::
 
@@ -238,7 +239,7 @@ class GroupLoss(nn.Module):
         if embedding_size is not None:
             _check_int("embedding_size", embedding_size, 1)
         if classifier not in ("linear", "cosine"):
-            raise ValueError(f'classifier: expected one of "linear", "cosine", got {classifier!r}')
+            raise ValueError(f'classifier: expected one of "linear", "cosine", got "{classifier}"')
         _check_positive("classifier_scale", classifier_scale)
         _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
         _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)
@@ -384,8 +385,7 @@ class GroupLoss(nn.Module):
                 "logits: expected a (batch, num_classes) tensor, got None; pass logits or "
                 "construct GroupLoss with embedding_size=... so that it owns a classifier"
             )
-        if not isinstance(embeddings, torch.Tensor):
-            raise TypeError(f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}")
+        embeddings = F._require_tensor("embeddings", embeddings)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings: expected shape (batch, {self.embedding_size}) (embedding_size), "
@@ -469,10 +469,7 @@ class GroupLoss(nn.Module):
         if logits is None:
             logits = self.compute_logits(embeddings)
         if self.normalize_embeddings:
-            if not isinstance(embeddings, torch.Tensor):
-                raise TypeError(
-                    f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}"
-                )
+            embeddings = F._require_tensor("embeddings", embeddings)
             _check_floating(embeddings)
             embeddings = nn.functional.normalize(F._upcast(embeddings), dim=1, eps=1e-12)
         return embeddings, logits

@@ -330,6 +330,8 @@ class InputNormalization(nn.Module):
         super().__init__()
         if len(mean) == 0:
             raise ValueError("mean: expected one value per channel, got none")
+        if not all(math.isfinite(v) for v in mean):
+            raise ValueError(f"mean: expected finite values, got {list(mean)}")
         if len(mean) != len(std):
             raise ValueError(f"std: expected {len(mean)} values (one per mean), got {len(std)}")
         if not all(math.isfinite(v) and v > 0 for v in std):

@@ -98,8 +98,7 @@ def nearest_neighbours(
         )
     if (is_query is None) != (is_gallery is None):
         raise ValueError("is_gallery: expected both is_query and is_gallery, or neither")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    k = metrics._int("k", k, 1)
     if is_query is None:
         queries, gallery = np.arange(n), np.arange(n)
         k = min(int(k), n - 1)
@@ -108,6 +107,8 @@ def nearest_neighbours(
         k = min(int(k), len(gallery))
         if len(queries) == 0:
             raise ValueError("is_query: expected at least one query, got none")
+        if len(gallery) == 0:
+            raise ValueError("is_gallery: expected at least one gallery item, got none")
     if k < 1:
         raise ValueError(f"embeddings: expected at least 2 items to search, got {n}")
     if is_query is None:

@@ -27,7 +27,8 @@
 //!   their classes, then [`nmi()`] of classes and clusters.
 //!
 //! Similarities are computed in float64 for float64 inputs and in float32
-//! otherwise, in blocks: memory is O(block x n + sum of R), never n x n.
+//! otherwise, in blocks: memory is O(block x n + sum of max(R, K)), never
+//! n x n.
 
 pub mod index;
 pub(crate) mod input;
@@ -44,7 +45,7 @@ use std::collections::BTreeSet;
 
 use tch::Tensor;
 
-use crate::error::{ensure, Result};
+use crate::error::{at_least, ensure, Result};
 use input::{check_batch_size, check_embeddings, labels_vec, prepare};
 use positives::Own;
 use retrieval::{Need, Request, Strategy};
@@ -372,6 +373,10 @@ fn checked_labels(
         None => None,
     };
     check_batch_size(opts.batch_size)?;
+    if opts.wants(Metric::Nmi) {
+        at_least("kmeans_n_init", opts.kmeans_n_init, 1)?;
+        at_least("kmeans_max_iter", opts.kmeans_max_iter, 1)?;
+    }
     if let (Some(own), Some(yq)) = (own, &yq) {
         check_own(own, yq, &yg)?;
     }

@@ -13,8 +13,8 @@
 //!   of other-class items before it, and those that matter are among the
 //!   max(R, K) best other-class items ([`Need::cap`]).
 //!
-//! So a scan keeps per query one counter and a list of at most max(R, K) items, and
-//! memory stays O(block x n + sum of R) for any K, never n x n.
+//! So a scan keeps per query one counter and a list of at most max(R, K)
+//! items, and memory stays O(block x n + sum of max(R, K)), never n x n.
 
 use tch::{Device, Kind, Tensor};
 

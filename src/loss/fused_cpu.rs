@@ -17,7 +17,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::anchors::anchor_flags;
-use super::checks::{check_label_range, check_structure, not_finite};
+use super::checks::{check_label_range, check_structure, count_not_finite};
 use super::gemm;
 use super::kernels::{
     centre_row, dot, grad_row, logits_row, max_and_finite, similarity_grad_row, sum, LogitsRow,
@@ -253,12 +253,6 @@ pub(crate) fn group_loss_with_grads(
         Kind::Double => run::<f64>(&emb, &logits, &y, opts, want_grads, want_probs),
         _ => run::<f32>(&emb, &logits, &y, opts, want_grads, want_probs),
     }
-}
-
-fn count_not_finite(t: &Tensor, arg: &str) -> Error {
-    let nan = i64::try_from(t.isnan().sum(Kind::Int64)).unwrap_or(-1);
-    let inf = i64::try_from(t.isinf().sum(Kind::Int64)).unwrap_or(-1);
-    not_finite(arg, nan, inf)
 }
 
 /// The similarity of the embeddings and what its backward needs.

@@ -98,14 +98,23 @@ fn bad_value(key: &str, v: &Bound<'_, PyAny>) -> PyErr {
 /// An argument `arg` that must be an integer >= 0: pyo3's own conversion
 /// to `u64` raises an OverflowError naming nothing for a negative int.
 fn unsigned(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
-    let v: i128 = obj.extract().map_err(|_| {
-        let got = obj
-            .get_type()
-            .name()
-            .map_or_else(|_| "?".to_string(), |n| n.to_string());
-        pyo3::exceptions::PyTypeError::new_err(format!("{arg}: expected an integer, got {got}"))
-    })?;
-    u64::try_from(v).map_err(|_| crate::Error::invalid(arg, v, "an integer >= 0").into())
+    let range = "an integer from 0 to 2**64 - 1";
+    let v: i128 = match obj.extract() {
+        Ok(v) => v,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
+            return Err(crate::Error::invalid(arg, obj.str()?, range).into());
+        }
+        Err(_) => {
+            let got = obj
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".to_string(), |n| n.to_string());
+            let message = format!("{arg}: expected an integer, got {got}");
+            return Err(pyo3::exceptions::PyTypeError::new_err(message));
+        }
+    };
+    let expected = if v < 0 { "an integer >= 0" } else { range };
+    u64::try_from(v).map_err(|_| crate::Error::invalid(arg, v, expected).into())
 }
 
 /// `seed` (`#[pyo3(from_py_with = ...)]`): an integer >= 0.

@@ -46,25 +46,39 @@ fn check_same_kind(key: &str, old: &toml::Value, new: &toml::Value) -> Result<()
     Err(Error::invalid(key, new, expected))
 }
 
-/// A configuration that does not deserialise: a negative value of an
-/// unsigned option as an error naming the option; otherwise serde's
-/// message, naming `source`.
+/// A configuration that does not deserialise, as an error naming the
+/// option where serde names one (`... in `epochs``): what it saw, and what
+/// the option takes in the configuration's words (an integer >= 0, a
+/// number, ...) rather than Rust's types; otherwise serde's message, naming
+/// `source`.
 fn field_error(e: &toml::de::Error, source: &str) -> Error {
     let message = e.to_string();
     let key = message
         .split("\nin `")
         .nth(1)
         .and_then(|r| r.split('`').next());
-    let value = message
-        .strip_prefix("invalid value: integer `")
-        .and_then(|r| r.split('`').next());
-    let unsigned = ["usize", "u64", "u32"]
-        .iter()
-        .any(|t| message.contains(&format!("expected {t}")));
-    match (key, value) {
-        (Some(key), Some(value)) if unsigned => Error::invalid(key, value, "an integer >= 0"),
-        _ => Error::format(source, None, message),
-    }
+    let first = message.lines().next().unwrap_or("");
+    let parts = first
+        .strip_prefix("invalid type: ")
+        .or_else(|| first.strip_prefix("invalid value: "))
+        .and_then(|r| r.split_once(", expected "));
+    let (Some(key), Some((seen, expected))) = (key, parts) else {
+        return Error::format(source, None, message);
+    };
+    // `integer `-1``, `floating point `1.5``, `string "x"`: the value alone.
+    let seen = seen
+        .rsplit_once(' ')
+        .map_or(seen, |(_, v)| v)
+        .trim_matches('`');
+    let expected = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "an integer >= 0",
+        "i64" | "i32" => "an integer",
+        "f64" | "f32" => "a number",
+        "a boolean" => "true or false",
+        "path string" => "a path (a string)",
+        other => other,
+    };
+    Error::invalid(key, seen, expected)
 }
 
 /// The losses that read `option`.
@@ -429,6 +443,9 @@ impl TrainConfig {
                 "a non-empty list of integers >= 1",
             ));
         }
+        at_least("image_size", self.image_size, 0)?;
+        at_least("resize_size", self.resize_size, 0)?;
+        at_least("pad_jitter", self.pad_jitter, 0)?;
         non_negative("triplet_margin", self.triplet_margin)
     }
 
@@ -631,7 +648,24 @@ mod tests {
                 "bf16: expected true or false, got 1",
             ),
         ];
-        for (key, value, want) in cases {
+        let more = [
+            (
+                "split_seed",
+                toml::Value::Float(1.5),
+                "split_seed: expected an integer >= 0, got 1.5",
+            ),
+            (
+                "split_seed",
+                toml::Value::Integer(-4),
+                "split_seed: expected an integer >= 0, got -4",
+            ),
+            (
+                "out_dir",
+                toml::Value::Integer(3),
+                "out_dir: expected a path (a string), got 3",
+            ),
+        ];
+        for (key, value, want) in cases.into_iter().chain(more) {
             let e = TrainConfig::resolve(Some("glyphs"), None, with(&[(key, value)])).unwrap_err();
             assert_eq!(e.to_string(), want);
         }

@@ -378,7 +378,7 @@ pub(super) fn embed_set(
     }
 }
 
-/// Recall@K, MAP@R, R-Precision and NMI of embeddings, as a JSON map.
+/// Every metric ([`Metric::ALL`]) of embeddings, as a JSON map.
 pub fn evaluate_embeddings(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map<String, Value>> {
     run_metrics(emb, cfg, Metric::ALL.to_vec())
 }
