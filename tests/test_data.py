@@ -268,7 +268,7 @@ def test_loader_arguments_are_checked(cub):
         Loader(ds, [[0]], None)
     with pytest.raises(ValueError, match="num_threads: expected an integer >= 1"):
         Loader(ds, [[0]], train_transform(8), num_threads=0)
-    with pytest.raises(ValueError, match="on_error: expected 'raise' or 'skip'"):
+    with pytest.raises(ValueError, match='on_error: expected one of "raise", "skip"'):
         Loader(ds, [[0]], train_transform(8), on_error="ignore")
     with pytest.raises(ValueError, match=r"batch_sampler: expected indices below .* got index 99"):
         iter(Loader(ds, [[0, 99]], train_transform(8)))

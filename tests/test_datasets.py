@@ -85,7 +85,7 @@ def test_val_split_is_class_disjoint_seeded_and_carved_from_train(tmp_path):
         CUB200(tmp_path, split="val")
     with pytest.raises(ValueError, match="val_fraction: expected a number in"):
         CUB200(tmp_path, val_fraction=1.0)
-    with pytest.raises(ValueError, match="split: expected 'train'"):
+    with pytest.raises(ValueError, match='split: expected one of "train"'):
         CUB200(tmp_path, split="training")
     with pytest.raises(ValueError, match="no query/gallery"):
         CUB200(tmp_path, split="query")

@@ -109,7 +109,7 @@ def test_arguments_are_checked(tmp_path):
         index.add(np.eye(3, dtype=np.float32), ids=[1, 2])
     with pytest.raises(ValueError, match=r"k: expected 1 <= k <= 3"):
         index.search(np.eye(3, dtype=np.float32), 4)
-    with pytest.raises(ValueError, match='dtype: expected "float32" or "float16"'):
+    with pytest.raises(ValueError, match='dtype: expected one of "float32", "float16"'):
         Index(3, dtype="bfloat16")
     with pytest.raises(ValueError, match="dim: expected an integer >= 1"):
         Index(0)

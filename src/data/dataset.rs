@@ -46,11 +46,8 @@ impl Split {
             "gallery" => Split::Gallery,
             "all" => Split::All,
             other => {
-                return Err(Error::invalid(
-                    "split",
-                    format!("{other:?}"),
-                    "'train', 'val', 'test', 'query', 'gallery' or 'all'",
-                ))
+                let names = ["train", "val", "test", "query", "gallery", "all"];
+                return Err(crate::error::not_one_of("split", other, &names));
             }
         })
     }

@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::dataset::Dataset;
 use super::transform::{Transform, Workspace};
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::rng::Rng;
 
 const AUGMENT_STREAM: u64 = 0x4155_474D;
@@ -42,10 +42,10 @@ impl OnError {
         match s {
             "raise" => Ok(OnError::Raise),
             "skip" => Ok(OnError::Skip),
-            other => Err(Error::invalid(
+            other => Err(crate::error::not_one_of(
                 "on_error",
-                format!("{other:?}"),
-                "'raise' or 'skip'",
+                other,
+                &["raise", "skip"],
             )),
         }
     }
@@ -118,18 +118,8 @@ impl Loader {
         transform: Transform,
         options: LoaderOptions,
     ) -> Result<Self> {
-        ensure(
-            options.num_threads >= 1,
-            "num_threads",
-            || options.num_threads.to_string(),
-            "an integer >= 1",
-        )?;
-        ensure(
-            options.prefetch >= 1,
-            "prefetch",
-            || options.prefetch.to_string(),
-            "an integer >= 1",
-        )?;
+        at_least("num_threads", options.num_threads, 1)?;
+        at_least("prefetch", options.prefetch, 1)?;
         let mut by_class = vec![Vec::new(); dataset.classes().len()];
         for (i, &l) in dataset.labels().iter().enumerate() {
             by_class[l as usize].push(i);

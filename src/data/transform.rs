@@ -19,7 +19,7 @@ use fast_image_resize as fir;
 use super::decode::{self, Format};
 use super::image::Image;
 use super::jpeg;
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::rng::Rng;
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -163,7 +163,7 @@ impl Transform {
         normalization: Normalization,
         channels: usize,
     ) -> Result<Self> {
-        ensure(size >= 1, "size", || size.to_string(), "an integer >= 1")?;
+        at_least("size", size, 1)?;
         ensure(
             channels == 1 || channels == 3,
             "channels",

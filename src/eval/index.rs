@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use super::input::{check_batch_size, check_embeddings, host_vec};
 use super::knn::topk_ordered;
 use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
 use crate::loss::{gemm, threads};
 use crate::names::{device_name, dtype_name};
@@ -125,7 +125,7 @@ impl Index {
     /// An empty index of `dim`-wide vectors stored as `kind` (float32 or
     /// float16) on `device`.
     pub fn new(dim: i64, kind: Kind, device: Device) -> Result<Self> {
-        ensure(dim >= 1, "dim", || dim.to_string(), "an integer >= 1")?;
+        at_least("dim", dim, 1)?;
         ensure(
             matches!(kind, Kind::Float | Kind::Half),
             "dtype",

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{at_least, Result};
 use crate::rng::Rng;
 
 /// How anchors are chosen within each class of a batch.
@@ -97,13 +97,7 @@ pub fn labels_to_vec(labels: &Tensor) -> Result<Vec<i64>> {
 
 /// The anchor mask as a bool tensor on the device of `labels`.
 pub fn anchor_mask(labels: &Tensor, num_anchors: i64, mode: AnchorMode) -> Result<Tensor> {
-    if num_anchors < 0 {
-        return Err(Error::invalid(
-            "num_anchors",
-            num_anchors,
-            "an integer >= 0",
-        ));
-    }
+    at_least("num_anchors", num_anchors, 0)?;
     let host = labels_to_vec(labels)?;
     let flags = anchor_flags(&host, num_anchors as usize, mode);
     Ok(Tensor::from_slice(&flags).to_device(labels.device()))

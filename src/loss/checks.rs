@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::GroupLossOptions;
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::names::{device_name, dtype_name};
 
 pub(crate) fn is_float(kind: Kind) -> bool {
@@ -220,18 +220,8 @@ pub(crate) fn check_power(power: f64) -> Result<()> {
 /// Scalar options of the loss.
 pub(crate) fn check_options(opts: &GroupLossOptions) -> Result<()> {
     crate::error::positive("temperature", opts.temperature)?;
-    ensure(
-        opts.num_anchors >= 0,
-        "num_anchors",
-        || format!("{}", opts.num_anchors),
-        "an integer >= 0",
-    )?;
-    ensure(
-        opts.num_iters >= 1,
-        "num_iters",
-        || format!("{}", opts.num_iters),
-        "an integer >= 1",
-    )?;
+    at_least("num_anchors", opts.num_anchors, 0)?;
+    at_least("num_iters", opts.num_iters, 1)?;
     for (name, w) in [
         ("gtg_weight", opts.gtg_weight),
         ("ce_weight", opts.ce_weight),

@@ -318,7 +318,7 @@ pub fn refine_checked(
     anchor_mask: &Tensor,
     num_iters: i64,
 ) -> Result<Tensor> {
-    use crate::error::ensure;
+    use crate::error::{at_least, ensure};
     checks::check_matrix(probs, "probs", "batch x classes")?;
     let (n, m) = (probs.size()[0], probs.size()[1]);
     checks::check_matrix(w, "w", "batch x batch")?;
@@ -341,12 +341,7 @@ pub fn refine_checked(
         },
         format!("a bool tensor of shape [{n}]"),
     )?;
-    ensure(
-        num_iters >= 1,
-        "num_iters",
-        || num_iters.to_string(),
-        "an integer >= 1",
-    )?;
+    at_least("num_iters", num_iters, 1)?;
     let others = [("w", w), ("labels", labels), ("anchor_mask", anchor_mask)];
     checks::check_same_device("probs", probs, &others)?;
     let k = refine::compute_kind(&[probs.kind(), w.kind()]);

@@ -146,3 +146,9 @@ pub(crate) fn member_arg(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
     let v = unsigned(obj, "member")?;
     usize::try_from(v).map_err(|_| crate::Error::invalid("member", v, "a smaller integer").into())
 }
+
+/// A count from Python: negative values are argument errors (saying
+/// `expected`), not overflows.
+pub(crate) fn count(arg: &str, v: i64, expected: &str) -> crate::Result<usize> {
+    usize::try_from(v).map_err(|_| crate::Error::invalid(arg, v, expected))
+}

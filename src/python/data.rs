@@ -8,8 +8,8 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
+use super::convert::count;
 use super::errors::without_gil;
-use super::sampler::count;
 use crate::data::{
     self, Dataset, DatasetOptions, Epoch, Image, Loader, LoaderOptions, Normalization, OnError,
     ReaderOptions, Split, Transform, Workspace,

@@ -3,8 +3,8 @@
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
+use super::convert::count;
 use super::errors::without_gil;
-use super::sampler::count;
 use crate::error::Error;
 use crate::eval::input::{host_vec, labels_vec};
 use crate::eval::{self, Average, EvalOptions, KnnOptions, Metric};

@@ -38,10 +38,10 @@ fn storage(dtype: &str) -> Result<Kind, Error> {
     match dtype {
         "float32" => Ok(Kind::Float),
         "float16" => Ok(Kind::Half),
-        other => Err(Error::invalid(
+        other => Err(crate::error::not_one_of(
             "dtype",
-            format!("{other:?}"),
-            "\"float32\" or \"float16\"",
+            other,
+            &["float32", "float16"],
         )),
     }
 }

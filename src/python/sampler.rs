@@ -3,14 +3,9 @@
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 
+use super::convert::count;
 use super::errors::without_gil;
-use crate::error::Error;
 use crate::sampler::{ClassBalancedSampler, SamplerOptions};
-
-/// A count from Python: negative values are argument errors, not overflows.
-pub(crate) fn count(arg: &str, v: i64, expected: &str) -> Result<usize, Error> {
-    usize::try_from(v).map_err(|_| Error::invalid(arg, v, expected))
-}
 
 /// P x K epoch plans (see `grouploss.ClassBalancedBatchSampler`).
 #[pyclass(name = "ClassBalancedSampler", module = "grouploss._native")]

@@ -17,7 +17,7 @@
 //! chunks of classes not yet in the batch. Finally the batches are shuffled
 //! and rank `r` of `R` takes batches `r, r + R, r + 2R, ...`.
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{at_least, ensure, Error, Result};
 use crate::rng::Rng;
 
 /// Stream id of the sampler in `derive_seed(seed, [epoch, SAMPLER_STREAM])`.
@@ -85,24 +85,9 @@ impl ClassBalancedSampler {
                 "non-negative class ids",
             ));
         }
-        ensure(
-            samples_per_class >= 1,
-            "samples_per_class",
-            || samples_per_class.to_string(),
-            "an integer >= 1",
-        )?;
-        ensure(
-            classes_per_batch >= 1,
-            "classes_per_batch",
-            || classes_per_batch.to_string(),
-            "an integer >= 1",
-        )?;
-        ensure(
-            options.num_replicas >= 1,
-            "num_replicas",
-            || options.num_replicas.to_string(),
-            "an integer >= 1",
-        )?;
+        at_least("samples_per_class", samples_per_class, 1)?;
+        at_least("classes_per_batch", classes_per_batch, 1)?;
+        at_least("num_replicas", options.num_replicas, 1)?;
         ensure(
             options.rank < options.num_replicas,
             "rank",

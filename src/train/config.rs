@@ -455,7 +455,7 @@ impl TrainConfig {
         one_of("schedule", &self.schedule, &SCHEDULES)?;
         one_of("loss", &self.loss, &LOSSES)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
-        one_of("on_error", &self.on_error, &["raise", "skip"])?;
+        crate::data::loader::OnError::parse(&self.on_error)?;
         crate::model::ClassifierKind::parse(&self.classifier, self.classifier_scale)?;
         one_of(
             "normalization",

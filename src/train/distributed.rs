@@ -282,21 +282,20 @@ pub fn all_gather_rows(
         .iter()
         .map(|t| if t.dim() == 0 { -1 } else { t.size()[0] })
         .collect();
-    let table: Vec<Vec<i64>> = if coll.world_size() == 1 {
-        vec![rows]
-    } else {
-        let mine = Tensor::from_slice(&rows).to_device(first.device());
-        coll.all_gather(&mine)?
-            .iter()
-            .map(Vec::<i64>::try_from)
-            .collect::<std::result::Result<_, _>>()?
-    };
+    if coll.world_size() == 1 {
+        check_row_table(std::slice::from_ref(&rows))?;
+        let all = locals.iter().map(|t| t.shallow_clone()).collect();
+        return Ok((all, (0, rows[0])));
+    }
+    let mine = Tensor::from_slice(&rows).to_device(first.device());
+    let table: Vec<Vec<i64>> = coll
+        .all_gather(&mine)?
+        .iter()
+        .map(Vec::<i64>::try_from)
+        .collect::<std::result::Result<_, _>>()?;
     check_row_table(&table)?;
     let counts: Vec<i64> = table.iter().map(|r| r[0]).collect();
     let (rank, n) = (coll.rank(), counts[coll.rank()]);
-    if coll.world_size() == 1 {
-        return Ok((locals.iter().map(|t| t.shallow_clone()).collect(), (0, n)));
-    }
     let start = counts[..rank].iter().sum();
     let gathered = locals
         .iter()
