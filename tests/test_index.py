@@ -147,3 +147,19 @@ def test_search_block_size_and_foreign_files_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("not an index")
     with pytest.raises(ValueError, match=r"^path: .*notes\.txt: not a safetensors file"):
         Index.load(tmp_path / "notes.txt")
+
+
+def test_integers_are_not_truncated():
+    for bad, call in [
+        (r"^dim: expected an integer, got 2.7", lambda: Index(2.7)),
+        (r"^dim: expected an integer, got True", lambda: Index(True)),
+        (r"^k: expected an integer, got 2.5", lambda: _three().search(torch.randn(1, 3), 2.5)),
+    ]:
+        with pytest.raises(ValueError, match=bad):
+            call()
+
+
+def _three() -> Index:
+    index = Index(3)
+    index.add(torch.randn(4, 3))
+    return index

@@ -1168,3 +1168,11 @@ def test_refine_names_w_as_its_parameter():
     labels, mask = torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"^w: expected shape \[6, 6\]"):
         F.refine(probs, torch.rand(5, 5), labels, mask)
+
+
+def test_integer_arguments_are_not_truncated():
+    labels = torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=r"^num_anchors: expected an integer, got 1.9"):
+        F.anchor_mask(labels, 1.9)
+    with pytest.raises(ValueError, match=r"^num_classes: expected an integer, got 'x'"):
+        F.group_loss(torch.randn(3, 2), labels, torch.randn(3, 2), num_classes="x")

@@ -42,6 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _extras, _native
+from ._args import integer
 
 PathLike = Union[str, pathlib.Path]
 
@@ -367,11 +368,9 @@ def build_glyphs(
     the module's documentation for the drawing rules.
     """
     _extras.require("glyphs")
-    for arg, value in (("max_train", max_train), ("max_test", max_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg}: expected an integer >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    integer("max_train", max_train, 1)
+    integer("max_test", max_test, 1)
+    integer("seed", seed, 0)
     root = (
         pathlib.Path(root)
         if root is not None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import _native
+from ._args import integer
 from ._deprecation import renamed_keywords
 from ._native_attribute import NativeAttribute
 
@@ -239,8 +240,7 @@ class Loader:
         if prefetch is None:
             prefetch = 2 * num_threads
         for name, v in (("num_threads", num_threads), ("prefetch", prefetch), ("seed", seed)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{name}: expected an integer, got {v!r}")
+            integer(name, v)
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.transform = transform

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
+from ._args import integer
 from ._deprecation import renamed_keywords
 
 __all__ = [
@@ -142,9 +143,7 @@ def _draw_seed(seed: Optional[int]) -> int:
     global generator, so ``torch.manual_seed`` makes runs repeatable."""
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    if seed < 0:
-        raise ValueError(f"seed: expected an integer >= 0, got {seed}")
-    return int(seed)
+    return integer("seed", seed, 0)
 
 
 def loss_options(
@@ -252,7 +251,7 @@ def group_loss(
     call = dict(
         options=opts,
         seed=_draw_seed(opts.seed) if opts.anchors == "random" else None,
-        num_classes=None if num_classes is None else int(num_classes),
+        num_classes=None if num_classes is None else integer("num_classes", num_classes),
         implementation=implementation,
     )
     if memory_embeddings is not None or memory_labels is not None:
@@ -339,7 +338,8 @@ def anchor_mask(
     anchors = renamed_keywords("anchor_mask", renamed, {"mode": "anchors"}).get("anchors", anchors)
     labels = _require_tensor("labels", labels)
     seed = _draw_seed(seed) if anchors == "random" else 0
-    return _native.anchor_mask(labels, int(num_anchors), anchors=anchors, seed=seed)
+    num_anchors = integer("num_anchors", num_anchors)
+    return _native.anchor_mask(labels, num_anchors, anchors=anchors, seed=seed)
 
 
 def refine(
@@ -363,7 +363,8 @@ def refine(
     for name, t in (("probs", probs), ("w", w), ("labels", labels), ("anchor_mask", anchor_mask)):
         _require_tensor(name, t)
     with _no_autocast(probs.device):
-        return _native.refine(_upcast(probs), _upcast(w), labels, anchor_mask, int(num_iters))
+        num_iters = integer("num_iters", num_iters)
+        return _native.refine(_upcast(probs), _upcast(w), labels, anchor_mask, num_iters)
 
 
 # ------------------------------------------------------------ triplet margin loss

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import _native
+from ._args import integer
 from ._native_attribute import NativeAttribute
 from .metrics import _as_tensor
 
@@ -57,7 +58,7 @@ class Index:
     device = NativeAttribute[str]("The device of the stored vectors.")
 
     def __init__(self, dim: int, *, dtype: str = "float32", device: str = "cpu") -> None:
-        self._native = _native.Index(int(dim), dtype=dtype, device=str(device))
+        self._native = _native.Index(integer("dim", dim), dtype=dtype, device=str(device))
 
     def add(self, embeddings: Any, ids: Any = None, labels: Any = None) -> None:
         """Adds ``embeddings`` ((n, dim), tensor or numpy, any floating dtype
@@ -74,7 +75,9 @@ class Index:
         for numpy queries, tensors on the index's device for tensors.
         ``batch_size``: queries per block (default: from the memory budget)."""
         scores, ids = self._native.search(
-            _as_tensor("queries", queries), int(k), batch_size=batch_size
+            _as_tensor("queries", queries),
+            integer("k", k),
+            batch_size=None if batch_size is None else integer("batch_size", batch_size),
         )
         if isinstance(queries, torch.Tensor):
             return scores, ids

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import _native
 from . import functional as F
+from ._args import integer
 from .distributed import abandon_gather, gather_batches
 
 __all__ = ["CosineClassifier", "GroupLoss"]
@@ -235,16 +236,16 @@ class GroupLoss(nn.Module):
         super().__init__()
         # The loss's own options are validated by the Rust core alone.
         self.options = F.loss_options(options, option_values)
-        _check_int("num_classes", num_classes, 1)
+        integer("num_classes", num_classes, 1)
         if embedding_size is not None:
-            _check_int("embedding_size", embedding_size, 1)
+            integer("embedding_size", embedding_size, 1)
         if classifier not in ("linear", "cosine"):
             raise ValueError(f'classifier: expected one of "linear", "cosine", got "{classifier}"')
         _check_positive("classifier_scale", classifier_scale)
-        _check_int("gtg_warmup_steps", gtg_warmup_steps, 0)
-        _check_int("gtg_ramp_steps", gtg_ramp_steps, 0)
-        _check_int("memory_size", memory_size, 0)
-        _check_int("memory_warmup_steps", memory_warmup_steps, 0)
+        integer("gtg_warmup_steps", gtg_warmup_steps, 0)
+        integer("gtg_ramp_steps", gtg_ramp_steps, 0)
+        integer("memory_size", memory_size, 0)
+        integer("memory_warmup_steps", memory_warmup_steps, 0)
         if not isinstance(gather_ranks, bool):
             raise ValueError(f"gather_ranks: expected True or False, got {gather_ranks!r}")
         if (gtg_warmup_steps or gtg_ramp_steps) and self.options.ce_weight == 0:
@@ -528,11 +529,6 @@ class GroupLoss(nn.Module):
 
 #: The memory's buffers (state dicts saved before it existed lack them).
 _MEMORY_BUFFERS = ("memory_embeddings", "memory_labels", "memory_steps")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from . import _native
+from ._args import integer
 
 __all__ = [
     "KMeansResult",
@@ -124,16 +125,8 @@ def _labels(name: str, value) -> torch.Tensor:
     return t
 
 
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
-
-
 def _batch_size(value) -> Optional[int]:
-    return None if value is None else _int("batch_size", value, 1)
+    return None if value is None else integer("batch_size", value, 1)
 
 
 def _both(a: str, av, b: str, bv) -> None:
@@ -257,7 +250,7 @@ def evaluate(
         ks = (ks,)
     if isinstance(include, str):
         include = (include,)
-    ks = [_int("ks", k, 1) for k in ks]
+    ks = [integer("ks", k, 1) for k in ks]
     include = [_metric_name(str(m)) for m in include]
     e, y = _as_tensor("embeddings", embeddings), _labels("labels", labels)
     qe, ql = _query(query_embeddings, query_labels)
@@ -281,7 +274,7 @@ def evaluate(
         include=include,
         normalize=bool(normalize),
         batch_size=_batch_size(batch_size),
-        seed=_int("seed", seed, 0),
+        seed=integer("seed", seed, 0),
         query_own=own,
         average=average,
     )
@@ -447,10 +440,10 @@ def kmeans(
     xt = _as_tensor("x", x)
     assignments, centroids, inertia = _native.kmeans(
         xt,
-        _int("k", k, 1),
-        n_init=_int("n_init", n_init, 1),
-        max_iter=_int("max_iter", max_iter, 1),
-        seed=_int("seed", seed, 0),
+        integer("k", k, 1),
+        n_init=integer("n_init", n_init, 1),
+        max_iter=integer("max_iter", max_iter, 1),
+        seed=integer("seed", seed, 0),
     )
     if not isinstance(x, torch.Tensor):
         assignments, centroids = assignments.numpy(), centroids.numpy()
@@ -480,7 +473,7 @@ def knn(
     q = None if query_embeddings is None else _as_tensor("query_embeddings", query_embeddings)
     sims, idx = _native.knn(
         _as_tensor("embeddings", embeddings),
-        _int("k", k, 1),
+        integer("k", k, 1),
         q,
         normalize=bool(normalize),
         batch_size=_batch_size(batch_size),

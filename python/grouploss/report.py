@@ -35,6 +35,7 @@ import torch
 
 from . import _extras, datasets, metrics, plots
 from . import functional as F
+from ._args import integer
 from .datasets import run_dataset
 from .training import RunModel, load_run
 
@@ -98,7 +99,7 @@ def nearest_neighbours(
         )
     if (is_query is None) != (is_gallery is None):
         raise ValueError("is_gallery: expected both is_query and is_gallery, or neither")
-    k = metrics._int("k", k, 1)
+    k = integer("k", k, 1)
     if is_query is None:
         queries, gallery = np.arange(n), np.arange(n)
         k = min(int(k), n - 1)
@@ -704,12 +705,9 @@ def report(
         seed: the random queries, the t-SNE subset and the batch.
     """
     _extras.require("report")
-    if queries < 1:
-        raise ValueError(f"queries: expected an integer >= 1, got {queries}")
-    if k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k}")
-    if max_points < 3:
-        raise ValueError(f"max_points: expected an integer >= 3, got {max_points}")
+    integer("queries", queries, 1)
+    integer("k", k, 1)
+    integer("max_points", max_points, 3)
     run = RunInspection(
         run_dir, split=split, checkpoint=checkpoint, device=device, data_root=data_root, k=k
     )

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import _native
+from ._args import integer
 from ._native_attribute import NativeAttribute
 
 __all__ = ["ClassBalancedBatchSampler"]
@@ -28,12 +29,6 @@ def _as_labels(labels: Any) -> np.ndarray:
     if arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"labels: expected values below 2**63, got {int(arr.max())}")
     return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    return int(value)
 
 
 class ClassBalancedBatchSampler(Sampler[List[int]]):
@@ -93,16 +88,16 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
     ) -> None:
         self._native = _native.ClassBalancedSampler(
             _as_labels(labels),
-            _as_int("classes_per_batch", classes_per_batch),
-            _as_int("samples_per_class", samples_per_class),
-            seed=_as_int("seed", seed),
-            num_replicas=_as_int("num_replicas", num_replicas),
-            rank=_as_int("rank", rank),
+            integer("classes_per_batch", classes_per_batch),
+            integer("samples_per_class", samples_per_class),
+            seed=integer("seed", seed),
+            num_replicas=integer("num_replicas", num_replicas),
+            rank=integer("rank", rank),
         )
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose plan the next iteration yields."""
-        self._native.set_epoch(_as_int("epoch", epoch))
+        self._native.set_epoch(integer("epoch", epoch))
 
     @property
     def epoch(self) -> int:
