@@ -647,8 +647,6 @@ mod tests {
                 toml::Value::Integer(1),
                 "bf16: expected true or false, got 1",
             ),
-        ];
-        let more = [
             (
                 "split_seed",
                 toml::Value::Float(1.5),
@@ -665,7 +663,7 @@ mod tests {
                 "out_dir: expected a path (a string), got 3",
             ),
         ];
-        for (key, value, want) in cases.into_iter().chain(more) {
+        for (key, value, want) in cases {
             let e = TrainConfig::resolve(Some("glyphs"), None, with(&[(key, value)])).unwrap_err();
             assert_eq!(e.to_string(), want);
         }
