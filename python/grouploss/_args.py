@@ -3,6 +3,7 @@ argument, says what it takes and shows what it got."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -18,3 +19,36 @@ def integer(name: str, value: Any, minimum: Optional[int] = None) -> int:
     expected = "an integer" if minimum is None else f"an integer >= {minimum}"
     shown = int(value) if ok else value
     raise ValueError(f"{name}: expected {expected}, got {shown!r}")
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` as a ``bool`` (Python or numpy bools only, so that a string
+    such as ``"no"`` is not taken for True): a ``ValueError`` naming
+    ``name`` for anything else."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def number(
+    name: str, value: Any, minimum: Optional[float] = None, *, strict: bool = False
+) -> float:
+    """``value`` as a finite ``float`` (Python or numpy reals; not a bool):
+    a ``ValueError`` naming ``name`` for anything else, for NaN or an
+    infinity, or for a value below ``minimum`` (at or below it with
+    ``strict``)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    x = _as_float(value) if ok else math.nan
+    if math.isfinite(x) and (minimum is None or x > minimum or (x == minimum and not strict)):
+        return x
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+    raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf

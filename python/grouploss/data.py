@@ -97,7 +97,7 @@ class Transform:
 def _draw_seed(seed: Optional[int]) -> int:
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    return int(seed)
+    return integer("seed", seed, 0)
 
 
 def train_transform(
@@ -259,7 +259,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch of the next iteration (also given to the sampler)."""
-        self.epoch = int(epoch)
+        self.epoch = integer("epoch", epoch, 0)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]

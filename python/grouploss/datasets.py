@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import _native
+from ._args import boolean, integer, number
 from ._glyphs_build import build_glyphs
 from ._native_attribute import NativeAttribute
 from .data import Transform, _draw_seed
@@ -82,8 +83,8 @@ class ImageDataset(Dataset):
         self._args = dict(
             root=None if root is None else os.fspath(root),
             split=split,
-            val_fraction=float(val_fraction),
-            split_seed=int(split_seed),
+            val_fraction=number("val_fraction", val_fraction),
+            split_seed=integer("split_seed", split_seed, 0),
             **extra,
         )
         self.transform = transform
@@ -181,7 +182,7 @@ class FashionMNIST(ImageDataset):
             transform,
             val_fraction=val_fraction,
             split_seed=split_seed,
-            zero_shot=bool(zero_shot),
+            zero_shot=boolean("zero_shot", zero_shot),
         )
 
 
@@ -286,7 +287,7 @@ class ImageFolder(ImageDataset):
             transform,
             val_fraction=val_fraction,
             split_seed=split_seed,
-            train_fraction=float(train_fraction),
+            train_fraction=number("train_fraction", train_fraction),
         )
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
-from ._args import integer
+from ._args import boolean, integer, number
 from ._deprecation import renamed_keywords
 
 __all__ = [
@@ -314,9 +314,9 @@ def similarity(
         return _native.similarity(
             _upcast(embeddings),
             similarity=similarity,
-            zero_diagonal=bool(zero_diagonal),
-            sigma=float(sigma),
-            similarity_power=float(similarity_power),
+            zero_diagonal=boolean("zero_diagonal", zero_diagonal),
+            sigma=number("sigma", sigma),
+            similarity_power=number("similarity_power", similarity_power),
         )
 
 
@@ -410,10 +410,7 @@ def triplet_margin_loss(
     for name, value in (("embeddings", embeddings), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    try:
-        margin = float(margin)
-    except (TypeError, ValueError):
-        raise ValueError(f"margin: expected a finite number >= 0, got {margin!r}") from None
+    margin = number("margin", margin, 0)
     if embeddings.dtype in (torch.float16, torch.bfloat16):
         embeddings = embeddings.float()
     kind = embeddings.device.type

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _native
 from . import functional as F
-from ._args import integer
+from ._args import boolean, integer, number
 from .distributed import abandon_gather, gather_batches
 
 __all__ = ["CosineClassifier", "GroupLoss"]
@@ -241,13 +241,13 @@ class GroupLoss(nn.Module):
             integer("embedding_size", embedding_size, 1)
         if classifier not in ("linear", "cosine"):
             raise ValueError(f'classifier: expected one of "linear", "cosine", got "{classifier}"')
-        _check_positive("classifier_scale", classifier_scale)
+        classifier_scale = number("classifier_scale", classifier_scale, 0, strict=True)
+        normalize_embeddings = boolean("normalize_embeddings", normalize_embeddings)
+        gather_ranks = boolean("gather_ranks", gather_ranks)
         integer("gtg_warmup_steps", gtg_warmup_steps, 0)
         integer("gtg_ramp_steps", gtg_ramp_steps, 0)
         integer("memory_size", memory_size, 0)
         integer("memory_warmup_steps", memory_warmup_steps, 0)
-        if not isinstance(gather_ranks, bool):
-            raise ValueError(f"gather_ranks: expected True or False, got {gather_ranks!r}")
         if (gtg_warmup_steps or gtg_ramp_steps) and self.options.ce_weight == 0:
             raise ValueError(
                 "ce_weight: expected > 0 with gtg_warmup_steps or gtg_ramp_steps (the warm-up "
@@ -260,8 +260,8 @@ class GroupLoss(nn.Module):
 
         self.num_classes = int(num_classes)
         self.embedding_size = embedding_size
-        self.classifier_scale = float(classifier_scale)
-        self.normalize_embeddings = bool(normalize_embeddings)
+        self.classifier_scale = classifier_scale
+        self.normalize_embeddings = normalize_embeddings
         self.gtg_warmup_steps = int(gtg_warmup_steps)
         self.gtg_ramp_steps = int(gtg_ramp_steps)
         self.implementation = implementation
@@ -531,12 +531,6 @@ class GroupLoss(nn.Module):
 _MEMORY_BUFFERS = ("memory_embeddings", "memory_labels", "memory_steps")
 
 
-def _check_positive(name: str, value) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (value > 0) or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-
-
 def _option_property(name: str) -> property:
     def get(self):
         return getattr(self.options, name)
@@ -559,7 +553,7 @@ class CosineClassifier(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, *, scale: float = 16.0) -> None:
         super().__init__(in_features, out_features, bias=False)
-        self.scale = float(scale)
+        self.scale = number("scale", scale, 0, strict=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.normalize(x, dim=1, eps=1e-12)

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from . import _native
-from ._args import integer
+from ._args import boolean, integer
 
 __all__ = [
     "KMeansResult",
@@ -272,7 +272,7 @@ def evaluate(
         ql,
         ks=ks,
         include=include,
-        normalize=bool(normalize),
+        normalize=boolean("normalize", normalize),
         batch_size=_batch_size(batch_size),
         seed=integer("seed", seed, 0),
         query_own=own,
@@ -475,7 +475,7 @@ def knn(
         _as_tensor("embeddings", embeddings),
         integer("k", k, 1),
         q,
-        normalize=bool(normalize),
+        normalize=boolean("normalize", normalize),
         batch_size=_batch_size(batch_size),
     )
     source = embeddings if query_embeddings is None else query_embeddings
