@@ -178,6 +178,13 @@ def test_loader_yields_the_planned_batches_as_nchw_float(cub):
         assert torch.isfinite(x).all()
     one, labels = loader.load_batch([0, 5, 7], epoch=0, batch_index=0)
     assert one.shape == (3, 3, 40, 40) and labels.tolist() == ds.labels[[0, 5, 7]].tolist()
+    for kw, message in [
+        (dict(batch_index=-1), r"^batch_index: expected an integer >= 0, got -1$"),
+        (dict(epoch=-1), r"^epoch: expected an integer >= 0, got -1$"),
+        (dict(indices=[0, 5.5]), r"^indices: expected an integer >= 0, got 5.5$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loader.load_batch(**{"indices": [0, 5], **kw})
 
 
 def test_augmentation_does_not_depend_on_threads_or_prefetch(cub):

@@ -140,6 +140,15 @@ def test_the_module_keeps_the_last_batches_and_uses_them_after_the_warm_up():
     assert int(loss_fn.memory_steps) == 5
 
 
+def test_a_memory_larger_than_any_tensor_keeps_every_row():
+    loss_fn = GroupLoss(8, embedding_size=4, memory_size=2**63).double()
+    batches = list(_batches(3))
+    for emb, labels in batches:
+        loss_fn(emb, labels)
+    expected = torch.cat([emb for emb, _ in batches])
+    torch.testing.assert_close(loss_fn.memory_embeddings, expected, rtol=0, atol=0)
+
+
 def test_evaluation_calls_neither_use_nor_write_the_memory():
     loss_fn = GroupLoss(8, embedding_size=4, memory_size=10).double()
     batches = list(_batches(3))

@@ -283,7 +283,8 @@ class Loader:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One batch loaded in the calling thread, with the augmentation it
         gets as batch ``batch_index`` of ``epoch``."""
-        images, labels, _ = self._native.load_batch([int(i) for i in indices], epoch, batch_index)
+        indices = [integer("indices", i, 0) for i in indices]
+        images, labels, _ = self._native.load_batch(indices, epoch, batch_index)
         self._warn_skipped()
         return images, labels
 

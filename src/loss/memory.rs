@@ -140,7 +140,8 @@ pub fn push_rows(
     // The kept rows only are copied: the newest `from_new` of the batch
     // after the newest `from_old` of the memory, in one new tensor (which
     // shares no storage with the batch or the old memory).
-    let keep = (size as i64).min(have + got);
+    // A size beyond i64 keeps everything, as any size beyond the rows does.
+    let keep = i64::try_from(size).unwrap_or(i64::MAX).min(have + got);
     let from_new = keep.min(got);
     let from_old = keep - from_new;
     let new_rows = new.narrow(0, got - from_new, from_new);

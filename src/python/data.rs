@@ -423,8 +423,9 @@ impl PyLoader {
         py: Python<'_>,
         batch: Vec<i64>,
         #[pyo3(from_py_with = crate::python::convert::epoch_arg)] epoch: u64,
-        batch_index: usize,
+        batch_index: i64,
     ) -> PyResult<(PyTensor, PyTensor, Vec<usize>)> {
+        let batch_index = count("batch_index", batch_index, "an integer >= 0")?;
         let batch = batch
             .into_iter()
             .map(|v| count("batch", v, "non-negative indices"))
