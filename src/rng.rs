@@ -31,6 +31,46 @@ pub fn derive_seed(base: u64, path: &[u64]) -> u64 {
     splitmix64(&mut out)
 }
 
+/// The stream ids of a run's random choices: the last element of their
+/// `derive_seed` path (`[epoch, ANCHORS]` of the run seed, ...). One list,
+/// so that a new stream takes an id that no other uses (a test checks they
+/// are distinct). Changing a value changes every run's draws.
+pub mod stream {
+    /// An epoch's random anchors: `[epoch, ANCHORS]` of the run seed.
+    pub const ANCHORS: u64 = 7;
+    /// A step's torch generator (dropout and the like): `[epoch, step,
+    /// STEP]` of the run seed, then the rank in a data-parallel run.
+    pub const STEP: u64 = 1;
+    /// The images an evaluation subsamples (`max_images`): `[EVAL_SUBSET]`
+    /// of the run seed.
+    pub const EVAL_SUBSET: u64 = 11;
+    /// A rank's loader seed: `[rank, RANK]` of the run seed.
+    pub const RANK: u64 = 0x5241_4E4B;
+    /// An image's augmentation: `[epoch, batch, position, AUGMENT]` of the
+    /// loader seed.
+    pub const AUGMENT: u64 = 0x4155_474D;
+    /// The stand-in for an unreadable image: `[epoch, batch, position,
+    /// REPLACE]` of the loader seed.
+    pub const REPLACE: u64 = 0x5245_504C;
+    /// The validation classes carved out of the training classes:
+    /// `[VALIDATION]` of the split seed.
+    pub const VALIDATION: u64 = 0x5641_4C53;
+    /// An epoch's batches: `[epoch, SAMPLER]` of the sampler seed.
+    pub const SAMPLER: u64 = 0x5A4D_504C;
+
+    /// Every id above.
+    pub const ALL: [u64; 8] = [
+        ANCHORS,
+        STEP,
+        EVAL_SUBSET,
+        RANK,
+        AUGMENT,
+        REPLACE,
+        VALIDATION,
+        SAMPLER,
+    ];
+}
+
 /// xoshiro256++.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
@@ -132,6 +172,14 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_are_distinct() {
+        let mut ids = stream::ALL.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), stream::ALL.len(), "two streams share an id");
+    }
 
     #[test]
     fn stream_is_fixed_by_the_seed() {

@@ -16,9 +16,6 @@ use super::transform::{Transform, Workspace};
 use crate::error::{ensure, Error, Result};
 use crate::rng::Rng;
 
-/// Stream id of the validation carving in `derive_seed(split_seed, [..])`.
-const VAL_STREAM: u64 = 0x5641_4C53;
-
 /// A split of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Split {
@@ -260,7 +257,7 @@ impl Listing {
             "0: a validation split needs at least 2 training classes",
         )?;
         let k = ((vf * n as f64).round() as usize).clamp(1, n - 1);
-        Rng::derived(seed, &[VAL_STREAM]).shuffle(&mut train);
+        Rng::derived(seed, &[crate::rng::stream::VALIDATION]).shuffle(&mut train);
         Ok(train[..k].iter().copied().collect())
     }
 }

@@ -20,10 +20,8 @@ use tch::{Device, Kind, Tensor};
 use super::dataset::Dataset;
 use super::transform::{Transform, Workspace};
 use crate::error::{at_least, ensure, Error, Result};
-use crate::rng::Rng;
+use crate::rng::{stream, Rng};
 
-const AUGMENT_STREAM: u64 = 0x4155_474D;
-const REPLACE_STREAM: u64 = 0x5245_504C;
 /// Replacement candidates tried for a bad sample before giving up.
 const MAX_REPLACEMENT_TRIES: usize = 64;
 
@@ -284,7 +282,7 @@ impl Work {
     ) -> Result<usize> {
         let path = [self.epoch, j as u64, pos as u64];
         let load = |i: usize, dst: &mut [f32], ws: &mut Workspace| {
-            let mut rng = Rng::derived(self.seed, &[path[0], path[1], path[2], AUGMENT_STREAM]);
+            let mut rng = Rng::derived(self.seed, &[path[0], path[1], path[2], stream::AUGMENT]);
             self.dataset
                 .load_into(i, &self.transform, &mut rng, dst, ws)
         };
@@ -298,7 +296,7 @@ impl Work {
         // again, so skipping them does not change which one is chosen.
         let label = self.dataset.labels()[idx] as usize;
         let members = &self.by_class[label];
-        let mut rng = Rng::derived(self.seed, &[path[0], path[1], path[2], REPLACE_STREAM]);
+        let mut rng = Rng::derived(self.seed, &[path[0], path[1], path[2], stream::REPLACE]);
         let tries = members.len().min(MAX_REPLACEMENT_TRIES);
         for k in rng.choose(members.len(), tries) {
             let cand = members[k];

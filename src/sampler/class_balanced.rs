@@ -18,10 +18,7 @@
 //! and rank `r` of `R` takes batches `r, r + R, r + 2R, ...`.
 
 use crate::error::{at_least, ensure, Error, Result};
-use crate::rng::Rng;
-
-/// Stream id of the sampler in `derive_seed(seed, [epoch, SAMPLER_STREAM])`.
-const SAMPLER_STREAM: u64 = 0x5A4D_504C;
+use crate::rng::{stream, Rng};
 
 /// Seed and distribution of a [`ClassBalancedSampler`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,7 +189,7 @@ impl ClassBalancedSampler {
     fn plan_all_ranks(&self) -> Vec<usize> {
         let (p, k) = (self.p, self.k);
         let num_classes = self.num_classes();
-        let mut rng = Rng::derived(self.options.seed, &[self.epoch, SAMPLER_STREAM]);
+        let mut rng = Rng::derived(self.options.seed, &[self.epoch, stream::SAMPLER]);
 
         let mut order = self.members.clone();
         let mut remaining = vec![0u32; num_classes];

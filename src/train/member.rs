@@ -27,13 +27,8 @@ use super::state::{BestState, TrainerState};
 use crate::data::{Batch, Loader, LoaderOptions, OnError};
 use crate::error::{Error, Result};
 use crate::model::EmbeddingNet;
-use crate::rng::derive_seed;
+use crate::rng::{derive_seed, stream};
 use crate::sampler::{ClassBalancedSampler, SamplerOptions};
-
-/// Stream id of a rank's loader seed, `derive_seed(seed, [rank, RANK_STREAM])`.
-const RANK_STREAM: u64 = 0x5241_4E4B;
-/// The seed stream of a step's torch generator (dropout and the like).
-const STEP_STREAM: u64 = 1;
 
 /// What a member's training holds between its phases.
 struct Member<'a> {
@@ -338,7 +333,7 @@ impl<'a> Member<'a> {
         stop: &AtomicBool,
     ) -> Result<Vec<f64>> {
         let world = self.coll.world_size();
-        let mut stream = vec![epoch as u64, step as u64, STEP_STREAM];
+        let mut stream = vec![epoch as u64, step as u64, stream::STEP];
         if world > 1 {
             stream.push(self.coll.rank() as u64);
         }
@@ -534,7 +529,7 @@ fn member_loader(
             num_threads: workers,
             prefetch: cfg.prefetch.max(workers),
             seed: if coll.world_size() > 1 {
-                derive_seed(seed, &[coll.rank() as u64, RANK_STREAM])
+                derive_seed(seed, &[coll.rank() as u64, stream::RANK])
             } else {
                 seed
             },

@@ -68,16 +68,13 @@ impl Objective {
     }
 }
 
-/// The seed stream of an epoch's random anchors.
-const ANCHOR_STREAM: u64 = 7;
-
 /// The Group Loss's options for `epoch`: the weight of its warm-up and
 /// ramp, random anchors seeded for the epoch.
 pub fn group_options(cfg: &TrainConfig, epoch: usize) -> Result<GroupLossOptions> {
     let mut opts = cfg.group_loss_options()?;
     opts.gtg_weight = cfg.gtg_weight_at(epoch as f64);
     if let AnchorMode::Random { seed } = &mut opts.anchors {
-        *seed = derive_seed(cfg.seed, &[epoch as u64, ANCHOR_STREAM]);
+        *seed = derive_seed(cfg.seed, &[epoch as u64, crate::rng::stream::ANCHORS]);
     }
     Ok(opts)
 }

@@ -23,9 +23,6 @@ use crate::model::{self, BackboneSpec, ClassifierKind, EmbeddingNet, ModelConfig
 use crate::names::device_name;
 use crate::rng::derive_seed;
 
-/// The seed stream of the images an evaluation subsamples (`max_images`).
-const EVAL_SUBSET_STREAM: u64 = 11;
-
 /// What a finished run reports (rank 0 computes it; every rank receives it).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -362,7 +359,7 @@ pub(super) fn embed_set(
         EvalSet::All(ds) => {
             let mut idx = all(ds);
             if max_images > 0 && max_images < idx.len() {
-                crate::rng::Rng::new(derive_seed(cfg.seed, &[EVAL_SUBSET_STREAM]))
+                crate::rng::Rng::new(derive_seed(cfg.seed, &[crate::rng::stream::EVAL_SUBSET]))
                     .shuffle(&mut idx);
                 idx.truncate(max_images);
                 idx.sort_unstable();
