@@ -136,6 +136,18 @@ pub(crate) struct Listing {
     pub has_query_flags: bool,
 }
 
+/// `val_fraction`: the share of the training classes carved out as
+/// validation classes, in [0, 1) (the trainer's option and the datasets'
+/// keyword alike).
+pub fn check_val_fraction(val_fraction: f64) -> Result<()> {
+    ensure(
+        (0.0..1.0).contains(&val_fraction),
+        "val_fraction",
+        || val_fraction.to_string(),
+        "a number in [0, 1)",
+    )
+}
+
 impl Listing {
     pub(crate) fn new(name: &str, root: &Path, entry: &'static str) -> Self {
         Listing {
@@ -203,12 +215,7 @@ impl Listing {
     /// val part.
     fn check_split(&self, options: &DatasetOptions) -> Result<bool> {
         let vf = options.val_fraction;
-        ensure(
-            (0.0..1.0).contains(&vf),
-            "val_fraction",
-            || vf.to_string(),
-            "a number in [0, 1)",
-        )?;
+        check_val_fraction(vf)?;
         let has_val_part = self.records.iter().any(|r| r.part == Part::Val);
         if has_val_part {
             ensure(

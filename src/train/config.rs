@@ -426,13 +426,7 @@ impl TrainConfig {
         non_negative("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
         positive("lr_decay", self.lr_decay)?;
         positive("classifier_scale", self.classifier_scale)?;
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            return Err(Error::invalid(
-                "val_fraction",
-                self.val_fraction,
-                "a number in [0, 1)",
-            ));
-        }
+        crate::data::dataset::check_val_fraction(self.val_fraction)?;
         at_least("embedding_size", self.embedding_size, 0)?;
         at_least("ensemble", self.ensemble, 1)?;
         at_least("eval_batch_size", self.eval_batch_size, 1)?;
