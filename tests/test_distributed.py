@@ -310,6 +310,7 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
         "checkpoints/best.safetensors",
         "checkpoints/last.safetensors",
         "config.toml",
+        "input.json",
         "loss.png",
         "metrics.jsonl",
         "metrics.png",

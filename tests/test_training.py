@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def test_a_glyphs_run_writes_its_folder_and_learns(glyphs_root, tmp_path):
     out = tmp_path / "run"
     r = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **dict(TINY, epochs=3))
     assert r.run_dir == out
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "loss.png", "metrics.png"):
+    names = ("config.toml", "input.json", "metrics.jsonl", "summary.json", "loss.png")
+    for name in (*names, "metrics.png"):
         assert (out / name).stat().st_size > 0, name
     for name in ("last.safetensors", "best.safetensors"):
         assert (out / "checkpoints" / name).stat().st_size > 0
@@ -80,6 +82,36 @@ def test_options_are_one_vocabulary(glyphs_root, tmp_path):
         training.resolve_config("imagenet")
 
 
+def test_a_pretrained_file_that_is_no_state_dict_is_named(tmp_path):
+    """It is read with weights_only=True; torch's error (advising
+    weights_only=False) is not passed on."""
+    bad = tmp_path / "garbage.bin"
+    bad.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match=r"^pretrained: .*garbage\.bin is not a state dict") as e:
+        grouploss.train(pretrained=str(bad), out_dir=tmp_path / "r", plots=False)
+    assert "weights_only=False" not in str(e.value)
+
+
+def test_options_take_numpy_scalars_and_name_what_they_refuse():
+    cfg = training.resolve_config(
+        epochs=np.int64(2), lr=np.float32(0.5), flip=np.bool_(False), recall_ks=[1, np.int32(4)]
+    )
+    assert (cfg["epochs"], cfg["lr"], cfg["flip"], cfg["recall_ks"]) == (2, 0.5, False, [1, 4])
+    assert type(cfg["flip"]) is bool
+    cases = [
+        (dict(epochs=2**63), r"^epochs: expected an integer from -2\*\*63 to 2\*\*63 - 1, got 9"),
+        (dict(seed=-(2**70)), r"^seed: expected an integer from -2\*\*63"),
+        # A dataset name is checked with the options, by its name (it was
+        # "kind", once the run folder existed).
+        (dict(dataset="fashion"), r'^dataset: expected one of "fashion-mnist", "glyphs", '),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            training.resolve_config(**options)
+    with pytest.raises(ValueError, match="^plots: expected True or False, got 'no'"):
+        training.train(plots="no")
+
+
 def test_cli_train_and_evaluate(glyphs_root, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "grouploss.cli", "train", "--preset", "glyphs", "--quiet"]
@@ -110,6 +142,43 @@ def test_cli_train_and_evaluate(glyphs_root, tmp_path):
     assert m.returncode == 0, m.stderr
     assert np.load(emb).shape == (6 * 16, 64)
     assert np.load(tmp_path / "e_labels.npy").shape == (6 * 16,)
+
+
+def test_a_run_loads_and_exports_without_its_dataset(tmp_path):
+    """A run folder holds what its network takes (``input.json``: channels,
+    classes, the evaluation transform with the training images' statistics),
+    so it loads, embeds and exports where its dataset is not (loading once
+    opened the dataset)."""
+    data = make_glyph_like(tmp_path / "data")
+    out = tmp_path / "run"
+    kw = dict(TINY, epochs=1, normalization="mean_std")
+    grouploss.train("glyphs", data_root=data, out_dir=out, plots=False, **kw)
+    assert set(json.loads((out / "input.json").read_text())) == {
+        "channels",
+        "classes",
+        "size",
+        "transform_channels",
+        "transform",
+        "normalization",
+    }
+    model = grouploss.load_run(out, device="cpu")
+    ds = grouploss.datasets.Glyphs(data, split="test")
+    raw = torch.stack([ds.load(i) for i in range(4)])
+    want, spec = model.embed(raw), model.input_spec
+    data.rename(tmp_path / "moved")
+    moved = grouploss.load_run(out, device="cpu")
+    assert moved.input_spec == spec and len(spec["mean"]) == 1
+    torch.testing.assert_close(moved.embed(raw), want, rtol=0, atol=0)
+    assert moved.export(tmp_path / "m.pt").exists()
+    # Integer images other than uint8 are refused (0-255 values were taken
+    # as transformed ones).
+    with pytest.raises(ValueError, match="^images: expected uint8 images"):
+        moved.embed(raw.long())
+    # Resumed on other images (other pixel statistics), the run is refused
+    # rather than trained on an input its saved model does not describe.
+    make_glyph_like(data, seed=1)
+    with pytest.raises(ValueError, match="^data_root: expected the data the run in .* started"):
+        grouploss.train(resume=out, plots=False)
 
 
 def test_load_run_embeds_and_evaluates(glyphs_root, tmp_path):
@@ -354,13 +423,40 @@ def test_ce_only_baseline_and_ensemble(glyphs_root, tmp_path):
 
 
 def test_a_run_folder_refuses_another_configuration(glyphs_root, tmp_path):
+    """A run folder keeps its configuration: a new run into it or a resumed
+    run with another value of an option that changes the results is refused
+    by that option's name (resume once dropped such options silently)."""
     out = tmp_path / "r"
     kw = dict(TINY, epochs=1)
     grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, plots=False, **kw)
-    with pytest.raises(ValueError, match="^out_dir:"):
+    lr = training.resolve_config("glyphs", **kw)["lr"]
+    changed = rf"^lr: expected {lr}, the value of the run in {re.escape(str(out))} "
+    with pytest.raises(ValueError, match=changed):
         grouploss.train(
             "glyphs", data_root=glyphs_root, out_dir=out, plots=False, **dict(kw, lr=0.5)
         )
+    with pytest.raises(ValueError, match=changed + r".*; also seed: 0 there, 3 here\), got 0.5$"):
+        grouploss.train(resume=out, plots=False, lr=0.5, seed=3)
+    with pytest.raises(ValueError, match=r"^epochs: expected 1, the value of the run"):
+        grouploss.train(resume=out, plots=False, epochs=2)
+    with pytest.raises(ValueError, match="^options: unknown field `unknown_option`"):
+        grouploss.train(resume=out, plots=False, unknown_option=1)
+    # How the run is carried out may change, and the run's own values may
+    # be repeated.
+    again = grouploss.train(resume=out, plots=False, num_workers=1, prefetch=3, lr=lr)
+    assert again.run_dir == out
+
+
+def test_a_run_that_cannot_open_its_data_leaves_no_configuration(glyphs_root, tmp_path):
+    """The data opens before the run folder is claimed: a wrong data root
+    once left a config.toml that refused the corrected retry."""
+    out = tmp_path / "r"
+    kw = dict(TINY, epochs=1, plots=False)
+    with pytest.raises(FileNotFoundError):
+        grouploss.train("glyphs", data_root=tmp_path / "nowhere", out_dir=out, **kw)
+    assert not (out / "config.toml").exists()
+    grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **kw)
+    assert (out / "config.toml").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import _extras, _native, distributed
+from ._args import boolean
 
 if TYPE_CHECKING:
     from .models import EmbeddingModel
@@ -59,8 +60,8 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        run_dir: the run folder (``config.toml``, ``metrics.jsonl``,
-            ``summary.json``, ``checkpoints/``, plots).
+        run_dir: the run folder (``config.toml``, ``input.json``,
+            ``metrics.jsonl``, ``summary.json``, ``checkpoints/``, plots).
         history: one dict per epoch: ``epoch``, ``train_loss``,
             ``images_per_s``, ``lr``, and the selection split's metrics under
             ``"val"`` (or ``"test"`` with ``select_on="test"``).
@@ -96,9 +97,19 @@ def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
         return cfg
     from safetensors.torch import save_file
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch's message advises weights_only=False: not here
+        raise ValueError(
+            f"pretrained: {path} is not a state dict that loads without running code "
+            f"(torch.load(weights_only=True) raised {type(e).__name__})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     out = run_dir / "pretrained.safetensors"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +134,10 @@ def train(
         preset: ``fashion-mnist`` (default), ``glyphs``, ``cub200``,
             ``cars196``, ``sop`` or ``inshop``.
         config: a TOML file of options (the same names as the keywords).
-        resume: a run folder to continue (its own configuration is used).
+        resume: a run folder to continue, with its own configuration:
+            options given beside it must have the run's values (a
+            ``ValueError`` names one that differs), except ``progress``,
+            ``num_workers`` and ``prefetch``.
         plots: write ``loss.png`` and ``metrics.png`` into the run folder
             (with the ``report`` extra; without it they are skipped with one
             line on stderr saying how to install it).
@@ -140,6 +154,7 @@ def train(
     resolves the configuration and alone writes the run folder; every rank
     returns the same :class:`TrainResult`.
     """
+    plots = boolean("plots", plots)
     with distributed.process_group() as group:
         if group is None:
             cfg, run_dir = _prepare(preset, config, resume, options)
@@ -169,8 +184,10 @@ def _prepare(preset, config, resume, options) -> tuple:
         cfg_path = run_dir / "config.toml"
         if not cfg_path.exists():
             raise FileNotFoundError(f"resume: {cfg_path} does not exist (not a run folder)")
-        overrides = {k: v for k, v in options.items() if k in ("progress", "num_workers")}
-        cfg = _native.resolve_config(None, str(cfg_path), overrides)
+        # Options that change the results are refused by the trainer when
+        # they differ from the run's (naming them); those that only change
+        # how it is carried out (progress, num_workers, prefetch) apply.
+        cfg = _native.resolve_config(None, str(cfg_path), options)
     else:
         cfg = resolve_config(preset, config, **options)
         run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(cfg))

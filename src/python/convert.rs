@@ -62,11 +62,23 @@ fn toml_from_py(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Option<toml::Value>
     if v.is_none() {
         return Ok(None);
     }
+    // numpy's scalars (np.int64(2), np.float32(0.5), np.bool_(True)) are
+    // taken as the Python values they stand for.
+    let numpy = v.get_type().module().is_ok_and(|m| m == "numpy");
     let value = if let Ok(b) = v.downcast::<PyBool>() {
         toml::Value::Boolean(b.is_true())
-    } else if v.is_instance_of::<PyInt>() {
-        toml::Value::Integer(v.extract()?)
-    } else if v.is_instance_of::<PyFloat>() {
+    } else if numpy
+        && v.get_type()
+            .name()
+            .is_ok_and(|n| n.to_string().starts_with("bool"))
+    {
+        toml::Value::Boolean(v.is_truthy()?)
+    } else if v.is_instance_of::<PyInt>() || (numpy && v.hasattr("__index__")?) {
+        let i = v.call_method0("__index__")?;
+        toml::Value::Integer(i.extract().map_err(|_| {
+            crate::Error::invalid(key, i.to_string(), "an integer from -2**63 to 2**63 - 1")
+        })?)
+    } else if v.is_instance_of::<PyFloat>() || (numpy && v.hasattr("__float__")?) {
         toml::Value::Float(v.extract()?)
     } else if let Ok(s) = v.downcast::<PyString>() {
         toml::Value::String(s.to_str()?.to_string())

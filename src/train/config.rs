@@ -422,6 +422,14 @@ impl TrainConfig {
         positive("lr", self.lr)?;
         non_negative("backbone_lr", self.backbone_lr)?;
         non_negative("weight_decay", self.weight_decay)?;
+        non_negative("momentum", self.momentum)?;
+        if !(0.0..=1.0).contains(&self.bn_momentum) {
+            return Err(Error::invalid(
+                "bn_momentum",
+                self.bn_momentum,
+                "a number in [0, 1] (the weight of a batch's statistics)",
+            ));
+        }
         non_negative("warmup_epochs", self.warmup_epochs)?;
         non_negative("gtg_ramp_epochs", self.gtg_ramp_epochs)?;
         positive("lr_decay", self.lr_decay)?;
@@ -445,6 +453,12 @@ impl TrainConfig {
 
     /// Each named choice among its names.
     fn validate_names(&self) -> Result<()> {
+        let kinds = crate::data::readers::KINDS;
+        if !kinds.contains(&self.dataset.replace('-', "_").as_str()) {
+            let names: Vec<String> = kinds.iter().map(|k| k.replace('_', "-")).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            return Err(crate::error::not_one_of("dataset", &self.dataset, &names));
+        }
         super::optim::OptimizerKind::parse(&self.optimizer)?;
         one_of("schedule", &self.schedule, &SCHEDULES)?;
         one_of("loss", &self.loss, &LOSSES)?;
@@ -512,6 +526,23 @@ impl TrainConfig {
             out_dir: None,
             ..self.clone()
         }
+    }
+
+    /// The options whose values differ between `self` and `other`, among
+    /// those of the [`fingerprint`](Self::fingerprint), sorted by name:
+    /// `(name, self's value, other's value)`, the values as TOML shows them.
+    pub fn differences(&self, other: &TrainConfig) -> Result<Vec<(String, String, String)>> {
+        let (a, b) = (self.fingerprint().table()?, other.fingerprint().table()?);
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let shown =
+            |v: Option<&toml::Value>| v.map_or_else(|| "unset".to_string(), |v| v.to_string());
+        Ok(keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| (k.clone(), shown(a.get(k)), shown(b.get(k))))
+            .collect())
     }
 
     /// The seed of the validation carve.
@@ -615,8 +646,9 @@ mod tests {
             .collect()
     }
 
-    /// Values of the wrong kind, or negative for an unsigned option, are
-    /// errors naming the option (not serde's message about Rust types).
+    /// Values of the wrong kind, negative for an unsigned option or out of
+    /// range, are errors naming the option (not serde's message about Rust
+    /// types).
     #[test]
     fn wrong_kinds_and_negative_counts_are_named() {
         let cases = [
@@ -655,6 +687,22 @@ mod tests {
                 "out_dir",
                 toml::Value::Integer(3),
                 "out_dir: expected a path (a string), got 3",
+            ),
+            (
+                "momentum",
+                toml::Value::Float(-0.5),
+                "momentum: expected a finite number >= 0, got -0.5",
+            ),
+            (
+                "bn_momentum",
+                toml::Value::Float(2.0),
+                "bn_momentum: expected a number in [0, 1] (the weight of a batch's statistics), got 2",
+            ),
+            (
+                "dataset",
+                "fashion".into(),
+                "dataset: expected one of \"fashion-mnist\", \"glyphs\", \"cub200\", \"cars196\", \
+                 \"sop\", \"inshop\", \"image-folder\", \"csv\", got \"fashion\"",
             ),
         ];
         for (key, value, want) in cases {

@@ -15,6 +15,7 @@ pub use presets::{preset, PRESETS};
 mod member;
 pub mod progress;
 pub mod run_dir;
+pub mod run_input;
 pub mod run_model;
 pub mod runner;
 pub mod state;

@@ -42,6 +42,11 @@ impl RunDir {
         self.root.join("config.toml")
     }
 
+    /// What the network takes ([`super::run_input::RunInput`]).
+    pub fn input(&self) -> PathBuf {
+        self.root.join("input.json")
+    }
+
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
     }

@@ -10,6 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::run_dir::RunDir;
+use super::run_input::RunInput;
 use super::runner::{
     build_network, device, embed_dataset, evaluate_embeddings, load_model, RunData,
 };
@@ -80,14 +81,14 @@ impl RunModel {
         // resumes or reloads it.
         let ck = Checkpoint::<serde::de::IgnoredAny>::load(&path)?;
         let device = device(device_name)?;
-        let data = RunData::open(&config)?;
+        // The run's input as it saved it; a run from before `input.json`
+        // gets it from its dataset.
+        let input = match RunInput::load(&dir)? {
+            Some(input) => input,
+            None => RunInput::of(&RunData::open(&config)?)?,
+        };
         let vs = nn::VarStore::new(device);
-        let net = build_network(
-            &config,
-            &vs,
-            data.channels,
-            data.train.classes().len() as i64,
-        )?;
+        let net = build_network(&config, &vs, input.channels, input.classes)?;
         load_model(&vs, &ck.model, &path)?;
         Ok(RunModel {
             config,
@@ -95,7 +96,7 @@ impl RunModel {
             device,
             net,
             vs,
-            eval_transform: data.eval_transform,
+            eval_transform: input.eval_transform()?,
         })
     }
 
@@ -112,8 +113,16 @@ impl RunModel {
         }
         let x = if images.kind() == Kind::Uint8 {
             self.transform_u8(images)?
-        } else {
+        } else if images.is_floating_point() {
             images.to_kind(Kind::Float)
+        } else {
+            // Other integers would pass 0-255 values as if transformed.
+            return Err(Error::invalid(
+                "images",
+                dtype_name(images.kind()),
+                "uint8 images (0-255, transformed as the run's evaluation) or floating \
+                 images already transformed",
+            ));
         };
         Ok(self.net.embed(&x.to_device(self.device)))
     }

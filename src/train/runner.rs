@@ -15,6 +15,7 @@ use super::distributed::{self as dist, Collective, SingleProcess};
 use super::member::train_member;
 use super::progress::Progress;
 use super::run_dir::{write_atomic, RunDir};
+use super::run_input::RunInput;
 use crate::data::{self, Dataset, DatasetOptions, Loader, LoaderOptions, Normalization, OnError};
 use crate::data::{ReaderOptions, Split, Transform};
 use crate::error::{Error, Result};
@@ -530,19 +531,49 @@ fn claim_run_dir(cfg: &TrainConfig, dir: &RunDir) -> Result<()> {
             Some((&existing, &dir.config().display().to_string())),
             Default::default(),
         )?;
-        if previous.fingerprint() != cfg.fingerprint() {
+        let changed = previous.differences(cfg)?;
+        if let Some((key, old, new)) = changed.first() {
+            let also: String = changed[1..]
+                .iter()
+                .map(|(k, old, new)| format!("; also {k}: {old} there, {new} here"))
+                .collect();
             return Err(Error::invalid(
-                "out_dir",
+                key,
+                new,
                 format!(
-                    "{} holds a run with another configuration",
+                    "{old}, the value of the run in {} (a run folder keeps its configuration: \
+                     resume it with the same options, or start another folder{also})",
                     dir.root.display()
                 ),
-                "an empty folder, or --resume with that run",
             ));
         }
     }
     dir.remove_stale_temporaries();
     write_atomic(&dir.config(), cfg.to_toml()?.as_bytes())
+}
+
+/// Writes what the network takes (`input.json`) into a new run folder; a
+/// resumed run's must be what its data gives again (the training images'
+/// statistics, say), or the saved model would read its input otherwise
+/// than it trained.
+fn record_input(cfg: &TrainConfig, data: &RunData, dir: &RunDir) -> Result<()> {
+    let input = RunInput::of(data)?;
+    match RunInput::load(dir)? {
+        None => input.save(dir),
+        Some(saved) if saved == input => Ok(()),
+        Some(_) => Err(Error::invalid(
+            "data_root",
+            cfg.data_root.as_ref().map_or_else(
+                || "the dataset's default place".to_string(),
+                |p| p.display().to_string(),
+            ),
+            format!(
+                "the data the run in {} started with (its input.json: channels, classes, \
+                 transform and pixel statistics differ from this data's)",
+                dir.root.display()
+            ),
+        )),
+    }
 }
 
 /// [`train`] as rank `coll.rank()` of `coll.world_size()` data-parallel
@@ -561,8 +592,14 @@ pub fn train_on(
     cfg.validate()?;
     let (rank, world) = (coll.rank(), coll.world_size());
     let dir = RunDir::new(run_dir);
+    // The data opens before the run folder is claimed: a run that cannot
+    // find its data leaves no folder whose configuration would refuse the
+    // corrected retry.
+    let data = RunData::open(cfg)?;
     let claimed = if rank == 0 {
-        claim_run_dir(cfg, &dir).map(|()| Value::Null)
+        claim_run_dir(cfg, &dir)
+            .and_then(|()| record_input(cfg, &data, &dir))
+            .map(|()| Value::Null)
     } else {
         Ok(Value::Null)
     };
@@ -573,7 +610,6 @@ pub fn train_on(
         Progress::silent()
     };
     progress.line(&run_line(cfg, run_dir, device, world));
-    let data = RunData::open(cfg)?;
     let members = train_members(cfg, &data, &dir, device, stop, &mut progress, coll)?;
     let outcome = if rank == 0 {
         summarize(cfg, &data, &dir, members, device, world, &mut progress).map(Some)

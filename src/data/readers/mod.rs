@@ -54,8 +54,20 @@ impl Default for ReaderOptions {
     }
 }
 
-/// The dataset `kind` (`"fashion_mnist"`, `"glyphs"`, `"cub200"`,
-/// `"cars196"`, `"sop"`, `"inshop"`, `"image_folder"`, `"csv"`).
+/// The dataset kinds [`open`] reads (the trainer's `dataset` option
+/// writes them with hyphens: `fashion-mnist`, `image-folder`).
+pub const KINDS: [&str; 8] = [
+    "fashion_mnist",
+    "glyphs",
+    "cub200",
+    "cars196",
+    "sop",
+    "inshop",
+    "image_folder",
+    "csv",
+];
+
+/// The dataset `kind`, one of [`KINDS`].
 pub fn open(
     kind: &str,
     root: Option<&Path>,
@@ -78,20 +90,7 @@ pub fn open(
             extra.csv_file.as_deref(),
             options,
         ),
-        other => Err(crate::error::not_one_of(
-            "kind",
-            other,
-            &[
-                "fashion_mnist",
-                "glyphs",
-                "cub200",
-                "cars196",
-                "sop",
-                "inshop",
-                "image_folder",
-                "csv",
-            ],
-        )),
+        other => Err(crate::error::not_one_of("kind", other, &KINDS)),
     }
 }
 
