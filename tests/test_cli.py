@@ -65,6 +65,12 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
         (["search", ".", "/images/missing.png"], "argument IMAGES: /images/missing.png: no such"),
         (["search", ".", ".", "--k", "0"], "argument --k: expected an integer >= 1, got 0"),
         (["export", "."], "the following arguments are required: --format, --out"),
+        (
+            ["export", ".", "--format", "torchscript", "--out", "/"],
+            "argument --out: / is a folder; expected a file to write",
+        ),
+        (["embed", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
+        (["index", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
     ],
 )
 def test_usage_errors_are_one_line_with_status_2(capsys, monkeypatch, args, message):
@@ -282,3 +288,7 @@ def test_embed_takes_the_checkpoint_and_device_like_the_other_commands(
     emb, labels = load_run(small_run, checkpoint="last", device="cpu").embed_split("test")
     np.testing.assert_array_equal(np.load(out), emb.numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "emb_labels.npy"), labels.numpy())
+    # A name without ".npy" gets it, and the names printed are those written.
+    assert cli.main([*argv[:-1], str(tmp_path / "plain")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), emb.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "plain_labels.npy"), labels.numpy())

@@ -240,6 +240,24 @@ def test_load_names_a_file_of_another_format(runs, tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
     with pytest.raises(ValueError, match=r"state\.pt is a zip archive \(torch\.save's\?\)"):
         export.load(tmp_path / "state.pt")
+    # Damaged files and the wrong format named: a ValueError naming the
+    # path, not the reader's own exception.
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(scripted.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"^path: .*cut\.pt is a damaged zip archive"):
+        export.load(truncated)
+    st = export.save(model.to_torch(), tmp_path / "m.safetensors", format="safetensors")
+    with pytest.raises(ValueError, match=r"^path: .*m\.safetensors is not a TorchScript archive"):
+        export.load(st, format="torchscript")
+    from safetensors.torch import load_file, save_file
+
+    for metadata, message in [
+        ("{", "a damaged model description"),
+        ("{}", "a model that does not rebuild"),
+    ]:
+        save_file(load_file(str(st)), str(tmp_path / "bad.safetensors"), {"grouploss": metadata})
+        with pytest.raises(ValueError, match=rf"^path: .*bad\.safetensors holds {message}"):
+            export.load(tmp_path / "bad.safetensors")
 
 
 def test_load_refuses_a_torchscript_backbone_named_in_the_metadata(runs, tmp_path):

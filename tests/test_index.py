@@ -60,6 +60,17 @@ def test_float16_storage_keeps_the_neighbours():
     assert (i16 == i32).mean() > 0.95
 
 
+def test_save_refuses_a_folder_and_makes_missing_parents(tmp_path):
+    index = Index(4)
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="^path: expected a file to write"):
+        index.save(tmp_path)
+    assert list(tmp_path.parent.glob(tmp_path.name + "*.tmp")) == []
+    index.save(tmp_path / "new" / "deeper" / "g.safetensors")
+    assert len(Index.load(tmp_path / "new" / "deeper" / "g.safetensors")) == 4
+    assert list((tmp_path / "new" / "deeper").iterdir()) == [tmp_path / "new/deeper/g.safetensors"]
+
+
 def test_save_and_load_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     gallery = rng.normal(size=(100, 8)).astype(np.float32)
@@ -154,6 +165,15 @@ def test_integers_are_not_truncated():
         (r"^dim: expected an integer, got 2.7", lambda: Index(2.7)),
         (r"^dim: expected an integer, got True", lambda: Index(True)),
         (r"^k: expected an integer, got 2.5", lambda: _three().search(torch.randn(1, 3), 2.5)),
+        # Unsigned ids and labels beyond int64 are refused, not wrapped.
+        (
+            r"^labels: expected values below 2\*\*63, got 18446744073709551615$",
+            lambda: Index(3).add(torch.randn(1, 3), labels=np.array([2**64 - 1], np.uint64)),
+        ),
+        (
+            r"^ids: expected values below 2\*\*63, got 9223372036854775808$",
+            lambda: Index(3).add(torch.randn(1, 3), ids=torch.tensor([2**63], dtype=torch.uint64)),
+        ),
     ]:
         with pytest.raises(ValueError, match=bad):
             call()

@@ -141,7 +141,9 @@ def test_the_module_keeps_the_last_batches_and_uses_them_after_the_warm_up():
 
 
 def test_a_memory_larger_than_any_tensor_keeps_every_row():
-    loss_fn = GroupLoss(8, embedding_size=4, memory_size=2**63).double()
+    with pytest.raises(ValueError, match=r"^memory_size: expected an integer <= 2\*\*63 - 1"):
+        GroupLoss(8, memory_size=2**63)
+    loss_fn = GroupLoss(8, embedding_size=4, memory_size=2**63 - 1).double()
     batches = list(_batches(3))
     for emb, labels in batches:
         loss_fn(emb, labels)

@@ -230,6 +230,13 @@ def test_input_normalization_checks_its_arguments():
         (([0.5, 0.5], [1.0]), {}, "^std: expected 2 values"),
         (([0.5] * 3, [1.0] * 3), {"source_channels": [2, 1, 5]}, r"^source_channels: .*\[0, 3\)"),
         (([0.5], [1.0]), {"scale": 0.0}, "^scale: expected a finite number > 0"),
+        (([0.5] * 2, [1.0] * 2), {"source_channels": [0.5, 1]}, "^source_channels: expected an"),
     ]:
         with pytest.raises(ValueError, match=message):
             InputNormalization(*args, **kwargs)
+    # Integer images other than uint8 would pass 0-255 values as 0-1 ones,
+    # in Python and in TorchScript alike.
+    norm = InputNormalization([0.5], [0.25])
+    for module in (norm, torch.jit.script(norm)):
+        with pytest.raises(Exception, match="images: expected uint8 values .* integer dtype"):
+            module(torch.zeros(1, 1, 2, 2, dtype=torch.int32))

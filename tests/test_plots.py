@@ -102,6 +102,9 @@ def test_embedding_map_subsamples_and_draws_thumbnails():
     assert "50 embeddings, 5 classes" in ax.get_title()
     with pytest.raises(ValueError, match="^embeddings: expected shape \\(60, d\\)"):
         plots.embedding_map(emb[:10], labels)
+    for kw, name in [(dict(normalize="no"), "normalize"), (dict(max_points=0), "max_points")]:
+        with pytest.raises(ValueError, match=f"^{name}: expected "):
+            plots.embedding_map(emb, labels, **kw)
 
 
 def test_curves_and_png_bytes():

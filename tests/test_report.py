@@ -161,6 +161,12 @@ def test_report_arguments_are_checked(glyph_run):
         grouploss.report(glyph_run, queries=0)
     with pytest.raises(ValueError, match="^k: expected"):
         grouploss.report(glyph_run, k=0)
+    with pytest.raises(ValueError, match="^k: expected at most 100 .*, got 10000000000"):
+        grouploss.report(glyph_run, k=10**10)
+    with pytest.raises(ValueError, match="^queries: expected at most 100"):
+        grouploss.report(glyph_run, queries=101)
+    with pytest.raises(ValueError, match="^seed: expected an integer >= 0, got 1.5"):
+        grouploss.report(glyph_run, seed=1.5)
     with pytest.raises(FileNotFoundError):
         grouploss.report(glyph_run / "nowhere")
 
@@ -207,6 +213,9 @@ def test_nearest_neighbours_against_brute_force():
         nearest_neighbours(emb, labels, 3, is_query=query, is_gallery=np.zeros(10, bool))
     with pytest.raises(ValueError, match=r"^k: expected an integer >= 1, got 0$"):
         nearest_neighbours(emb, labels, np.int64(0))
+    # Positions are not masks (they were read as ones: [0, 1] gave query 1).
+    with pytest.raises(ValueError, match=r"^is_query: expected a boolean mask of 10 entries"):
+        nearest_neighbours(emb, labels, 3, is_query=[0, 1], is_gallery=~query)
 
 
 def test_worst_queries_and_confused_classes():

@@ -8,14 +8,24 @@ from typing import Any, Optional
 
 import numpy as np
 
+#: The largest integer the native core takes (int64), the default bound.
+INT64_MAX = 2**63 - 1
+#: Seeds are unsigned 64-bit integers.
+SEED_MAX = 2**64 - 1
+_SHOWN = {INT64_MAX: "2**63 - 1", SEED_MAX: "2**64 - 1"}
 
-def integer(name: str, value: Any, minimum: Optional[int] = None) -> int:
+
+def integer(name: str, value: Any, minimum: Optional[int] = None, maximum: int = INT64_MAX) -> int:
     """``value`` as an ``int`` (Python or numpy integers; not a bool): a
     ``ValueError`` naming ``name`` for anything else or for a value below
-    ``minimum``."""
+    ``minimum`` or above ``maximum`` (int64's largest by default, which a
+    native call would refuse with an anonymous OverflowError)."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if ok and (minimum is None or value >= minimum):
+    if ok and (minimum is None or value >= minimum) and value <= maximum:
         return int(value)
+    if ok and value > maximum:
+        shown_max = _SHOWN.get(maximum, str(maximum))
+        raise ValueError(f"{name}: expected an integer <= {shown_max}, got {int(value)}")
     expected = "an integer" if minimum is None else f"an integer >= {minimum}"
     shown = int(value) if ok else value
     raise ValueError(f"{name}: expected {expected}, got {shown!r}")

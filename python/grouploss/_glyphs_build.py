@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _extras, _native
-from ._args import integer
+from ._args import SEED_MAX, integer
 
 PathLike = Union[str, pathlib.Path]
 
@@ -370,7 +370,7 @@ def build_glyphs(
     _extras.require("glyphs")
     integer("max_train", max_train, 1)
     integer("max_test", max_test, 1)
-    integer("seed", seed, 0)
+    integer("seed", seed, 0, SEED_MAX)
     root = (
         pathlib.Path(root)
         if root is not None

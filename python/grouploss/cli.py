@@ -43,6 +43,14 @@ def _existing(text: str) -> pathlib.Path:
     return path
 
 
+def _file_out(text: str) -> pathlib.Path:
+    """An argparse type: a file to write (not an existing folder)."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file to write")
+    return path
+
+
 def _at_least(low: int):
     """An argparse type: an integer >= ``low``."""
 
@@ -141,7 +149,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=training.PRESETS, default=None)
     t.add_argument("--config", type=_existing, help="a TOML file of options")
     # Not checked here: under torchrun only rank 0 needs to see the folder.
-    t.add_argument("--resume", type=pathlib.Path, help="continue an interrupted run folder")
+    t.add_argument(
+        "--resume",
+        type=pathlib.Path,
+        help="continue an interrupted run folder (other options must have the run's values, "
+        "except --num-workers, --prefetch and --quiet)",
+    )
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     t.add_argument(
         "--nproc-per-node",
@@ -173,7 +186,9 @@ def _embed_parser(sub) -> argparse.ArgumentParser:
     m = sub.add_parser("embed", help="write embeddings of a split or an image folder")
     m.add_argument("run_dir", type=_existing)
     m.add_argument("--data", required=True, help="a split name of the run's dataset, or a folder")
-    m.add_argument("--out", required=True, type=pathlib.Path, help="embeddings .npy")
+    m.add_argument(
+        "--out", required=True, type=_file_out, help="embeddings .npy (the suffix is added)"
+    )
     _model_options(m)
     return m
 
@@ -190,7 +205,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     )
     x.add_argument("run_dir", type=_existing)
     x.add_argument("--format", required=True, choices=FORMATS)
-    x.add_argument("--out", required=True, type=pathlib.Path, help="the file to write")
+    x.add_argument("--out", required=True, type=_file_out, help="the file to write")
     _model_options(x, device=False)
     return x
 
@@ -205,7 +220,7 @@ def _index_parser(sub) -> argparse.ArgumentParser:
     )
     i.add_argument("run_dir", type=_existing)
     i.add_argument("--data", required=True, help="a split name of the run's dataset, or a folder")
-    i.add_argument("--out", required=True, type=pathlib.Path, help="the index file to write")
+    i.add_argument("--out", required=True, type=_file_out, help="the index file to write")
     i.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     _model_options(i)
     return i
@@ -423,11 +438,13 @@ def _embed(args: argparse.Namespace) -> int:
     data = _check_gallery(args.data, "--data")
     model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
     emb, labels, _ = _gallery(model, data)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, emb.cpu().numpy())
-    labels_out = args.out.with_name(args.out.stem + "_labels.npy")
+    # np.save adds ".npy" to a name without it; the names printed are those written.
+    out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, emb.cpu().numpy())
+    labels_out = out.with_name(out.stem + "_labels.npy")
     np.save(labels_out, labels.cpu().numpy())
-    print(f"{tuple(emb.shape)} embeddings -> {args.out}, labels -> {labels_out}")
+    print(f"{tuple(emb.shape)} embeddings -> {out}, labels -> {labels_out}")
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import _native
-from ._args import integer
+from ._args import SEED_MAX, integer
 from ._deprecation import renamed_keywords
 from ._native_attribute import NativeAttribute
 
@@ -97,7 +97,7 @@ class Transform:
 def _draw_seed(seed: Optional[int]) -> int:
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    return integer("seed", seed, 0)
+    return integer("seed", seed, 0, SEED_MAX)
 
 
 def train_transform(
@@ -239,8 +239,9 @@ class Loader:
             num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         if prefetch is None:
             prefetch = 2 * num_threads
-        for name, v in (("num_threads", num_threads), ("prefetch", prefetch), ("seed", seed)):
+        for name, v in (("num_threads", num_threads), ("prefetch", prefetch)):
             integer(name, v)
+        integer("seed", seed, 0, SEED_MAX)
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.transform = transform

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import _native
-from ._args import boolean, integer, number
+from ._args import SEED_MAX, boolean, integer, number
 from ._glyphs_build import build_glyphs
 from ._native_attribute import NativeAttribute
 from .data import Transform, _draw_seed
@@ -84,7 +84,7 @@ class ImageDataset(Dataset):
             root=None if root is None else os.fspath(root),
             split=split,
             val_fraction=number("val_fraction", val_fraction),
-            split_seed=integer("split_seed", split_seed, 0),
+            split_seed=integer("split_seed", split_seed, 0, SEED_MAX),
             **extra,
         )
         self.transform = transform

@@ -95,14 +95,23 @@ def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
     _check_format(format)
     path = pathlib.Path(path)
     if format == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
+        if not path.is_file():
+            raise FileNotFoundError(f"path: {path}: no such file")
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"path: {path} is not a TorchScript archive ({first})") from None
     from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as raw:
         is_zip = raw.read(4) == b"PK\x03\x04"
     if is_zip:
-        with zipfile.ZipFile(path) as archive:
-            scripted = any("/code/" in name for name in archive.namelist())
+        try:
+            with zipfile.ZipFile(path) as archive:
+                scripted = any("/code/" in name for name in archive.namelist())
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"path: {path} is a damaged zip archive ({e})") from None
         if scripted:
             raise ValueError(
                 f"path: {path} is a TorchScript archive (save's default format), not "
@@ -119,11 +128,20 @@ def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
         if _METADATA_KEY not in metadata:
             raise ValueError(f"path: {path} is not a model written by grouploss.export.save")
         state: Dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
-    description = json.loads(metadata[_METADATA_KEY])
-    if str(description.get("backbone", "")).startswith("torchscript:"):
+    try:
+        description = json.loads(metadata[_METADATA_KEY])
+        backbone = str(description.get("backbone", ""))
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"path: {path} holds a damaged model description ({e})") from None
+    if backbone.startswith("torchscript:"):
         # Rebuilding it would load (and run) the program its metadata names.
         raise ValueError(
             f"path: {path} holds a TorchScript backbone ({description['backbone']}); "
             "export such a run with format='torchscript'"
         )
-    return embedding_model(description, state)
+    try:
+        return embedding_model(description, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"path: {path} holds a model that does not rebuild ({type(e).__name__}: {e})"
+        ) from None

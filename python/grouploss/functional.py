@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
-from ._args import boolean, integer, number
+from ._args import SEED_MAX, boolean, integer, number
 from ._deprecation import renamed_keywords
 
 __all__ = [
@@ -143,7 +143,7 @@ def _draw_seed(seed: Optional[int]) -> int:
     global generator, so ``torch.manual_seed`` makes runs repeatable."""
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    return integer("seed", seed, 0)
+    return integer("seed", seed, 0, SEED_MAX)
 
 
 def loss_options(

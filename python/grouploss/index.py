@@ -58,6 +58,10 @@ class Index:
     device = NativeAttribute[str]("The device of the stored vectors.")
 
     def __init__(self, dim: int, *, dtype: str = "float32", device: str = "cpu") -> None:
+        if not isinstance(dtype, str):
+            raise ValueError(f'dtype: expected "float32" or "float16", got {dtype!r}')
+        if not isinstance(device, (str, torch.device)):
+            raise ValueError(f"device: expected a device name or a torch.device, got {device!r}")
         self._native = _native.Index(integer("dim", dim), dtype=dtype, device=str(device))
 
     def add(self, embeddings: Any, ids: Any = None, labels: Any = None) -> None:

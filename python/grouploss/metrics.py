@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from . import _native
-from ._args import boolean, integer
+from ._args import SEED_MAX, boolean, integer
 
 __all__ = [
     "KMeansResult",
@@ -104,11 +104,16 @@ def _as_tensor(name: str, value) -> torch.Tensor:
     read-only array, such as a memory-mapped ``.npy``, too: nothing here
     writes to it)."""
     if isinstance(value, torch.Tensor):
-        return value
+        if value.dtype != torch.uint64:
+            return value
+        value = value.cpu().numpy()  # checked below, as numpy's are
     arr = np.asarray(value)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name}: expected a numeric array or tensor, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        # int64 holds every value below 2**63; larger ones would wrap.
+        if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}: expected values below 2**63, got {int(arr.max())}")
         arr = arr.astype(np.int64)
     arr = np.ascontiguousarray(arr)
     if arr.flags.writeable:
@@ -274,7 +279,7 @@ def evaluate(
         include=include,
         normalize=boolean("normalize", normalize),
         batch_size=_batch_size(batch_size),
-        seed=integer("seed", seed, 0),
+        seed=integer("seed", seed, 0, SEED_MAX),
         query_own=own,
         average=average,
     )
@@ -443,7 +448,7 @@ def kmeans(
         integer("k", k, 1),
         n_init=integer("n_init", n_init, 1),
         max_iter=integer("max_iter", max_iter, 1),
-        seed=integer("seed", seed, 0),
+        seed=integer("seed", seed, 0, SEED_MAX),
     )
     if not isinstance(x, torch.Tensor):
         assignments, centroids = assignments.numpy(), centroids.numpy()

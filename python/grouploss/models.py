@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native, training
+from ._args import integer
 
 __all__ = [
     "BNInception",
@@ -338,7 +339,11 @@ class InputNormalization(nn.Module):
             raise ValueError(f"std: expected finite values > 0, got {list(std)}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite number > 0, got {scale}")
-        source = list(range(len(mean))) if source_channels is None else list(source_channels)
+        source = (
+            list(range(len(mean)))
+            if source_channels is None
+            else [integer("source_channels", c) for c in source_channels]
+        )
         if len(source) != len(mean):
             raise ValueError(f"source_channels: expected {len(mean)} values, got {len(source)}")
         if not all(0 <= c < len(mean) for c in source):
@@ -361,8 +366,14 @@ class InputNormalization(nn.Module):
             )
         if images.dtype == torch.uint8:
             x = images.float() / self.scale
-        else:
+        elif images.is_floating_point():
             x = images.float() * (255.0 / self.scale)
+        else:
+            # Other integers: 0-255 values would be read as 0-1 ones.
+            raise ValueError(
+                "images: expected uint8 values (0-255) or floating values (0-1), "
+                "got another integer dtype"
+            )
         x = x.index_select(1, self.source)
         return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 

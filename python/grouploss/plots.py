@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from . import _extras
+from ._args import boolean, integer
 
 PathLike = Union[str, pathlib.Path]
 
@@ -184,6 +185,10 @@ def embedding_map(
     plt = _plt()  # first: a missing extra is named with its install hint
     from sklearn.manifold import TSNE
 
+    max_points = integer("max_points", max_points, 3)
+    thumbnails = integer("thumbnails", thumbnails, 0)
+    seed = integer("seed", seed, 0, 2**32 - 1)  # t-SNE's random_state
+    normalize = boolean("normalize", normalize)
     labels = np.asarray(labels)
     emb = np.asarray(embeddings, dtype=np.float32)
     n = len(labels)

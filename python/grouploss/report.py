@@ -35,7 +35,7 @@ import torch
 
 from . import _extras, datasets, metrics, plots
 from . import functional as F
-from ._args import integer
+from ._args import SEED_MAX, integer
 from .datasets import run_dataset
 from .training import RunModel, load_run
 
@@ -75,6 +75,22 @@ class Neighbours(NamedTuple):
     has_match: np.ndarray
 
 
+#: The most queries or neighbours a report draws (rows and columns of
+#: thumbnails).
+_MOST_THUMBNAILS = 100
+
+
+def _mask(name: str, value: Any, n: int) -> np.ndarray:
+    """The positions where a boolean mask of one entry per item is set."""
+    mask = np.asarray(torch.as_tensor(value).cpu())
+    if mask.dtype != np.bool_ or mask.shape != (n,):
+        raise ValueError(
+            f"{name}: expected a boolean mask of {n} entries (one per item), got "
+            f"{mask.dtype} of shape {mask.shape}"
+        )
+    return np.flatnonzero(mask)
+
+
 def nearest_neighbours(
     embeddings: Any,
     labels: Any,
@@ -87,7 +103,8 @@ def nearest_neighbours(
 
     Without ``is_query`` / ``is_gallery`` every item searches all the others
     (itself excluded), as in the evaluation of CUB, Cars196 and SOP; with them
-    (In-Shop) the queries search the gallery. ``k`` is capped at the gallery
+    (In-Shop: boolean masks, one entry per item) the queries search the
+    gallery. ``k`` is capped at the gallery
     size.
     """
     emb = torch.as_tensor(embeddings).float()
@@ -104,7 +121,7 @@ def nearest_neighbours(
         queries, gallery = np.arange(n), np.arange(n)
         k = min(int(k), n - 1)
     else:
-        queries, gallery = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+        queries, gallery = _mask("is_query", is_query, n), _mask("is_gallery", is_gallery, n)
         k = min(int(k), len(gallery))
         if len(queries) == 0:
             raise ValueError("is_query: expected at least one query, got none")
@@ -142,8 +159,9 @@ def worst_queries(neighbours: Neighbours, count: int = 8) -> np.ndarray:
 def random_queries(neighbours: Neighbours, count: int = 8, seed: int = 0) -> np.ndarray:
     """Rows of ``count`` queries drawn at random (among those with a match),
     in position order."""
+    count = integer("count", count, 0)
     rows = np.flatnonzero(neighbours.has_match)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(integer("seed", seed, 0, SEED_MAX))
     return np.sort(rng.choice(rows, size=min(count, len(rows)), replace=False))
 
 
@@ -700,14 +718,19 @@ def report(
         device: where to embed: ``"auto"``, ``"cpu"``, ``"cuda"``.
         data_root: the dataset's files, if they moved since the run.
         max_points: t-SNE runs on a random subset of this many embeddings.
-        queries: rows of the retrieval gallery and of the worst queries.
-        k: neighbours shown per query.
+        queries: rows of the retrieval gallery and of the worst queries
+            (at most 100: each is a row of thumbnails).
+        k: neighbours shown per query (at most 100).
         seed: the random queries, the t-SNE subset and the batch.
     """
     _extras.require("report")
-    integer("queries", queries, 1)
-    integer("k", k, 1)
+    for name, value in (("queries", queries), ("k", k)):
+        if integer(name, value, 1) > _MOST_THUMBNAILS:
+            raise ValueError(
+                f"{name}: expected at most {_MOST_THUMBNAILS} (a figure of thumbnails), got {value}"
+            )
     integer("max_points", max_points, 3)
+    integer("seed", seed, 0, SEED_MAX)
     run = RunInspection(
         run_dir, split=split, checkpoint=checkpoint, device=device, data_root=data_root, k=k
     )

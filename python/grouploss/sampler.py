@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import _native
-from ._args import integer
+from ._args import SEED_MAX, integer
 from ._native_attribute import NativeAttribute
 
 __all__ = ["ClassBalancedBatchSampler"]
@@ -69,7 +69,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
 
     Example::
 
-        >>> sampler = ClassBalancedBatchSampler(dataset.labels, 8, 4, seed=0)
+        >>> sampler = ClassBalancedBatchSampler(dataset.labels, 8, 4, seed=0)  # doctest: +SKIP
         >>> loader = DataLoader(dataset, batch_sampler=sampler)  # doctest: +SKIP
         >>> for epoch in range(10):                               # doctest: +SKIP
         ...     sampler.set_epoch(epoch)
@@ -90,7 +90,7 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
             _as_labels(labels),
             integer("classes_per_batch", classes_per_batch),
             integer("samples_per_class", samples_per_class),
-            seed=integer("seed", seed),
+            seed=integer("seed", seed, 0, SEED_MAX),
             num_replicas=integer("num_replicas", num_replicas),
             rank=integer("rank", rank),
         )

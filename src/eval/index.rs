@@ -438,9 +438,26 @@ impl Index {
         if let Some(labels) = &self.labels {
             named.push(("labels", Tensor::from_slice(labels)));
         }
+        if path.is_dir() {
+            return Err(Error::invalid(
+                "path",
+                path.display(),
+                "a file to write (it is a folder)",
+            ));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        // Written beside, then renamed: a reader never sees half a file, and
+        // a failed write leaves nothing behind.
         let tmp = path.with_extension("safetensors.tmp");
-        Tensor::write_safetensors(&named, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        let written = Tensor::write_safetensors(&named, &tmp)
+            .map_err(Error::from)
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// Reads an index written by [`Index::save`] onto `device`.
