@@ -159,6 +159,7 @@ def test_a_run_loads_and_exports_without_its_dataset(tmp_path):
         "size",
         "transform_channels",
         "transform",
+        "flip",
         "normalization",
     }
     model = grouploss.load_run(out, device="cpu")

@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 
 use fast_image_resize as fir;
+use serde::{Deserialize, Serialize};
 
 use super::decode::{self, Format};
 use super::image::Image;
@@ -27,8 +28,10 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// BN-Inception's Caffe means, in BGR order on 0..255 values.
 const CAFFE_BGR_MEAN: [f32; 3] = [104.0, 117.0, 128.0];
 
-/// How 8-bit values become network inputs.
-#[derive(Clone, Debug, PartialEq)]
+/// How 8-bit values become network inputs (saved in a run's `input.json`
+/// as `{"kind": "imagenet"}`, `{"kind": "mean_std", "mean": [..], ..}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Normalization {
     /// `(v / 255 - mean) / std` with ImageNet's RGB mean and std.
     Imagenet,
@@ -36,6 +39,7 @@ pub enum Normalization {
     /// input of the Caffe BN-Inception the paper uses.
     CaffeBgr,
     /// `v / 255`.
+    #[serde(rename = "none")]
     Unit,
     /// `(v / 255 - mean) / std`, one value per output channel.
     MeanStd { mean: Vec<f32>, std: Vec<f32> },
@@ -57,8 +61,10 @@ impl Normalization {
     }
 }
 
-/// The spatial part of a transform.
-#[derive(Clone, Debug, PartialEq)]
+/// The spatial part of a transform (saved in a run's `input.json` as
+/// `{"geometry": "pad_crop", "pad": 0}` and the like).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "geometry", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Geometry {
     /// A box of `scale` times the area and aspect ratio in `ratio` (drawn
     /// log-uniformly), resized to `size` x `size`.

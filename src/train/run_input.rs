@@ -11,27 +11,6 @@ use super::runner::RunData;
 use crate::data::transform::{Geometry, Normalization, Transform};
 use crate::error::{Error, Result};
 
-/// The evaluation transform's geometry.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "geometry", rename_all = "snake_case", deny_unknown_fields)]
-enum EvalGeometry {
-    /// Small images pass at `size` (resized first if they differ).
-    PadCrop,
-    /// Short side resized to `resize`, then the central crop.
-    ResizeCenterCrop { resize: usize },
-}
-
-/// The pixel normalisation (`mean_std`: statistics of the training images,
-/// which only the dataset could give again).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-enum EvalNormalization {
-    Imagenet,
-    CaffeBgr,
-    None,
-    MeanStd { mean: Vec<f32>, std: Vec<f32> },
-}
-
 /// A run's input, as saved. Every field is required.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,67 +19,40 @@ pub struct RunInput {
     pub channels: i64,
     /// Training classes: the classifier's outputs.
     pub classes: i64,
-    /// The evaluation transform's output side and channels.
+    /// The evaluation transform: output side and channels, geometry, flip
+    /// and the pixel normalisation (`mean_std` holds statistics of the
+    /// training images, which only the dataset could give again).
     size: usize,
     transform_channels: usize,
-    transform: EvalGeometry,
-    normalization: EvalNormalization,
+    transform: Geometry,
+    flip: bool,
+    normalization: Normalization,
 }
 
 impl RunInput {
     /// The input of a run about to train on `data`.
-    pub fn of(data: &RunData) -> Result<Self> {
+    pub fn of(data: &RunData) -> Self {
         let t = &data.eval_transform;
-        let transform = match t.geometry() {
-            Geometry::PadCrop { pad: 0 } => EvalGeometry::PadCrop,
-            Geometry::ResizeCenterCrop { resize } => {
-                EvalGeometry::ResizeCenterCrop { resize: *resize }
-            }
-            other => {
-                return Err(Error::invalid(
-                    "eval_transform",
-                    format!("{other:?}"),
-                    "an evaluation geometry (pad_crop without padding or resize_center_crop)",
-                ))
-            }
-        };
-        let normalization = match t.normalization() {
-            Normalization::Imagenet => EvalNormalization::Imagenet,
-            Normalization::CaffeBgr => EvalNormalization::CaffeBgr,
-            Normalization::Unit => EvalNormalization::None,
-            Normalization::MeanStd { mean, std } => EvalNormalization::MeanStd {
-                mean: mean.clone(),
-                std: std.clone(),
-            },
-        };
-        Ok(RunInput {
+        RunInput {
             channels: data.channels,
             classes: data.train.classes().len() as i64,
             size: t.size(),
             transform_channels: t.channels(),
-            transform,
-            normalization,
-        })
+            transform: t.geometry().clone(),
+            flip: t.flip(),
+            normalization: t.normalization().clone(),
+        }
     }
 
     /// The evaluation transform it describes.
     pub fn eval_transform(&self) -> Result<Transform> {
-        let norm = match &self.normalization {
-            EvalNormalization::Imagenet => Normalization::Imagenet,
-            EvalNormalization::CaffeBgr => Normalization::CaffeBgr,
-            EvalNormalization::None => Normalization::Unit,
-            EvalNormalization::MeanStd { mean, std } => Normalization::MeanStd {
-                mean: mean.clone(),
-                std: std.clone(),
-            },
-        };
-        let (size, channels) = (self.size, self.transform_channels);
-        match self.transform {
-            EvalGeometry::PadCrop => Transform::pad_crop(size, 0, false, norm, channels),
-            EvalGeometry::ResizeCenterCrop { resize } => {
-                Transform::resize_center_crop(size, resize, norm, channels)
-            }
-        }
+        Transform::new(
+            self.size,
+            self.transform.clone(),
+            self.flip,
+            self.normalization.clone(),
+            self.transform_channels,
+        )
     }
 
     /// Writes `input.json` into the run folder.
@@ -138,8 +90,9 @@ mod tests {
             classes: 5,
             size: 28,
             transform_channels: 1,
-            transform: EvalGeometry::PadCrop,
-            normalization: EvalNormalization::MeanStd {
+            transform: Geometry::PadCrop { pad: 0 },
+            flip: false,
+            normalization: Normalization::MeanStd {
                 mean: vec![0.286_041_7],
                 std: vec![0.353_023_1],
             },

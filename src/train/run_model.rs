@@ -85,7 +85,7 @@ impl RunModel {
         // gets it from its dataset.
         let input = match RunInput::load(&dir)? {
             Some(input) => input,
-            None => RunInput::of(&RunData::open(&config)?)?,
+            None => RunInput::of(&RunData::open(&config)?),
         };
         let vs = nn::VarStore::new(device);
         let net = build_network(&config, &vs, input.channels, input.classes)?;

@@ -557,7 +557,7 @@ fn claim_run_dir(cfg: &TrainConfig, dir: &RunDir) -> Result<()> {
 /// statistics, say), or the saved model would read its input otherwise
 /// than it trained.
 fn record_input(cfg: &TrainConfig, data: &RunData, dir: &RunDir) -> Result<()> {
-    let input = RunInput::of(data)?;
+    let input = RunInput::of(data);
     match RunInput::load(dir)? {
         None => input.save(dir),
         Some(saved) if saved == input => Ok(()),
