@@ -46,6 +46,26 @@ fn check_same_kind(key: &str, old: &toml::Value, new: &toml::Value) -> Result<()
     Err(Error::invalid(key, new, expected))
 }
 
+/// The counts whose least value is above 0 (`recall_ks`: each of its
+/// values): `validate` checks them, and a negative one, refused when the
+/// configuration is read, is told the same bound.
+const LEAST_COUNTS: [(&str, usize); 6] = [
+    ("epochs", 1),
+    ("classes_per_batch", 2),
+    ("samples_per_class", 1),
+    ("ensemble", 1),
+    ("eval_batch_size", 1),
+    ("recall_ks", 1),
+];
+
+/// The least value of the count `key` (0 for those not in [`LEAST_COUNTS`]).
+fn least_count(key: &str) -> usize {
+    LEAST_COUNTS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or(0, |&(_, least)| least)
+}
+
 /// A configuration that does not deserialise, as an error naming the
 /// option where serde names one (`... in `epochs``): what it saw, and what
 /// the option takes in the configuration's words (an integer >= 0, a
@@ -71,12 +91,12 @@ fn field_error(e: &toml::de::Error, source: &str) -> Error {
         .map_or(seen, |(_, v)| v)
         .trim_matches('`');
     let expected = match expected {
-        "usize" | "u64" | "u32" | "u16" | "u8" => "an integer >= 0",
-        "i64" | "i32" => "an integer",
-        "f64" | "f32" => "a number",
-        "a boolean" => "true or false",
-        "path string" => "a path (a string)",
-        other => other,
+        "usize" | "u64" | "u32" | "u16" | "u8" => format!("an integer >= {}", least_count(key)),
+        "i64" | "i32" => "an integer".into(),
+        "f64" | "f32" => "a number".into(),
+        "a boolean" => "true or false".into(),
+        "path string" => "a path (a string)".into(),
+        other => other.into(),
     };
     Error::invalid(key, seen, expected)
 }
@@ -415,9 +435,15 @@ impl TrainConfig {
 
     /// Each number in its range (the loss's options included).
     fn validate_numbers(&self) -> Result<()> {
-        at_least("epochs", self.epochs, 1)?;
-        at_least("classes_per_batch", self.classes_per_batch, 2)?;
-        at_least("samples_per_class", self.samples_per_class, 1)?;
+        for (key, value) in [
+            ("epochs", self.epochs),
+            ("classes_per_batch", self.classes_per_batch),
+            ("samples_per_class", self.samples_per_class),
+            ("ensemble", self.ensemble),
+            ("eval_batch_size", self.eval_batch_size),
+        ] {
+            at_least(key, value, least_count(key))?;
+        }
         self.group_loss_options()?;
         positive("lr", self.lr)?;
         non_negative("backbone_lr", self.backbone_lr)?;
@@ -436,13 +462,12 @@ impl TrainConfig {
         positive("classifier_scale", self.classifier_scale)?;
         crate::data::dataset::check_val_fraction(self.val_fraction)?;
         at_least("embedding_size", self.embedding_size, 0)?;
-        at_least("ensemble", self.ensemble, 1)?;
-        at_least("eval_batch_size", self.eval_batch_size, 1)?;
-        if self.recall_ks.is_empty() || self.recall_ks.contains(&0) {
+        let least_k = least_count("recall_ks");
+        if self.recall_ks.is_empty() || self.recall_ks.iter().any(|&k| k < least_k) {
             return Err(Error::invalid(
                 "recall_ks",
                 format!("{:?}", self.recall_ks),
-                "a non-empty list of integers >= 1",
+                format!("a non-empty list of integers >= {least_k}"),
             ));
         }
         at_least("image_size", self.image_size, 0)?;
@@ -655,12 +680,32 @@ mod tests {
             (
                 "epochs",
                 toml::Value::Integer(-1),
-                "epochs: expected an integer >= 0, got -1",
+                "epochs: expected an integer >= 1, got -1",
             ),
             (
                 "seed",
                 toml::Value::Integer(-2),
                 "seed: expected an integer >= 0, got -2",
+            ),
+            (
+                "classes_per_batch",
+                toml::Value::Integer(-3),
+                "classes_per_batch: expected an integer >= 2, got -3",
+            ),
+            (
+                "classes_per_batch",
+                toml::Value::Integer(1),
+                "classes_per_batch: expected an integer >= 2, got 1",
+            ),
+            (
+                "recall_ks",
+                toml::Value::Array(vec![toml::Value::Integer(-1)]),
+                "recall_ks: expected an integer >= 1, got -1",
+            ),
+            (
+                "recall_ks",
+                toml::Value::Array(vec![toml::Value::Integer(0)]),
+                "recall_ks: expected a non-empty list of integers >= 1, got [0]",
             ),
             (
                 "epochs",
