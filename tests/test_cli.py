@@ -126,6 +126,19 @@ def test_help_documents_the_errors_and_debug():
     assert sub.returncode == 0 and "--debug" in sub.stdout
 
 
+def test_python_dash_m_grouploss_is_the_command(tmp_path):
+    """``python -m grouploss`` runs the same command (and exit status) as
+    ``grouploss``, for an environment whose scripts are not on PATH."""
+    run = subprocess.run(
+        [sys.executable, "-m", "grouploss", "evaluate", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (run.returncode, run.stderr) == (1, _cli("evaluate", str(tmp_path)).stderr)
+    assert run.stderr.startswith("grouploss: error: ")
+
+
 def test_a_run_logged_to_a_file_has_no_progress_frames(glyphs_root, tmp_path):
     """stderr not a terminal: lines only, one per epoch (the step lines
     come at most every 30 s; Rust's unit tests time them), and the device
