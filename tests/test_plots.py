@@ -51,6 +51,17 @@ def test_retrieval_gallery_frames_right_and_wrong_neighbours():
     np.testing.assert_array_equal(drawn, _images(len(labels))[3][0])
     with pytest.raises(ValueError, match="^neighbours: expected shape \\(2, k\\)"):
         plots.retrieval_gallery(queries, neighbours[:1], labels, _images(7))
+    # Too few names, a negative label, an empty image: named, not an
+    # IndexError or ZeroDivisionError from inside the plot.
+    with pytest.raises(ValueError, match="^class_names: expected a name for each label, 0 to 2, "):
+        plots.retrieval_gallery(queries, neighbours, labels, _images(7), class_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"^class_names: .* \(and a label of -1\)"):
+        plots.retrieval_gallery(
+            queries, neighbours, labels - 1, _images(7), class_names=["a", "b", "c"]
+        )
+    empty = [np.zeros((0, 0), np.uint8)] * 7
+    with pytest.raises(ValueError, match=r"^images: expected .* got shape \[0, 0\]"):
+        plots.retrieval_gallery(queries, neighbours, labels, empty)
 
 
 def test_probability_heatmaps_show_the_batch_classes_sorted_with_anchors():
@@ -77,6 +88,8 @@ def test_probability_heatmaps_show_the_batch_classes_sorted_with_anchors():
         plots.probability_heatmaps(before, after[:, :3], labels)
     with pytest.raises(ValueError, match="^labels: expected one label per row of before"):
         plots.probability_heatmaps(before, after, labels[:-1])
+    with pytest.raises(ValueError, match="^class_names: expected a name for each label, 0 to 5"):
+        plots.probability_heatmaps(before, after, labels, class_names=list("abc"))
 
 
 def test_embedding_map_subsamples_and_draws_thumbnails():

@@ -125,6 +125,11 @@ def _as_image(img: Any, size: Optional[int] = None) -> np.ndarray:
         img = np.transpose(img, (1, 2, 0))
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
+    if img.ndim not in (2, 3) or 0 in img.shape[:2]:
+        raise ValueError(
+            "images: expected (H, W), (H, W, C) or (C, H, W) images of at least one pixel, "
+            f"got shape {list(img.shape)}"
+        )
     if img.dtype != np.uint8:
         lo, hi = float(img.min()), float(img.max())
         img = ((img - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
@@ -140,6 +145,21 @@ def _as_image(img: Any, size: Optional[int] = None) -> np.ndarray:
 
 def _class_name(class_names: Optional[Sequence[str]], label: int) -> str:
     return str(class_names[label]) if class_names is not None else str(label)
+
+
+def _check_class_names(class_names: Optional[Sequence[str]], labels: Any) -> None:
+    """A name for each of ``labels`` (a ``ValueError`` naming
+    ``class_names``; indexing would fail deep in the plot, or take a
+    negative label's name from the end)."""
+    labels = np.asarray(labels)
+    if class_names is None or labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= len(class_names):
+        raise ValueError(
+            f"class_names: expected a name for each label, 0 to {hi}, got {len(class_names)} "
+            f"names" + (f" (and a label of {lo})" if lo < 0 else "")
+        )
 
 
 def _class_colours(labels: np.ndarray):
@@ -198,6 +218,7 @@ def embedding_map(
         )
     if n < 3:
         raise ValueError(f"embeddings: expected at least 3 points for a map, got {n}")
+    _check_class_names(class_names, labels)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
     emb, lab = emb[idx], labels[idx]
@@ -279,6 +300,7 @@ def retrieval_gallery(
         )
     if not query_index:
         raise ValueError("query_index: expected at least one query, got none")
+    _check_class_names(class_names, labels)
     rows, k = len(query_index), neighbours.shape[1]
     fig, axes = plt.subplots(
         rows, k + 1, figsize=(1.15 * (k + 1), 1.35 * rows + 0.4), squeeze=False
@@ -357,6 +379,7 @@ def probability_heatmaps(
             raise ValueError(
                 f"classes: expected {before.shape[1]} classes (one per column), got {len(cols)}"
             )
+    _check_class_names(class_names, cols)
     order = np.argsort(labels, kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.8), sharey=True)
     im = None
