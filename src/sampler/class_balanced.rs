@@ -260,15 +260,7 @@ impl ClassBalancedSampler {
                 }
             }
         }
-
-        let n = p * k;
-        let mut perm: Vec<usize> = (0..b_total).collect();
-        rng.shuffle(&mut perm);
-        let mut shuffled = Vec::with_capacity(plan.len());
-        for b in perm {
-            shuffled.extend_from_slice(&plan[b * n..(b + 1) * n]);
-        }
-        shuffled
+        shuffle_batches(&plan, p * k, &mut rng)
     }
 
     /// A class uniformly among those not in the batch (there are at least P
@@ -361,6 +353,17 @@ impl Buckets {
         self.nodes.push((class, self.head[bucket]));
         self.head[bucket] = (self.nodes.len() - 1) as u32;
     }
+}
+
+/// The batches of `plan` (`n` indices each) in a random order.
+fn shuffle_batches(plan: &[usize], n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..plan.len() / n).collect();
+    rng.shuffle(&mut order);
+    let mut shuffled = Vec::with_capacity(plan.len());
+    for b in order {
+        shuffled.extend_from_slice(&plan[b * n..(b + 1) * n]);
+    }
+    shuffled
 }
 
 /// Draws a class not in the batch with probability proportional to its

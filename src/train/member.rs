@@ -17,7 +17,7 @@ use super::memory::Memory;
 use super::objective::{forward_backward, GroupScope, Objective};
 use super::optim::{Optimizer, OptimizerKind, Schedule};
 use super::progress::{Progress, Step};
-use super::replica::{average_gradients, restore_on_rank_0, share_memory, share_rank_0_state};
+use super::replica::{average_gradients, restore};
 use super::run_dir::{RunDir, StepLog};
 use super::runner::{
     embed_set, evaluate_for_selection, initial_network, load_model, model_tensors,
@@ -83,6 +83,16 @@ struct EpochTotals {
 }
 
 impl EpochTotals {
+    /// A step done: its control values (stop flag, loss, NLL, CE) and the
+    /// images it saw, all ranks together.
+    fn add(&mut self, control: &[f64], images: usize) {
+        self.loss += control[1];
+        self.nll += control[2];
+        self.ce += control[3];
+        self.seen += images;
+        self.done += 1;
+    }
+
     fn mean(&self, sum: f64) -> f64 {
         sum / self.done.max(1) as f64
     }
@@ -152,18 +162,8 @@ impl<'a> Member<'a> {
             cfg.weight_decay,
             cfg.momentum,
         );
-        // Rank 0 alone reads files; the others receive what it read, so the
-        // run folder (and pretrained weights) need not be visible to them.
         let mut memory = group_memory(cfg, world, device)?;
-        let restored = if rank == 0 {
-            restore_on_rank_0(cfg, dir, &vs, &mut opt, world, memory.as_mut())
-        } else {
-            Ok(None)
-        };
-        let restored = dist::agree(coll, restored, device)?;
-        share_rank_0_state(coll, &vs, &mut opt, restored.as_ref(), device)?;
-        share_memory(coll, restored.as_ref(), memory.as_mut(), device)?;
-        let state = restored.map(|r| r.state);
+        let state = restore(cfg, dir, &vs, &mut opt, memory.as_mut(), device, coll)?;
         if let (0, Some(s)) = (rank, &state) {
             dir.write_metrics(&s.history)?;
         }
@@ -255,19 +255,11 @@ impl<'a> Member<'a> {
         }
         let steps = plan.len();
         let first = first.min(steps);
-        let reloaded = if first == 0 && self.schedule.reloads_best_at(epoch) {
-            reload_best(self.coll, &self.vs, self.dir, self.best, self.device)?
+        let reloaded = if first == 0 {
+            self.reload_if_scheduled(epoch, progress)?
         } else {
             None
         };
-        if let Some(e) = reloaded {
-            progress.line(&format!(
-                "{}epoch {}: reloaded the weights of epoch {e} (the best so far), lr {}",
-                self.label,
-                epoch + 1,
-                cfg.lr * self.schedule.factor(epoch, 0.0)
-            ));
-        }
         let mut objective = Objective::of(cfg, epoch)?;
         let mut totals = EpochTotals {
             steps,
@@ -293,11 +285,7 @@ impl<'a> Member<'a> {
                 self.save_last(epoch, step + 1)?;
                 return Err(Error::Interrupted);
             }
-            totals.loss += control[1];
-            totals.nll += control[2];
-            totals.ce += control[3];
-            totals.seen += batch.indices.len() * self.coll.world_size();
-            totals.done += 1;
+            totals.add(&control, batch.indices.len() * self.coll.world_size());
             let elapsed = started.elapsed().as_secs_f64();
             progress.step(&Step {
                 label: &self.label,
@@ -320,6 +308,29 @@ impl<'a> Member<'a> {
         totals.train_s = started.elapsed().as_secs_f64();
         self.flush_steps()?;
         Ok((reloaded, objective, totals))
+    }
+
+    /// The release's reload of the best weights at the start of `epoch`,
+    /// where the schedule says so (told on `progress`). Returns the epoch
+    /// reloaded.
+    fn reload_if_scheduled(
+        &mut self,
+        epoch: usize,
+        progress: &mut Progress,
+    ) -> Result<Option<usize>> {
+        if !self.schedule.reloads_best_at(epoch) {
+            return Ok(None);
+        }
+        let reloaded = reload_best(self.coll, &self.vs, self.dir, self.best, self.device)?;
+        if let Some(e) = reloaded {
+            progress.line(&format!(
+                "{}epoch {}: reloaded the weights of epoch {e} (the best so far), lr {}",
+                self.label,
+                epoch + 1,
+                self.cfg.lr * self.schedule.factor(epoch, 0.0)
+            ));
+        }
+        Ok(reloaded)
     }
 
     /// One optimizer step on `batch`. Returns the step's control values,

@@ -39,10 +39,34 @@ pub(super) struct Restored {
     pub memory: Vec<(String, Vec<i64>)>,
 }
 
+/// Restores every rank's `vs`, `opt` and `memory` as rank 0 restores them
+/// (rank 0 alone reads files, so the run folder and pretrained weights
+/// need not be visible to the others). Returns the interrupted run's state
+/// (None for a fresh start).
+pub(super) fn restore(
+    cfg: &TrainConfig,
+    dir: &RunDir,
+    vs: &nn::VarStore,
+    opt: &mut Optimizer,
+    mut memory: Option<&mut Memory>,
+    device: Device,
+    coll: &dyn Collective,
+) -> Result<Option<TrainerState>> {
+    let restored = if coll.rank() == 0 {
+        restore_on_rank_0(cfg, dir, vs, opt, coll.world_size(), memory.as_deref_mut())
+    } else {
+        Ok(None)
+    };
+    let restored = dist::agree(coll, restored, device)?;
+    share_rank_0_state(coll, vs, opt, restored.as_ref(), device)?;
+    share_memory(coll, restored.as_ref(), memory, device)?;
+    Ok(restored.map(|r| r.state))
+}
+
 /// What rank 0 restores before training: pretrained backbone weights, and
 /// the `last` checkpoint of an interrupted run (into `vs`, `opt` and
 /// `memory`). Returns that checkpoint's state (None for a fresh start).
-pub(super) fn restore_on_rank_0(
+fn restore_on_rank_0(
     cfg: &TrainConfig,
     dir: &RunDir,
     vs: &nn::VarStore,
@@ -93,7 +117,7 @@ pub(super) fn restore_on_rank_0(
 
 /// Gives every rank rank 0's restored memory (`restored` is what
 /// [`restore_on_rank_0`] returned).
-pub(super) fn share_memory(
+fn share_memory(
     coll: &dyn Collective,
     restored: Option<&Restored>,
     memory: Option<&mut Memory>,
