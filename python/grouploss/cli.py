@@ -33,6 +33,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from . import training
+from ._files import replaced
 
 
 def _existing(text: str) -> pathlib.Path:
@@ -440,10 +441,10 @@ def _embed(args: argparse.Namespace) -> int:
     emb, labels, _ = _gallery(model, data)
     # np.save adds ".npy" to a name without it; the names printed are those written.
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, emb.cpu().numpy())
     labels_out = out.with_name(out.stem + "_labels.npy")
-    np.save(labels_out, labels.cpu().numpy())
+    for path, values in ((out, emb), (labels_out, labels)):
+        with replaced(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, values.cpu().numpy())
     print(f"{tuple(emb.shape)} embeddings -> {out}, labels -> {labels_out}")
     return 0
 

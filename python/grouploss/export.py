@@ -37,6 +37,7 @@ from typing import Dict, Union
 
 import torch
 
+from ._files import replaced
 from .models import EmbeddingModel, embedding_model
 
 __all__ = ["FORMATS", "load", "save"]
@@ -63,24 +64,21 @@ def save(model: EmbeddingModel, path: PathLike, *, format: str = "torchscript") 
     if not isinstance(model, EmbeddingModel):
         raise TypeError(f"model: expected a grouploss EmbeddingModel, got {type(model).__name__}")
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     text = json.dumps(model.description, sort_keys=True)
     was_training = model.training
     try:
         model.eval()
-        if format == "torchscript":
-            scripted = torch.jit.script(model)
-            torch.jit.save(scripted, str(tmp), _extra_files={_EXTRA_FILE: text})
-        else:
-            from safetensors.torch import save_file
+        with replaced(path) as tmp:
+            if format == "torchscript":
+                scripted = torch.jit.script(model)
+                torch.jit.save(scripted, str(tmp), _extra_files={_EXTRA_FILE: text})
+            else:
+                from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp), metadata={_METADATA_KEY: text, "format": "pt"})
-        os.replace(tmp, path)
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(state, str(tmp), metadata={_METADATA_KEY: text, "format": "pt"})
     finally:
         model.train(was_training)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _extras
 from ._args import boolean, integer
+from ._files import replaced
 
 PathLike = Union[str, pathlib.Path]
 
@@ -59,11 +60,12 @@ def _plt():
 
 
 def save(fig, path: Optional[PathLike]):
-    """Writes ``fig`` as a PNG at ``path`` (if given) and returns it."""
+    """Writes ``fig`` at ``path`` (if given; PNG, or the format its suffix
+    names) and returns it."""
     if path is not None:
         path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        with replaced(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:] or "png", dpi=110, bbox_inches="tight")
     return fig
 
 

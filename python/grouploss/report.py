@@ -26,7 +26,6 @@ import base64
 import datetime
 import html
 import json
-import os
 import pathlib
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -36,6 +35,7 @@ import torch
 from . import _extras, datasets, metrics, plots
 from . import functional as F
 from ._args import SEED_MAX, integer
+from ._files import replaced
 from .datasets import run_dataset
 from .training import RunModel, load_run
 
@@ -736,8 +736,6 @@ def report(
     )
     page = _build(run, max_points=max_points, queries=queries, seed=seed)
     out = pathlib.Path(out) if out is not None else run.run_dir / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    with replaced(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return out

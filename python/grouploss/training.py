@@ -20,6 +20,7 @@ import torch
 
 from . import _extras, _native, distributed
 from ._args import boolean
+from ._files import replaced
 
 if TYPE_CHECKING:
     from .models import EmbeddingModel
@@ -112,8 +113,8 @@ def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
         raise ValueError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     out = run_dir / "pretrained.safetensors"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out))
+    with replaced(out) as tmp:
+        save_file(tensors, str(tmp))
     return dict(cfg, pretrained=str(out))
 
 
