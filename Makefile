@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: setup demo test lint rust-test py-test notebooks stress bench clean
+.PHONY: setup demo test lint rust-test py-test notebooks stress clean
 
 setup:
 	./.ci/setup

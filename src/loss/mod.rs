@@ -9,8 +9,11 @@
 //! 4. `num_iters` replicator steps `X <- X * (W X)`, rows renormalised;
 //! 5. `loss = gtg_weight * NLL(log(X + 1e-12), y) + ce_weight * CE(logits, y)`.
 //!
-//! Everything is built from differentiable libtorch ops, so gradients reach
-//! `emb` and `logits` through whatever autograd graph they carry.
+//! [`group_loss`] and `Implementation::Autograd` build it from
+//! differentiable libtorch ops, so gradients reach `emb` and `logits`
+//! through whatever autograd graph they carry; the other implementations
+//! (`analytic.rs`, `fused_cpu.rs`, chosen by `"auto"`) record no graph and
+//! return the gradients in closed form.
 
 pub mod analytic;
 pub mod anchors;

@@ -1,6 +1,10 @@
-//! The run folder: `config.toml`, `metrics.jsonl`, `steps.tsv`, `summary.json` and
-//! `checkpoints/{last,best}.safetensors`. Every file is replaced atomically
-//! (written aside, flushed, renamed), so a crash leaves the previous version.
+//! The run folder: `config.toml`, `input.json`, `metrics.jsonl`,
+//! `steps.tsv`, `summary.json` and `checkpoints/{last,best}.safetensors`.
+//! Every file but `steps.tsv` is replaced whole ([`write_atomic`] here,
+//! `checkpoint::write_safetensors_atomic` for the checkpoints: written
+//! aside, flushed, renamed), so a crash leaves the previous version;
+//! `steps.tsv` is appended step by step ([`StepLog`]) and cut back to the
+//! resume point when a run resumes.
 
 use std::fs;
 use std::io::Write;
