@@ -51,6 +51,12 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
         (["train", "--nproc-per-node", "0"], "argument --nproc-per-node: expected an integer >= 1"),
         (["evaluate", "/runs/missing"], "argument run_dir: /runs/missing: no such file or folder"),
         (["report", ".", "--k", "0"], "argument --k: expected an integer >= 1, got 0"),
+        (["report", ".", "--queries", "101"], "argument --queries: expected an integer <= 100"),
+        (
+            ["report", ".", "--seed", str(2**32)],
+            "argument --seed: expected an integer <= 4294967295",
+        ),
+        (["report", ".", "--out", "."], "argument --out: . is a folder; expected a file to write"),
         (
             ["datasets", "build", "glyphs", "--max-train", "0"],
             "argument --max-train: expected an integer >= 1, got 0",

@@ -249,6 +249,8 @@ def test_load_names_a_file_of_another_format(runs, tmp_path):
     st = export.save(model.to_torch(), tmp_path / "m.safetensors", format="safetensors")
     with pytest.raises(ValueError, match=r"^path: .*m\.safetensors is not a TorchScript archive"):
         export.load(st, format="torchscript")
+    with pytest.raises(ValueError, match=r"^path: .* is a folder; expected a TorchScript file"):
+        export.load(tmp_path, format="torchscript")
     from safetensors.torch import load_file, save_file
 
     for metadata, message in [

@@ -90,6 +90,9 @@ def test_probability_heatmaps_show_the_batch_classes_sorted_with_anchors():
         plots.probability_heatmaps(before, after, labels[:-1])
     with pytest.raises(ValueError, match="^class_names: expected a name for each label, 0 to 5"):
         plots.probability_heatmaps(before, after, labels, class_names=list("abc"))
+    # Beyond 20 columns the classes are not named, so names are not needed.
+    wide = rng.dirichlet(np.ones(25), size=6)
+    plots.probability_heatmaps(wide, wide, labels, classes=range(25), class_names=["a"])
 
 
 def test_embedding_map_subsamples_and_draws_thumbnails():

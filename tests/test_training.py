@@ -90,6 +90,10 @@ def test_a_pretrained_file_that_is_no_state_dict_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"^pretrained: .*garbage\.bin is not a state dict") as e:
         grouploss.train(pretrained=str(bad), out_dir=tmp_path / "r", plots=False)
     assert "weights_only=False" not in str(e.value)
+    # A folder is said to be one (it was "not a state dict").
+    (tmp_path / "w.pt").mkdir()
+    with pytest.raises(IsADirectoryError):
+        grouploss.train(pretrained=str(tmp_path / "w.pt"), out_dir=tmp_path / "r", plots=False)
 
 
 def test_options_take_numpy_scalars_and_name_what_they_refuse():
@@ -98,7 +102,11 @@ def test_options_take_numpy_scalars_and_name_what_they_refuse():
     )
     assert (cfg["epochs"], cfg["lr"], cfg["flip"], cfg["recall_ks"]) == (2, 0.5, False, [1, 4])
     assert type(cfg["flip"]) is bool
+    # numpy arrays too (they were an unnamed TypeError).
+    cfg = training.resolve_config(recall_ks=np.array([1, 4]), lr=np.array(0.25))
+    assert (cfg["recall_ks"], cfg["lr"]) == ([1, 4], 0.25)
     cases = [
+        (dict(recall_ks=np.array([1.5])), r"^recall_ks: "),
         (dict(epochs=2**63), r"^epochs: expected an integer from -2\*\*63 to 2\*\*63 - 1, got 9"),
         (dict(seed=-(2**70)), r"^seed: expected an integer from -2\*\*63"),
         # A dataset name is checked with the options, by its name (it was
@@ -175,11 +183,15 @@ def test_a_run_loads_and_exports_without_its_dataset(tmp_path):
     # as transformed ones).
     with pytest.raises(ValueError, match="^images: expected uint8 images"):
         moved.embed(raw.long())
+    # Data that moved is given on resume (data_root is where the data is,
+    # not a setting: input.json says whether it is the same data).
+    again = grouploss.train(resume=out, plots=False, data_root=tmp_path / "moved")
+    assert again.run_dir == out
     # Resumed on other images (other pixel statistics), the run is refused
     # rather than trained on an input its saved model does not describe.
     make_glyph_like(data, seed=1)
     with pytest.raises(ValueError, match="^data_root: expected the data the run in .* started"):
-        grouploss.train(resume=out, plots=False)
+        grouploss.train(resume=out, plots=False, data_root=data)
 
 
 def test_load_run_embeds_and_evaluates(glyphs_root, tmp_path):
@@ -442,9 +454,21 @@ def test_a_run_folder_refuses_another_configuration(glyphs_root, tmp_path):
         grouploss.train(resume=out, plots=False, epochs=2)
     with pytest.raises(ValueError, match="^options: unknown field `unknown_option`"):
         grouploss.train(resume=out, plots=False, unknown_option=1)
+    # A resume keeps the run's preset, configuration and folder.
+    with pytest.raises(ValueError, match="^preset: expected 'glyphs', the preset of the run in "):
+        grouploss.train("fashion-mnist", resume=out, plots=False)
+    toml = tmp_path / "c.toml"
+    toml.write_text("lr = 0.5\n")
+    with pytest.raises(ValueError, match="^config: a resumed run takes its configuration from "):
+        grouploss.train(resume=out, config=toml, plots=False)
+    with pytest.raises(ValueError, match="^out_dir: expected the resumed folder "):
+        grouploss.train(resume=out, out_dir=tmp_path / "elsewhere", plots=False)
+    assert "elsewhere" not in (out / "config.toml").read_text()
     # How the run is carried out may change, and the run's own values may
     # be repeated.
-    again = grouploss.train(resume=out, plots=False, num_workers=1, prefetch=3, lr=lr)
+    again = grouploss.train(
+        "glyphs", resume=out, out_dir=out, plots=False, num_workers=1, prefetch=3, lr=lr
+    )
     assert again.run_dir == out
 
 

@@ -21,13 +21,15 @@ def integer(name: str, value: Any, minimum: Optional[int] = None, maximum: int =
     ``minimum`` or above ``maximum`` (int64's largest by default, which a
     native call would refuse with an anonymous OverflowError)."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if ok and (minimum is None or value >= minimum) and value <= maximum:
-        return int(value)
-    if ok and value > maximum:
+    # Compared as a Python int: numpy 1.x compares uint64 with an int via float64.
+    v = int(value) if ok else None
+    if v is not None and (minimum is None or v >= minimum) and v <= maximum:
+        return v
+    if v is not None and v > maximum:
         shown_max = _SHOWN.get(maximum, str(maximum))
-        raise ValueError(f"{name}: expected an integer <= {shown_max}, got {int(value)}")
+        raise ValueError(f"{name}: expected an integer <= {shown_max}, got {v}")
     expected = "an integer" if minimum is None else f"an integer >= {minimum}"
-    shown = int(value) if ok else value
+    shown = v if ok else value
     raise ValueError(f"{name}: expected {expected}, got {shown!r}")
 
 

@@ -52,8 +52,8 @@ def _file_out(text: str) -> pathlib.Path:
     return path
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= ``low``."""
+def _at_least(low: int, high: Optional[int] = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``)."""
 
     def parse(text: str) -> int:
         try:
@@ -62,6 +62,8 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
         return value
 
     return parse
@@ -154,7 +156,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "--resume",
         type=pathlib.Path,
         help="continue an interrupted run folder (other options must have the run's values, "
-        "except --num-workers, --prefetch and --quiet)",
+        "except --num-workers, --prefetch, --quiet and --data-root; not with --config)",
     )
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
     t.add_argument(
@@ -250,14 +252,22 @@ def _search_parser(sub) -> argparse.ArgumentParser:
 def _report_parser(sub) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir", type=_existing)
-    r.add_argument("--out", type=pathlib.Path, help="default RUN_DIR/report.html")
+    from .plots import TSNE_SEED_MAX
+    from .report import MOST_THUMBNAILS
+
+    r.add_argument("--out", type=_file_out, help="default RUN_DIR/report.html")
     r.add_argument("--split", default="test")
     _model_options(r)
     r.add_argument("--data-root", type=_existing, help="the dataset, if it moved")
-    r.add_argument("--queries", type=_at_least(1), default=8, help="rows of the galleries")
-    r.add_argument("--k", type=_at_least(1), default=8, help="neighbours per query")
+    most = MOST_THUMBNAILS
+    r.add_argument(
+        "--queries", type=_at_least(1, most), default=8, help=f"rows of the galleries (<= {most})"
+    )
+    r.add_argument(
+        "--k", type=_at_least(1, most), default=8, help=f"neighbours per query (<= {most})"
+    )
     r.add_argument("--max-points", type=_at_least(3), default=1000, help="points of the t-SNE map")
-    r.add_argument("--seed", type=_at_least(0), default=0)
+    r.add_argument("--seed", type=_at_least(0, TSNE_SEED_MAX), default=0)
     return r
 
 

@@ -93,6 +93,8 @@ def load(path: PathLike, *, format: str = "safetensors") -> torch.nn.Module:
     _check_format(format)
     path = pathlib.Path(path)
     if format == "torchscript":
+        if path.is_dir():
+            raise ValueError(f"path: {path} is a folder; expected a TorchScript file")
         if not path.is_file():
             raise FileNotFoundError(f"path: {path}: no such file")
         try:

@@ -30,6 +30,9 @@ from ._files import replaced
 
 PathLike = Union[str, pathlib.Path]
 
+#: The largest seed of a t-SNE map (scikit-learn's random_state).
+TSNE_SEED_MAX = 2**32 - 1
+
 __all__ = [
     "embedding_map",
     "loss_curve",
@@ -209,7 +212,7 @@ def embedding_map(
 
     max_points = integer("max_points", max_points, 3)
     thumbnails = integer("thumbnails", thumbnails, 0)
-    seed = integer("seed", seed, 0, 2**32 - 1)  # t-SNE's random_state
+    seed = integer("seed", seed, 0, TSNE_SEED_MAX)
     normalize = boolean("normalize", normalize)
     labels = np.asarray(labels)
     emb = np.asarray(embeddings, dtype=np.float32)
@@ -381,7 +384,8 @@ def probability_heatmaps(
             raise ValueError(
                 f"classes: expected {before.shape[1]} classes (one per column), got {len(cols)}"
             )
-    _check_class_names(class_names, cols)
+    if len(cols) <= 20:  # the columns are named up to 20 classes
+        _check_class_names(class_names, cols)
     order = np.argsort(labels, kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.8), sharey=True)
     im = None

@@ -77,7 +77,7 @@ class Neighbours(NamedTuple):
 
 #: The most queries or neighbours a report draws (rows and columns of
 #: thumbnails).
-_MOST_THUMBNAILS = 100
+MOST_THUMBNAILS = 100
 
 
 def _mask(name: str, value: Any, n: int) -> np.ndarray:
@@ -725,12 +725,12 @@ def report(
     """
     _extras.require("report")
     for name, value in (("queries", queries), ("k", k)):
-        if integer(name, value, 1) > _MOST_THUMBNAILS:
+        if integer(name, value, 1) > MOST_THUMBNAILS:
             raise ValueError(
-                f"{name}: expected at most {_MOST_THUMBNAILS} (a figure of thumbnails), got {value}"
+                f"{name}: expected at most {MOST_THUMBNAILS} (a figure of thumbnails), got {value}"
             )
     integer("max_points", max_points, 3)
-    integer("seed", seed, 0, SEED_MAX)
+    integer("seed", seed, 0, plots.TSNE_SEED_MAX)
     run = RunInspection(
         run_dir, split=split, checkpoint=checkpoint, device=device, data_root=data_root, k=k
     )

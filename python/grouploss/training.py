@@ -100,7 +100,7 @@ def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except OSError:  # missing, a folder, unreadable: said as such
         raise
     except Exception as e:  # torch's message advises weights_only=False: not here
         raise ValueError(
@@ -136,9 +136,11 @@ def train(
             ``cars196``, ``sop`` or ``inshop``.
         config: a TOML file of options (the same names as the keywords).
         resume: a run folder to continue, with its own configuration:
-            options given beside it must have the run's values (a
-            ``ValueError`` names one that differs), except ``progress``,
-            ``num_workers`` and ``prefetch``.
+            ``config`` is refused, and options given beside it must have
+            the run's values (a ``ValueError`` names one that differs),
+            except ``progress``, ``num_workers``, ``prefetch`` and
+            ``data_root`` (for data that moved: the run's ``input.json``
+            checks that it is the same data).
         plots: write ``loss.png`` and ``metrics.png`` into the run folder
             (with the ``report`` extra; without it they are skipped with one
             line on stderr saying how to install it).
@@ -185,16 +187,40 @@ def _prepare(preset, config, resume, options) -> tuple:
         cfg_path = run_dir / "config.toml"
         if not cfg_path.exists():
             raise FileNotFoundError(f"resume: {cfg_path} does not exist (not a run folder)")
+        _check_resume_options(run_dir, preset, config, options)
         # Options that change the results are refused by the trainer when
         # they differ from the run's (naming them); those that only change
-        # how it is carried out (progress, num_workers, prefetch) apply.
+        # how it is carried out (progress, num_workers, prefetch) and where
+        # the data is (data_root) apply.
+        options = {k: v for k, v in options.items() if k != "out_dir"}
         cfg = _native.resolve_config(None, str(cfg_path), options)
+        if preset is not None and preset != cfg["preset"]:
+            raise ValueError(
+                f"preset: expected {cfg['preset']!r}, the preset of the run in {run_dir} "
+                f"(a run folder keeps its configuration), got {preset!r}"
+            )
     else:
         cfg = resolve_config(preset, config, **options)
         run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(cfg))
         cfg["out_dir"] = str(run_dir)
         cfg = _convert_pt(cfg, run_dir)
     return cfg, run_dir
+
+
+def _check_resume_options(run_dir: pathlib.Path, preset, config, options) -> None:
+    """What a resume cannot take: a configuration file (the run folder's
+    ``config.toml`` is the run's), another folder to write in."""
+    if config is not None:
+        raise ValueError(
+            f"config: a resumed run takes its configuration from {run_dir / 'config.toml'}; "
+            "give options beside resume only with the run's values"
+        )
+    out_dir = options.get("out_dir")
+    if out_dir is not None and pathlib.Path(out_dir).resolve() != run_dir.resolve():
+        raise ValueError(
+            f"out_dir: expected the resumed folder {run_dir} (a resumed run stays in its "
+            f"folder), got {out_dir}"
+        )
 
 
 def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:

@@ -62,9 +62,12 @@ fn toml_from_py(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Option<toml::Value>
     if v.is_none() {
         return Ok(None);
     }
-    // numpy's scalars (np.int64(2), np.float32(0.5), np.bool_(True)) are
-    // taken as the Python values they stand for.
+    // numpy's scalars (np.int64(2), np.float32(0.5), np.bool_(True)) and
+    // arrays are taken as the Python values they stand for.
     let numpy = v.get_type().module().is_ok_and(|m| m == "numpy");
+    if numpy && v.get_type().name().is_ok_and(|n| n == "ndarray") {
+        return toml_from_py(key, &v.call_method0("tolist")?);
+    }
     let value = if let Ok(b) = v.downcast::<PyBool>() {
         toml::Value::Boolean(b.is_true())
     } else if numpy

@@ -542,13 +542,16 @@ impl TrainConfig {
 
     /// The options that shape the results, without those that only change
     /// how the run is carried out (progress display, loader threads, run
-    /// folder): two runs with equal fingerprints compute the same thing.
+    /// folder) or where its data is (`data_root`: a resumed run checks its
+    /// data against `input.json` instead): two runs with equal fingerprints
+    /// on the same data compute the same thing.
     pub fn fingerprint(&self) -> TrainConfig {
         TrainConfig {
             progress: true,
             num_workers: 0,
             prefetch: 0,
             out_dir: None,
+            data_root: None,
             ..self.clone()
         }
     }
