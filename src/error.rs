@@ -185,7 +185,7 @@ thread_local! {
     static LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Installs a panic hook that stays quiet for panics [`without_gil`] turns
+/// Installs a panic hook that stays quiet for panics `python::errors::without_gil` turns
 /// into exceptions and prints all others as usual.
 pub fn install_panic_hook() {
     static ONCE: Once = Once::new();

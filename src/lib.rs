@@ -3,7 +3,7 @@
 //! training over libtorch tensors.
 //!
 //! The core is plain Rust over `tch`; the Python bindings live in
-//! [`python`] behind the `python` cargo feature.
+//! `python` behind the `python` cargo feature.
 
 pub mod data;
 pub mod error;

@@ -1,9 +1,9 @@
 //! The dataset type: samples (image files or rows of an IDX array), their
 //! labels and class names, one split of a published protocol.
 //!
-//! Readers (`readers/`) turn a dataset's files into a [`Listing`]: every
+//! Readers (`readers/`) turn a dataset's files into a `Listing`: every
 //! image with its class and its part of the protocol (train or test classes,
-//! query or gallery). [`Listing::select`] then takes one split, carving a
+//! query or gallery). `Listing::select` then takes one split, carving a
 //! class-disjoint validation split out of the training classes when asked,
 //! and numbers the classes of the split `0..C` in their published order.
 

@@ -4,7 +4,7 @@
 //! O(block) however many are stored.
 //!
 //! On a CPU with AVX2 and FMA the search never forms a tile of similarities:
-//! the crate's register-tile kernel ([`crate::loss::gemm`]'s `dot_tiles`)
+//! the crate's register-tile kernel (`crate::loss::gemm`'s `dot_tiles`)
 //! hands each 6 x 16 block of products, still in cache, to the queries'
 //! heaps of their `k` best; elsewhere a libtorch product per tile is read
 //! by the same heaps.

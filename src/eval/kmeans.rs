@@ -23,7 +23,7 @@
 //!   memory-bound); from that size on, each round fills `k / SEED_ROUNDS`
 //!   slots at once ("batched k-means++"): [`SEED_TRIALS`] points drawn by the
 //!   same D^2 law per slot, the one lowering the potential most kept, then
-//!   thinned against the others of the round (see [`seed_in_rounds`]). The
+//!   thinned against the others of the round (see `seed_in_rounds`). The
 //!   whole seeding costs about `SEED_TRIALS` Lloyd iterations, in wide matrix
 //!   products, and ends with the first assignment and its Hamerly bounds.
 //!   Below that size, the seeding is the greedy one above, which finds
@@ -39,12 +39,12 @@
 //!   compared with all k centres once the centres settle.
 //!
 //! On a CPU with AVX2 and FMA, in float32, the points x centres products go
-//! through the crate's register-tile kernel ([`crate::loss::gemm`]'s
+//! through the crate's register-tile kernel (`crate::loss::gemm`'s
 //! `dot_tiles`) instead of libtorch's product: every point's two nearest
 //! centres are kept as the tiles are computed, so that the points x k
 //! distances are never written out, and the seeding's products go into one
 //! buffer reused from round to round. Meanwhile libtorch's own ops run on
-//! one thread ([`crate::loss::threads::TorchInline`]): its OpenMP workers,
+//! one thread (`crate::loss::threads::TorchInline`): its OpenMP workers,
 //! spinning after each parallel op, would compete with the kernel's threads.
 //! (SOP-shaped benchmark, 2 cores: 24.3 s before, 17 to 20 s after; see
 //! BENCHMARKS.md.)

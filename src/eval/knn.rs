@@ -3,7 +3,7 @@
 //! Neighbours are ordered by (-similarity, index): of two equally similar
 //! items the one with the smaller index comes first. libtorch's `topk` picks
 //! among equal values in an unspecified way (it differs between CPU and
-//! CUDA), so [`topk_ordered`] repairs its choice where a tie crosses the k-th
+//! CUDA), so `topk_ordered` repairs its choice where a tie crosses the k-th
 //! place, and sorts the result into that order.
 
 use tch::{Kind, Tensor};

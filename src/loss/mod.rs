@@ -312,7 +312,7 @@ pub fn anchor_mask_checked(labels: &Tensor, num_anchors: i64, mode: AnchorMode) 
     anchor_mask(labels, num_anchors, mode)
 }
 
-/// [`refine`] after checking that the shapes agree: `probs` n x m, `w` n x n,
+/// [`refine()`] after checking that the shapes agree: `probs` n x m, `w` n x n,
 /// `labels` n in `[0, m)`, `anchor_mask` n booleans, `num_iters >= 1`.
 pub fn refine_checked(
     probs: &Tensor,

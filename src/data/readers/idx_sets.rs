@@ -108,7 +108,7 @@ pub const GLYPHS_HOME: Home = Home {
              (needs pip install 'grouploss[glyphs]')",
 };
 
-/// Fashion-MNIST (found at `root`, else as [`FASHION_MNIST_HOME`] says). Zero-shot: classes 0-4 of the train
+/// Fashion-MNIST (found at `root`, else as `FASHION_MNIST_HOME` says). Zero-shot: classes 0-4 of the train
 /// file for training, 5-9 of the test file for testing; otherwise the
 /// standard 60,000 / 10,000 split over all ten classes.
 pub fn fashion_mnist(
@@ -140,7 +140,7 @@ pub fn fashion_mnist(
     listing.select(options)
 }
 
-/// The glyphs benchmark (found at `root`, else as [`GLYPHS_HOME`] says):
+/// The glyphs benchmark (found at `root`, else as `GLYPHS_HOME` says):
 /// train and t10k files hold disjoint classes, named in `classes.tsv`.
 pub fn glyphs(root: Option<&Path>, options: &DatasetOptions) -> Result<Dataset> {
     let root = resolve_root(&GLYPHS_HOME, root)?;

@@ -1,6 +1,6 @@
 //! Readers of the published dataset layouts.
 //!
-//! Each turns a dataset folder into a [`Listing`](super::dataset::Listing)
+//! Each turns a dataset folder into a `Listing` (`super::dataset`)
 //! and selects the split asked for. The zero-shot protocols: CUB200 and
 //! Cars196 train on the first half of their classes and test on the second;
 //! Stanford Online Products and InShop ship their train/test files;
