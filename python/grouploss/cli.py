@@ -250,16 +250,15 @@ def _search_parser(sub) -> argparse.ArgumentParser:
 
 
 def _report_parser(sub) -> argparse.ArgumentParser:
+    from .plots import TSNE_SEED_MAX
+    from .report import MOST_THUMBNAILS as most
+
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir", type=_existing)
-    from .plots import TSNE_SEED_MAX
-    from .report import MOST_THUMBNAILS
-
     r.add_argument("--out", type=_file_out, help="default RUN_DIR/report.html")
     r.add_argument("--split", default="test")
     _model_options(r)
     r.add_argument("--data-root", type=_existing, help="the dataset, if it moved")
-    most = MOST_THUMBNAILS
     r.add_argument(
         "--queries", type=_at_least(1, most), default=8, help=f"rows of the galleries (<= {most})"
     )

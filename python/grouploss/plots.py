@@ -384,7 +384,8 @@ def probability_heatmaps(
             raise ValueError(
                 f"classes: expected {before.shape[1]} classes (one per column), got {len(cols)}"
             )
-    if len(cols) <= 20:  # the columns are named up to 20 classes
+    named = len(cols) <= 20  # the columns are named up to 20 classes
+    if named:
         _check_class_names(class_names, cols)
     order = np.argsort(labels, kind="stable")
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.8), sharey=True)
@@ -396,7 +397,7 @@ def probability_heatmaps(
         im = ax.imshow(x[order], aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("class (of the batch)")
-        if len(cols) <= 20:
+        if named:
             ax.set_xticks(range(len(cols)))
             ax.set_xticklabels(
                 [_class_name(class_names, int(c)) for c in cols], fontsize=7, rotation=90
