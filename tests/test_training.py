@@ -64,6 +64,23 @@ def test_a_glyphs_run_writes_its_folder_and_learns(glyphs_root, tmp_path):
     assert cfg["dataset"] == "glyphs" and cfg["epochs"] == 3
 
 
+def test_any_metric_the_evaluation_reports_selects_the_best_epoch(glyphs_root, tmp_path):
+    """select_metric takes every key of the evaluation (open-metric-learning's
+    precision@K and map@K too), evaluated each epoch only when selected."""
+    r = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "run",
+        plots=False,
+        **dict(TINY, epochs=2, select_metric="precision@2"),
+    )
+    values = [x["val"]["precision@2"] for x in r.history]
+    assert r.best_epoch == 1 + max(range(2), key=lambda i: (values[i], -i))
+    assert all("map@2" not in x["val"] for x in r.history)
+    with pytest.raises(ValueError, match="^select_metric: expected a metric the evaluation"):
+        training.resolve_config("glyphs", select_metric="precision@3")
+
+
 def test_options_are_one_vocabulary(glyphs_root, tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text('preset = "glyphs"\nepochs = 1\ntemperature = 3.5\n')

@@ -117,6 +117,33 @@ impl Metric {
             Metric::MapAtK => "map",
         }
     }
+
+    /// Whether it is reported at every K of [`EvalOptions::ks`]
+    /// (`recall@K`) rather than once (`map@r`).
+    pub fn per_k(&self) -> bool {
+        matches!(self, Metric::Recall | Metric::Precision | Metric::MapAtK)
+    }
+
+    /// Its key at cut-off `k` in [`Metrics::to_pairs`] (`recall@4`).
+    fn key_at(&self, k: i64) -> String {
+        format!("{}@{k}", self.name())
+    }
+
+    /// Its keys in [`Metrics::to_pairs`] for the cut-offs `ks`.
+    pub fn keys(&self, ks: &[i64]) -> Vec<String> {
+        if self.per_k() {
+            ks.iter().map(|&k| self.key_at(k)).collect()
+        } else {
+            vec![self.name().to_string()]
+        }
+    }
+
+    /// The metric reported under `key` for the cut-offs `ks`, if any.
+    pub fn reporting(key: &str, ks: &[i64]) -> Option<Metric> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.keys(ks).iter().any(|k| k == key))
+    }
 }
 
 /// Options of [`evaluate`].
@@ -191,20 +218,20 @@ impl Metrics {
     /// computed.
     pub fn to_pairs(&self) -> Vec<(String, f64)> {
         let mut out: Vec<(String, f64)> = Vec::new();
-        for (name, values) in [
-            ("recall", &self.recall),
-            ("precision", &self.precision),
-            ("map", &self.map_at_k),
+        for (metric, values) in [
+            (Metric::Recall, &self.recall),
+            (Metric::Precision, &self.precision),
+            (Metric::MapAtK, &self.map_at_k),
         ] {
-            out.extend(values.iter().map(|(k, v)| (format!("{name}@{k}"), *v)));
+            out.extend(values.iter().map(|&(k, v)| (metric.key_at(k), v)));
         }
-        for (key, v) in [
-            ("map@r", self.map_at_r),
-            ("r_precision", self.r_precision),
-            ("nmi", self.nmi),
+        for (metric, v) in [
+            (Metric::MapAtR, self.map_at_r),
+            (Metric::RPrecision, self.r_precision),
+            (Metric::Nmi, self.nmi),
         ] {
             if let Some(v) = v {
-                out.push((key.to_string(), v));
+                out.push((metric.name().to_string(), v));
             }
         }
         out

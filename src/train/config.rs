@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{at_least, non_negative, one_of, positive, Error, Result};
+use crate::eval::Metric;
 use crate::loss::{GroupLossOptions, GroupLossSettings};
 
 /// The losses the trainer runs (`loss`).
@@ -275,7 +276,8 @@ pub struct TrainConfig {
     // Evaluation.
     /// `val` (honest) or `test` (the release's protocol).
     pub select_on: String,
-    /// Metric that picks the best epoch: `map@r` or `recall@1`, ...
+    /// Metric that picks the best epoch: any key the evaluation reports
+    /// (`map@r`, `recall@1`, `precision@4`, `map@4`, `r_precision`, `nmi`).
     pub select_metric: String,
     /// Recall@K values to report.
     pub recall_ks: Vec<usize>,
@@ -495,19 +497,12 @@ impl TrainConfig {
             &self.normalization,
             &["imagenet", "caffe_bgr", "none", "mean_std"],
         )?;
-        let metric_ok = self.select_metric == "map@r"
-            || self.select_metric == "r_precision"
-            || self.select_metric == "nmi"
-            || self
-                .select_metric
-                .strip_prefix("recall@")
-                .and_then(|k| k.parse::<usize>().ok())
-                .is_some_and(|k| self.recall_ks.contains(&k));
-        if !metric_ok {
+        if Metric::reporting(&self.select_metric, &self.eval_ks()).is_none() {
             return Err(Error::invalid(
                 "select_metric",
                 format!("{:?}", self.select_metric),
-                "map@r, r_precision, nmi or recall@K with K in recall_ks",
+                "a metric the evaluation reports: recall@K, precision@K or map@K with K in \
+                 recall_ks, map@r, r_precision or nmi",
             ));
         }
         Ok(())
@@ -571,6 +566,11 @@ impl TrainConfig {
             .filter(|k| a.get(*k) != b.get(*k))
             .map(|k| (k.clone(), shown(a.get(k)), shown(b.get(k))))
             .collect())
+    }
+
+    /// The cut-offs K of the evaluation's Recall@K, Precision@K and mAP@K.
+    pub fn eval_ks(&self) -> Vec<i64> {
+        self.recall_ks.iter().map(|&k| k as i64).collect()
     }
 
     /// The seed of the validation carve.
@@ -672,6 +672,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
+    }
+
+    /// Any key the evaluation reports selects, at a K of `recall_ks`; the
+    /// evaluation's own names decide (a new metric needs no change here).
+    #[test]
+    fn the_selection_metric_is_any_key_the_evaluation_reports() {
+        for key in [
+            "map@r",
+            "r_precision",
+            "nmi",
+            "recall@2",
+            "precision@1",
+            "map@8",
+        ] {
+            let options = with(&[("select_metric", key.into())]);
+            let cfg = TrainConfig::resolve(Some("glyphs"), None, options).unwrap();
+            assert_eq!(cfg.select_metric, key);
+        }
+        for key in ["recall@3", "map@0", "precision", "accuracy"] {
+            let options = with(&[("select_metric", key.into())]);
+            let e = TrainConfig::resolve(Some("glyphs"), None, options).unwrap_err();
+            let want = "select_metric: expected a metric the evaluation reports: ";
+            assert!(e.to_string().starts_with(want), "{key}: {e}");
+        }
     }
 
     /// Values of the wrong kind, negative for an unsigned option or out of

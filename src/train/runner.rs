@@ -381,15 +381,17 @@ pub fn evaluate_embeddings(emb: &SetEmbeddings, cfg: &TrainConfig) -> Result<Map
     run_metrics(emb, cfg, Metric::ALL.to_vec())
 }
 
-/// The metrics of the per-epoch selection: NMI's k-means is left out (it
-/// takes minutes at SOP's scale on a CPU) unless it is the selection metric.
+/// The metrics of the per-epoch selection: Recall@K, MAP@R, R-Precision,
+/// and the selection metric (NMI's k-means, which takes minutes at SOP's
+/// scale on a CPU, and the open-metric-learning metrics only then).
 pub(super) fn evaluate_for_selection(
     emb: &SetEmbeddings,
     cfg: &TrainConfig,
 ) -> Result<Map<String, Value>> {
     let mut include = vec![Metric::Recall, Metric::MapAtR, Metric::RPrecision];
-    if cfg.select_metric == "nmi" {
-        include.push(Metric::Nmi);
+    let selected = Metric::reporting(&cfg.select_metric, &cfg.eval_ks());
+    if let Some(m) = selected.filter(|m| !include.contains(m)) {
+        include.push(m);
     }
     run_metrics(emb, cfg, include)
 }
@@ -401,7 +403,7 @@ fn run_metrics(
 ) -> Result<Map<String, Value>> {
     let (e, l, q) = emb;
     let opts = EvalOptions {
-        ks: cfg.recall_ks.iter().map(|&k| k as i64).collect(),
+        ks: cfg.eval_ks(),
         include,
         normalize: true,
         batch_size: None,
