@@ -8,6 +8,7 @@
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod loss;
 pub mod model;
 pub mod names;

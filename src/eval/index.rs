@@ -431,13 +431,6 @@ impl Index {
     /// any, `labels`; nothing executable), through a temporary file so that
     /// a crash leaves the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut named = vec![
-            ("vectors", self.vectors.to_device(Device::Cpu)),
-            ("ids", Tensor::from_slice(&self.ids.to_vec())),
-        ];
-        if let Some(labels) = &self.labels {
-            named.push(("labels", Tensor::from_slice(labels)));
-        }
         if path.is_dir() {
             return Err(Error::invalid(
                 "path",
@@ -445,19 +438,14 @@ impl Index {
                 "a file to write (it is a folder)",
             ));
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut named = vec![
+            ("vectors".to_string(), self.vectors.to_device(Device::Cpu)),
+            ("ids".to_string(), Tensor::from_slice(&self.ids.to_vec())),
+        ];
+        if let Some(labels) = &self.labels {
+            named.push(("labels".to_string(), Tensor::from_slice(labels)));
         }
-        // Written beside, then renamed: a reader never sees half a file, and
-        // a failed write leaves nothing behind.
-        let tmp = path.with_extension("safetensors.tmp");
-        let written = Tensor::write_safetensors(&named, &tmp)
-            .map_err(Error::from)
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        crate::files::write_safetensors_atomic(path, &named, Default::default())
     }
 
     /// Reads an index written by [`Index::save`] onto `device`.

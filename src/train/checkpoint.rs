@@ -7,44 +7,20 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::names::dtype_name;
 
 /// The metadata key of the trainer state.
 const STATE_KEY: &str = "grouploss.trainer_state";
 /// The metadata key of the format tag.
 const FORMAT_KEY: &str = "grouploss.format";
 const FORMAT: &str = "grouploss-checkpoint-1";
-
-fn dtype(kind: Kind) -> Result<Dtype> {
-    Ok(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        other => {
-            return Err(Error::invalid(
-                "checkpoint",
-                format!("a tensor of dtype {}", dtype_name(other)),
-                "a kind safetensors stores",
-            ))
-        }
-    })
-}
 
 fn kind(dtype: Dtype) -> Result<Kind> {
     Ok(match dtype {
@@ -66,60 +42,6 @@ fn kind(dtype: Dtype) -> Result<Kind> {
             ))
         }
     })
-}
-
-fn bytes_of(t: &Tensor) -> Vec<u8> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    let mut out = vec![0u8; n];
-    t.copy_data_u8(&mut out, t.numel());
-    out
-}
-
-/// Writes `tensors` and `metadata` to `path` atomically: a temporary file
-/// in the same folder, fsync, rename, fsync of the folder.
-pub fn write_safetensors_atomic(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    let mut data = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        data.push((name.clone(), dtype(t.kind())?, t.size(), bytes_of(t)));
-    }
-    let views: Vec<(String, TensorView<'_>)> = data
-        .iter()
-        .map(|(n, d, s, b)| {
-            let shape: Vec<usize> = s.iter().map(|&x| x as usize).collect();
-            TensorView::new(*d, shape, b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::invalid("checkpoint", format!("{n}: {e}"), "a valid tensor"))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, &Some(metadata))
-        .map_err(|e| Error::invalid("checkpoint", e.to_string(), "serialisable tensors"))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or("checkpoint");
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }
 
 /// Named tensors, in file order.
@@ -178,7 +100,7 @@ impl<S: Serialize> Checkpoint<S> {
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
             (STATE_KEY.to_string(), state),
         ]);
-        write_safetensors_atomic(path, &tensors, metadata)
+        crate::files::write_safetensors_atomic(path, &tensors, metadata)
     }
 }
 
@@ -227,6 +149,7 @@ impl<S: DeserializeOwned> Checkpoint<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn checkpoints_round_trip_and_replace_atomically() {

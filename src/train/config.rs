@@ -678,6 +678,9 @@ mod tests {
     /// evaluation's own names decide (a new metric needs no change here).
     #[test]
     fn the_selection_metric_is_any_key_the_evaluation_reports() {
+        let select = |key: &str| {
+            TrainConfig::resolve(Some("glyphs"), None, with(&[("select_metric", key.into())]))
+        };
         for key in [
             "map@r",
             "r_precision",
@@ -686,13 +689,10 @@ mod tests {
             "precision@1",
             "map@8",
         ] {
-            let options = with(&[("select_metric", key.into())]);
-            let cfg = TrainConfig::resolve(Some("glyphs"), None, options).unwrap();
-            assert_eq!(cfg.select_metric, key);
+            assert_eq!(select(key).unwrap().select_metric, key);
         }
         for key in ["recall@3", "map@0", "precision", "accuracy"] {
-            let options = with(&[("select_metric", key.into())]);
-            let e = TrainConfig::resolve(Some("glyphs"), None, options).unwrap_err();
+            let e = select(key).unwrap_err();
             let want = "select_metric: expected a metric the evaluation reports: ";
             assert!(e.to_string().starts_with(want), "{key}: {e}");
         }

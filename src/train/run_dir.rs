@@ -1,7 +1,6 @@
 //! The run folder: `config.toml`, `input.json`, `metrics.jsonl`,
 //! `steps.tsv`, `summary.json` and `checkpoints/{last,best}.safetensors`.
-//! Every file but `steps.tsv` is replaced whole ([`write_atomic`] here,
-//! `checkpoint::write_safetensors_atomic` for the checkpoints: written
+//! Every file but `steps.tsv` is replaced whole (`crate::files`: written
 //! aside, flushed, renamed), so a crash leaves the previous version;
 //! `steps.tsv` is appended step by step ([`StepLog`]) and cut back to the
 //! resume point when a run resumes.
@@ -11,25 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-
-/// Writes `bytes` to `path` atomically.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
+use crate::files::write_atomic;
 
 /// Paths of a run folder.
 #[derive(Clone, Debug)]

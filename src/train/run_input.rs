@@ -6,10 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::run_dir::{write_atomic, RunDir};
+use super::run_dir::RunDir;
 use super::runner::RunData;
 use crate::data::transform::{Geometry, Normalization, Transform};
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 
 /// A run's input, as saved. Every field is required.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,97 @@
+//! Files written whole or not at all: a temporary file beside the target,
+//! flushed, renamed over it, and the folder synced; a failed write removes
+//! the temporary. A reader (or a run resumed after a crash) sees the old
+//! file or the new one, never part of one. The run folder, the checkpoints
+//! and the retrieval index all write through here.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::names::dtype_name;
+
+/// Writes `bytes` to `path` atomically (its folder made if missing).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Writes named `tensors` and `metadata` to `path` as safetensors,
+/// atomically ([`write_atomic`]).
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        data.push((name.clone(), dtype(t.kind())?, t.size(), bytes_of(t)));
+    }
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, d, s, b)| {
+            let shape: Vec<usize> = s.iter().map(|&x| x as usize).collect();
+            TensorView::new(*d, shape, b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::invalid("tensors", format!("{n}: {e}"), "a valid tensor"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &Some(metadata))
+        .map_err(|e| Error::invalid("tensors", e.to_string(), "serialisable tensors"))?;
+    write_atomic(path, &bytes)
+}
+
+fn dtype(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => {
+            return Err(Error::invalid(
+                "tensors",
+                format!("a tensor of dtype {}", dtype_name(other)),
+                "a kind safetensors stores",
+            ))
+        }
+    })
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    let mut out = vec![0u8; n];
+    t.copy_data_u8(&mut out, t.numel());
+    out
+}
