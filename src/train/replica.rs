@@ -207,6 +207,7 @@ pub(super) fn share_rank_0_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::{GroupLossOptions, GroupLossOutput};
     use crate::model::EmbeddingNet;
     use crate::train::distributed::tests::on_threads;
     use crate::train::objective::{forward_backward, GroupScope, Objective};
@@ -245,12 +246,71 @@ mod tests {
         (vs, net, opt, params)
     }
 
-    fn values(vs: &nn::VarStore) -> Vec<(String, Vec<f32>)> {
+    /// Every model tensor (parameters and buffers), flattened.
+    fn snapshot(vs: &nn::VarStore) -> Vec<(String, Vec<f32>)> {
         model_tensors(vs)
             .into_iter()
-            .filter(|(_, t)| t.requires_grad())
             .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
             .collect()
+    }
+
+    /// The trainable parameters, flattened.
+    fn values(vs: &nn::VarStore) -> Vec<(String, Vec<f32>)> {
+        let trainable: Vec<bool> = model_tensors(vs)
+            .iter()
+            .map(|(_, t)| t.requires_grad())
+            .collect();
+        snapshot(vs)
+            .into_iter()
+            .zip(trainable)
+            .filter_map(|(v, keep)| keep.then_some(v))
+            .collect()
+    }
+
+    /// Loads a `snapshot` of a network of the same shape into `vs`.
+    fn load_snapshot(vs: &nn::VarStore, snapshot: &[(String, Vec<f32>)]) {
+        let shaped: Vec<(String, Tensor)> = model_tensors(vs)
+            .into_iter()
+            .zip(snapshot)
+            .map(|((_, t), (n, v))| (n.clone(), Tensor::from_slice(v).view(t.size().as_slice())))
+            .collect();
+        load_model(vs, &shaped, Path::new("snapshot")).unwrap();
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
+    /// The Group Loss of a batch of detached inputs, with its gradients.
+    fn group_loss(
+        emb: &Tensor,
+        logits: &Tensor,
+        labels: &Tensor,
+        opts: &GroupLossOptions,
+    ) -> GroupLossOutput {
+        let want = crate::loss::Want {
+            grads: true,
+            probs: false,
+        };
+        let implementation = crate::loss::Implementation::Auto;
+        crate::loss::evaluate(
+            &emb.detach(),
+            &logits.detach(),
+            labels,
+            opts,
+            want,
+            implementation,
+        )
+        .unwrap()
+    }
+
+    /// 3 classes x 4 images.
+    fn three_classes() -> Tensor {
+        Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
     }
 
     /// The Rust loop's step under two ranks (threads) against one process
@@ -268,16 +328,12 @@ mod tests {
             .collect();
         let batch = |images: &[Vec<f32>], step: usize, rank: usize| {
             let x = Tensor::from_slice(&images[step * 2 + rank]).view([12, 1, 28, 28]);
-            let y = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
-            (x, y)
+            (x, three_classes())
         };
         let lopts = Objective::of(&cfg, 0).unwrap();
 
         let (vs, net, mut opt, params) = network(&cfg, 0);
-        let init_values: Vec<(String, Vec<f32>)> = model_tensors(&vs)
-            .into_iter()
-            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
-            .collect();
+        let init_values = snapshot(&vs);
         let before = values(&vs);
         for step in 0..STEPS {
             let mut grads = Vec::new();
@@ -300,16 +356,7 @@ mod tests {
             // Rank 1 starts elsewhere: the broadcast must bring it in line.
             let (vs, net, mut opt, params) = network(&cfg, 1 + rank as i64);
             if rank == 0 {
-                let init: Vec<(String, Tensor)> = init_values
-                    .iter()
-                    .map(|(n, v)| (n.clone(), Tensor::from_slice(v)))
-                    .collect();
-                let shaped: Vec<(String, Tensor)> = model_tensors(&vs)
-                    .into_iter()
-                    .zip(init)
-                    .map(|((_, t), (n, v))| (n, v.view(t.size().as_slice())))
-                    .collect();
-                load_model(&vs, &shaped, Path::new("init")).unwrap();
+                load_snapshot(&vs, &init_values);
             }
             share_rank_0_state(g, &vs, &mut opt, None, Device::Cpu).unwrap();
             let lopts = Objective::of(&cfg, 0).unwrap();
@@ -330,11 +377,7 @@ mod tests {
         for (rank_values, _) in &got {
             assert_eq!(rank_values.len(), want.len());
             for ((name, a), (_, b)) in rank_values.iter().zip(&want) {
-                let diff = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_abs_diff(a, b);
                 assert!(diff <= 1e-6, "{name}: max difference {diff}");
             }
         }
@@ -359,8 +402,7 @@ mod tests {
             .collect();
         let batch = move |rank: usize| {
             let x = Tensor::from_slice(&images[rank]).view([12, 1, 28, 28]);
-            let y = Tensor::from_slice(&[0i64, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]) + rank as i64;
-            (x, y.remainder(3))
+            (x, (three_classes() + rank as i64).remainder(3))
         };
         let Objective::Group(opts) = Objective::of(&cfg, 0).unwrap() else {
             panic!("the default loss is the Group Loss")
@@ -370,28 +412,13 @@ mod tests {
         let (vs, net, _opt, params) = network(&cfg, 0);
         // The threads' networks start from these variables (their own
         // initialisations race for torch's global generator).
-        let init: Vec<(String, Vec<f32>)> = model_tensors(&vs)
-            .into_iter()
-            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()))
-            .collect();
+        let init = snapshot(&vs);
         let outs: Vec<(Tensor, Tensor)> =
             (0..2).map(|r| net.forward_t(&batch(r).0, true)).collect();
         let emb = Tensor::cat(&[&outs[0].0, &outs[1].0], 0);
         let logits = Tensor::cat(&[&outs[0].1, &outs[1].1], 0);
         let labels = Tensor::cat(&[batch(0).1, batch(1).1], 0);
-        let want = crate::loss::Want {
-            grads: true,
-            probs: false,
-        };
-        let out = crate::loss::evaluate(
-            &emb.detach(),
-            &logits.detach(),
-            &labels,
-            &opts,
-            want,
-            crate::loss::Implementation::Auto,
-        )
-        .unwrap();
+        let out = group_loss(&emb, &logits, &labels, &opts);
         let (ge, gl) = (out.grad_embeddings.unwrap(), out.grad_logits.unwrap());
         ((&emb * &ge).sum(Kind::Float) + (&logits * &gl).sum(Kind::Float)).backward();
         let expected: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
@@ -401,14 +428,7 @@ mod tests {
         let got = on_threads(2, move |g| {
             let cfg = test_config();
             let (vs, net, mut opt, params) = network(&cfg, 0);
-            let shaped: Vec<(String, Tensor)> = model_tensors(&vs)
-                .into_iter()
-                .zip(&init)
-                .map(|((_, t), (n, v))| {
-                    (n.clone(), Tensor::from_slice(v).view(t.size().as_slice()))
-                })
-                .collect();
-            load_model(&vs, &shaped, Path::new("init")).unwrap();
+            load_snapshot(&vs, &init);
             let lopts = Objective::of(&cfg, 0).unwrap();
             let (x, y) = ranks_batch(g.rank());
             opt.zero_grad();
@@ -433,11 +453,7 @@ mod tests {
             for (g, e) in grads.iter().zip(&expected) {
                 let e = Vec::<f32>::try_from(&e.reshape([-1])).unwrap();
                 let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = g
-                    .iter()
-                    .zip(&e)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_abs_diff(g, &e);
                 assert!(
                     diff <= 1e-5 * scale.max(1e-3),
                     "max difference {diff} of {scale}"
@@ -445,15 +461,7 @@ mod tests {
             }
         }
         // Each rank alone would give another loss (the test could fail).
-        let alone = crate::loss::evaluate(
-            &outs[0].0.detach(),
-            &outs[0].1.detach(),
-            &batch(0).1,
-            &opts,
-            want,
-            crate::loss::Implementation::Auto,
-        )
-        .unwrap();
+        let alone = group_loss(&outs[0].0, &outs[0].1, &batch(0).1, &opts);
         assert!((f64::try_from(&alone.loss).unwrap() - expected_loss).abs() > 1e-3);
     }
 
