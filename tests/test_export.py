@@ -37,11 +37,27 @@ def runs(glyphs_root, tmp_path_factory):
     def run(backbone: str) -> pathlib.Path:
         if backbone not in made:
             out = tmp_path_factory.mktemp(f"run-{backbone}")
-            opts = tiny_run(plots=False, epochs=1, backbone=backbone, embedding_size=16)
+            name = _scripted_backbone(out) if backbone == "torchscript" else backbone
+            opts = tiny_run(plots=False, epochs=1, backbone=name, embedding_size=16)
             made[backbone] = grouploss.train("glyphs", data_root=glyphs_root, out_dir=out, **opts)
         return made[backbone].run_dir
 
     return run
+
+
+def _scripted_backbone(folder: pathlib.Path) -> str:
+    """`torchscript:PATH` of a scripted network with a BatchNorm layer."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    path = folder / "backbone.pt"
+    torch.jit.script(net).save(str(path))
+    return f"torchscript:{path}"
 
 
 def _test_images(model: grouploss.RunModel) -> torch.Tensor:
@@ -136,6 +152,34 @@ def test_to_torch_gives_the_runs_embeddings(runs, backbone):
     assert (from_uint8 - expected).abs().max().item() <= TOL
     assert (from_float - expected).abs().max().item() <= TOL
     assert net.description["backbone"] == backbone
+
+
+def test_a_torchscript_backbone_keeps_its_batchnorm_statistics(runs, tmp_path):
+    """The checkpoint holds the scripted module's buffers under PyTorch's
+    names, so the reloaded run, its plain module and its TorchScript export
+    give the embeddings the trainer evaluated (the statistics were in no
+    checkpoint: a reloaded run used the file's)."""
+    from safetensors.torch import load_file
+
+    run_dir = runs("torchscript")
+    weights = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
+    mean = weights["model.backbone.1.running_mean"]
+    assert mean.abs().max().item() > 1e-3, "the statistics moved off their initial zeros"
+    assert "model.backbone.0.weight" in weights and "model.backbone.1.running_var" in weights
+    model = grouploss.load_run(run_dir, device="cpu")
+    emb, labels = model.embed_split("test")
+    evaluated = json.loads((run_dir / "summary.json").read_text())["test"]
+    again = grouploss.metrics.evaluate(emb, labels)
+    for key in ("map@r", "recall@1", "r_precision"):
+        assert again[key] == pytest.approx(evaluated[key], abs=1e-9), key
+    net = model.to_torch()
+    assert torch.equal(net.backbone.state_dict()["1.running_mean"], mean)
+    images = _test_images(model)
+    with torch.no_grad():
+        assert (net(images) - torch.as_tensor(emb)).abs().max().item() <= TOL
+    scripted = torch.jit.load(str(model.export(tmp_path / "m.pt", format="torchscript")))
+    with torch.no_grad():
+        assert (scripted(images) - torch.as_tensor(emb)).abs().max().item() <= TOL
 
 
 def test_to_torch_trains_on_in_a_plain_loop(runs):

@@ -501,6 +501,40 @@ def test_a_run_that_cannot_open_its_data_leaves_no_configuration(glyphs_root, tm
     assert (out / "config.toml").exists()
 
 
+def test_a_run_whose_network_cannot_load_leaves_no_configuration(glyphs_root, tmp_path):
+    """The network builds, pretrained weights included, before the run
+    folder is claimed: a damaged TorchScript backbone or a missing weights
+    file once left a config.toml that refused the corrected retry."""
+    out = tmp_path / "r"
+    kw = dict(TINY, epochs=1, max_steps_per_epoch=1, plots=False)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a TorchScript archive")
+    with pytest.raises(ValueError, match=r"damaged\.pt: not a loadable TorchScript module: "):
+        grouploss.train(
+            "glyphs", data_root=glyphs_root, out_dir=out, backbone=f"torchscript:{damaged}", **kw
+        )
+    assert not (out / "config.toml").exists()
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        grouploss.train(
+            "glyphs",
+            data_root=glyphs_root,
+            out_dir=out,
+            backbone="resnet18",
+            pretrained=tmp_path / "missing.safetensors",
+            **kw,
+        )
+    assert not (out / "config.toml").exists()
+    scripted = tmp_path / "net.pt"
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    torch.jit.script(net).save(str(scripted))
+    grouploss.train(
+        "glyphs", data_root=glyphs_root, out_dir=out, backbone=f"torchscript:{scripted}", **kw
+    )
+    assert (out / "config.toml").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_bf16_run(glyphs_root, tmp_path):
     r = grouploss.train(

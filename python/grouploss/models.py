@@ -474,19 +474,13 @@ def embedding_model(description: Dict[str, Any], state_dict: Dict[str, torch.Ten
     )
     weights = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    # Left as built: the normalisation (from `description`), BatchNorm's
-    # batch counter (unused with a momentum) and a TorchScript backbone's
-    # buffers (the trainer keeps its parameters only).
-    scripted = isinstance(backbone, torch.jit.ScriptModule)
-    buffers = {f"backbone.{k}" for k, _ in backbone.named_buffers()} if scripted else set()
+    # Left as built: the normalisation (from `description`) and BatchNorm's
+    # batch counter (unused with a momentum; the trainer's own networks keep
+    # none, a TorchScript backbone's checkpoint has its own).
     missing = [
         k
         for k in missing
-        if not (
-            k.startswith("input_normalization.")
-            or k.endswith(".num_batches_tracked")
-            or k in buffers
-        )
+        if not (k.startswith("input_normalization.") or k.endswith(".num_batches_tracked"))
     ]
     if missing or unexpected:
         raise ValueError(

@@ -10,6 +10,7 @@ pub mod convnet;
 pub mod head;
 pub mod init;
 pub mod resnet;
+pub mod script;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -104,7 +105,7 @@ pub struct ModelConfig {
 
 /// A TorchScript module switched between train and eval mode on demand.
 struct ScriptBackbone {
-    module: Mutex<(tch::TrainableCModule, Option<bool>)>,
+    module: Mutex<(script::ScriptModule, Option<bool>)>,
 }
 
 impl std::fmt::Debug for ScriptBackbone {
@@ -113,25 +114,27 @@ impl std::fmt::Debug for ScriptBackbone {
     }
 }
 
-impl ModuleT for ScriptBackbone {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+impl ScriptBackbone {
+    /// Features of a batch (flattened to N x F), or the module's error.
+    fn try_forward(&self, xs: &Tensor, train: bool) -> std::result::Result<Tensor, String> {
         let mut guard = self.module.lock().unwrap_or_else(|e| e.into_inner());
         let (module, mode) = &mut *guard;
         if *mode != Some(train) {
-            if train {
-                module.set_train();
-            } else {
-                module.set_eval();
-            }
+            module.set_train(train).map_err(|e| e.to_string())?;
             *mode = Some(train);
         }
-        let out = module.forward_ts(&[xs]).unwrap_or_else(|e| {
+        Ok(module.forward(xs)?.flatten(1, -1))
+    }
+}
+
+impl ModuleT for ScriptBackbone {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.try_forward(xs, train).unwrap_or_else(|e| {
             panic!(
                 "the TorchScript backbone failed on a batch of shape {:?}: {e}",
                 xs.size()
             )
-        });
-        out.flatten(1, -1)
+        })
     }
 }
 
@@ -189,14 +192,8 @@ impl EmbeddingNet {
                         ),
                     ));
                 }
-                let module =
-                    tch::TrainableCModule::load(path, &root / "backbone").map_err(|e| {
-                        Error::format(
-                            path,
-                            None,
-                            format!("not a loadable TorchScript module: {e}"),
-                        )
-                    })?;
+                let module = script::ScriptModule::load(path, vs.device())?;
+                module.register(&p)?;
                 let script = ScriptBackbone {
                     module: Mutex::new((module, None)),
                 };
@@ -260,14 +257,11 @@ fn probe_features(
     path: &std::path::Path,
 ) -> Result<i64> {
     let x = Tensor::zeros([2, channels, 64, 64], (tch::Kind::Float, device));
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        tch::no_grad(|| m.forward_t(&x, false))
-    }))
-    .map_err(|_| {
+    let out = tch::no_grad(|| m.try_forward(&x, false)).map_err(|e| {
         Error::format(
             path,
             None,
-            "the TorchScript module failed on a [2, C, 64, 64] input",
+            format!("the TorchScript module failed on a [2, C, 64, 64] input: {e}"),
         )
     })?;
     if out.dim() != 2 {

@@ -523,6 +523,19 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
     train_on(cfg, run_dir, stop, device(&cfg.device)?, &SingleProcess)
 }
 
+/// Builds the network the run starts from, with its pretrained weights, in
+/// a store that is then dropped: a TorchScript file or weights that do not
+/// load fail here (the member builds its own, seeded, network later).
+fn check_network(cfg: &TrainConfig, data: &RunData, device: Device) -> Result<()> {
+    let vs = nn::VarStore::new(device);
+    build_network(cfg, &vs, data.channels, data.train.classes().len() as i64)?;
+    if let Some(path) = &cfg.pretrained {
+        let tensors = crate::model::read_safetensors(path)?;
+        crate::model::load_into(&vs, "backbone.", tensors, &path.display().to_string())?;
+    }
+    Ok(())
+}
+
 /// Refuses a run folder that holds another configuration, then writes
 /// `config.toml`.
 fn claim_run_dir(cfg: &TrainConfig, dir: &RunDir) -> Result<()> {
@@ -595,12 +608,13 @@ pub fn train_on(
     cfg.validate()?;
     let (rank, world) = (coll.rank(), coll.world_size());
     let dir = RunDir::new(run_dir);
-    // The data opens before the run folder is claimed: a run that cannot
-    // find its data leaves no folder whose configuration would refuse the
-    // corrected retry.
+    // The data opens, and the network builds, before the run folder is
+    // claimed: a run that cannot find its data or load its backbone leaves
+    // no folder whose configuration would refuse the corrected retry.
     let data = RunData::open(cfg)?;
     let claimed = if rank == 0 {
-        claim_run_dir(cfg, &dir)
+        check_network(cfg, &data, device)
+            .and_then(|()| claim_run_dir(cfg, &dir))
             .and_then(|()| record_input(cfg, &data, &dir))
             .map(|()| Value::Null)
     } else {
