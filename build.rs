@@ -1,4 +1,5 @@
-//! Builds the C++ half of `model::script` and sets the link flags for
+//! Builds the C++ halves of `model::script` and `train::autocast` (what
+//! tch's C API does not reach) and sets the link flags for
 //! binaries that load libtorch without Python (tests, examples).
 //!
 //! torch-sys publishes the directory of the libtorch it linked (`links = "tch"`
@@ -9,16 +10,18 @@
 //! without it a test binary on a GPU machine would see no CUDA device.
 use std::path::Path;
 
-const SCRIPT_CPP: &str = "src/model/script.cpp";
+const CPP_FILES: [&str; 2] = ["src/model/script.cpp", "src/train/autocast.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    println!("cargo:rerun-if-changed={SCRIPT_CPP}");
+    for file in CPP_FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not publish its libtorch directory (DEP_TCH_LIBTORCH_LIB)");
     let lib = Path::new(&lib);
-    compile_script_shim(lib);
+    compile_cpp(lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     for name in ["torch_cuda", "torch"] {
@@ -28,9 +31,9 @@ fn main() {
     }
 }
 
-/// Compiles `SCRIPT_CPP` with the flags torch-sys compiles its own C++ with
+/// Compiles `CPP_FILES` with the flags torch-sys compiles its own C++ with
 /// (C++17, the C++11 ABI unless `LIBTORCH_CXX11_ABI=0`, as torch-sys reads it).
-fn compile_script_shim(lib: &Path) {
+fn compile_cpp(lib: &Path) {
     let include = lib
         .parent()
         .expect("libtorch's lib has a parent")
@@ -45,6 +48,6 @@ fn compile_script_shim(lib: &Path) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file(SCRIPT_CPP)
-        .compile("grouploss_script");
+        .files(CPP_FILES)
+        .compile("grouploss_cxx");
 }

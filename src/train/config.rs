@@ -168,7 +168,8 @@ pub struct TrainConfig {
     pub split_seed: Option<u64>,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when present).
     pub device: String,
-    /// bfloat16 autocast of the network on CUDA.
+    /// bfloat16 autocast of the network on CUDA, as
+    /// `torch.autocast("cuda", dtype=torch.bfloat16)` (ignored on the CPU).
     pub bf16: bool,
 
     // Network.

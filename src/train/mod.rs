@@ -1,6 +1,7 @@
 //! The training loop and everything around it: configuration, presets,
 //! optimizers, checkpoints and the run folder.
 
+pub mod autocast;
 pub mod checkpoint;
 pub mod config;
 pub mod distributed;

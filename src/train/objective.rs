@@ -102,7 +102,7 @@ pub fn forward_backward(
     scope: GroupScope<'_>,
 ) -> Result<StepLoss> {
     let (emb, logits) = if autocast {
-        tch::autocast(true, || net.forward_t(images, true))
+        super::autocast::bfloat16(|| net.forward_t(images, true))
     } else {
         net.forward_t(images, true)
     };
