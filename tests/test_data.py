@@ -56,6 +56,24 @@ def test_random_resized_crop_of_the_whole_image_is_a_resize(tmp_path):
     assert any(flipped) and not all(flipped)
 
 
+def test_random_resized_crop_resizes_the_crop_as_torchvision():
+    """torchvision crops, then resizes the crop, so its filter stops at the
+    box's edges; filtering the whole image put 9-13 grey levels of the
+    neighbouring pixels into the edge columns. The box is 100 x 100 at y = 0
+    of a 200 x 100 noise image; its x is the one torchvision agrees with."""
+    import torchvision.transforms.functional as TF
+
+    img = np.random.default_rng(0).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    pil = Image.fromarray(img)
+    t = train_transform(32, scale=(0.5, 0.5), ratio=(1.0, 1.0), flip=False, normalization="none")
+    refs = [TF.to_tensor(TF.resized_crop(pil, 0, x, 100, 100, [32, 32])) for x in range(101)]
+    for seed in range(3):
+        ours = t(img, seed=seed)
+        diffs = [(ours - ref).abs().max().item() for ref in refs]
+        # Rounding of the passes: one level of 255.
+        assert min(diffs) <= 1.01 / 255, (seed, min(diffs) * 255)
+
+
 def test_random_resized_crop_is_seeded_and_covers_the_scale_range():
     img = photo(3, 200, 150)
     t = train_transform(48, scale=(0.08, 1.0))

@@ -93,6 +93,8 @@ pub struct CropBox {
 pub struct Workspace {
     resizer: fir::Resizer,
     pixels: Vec<u8>,
+    /// A random crop's pixels, copied out before resizing.
+    crop: Vec<u8>,
 }
 
 impl Default for Workspace {
@@ -100,6 +102,7 @@ impl Default for Workspace {
         Workspace {
             resizer: fir::Resizer::new(),
             pixels: Vec::new(),
+            crop: Vec::new(),
         }
     }
 }
@@ -422,13 +425,15 @@ impl Transform {
         } else {
             fir::PixelType::U8x3
         };
-        let src = fir::images::ImageRef::new(
-            image.width as u32,
-            image.height as u32,
-            &image.data,
-            pixel_type,
-        )
-        .map_err(|e| format!("resize: {e}"))?;
+        // torchvision's RandomResizedCrop crops, then resizes the crop: its
+        // filter never reads past the box's edges. Resize then centre-crop
+        // filters the whole image, which the box within it reproduces.
+        let (width, height, data, b) = match self.geometry {
+            Geometry::RandomResizedCrop { .. } => copy_crop(image, b, &mut ws.crop),
+            _ => (image.width, image.height, &image.data[..], b),
+        };
+        let src = fir::images::ImageRef::new(width as u32, height as u32, data, pixel_type)
+            .map_err(|e| format!("resize: {e}"))?;
         ws.pixels.resize(s * s * image.channels, 0);
         let mut dst =
             fir::images::Image::from_slice_u8(s as u32, s as u32, &mut ws.pixels, pixel_type)
@@ -519,6 +524,34 @@ impl Transform {
 }
 
 /// torchvision's `RandomResizedCrop.get_params`, with our generator.
+/// The pixels of the whole pixels `b` touches (its integer hull), copied
+/// into `buf` unless that is the whole image; returns their width, height,
+/// pixels and `b` within them.
+fn copy_crop<'a>(
+    image: &'a Image,
+    b: CropBox,
+    buf: &'a mut Vec<u8>,
+) -> (usize, usize, &'a [u8], CropBox) {
+    let x0 = (b.x.floor() as usize).min(image.width - 1);
+    let y0 = (b.y.floor() as usize).min(image.height - 1);
+    let x1 = ((b.x + b.w).ceil() as usize).clamp(x0 + 1, image.width);
+    let y1 = ((b.y + b.h).ceil() as usize).clamp(y0 + 1, image.height);
+    if (x0, y0, x1, y1) == (0, 0, image.width, image.height) {
+        return (image.width, image.height, &image.data, b);
+    }
+    let c = image.channels;
+    buf.clear();
+    for row in image.data.chunks_exact(image.width * c).take(y1).skip(y0) {
+        buf.extend_from_slice(&row[x0 * c..x1 * c]);
+    }
+    let local = CropBox {
+        x: b.x - x0 as f64,
+        y: b.y - y0 as f64,
+        ..b
+    };
+    (x1 - x0, y1 - y0, buf, local)
+}
+
 fn random_resized_box(
     width: usize,
     height: usize,
