@@ -187,13 +187,24 @@ def test_loader_yields_the_planned_batches_as_nchw_float(cub):
     assert len(loader) == len(sampler)
     it = iter(loader)
     sampler.set_epoch(0)
-    for planned, (x, y) in zip(sampler.plan().tolist(), it):
+    batches = 0
+    for j, (planned, (x, y)) in enumerate(zip(sampler.plan().tolist(), it)):
         assert x.dtype == torch.float32 and x.shape == (6, 3, 40, 40) and x.is_contiguous()
         assert y.dtype == torch.int64 and y.tolist() == ds.labels[planned].tolist()
         assert it.indices == planned
-        # Each image is the transform of its sample: check one against the
-        # single-sample path with the same seed stream.
-        assert torch.isfinite(x).all()
+        # The threads draw the augmentation the calling thread draws for
+        # batch j of epoch 0.
+        again, _ = loader.load_batch(planned, epoch=0, batch_index=j)
+        assert torch.equal(x, again), j
+        batches += 1
+    assert batches == len(sampler)
+    # Each image is its own sample's: with a transform that draws nothing,
+    # the single-sample path gives each one.
+    evaluation = eval_transform(40, resize=46)
+    plain = Loader(ds, sampler, evaluation, num_threads=2, prefetch=2, seed=3)
+    for planned, (x, _) in zip(sampler.plan().tolist(), plain):
+        for i, index in enumerate(planned):
+            assert torch.equal(x[i], ds._native.load_transformed(index, evaluation._native, 0))
     one, labels = loader.load_batch([0, 5, 7], epoch=0, batch_index=0)
     assert one.shape == (3, 3, 40, 40) and labels.tolist() == ds.labels[[0, 5, 7]].tolist()
     for kw, message in [

@@ -346,11 +346,13 @@ def test_the_trainer_steps_as_a_plain_pytorch_loop(name, root, tmp_path):
         tol = LOSS_FLOOR_ABS + LOSS_FLOOR_REL * abs(b) + GROWTH * envelope
         assert abs(a - b) <= tol, f"step {i + 1}: {a} vs torch {b} (tolerance {tol:.2e})"
 
-    spread = max(
-        max(relative_weight_differences(n["state"], theirs["state"]).values()) for n in nudged
-    )
-    tol = WEIGHT_FLOOR + GROWTH * spread
+    # Per tensor: the noisiest tensor (a BatchNorm bias, 10% in some cases)
+    # must not set the tolerance of the others (~1e-3 typically), though a
+    # tensor whose own draws happened to agree gets a tenth of the largest.
+    spreads = [relative_weight_differences(n["state"], theirs["state"]) for n in nudged]
+    largest = max(max(s.values()) for s in spreads)
     for key, diff in relative_weight_differences(ours["state"], theirs["state"]).items():
+        tol = WEIGHT_FLOOR + GROWTH * max(max(s[key] for s in spreads), largest / 10)
         assert diff <= tol, f"{key}: relative difference {diff:.2e} (tolerance {tol:.2e})"
     # The release's reloads chose the same epochs in both loops.
     assert ours["reloads"] == theirs["reloads"]

@@ -114,9 +114,12 @@ def test_memory_on_the_inputs_device_in_float32(device):
 
 
 def _batches(steps, seed=3):
+    """2 classes x 3 samples: with the default 2 anchors a class, one sample
+    of each is refined, so a memory changes the loss (with 2 samples a
+    class every row would be an anchor and no memory could)."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        labels = torch.randperm(8, generator=g)[:3].repeat_interleave(2)
+        labels = torch.randperm(8, generator=g)[:2].repeat_interleave(3)
         yield torch.randn(6, 4, generator=g, dtype=torch.float64), labels
 
 
@@ -133,6 +136,7 @@ def test_the_module_keeps_the_last_batches_and_uses_them_after_the_warm_up():
             mem, mem_labels = torch.cat(seen_emb)[-10:], torch.cat(seen_labels)[-10:]
             expected = concatenated_loss(emb, labels, logits, mem, mem_labels)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+            assert abs(got.item() - expected_plain.item()) > 1e-6, "the memory joined"
         seen_emb.append(emb)
         seen_labels.append(labels)
         torch.testing.assert_close(loss_fn.memory_embeddings, torch.cat(seen_emb)[-10:])
@@ -162,8 +166,12 @@ def test_evaluation_calls_neither_use_nor_write_the_memory():
         plain = F.group_loss(emb, labels, loss_fn.compute_logits(emb))
         torch.testing.assert_close(loss_fn(emb, labels), plain, rtol=0, atol=0)
     loss_fn.eval()
-    loss_fn(emb, labels)
+    torch.testing.assert_close(loss_fn(emb, labels).detach(), plain, rtol=0, atol=0)
     assert torch.equal(loss_fn.memory_embeddings, before)
+    # In training, with gradients, the memory joins the group (the
+    # comparisons above could fail).
+    loss_fn.train()
+    assert abs(loss_fn(emb, labels).item() - plain.item()) > 1e-6
 
 
 def test_the_memory_is_in_the_state_dict_and_a_resumed_module_continues_alike():
