@@ -122,13 +122,7 @@ def test_bad_values_raise_a_value_error_naming_the_argument(n, d, m, bad):
 )
 def test_module_with_its_own_classifier_survives_extreme_embeddings(scale, cosine, seed):
     torch.manual_seed(seed)
-    kwargs = {}
-    if cosine:
-        try:
-            kwargs = dict(classifier="cosine")
-            GroupLoss(4, embedding_size=8, **kwargs)
-        except TypeError:
-            kwargs = {}
+    kwargs = dict(classifier="cosine") if cosine else {}
     loss_fn = GroupLoss(4, embedding_size=8, **kwargs)
     emb = (torch.randn(12, 8) * scale).requires_grad_()
     labels = torch.arange(4).repeat_interleave(3)

@@ -406,6 +406,46 @@ fn mat_seeds() -> Vec<Vec<u8>> {
     vec![write_mat(&vars(), false), write_mat(&vars(), true)]
 }
 
+/// A parsed MAT-file holds as many elements as its dimensions say, at every
+/// level, and a struct element has a value for each field.
+fn mat_ok(r: std::result::Result<Vec<(String, mat::MatValue)>, String>) -> Result<bool, String> {
+    fn check(v: &mat::MatValue) -> Result<(), String> {
+        let (dims, len) = match v {
+            mat::MatValue::Numeric { dims, data } => (dims, data.len()),
+            mat::MatValue::Cell { dims, items } => {
+                items.iter().try_for_each(check)?;
+                (dims, items.len())
+            }
+            mat::MatValue::Struct {
+                dims,
+                fields,
+                items,
+            } => {
+                for element in items {
+                    if element.len() != fields.len() {
+                        return Err(format!(
+                            "{} values for {} fields",
+                            element.len(),
+                            fields.len()
+                        ));
+                    }
+                    element.iter().try_for_each(check)?;
+                }
+                (dims, items.len())
+            }
+            mat::MatValue::Char { .. } | mat::MatValue::Other => return Ok(()),
+        };
+        let n: usize = dims.iter().product();
+        if n != len {
+            return Err(format!("dims {dims:?} with {len} elements"));
+        }
+        Ok(())
+    }
+    let Ok(vars) = r else { return Ok(false) };
+    vars.iter().try_for_each(|(_, v)| check(v))?;
+    Ok(true)
+}
+
 #[test]
 fn fuzz_mat() {
     fuzz(
@@ -413,7 +453,7 @@ fn fuzz_mat() {
             name: "mat",
             seeds: mat_seeds(),
             text: false,
-            run: &|b| Ok(mat::parse(b).is_ok()),
+            run: &|b| mat_ok(mat::parse(b)),
         },
         3,
     );
@@ -642,9 +682,8 @@ fn fuzz_cars_annotations() {
 #[test]
 fn regressions_stay_fixed() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
-    let Ok(targets) = std::fs::read_dir(&dir) else {
-        return;
-    };
+    let targets = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (the saved inputs moved?)", dir.display()));
     let mut replayed = 0;
     for target in targets.flatten() {
         let kind = target.file_name().to_string_lossy().into_owned();
@@ -656,7 +695,7 @@ fn regressions_stay_fixed() {
                 text: false,
                 run: &|b| match kind.as_str() {
                     "idx" => idx_ok(idx::parse(Path::new("fuzz.idx"), b)),
-                    "mat" => Ok(mat::parse(b).is_ok()),
+                    "mat" => mat_ok(mat::parse(b)),
                     "jpeg" | "png" => match decode::decode(b, 0) {
                         Ok(img) => image_ok(&img),
                         Err(_) => Ok(false),
@@ -670,5 +709,5 @@ fn regressions_stay_fixed() {
             replayed += 1;
         }
     }
-    eprintln!("replayed {replayed} saved fuzz inputs");
+    assert!(replayed > 0, "no saved fuzz input under {}", dir.display());
 }

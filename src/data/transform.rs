@@ -773,6 +773,24 @@ mod tests {
             assert!(out.iter().all(|v| want.contains(v) || *v == 0.0));
         }
         assert!(saw_shift);
+        // A flip mirrors each row, in about half the draws.
+        let flipping = Transform::pad_crop(4, 0, true, Normalization::Unit, 1).unwrap();
+        let mirrored: Vec<f32> = want
+            .chunks(4)
+            .flat_map(|row| row.iter().rev().copied())
+            .collect();
+        let mut flips = 0;
+        for seed in 0..20 {
+            flipping
+                .apply(&img, &mut Rng::new(seed), &mut out, &mut ws)
+                .unwrap();
+            if out == mirrored {
+                flips += 1;
+            } else {
+                assert_eq!(out, want, "seed {seed}: neither the image nor its mirror");
+            }
+        }
+        assert!((3..=17).contains(&flips), "{flips} flips in 20 draws");
         // 28 px input to a 32 px output is resized.
         let t = Transform::pad_crop(32, 0, false, Normalization::Unit, 1).unwrap();
         let mut out = vec![0f32; 32 * 32];

@@ -456,13 +456,27 @@ mod tests {
         let out = group_loss(&emb, &logits, &y, &o).unwrap();
         let x = out.probs.unwrap();
         assert_eq!(x.size(), vec![4, 2]);
-        let sums = x.sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
-        close(&sums, &[1.0; 4], 1e-12);
         close(
             &out.classes.unwrap().to_kind(Kind::Double),
             &[0.0, 2.0],
             0.0,
         );
+        // The prior renormalised over the present columns is the softmax of
+        // those columns' logits: refining it gives the same X.
+        let columns = Tensor::from_slice(&[0i64, 2]);
+        let restricted = GroupLossOptions {
+            batch_classes_only: false,
+            ..o
+        };
+        let by_hand = group_loss(
+            &emb,
+            &logits.index_select(1, &columns),
+            &Tensor::from_slice(&[1i64, 1, 0, 0]),
+            &restricted,
+        )
+        .unwrap();
+        let want = Vec::<f64>::try_from(by_hand.probs.unwrap().reshape([-1])).unwrap();
+        close(&x.reshape([-1]), &want, 1e-12);
     }
 
     #[test]

@@ -169,6 +169,19 @@ mod tests {
         assert!(back.optimizer[0].1.equal(&b));
         assert!(back.memory[0].0 == "labels" && back.memory[0].1.equal(&b));
         assert_eq!(back.state["epoch"], 3);
+        // A second save replaces the first whole.
+        let a2 = &a + 1.0;
+        let ck2 = Checkpoint {
+            model: vec![("w".into(), a2.shallow_clone())],
+            optimizer: Vec::new(),
+            memory: Vec::new(),
+            state: serde_json::json!({"epoch": 4}),
+        };
+        ck2.save(&path).unwrap();
+        let back = Checkpoint::<serde_json::Value>::load(&path).unwrap();
+        assert!(back.model.len() == 1 && back.model[0].1.equal(&a2));
+        assert!(back.optimizer.is_empty() && back.memory.is_empty());
+        assert_eq!(back.state["epoch"], 4);
         // No temporary file is left behind.
         let names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
