@@ -155,9 +155,10 @@ def main() -> None:
         rank=rank,
     )
     if rank == 0:
+        steps = min(len(sampler), args.max_steps) if args.max_steps else len(sampler)
         print(
             f"{world} processes on {device.type}: {len(x_train)} training images, "
-            f"{len(sampler)} batches of {sampler.batch_size} per rank and epoch"
+            f"{steps} batches of {sampler.batch_size} per rank and epoch"
         )
 
     for epoch in range(args.epochs):

@@ -324,8 +324,19 @@ def test_missing_annotation_file_and_root(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="image_class_labels.txt"):
         CUB200(tmp_path)
     monkeypatch.delenv("GROUPLOSS_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="dataset not found; pass root=... or set"):
+    with pytest.raises(
+        FileNotFoundError, match=r"dataset not found; pass root=\.\.\. \(`--data-root` on the"
+    ):
         CUB200()
+    # A folder that is not the dataset's is named as such, not by the first
+    # file found missing.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "image_class_labels.txt").write_text("1 1\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"other: no CUB200 dataset here \(none of images\.txt\)"
+    ):
+        CUB200(other)
     (tmp_path / "image_class_labels.txt").write_bytes(b"1 1\n2 \xff\n")
     with pytest.raises(ValueError, match="image_class_labels.txt, line 2: not UTF-8"):
         CUB200(tmp_path)

@@ -110,6 +110,8 @@ def test_given_ids_then_default_ids_go_on_from_the_largest(tmp_path):
 
 def test_arguments_are_checked(tmp_path):
     index = Index(3)
+    with pytest.raises(ValueError, match=r"^index: expected vectors to search \(add some first\)"):
+        index.search(np.eye(3, dtype=np.float32), 1)
     with pytest.raises(ValueError, match="embeddings: expected 3 columns|embeddings: .* width"):
         index.add(np.ones((2, 4), np.float32))
     index.add(np.eye(3, dtype=np.float32))

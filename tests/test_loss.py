@@ -1108,8 +1108,14 @@ def test_options_pickle_copy_compare_and_replace():
     assert "similarity_power=8.0" in repr(o)
     with pytest.raises(TypeError, match="unexpected keyword argument 'tempreature'"):
         o.replace(tempreature=1.0)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'tempreature'"):
+    # The function or module the user called is named, with the option meant.
+    unknown = r"unexpected keyword argument 'tempreature'; did you mean 'temperature'\?$"
+    with pytest.raises(TypeError, match=r"^group_loss\(\) got an " + unknown):
         F.group_loss(*golden(), tempreature=1.0)
+    with pytest.raises(TypeError, match=r"^GroupLoss\(\) got an " + unknown):
+        GroupLoss(4, tempreature=1.0)
+    with pytest.raises(TypeError, match=r"^GroupLoss\(\) got an unexpected keyword argument 'zz'$"):
+        GroupLoss(4, F.GroupLossOptions(), zz=1)
 
 
 def test_an_options_object_and_its_keywords_give_the_same_loss():

@@ -10,6 +10,7 @@ in float32.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 from typing import Any, NamedTuple, Optional
 
@@ -147,12 +148,22 @@ def _draw_seed(seed: Optional[int]) -> int:
 
 
 def loss_options(
-    options: Optional[GroupLossOptions] = None, values: Optional[dict] = None
+    options: Optional[GroupLossOptions] = None,
+    values: Optional[dict] = None,
+    caller: str = "group_loss",
 ) -> GroupLossOptions:
     """``options`` (default: the release's) with ``values`` (option names)
-    applied; the Rust core validates them."""
+    applied; the Rust core validates them. A name that is no option is a
+    ``TypeError`` of ``caller``, as Python raises for a keyword a function
+    does not take, with the option it resembles."""
     if options is not None and not isinstance(options, GroupLossOptions):
         raise TypeError(f"options: expected a GroupLossOptions, got {type(options).__name__}")
+    known = GroupLossOptions().to_dict()
+    for name in values or ():
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
     if not values:
         return options if options is not None else GroupLossOptions()
     if options is None:
@@ -247,7 +258,7 @@ def group_loss(
     embeddings = _require_tensor("embeddings", embeddings)
     labels = _require_tensor("labels", labels)
     logits = _require_tensor("logits", logits)
-    opts = loss_options(options, option_values)
+    opts = loss_options(options, option_values, caller="group_loss")
     call = dict(
         options=opts,
         seed=_draw_seed(opts.seed) if opts.anchors == "random" else None,

@@ -235,7 +235,7 @@ class GroupLoss(nn.Module):
     ) -> None:
         super().__init__()
         # The loss's own options are validated by the Rust core alone.
-        self.options = F.loss_options(options, option_values)
+        self.options = F.loss_options(options, option_values, caller="GroupLoss")
         integer("num_classes", num_classes, 1)
         if embedding_size is not None:
             integer("embedding_size", embedding_size, 1)

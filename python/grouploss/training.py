@@ -367,9 +367,11 @@ class RunModel:
 
     def to_torch(self) -> EmbeddingModel:
         """The network as a plain ``torch.nn.Module`` on the CPU, in
-        evaluation mode, with the run's weights: images (``uint8`` or floats
-        in [0, 1], at the run's input size) to the embeddings :meth:`embed`
-        gives. The ResNets carry torchvision's parameter names under
+        evaluation mode, with the run's weights: images at the run's input
+        size to their embeddings, ``uint8`` images to those :meth:`embed`
+        gives for them. It also takes floats in [0, 1] (``x / 255``), which
+        it normalises as it does ``uint8`` (:meth:`embed` takes a float
+        tensor as normalised already). The ResNets carry torchvision's parameter names under
         ``backbone.``; train it further in your own loop, or save it with
         :func:`grouploss.export.save`."""
         from . import models

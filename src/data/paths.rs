@@ -107,11 +107,32 @@ pub fn existing_root(explicit: &Path) -> Result<PathBuf> {
     Ok(explicit.to_path_buf())
 }
 
-/// The folder of a dataset: `explicit` if given (it must exist); else the
-/// first of [`candidates`] that holds one of the markers.
+/// The folder of a dataset: `explicit` if given (it must exist and hold one
+/// of the markers: another folder is named as not this dataset's, rather
+/// than by the first file found missing); else the first of [`candidates`]
+/// that holds one of the markers.
 pub fn resolve_root(home: &Home, explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(root) = explicit {
-        return existing_root(root);
+        let root = existing_root(root)?;
+        if !home.markers.iter().any(|m| root.join(m).exists()) {
+            let obtain = if home.obtain.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", home.obtain)
+            };
+            return Err(Error::io(
+                &root,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "no {} dataset here (none of {}){obtain}",
+                        home.dataset,
+                        home.markers.join(", ")
+                    ),
+                ),
+            ));
+        }
+        return Ok(root);
     }
     let candidates = candidates(home);
     for c in &candidates {
@@ -130,7 +151,8 @@ pub fn resolve_root(home: &Home, explicit: Option<&Path>) -> Result<PathBuf> {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!(
-                "dataset not found; pass root=... or set {DATA_ENV} (looked in: {}){obtain}",
+                "dataset not found; pass root=... (`--data-root` on the command line) or set \
+                 {DATA_ENV} (looked in: {}){obtain}",
                 if looked.is_empty() {
                     "nowhere".into()
                 } else {

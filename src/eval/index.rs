@@ -273,6 +273,12 @@ impl Index {
         check_batch_size(batch_size)?;
         let n = self.len() as i64;
         ensure(
+            n > 0,
+            "index",
+            || "an empty index".to_string(),
+            "vectors to search (add some first)",
+        )?;
+        ensure(
             k >= 1 && k <= n,
             "k",
             || k.to_string(),
