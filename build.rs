@@ -22,6 +22,7 @@ fn main() {
         .expect("torch-sys did not publish its libtorch directory (DEP_TCH_LIBTORCH_LIB)");
     let lib = Path::new(&lib);
     compile_cpp(lib);
+    write_option_docs();
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     for name in ["torch_cuda", "torch"] {
@@ -50,4 +51,57 @@ fn compile_cpp(lib: &Path) {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .files(CPP_FILES)
         .compile("grouploss_cxx");
+}
+
+/// The structs whose fields are a run's options, and their files.
+const OPTION_STRUCTS: [(&str, &str); 2] = [
+    ("src/train/config.rs", "TrainConfig"),
+    ("src/loss/options.rs", "GroupLossSettings"),
+];
+
+/// Writes `OPTION_DOCS`, each option's doc comment, for `--help`: the
+/// comments on the fields are the options' one description.
+fn write_option_docs() {
+    let mut docs = Vec::new();
+    for (file, name) in OPTION_STRUCTS {
+        println!("cargo:rerun-if-changed={file}");
+        let source = std::fs::read_to_string(file).expect("an option struct's file");
+        docs.extend(field_docs(&source, name));
+    }
+    let entries: String = docs
+        .iter()
+        .map(|(field, doc)| format!("    ({field:?}, {doc:?}),\n"))
+        .collect();
+    let out = Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("option_docs.rs");
+    let code = format!("/// Each option and its description.\npub const OPTION_DOCS: &[(&str, &str)] = &[\n{entries}];\n");
+    std::fs::write(out, code).expect("writing option_docs.rs");
+}
+
+/// `(field, doc comment)` of each serialised field of `pub struct NAME`
+/// (`#[serde(skip)]` and `#[serde(flatten)]` fields left out).
+fn field_docs(source: &str, name: &str) -> Vec<(String, String)> {
+    let start = source
+        .find(&format!("pub struct {name} {{"))
+        .unwrap_or_else(|| panic!("pub struct {name} not found"));
+    let mut out = Vec::new();
+    let (mut doc, mut skipped) = (Vec::<String>::new(), false);
+    for line in source[start..].lines().skip(1) {
+        let line = line.trim();
+        if line == "}" {
+            break;
+        }
+        if let Some(text) = line.strip_prefix("///") {
+            doc.push(text.trim().to_string());
+        } else if line.starts_with("#[serde(skip") || line.starts_with("#[serde(flatten") {
+            skipped = true;
+        } else if let Some(field) = line.strip_prefix("pub ") {
+            let field = field.split(':').next().unwrap_or_default().trim();
+            if !skipped {
+                out.push((field.to_string(), doc.join(" ")));
+            }
+            doc.clear();
+            skipped = false;
+        }
+    }
+    out
 }

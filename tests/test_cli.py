@@ -132,6 +132,27 @@ def test_help_documents_the_errors_and_debug():
     assert sub.returncode == 0 and "--debug" in sub.stdout
 
 
+def test_train_help_describes_every_option():
+    """Each run option's flag shows the doc comment of its Rust field (the
+    one description) and the default preset's value."""
+    import argparse
+
+    from grouploss import _native, training
+
+    parser = argparse.ArgumentParser()
+    cli._option_parser(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    docs = dict(_native.option_docs())
+    for key in training.resolve_config("fashion-mnist"):
+        if key == "preset":
+            continue
+        assert helps.get(key), f"--{key.replace('_', '-')} has no description"
+        assert helps[key].startswith(docs[key].replace("`", "")[:20].replace("%", "%%")), key
+    assert "[4]" in helps["epochs"] and "Passes over" in helps["epochs"]
+    text = _cli("train", "--help").stdout
+    assert "Seed of the validation classes" in " ".join(text.split())
+
+
 def test_python_dash_m_grouploss_is_the_command(tmp_path):
     """``python -m grouploss`` runs the same command (and exit status) as
     ``grouploss``, for an environment whose scripts are not on PATH."""

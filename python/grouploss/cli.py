@@ -32,7 +32,7 @@ import pathlib
 import sys
 from typing import List, Optional, Sequence
 
-from . import training
+from . import _native, training
 from ._files import replaced
 
 
@@ -72,31 +72,41 @@ def _at_least(low: int, high: Optional[int] = None):
 def _option_parser(parser: argparse.ArgumentParser) -> None:
     """One ``--option`` per configuration key, typed by its default."""
     defaults = training.resolve_config("fashion-mnist")
-    group = parser.add_argument_group("run options (override the preset)")
+    # The descriptions are the doc comments of the options' Rust fields.
+    docs = {k: v.replace("%", "%%").replace("`", "") for k, v in _native.option_docs()}
+    group = parser.add_argument_group(
+        "run options (override the preset; the fashion-mnist preset's value in brackets)"
+    )
     for key, value in sorted(defaults.items()):
         if key == "preset" or value is None:
             continue
         flag = "--" + key.replace("_", "-")
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        kw = dict(dest=key, default=None, help=f"{docs[key]} [{shown}]")
         if isinstance(value, bool):
-            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(value, list):
             group.add_argument(
                 flag,
-                dest=key,
-                default=None,
                 metavar="A,B,...",
                 type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                **kw,
             )
         elif isinstance(value, int):
-            group.add_argument(flag, dest=key, type=int, default=None)
+            group.add_argument(flag, type=int, **kw)
         elif isinstance(value, float):
-            group.add_argument(flag, dest=key, type=float, default=None)
+            group.add_argument(flag, type=float, **kw)
         else:
-            group.add_argument(flag, dest=key, default=None)
+            group.add_argument(flag, **kw)
     # Options unset by default (None): typed here.
-    for key, kind in (("data_root", _existing), ("out_dir", None), ("pretrained", _existing)):
-        group.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
-    group.add_argument("--split-seed", dest="split_seed", type=int, default=None)
+    for key, kind in (
+        ("data_root", _existing),
+        ("out_dir", None),
+        ("pretrained", _existing),
+        ("split_seed", int),
+    ):
+        flag = "--" + key.replace("_", "-")
+        group.add_argument(flag, dest=key, type=kind, default=None, help=docs[key])
 
 
 DEBUG_ENV = "GROUPLOSS_DEBUG"

@@ -67,6 +67,12 @@ fn loss_options() -> PyResult<Vec<(&'static str, Vec<String>)>> {
     Ok(train::config::loss_options()?)
 }
 
+/// Each option and its description (the doc comment of its field).
+#[pyfunction]
+fn option_docs() -> Vec<(&'static str, &'static str)> {
+    train::config::OPTION_DOCS.to_vec()
+}
+
 /// The run folder a configuration gets when `out_dir` is not set.
 #[pyfunction]
 fn default_run_dir(config: &Bound<'_, PyDict>) -> PyResult<String> {
@@ -348,6 +354,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_config, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;
     m.add_function(wrap_pyfunction!(loss_options, m)?)?;
+    m.add_function(wrap_pyfunction!(option_docs, m)?)?;
     m.add_function(wrap_pyfunction!(default_run_dir, m)?)?;
     m.add_function(wrap_pyfunction!(group_loss_options, m)?)?;
     m.add_function(wrap_pyfunction!(train_run, m)?)?;

@@ -117,6 +117,10 @@ fn losses_reading(option: &str) -> &'static [&'static str] {
     }
 }
 
+// `OPTION_DOCS`: each option's description, the doc comment of its field
+// here or in `GroupLossSettings`, extracted by `build.rs` (for `--help`).
+include!(concat!(env!("OUT_DIR"), "/option_docs.rs"));
+
 /// For each loss of [`LOSSES`], the options that it reads and some other
 /// loss does not (its own options: the Group Loss's, the classifier's,
 /// `triplet_margin`), sorted by name.
@@ -158,9 +162,12 @@ pub struct TrainConfig {
     pub data_root: Option<PathBuf>,
     /// The run folder; empty: `runs/<preset>-<date>-<time>`.
     pub out_dir: Option<PathBuf>,
+    /// Passes over the training classes' images.
     pub epochs: usize,
     /// Caps the steps of an epoch (0: no cap); for smoke tests.
     pub max_steps_per_epoch: usize,
+    /// Seed of everything drawn: initialisation, batches, augmentation,
+    /// anchors (a run is reproduced by its configuration).
     pub seed: u64,
     /// Seed of the validation classes carved out of the training classes;
     /// unset: `seed`. Fixing it keeps the same validation classes across
@@ -239,7 +246,11 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Learning rate of the backbone; 0: `lr`.
     pub backbone_lr: f64,
+    /// Weight decay of every trainable tensor (biases and BatchNorm's too,
+    /// as `torch.optim` over `model.parameters()`): added to the gradient
+    /// by adam and sgd, decoupled in adamw and radam.
     pub weight_decay: f64,
+    /// SGD's momentum (dampening 0, no Nesterov), as `torch.optim.SGD`.
     pub momentum: f64,
     /// `step` (the release's: at each of `lr_decay_epochs`, the weights of
     /// the best epoch so far are reloaded and the learning rate set to
@@ -247,8 +258,12 @@ pub struct TrainConfig {
     /// `MultiStepLR`: multiplied by `lr_decay` at each, cumulatively),
     /// `cosine` or `constant`.
     pub schedule: String,
-    /// Epochs (1-based) at whose start `step` or `multistep` acts.
+    /// Epochs (1-based) at whose start `step` or `multistep` acts:
+    /// PyTorch's `MultiStepLR(milestones=[30])`, stepped once an epoch, is
+    /// `[31]` here. `cosine` is `CosineAnnealingLR` stepped every optimizer
+    /// step over the whole run.
     pub lr_decay_epochs: Vec<usize>,
+    /// The factor of `step` and `multistep`.
     pub lr_decay: f64,
     /// Linear warm-up of the learning rate over this many epochs.
     pub warmup_epochs: f64,
@@ -266,7 +281,10 @@ pub struct TrainConfig {
     pub pad_jitter: i64,
     /// Horizontal flips in training.
     pub flip: bool,
+    /// Threads decoding and augmenting images (0 counts as 1).
     pub num_workers: usize,
+    /// Batches the loader prepares ahead of the training step (at least
+    /// `num_workers`).
     pub prefetch: usize,
     /// A missing or corrupt image: `raise` an error naming the file, or
     /// `skip` it (reported once, replaced by another image of its class).
@@ -282,6 +300,7 @@ pub struct TrainConfig {
     pub select_metric: String,
     /// Recall@K values to report.
     pub recall_ks: Vec<usize>,
+    /// Images a forward pass embeds at evaluation.
     pub eval_batch_size: usize,
     /// Evaluate the selection split (every epoch) on at most this many
     /// images, a seeded random subset (0: all). The final test evaluation
@@ -605,6 +624,31 @@ impl TrainConfig {
 
 #[cfg(test)]
 mod tests {
+    /// Every option a configuration writes has a description, and every
+    /// description is of an option (`--help` shows them).
+    #[test]
+    fn every_option_has_its_description() {
+        let toml: toml::Table = toml::from_str(&TrainConfig::default().to_toml().unwrap()).unwrap();
+        let described: std::collections::BTreeSet<&str> =
+            OPTION_DOCS.iter().map(|(k, _)| *k).collect();
+        for key in toml.keys() {
+            assert!(
+                described.contains(key.as_str()),
+                "{key} has no doc comment entry"
+            );
+        }
+        for (key, doc) in OPTION_DOCS {
+            assert!(
+                toml.contains_key(*key) || OPTIONAL.contains(key),
+                "{key} is no option"
+            );
+            assert!(doc.len() > 10, "{key}: no description ({doc:?})");
+        }
+    }
+
+    /// Options unset by default, which TOML leaves out.
+    const OPTIONAL: [&str; 4] = ["data_root", "out_dir", "split_seed", "pretrained"];
+
     use super::*;
 
     #[test]
