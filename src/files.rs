@@ -66,6 +66,51 @@ pub fn write_safetensors_atomic(
     write_atomic(path, &bytes)
 }
 
+/// Named tensors, in file order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// Reads every tensor of a safetensors file and its metadata.
+pub fn read_safetensors_with_metadata(
+    path: &Path,
+) -> Result<(NamedTensors, HashMap<String, String>)> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind(view.dtype())?)
+            .map_err(|e| Error::format(path, None, format!("tensor {name}: {e}")))?;
+        out.push((name, t));
+    }
+    Ok((out, metadata))
+}
+
+fn kind(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => {
+            return Err(Error::invalid(
+                "tensors",
+                format!("a tensor of dtype {other:?}"),
+                "a dtype libtorch reads",
+            ))
+        }
+    })
+}
+
 fn dtype(kind: Kind) -> Result<Dtype> {
     Ok(match kind {
         Kind::Float => Dtype::F32,

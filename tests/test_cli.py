@@ -3,6 +3,7 @@ traceback only on request, and logs that read well in a file."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -248,8 +249,39 @@ def test_search_finds_the_query_images_in_the_gallery(small_run, tmp_path):
     from_file = _neighbours(run.stdout)
     for path in paths:
         assert [r[1] for r in from_file[path]] == [r[1] for r in found[path]]
-        expected = [f"label {test.labels[r[1]]}" for r in found[path]]
+        # The index file keeps the class names.
+        expected = [f"label {test.classes[test.labels[r[1]]]}" for r in found[path]]
         assert [r[2] for r in from_file[path]] == expected
+
+
+def test_an_index_refuses_queries_of_another_network(small_run, glyphs_root, tmp_path):
+    """The queries of an index file must be embedded by the network that
+    embedded it: another run's (same input and width) is a usage error."""
+    import grouploss
+
+    gallery = tmp_path / "gallery.safetensors"
+    run = _cli("index", str(small_run), "--data", "test", "--out", str(gallery), "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    info = grouploss.Index.load(gallery).info
+    assert len(info["grouploss.weights_sha256"]) == 64
+    assert json.loads(info["grouploss.class_names"])[:2] == list(
+        grouploss.load_run(small_run, device="cpu").dataset("test").classes[:2]
+    )
+    other = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "other",
+        **tiny_run(plots=False, epochs=1, embedding_size=16, seed=7),
+    ).run_dir
+    image = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(image)
+    args = ("search", str(gallery), str(image), "--k", "2", "--device", "cpu")
+    refused = _cli(*args, "--run", str(other))
+    assert refused.returncode == 2
+    assert "is not the network that embedded" in refused.stderr
+    assert _cli(*args, "--run", str(small_run)).returncode == 0
 
 
 def test_search_in_an_index_needs_the_run(small_run, tmp_path, capsys, monkeypatch):

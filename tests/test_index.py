@@ -78,9 +78,16 @@ def test_save_and_load_round_trip(tmp_path):
     index.add(gallery[:5], labels=np.zeros(5, dtype=np.int64))
     np.testing.assert_array_equal(index.ids, np.arange(105))  # default ids
     path = tmp_path / "gallery.safetensors"
+    assert index.info == {}
+    index.info = {"made by": "test", "names": '["a", "é"]'}
     index.save(path)
     back = Index.load(path)
     assert (len(back), back.dim, back.dtype) == (105, 8, "float16")
+    assert back.info == {"made by": "test", "names": '["a", "é"]'}
+    back.info["changed"] = "no"  # a copy
+    assert "changed" not in back.info
+    with pytest.raises(ValueError, match="^info: expected a dict of str to str"):
+        back.info = {"n": 1}
     np.testing.assert_array_equal(back.labels, index.labels)
     q = rng.normal(size=(4, 8)).astype(np.float32)
     for a, b in zip(index.search(q, 6), back.search(q, 6)):

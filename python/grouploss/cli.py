@@ -449,7 +449,32 @@ def _gallery_index(model: training.RunModel, data: str, dtype: str = "float32"):
     emb, labels, dataset = _gallery(model, data)
     index = Index(emb.shape[1], dtype=dtype)
     index.add(emb, labels=labels)
+    index.info = {
+        WEIGHTS_KEY: _weights_sha256(model),
+        CLASSES_KEY: json.dumps([str(c) for c in dataset.classes]),
+    }
     return index, dataset
+
+
+# `Index.info` keys `grouploss index` writes (src/eval/index.rs names them).
+WEIGHTS_KEY, CLASSES_KEY = "grouploss.weights_sha256", "grouploss.class_names"
+
+
+def _weights_sha256(model: training.RunModel) -> str:
+    """A SHA-256 of the embedding network's weights (names, dtypes, shapes
+    and values of every tensor but the classifier's): equal for the best
+    and last checkpoints of a run whose best epoch is its last."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(k for k in state if not k.startswith("classifier.")):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -501,6 +526,13 @@ def _search(args: argparse.Namespace) -> int:
             raise UsageError("--gallery: only with a run folder (the index is the gallery)")
         model = training.load_run(args.run, checkpoint=args.checkpoint, device=args.device)
         index, gallery = Index.load(args.source), None
+        made_by = index.info.get(WEIGHTS_KEY)
+        if made_by is not None and made_by != _weights_sha256(model):
+            raise UsageError(
+                f"--run: {args.run} ({args.checkpoint} checkpoint) is not the network that "
+                f"embedded {args.source} (its weights differ): the queries must be embedded "
+                "by the network that embedded the index"
+            )
     queries = ImageFiles(args.images)
     q, _ = model.embed_dataset(queries)
     k = min(args.k, len(index))
@@ -514,6 +546,9 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
     (the class name with a dataset gallery) and, with one, the image."""
     labels = index.labels
     ids_ = index.ids
+    names = (
+        gallery.classes if gallery is not None else json.loads(index.info.get(CLASSES_KEY, "null"))
+    )
     if labels is not None and len(set(ids_.tolist())) < len(ids_):
         labels = None  # ids that repeat do not name one label
     where = {int(i): n for n, i in enumerate(ids_)} if labels is not None else {}
@@ -523,7 +558,7 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
             line = f"  {rank:>3}  {score:.4f}  id {int(i)}"
             if labels is not None:
                 label = int(labels[where[int(i)]])
-                line += f"  label {gallery.classes[label] if gallery is not None else label}"
+                line += f"  label {names[label] if names is not None else label}"
             if gallery is not None:
                 line += f"  {gallery.describe(int(i))}"
             print(line)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,8 +98,26 @@ class Index:
         labels = self._native.labels
         return None if labels is None else np.asarray(labels, dtype=np.int64)
 
+    @property
+    def info(self) -> Dict[str, str]:
+        """Text saved with the index, as safetensors metadata (a copy; assign
+        a dict to replace it). ``grouploss index`` records a digest of the
+        weights that embedded the vectors (``grouploss.weights_sha256``:
+        ``grouploss search`` refuses queries embedded by others) and the labels' names
+        (``grouploss.class_names``, a JSON list)."""
+        return dict(self._native.info)
+
+    @info.setter
+    def info(self, info: Dict[str, str]) -> None:
+        if not isinstance(info, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in info.items()
+        ):
+            raise ValueError(f"info: expected a dict of str to str, got {info!r}")
+        self._native.set_info(info)
+
     def save(self, path: PathLike) -> None:
-        """Writes the index to ``path`` (safetensors), atomically."""
+        """Writes the index to ``path`` (safetensors, ``info`` as its
+        metadata), atomically."""
         self._native.save(os.fspath(path))
 
     @classmethod

@@ -10,6 +10,7 @@
 //! by the same heaps.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::collections::BinaryHeap;
 use std::path::Path;
 
@@ -119,7 +120,17 @@ pub struct Index {
     ids: Ids,
     /// One per vector, or none for an index without labels.
     labels: Option<Vec<i64>>,
+    /// Text saved with the index (safetensors metadata): what made it, the
+    /// labels' names. `grouploss index` writes [`INFO_WEIGHTS`] and
+    /// [`INFO_CLASSES`].
+    pub info: BTreeMap<String, String>,
 }
+
+/// The `info` key of a SHA-256 of the weights of the network that embedded
+/// the index's vectors (`grouploss index`); queries must be embedded by it.
+pub const INFO_WEIGHTS: &str = "grouploss.weights_sha256";
+/// The `info` key of the labels' names, a JSON list (label i: entry i).
+pub const INFO_CLASSES: &str = "grouploss.class_names";
 
 impl Index {
     /// An empty index of `dim`-wide vectors stored as `kind` (float32 or
@@ -136,6 +147,7 @@ impl Index {
             vectors: Tensor::zeros([0, dim], (kind, device)),
             ids: Ids::Positions(0),
             labels: None,
+            info: BTreeMap::new(),
         })
     }
 
@@ -434,7 +446,8 @@ impl Index {
     }
 
     /// Writes the index to `path` (safetensors: `vectors`, `ids` and, if
-    /// any, `labels`; nothing executable), through a temporary file so that
+    /// any, `labels`, with `info` as metadata; nothing executable), through
+    /// a temporary file so that
     /// a crash leaves the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<()> {
         if path.is_dir() {
@@ -451,7 +464,8 @@ impl Index {
         if let Some(labels) = &self.labels {
             named.push(("labels".to_string(), Tensor::from_slice(labels)));
         }
-        crate::files::write_safetensors_atomic(path, &named, Default::default())
+        let info = self.info.clone().into_iter().collect();
+        crate::files::write_safetensors_atomic(path, &named, info)
     }
 
     /// Reads an index written by [`Index::save`] onto `device`.
@@ -464,7 +478,7 @@ impl Index {
         }
         let mut vectors = None;
         let (mut ids, mut labels) = (None, None);
-        let tensors = Tensor::read_safetensors(path)
+        let (tensors, info) = crate::files::read_safetensors_with_metadata(path)
             .map_err(|e| bad_file(path, &format!("not a safetensors file ({e})")))?;
         for (name, t) in tensors {
             match name.as_str() {
@@ -488,6 +502,7 @@ impl Index {
             vectors: vectors.to_device(device),
             ids: Ids::from_list(ids),
             labels,
+            info: info.into_iter().collect(),
         })
     }
 

@@ -1,5 +1,6 @@
 //! Bindings of the retrieval index (`grouploss.Index` wraps them).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -136,6 +137,20 @@ impl PyIndex {
     #[getter]
     fn labels(&self, py: Python<'_>) -> PyResult<Option<Vec<i64>>> {
         self.run(py, |index| Ok(index.labels().map(<[i64]>::to_vec)))
+    }
+
+    /// Text saved with the index (a copy).
+    #[getter]
+    fn info(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
+        self.run(py, |index| Ok(index.info.clone()))
+    }
+
+    /// Replaces the text saved with the index.
+    fn set_info(&self, py: Python<'_>, info: BTreeMap<String, String>) -> PyResult<()> {
+        self.run(py, move |index| {
+            index.info = info;
+            Ok(())
+        })
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {

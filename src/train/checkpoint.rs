@@ -6,66 +6,21 @@
 //! strings only: loading one can never run code.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::Path;
 
-use safetensors::tensor::Dtype;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Error, Result};
+use crate::files::read_safetensors_with_metadata;
+pub use crate::files::NamedTensors;
 
 /// The metadata key of the trainer state.
 const STATE_KEY: &str = "grouploss.trainer_state";
 /// The metadata key of the format tag.
 const FORMAT_KEY: &str = "grouploss.format";
 const FORMAT: &str = "grouploss-checkpoint-1";
-
-fn kind(dtype: Dtype) -> Result<Kind> {
-    Ok(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        other => {
-            return Err(Error::invalid(
-                "checkpoint",
-                format!("a tensor of dtype {other:?}"),
-                "a dtype libtorch reads",
-            ))
-        }
-    })
-}
-
-/// Named tensors, in file order.
-pub type NamedTensors = Vec<(String, Tensor)>;
-
-/// Reads every tensor of a safetensors file and its metadata.
-pub fn read_safetensors_with_metadata(
-    path: &Path,
-) -> Result<(NamedTensors, HashMap<String, String>)> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, None, format!("not a safetensors file: {e}")))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind(view.dtype())?)
-            .map_err(|e| Error::format(path, None, format!("tensor {name}: {e}")))?;
-        out.push((name, t));
-    }
-    Ok((out, metadata))
-}
 
 /// A checkpoint in memory; `S` is the typed state kept in its metadata
 /// ([`super::state::TrainerState`] for `last`, [`super::state::BestState`]
@@ -149,7 +104,8 @@ impl<S: DeserializeOwned> Checkpoint<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use std::fs;
+    use tch::{Device, Kind};
 
     #[test]
     fn checkpoints_round_trip_and_replace_atomically() {
