@@ -1,11 +1,10 @@
 //! JPEG decoding with libjpeg-turbo 3 (TurboJPEG API), the only unsafe code
 //! of the data module.
 //!
-//! Besides whole images it decodes a region at a reduced scale: rows below
-//! the region are never decoded, columns outside it skip the inverse DCT and
-//! colour conversion, and a 1/2, 1/4 or 1/8 scale is done inside the inverse
-//! DCT. A random crop of a training transform thus costs a fraction of a full
-//! decode.
+//! Besides whole images it decodes a region: rows below the region are never
+//! decoded, columns outside it skip the inverse DCT and colour conversion. A
+//! random crop of a training transform thus costs a fraction of a full
+//! decode, and gives the pixels the full decode has there.
 
 use std::ffi::{c_int, CStr};
 
@@ -30,22 +29,20 @@ pub(crate) struct Header {
     colorspace: c_int,
 }
 
-/// A region of the image scaled by `1 / denom`, in scaled pixels.
+/// A region of the image, in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Region {
     pub x: usize,
     pub y: usize,
     pub w: usize,
     pub h: usize,
-    pub denom: usize,
 }
 
 impl Header {
-    /// Left edges of regions must fall on an iMCU boundary of the scaled
-    /// image; `None` when cropping is unsupported (unusual subsampling).
-    pub fn column_step(&self, denom: usize) -> Option<usize> {
-        let w = *MCU_WIDTH.get(usize::try_from(self.subsamp).ok()?)?;
-        Some(w.div_ceil(denom))
+    /// Left edges of regions must fall on an iMCU boundary; `None` when
+    /// cropping is unsupported (unusual subsampling).
+    pub fn column_step(&self) -> Option<usize> {
+        MCU_WIDTH.get(usize::try_from(self.subsamp).ok()?).copied()
     }
 
     pub fn is_grey(&self) -> bool {
@@ -140,15 +137,12 @@ impl Decoder {
         region: Option<Region>,
         channels: usize,
     ) -> Result<Image, String> {
-        let denom = region.map_or(1, |r| r.denom);
-        let sw = header.width.div_ceil(denom);
-        let sh = header.height.div_ceil(denom);
+        let (sw, sh) = (header.width, header.height);
         let r = region.unwrap_or(Region {
             x: 0,
             y: 0,
             w: sw,
             h: sh,
-            denom: 1,
         });
         if r.w == 0 || r.h == 0 || r.x + r.w > sw || r.y + r.h > sh {
             return Err(format!("bad JPEG region {r:?} of a {sw} x {sh} image"));
@@ -167,11 +161,6 @@ impl Decoder {
         // SAFETY: valid handle; the header was read from the same data just
         // before; `out` holds pitch * r.h bytes, the size the crop decodes.
         let rc = unsafe {
-            let scale = tj::tjscalingfactor {
-                num: 1,
-                denom: denom as c_int,
-            };
-            self.check(tj::tj3SetScalingFactor(self.handle, scale))?;
             let crop = if full {
                 tj::tjregion {
                     x: 0,
