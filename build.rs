@@ -32,9 +32,16 @@ fn main() {
     }
 }
 
-/// Compiles `CPP_FILES` with the flags torch-sys compiles its own C++ with
-/// (C++17, the C++11 ABI unless `LIBTORCH_CXX11_ABI=0`, as torch-sys reads it).
+/// Compiles `CPP_FILES` with the flags torch-sys compiles its own C++ with:
+/// C++17 and the C++11 ABI, the only one of torch >= 2.7 (pinned at 2.13;
+/// `LIBTORCH_CXX11_ABI=0` for an older libtorch, which torch-sys would have
+/// read from Python under `LIBTORCH_USE_PYTORCH`).
 fn compile_cpp(lib: &Path) {
+    // A torch upgraded in place keeps its folder: rebuild on its library.
+    println!(
+        "cargo:rerun-if-changed={}",
+        lib.join("libtorch_cpu.so").display()
+    );
     let include = lib
         .parent()
         .expect("libtorch's lib has a parent")
@@ -78,7 +85,8 @@ fn write_option_docs() {
 }
 
 /// `(field, doc comment)` of each serialised field of `pub struct NAME`
-/// (`#[serde(skip)]` and `#[serde(flatten)]` fields left out).
+/// (fields marked `#[serde(skip)]` or `#[serde(flatten)]` left out). Every
+/// field line (`name: Type,`, public or not) ends the comment before it.
 fn field_docs(source: &str, name: &str) -> Vec<(String, String)> {
     let start = source
         .find(&format!("pub struct {name} {{"))
@@ -92,12 +100,19 @@ fn field_docs(source: &str, name: &str) -> Vec<(String, String)> {
         }
         if let Some(text) = line.strip_prefix("///") {
             doc.push(text.trim().to_string());
-        } else if line.starts_with("#[serde(skip") || line.starts_with("#[serde(flatten") {
+        } else if line == "#[serde(skip)]" || line == "#[serde(flatten)]" {
             skipped = true;
-        } else if let Some(field) = line.strip_prefix("pub ") {
-            let field = field.split(':').next().unwrap_or_default().trim();
-            if !skipped {
-                out.push((field.to_string(), doc.join(" ")));
+        } else if line.starts_with("#[serde") {
+            panic!("{name}: `{line}` is not understood by build.rs's field_docs");
+        } else if !line.starts_with("//") && line.ends_with(',') && line.contains(':') {
+            let field = line.split(':').next().unwrap_or_default();
+            if let (Some(field), false) = (field.strip_prefix("pub "), skipped) {
+                let text: Vec<&str> = doc
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                out.push((field.trim().to_string(), text.join(" ")));
             }
             doc.clear();
             skipped = false;

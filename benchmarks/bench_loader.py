@@ -13,6 +13,10 @@ Both run in this process on the same cores; the clock starts when the first
 batch arrives (start-up excluded for both) and stops at the last.
 
     python benchmarks/bench_loader.py [--workers 2] [--batches 30] [--images 320]
+        [--size 500x375] [--transform train|eval]
+
+``--transform eval`` times Resize(256) + CenterCrop(227) instead; a large
+``--size`` (1600x1200) times the decoding of big photos (cars196's).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from grouploss.data import Loader, train_transform
+from grouploss.data import Loader, eval_transform, train_transform
 from grouploss.datasets import ImageFolder
 
 
@@ -55,11 +59,11 @@ def cub_like(seed: int, w: int = 500, h: int = 375) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_folder(root: pathlib.Path, images: int, classes: int = 16) -> None:
+def make_folder(root: pathlib.Path, images: int, size=(500, 375), classes: int = 16) -> None:
     for i in range(images):
         d = root / f"class_{i % classes:03d}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(cub_like(i)).save(d / f"img_{i:05d}.jpg", quality=90)
+        Image.fromarray(cub_like(i, *size)).save(d / f"img_{i:05d}.jpg", quality=90)
 
 
 def timed(iterable) -> tuple:
@@ -80,7 +84,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=320)
     ap.add_argument("--data", type=pathlib.Path, default=None, help="reuse/keep the JPEG folder")
+    ap.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of the generated JPEGs")
+    ap.add_argument("--transform", choices=("train", "eval"), default="train")
     args = ap.parse_args()
+    size = tuple(int(v) for v in args.size.lower().split("x"))
     torch.set_num_threads(args.workers)
 
     tmp = None
@@ -89,29 +96,32 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         root = pathlib.Path(tmp.name)
     if not any(root.glob("*/*.jpg")):
-        make_folder(root, args.images)
+        make_folder(root, args.images, size)
     sizes = [p.stat().st_size for p in root.glob("*/*.jpg")]
     rng = np.random.default_rng(0)
     n = len(sizes)
     batches = [rng.integers(0, n, args.batch_size).tolist() for _ in range(args.batches)]
 
     ours_ds = ImageFolder(root, split="all")
-    ours = Loader(ours_ds, batches, train_transform(227), num_threads=args.workers, seed=0)
+    train = args.transform == "train"
+    transform = train_transform(227) if train else eval_transform(227, resize=256)
+    ours = Loader(ours_ds, batches, transform, num_threads=args.workers, seed=0)
+    geometry = (
+        [T.RandomResizedCrop(227), T.RandomHorizontalFlip()]
+        if train
+        else [T.Resize(256), T.CenterCrop(227)]
+    )
     peer_tf = T.Compose(
-        [
-            T.RandomResizedCrop(227),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
+        [*geometry, T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
     )
     peer_ds = torchvision.datasets.ImageFolder(str(root), transform=peer_tf)
     peer = DataLoader(peer_ds, batch_sampler=batches, num_workers=args.workers)
 
     print(machine.describe())
     print(
-        f"{n} JPEGs 500x375 q90 (mean {np.mean(sizes) / 1024:.0f} KB), {args.batches} batches "
-        f"of {args.batch_size}, train transform 227 px, {args.workers} workers/threads, "
+        f"{n} JPEGs {args.size} q90 (mean {np.mean(sizes) / 1024:.0f} KB), {args.batches} "
+        f"batches of {args.batch_size}, {args.transform} transform 227 px, "
+        f"{args.workers} workers/threads, "
         f"{os.cpu_count()} CPUs"
     )
     r_ours, n_ours, t_ours = timed(ours)

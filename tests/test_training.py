@@ -535,6 +535,52 @@ def test_a_run_whose_network_cannot_load_leaves_no_configuration(glyphs_root, tm
     assert (out / "config.toml").exists()
 
 
+def test_a_torchscript_backbones_tied_weights_step_once(glyphs_root, tmp_path):
+    """A module used twice in a scripted backbone lists its weight under two
+    names; the optimizer steps it once, as torch.optim over
+    model.parameters() does. Adam's first step moves each weight by lr
+    (it moved them by 2 lr when each name had its own state)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    shared = torch.nn.Conv2d(8, 8, 3, padding=1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        shared,
+        torch.nn.ReLU(),
+        shared,
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+    path = tmp_path / "tied.pt"
+    torch.jit.script(net).save(str(path))
+    before = shared.weight.detach().clone()
+    lr = 1e-2
+    out = tmp_path / "r"
+    grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=out,
+        backbone=f"torchscript:{path}",
+        plots=False,
+        **dict(
+            TINY,
+            epochs=1,
+            max_steps_per_epoch=1,
+            optimizer="adam",
+            lr=lr,
+            backbone_lr=lr,
+            weight_decay=0.0,
+        ),
+    )
+    weights = load_file(str(out / "checkpoints" / "last.safetensors"))
+    a, b = weights["model.backbone.2.weight"], weights["model.backbone.4.weight"]
+    assert torch.equal(a, b), "one tensor under two names"
+    moved = (a - before).abs().max().item()
+    assert lr * 0.9 < moved < lr * 1.1, moved
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_bf16_run(glyphs_root, tmp_path):
     r = grouploss.train(

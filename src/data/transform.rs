@@ -518,7 +518,6 @@ impl Transform {
     }
 }
 
-/// torchvision's `RandomResizedCrop.get_params`, with our generator.
 /// The pixels of the whole pixels `b` touches (its integer hull), copied
 /// into `buf` unless that is the whole image; returns their width, height,
 /// pixels and `b` within them.
@@ -547,6 +546,7 @@ fn copy_crop<'a>(
     (x1 - x0, y1 - y0, buf, local)
 }
 
+/// torchvision's `RandomResizedCrop.get_params`, with our generator.
 fn random_resized_box(
     width: usize,
     height: usize,

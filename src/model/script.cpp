@@ -28,9 +28,12 @@ torch::jit::Module *as_module(void *m) {
 
 } // namespace
 
-#define GL_TRY(on_error, body)                                                 \
+// Runs the statements after `on_error` and returns what they return; a C++
+// exception becomes `*error` and `on_error`. (Variadic: a comma in the
+// statements does not split them.)
+#define GL_TRY(on_error, ...)                                                  \
   try {                                                                        \
-    body                                                                       \
+    __VA_ARGS__                                                                \
   } catch (const c10::Error &e) {                                              \
     *error = copy_error(e.what_without_backtrace());                           \
     return on_error;                                                           \

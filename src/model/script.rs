@@ -42,19 +42,27 @@ extern "C" {
     ) -> *mut C_tensor;
 }
 
-/// Calls a shim function and takes the error text it left, if any.
-fn checked<T>(call: impl FnOnce(*mut *mut c_char) -> T) -> std::result::Result<T, String> {
+/// Calls a shim function and takes the error text it left, if any; a
+/// result that `failed` without a text (its copy could not be allocated)
+/// is an error too.
+fn checked<T>(
+    call: impl FnOnce(*mut *mut c_char) -> T,
+    failed: impl FnOnce(&T) -> bool,
+) -> std::result::Result<T, String> {
     let mut error: *mut c_char = std::ptr::null_mut();
     let out = call(&mut error);
-    if error.is_null() {
-        return Ok(out);
+    if !error.is_null() {
+        // SAFETY: a non-null error is a NUL-terminated copy the shim malloc'd.
+        let text = unsafe { CStr::from_ptr(error) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { gl_script_free_error(error) };
+        return Err(text);
     }
-    // SAFETY: a non-null error is a NUL-terminated copy the shim malloc'd.
-    let text = unsafe { CStr::from_ptr(error) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { gl_script_free_error(error) };
-    Err(text)
+    if failed(&out) {
+        return Err("a C++ error (its message could not be copied)".into());
+    }
+    Ok(out)
 }
 
 extern "C" fn push_named(data: *mut c_void, name: *const c_char, tensor: *mut C_tensor) {
@@ -100,8 +108,11 @@ impl ScriptModule {
         };
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| unloadable("the path holds a NUL byte".into()))?;
-        let ptr = checked(|e| unsafe { gl_script_load(c_path.as_ptr(), index, e) })
-            .map_err(unloadable)?;
+        let ptr = checked(
+            |e| unsafe { gl_script_load(c_path.as_ptr(), index, e) },
+            |p| p.is_null(),
+        )
+        .map_err(unloadable)?;
         let module = NonNull::new(ptr).ok_or_else(|| unloadable("no module".into()))?;
         Ok(ScriptModule { module })
     }
@@ -110,8 +121,11 @@ impl ScriptModule {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let data = &mut out as *mut Vec<(String, Tensor)> as *mut c_void;
         let which = c_int::from(buffers);
-        checked(|e| unsafe { gl_script_named(self.module.as_ptr(), which, data, push_named, e) })
-            .map_err(|why| Error::Internal(format!("listing a TorchScript module's tensors: {why}")))?;
+        checked(
+            |e| unsafe { gl_script_named(self.module.as_ptr(), which, data, push_named, e) },
+            |rc| *rc != 0,
+        )
+        .map_err(|why| Error::Internal(format!("listing a TorchScript module's tensors: {why}")))?;
         Ok(out)
     }
 
@@ -150,18 +164,20 @@ impl ScriptModule {
 
     /// Switches training mode (BatchNorm, dropout) on or off.
     pub fn set_train(&mut self, on: bool) -> Result<()> {
-        checked(|e| unsafe { gl_script_train(self.module.as_ptr(), c_int::from(on), e) }).map_err(
-            |why| Error::Internal(format!("switching a TorchScript module's mode: {why}")),
-        )?;
+        checked(
+            |e| unsafe { gl_script_train(self.module.as_ptr(), c_int::from(on), e) },
+            |rc| *rc != 0,
+        )
+        .map_err(|why| Error::Internal(format!("switching a TorchScript module's mode: {why}")))?;
         Ok(())
     }
 
     /// `forward(x)`; the error is the module's own message.
     pub fn forward(&self, x: &Tensor) -> std::result::Result<Tensor, String> {
-        let out = checked(|e| unsafe { gl_script_forward(self.module.as_ptr(), x.as_ptr(), e) })?;
-        if out.is_null() {
-            return Err("forward returned no tensor".into());
-        }
+        let out = checked(
+            |e| unsafe { gl_script_forward(self.module.as_ptr(), x.as_ptr(), e) },
+            |p| p.is_null(),
+        )?;
         // SAFETY: a new `at::Tensor*`, ours to own.
         Ok(unsafe { Tensor::from_ptr(out) })
     }

@@ -74,6 +74,9 @@ pub fn load_into(
             unexpected.push(key);
         }
     }
+    // A TorchScript backbone's batch counters keep their values when the
+    // file has none (a counter is unused with a momentum).
+    targets.retain(|k, _| values.contains_key(k) || !k.ends_with("num_batches_tracked"));
     let missing: Vec<String> = targets
         .keys()
         .filter(|k| !values.contains_key(*k))

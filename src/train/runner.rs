@@ -463,9 +463,15 @@ pub fn load_model(vs: &nn::VarStore, tensors: &[(String, Tensor)], source: &Path
 
 /// The variables of `vs` in learning-rate groups: backbone (0) and head (1).
 pub(super) fn parameter_groups(vs: &nn::VarStore) -> Vec<(String, Tensor, usize)> {
+    // A parameter under two names (a TorchScript module's tied weights) is
+    // stepped once, under its first, as `torch.optim` over
+    // `model.parameters()` does.
+    let mut seen = std::collections::HashSet::new();
     model_tensors(vs)
         .into_iter()
-        .filter(|(_, t)| t.requires_grad())
+        .filter(|(_, t)| {
+            t.requires_grad() && (t.numel() == 0 || seen.insert(t.data_ptr() as usize))
+        })
         .map(|(name, t)| {
             let group = usize::from(!name.starts_with("backbone."));
             (name, t, group)

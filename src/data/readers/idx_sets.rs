@@ -92,7 +92,12 @@ fn read_pair(root: &Path, prefix: &str) -> Result<(PixelBlock, Vec<i64>, PathBuf
 pub const FASHION_MNIST_HOME: Home = Home {
     dataset: "FashionMNIST",
     names: &["fashion-mnist", "FashionMNIST", "fashion_mnist"],
-    markers: &["train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte"],
+    markers: &[
+        "train-labels-idx1-ubyte.gz",
+        "train-labels-idx1-ubyte",
+        "t10k-labels-idx1-ubyte.gz",
+        "t10k-labels-idx1-ubyte",
+    ],
     system: &["/usr/share/datasets/fashion-mnist"],
     obtain: "on Debian or Ubuntu: apt-get install dataset-fashion-mnist",
 };

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub const HOME: Home = Home {
     dataset: "StanfordOnlineProducts",
     names: &["Stanford_Online_Products", "sop", "SOP"],
-    markers: &["Ebay_train.txt"],
+    markers: &["Ebay_train.txt", "Ebay_test.txt"],
     system: &[],
     obtain: "",
 };
