@@ -88,7 +88,21 @@ def test_every_rust_item_named_in_the_map_is_defined_where_it_says():
 
 
 #: Outside packages and file extensions the map writes as `a.b`.
-NOT_OURS = {"torch", "np", "numpy", "py", "pyi", "rs", "md", "json", "jsonl", "toml", "tsv", "html"}
+NOT_OURS = {
+    "torch",
+    "np",
+    "numpy",
+    "py",
+    "pyi",
+    "rs",
+    "cpp",
+    "md",
+    "json",
+    "jsonl",
+    "toml",
+    "tsv",
+    "html",
+}
 
 
 def test_every_python_function_named_in_the_map_is_defined_in_its_module():
