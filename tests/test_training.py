@@ -200,6 +200,12 @@ def test_a_run_loads_and_exports_without_its_dataset(tmp_path):
     # as transformed ones).
     with pytest.raises(ValueError, match="^images: expected uint8 images"):
         moved.embed(raw.long())
+    # Float images are taken as transformed: at the run's input size only.
+    size = spec["size"]
+    transformed = torch.zeros(2, 1, size, size)
+    assert moved.embed(transformed).shape[0] == 2
+    with pytest.raises(ValueError, match=rf"^images: expected {size} x {size}, the run's input"):
+        moved.embed(torch.zeros(2, 1, size + 4, size + 4))
     # Data that moved is given on resume (data_root is where the data is,
     # not a setting: input.json says whether it is the same data).
     again = grouploss.train(resume=out, plots=False, data_root=tmp_path / "moved")

@@ -114,6 +114,20 @@ impl RunModel {
         let x = if images.kind() == Kind::Uint8 {
             self.transform_u8(images)?
         } else if images.is_floating_point() {
+            let s = self.eval_transform.size() as i64;
+            let (h, w) = (images.size()[2], images.size()[3]);
+            if (h, w) != (s, s) {
+                // A network that pools adaptively would embed them all the
+                // same, as it never saw them.
+                return Err(Error::invalid(
+                    "images",
+                    format!("{h} x {w} float images"),
+                    format!(
+                        "{s} x {s}, the run's input size (float images are taken as \
+                         transformed; uint8 images of any size are transformed to it)"
+                    ),
+                ));
+            }
             images.to_kind(Kind::Float)
         } else {
             // Other integers would pass 0-255 values as if transformed.
