@@ -340,13 +340,10 @@ impl Transform {
             Geometry::RandomResizedCrop { .. } => 0.0,
             _ => (b.w.max(b.h) / self.size as f64).ceil() + 1.0,
         };
-        let margin = reach + JPEG_CONTEXT;
         let region = match header.column_step() {
             Some(step) => {
-                let x0 = ((b.x - margin).max(0.0) as usize).min(w - 1) / step * step;
-                let y0 = ((b.y - margin).max(0.0) as usize).min(h - 1);
-                let x1 = ((b.x + b.w + margin).ceil() as usize).clamp(x0 + 1, w);
-                let y1 = ((b.y + b.h + margin).ceil() as usize).clamp(y0 + 1, h);
+                let (x0, y0, x1, y1) = pixel_hull(b, reach + JPEG_CONTEXT, w, h);
+                let x0 = x0 / step * step;
                 jpeg::Region {
                     x: x0,
                     y: y0,
@@ -526,10 +523,7 @@ fn copy_crop<'a>(
     b: CropBox,
     buf: &'a mut Vec<u8>,
 ) -> (usize, usize, &'a [u8], CropBox) {
-    let x0 = (b.x.floor() as usize).min(image.width - 1);
-    let y0 = (b.y.floor() as usize).min(image.height - 1);
-    let x1 = ((b.x + b.w).ceil() as usize).clamp(x0 + 1, image.width);
-    let y1 = ((b.y + b.h).ceil() as usize).clamp(y0 + 1, image.height);
+    let (x0, y0, x1, y1) = pixel_hull(b, 0.0, image.width, image.height);
     if (x0, y0, x1, y1) == (0, 0, image.width, image.height) {
         return (image.width, image.height, &image.data, b);
     }
@@ -544,6 +538,22 @@ fn copy_crop<'a>(
         ..b
     };
     (x1 - x0, y1 - y0, buf, local)
+}
+
+/// The whole pixels `(x0, y0, x1, y1)` (ends excluded) of a `width` x
+/// `height` image that `b` grown by `margin` on every side touches: at
+/// least one, inside the image.
+fn pixel_hull(
+    b: CropBox,
+    margin: f64,
+    width: usize,
+    height: usize,
+) -> (usize, usize, usize, usize) {
+    let x0 = ((b.x - margin).max(0.0).floor() as usize).min(width - 1);
+    let y0 = ((b.y - margin).max(0.0).floor() as usize).min(height - 1);
+    let x1 = ((b.x + b.w + margin).ceil() as usize).clamp(x0 + 1, width);
+    let y1 = ((b.y + b.h + margin).ceil() as usize).clamp(y0 + 1, height);
+    (x0, y0, x1, y1)
 }
 
 /// torchvision's `RandomResizedCrop.get_params`, with our generator.

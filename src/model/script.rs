@@ -191,8 +191,7 @@ mod tests {
     /// carrying libtorch's reason (the C++ exception does not cross the FFI).
     #[test]
     fn a_file_that_is_not_torchscript_is_named() {
-        let dir = std::env::temp_dir().join(format!("grouploss-script-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::data::testing::temp_dir("script");
         let path = dir.join("not-a-module.pt");
         std::fs::write(&path, b"PK\x03\x04 this is not a zip archive").unwrap();
         let err = ScriptModule::load(&path, Device::Cpu)

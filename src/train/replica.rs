@@ -11,10 +11,9 @@ use super::distributed::{self as dist, Collective};
 use super::memory::Memory;
 use super::optim::Optimizer;
 use super::run_dir::RunDir;
-use super::runner::{load_model, model_tensors};
+use super::runner::{load_model, load_pretrained, model_tensors};
 use super::state::TrainerState;
 use crate::error::{Error, Result};
-use crate::model;
 
 /// Averages the gradients of `params` over the ranks, with the step's
 /// `control` values (stop flag and loss terms) in the same call.
@@ -74,10 +73,7 @@ fn restore_on_rank_0(
     world: usize,
     memory: Option<&mut Memory>,
 ) -> Result<Option<Restored>> {
-    if let Some(path) = &cfg.pretrained {
-        let tensors = model::read_safetensors(path)?;
-        model::load_into(vs, "backbone.", tensors, &path.display().to_string())?;
-    }
+    load_pretrained(cfg, vs)?;
     if !dir.last().exists() {
         return Ok(None);
     }

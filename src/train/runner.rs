@@ -535,9 +535,14 @@ pub fn train(cfg: &TrainConfig, run_dir: &Path, stop: &AtomicBool) -> Result<Tra
 fn check_network(cfg: &TrainConfig, data: &RunData, device: Device) -> Result<()> {
     let vs = nn::VarStore::new(device);
     build_network(cfg, &vs, data.channels, data.train.classes().len() as i64)?;
+    load_pretrained(cfg, &vs)
+}
+
+/// Loads the configuration's pretrained backbone weights, if any, into `vs`.
+pub(super) fn load_pretrained(cfg: &TrainConfig, vs: &nn::VarStore) -> Result<()> {
     if let Some(path) = &cfg.pretrained {
         let tensors = crate::model::read_safetensors(path)?;
-        crate::model::load_into(&vs, "backbone.", tensors, &path.display().to_string())?;
+        crate::model::load_into(vs, "backbone.", tensors, &path.display().to_string())?;
     }
     Ok(())
 }
