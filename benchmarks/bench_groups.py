@@ -35,7 +35,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import bench_quality as bq
@@ -71,14 +70,19 @@ def ranks_run(out: pathlib.Path, name: str, opts: dict, seed: int, args) -> dict
     lines = ['preset = "glyphs"']
     for k, v in options.items():
         lines.append(f"{k} = {json.dumps(v)}")
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write("\n".join(lines) + "\n")
-        config = f.name
+    # The options go through a TOML file beside the run (its own
+    # config.toml keeps them once it starts).
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / f"glyphs-{name}-s{seed}.toml"
+    config.write_text("\n".join(lines) + "\n")
     cmd = [sys.executable, "-m", "grouploss.cli", "train", "--nproc-per-node", "2"]
-    cmd += ["--config", config, "--out-dir", str(run_dir), "--quiet", "--device", "cpu"]
+    cmd += ["--config", str(config), "--out-dir", str(run_dir), "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    try:
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        config.unlink()
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     best = summary["best_epoch"]
