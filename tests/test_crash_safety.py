@@ -57,25 +57,38 @@ def reference(data_root, tmp_path_factory):
     return out
 
 
+def _replayable(record: dict) -> dict:
+    """What an epoch's record holds that a resumed run reproduces (its
+    timings aside)."""
+    return {k: record.get(k) for k in ("epoch", "train_loss", "lr", "val")}
+
+
 def _assert_same_run(out: pathlib.Path, ref: pathlib.Path) -> None:
     got = json.loads((out / "summary.json").read_text())
     want = json.loads((ref / "summary.json").read_text())
     assert got["test"] == want["test"]
     assert got["best_epoch"] == want["best_epoch"]
-    keys = ("epoch", "train_loss", "lr")
-    assert [{k: h.get(k) for k in keys} for h in _history(out)] == [
-        {k: h.get(k) for k in keys} for h in _history(ref)
-    ]
-    val = [h.get("val") for h in _history(out)]
-    assert val == [h.get("val") for h in _history(ref)]
+    assert [_replayable(h) for h in _history(out)] == [_replayable(h) for h in _history(ref)]
     assert not list(out.rglob(".*.tmp-*")), "a temporary file was left behind"
 
 
-def _checkpoint_is_complete(out: pathlib.Path) -> None:
+def _checkpoint_is_complete(out: pathlib.Path, ref: pathlib.Path) -> None:
+    """The `last` checkpoint (if any) loads, holds finite weights, and its
+    trainer state is that of the uninterrupted run after the same epochs."""
+    from safetensors import safe_open
+
     last = out / "checkpoints" / "last.safetensors"
-    if last.exists():
-        model = grouploss.load_run(out, checkpoint="last", device="cpu")
-        assert model is not None
+    if not last.exists():
+        return
+    model = grouploss.load_run(out, checkpoint="last", device="cpu")
+    weights = model.state_dict()
+    assert any(k.startswith("embed.") for k in weights), sorted(weights)
+    assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point())
+    with safe_open(str(last), "pt") as f:
+        state = json.loads(f.metadata()["grouploss.trainer_state"])
+    done = [_replayable(h) for h in state["history"]]
+    assert state["epoch"] == len(done)
+    assert done == [_replayable(h) for h in _history(ref)][: len(done)]
 
 
 def _kill_when(p: subprocess.Popen, out: pathlib.Path, moment, delay: float) -> bool:
@@ -116,7 +129,7 @@ def test_kill_9_at_random_moments_loses_nothing(data_root, reference, tmp_path):
         left = (EPOCHS - _epochs_done(out)) / EPOCHS
         if _kill_when(p, out, moment, delay=rng.uniform(0.3, 0.9) * wall * left):
             killed.append((moment, _epochs_done(out)))
-            _checkpoint_is_complete(out)
+            _checkpoint_is_complete(out, reference)
         else:
             assert p.returncode == 0, p.stderr.read().decode()
             break
@@ -158,7 +171,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data_root, referen
     # The previous checkpoint is intact and loadable, no partial file left.
     assert hashlib.sha256(last.read_bytes()).hexdigest() == snapshot
     assert not list(out.rglob(".*.tmp-*"))
-    _checkpoint_is_complete(out)
+    _checkpoint_is_complete(out, reference)
     # With space again, the run resumes and ends like an uninterrupted one.
     subprocess.run(_cmd(data_root, out), check=True, timeout=900)
     _assert_same_run(out, reference)

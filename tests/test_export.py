@@ -154,6 +154,24 @@ def test_to_torch_gives_the_runs_embeddings(runs, backbone):
     assert net.description["backbone"] == backbone
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_to_torch_computes_in_the_modules_dtype(runs, dtype):
+    """As for any torch module, ``.to(dtype)`` carries the computation:
+    uint8 and [0, 1] float images give embeddings in that dtype, close to
+    the float32 ones (bfloat16: to its 8-bit mantissa)."""
+    model = grouploss.load_run(runs("convnet"), device="cpu")
+    net = model.to_torch()
+    images = _test_images(model)[:16]
+    with torch.no_grad():
+        want = net(images).double()
+        net = net.to(dtype)
+        got = [net(images), net(images.to(dtype) / 255)]
+    tol = 1e-5 if dtype == torch.float64 else 0.05 * want.abs().max().item()
+    for e in got:
+        assert e.dtype == dtype
+        assert (e.double() - want).abs().max().item() <= tol
+
+
 def test_a_torchscript_backbone_keeps_its_batchnorm_statistics(runs, tmp_path):
     """The checkpoint holds the scripted module's buffers under PyTorch's
     names, so the reloaded run, its plain module and its TorchScript export

@@ -349,6 +349,41 @@ def test_module_random_anchors_repeat_with_the_same_seed():
     assert a.item() == b.item()
 
 
+@pytest.mark.parametrize("how", ["seed", "options"])
+@pytest.mark.parametrize("constructed_with", [1, None])
+def test_setting_the_seed_restarts_the_anchors_generator(how, constructed_with):
+    """``loss_fn.seed = s`` (or new options with that seed) draws what a
+    module constructed with ``seed=s`` draws, state buffer included; back to
+    None, the global generator draws again."""
+    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
+
+    def losses(fn):
+        return [fn(emb, labels, logits).item() for _ in range(4)]
+
+    want = GroupLoss(9, anchors="random", seed=5)
+    fn = GroupLoss(9, anchors="random", seed=constructed_with)
+    losses(fn)
+    if how == "seed":
+        fn.seed = 5
+    else:
+        fn.options = fn.options.replace(seed=5)
+    assert fn.seed == 5
+    torch.testing.assert_close(fn.anchor_generator_state, want.anchor_generator_state)
+    assert losses(fn) == losses(want)
+    torch.testing.assert_close(fn.anchor_generator_state, want.anchor_generator_state)
+    # Another option changed keeps the generator where it is.
+    fn.temperature = want.temperature = 20.0
+    assert losses(fn) == losses(want)
+    fn.seed = None
+    assert fn.anchor_generator_state.numel() == 0
+    torch.manual_seed(0)
+    a = losses(fn)
+    torch.manual_seed(0)
+    assert losses(fn) == a
+    with pytest.raises(TypeError, match="options: expected a GroupLossOptions"):
+        fn.options = {"seed": 5}
+
+
 def test_refine_matches_the_loss_probabilities():
     emb, labels, logits = pk_batch(3, 5, m=7, d=8, seed=14)
     w = F.similarity(emb)
@@ -434,6 +469,62 @@ def test_gradients_scale_with_the_seed_and_survive_retain_graph(implementation):
     torch.testing.assert_close(ge, ref_ge, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ge2, ref_ge, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gl, ref_gl, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused_cpu", "libtorch"])
+def test_a_gradient_changed_in_place_leaves_a_retained_graph_intact(implementation):
+    """What torch.autograd.grad returns is the caller's: clipping it in
+    place (as clip_grad_norm_ does) changes nothing the next backward
+    through the retained graph gives."""
+    emb, labels, logits = pk_batch(4, 5, 9, 16, dtype=torch.float64, seed=3)
+    emb.requires_grad_(True)
+    logits.requires_grad_(True)
+    _, ref_ge, ref_gl = _reference_grads(emb, labels, logits)
+    out = F.group_loss(emb, labels, logits, implementation=implementation)
+    ge, gl = torch.autograd.grad(out, (emb, logits), retain_graph=True)
+    ge.zero_()
+    gl.clamp_(-1e-9, 1e-9)
+    ge2, gl2 = torch.autograd.grad(out, (emb, logits))
+    torch.testing.assert_close(ge2, ref_ge, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gl2, ref_gl, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("return_details", [False, True])
+@pytest.mark.parametrize("implementation", ["auto", "fused_cpu", "libtorch", "autograd"])
+def test_double_backward_is_exact_or_refused(implementation, return_details):
+    """A second derivative through the loss (a gradient penalty, a
+    Hessian-vector product): exact with ``implementation="autograd"``
+    (against finite differences of the first derivative); the closed forms,
+    whose gradients are constants of the inputs, refuse it by name instead
+    of leaving out their part."""
+    emb, labels, logits = pk_batch(3, 4, 6, 5, dtype=torch.float64, seed=8)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh()).double()
+
+    def penalty():
+        out = F.group_loss(
+            net(emb), labels, logits, implementation=implementation, return_details=return_details
+        )
+        loss = out.loss if return_details else out
+        (g,) = torch.autograd.grad(loss, net[0].weight, create_graph=True)
+        return (g**2).sum()
+
+    if implementation != "autograd":
+        with pytest.raises(RuntimeError, match="implementation='autograd'"):
+            penalty().backward()
+        return
+    net.zero_grad()
+    penalty().backward()
+    w, h = net[0].weight, 1e-6
+    numeric = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            w.data[i, j] += h
+            up = penalty().item()
+            w.data[i, j] -= 2 * h
+            down = penalty().item()
+            w.data[i, j] += h
+            numeric[i, j] = (up - down) / (2 * h)
+    torch.testing.assert_close(w.grad, numeric, rtol=1e-5, atol=1e-8)
 
 
 def _reference_grads(emb, labels, logits):
@@ -1176,6 +1267,13 @@ def test_negative_seeds_are_named():
         GroupLoss(10, anchors="random", seed=-1)
     with pytest.raises(ValueError, match=r"^seed: expected an integer >= 0, got -3"):
         F.anchor_mask(torch.tensor([0, 0, 1]), 1, "random", seed=-3)
+
+
+def test_return_details_is_named():
+    emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=1)
+    for call in (F.group_loss, GroupLoss(6)):
+        with pytest.raises(ValueError, match=r"^return_details: expected True or False, got 1"):
+            call(emb, labels, logits, return_details=1)
 
 
 def test_refine_names_w_as_its_parameter():

@@ -174,6 +174,25 @@ def test_evaluation_calls_neither_use_nor_write_the_memory():
     assert abs(loss_fn(emb, labels).item() - plain.item()) > 1e-6
 
 
+def test_the_memory_keeps_the_modules_dtype():
+    """Buffers follow the module (``.double()``, ``.float()``), not the
+    last batch: a float32 batch into a float64 module is kept in float64."""
+    loss_fn = GroupLoss(8, embedding_size=4, memory_size=10).double()
+    (emb, labels), (emb2, labels2) = list(_batches(2))
+    loss_fn(emb, labels)
+    loss_fn.classifier.float()
+    loss_fn(emb2.float(), labels2)
+    assert loss_fn.memory_embeddings.dtype == torch.float64
+    torch.testing.assert_close(
+        loss_fn.memory_embeddings, torch.cat([emb, emb2.float().double()])[-10:], rtol=0, atol=0
+    )
+    loss_fn.float()
+    assert loss_fn.memory_embeddings.dtype == torch.float32
+    loss_fn.classifier.double()
+    loss_fn(emb, labels)
+    assert loss_fn.memory_embeddings.dtype == torch.float32
+
+
 def test_the_memory_is_in_the_state_dict_and_a_resumed_module_continues_alike():
     batches = list(_batches(6))
     a = GroupLoss(8, embedding_size=4, memory_size=9).double()

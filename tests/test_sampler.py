@@ -4,7 +4,9 @@ definitions on many label sets, across epochs, seeds and ranks."""
 from __future__ import annotations
 
 import collections
+import copy
 import math
+import pickle
 import subprocess
 import sys
 import time
@@ -156,6 +158,25 @@ def test_labels_as_list_numpy_or_tensor_give_the_same_plan():
         for x in (labels.tolist(), labels, labels.astype(np.int32), torch.from_numpy(labels))
     ]
     assert all(p == plans[0] for p in plans)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_plans_as_the_original_at_its_epoch(how):
+    """Picklable and deep-copyable as torch's samplers are (saved loop
+    state, frameworks that copy loaders): the copy is the same sampler at
+    the same epoch, and goes on alike."""
+    labels = np.random.default_rng(3).integers(0, 12, size=200)
+    s = ClassBalancedBatchSampler(labels, 4, 3, seed=11, num_replicas=2, rank=1)
+    s.set_epoch(5)
+    t = copy.deepcopy(s) if how == "deepcopy" else pickle.loads(pickle.dumps(s))
+    assert (t.epoch, len(t), repr(t)) == (5, len(s), repr(s))
+    assert np.array_equal(t.plan(), s.plan())
+    for epoch in (6, 0):
+        s.set_epoch(epoch)
+        t.set_epoch(epoch)
+        assert np.array_equal(t.plan(), s.plan())
+    other = ClassBalancedBatchSampler(labels, 4, 3, seed=12, num_replicas=2, rank=1)
+    assert not np.array_equal(other.plan(), t.plan())
 
 
 def test_works_as_a_dataloader_batch_sampler():

@@ -15,7 +15,6 @@ import inspect
 from typing import Any, NamedTuple, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _native
 from ._args import SEED_MAX, boolean, integer, number
@@ -54,18 +53,41 @@ class GroupLossOutput(NamedTuple):
     classes: Optional[torch.Tensor]
 
 
+# Whether the backward running now keeps its graph (``retain_graph``); where
+# torch has no such query, it is taken as kept.
+_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+
+_TWICE = (
+    b"the Group Loss's closed-form gradients cannot be differentiated again "
+    b"(create_graph=True): use implementation='autograd' for double backward"
+)
+
+
 def _seeded(grad_loss, g_emb, g_logits):
     """The closed-form gradients times the backward seed. The usual
     ``loss.backward()`` seeds 1: hand them over as they are instead of
-    scaling a copy (a CUDA seed is not read: no sync)."""
+    scaling a copy (a CUDA seed is not read: no sync), unless the graph is
+    kept: the saved tensors then serve the next backward too, and must not
+    be what the caller receives (and may change in place)."""
     if grad_loss.is_cpu and grad_loss.item() == 1.0:
+        if _graph_kept():
+            return g_emb.clone(), g_logits.clone()
         return g_emb, g_logits
     return g_emb * grad_loss, g_logits * grad_loss
 
 
-@once_differentiable
-def _backward_once(ctx, grad_loss, *_unused):
-    return (*_seeded(grad_loss, *ctx.saved_tensors), None, None)
+def _backward(ctx, grad_loss):
+    """The inputs' gradients of a closed-form node. Under ``create_graph``
+    they are constants of the inputs, so differentiating them again must
+    raise (``once_differentiable`` would not: the seed does not require
+    grad), not come out as 0."""
+    with torch.no_grad():
+        g_emb, g_logits = _seeded(grad_loss, *ctx.saved_tensors)
+    if torch.is_grad_enabled():
+        g_emb, g_logits = torch._C._functions.DelayedError(_TWICE, 2)(
+            g_emb.detach().requires_grad_(), g_logits.detach().requires_grad_()
+        )
+    return g_emb, g_logits, None, None
 
 
 class _GroupLoss(torch.autograd.Function):
@@ -87,12 +109,7 @@ class _GroupLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            # create_graph: these gradients are constants of the inputs, so a
-            # second derivative through them must raise, not come out as 0.
-            return _backward_once(ctx, grad_loss)
-        g_emb, g_logits = ctx.saved_tensors
-        return (*_seeded(grad_loss, g_emb, g_logits), None, None)
+        return _backward(ctx, grad_loss)
 
 
 class _GroupLossDetails(torch.autograd.Function):
@@ -110,7 +127,7 @@ class _GroupLossDetails(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        return _backward_once(ctx, grad_loss)
+        return _backward(ctx, grad_loss)
 
 
 #: The Group Loss's options: one type, defined and validated in the Rust
@@ -212,7 +229,8 @@ def group_loss(
         implementation: ``"auto"`` (closed-form gradients: fused kernels on
             CPU, libtorch ops on other devices), ``"fused_cpu"``,
             ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
-            slower, but supports double backward). All give the same values.
+            slower, but supports double backward, which the closed forms
+            refuse with a RuntimeError). All give the same values.
         memory_embeddings: (M, dims) labelled points from outside the batch
             (a memory of earlier batches' embeddings), or None. They join
             the group as anchors: rows of W and one-hot rows of X that are
@@ -259,6 +277,7 @@ def group_loss(
     labels = _require_tensor("labels", labels)
     logits = _require_tensor("logits", logits)
     opts = loss_options(options, option_values, caller="group_loss")
+    return_details = boolean("return_details", return_details)
     call = dict(
         options=opts,
         seed=_draw_seed(opts.seed) if opts.anchors == "random" else None,

@@ -136,7 +136,8 @@ class GroupLoss(nn.Module):
             the same call as the loss (fused kernels on CPU, libtorch ops on
             CUDA); ``"fused_cpu"`` and ``"libtorch"`` force one of them;
             ``"autograd"`` records libtorch ops for autograd instead (slower,
-            supports double backward). All give the same values.
+            supports double backward, which the closed forms refuse with a
+            RuntimeError). All give the same values.
         gather_ranks: under ``torch.distributed``, refine over the global
             batch: every rank's embeddings, logits and labels are gathered
             (with gradients, :func:`grouploss.distributed.gather_batches`),
@@ -155,11 +156,12 @@ class GroupLoss(nn.Module):
             each group as labelled points (anchors that are not scored and
             receive no gradient), so that a step refines over many more
             classes (see :func:`grouploss.functional.group_loss`'s
-            ``memory_embeddings``). The memory is written by training
-            forward calls (``module.training`` and grad enabled), with the
-            gathered batch under ``gather_ranks``; it is the buffers
-            ``memory_embeddings`` and ``memory_labels`` (oldest first), so
-            a state dict carries it. 0: no memory. Under
+            ``memory_embeddings``). The memory is read and written by
+            training forward calls only (``module.training`` and grad
+            enabled; an evaluation call's loss is that of the batch alone),
+            with the gathered batch under ``gather_ranks``; it is the buffers
+            ``memory_embeddings`` and ``memory_labels`` (oldest first, in
+            the module's dtype), so a state dict carries it. 0: no memory. Under
             ``DistributedDataParallel(loss_fn)`` (a loss owning its
             classifier) DDP copies rank 0's buffers, the memory among them,
             to every rank before each forward: with ``gather_ranks`` the
@@ -268,10 +270,6 @@ class GroupLoss(nn.Module):
         self.gather_ranks = gather_ranks
         self.memory_size = int(memory_size)
         self.memory_warmup_steps = int(memory_warmup_steps)
-        seed = self.options.seed
-        self._generator: Optional[torch.Generator] = None
-        if seed is not None:
-            self._generator = torch.Generator().manual_seed(int(seed))
         #: The module's own classifier (``embedding_size`` given): an
         #: ``nn.Linear`` or a :class:`CosineClassifier`, as ``classifier``
         #: names; None without ``embedding_size``.
@@ -306,6 +304,26 @@ class GroupLoss(nn.Module):
             stacklevel=2,
         )
         return "cosine" if isinstance(self.classifier, CosineClassifier) else "linear"
+
+    @property
+    def options(self) -> F.GroupLossOptions:
+        """The loss's :class:`~grouploss.functional.GroupLossOptions`
+        (settable, as each of its options is: a new ``seed`` starts the
+        anchors' generator again from it)."""
+        return self._options
+
+    @options.setter
+    def options(self, value: F.GroupLossOptions) -> None:
+        if not isinstance(value, F.GroupLossOptions):
+            raise TypeError(f"options: expected a GroupLossOptions, got {type(value).__name__}")
+        old = self.__dict__.get("_options")
+        self._options = value
+        if old is None or old.seed != value.seed:
+            self._generator: Optional[torch.Generator] = None
+            if value.seed is not None:
+                self._generator = torch.Generator().manual_seed(int(value.seed))
+            if "anchor_generator_state" in self._buffers:
+                self.anchor_generator_state = self._generator_state()
 
     def _generator_state(self) -> torch.Tensor:
         if self._generator is None:
@@ -493,13 +511,14 @@ class GroupLoss(nn.Module):
     def _remember(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Appends the batch to the memory (after the loss is computed: a
         batch never joins its own group), keeping the last
-        ``memory_size`` rows."""
+        ``memory_size`` rows. The memory keeps the module's dtype (that of
+        its buffer: ``.double()`` makes it float64), whatever the batch's."""
         if not self._writes_memory():
             return
         self.memory_embeddings, self.memory_labels = _native.memory_push(
             self.memory_embeddings,
             self.memory_labels,
-            F._upcast(embeddings.detach()),
+            embeddings.detach().to(self.memory_embeddings.dtype),
             labels.detach(),
             self.memory_size,
         )

@@ -364,10 +364,11 @@ class InputNormalization(nn.Module):
                 + " x H x W, got shape "
                 + str(list(images.shape))
             )
+        # In the module's dtype (float32 unless .half(), .double(), ...).
         if images.dtype == torch.uint8:
-            x = images.float() / self.scale
+            x = images.to(self.mean.dtype) / self.scale
         elif images.is_floating_point():
-            x = images.float() * (255.0 / self.scale)
+            x = images.to(self.mean.dtype) * (255.0 / self.scale)
         else:
             # Other integers: 0-255 values would be read as 0-1 ones.
             raise ValueError(
@@ -384,7 +385,10 @@ class EmbeddingModel(nn.Module):
 
     ``forward(images)`` takes images at the run's input size (``uint8``
     0-255, or floats in [0, 1]; see :class:`InputNormalization`) and
-    returns the embeddings the trainer would. Made by
+    returns the embeddings the trainer would. It computes in the module's
+    dtype (``.half()``, ``.to(torch.bfloat16)``), and takes other sizes
+    too, for training further at them: unlike :meth:`RunModel.embed` it
+    resizes nothing. Made by
     ``grouploss.load_run(RUN).to_torch()`` or :func:`grouploss.export.load`.
 
     Attributes:

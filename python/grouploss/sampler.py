@@ -86,14 +86,32 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
+        self._labels = _as_labels(labels)
         self._native = _native.ClassBalancedSampler(
-            _as_labels(labels),
+            self._labels,
             integer("classes_per_batch", classes_per_batch),
             integer("samples_per_class", samples_per_class),
             seed=integer("seed", seed, 0, SEED_MAX),
             num_replicas=integer("num_replicas", num_replicas),
             rank=integer("rank", rank),
         )
+
+    def __getstate__(self) -> dict:
+        # What rebuilds the sampler (pickle, copy.deepcopy), at its epoch.
+        return {
+            "labels": self._labels,
+            "classes_per_batch": self.classes_per_batch,
+            "samples_per_class": self.samples_per_class,
+            "seed": self._native.seed,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+            "epoch": self.epoch,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        epoch = state.pop("epoch")
+        self.__init__(**state)
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose plan the next iteration yields."""

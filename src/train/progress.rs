@@ -59,8 +59,6 @@ pub struct Step<'a> {
 /// Reports training progress.
 pub struct Progress {
     mode: Mode,
-    /// Prints nothing (ranks other than 0 of a distributed run).
-    silent: bool,
     /// Last bar redraw, or last line written in [`Mode::Log`].
     last_write: Instant,
     started: Instant,
@@ -85,26 +83,20 @@ impl Progress {
         let now = Instant::now();
         Progress {
             mode,
-            silent: false,
             last_write: now,
             started: now,
             out,
         }
     }
 
-    /// A reporter that prints nothing.
+    /// A reporter that prints nothing (ranks other than 0 of a
+    /// distributed run): its lines go to a sink.
     pub fn silent() -> Self {
-        Progress {
-            silent: true,
-            ..Progress::to(Mode::Quiet, Box::new(std::io::sink()))
-        }
+        Progress::to(Mode::Quiet, Box::new(std::io::sink()))
     }
 
     /// After a step.
     pub fn step(&mut self, s: &Step<'_>) {
-        if self.silent {
-            return;
-        }
         let due = match self.mode {
             Mode::Quiet => false,
             Mode::Bar => self.last_write.elapsed() >= BAR_INTERVAL || s.step >= s.steps,
@@ -149,9 +141,6 @@ impl Progress {
 
     /// A line (after an epoch; ends the bar's line).
     pub fn line(&mut self, text: &str) {
-        if self.silent {
-            return;
-        }
         if self.mode == Mode::Bar {
             let _ = write!(self.out, "\r{:100}\r", "");
         }
@@ -256,14 +245,15 @@ mod tests {
     }
 
     #[test]
-    fn quiet_and_silent_modes_print_no_steps() {
+    fn quiet_mode_prints_epoch_lines_only() {
         let buf = Shared::default();
         let mut p = Progress::to(Mode::Quiet, Box::new(buf.clone()));
         p.last_write -= LOG_INTERVAL;
         p.step(&step(1, 5));
+        p.step(&step(5, 5));
         assert!(buf.0.lock().unwrap().is_empty());
-        let mut s = Progress::silent();
-        s.step(&step(1, 5));
-        s.line("nothing");
+        p.line("epoch 1/2: loss 1.5");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text, "[0:00:00] epoch 1/2: loss 1.5\n");
     }
 }
