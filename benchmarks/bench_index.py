@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -109,11 +111,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the two sides")
     ap.add_argument("--side", choices=("ours", "faiss"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="/tmp/bench_index", help=argparse.SUPPRESS)
+    # Where a side writes its neighbours (given by the parent).
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         child(args.side, args)
         return
+    with tempfile.TemporaryDirectory(prefix="bench_index-") as work:
+        args.out = str(pathlib.Path(work) / "neighbours")
+        compare(args)
+
+
+def compare(args) -> None:
+    """Runs the two sides alternately and prints their figures and how
+    far their neighbours agree."""
     print(machine.describe())
     shape = f"{args.n} x {args.dim} stored, {args.queries} queries, k = {args.k}"
     print(f"{shape}, {args.threads} threads")
@@ -123,7 +134,7 @@ def main() -> None:
     runs = {"ours": [], "faiss": []}
     for r in range(args.rounds):
         for side in ("ours", "faiss"):
-            cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+            cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:], "--out", args.out]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[side].append(json.loads(out.strip().splitlines()[-1]))
         ratio = runs["faiss"][-1]["search_s"] / runs["ours"][-1]["search_s"]

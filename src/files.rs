@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
@@ -23,9 +24,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let (tmp, mut f) = reserve_temporary(dir, name).map_err(|e| Error::io(dir, e))?;
     let written = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -39,6 +39,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// A new temporary file `.NAME.tmp-PID-N` in `dir`, created here so that no
+/// other writer has it: two threads saving one path, or two processes of
+/// the same pid (containers sharing a volume), each write their own file.
+fn reserve_temporary(dir: &Path, name: &str) -> std::io::Result<(PathBuf, fs::File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The pid of the writer of a temporary file that [`write_atomic`] (or the
+/// Python package's `_files.replaced`) names `.NAME.tmp-PID[-SUFFIX]`.
+pub fn temporary_writer(file_name: &str) -> Option<u32> {
+    let (_, tail) = file_name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    tail.split('-').next()?.parse().ok()
 }
 
 /// Writes named `tensors` and `metadata` to `path` as safetensors,
@@ -139,4 +166,53 @@ fn bytes_of(t: &Tensor) -> Vec<u8> {
     let mut out = vec![0u8; n];
     t.copy_data_u8(&mut out, t.numel());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writers_of_one_path_never_share_a_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("grouploss-atomic-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("shared.bin");
+        // Large enough that the writes overlap in time.
+        let payloads: Vec<Vec<u8>> = (0..4u8)
+            .map(|i| vec![i; (1 << 20) * (i as usize + 1)])
+            .collect();
+        for _ in 0..5 {
+            std::thread::scope(|s| {
+                for p in &payloads {
+                    let path = &path;
+                    s.spawn(move || write_atomic(path, p).unwrap());
+                }
+            });
+            // One writer's bytes, whole.
+            let got = fs::read(&path).unwrap();
+            assert!(
+                payloads.contains(&got),
+                "a mixed file of {} bytes",
+                got.len()
+            );
+            let names: Vec<_> = fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(names, ["shared.bin"]);
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn temporary_names_give_their_writer() {
+        assert_eq!(temporary_writer(".last.safetensors.tmp-123-7"), Some(123));
+        assert_eq!(temporary_writer(".emb.npy.tmp-42-0a1b2c3d"), Some(42));
+        // Written before names had a suffix.
+        assert_eq!(temporary_writer(".metrics.jsonl.tmp-99"), Some(99));
+        assert_eq!(temporary_writer("last.safetensors.tmp-99"), None);
+        assert_eq!(temporary_writer(".notes.txt"), None);
+        assert_eq!(temporary_writer(".a.tmp-x-1"), None);
+    }
 }

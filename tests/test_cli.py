@@ -336,6 +336,30 @@ def test_a_gallery_that_is_neither_split_nor_folder_names_its_option(
     assert loaded == []
 
 
+def test_embed_replaces_embeddings_and_labels_together(small_run, tmp_path, monkeypatch):
+    """A failed write (a full disk while the labels are written) leaves the
+    previous pair as it was, never new embeddings beside old labels."""
+    import numpy as np
+
+    out = tmp_path / "emb.npy"
+    argv = ["embed", str(small_run), "--out", str(out), "--data"]
+    assert cli.main([*argv, "test"]) == 0
+    before = out.read_bytes(), (tmp_path / "emb_labels.npy").read_bytes()
+    save, calls = np.save, []
+
+    def full_disk_at_the_labels(f, values):
+        calls.append(values.shape)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        save(f, values)
+
+    monkeypatch.setattr(np, "save", full_disk_at_the_labels)
+    assert cli.main([*argv, "train"]) == 1
+    assert len(calls) == 2 and calls[0] != np.load(out).shape  # another split
+    assert (out.read_bytes(), (tmp_path / "emb_labels.npy").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb_labels.npy"]
+
+
 def test_embed_takes_the_checkpoint_and_device_like_the_other_commands(
     small_run, tmp_path, monkeypatch
 ):

@@ -541,6 +541,58 @@ def test_a_run_whose_network_cannot_load_leaves_no_configuration(glyphs_root, tm
     assert (out / "config.toml").exists()
 
 
+def test_a_converted_pt_file_goes_with_a_run_that_does_not_start(glyphs_root, tmp_path):
+    """A ``.pt`` state dict is converted into the run folder; a run that
+    then fails to start (weights that do not fit, data not found) removes
+    it, and the folder if it made it: a default folder name does not pile
+    up one folder a try."""
+    torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
+    kw = dict(TINY, epochs=1, max_steps_per_epoch=1, plots=False)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="missing keys"):
+        grouploss.train(
+            "glyphs", data_root=glyphs_root, out_dir=fresh, pretrained=tmp_path / "other.pt", **kw
+        )
+    assert not fresh.exists()
+    with pytest.raises(FileNotFoundError):
+        grouploss.train(
+            "glyphs",
+            data_root=tmp_path / "no-data",
+            out_dir=fresh,
+            pretrained=tmp_path / "other.pt",
+            **kw,
+        )
+    assert not fresh.exists()
+    # A folder that was there stays, with what it held.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="missing keys"):
+        grouploss.train(
+            "glyphs", data_root=glyphs_root, out_dir=kept, pretrained=tmp_path / "other.pt", **kw
+        )
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    # A run that starts keeps its converted weights.
+    torch.save(_trained_backbone(glyphs_root, tmp_path), tmp_path / "convnet.pt")
+    grouploss.train(
+        "glyphs", data_root=glyphs_root, out_dir=fresh, pretrained=tmp_path / "convnet.pt", **kw
+    )
+    assert (fresh / "pretrained.safetensors").exists() and (fresh / "config.toml").exists()
+
+
+def _trained_backbone(glyphs_root, tmp_path) -> dict:
+    """The backbone's state dict of a short glyphs run, under its own names."""
+    run = grouploss.train(
+        "glyphs",
+        data_root=glyphs_root,
+        out_dir=tmp_path / "source",
+        plots=False,
+        **dict(TINY, epochs=1, max_steps_per_epoch=1),
+    )
+    state = grouploss.load_run(run.run_dir, device="cpu").state_dict()
+    return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
 def test_a_torchscript_backbones_tied_weights_step_once(glyphs_root, tmp_path):
     """A module used twice in a scripted backbone lists its weight under two
     names; the optimizer steps it once, as torch.optim over

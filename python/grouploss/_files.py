@@ -5,20 +5,49 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from typing import Iterator, Union
+import secrets
+from typing import Iterator, List, Sequence, Union
+
+PathLike = Union[str, os.PathLike]
 
 
 @contextlib.contextmanager
-def replaced(path: Union[str, os.PathLike]) -> Iterator[pathlib.Path]:
+def replaced(path: PathLike) -> Iterator[pathlib.Path]:
     """A temporary name beside ``path`` (its folder made) to write in the
     block; renamed to ``path`` when the block ends, removed when it raises:
     a reader sees the old file or the new one, never a partial one (a
-    killed process may leave its ``.NAME.tmp-PID`` beside it)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    killed process may leave its ``.NAME.tmp-PID-XXXXXXXX`` beside it)."""
+    with replaced_together([path]) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replaced_together(paths: Sequence[PathLike]) -> Iterator[List[pathlib.Path]]:
+    """:func:`replaced` for files that go together (embeddings and their
+    labels): none is renamed until every one is written, so a failed write
+    leaves the old set whole."""
+    paths = [pathlib.Path(p) for p in paths]
+    tmps: List[pathlib.Path] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(_reserve(path))
+        yield list(tmps)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def _reserve(path: pathlib.Path) -> pathlib.Path:
+    """A temporary name beside ``path`` that no other writer has: created
+    empty here, so two threads, or two processes of the same pid (two
+    containers on one volume), never write into one file."""
+    while True:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp

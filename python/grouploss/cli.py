@@ -33,7 +33,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from . import _native, training
-from ._files import replaced
+from ._files import replaced_together
 
 
 def _existing(text: str) -> pathlib.Path:
@@ -486,9 +486,11 @@ def _embed(args: argparse.Namespace) -> int:
     # np.save adds ".npy" to a name without it; the names printed are those written.
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
     labels_out = out.with_name(out.stem + "_labels.npy")
-    for path, values in ((out, emb), (labels_out, labels)):
-        with replaced(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, values.cpu().numpy())
+    # Both or neither: a failed write leaves the old pair as it was.
+    with replaced_together([out, labels_out]) as tmps:
+        for tmp, values in zip(tmps, (emb, labels)):
+            with open(tmp, "wb") as f:
+                np.save(f, values.cpu().numpy())
     print(f"{tuple(emb.shape)} embeddings -> {out}, labels -> {labels_out}")
     return 0
 

@@ -59,7 +59,7 @@ def save(model: EmbeddingModel, path: PathLike, *, format: str = "torchscript") 
     ``path`` as ``format`` (``"torchscript"`` or ``"safetensors"``),
     through a temporary file renamed at the end: a crash leaves the old
     file or the new one, never a partial one (a killed process may leave
-    its ``.NAME.tmp-PID`` beside it). Returns the path."""
+    its ``.NAME.tmp-PID-XXXXXXXX`` beside it). Returns the path."""
     _check_format(format)
     if not isinstance(model, EmbeddingModel):
         raise TypeError(f"model: expected a grouploss EmbeddingModel, got {type(model).__name__}")

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -90,12 +91,18 @@ def resolve_config(
     return _native.resolve_config(preset, None if config is None else str(config), options)
 
 
-def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
+def _nothing_to_undo() -> None:
+    pass
+
+
+def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> Tuple[dict, Callable[[], None]]:
     """A ``.pt``/``.pth`` state dict is read with ``weights_only=True`` (so it
-    cannot run code) and handed to the Rust core as safetensors."""
+    cannot run code) and handed to the Rust core as safetensors, written
+    into the run folder; with the function that removes it (and the folder,
+    if made for it) should the run not start."""
     path = cfg.get("pretrained")
     if not path or pathlib.Path(path).suffix not in (".pt", ".pth", ".bin"):
-        return cfg
+        return cfg, _nothing_to_undo
     from safetensors.torch import save_file
 
     try:
@@ -113,9 +120,20 @@ def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> dict:
         raise ValueError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     out = run_dir / "pretrained.safetensors"
+    made_dir = not run_dir.exists()
     with replaced(out) as tmp:
         save_file(tensors, str(tmp))
-    return dict(cfg, pretrained=str(out))
+
+    def undo() -> None:
+        # A run that started has claimed the folder (its config.toml).
+        if (run_dir / "config.toml").exists():
+            return
+        out.unlink(missing_ok=True)
+        if made_dir:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+
+    return dict(cfg, pretrained=str(out)), undo
 
 
 def train(
@@ -160,12 +178,13 @@ def train(
     plots = boolean("plots", plots)
     with distributed.process_group() as group:
         if group is None:
-            cfg, run_dir = _prepare(preset, config, resume, options)
-            out = _native.train_run(cfg, str(run_dir))
+            cfg, run_dir, undo = _prepare(preset, config, resume, options)
+            with _undone_on_error(undo):
+                out = _native.train_run(cfg, str(run_dir))
         else:
-            cfg, run_dir = _prepare_on_rank_0(group, preset, config, resume, options)
+            cfg, run_dir, undo = _prepare_on_rank_0(group, preset, config, resume, options)
             device = distributed.rank_device(cfg.get("device", "auto"))
-            with distributed.deferred_keyboard_interrupt():
+            with _undone_on_error(undo), distributed.deferred_keyboard_interrupt():
                 out = _native.train_run(cfg, str(run_dir), group, device)
     result = TrainResult(
         run_dir=pathlib.Path(out["run_dir"]),
@@ -180,8 +199,20 @@ def train(
     return result
 
 
+@contextlib.contextmanager
+def _undone_on_error(undo: Callable[[], None]) -> Iterator[None]:
+    """Runs ``undo`` if the block raises (Ctrl-C included), then re-raises:
+    a run that could not start leaves no folder behind."""
+    try:
+        yield
+    except BaseException:
+        undo()
+        raise
+
+
 def _prepare(preset, config, resume, options) -> tuple:
-    """The configuration and run folder of a new or resumed run."""
+    """The configuration and run folder of a new or resumed run, and what
+    removes the files written for it (see :func:`_convert_pt`)."""
     if resume is not None:
         run_dir = pathlib.Path(resume)
         cfg_path = run_dir / "config.toml"
@@ -203,8 +234,9 @@ def _prepare(preset, config, resume, options) -> tuple:
         cfg = resolve_config(preset, config, **options)
         run_dir = pathlib.Path(cfg.get("out_dir") or _native.default_run_dir(cfg))
         cfg["out_dir"] = str(run_dir)
-        cfg = _convert_pt(cfg, run_dir)
-    return cfg, run_dir
+        cfg, undo = _convert_pt(cfg, run_dir)
+        return cfg, run_dir, undo
+    return cfg, run_dir, _nothing_to_undo
 
 
 def _check_resume_options(run_dir: pathlib.Path, preset, config, options) -> None:
@@ -225,19 +257,20 @@ def _check_resume_options(run_dir: pathlib.Path, preset, config, options) -> Non
 
 def _prepare_on_rank_0(group, preset, config, resume, options) -> tuple:
     """Rank 0's :func:`_prepare`, shared with the other ranks (which may
-    not see the run folder), or its error raised on every rank."""
+    not see the run folder), or its error raised on every rank; the undo
+    is rank 0's alone."""
     if group.rank == 0:
         try:
-            cfg, run_dir = _prepare(preset, config, resume, options)
+            cfg, run_dir, undo = _prepare(preset, config, resume, options)
         except Exception as e:
             distributed.broadcast_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
             raise
         distributed.broadcast_text(json.dumps({"config": cfg, "run_dir": str(run_dir)}))
-        return cfg, run_dir
+        return cfg, run_dir, undo
     got = json.loads(distributed.broadcast_text(None))
     if "error" in got:
         raise distributed.RankZeroFailed(f"rank 0 could not start the run: {got['error']}")
-    return got["config"], pathlib.Path(got["run_dir"])
+    return got["config"], pathlib.Path(got["run_dir"]), _nothing_to_undo
 
 
 def write_plots(run_dir: PathLike, history: list, split: str = "val") -> bool:

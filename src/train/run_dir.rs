@@ -62,7 +62,7 @@ impl RunDir {
         }
     }
 
-    /// Removes the temporary files (`.NAME.tmp-PID`) that a writer killed
+    /// Removes the temporary files (`.NAME.tmp-PID-N`) that a writer killed
     /// mid-write left in the run folder, its checkpoints and its ensemble
     /// members. A file whose writer is still alive (another rank starting)
     /// is left alone.
@@ -80,11 +80,7 @@ impl RunDir {
                     }
                     continue;
                 }
-                let Some(pid) = name
-                    .strip_prefix('.')
-                    .and_then(|n| n.rsplit_once(".tmp-"))
-                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
-                else {
+                let Some(pid) = crate::files::temporary_writer(&name) else {
                     continue;
                 };
                 let alive =
@@ -194,5 +190,35 @@ mod tests {
         assert_eq!(keys, ["1,1,0.5", "1,2,0.5", "2,1,0.5", "2,2,0.25"]);
         assert!(rows[1].ends_with("\t0.2\t0.1"));
         let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stale_temporaries_go_and_live_writers_keep_theirs() {
+        let root = std::env::temp_dir().join(format!("grouploss-stale-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("checkpoints")).unwrap();
+        // No process has pid 4194305 (above Linux's pid_max).
+        let dead = [
+            ".metrics.jsonl.tmp-4194305",
+            "checkpoints/.last.safetensors.tmp-4194305-3",
+        ];
+        let parent = std::os::unix::process::parent_id();
+        let alive = format!(".summary.json.tmp-{parent}-0");
+        let kept = [
+            "config.toml",
+            "checkpoints/best.safetensors",
+            alive.as_str(),
+        ];
+        for name in dead.iter().chain(&kept) {
+            fs::write(root.join(name), b"x").unwrap();
+        }
+        RunDir::new(root.clone()).remove_stale_temporaries();
+        for name in dead {
+            assert!(!root.join(name).exists(), "{name}");
+        }
+        for name in kept {
+            assert!(root.join(name).exists(), "{name}");
+        }
+        let _ = fs::remove_dir_all(root);
     }
 }
