@@ -5,6 +5,7 @@ gradients (the plain DDP loop and the Rust loop), and the run folder of
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -256,22 +257,16 @@ def _history(run_dir: pathlib.Path) -> list:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _trainer_state(path: pathlib.Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["grouploss.trainer_state"])
+TRAIN_2 = [sys.executable, "-m", "grouploss.cli", "train", "--nproc-per-node", "2"]
 
 
-def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
-    glyphs_root, tmp_path
-):
-    out = tmp_path / "cli"
-    train = [sys.executable, "-m", "grouploss.cli", "train", "--nproc-per-node", "2"]
-
-    # Interrupted (Ctrl-C reaches torchrun and both ranks) in epoch 2 or later.
+def _two_ranks_after_an_epoch(root: pathlib.Path, out: pathlib.Path, output) -> subprocess.Popen:
+    """``grouploss train --nproc-per-node 2`` into ``out`` (in its own
+    session), returned once its first epoch is logged."""
     p = subprocess.Popen(
-        train + _cli_options(glyphs_root, out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        TRAIN_2 + _cli_options(root, out),
+        stdout=output,
+        stderr=output,
         text=True,
         env=_env(),
         start_new_session=True,
@@ -282,6 +277,21 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
         if metrics.exists() and metrics.read_text().strip():
             break
         time.sleep(0.05)
+    return p
+
+
+def _trainer_state(path: pathlib.Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["grouploss.trainer_state"])
+
+
+def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
+    glyphs_root, tmp_path
+):
+    out = tmp_path / "cli"
+
+    # Interrupted (Ctrl-C reaches torchrun and both ranks) in epoch 2 or later.
+    p = _two_ranks_after_an_epoch(glyphs_root, out, subprocess.PIPE)
     os.killpg(p.pid, signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode != 0, stderr[-4000:]
@@ -295,7 +305,7 @@ def test_grouploss_train_nproc_per_node_2_resumes_and_averages_like_one_process(
         grouploss.train(resume=out, plots=False)
 
     resumed = subprocess.run(
-        train + ["--resume", str(out), "--quiet"],
+        TRAIN_2 + ["--resume", str(out), "--quiet"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -415,6 +425,53 @@ def _loss_memory_rank(rank: int, world: int, port: int, opts: tuple, out: str) -
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # as in _loss_classifier_rank
+
+
+def _children(pid: int) -> list:
+    kids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_ranks_stop_and_save_when_their_launcher_is_killed(glyphs_root, tmp_path):
+    """``kill -9`` of ``grouploss train --nproc-per-node 2`` (which cannot
+    stop its ranks then): the ranks notice, agree on a step, save ``last``
+    and end, as after Ctrl-C, instead of training on unseen."""
+    out = tmp_path / "run"
+    p = _two_ranks_after_an_epoch(glyphs_root, out, subprocess.DEVNULL)
+    ranks = []
+    try:
+        ranks = _children(p.pid)
+        assert len(ranks) == 2, ranks
+        p.kill()
+        p.wait(timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_running(r) for r in ranks):
+            time.sleep(0.1)
+        assert not any(_running(r) for r in ranks), "the ranks outlived their launcher"
+    finally:
+        for r in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(r, signal.SIGKILL)
+    # They stopped (a few epochs on unseen would have finished the run).
+    assert not (out / "summary.json").exists(), "the ranks trained on without their launcher"
+    state = _trainer_state(out / "checkpoints" / "last.safetensors")
+    assert state["world_size"] == 2 and 1 <= state["epoch"] < RUN["epochs"]
+    assert not list(out.rglob(".*.tmp-*"))
 
 
 @pytest.mark.parametrize("gather, broadcast", [(False, True), (False, False), (True, True)])

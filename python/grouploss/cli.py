@@ -29,7 +29,10 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
+import time
 from typing import List, Optional, Sequence
 
 from . import _native, training
@@ -110,6 +113,8 @@ def _option_parser(parser: argparse.ArgumentParser) -> None:
 
 
 DEBUG_ENV = "GROUPLOSS_DEBUG"
+# The pid of the process that started the ranks of `--nproc-per-node`.
+LAUNCHER_ENV = "GROUPLOSS_LAUNCHER_PID"
 
 
 class UsageError(Exception):
@@ -334,6 +339,23 @@ def _without_nproc(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def _stop_when_orphaned() -> None:
+    """In a rank that ``--nproc-per-node`` started: Ctrl-C to itself once
+    the launcher is gone (killed by SIGKILL, it cannot stop its ranks), so
+    that the ranks agree on a step, save ``last`` and end, instead of
+    training on unseen beside a ``--resume``."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher is None or str(os.getppid()) != launcher:
+        return
+
+    def watch() -> None:
+        while str(os.getppid()) == launcher:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="grouploss-launcher-watch", daemon=True).start()
+
+
 def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
     """Runs ``torchrun --standalone --nproc-per-node N -m grouploss.cli
     ARGS`` in this process and returns the run's exit status. Each rank
@@ -356,6 +378,7 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks inherit it
     try:
         torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as e:
@@ -366,6 +389,8 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
         if debug:
             raise
         return 128 + int(e.sigval)
+    finally:
+        os.environ.pop(LAUNCHER_ENV, None)
     return 0
 
 
@@ -387,6 +412,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:
         raise UsageError(f"--resume: {args.resume} is not a run folder (no config.toml)")
     if args.nproc_per_node is not None and args.nproc_per_node > 1:
         return _launch(args.nproc_per_node, argv, debug)
+    _stop_when_orphaned()
     try:
         result = training.train(args.preset, config=args.config, resume=args.resume, **options)
     except KeyboardInterrupt:
