@@ -24,7 +24,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|f| f.to_str()).unwrap_or("file");
-    let (tmp, mut f) = reserve_temporary(dir, name).map_err(|e| Error::io(dir, e))?;
+    let (tmp, mut f) = reserve_temporary(dir, name).map_err(|e| Error::io(path, e))?;
     let written = (|| -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;

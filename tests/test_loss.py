@@ -4,6 +4,7 @@ reference, on every dtype and device present."""
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import itertools
 import pathlib
@@ -382,6 +383,44 @@ def test_setting_the_seed_restarts_the_anchors_generator(how, constructed_with):
     assert losses(fn) == a
     with pytest.raises(TypeError, match="options: expected a GroupLossOptions"):
         fn.options = {"seed": 5}
+
+
+def test_assigning_the_seed_always_restarts_the_generator():
+    """Even the seed it has, and after a state dict brought another
+    generator's state."""
+    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
+
+    def losses(fn):
+        return [fn(emb, labels, logits).item() for _ in range(3)]
+
+    fresh = losses(GroupLoss(9, anchors="random", seed=5))
+    fn = GroupLoss(9, anchors="random", seed=5)
+    assert losses(fn) == fresh
+    fn.seed = 5
+    assert losses(fn) == fresh
+    other = GroupLoss(9, anchors="random", seed=8)
+    losses(other)
+    fn.load_state_dict(other.state_dict())
+    fn.seed = 5
+    assert losses(fn) == fresh
+    fn.load_state_dict(other.state_dict())
+    fn.seed = None
+    assert fn.anchor_generator_state.numel() == 0
+    torch.manual_seed(0)
+    a = losses(fn)
+    torch.manual_seed(0)
+    assert losses(fn) == a
+
+
+def test_a_module_pickled_before_options_was_a_property_loads():
+    fn = GroupLoss(9, anchors="random", seed=5, temperature=7.0)
+    state = copy.deepcopy(fn.__getstate__())
+    state["options"] = state.pop("_options")  # as 0.x pickled it
+    old = GroupLoss.__new__(GroupLoss)
+    old.__setstate__(state)
+    assert old.options == fn.options and old.temperature == 7.0
+    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
+    assert old(emb, labels, logits).item() == fn(emb, labels, logits).item()
 
 
 def test_refine_matches_the_loss_probabilities():
@@ -1269,11 +1308,15 @@ def test_negative_seeds_are_named():
         F.anchor_mask(torch.tensor([0, 0, 1]), 1, "random", seed=-3)
 
 
-def test_return_details_is_named():
+def test_return_details_is_named_before_anything_changes():
     emb, labels, logits = pk_batch(3, 4, m=6, d=5, seed=1)
-    for call in (F.group_loss, GroupLoss(6)):
+    module = GroupLoss(6, anchors="random", seed=3, gtg_warmup_steps=5)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for call in (F.group_loss, module):
         with pytest.raises(ValueError, match=r"^return_details: expected True or False, got 1"):
             call(emb, labels, logits, return_details=1)
+    # Neither a step counted nor anchors drawn.
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
 
 
 def test_refine_names_w_as_its_parameter():

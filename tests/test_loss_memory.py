@@ -191,6 +191,12 @@ def test_the_memory_keeps_the_modules_dtype():
     loss_fn.classifier.double()
     loss_fn(emb, labels)
     assert loss_fn.memory_embeddings.dtype == torch.float32
+    # A float64 state dict loads into the float32 module in float32.
+    wide = GroupLoss(8, embedding_size=4, memory_size=10).double()
+    wide(emb, labels)
+    loss_fn.load_state_dict(wide.state_dict())
+    assert loss_fn.memory_embeddings.dtype == torch.float32
+    torch.testing.assert_close(loss_fn.memory_embeddings, emb.float()[-10:])
 
 
 def test_the_memory_is_in_the_state_dict_and_a_resumed_module_continues_alike():

@@ -34,7 +34,8 @@ FIGURES = {
     "03_reproduce_paper.ipynb": 0,
     "04_search.ipynb": 1,
 }
-# The folders each notebook leaves in the temporary folder: 02 and 04 keep their
+# The folders each notebook leaves in the temporary folder (all of them
+# named grouploss-*): 02 and 04 keep their
 # run folder for the reader to open; 03 removes its fixtures and smoke runs
 # (160 MB a run).
 LEFT_IN_TMP = {

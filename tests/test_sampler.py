@@ -179,6 +179,23 @@ def test_a_copy_plans_as_the_original_at_its_epoch(how):
     assert not np.array_equal(other.plan(), t.plan())
 
 
+class _Tagged(ClassBalancedBatchSampler):
+    """A subclass with its own signature and attribute."""
+
+    def __init__(self, tag, labels):
+        super().__init__(labels, 2, 2, seed=4)
+        self.tag = tag
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_subclass_copies_with_its_own_attributes(how):
+    s = _Tagged("mine", np.arange(40) % 5)
+    s.set_epoch(2)
+    t = copy.deepcopy(s) if how == "deepcopy" else pickle.loads(pickle.dumps(s))
+    assert type(t) is _Tagged and t.tag == "mine" and t.epoch == 2
+    assert np.array_equal(t.plan(), s.plan())
+
+
 def test_works_as_a_dataloader_batch_sampler():
     labels = torch.from_numpy(labels_of([10, 10, 10, 10, 10]))
     ds = TensorDataset(torch.arange(len(labels)), labels)

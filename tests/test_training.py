@@ -563,7 +563,17 @@ def test_a_converted_pt_file_goes_with_a_run_that_does_not_start(glyphs_root, tm
             **kw,
         )
     assert not fresh.exists()
-    # A folder that was there stays, with what it held.
+    # Folders made for it go too; a folder that was there stays, with what
+    # it held.
+    with pytest.raises(ValueError, match="missing keys"):
+        grouploss.train(
+            "glyphs",
+            data_root=glyphs_root,
+            out_dir=tmp_path / "runs" / "a" / "b",
+            pretrained=tmp_path / "other.pt",
+            **kw,
+        )
+    assert not (tmp_path / "runs").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
@@ -574,10 +584,26 @@ def test_a_converted_pt_file_goes_with_a_run_that_does_not_start(glyphs_root, tm
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
     # A run that starts keeps its converted weights.
     torch.save(_trained_backbone(glyphs_root, tmp_path), tmp_path / "convnet.pt")
-    grouploss.train(
-        "glyphs", data_root=glyphs_root, out_dir=fresh, pretrained=tmp_path / "convnet.pt", **kw
-    )
+    run = dict(kw, data_root=glyphs_root, out_dir=fresh)
+    grouploss.train("glyphs", pretrained=tmp_path / "convnet.pt", **run)
     assert (fresh / "pretrained.safetensors").exists() and (fresh / "config.toml").exists()
+    weights = (fresh / "pretrained.safetensors").read_bytes()
+    # Other weights into that run folder are refused; its own file is kept,
+    # and the run goes on with the same ones.
+    with pytest.raises(ValueError, match=r"^pretrained: .*exists with other weights"):
+        grouploss.train("glyphs", pretrained=tmp_path / "other.pt", **run)
+    assert (fresh / "pretrained.safetensors").read_bytes() == weights
+    grouploss.train("glyphs", pretrained=tmp_path / "convnet.pt", **run)
+    grouploss.train(resume=fresh, plots=False)
+    # A file of the user's under that name is not replaced either.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "pretrained.safetensors").write_bytes(weights)
+    with pytest.raises(ValueError, match="exists with other weights"):
+        grouploss.train(
+            "glyphs", data_root=glyphs_root, out_dir=theirs, pretrained=tmp_path / "other.pt", **kw
+        )
+    assert (theirs / "pretrained.safetensors").read_bytes() == weights
 
 
 def _trained_backbone(glyphs_root, tmp_path) -> dict:

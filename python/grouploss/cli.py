@@ -378,6 +378,7 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
     sys.stderr.flush()
+    outer = os.environ.get(LAUNCHER_ENV)
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the ranks inherit it
     try:
         torchrun.run(torchrun.parse_args(args))
@@ -390,7 +391,10 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
             raise
         return 128 + int(e.sigval)
     finally:
-        os.environ.pop(LAUNCHER_ENV, None)
+        if outer is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+        else:
+            os.environ[LAUNCHER_ENV] = outer
     return 0
 
 

@@ -81,12 +81,13 @@ def _backward(ctx, grad_loss):
     they are constants of the inputs, so differentiating them again must
     raise (``once_differentiable`` would not: the seed does not require
     grad), not come out as 0."""
+    if not torch.is_grad_enabled():  # the usual backward
+        return (*_seeded(grad_loss, *ctx.saved_tensors), None, None)
     with torch.no_grad():
         g_emb, g_logits = _seeded(grad_loss, *ctx.saved_tensors)
-    if torch.is_grad_enabled():
-        g_emb, g_logits = torch._C._functions.DelayedError(_TWICE, 2)(
-            g_emb.detach().requires_grad_(), g_logits.detach().requires_grad_()
-        )
+    g_emb, g_logits = torch._C._functions.DelayedError(_TWICE, 2)(
+        g_emb.detach().requires_grad_(), g_logits.detach().requires_grad_()
+    )
     return g_emb, g_logits, None, None
 
 

@@ -308,8 +308,9 @@ class GroupLoss(nn.Module):
     @property
     def options(self) -> F.GroupLossOptions:
         """The loss's :class:`~grouploss.functional.GroupLossOptions`
-        (settable, as each of its options is: a new ``seed`` starts the
-        anchors' generator again from it)."""
+        (settable, as each of its options is: options with another ``seed``
+        start the anchors' generator again from it, as assigning
+        :attr:`seed` always does)."""
         return self._options
 
     @options.setter
@@ -319,11 +320,31 @@ class GroupLoss(nn.Module):
         old = self.__dict__.get("_options")
         self._options = value
         if old is None or old.seed != value.seed:
-            self._generator: Optional[torch.Generator] = None
-            if value.seed is not None:
-                self._generator = torch.Generator().manual_seed(int(value.seed))
-            if "anchor_generator_state" in self._buffers:
-                self.anchor_generator_state = self._generator_state()
+            self._reseed()
+
+    @property
+    def seed(self) -> Optional[int]:
+        """The option ``seed`` of :attr:`options`; assigning it starts the
+        anchors' generator again from it (None: torch's global generator)."""
+        return self._options.seed
+
+    @seed.setter
+    def seed(self, value: Optional[int]) -> None:
+        self._options = self._options.replace(seed=value)
+        self._reseed()
+
+    def _reseed(self) -> None:
+        self._generator: Optional[torch.Generator] = None
+        if self._options.seed is not None:
+            self._generator = torch.Generator().manual_seed(int(self._options.seed))
+        if "anchor_generator_state" in self._buffers:
+            self.anchor_generator_state = self._generator_state()
+
+    def __setstate__(self, state: dict) -> None:
+        if "options" in state:  # pickled before options was a property
+            state = dict(state)
+            state["_options"] = state.pop("options")
+        super().__setstate__(state)
 
     def _generator_state(self) -> torch.Tensor:
         if self._generator is None:
@@ -345,9 +366,9 @@ class GroupLoss(nn.Module):
             self.anchor_generator_state = torch.empty_like(state_dict[key], device="cpu")
         for name in _MEMORY_BUFFERS[:2]:  # embeddings and labels
             saved = state_dict.get(prefix + name)
-            if saved is not None:  # takes the saved memory's size
+            if saved is not None:  # takes the saved memory's size, in the module's dtype
                 mine = getattr(self, name)
-                setattr(self, name, mine.new_empty(saved.shape, dtype=saved.dtype))
+                setattr(self, name, mine.new_empty(saved.shape))
         for old in ("num_steps", "anchor_generator_state", *_MEMORY_BUFFERS):
             if prefix + old not in state_dict:
                 # State dicts of 0.x (no step count without a schedule, no
@@ -447,9 +468,11 @@ class GroupLoss(nn.Module):
                 (loss, nll, ce, refined probabilities) instead of the loss.
         """
         if not self.gather_ranks:
+            return_details = boolean("return_details", return_details)
             embeddings, logits = self._prepared(embeddings, logits)
         else:
             try:
+                return_details = boolean("return_details", return_details)
                 embeddings, logits = self._prepared(embeddings, logits)
                 embeddings = F._require_tensor("embeddings", embeddings)
                 labels = F._require_tensor("labels", labels)
@@ -561,7 +584,8 @@ def _option_property(name: str) -> property:
 
 
 for _name in F.GroupLossOptions.NAMES:
-    setattr(GroupLoss, _name, _option_property(_name))
+    if _name != "seed":  # its own property: assigning it reseeds
+        setattr(GroupLoss, _name, _option_property(_name))
 GroupLoss.__init__ = F.with_option_parameters(GroupLoss.__init__)
 
 

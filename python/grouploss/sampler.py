@@ -97,21 +97,25 @@ class ClassBalancedBatchSampler(Sampler[List[int]]):
         )
 
     def __getstate__(self) -> dict:
-        # What rebuilds the sampler (pickle, copy.deepcopy), at its epoch.
-        return {
+        # What rebuilds the sampler (pickle, copy.deepcopy) at its epoch,
+        # with a subclass's own attributes.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_native", "_labels")}
+        state["_plan_arguments"] = {
             "labels": self._labels,
             "classes_per_batch": self.classes_per_batch,
             "samples_per_class": self.samples_per_class,
             "seed": self._native.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
-            "epoch": self.epoch,
         }
+        state["_epoch"] = self.epoch
+        return state
 
     def __setstate__(self, state: dict) -> None:
-        epoch = state.pop("epoch")
-        self.__init__(**state)
-        self.set_epoch(epoch)
+        state = dict(state)
+        ClassBalancedBatchSampler.__init__(self, **state.pop("_plan_arguments"))
+        self.set_epoch(state.pop("_epoch"))
+        self.__dict__.update(state)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose plan the next iteration yields."""

@@ -98,13 +98,49 @@ def _nothing_to_undo() -> None:
 def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> Tuple[dict, Callable[[], None]]:
     """A ``.pt``/``.pth`` state dict is read with ``weights_only=True`` (so it
     cannot run code) and handed to the Rust core as safetensors, written
-    into the run folder; with the function that removes it (and the folder,
-    if made for it) should the run not start."""
+    into the run folder as ``pretrained.safetensors``; with the function
+    that removes it (and the folders made for it) should the run not
+    start. A ``pretrained.safetensors`` already there with other weights
+    (another run's, a file of the user's) is refused, never replaced."""
     path = cfg.get("pretrained")
     if not path or pathlib.Path(path).suffix not in (".pt", ".pth", ".bin"):
         return cfg, _nothing_to_undo
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
+    tensors = _read_state_dict(path)
+    out = run_dir / "pretrained.safetensors"
+    cfg = dict(cfg, pretrained=str(out))
+    if out.exists():
+        old = load_file(str(out))
+        if old.keys() == tensors.keys() and all(torch.equal(old[k], tensors[k]) for k in old):
+            return cfg, _nothing_to_undo
+        raise ValueError(
+            f"pretrained: {out} exists with other weights than {path}'s (another run's, or "
+            "a file put there); give another out_dir"
+        )
+    had_config = (run_dir / "config.toml").exists()
+    made = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
+    with replaced(out) as tmp:
+        save_file(tensors, str(tmp))
+
+    def undo() -> None:
+        if not had_config and (run_dir / "config.toml").exists():
+            return  # the run started: it claimed the folder
+        out.unlink(missing_ok=True)
+        folder = run_dir
+        while made is not None and folder != made.parent:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: kept
+                return
+            folder = folder.parent
+
+    return cfg, undo
+
+
+def _read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.pt`` state dict (or of its ``"state_dict"``),
+    loaded with ``weights_only=True``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:  # missing, a folder, unreadable: said as such
@@ -118,22 +154,7 @@ def _convert_pt(cfg: dict, run_dir: pathlib.Path) -> Tuple[dict, Callable[[], No
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
-    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    out = run_dir / "pretrained.safetensors"
-    made_dir = not run_dir.exists()
-    with replaced(out) as tmp:
-        save_file(tensors, str(tmp))
-
-    def undo() -> None:
-        # A run that started has claimed the folder (its config.toml).
-        if (run_dir / "config.toml").exists():
-            return
-        out.unlink(missing_ok=True)
-        if made_dir:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-
-    return dict(cfg, pretrained=str(out)), undo
+    return {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def train(
