@@ -350,17 +350,27 @@ def test_module_random_anchors_repeat_with_the_same_seed():
     assert a.item() == b.item()
 
 
+def _draws(fn) -> list:
+    """Four losses of one batch with random anchors: the anchors drawn."""
+    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
+    return [fn(emb, labels, logits).item() for _ in range(4)]
+
+
+def _assert_draws_from_the_global_generator(fn) -> None:
+    assert fn.anchor_generator_state.numel() == 0
+    torch.manual_seed(0)
+    first = _draws(fn)
+    torch.manual_seed(0)
+    assert _draws(fn) == first
+
+
 @pytest.mark.parametrize("how", ["seed", "options"])
 @pytest.mark.parametrize("constructed_with", [1, None])
 def test_setting_the_seed_restarts_the_anchors_generator(how, constructed_with):
     """``loss_fn.seed = s`` (or new options with that seed) draws what a
     module constructed with ``seed=s`` draws, state buffer included; back to
     None, the global generator draws again."""
-    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
-
-    def losses(fn):
-        return [fn(emb, labels, logits).item() for _ in range(4)]
-
+    losses = _draws
     want = GroupLoss(9, anchors="random", seed=5)
     fn = GroupLoss(9, anchors="random", seed=constructed_with)
     losses(fn)
@@ -376,11 +386,7 @@ def test_setting_the_seed_restarts_the_anchors_generator(how, constructed_with):
     fn.temperature = want.temperature = 20.0
     assert losses(fn) == losses(want)
     fn.seed = None
-    assert fn.anchor_generator_state.numel() == 0
-    torch.manual_seed(0)
-    a = losses(fn)
-    torch.manual_seed(0)
-    assert losses(fn) == a
+    _assert_draws_from_the_global_generator(fn)
     with pytest.raises(TypeError, match="options: expected a GroupLossOptions"):
         fn.options = {"seed": 5}
 
@@ -388,11 +394,7 @@ def test_setting_the_seed_restarts_the_anchors_generator(how, constructed_with):
 def test_assigning_the_seed_always_restarts_the_generator():
     """Even the seed it has, and after a state dict brought another
     generator's state."""
-    emb, labels, logits = pk_batch(4, 6, m=9, d=10, seed=13)
-
-    def losses(fn):
-        return [fn(emb, labels, logits).item() for _ in range(3)]
-
+    losses = _draws
     fresh = losses(GroupLoss(9, anchors="random", seed=5))
     fn = GroupLoss(9, anchors="random", seed=5)
     assert losses(fn) == fresh
@@ -405,11 +407,7 @@ def test_assigning_the_seed_always_restarts_the_generator():
     assert losses(fn) == fresh
     fn.load_state_dict(other.state_dict())
     fn.seed = None
-    assert fn.anchor_generator_state.numel() == 0
-    torch.manual_seed(0)
-    a = losses(fn)
-    torch.manual_seed(0)
-    assert losses(fn) == a
+    _assert_draws_from_the_global_generator(fn)
 
 
 def test_a_module_pickled_before_options_was_a_property_loads():
