@@ -380,7 +380,7 @@ def test_embed_takes_the_checkpoint_and_device_like_the_other_commands(
     out = tmp_path / "emb.npy"
     argv = ["embed", str(small_run), "--data", "test", "--out", str(out)]
     assert cli.main([*argv, "--checkpoint", "last", "--device", "cpu"]) == 0
-    assert asked == [{"checkpoint": "last", "device": "cpu"}]
+    assert asked == [{"checkpoint": "last", "device": "cpu", "trust_torchscript": False}]
     emb, labels = load_run(small_run, checkpoint="last", device="cpu").embed_split("test")
     np.testing.assert_array_equal(np.load(out), emb.numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "emb_labels.npy"), labels.numpy())

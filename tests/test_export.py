@@ -184,7 +184,7 @@ def test_a_torchscript_backbone_keeps_its_batchnorm_statistics(runs, tmp_path):
     mean = weights["model.backbone.1.running_mean"]
     assert mean.abs().max().item() > 1e-3, "the statistics moved off their initial zeros"
     assert "model.backbone.0.weight" in weights and "model.backbone.1.running_var" in weights
-    model = grouploss.load_run(run_dir, device="cpu")
+    model = grouploss.load_run(run_dir, device="cpu", trust_torchscript=True)
     emb, labels = model.embed_split("test")
     evaluated = json.loads((run_dir / "summary.json").read_text())["test"]
     again = grouploss.metrics.evaluate(emb, labels)
@@ -198,6 +198,25 @@ def test_a_torchscript_backbone_keeps_its_batchnorm_statistics(runs, tmp_path):
     scripted = torch.jit.load(str(model.export(tmp_path / "m.pt", format="torchscript")))
     with torch.no_grad():
         assert (scripted(images) - torch.as_tensor(emb)).abs().max().item() <= TOL
+
+
+def test_a_run_on_a_torchscript_backbone_loads_only_when_trusted(runs):
+    """Its backbone is a program that runs as the run loads: a run folder
+    from elsewhere must not run code by being opened, from Python or from
+    any command that loads a run."""
+    run_dir = runs("torchscript")
+    with pytest.raises(ValueError, match=r"^trust_torchscript: the backbone of the run in "):
+        grouploss.load_run(run_dir)
+    with pytest.raises(ValueError, match="^trust_torchscript"):
+        grouploss.report(run_dir)
+    export = ["export", str(run_dir), "--format", "safetensors", "--out", "x.safetensors"]
+    for command in (["evaluate", str(run_dir)], export):
+        refused = _cli(*command)
+        assert refused.returncode == 1 and "--trust-torchscript" in refused.stderr, refused.stderr
+    trusted = _cli("evaluate", str(run_dir), "--trust-torchscript", "--device", "cpu")
+    assert trusted.returncode == 0, trusted.stderr
+    # The other backbones are weights alone.
+    grouploss.load_run(runs("convnet"))
 
 
 def test_to_torch_trains_on_in_a_plain_loop(runs):
@@ -313,11 +332,16 @@ def test_load_names_a_file_of_another_format(runs, tmp_path):
         export.load(st, format="torchscript")
     with pytest.raises(ValueError, match=r"^path: .* is a folder; expected a TorchScript file"):
         export.load(tmp_path, format="torchscript")
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(st), "pt") as f:
+        description = json.loads(f.metadata()["grouploss"])
+    description["input"]["channels"] = 3_000_000  # would build a 3-million-channel convolution
     for metadata, message in [
         ("{", "a damaged model description"),
         ("{}", "a model that does not rebuild"),
+        (json.dumps(description), r"a model that does not rebuild .*expected 1 or 3 input"),
     ]:
         save_file(load_file(str(st)), str(tmp_path / "bad.safetensors"), {"grouploss": metadata})
         with pytest.raises(ValueError, match=rf"^path: .*bad\.safetensors holds {message}"):

@@ -95,6 +95,11 @@ def test_options_are_one_vocabulary(glyphs_root, tmp_path):
         training.resolve_config(epoch=3)
     with pytest.raises(ValueError, match="^temperature: expected a finite number > 0"):
         training.resolve_config(temperature=0.0)
+    # Sides whose square would pass the decoders' pixel limit (and abort on
+    # allocation) are named.
+    for name in ("image_size", "resize_size", "pad_jitter"):
+        with pytest.raises(ValueError, match=f"^{name}: expected at most 16384, got 1000000"):
+            training.resolve_config(**{name: 1_000_000})
     with pytest.raises(ValueError, match="^preset"):
         training.resolve_config("imagenet")
 

@@ -186,10 +186,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _model_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    """Which of a run's models (``--checkpoint``), and where it runs."""
+    """Which of a run's models (``--checkpoint``), where it runs, and
+    whether a TorchScript backbone may load."""
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
     if device:
         parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="load a run on a torchscript: backbone (a program, which runs as it loads)",
+    )
 
 
 def _evaluate_parser(sub) -> argparse.ArgumentParser:
@@ -437,7 +443,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str], debug: bool) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    model = _load_run(args, args.run_dir)
     metrics = model.evaluate(args.split)
     _print_metrics(f"{args.split} metrics of {args.run_dir}:", metrics)
     print(json.dumps(metrics))
@@ -511,7 +517,7 @@ def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     data = _check_gallery(args.data, "--data")
-    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    model = _load_run(args, args.run_dir)
     emb, labels, _ = _gallery(model, data)
     # np.save adds ".npy" to a name without it; the names printed are those written.
     out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
@@ -526,7 +532,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device="cpu")
+    model = _load_run(args, args.run_dir, device="cpu")
     path = model.export(args.out, format=args.format)
     print(f"{args.format} model of {args.run_dir} -> {path}")
     return 0
@@ -534,7 +540,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     data = _check_gallery(args.data, "--data")
-    model = training.load_run(args.run_dir, checkpoint=args.checkpoint, device=args.device)
+    model = _load_run(args, args.run_dir)
     index, _ = _gallery_index(model, data, dtype=args.dtype)
     index.save(args.out)
     print(f"{len(index)} embeddings of {args.data} ({args.dtype}) -> {args.out}")
@@ -549,14 +555,14 @@ def _search(args: argparse.Namespace) -> int:
         if args.run is not None:
             raise UsageError("--run: only with an index file (RUN_DIR embeds the queries)")
         data = _check_gallery(args.gallery or "test", "--gallery")
-        model = training.load_run(args.source, checkpoint=args.checkpoint, device=args.device)
+        model = _load_run(args, args.source)
         index, gallery = _gallery_index(model, data)
     else:
         if args.run is None:
             raise UsageError("--run: needed with an index file, to embed the queries")
         if args.gallery is not None:
             raise UsageError("--gallery: only with a run folder (the index is the gallery)")
-        model = training.load_run(args.run, checkpoint=args.checkpoint, device=args.device)
+        model = _load_run(args, args.run)
         index, gallery = Index.load(args.source), None
         made_by = index.info.get(WEIGHTS_KEY)
         if made_by is not None and made_by != _weights_sha256(model):
@@ -600,7 +606,7 @@ def _report(args: argparse.Namespace) -> int:
     from .report import report
 
     names = ("out", "split", "checkpoint", "device", "data_root", "max_points", "queries", "k")
-    print(report(args.run_dir, **_pick(args, *names, "seed")))
+    print(report(args.run_dir, **_pick(args, *names, "seed", "trust_torchscript")))
     return 0
 
 
@@ -610,6 +616,17 @@ def _datasets(args: argparse.Namespace) -> int:
     names = ("fonts", "seed", "max_train", "max_test", "force")
     build_glyphs(args.root, **_pick(args, *names), progress=not args.quiet)
     return 0
+
+
+def _load_run(args: argparse.Namespace, run_dir, device: Optional[str] = None):
+    """The run's model as ``--checkpoint``, ``--device`` (or ``device``)
+    and ``--trust-torchscript`` say."""
+    return training.load_run(
+        run_dir,
+        checkpoint=args.checkpoint,
+        device=device or args.device,
+        trust_torchscript=args.trust_torchscript,
+    )
 
 
 def _pick(args: argparse.Namespace, *names: str) -> dict:

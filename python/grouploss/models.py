@@ -459,18 +459,23 @@ def embedding_model(description: Dict[str, Any], state_dict: Dict[str, torch.Ten
     Every weight of the network must be there, and every key must be used."""
     spec = description["input"]
     name = str(description["backbone"])
-    backbone = _backbone(name, int(spec["channels"]), float(description["bn_momentum"]))
+    normalization = InputNormalization(
+        spec["mean"], spec["std"], scale=spec["scale"], source_channels=spec["source_channels"]
+    )
+    # Checked before anything is built from it (a file's metadata says it).
+    channels = spec["channels"]
+    if channels not in (1, 3) or channels != normalization.channels:
+        raise ValueError(
+            f"description: expected 1 or 3 input channels, one per mean "
+            f"({normalization.channels}), got {channels!r}"
+        )
+    backbone = _backbone(name, channels, float(description["bn_momentum"]))
     w = state_dict.get("embed.weight")
     embed = nn.Identity() if w is None else nn.Linear(w.shape[1], w.shape[0])
     model = EmbeddingModel(
         backbone,
         embed,
-        InputNormalization(
-            spec["mean"],
-            spec["std"],
-            scale=spec["scale"],
-            source_channels=spec["source_channels"],
-        ),
+        normalization,
         backbone_channels=_BACKBONE_CHANNELS.get(name, 0),
         normalize_embeddings=bool(description["normalize_embeddings"]),
         input_size=int(spec["size"]),

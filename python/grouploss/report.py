@@ -313,6 +313,8 @@ class RunInspection:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         data_root: the dataset's files, if they moved since the run.
         k: neighbours per query in the galleries.
+        trust_torchscript: load a run on a TorchScript backbone (see
+            :func:`grouploss.load_run`).
 
     Example::
 
@@ -331,13 +333,16 @@ class RunInspection:
         device: str = "auto",
         data_root: Optional[PathLike] = None,
         k: int = 8,
+        trust_torchscript: bool = False,
     ) -> None:
         _extras.require("report")
         self.run_dir = pathlib.Path(run_dir)
         self.split = split
         self.checkpoint = checkpoint
         self.data_root = data_root
-        self.model = load_run(self.run_dir, checkpoint=checkpoint, device=device)
+        self.model = load_run(
+            self.run_dir, checkpoint=checkpoint, device=device, trust_torchscript=trust_torchscript
+        )
         self.config: dict = self.model.config
         self.dataset = run_dataset(self.config, split, root=data_root)
         emb, labels = self.model.embed_dataset(self.dataset)
@@ -700,6 +705,7 @@ def report(
     queries: int = 8,
     k: int = 8,
     seed: int = 0,
+    trust_torchscript: bool = False,
 ) -> pathlib.Path:
     """Writes an HTML report of a run and returns its path.
 
@@ -722,6 +728,8 @@ def report(
             (at most 100: each is a row of thumbnails).
         k: neighbours shown per query (at most 100).
         seed: the random queries, the t-SNE subset and the batch.
+        trust_torchscript: load a run on a TorchScript backbone (a program
+            that runs as it loads; see :func:`grouploss.load_run`).
     """
     _extras.require("report")
     for name, value in (("queries", queries), ("k", k)):
@@ -732,7 +740,13 @@ def report(
     integer("max_points", max_points, 3)
     integer("seed", seed, 0, plots.TSNE_SEED_MAX)
     run = RunInspection(
-        run_dir, split=split, checkpoint=checkpoint, device=device, data_root=data_root, k=k
+        run_dir,
+        split=split,
+        checkpoint=checkpoint,
+        device=device,
+        data_root=data_root,
+        k=k,
+        trust_torchscript=trust_torchscript,
     )
     page = _build(run, max_points=max_points, queries=queries, seed=seed)
     out = pathlib.Path(out) if out is not None else run.run_dir / "report.html"

@@ -319,8 +319,17 @@ def write_plots(run_dir: PathLike, history: list, split: str = "val") -> bool:
 class RunModel:
     """A trained model loaded from its run folder (see :func:`load_run`)."""
 
-    def __init__(self, run_dir: PathLike, checkpoint: str = "best", device: str = "auto"):
+    def __init__(
+        self,
+        run_dir: PathLike,
+        checkpoint: str = "best",
+        device: str = "auto",
+        *,
+        trust_torchscript: bool = False,
+    ):
         self.run_dir = pathlib.Path(run_dir)
+        if not boolean("trust_torchscript", trust_torchscript):
+            _refuse_torchscript(self.run_dir)
         self._native = _native.RunModel(str(self.run_dir), checkpoint, device)
         self.config: dict = self._native.config
         #: The Group Loss's options the run trained with (before its warm-up).
@@ -448,6 +457,33 @@ class RunModel:
         return export.save(self.to_torch(), path, format=format)
 
 
-def load_run(run_dir: PathLike, *, checkpoint: str = "best", device: str = "auto") -> RunModel:
-    """The model of a finished (or interrupted: ``checkpoint="last"``) run."""
-    return RunModel(run_dir, checkpoint, device)
+def load_run(
+    run_dir: PathLike,
+    *,
+    checkpoint: str = "best",
+    device: str = "auto",
+    trust_torchscript: bool = False,
+) -> RunModel:
+    """The model of a finished (or interrupted: ``checkpoint="last"``) run.
+
+    A run on a ``torchscript:PATH`` backbone names a program, which runs
+    as the run loads: such a run is refused unless ``trust_torchscript=True``
+    (``--trust-torchscript`` on the command line), so that a run folder
+    from elsewhere cannot run code by being opened. The other backbones
+    are built from weights alone (safetensors)."""
+    return RunModel(run_dir, checkpoint, device, trust_torchscript=trust_torchscript)
+
+
+def _refuse_torchscript(run_dir: pathlib.Path) -> None:
+    """A ValueError if the run's configuration names a TorchScript
+    backbone (a run folder without one is left to the loader to name)."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return
+    backbone = _native.resolve_config(None, str(path), {})["backbone"]
+    if backbone.startswith("torchscript:"):
+        raise ValueError(
+            f"trust_torchscript: the backbone of the run in {run_dir} is a TorchScript "
+            f"program ({backbone}), which runs when the run loads; pass "
+            "trust_torchscript=True (--trust-torchscript) if you trust it"
+        )

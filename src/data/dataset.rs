@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::decode;
 use super::image::Image;
+use super::paths::read_regular_file;
 use super::transform::{Transform, Workspace};
 use crate::error::{ensure, Error, Result};
 use crate::rng::Rng;
@@ -269,6 +270,10 @@ impl Listing {
     }
 }
 
+/// Largest image file read: 1 GiB, the size of the largest image decoded
+/// (`jpeg::MAX_PIXELS` pixels of 4 bytes), far above any real JPEG or PNG.
+const MAX_IMAGE_FILE: u64 = 1 << 30;
+
 /// One split of a dataset.
 #[derive(Debug)]
 pub struct Dataset {
@@ -365,9 +370,12 @@ impl Dataset {
         })
     }
 
-    /// The file of sample `index`, read whole.
+    /// The file of sample `index`, read whole: a regular file (symbolic
+    /// links followed) of at most [`MAX_IMAGE_FILE`] bytes, else an I/O
+    /// error naming it (a device such as `/dev/zero` never ends, a FIFO
+    /// blocks for ever), which `on_error` treats as any unreadable file.
     fn read_file(&self, index: usize, path: &Path) -> Result<Vec<u8>> {
-        std::fs::read(path).map_err(|e| Error::io(self.describe(index), e))
+        read_regular_file(path, MAX_IMAGE_FILE).map_err(|e| Error::io(self.describe(index), e))
     }
 
     /// Sample `index` decoded: 8-bit grey or RGB, as stored.
@@ -426,4 +434,73 @@ fn dense_classes(records: &[Record], class_names: &[String]) -> (Vec<String>, Ve
     let classes = seen.iter().map(|&c| class_names[c].clone()).collect();
     let labels = records.iter().map(|r| present[r.class] as i64).collect();
     (classes, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testing::{temp_dir, write_jpeg};
+
+    /// A dataset of `files`, in one class.
+    fn files(paths: &[PathBuf]) -> Dataset {
+        let mut listing = Listing::new("test", Path::new("/"), "line");
+        listing.class_names.push("c".into());
+        for p in paths {
+            listing.records.push(Record {
+                item: Item::File(p.clone()),
+                class: 0,
+                part: Part::Train,
+                source: 0,
+                line: 0,
+                query: true,
+                gallery: true,
+            });
+        }
+        let options = DatasetOptions {
+            split: Split::All,
+            ..DatasetOptions::default()
+        };
+        listing.select(&options).unwrap()
+    }
+
+    #[test]
+    fn refuses_devices_fifos_and_huge_files_by_name() {
+        let dir = temp_dir("dataset-special-files");
+        let good = dir.join("good.jpg");
+        write_jpeg(&good, 1, 8, 8);
+        let zero = dir.join("zero.jpg");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let fifo = dir.join("fifo.jpg");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        // A sparse file one byte over the limit (nothing is written).
+        let huge = dir.join("huge.png");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_IMAGE_FILE + 1)
+            .unwrap();
+        let ds = files(&[good, zero.clone(), fifo.clone(), huge.clone()]);
+        assert_eq!(ds.load(0).unwrap().width, 8);
+        let t =
+            Transform::resize_center_crop(8, 8, crate::data::Normalization::Imagenet, 3).unwrap();
+        let mut ws = Workspace::default();
+        let mut out = vec![0.0; t.output_len()];
+        for (i, path, what) in [
+            (1, &zero, "not a regular file"),
+            (2, &fifo, "not a regular file"),
+            (3, &huge, "larger than the limit"),
+        ] {
+            for e in [
+                ds.load(i).unwrap_err(),
+                ds.load_into(i, &t, &mut Rng::new(0), &mut out, &mut ws)
+                    .unwrap_err(),
+            ] {
+                assert!(matches!(e, Error::Io { .. }), "{e:?}");
+                let msg = e.to_string();
+                assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+                assert!(msg.contains(what), "{msg}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

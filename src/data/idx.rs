@@ -4,7 +4,7 @@
 //! int32 are the ones read here), the number of dimensions, then each
 //! dimension as a big-endian u32, then the data in row-major order.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -39,27 +39,62 @@ pub fn find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Reads an IDX file; gzip is recognised by its magic bytes.
+/// Largest data accepted (1 GiB, 20 times Fashion-MNIST's 47 MB training
+/// images): a header declaring more is refused before anything is read.
+const MAX_DATA: usize = 1 << 30;
+
+/// Reads an IDX file; gzip is recognised by its magic bytes. The header is
+/// read (inflated) first: no more data than it declares is ever read, and
+/// a file whose data is shorter or longer than declared is refused.
 pub fn read(path: &Path) -> Result<Idx> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bytes = if raw.starts_with(&[0x1F, 0x8B]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| Error::format(path, None, format!("corrupt gzip data ({e})")))?;
-        out
+    let (file, len) =
+        crate::data::paths::open_regular_file(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::io::BufReader::new(file);
+    let magic = file.fill_buf().map_err(|e| Error::io(path, e))?;
+    if magic.starts_with(&[0x1F, 0x8B]) {
+        let mut gz = flate2::read::MultiGzDecoder::new(file);
+        decode(path, &mut gz, None, |e| {
+            Error::format(path, None, format!("corrupt gzip data ({e})"))
+        })
     } else {
-        raw
-    };
-    parse(path, &bytes)
+        decode(path, &mut file, Some(len), |e| Error::io(path, e))
+    }
 }
 
+/// Parses the bytes of an IDX file named `path` (for the fuzz tests).
+#[cfg(test)]
 pub(crate) fn parse(path: &Path, b: &[u8]) -> Result<Idx> {
+    let len = b.len() as u64;
+    decode(path, &mut &b[..], Some(len), |e| Error::io(path, e))
+}
+
+/// Reads `r` as an IDX file; `len` is its length where known (not for
+/// gzip); `failed` turns a read error into the error returned.
+fn decode(
+    path: &Path,
+    r: &mut impl Read,
+    len: Option<u64>,
+    failed: impl Fn(std::io::Error) -> Error,
+) -> Result<Idx> {
     let bad = |msg: String| Error::format(path, None, msg);
-    if b.len() < 4 || b[0] != 0 || b[1] != 0 {
+    // Fills `buf`, or says how many bytes there were.
+    let fill = |r: &mut dyn Read, buf: &mut [u8]| -> Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Ok(n)
+    };
+    let mut head = [0u8; 4];
+    if fill(r, &mut head)? < 4 || head[0] != 0 || head[1] != 0 {
         return Err(bad("not an IDX file (bad magic number)".into()));
     }
-    let (code, ndim) = (b[2], b[3] as usize);
+    let (code, ndim) = (head[2], head[3] as usize);
     let elem = match code {
         0x08 => 1,
         0x0C => 4,
@@ -69,26 +104,51 @@ pub(crate) fn parse(path: &Path, b: &[u8]) -> Result<Idx> {
             )))
         }
     };
-    if ndim == 0 || b.len() < 4 + 4 * ndim {
+    let mut raw_dims = vec![0u8; 4 * ndim];
+    if ndim == 0 || fill(r, &mut raw_dims)? < 4 * ndim {
         return Err(bad("truncated IDX header".into()));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| {
-            u32::from_be_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]) as usize
-        })
+    let dims: Vec<usize> = raw_dims
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let body = &b[4 + 4 * ndim..];
-    let need = count.and_then(|c| c.checked_mul(elem));
-    if need != Some(body.len()) {
-        return Err(bad(format!(
-            "IDX dimensions {dims:?} need {} bytes of data, the file has {}",
-            need.map_or("too many".into(), |n| n.to_string()),
-            body.len()
-        )));
+    let need = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|c| c.checked_mul(elem))
+        .filter(|&n| n <= MAX_DATA)
+        .ok_or_else(|| {
+            bad(format!(
+                "IDX dimensions {dims:?} declare more than the limit of {MAX_DATA} bytes of data"
+            ))
+        })?;
+    let mismatch = |has: String| {
+        bad(format!(
+            "IDX dimensions {dims:?} need {need} bytes of data, the file has {has}"
+        ))
+    };
+    if let Some(len) = len {
+        let has = len.saturating_sub(4 + 4 * ndim as u64);
+        if has != need as u64 {
+            return Err(mismatch(has.to_string()));
+        }
+    }
+    // Grown as data comes (a gzip stream may end early); one byte more than
+    // declared is read to tell a longer file.
+    let mut body = Vec::with_capacity(need.min(1 << 24));
+    r.take(need as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(&failed)?;
+    if body.len() != need {
+        let has = if body.len() > need {
+            "more".to_string()
+        } else {
+            body.len().to_string()
+        };
+        return Err(mismatch(has));
     }
     let data = if elem == 1 {
-        IdxData::U8(body.to_vec())
+        IdxData::U8(body)
     } else {
         IdxData::I32(
             body.chunks_exact(4)
@@ -152,6 +212,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("type code 0x0d"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gzip_inflates_no_more_than_the_header_declares() {
+        let dir = crate::data::testing::temp_dir("idx-gzip-bomb");
+        let gz = |bytes: &[u8]| {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            enc.write_all(bytes).unwrap();
+            enc.finish().unwrap()
+        };
+        // 16 bytes declared, then 1 GiB of zeros: 1024 gzip members of
+        // 1 MiB each (about 1 MB of file), read by the multi-member decoder.
+        let mut bomb = gz(&encode(&[4, 2, 2], &IdxData::U8(vec![0; 16])));
+        let member = gz(&vec![0u8; 1 << 20]);
+        for _ in 0..1024 {
+            bomb.extend_from_slice(&member);
+        }
+        let file = dir.join("bomb.idx.gz");
+        std::fs::write(&file, &bomb).unwrap();
+        let t = std::time::Instant::now();
+        let e = read(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("need 16 bytes of data, the file has more"),
+            "{e}"
+        );
+        assert!(e.contains("bomb.idx.gz"), "{e}");
+        assert!(t.elapsed().as_secs_f64() < 0.5, "{:?}", t.elapsed());
+        // Shorter than declared.
+        let mut short = encode(&[4, 2, 2], &IdxData::U8(vec![0; 16]));
+        short.truncate(short.len() - 3);
+        std::fs::write(&file, gz(&short)).unwrap();
+        let e = read(&file).unwrap_err().to_string();
+        assert!(e.contains("need 16 bytes of data, the file has 13"), "{e}");
+        // 8 GiB declared: refused from the header alone.
+        std::fs::write(
+            &file,
+            gz(&encode(&[1 << 16, 1 << 16, 2], &IdxData::U8(vec![]))),
+        )
+        .unwrap();
+        let e = read(&file).unwrap_err().to_string();
+        assert!(e.contains("more than the limit"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,8 +7,11 @@
 //! data into 8 bytes) and its data padded to 8 bytes. Variables are
 //! `miMATRIX` elements, possibly wrapped in `miCOMPRESSED` ones. Nothing in
 //! the file is trusted: every length is checked against the bytes present,
-//! decompression is capped, and nesting is limited.
+//! the file's size, the bytes its compressed variables inflate to and the
+//! memory of its decoded values are capped (for the whole file), and
+//! nesting is limited.
 
+use std::cell::Cell;
 use std::io::Read;
 use std::path::Path;
 
@@ -33,8 +36,15 @@ const MX_CELL: u8 = 1;
 const MX_STRUCT: u8 = 2;
 const MX_CHAR: u8 = 4;
 
-/// Largest decompressed variable accepted.
-const MAX_INFLATED: u64 = 1 << 30;
+/// Largest MAT-file read. Cars196's `cars_annos.mat`, the file this reader
+/// is for, is about 1 MB; these caps leave it a couple of hundred times
+/// that while bounding what a hostile file costs to well under 1 GB.
+const MAX_FILE: u64 = 256 << 20;
+/// Most bytes the compressed variables of a file inflate to, together.
+const MAX_INFLATED: u64 = 256 << 20;
+/// Most memory the decoded values of a file take, together (numbers are
+/// widened to f64: 8 bytes for each byte of a uint8 array).
+const MAX_DECODED: usize = 256 << 20;
 const MAX_DEPTH: usize = 32;
 
 /// A MATLAB value.
@@ -103,8 +113,53 @@ impl MatValue {
 
 /// The variables of a MAT-file, in file order.
 pub fn read(path: &Path) -> Result<Vec<(String, MatValue)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes =
+        crate::data::paths::read_regular_file(path, MAX_FILE).map_err(|e| Error::io(path, e))?;
     parse(&bytes).map_err(|msg| Error::format(path, None, msg))
+}
+
+/// What is left of a file's [`MAX_DECODED`].
+struct Budget(Cell<usize>);
+
+impl Budget {
+    /// Takes `bytes` of memory for decoded values, or refuses.
+    fn spend(&self, bytes: usize) -> std::result::Result<(), String> {
+        let left = self.0.get().checked_sub(bytes).ok_or_else(|| {
+            format!(
+                "MAT-file too large: its values take more than the limit of {} MiB once decoded",
+                MAX_DECODED >> 20
+            )
+        })?;
+        self.0.set(left);
+        Ok(())
+    }
+}
+
+/// The size a compressed variable declares: the length of the element its
+/// first 8 inflated bytes announce, with its tag.
+fn declared_size(data: &[u8], big: bool) -> std::result::Result<u64, String> {
+    let mut tag = [0u8; 8];
+    flate2::read::ZlibDecoder::new(data)
+        .read_exact(&mut tag)
+        .map_err(|e| format!("corrupt compressed variable ({e})"))?;
+    let r = Reader {
+        buf: &tag,
+        pos: 0,
+        big,
+        budget: &Budget(Cell::new(0)),
+    };
+    Ok(if r.u32_at(0)? >> 16 != 0 {
+        8
+    } else {
+        8 + u64::from(r.u32_at(4)?)
+    })
+}
+
+fn too_much_compressed() -> String {
+    format!(
+        "MAT-file too large: its compressed variables inflate to more than the limit of {} MiB",
+        MAX_INFLATED >> 20
+    )
 }
 
 /// Parses the bytes of a MAT-file.
@@ -120,30 +175,52 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Vec<(String, MatValue)>, Strin
         b"MI" => true,
         _ => return Err("not a MATLAB 5 MAT-file (bad endian indicator)".into()),
     };
-    let mut reader = Reader {
+    let budget = &Budget(Cell::new(MAX_DECODED));
+    let top = Reader {
         buf: &bytes[128..],
         pos: 0,
         big,
+        budget,
     };
+    // The sizes the compressed variables declare, summed before any is
+    // inflated (8 bytes of each): a file declaring too much is refused at
+    // once, and each is then inflated to no more than it declares.
+    let mut declared = Vec::new();
+    let mut reader = Reader { pos: 0, ..top };
+    while !reader.done() {
+        let (ty, data) = reader.element()?;
+        if ty == MI_COMPRESSED {
+            declared.push(declared_size(data, big)?);
+        }
+    }
+    if declared.iter().sum::<u64>() > MAX_INFLATED {
+        return Err(too_much_compressed());
+    }
+    let mut declared = declared.into_iter();
+    let mut inflated_left = MAX_INFLATED;
+    let mut reader = top;
     let mut vars = Vec::new();
-    while reader.pos < reader.buf.len() {
+    while !reader.done() {
         let (ty, data) = reader.element()?;
         match ty {
-            MI_MATRIX => vars.push(matrix(data, big, 0)?),
+            MI_MATRIX => vars.push(matrix(data, big, 0, budget)?),
             MI_COMPRESSED => {
+                let size = declared.next().unwrap_or(0).min(inflated_left);
                 let mut inflated = Vec::new();
                 flate2::read::ZlibDecoder::new(data)
-                    .take(MAX_INFLATED)
+                    .take(size)
                     .read_to_end(&mut inflated)
                     .map_err(|e| format!("corrupt compressed variable ({e})"))?;
+                inflated_left -= inflated.len() as u64;
                 let mut inner = Reader {
                     buf: &inflated,
                     pos: 0,
                     big,
+                    budget,
                 };
                 let (ty, data) = inner.element()?;
                 if ty == MI_MATRIX {
-                    vars.push(matrix(data, big, 0)?);
+                    vars.push(matrix(data, big, 0, budget)?);
                 }
             }
             _ => {}
@@ -152,10 +229,12 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Vec<(String, MatValue)>, Strin
     Ok(vars)
 }
 
+#[derive(Clone, Copy)]
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     big: bool,
+    budget: &'a Budget,
 }
 
 impl<'a> Reader<'a> {
@@ -209,7 +288,21 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn numbers(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<f64>, String> {
+/// `data` of type `ty` as f64, charged to `budget`.
+fn numbers(
+    ty: u32,
+    data: &[u8],
+    big: bool,
+    budget: &Budget,
+) -> std::result::Result<Vec<f64>, String> {
+    let width = match ty {
+        MI_INT8 | MI_UINT8 => 1,
+        MI_INT16 | MI_UINT16 => 2,
+        MI_INT32 | MI_UINT32 | MI_SINGLE => 4,
+        MI_DOUBLE | MI_INT64 | MI_UINT64 => 8,
+        other => return Err(format!("corrupt MAT-file (numeric data of type {other})")),
+    };
+    budget.spend(data.len() / width * std::mem::size_of::<f64>())?;
     macro_rules! conv {
         ($t:ty, $n:expr) => {
             data.chunks_exact($n)
@@ -239,7 +332,15 @@ fn numbers(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<f64>, Str
     })
 }
 
-fn text(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<char>, String> {
+/// `data` of type `ty` as characters, charged to `budget`.
+fn text(
+    ty: u32,
+    data: &[u8],
+    big: bool,
+    budget: &Budget,
+) -> std::result::Result<Vec<char>, String> {
+    // At most one char (4 bytes) per byte, and the string built from them.
+    budget.spend(data.len().saturating_mul(8))?;
     match ty {
         MI_UTF8 | MI_UINT8 | MI_INT8 => Ok(String::from_utf8_lossy(data).chars().collect()),
         MI_UINT16 | MI_UTF16 => {
@@ -261,7 +362,12 @@ fn text(ty: u32, data: &[u8], big: bool) -> std::result::Result<Vec<char>, Strin
     }
 }
 
-fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, MatValue), String> {
+fn matrix(
+    data: &[u8],
+    big: bool,
+    depth: usize,
+    budget: &Budget,
+) -> std::result::Result<(String, MatValue), String> {
     if data.is_empty() {
         return Ok((String::new(), MatValue::Other));
     }
@@ -272,6 +378,7 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
         buf: data,
         pos: 0,
         big,
+        budget,
     };
     let (_, flags) = r.element()?;
     let class = *flags.first().ok_or("corrupt MAT-file (no array flags)")?;
@@ -281,7 +388,7 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
         class
     };
     let (ty, dims_raw) = r.element()?;
-    let dims: Vec<usize> = numbers(ty, dims_raw, big)?
+    let dims: Vec<usize> = numbers(ty, dims_raw, big, budget)?
         .into_iter()
         .map(|d| d.max(0.0) as usize)
         .collect();
@@ -290,6 +397,7 @@ fn matrix(data: &[u8], big: bool, depth: usize) -> std::result::Result<(String, 
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or("corrupt MAT-file")?;
     let (_, name) = r.element()?;
+    budget.spend(std::mem::size_of::<MatValue>().saturating_add(name.len()))?;
     let name = String::from_utf8_lossy(name).into_owned();
     let array = Array {
         dims,
@@ -324,11 +432,13 @@ fn nested(r: &mut Reader<'_>, depth: usize, what: &str) -> std::result::Result<M
     if ty != MI_MATRIX {
         return Err(format!("corrupt MAT-file ({what} is not an array)"));
     }
-    Ok(matrix(d, r.big, depth + 1)?.1)
+    Ok(matrix(d, r.big, depth + 1, r.budget)?.1)
 }
 
 /// A cell array's items.
 fn cell(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
+    r.budget
+        .spend(a.count.saturating_mul(std::mem::size_of::<MatValue>()))?;
     let mut items = Vec::with_capacity(a.count.min(a.size / 8));
     for _ in 0..a.count {
         items.push(nested(r, a.depth, "cell item")?);
@@ -342,11 +452,20 @@ fn cell(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
 /// A struct array's field names and each item's fields.
 fn structure(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, String> {
     let (ty, len_raw) = r.element()?;
-    let len = numbers(ty, len_raw, r.big)?.first().copied().unwrap_or(0.0) as usize;
+    let len = numbers(ty, len_raw, r.big, r.budget)?
+        .first()
+        .copied()
+        .unwrap_or(0.0) as usize;
     let (_, names) = r.element()?;
     if len == 0 {
         return Err("corrupt MAT-file (struct field name length 0)".into());
     }
+    let n_fields = names.len().div_ceil(len);
+    r.budget.spend(
+        n_fields
+            .saturating_mul(std::mem::size_of::<String>())
+            .saturating_add(names.len()),
+    )?;
     let fields: Vec<String> = names
         .chunks(len)
         .map(|c| {
@@ -367,6 +486,12 @@ fn structure(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, Stri
             a.size
         ));
     }
+    r.budget.spend(
+        count.saturating_mul(
+            std::mem::size_of::<Vec<MatValue>>()
+                .saturating_add(fields.len().saturating_mul(std::mem::size_of::<MatValue>())),
+        ),
+    )?;
     let mut items = Vec::with_capacity(count);
     for _ in 0..count {
         let values = (0..fields.len())
@@ -387,7 +512,7 @@ fn char_array(r: &mut Reader<'_>, a: Array) -> std::result::Result<MatValue, Str
         Vec::new()
     } else {
         let (ty, d) = r.element()?;
-        text(ty, d, r.big)?
+        text(ty, d, r.big, r.budget)?
     };
     let dims = a.dims;
     // Column-major: character (i, j) is at i + j * rows.
@@ -414,7 +539,7 @@ fn numeric(r: &mut Reader<'_>, a: Array, name: &str) -> std::result::Result<MatV
         Vec::new()
     } else {
         let (ty, d) = r.element()?;
-        numbers(ty, d, r.big)?
+        numbers(ty, d, r.big, r.budget)?
     };
     if data.len() != a.count {
         return Err(format!(
@@ -574,6 +699,126 @@ pub(crate) mod tests {
         bytes[at..at + 4].copy_from_slice(&i32::MAX.to_le_bytes());
         let err = parse(&bytes).unwrap_err();
         assert!(err.contains("char array"), "{err}");
+    }
+
+    /// Where a uint8 1 x `n` array named `name` starts: its element's tag,
+    /// header and data tag, which `n` bytes of data follow.
+    fn uint8_head(name: &str, n: usize) -> Vec<u8> {
+        let mut inner = element(MI_UINT32, &[9, 0, 0, 0, 0, 0, 0, 0]);
+        let dims: Vec<u8> = [1i32, n as i32]
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect();
+        inner.extend(element(MI_INT32, &dims));
+        inner.extend(element(MI_INT8, name.as_bytes()));
+        inner.extend_from_slice(&MI_UINT8.to_le_bytes());
+        inner.extend_from_slice(&(n as u32).to_le_bytes());
+        let mut out = MI_MATRIX.to_le_bytes().to_vec();
+        out.extend_from_slice(&((inner.len() + n) as u32).to_le_bytes());
+        out.extend(inner);
+        out
+    }
+
+    /// A compressed variable: a uint8 array of `mib` MiB of zeros. One MiB
+    /// of zeros is compressed (twice, the second time after zeros only)
+    /// and the second copy repeated, so building it costs little.
+    fn compressed_zeros(name: &str, mib: usize) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        fn push(c: &mut Compress, input: &[u8], flush: FlushCompress, out: &mut Vec<u8>) {
+            let start = c.total_in();
+            loop {
+                out.reserve(1 << 16);
+                let done = (c.total_in() - start) as usize;
+                c.compress_vec(&input[done..], out, flush).unwrap();
+                if (c.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    return;
+                }
+            }
+        }
+        let head = uint8_head(name, mib << 20);
+        let zeros = vec![0u8; 1 << 20];
+        let mut c = Compress::new(Compression::best(), true);
+        let mut z = Vec::new();
+        push(&mut c, &head, FlushCompress::Sync, &mut z);
+        push(&mut c, &zeros, FlushCompress::Sync, &mut z);
+        let mut block = Vec::new();
+        push(&mut c, &zeros, FlushCompress::Sync, &mut block);
+        for _ in 1..mib {
+            z.extend_from_slice(&block);
+        }
+        push(&mut c, &[], FlushCompress::Finish, &mut z);
+        // The Adler-32 of the head and the zeros.
+        let (mut a, mut b) = (1u64, 0u64);
+        for &x in &head {
+            a = (a + x as u64) % 65521;
+            b = (b + a) % 65521;
+        }
+        b = (b + ((mib as u64) << 20) % 65521 * a) % 65521;
+        let at = z.len() - 4;
+        z[at..].copy_from_slice(&((b << 16 | a) as u32).to_be_bytes());
+        let mut out = MI_COMPRESSED.to_le_bytes().to_vec();
+        out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+        out.extend(z);
+        out
+    }
+
+    fn cars_vars() -> Vec<(&'static str, W)> {
+        vec![
+            (
+                "annotations",
+                W::Struct(
+                    vec!["relative_im_path".into(), "class".into()],
+                    vec![vec![W::Str("car_ims/000001.jpg".into()), W::U8(1)]],
+                ),
+            ),
+            ("class_names", W::Cell(vec![W::Str("AM General".into())])),
+        ]
+    }
+
+    #[test]
+    fn caps_what_the_compressed_variables_of_a_file_inflate_to() {
+        // The builder's variables are sound: 3 MiB open.
+        let mut bytes = write_mat(&cars_vars(), true);
+        bytes.extend(compressed_zeros("junk", 3));
+        let vars = parse(&bytes).unwrap();
+        assert_eq!(vars[2].0, "junk");
+        assert_eq!(vars[2].1.len(), 3 << 20);
+        // Two of 160 MiB (each under the old per-variable cap) are refused
+        // without being inflated, by read naming the file.
+        let mut bytes = write_mat(&cars_vars(), true);
+        bytes.extend(compressed_zeros("junk1", 160));
+        bytes.extend(compressed_zeros("junk2", 160));
+        assert!(bytes.len() < 1 << 20);
+        let dir = crate::data::testing::temp_dir("mat-inflate-cap");
+        let file = dir.join("cars_annos.mat");
+        std::fs::write(&file, &bytes).unwrap();
+        let t = std::time::Instant::now();
+        let e = read(&file).unwrap_err().to_string();
+        assert!(t.elapsed().as_secs_f64() < 0.5, "{:?}", t.elapsed());
+        assert!(e.contains("cars_annos.mat"), "{e}");
+        assert!(
+            e.contains("inflate to more than the limit of 256 MiB"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn caps_the_memory_of_the_decoded_values() {
+        // 33 MiB of uint8 would be 264 MiB of f64.
+        let mut bytes = write_mat(&cars_vars(), false);
+        bytes.extend(uint8_head("junk", 33 << 20));
+        bytes.resize(bytes.len() + (33 << 20), 0);
+        let e = parse(&bytes).unwrap_err();
+        assert!(
+            e.contains("more than the limit of 256 MiB once decoded"),
+            "{e}"
+        );
+        // 4 MiB is fine.
+        let mut bytes = write_mat(&cars_vars(), false);
+        bytes.extend(uint8_head("junk", 4 << 20));
+        bytes.resize(bytes.len() + (4 << 20), 0);
+        assert_eq!(parse(&bytes).unwrap()[2].1.len(), 4 << 20);
     }
 
     #[test]

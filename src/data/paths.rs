@@ -35,6 +35,51 @@ pub fn join_inside(root: &Path, rel: &str) -> std::result::Result<PathBuf, Strin
     Ok(out)
 }
 
+/// Opens `path` (symbolic links followed) for reading if it is a regular
+/// file, with its length; anything else (a FIFO, which would block the open
+/// for ever, a device such as `/dev/zero`, which never ends, a folder) is
+/// refused as "not a regular file".
+pub(crate) fn open_regular_file(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    let not_regular = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a device, FIFO, socket or folder)",
+        )
+    };
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path)?;
+    // The file opened may not be the one checked (replaced in between).
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    Ok((file, meta.len()))
+}
+
+/// The regular file `path` (see [`open_regular_file`]) read whole, refusing
+/// one of more than `limit` bytes (also one that grows past it while read).
+pub(crate) fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the limit of {limit} bytes"),
+        )
+    };
+    let (file, len) = open_regular_file(path)?;
+    if len > limit {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(out)
+}
+
 /// Where a dataset is looked for when no root is given, and how a user
 /// gets it when it is nowhere.
 #[derive(Clone, Copy, Debug)]
@@ -182,5 +227,20 @@ mod tests {
             .unwrap_err()
             .contains("absolute"));
         assert!(join_inside(root, "").is_err());
+    }
+
+    #[test]
+    fn reads_regular_files_only_and_up_to_the_limit() {
+        let dir = crate::data::testing::temp_dir("paths-regular");
+        let file = dir.join("a.bin");
+        std::fs::write(&file, [7u8; 10]).unwrap();
+        assert_eq!(read_regular_file(&file, 10).unwrap(), vec![7u8; 10]);
+        let e = read_regular_file(&file, 9).unwrap_err();
+        assert!(e.to_string().contains("limit of 9 bytes"), "{e}");
+        for other in [Path::new("/dev/zero"), &dir] {
+            let e = read_regular_file(other, 10).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

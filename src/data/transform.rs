@@ -116,6 +116,10 @@ impl Workspace {
     }
 }
 
+/// The largest side a transform produces or resizes to: a square of it is
+/// the decoders' pixel limit (2^28 pixels).
+pub const MAX_SIDE: usize = 1 << 14;
+
 /// Decode + geometry + optional horizontal flip + normalisation, producing
 /// `channels x size x size` float32 values.
 #[derive(Clone, Debug, PartialEq)]
@@ -177,6 +181,12 @@ impl Transform {
     ) -> Result<Self> {
         at_least("size", size, 1)?;
         ensure(
+            size <= MAX_SIDE,
+            "size",
+            || size.to_string(),
+            format!("at most {MAX_SIDE} pixels a side"),
+        )?;
+        ensure(
             channels == 1 || channels == 3,
             "channels",
             || channels.to_string(),
@@ -194,12 +204,17 @@ impl Transform {
                 }
             }
             Geometry::ResizeCenterCrop { resize } => ensure(
-                *resize >= size,
+                *resize >= size && *resize <= MAX_SIDE,
                 "resize",
                 || resize.to_string(),
-                format!("at least size ({size})"),
+                format!("at least size ({size}) and at most {MAX_SIDE}"),
             )?,
-            Geometry::PadCrop { .. } => {}
+            Geometry::PadCrop { pad } => ensure(
+                *pad <= MAX_SIDE,
+                "pad",
+                || pad.to_string(),
+                format!("at most {MAX_SIDE}"),
+            )?,
         }
         let affine = affine(&normalization, channels)?;
         let (lut, source) = affine.tables();

@@ -480,11 +480,18 @@ impl Index {
         let (mut ids, mut labels) = (None, None);
         let (tensors, info) = crate::files::read_safetensors_with_metadata(path)
             .map_err(|e| bad_file(path, &format!("not a safetensors file ({e})")))?;
+        // Ids and labels as saved: int64 vectors, nothing cast or flattened.
+        let integers = |t: &Tensor| -> Result<Vec<i64>> {
+            if t.kind() != Kind::Int64 || t.dim() != 1 {
+                return Err(bad_file(path, "ids or labels that are not int64 vectors"));
+            }
+            host_vec::<i64>(t)
+        };
         for (name, t) in tensors {
             match name.as_str() {
                 "vectors" => vectors = Some(t),
-                "ids" => ids = Some(host_vec::<i64>(&t)?),
-                "labels" => labels = Some(host_vec::<i64>(&t)?),
+                "ids" => ids = Some(integers(&t)?),
+                "labels" => labels = Some(integers(&t)?),
                 other => return Err(bad_file(path, &format!("an unknown tensor {other:?}"))),
             }
         }
@@ -497,6 +504,10 @@ impl Index {
             && labels.as_ref().is_none_or(|l| l.len() == ids.len());
         if !fits {
             return Err(bad_file(path, "tensors of mismatched shapes or dtypes"));
+        }
+        // The search assumes finite vectors, as `add` checks them.
+        if !bool::try_from(vectors.isfinite().all())? {
+            return Err(bad_file(path, "vectors that are not all finite"));
         }
         Ok(Index {
             vectors: vectors.to_device(device),
@@ -676,5 +687,37 @@ mod tests {
         assert_eq!((ids.len(), ids.get(5), ids.get(8)), (9, 10, 12));
         assert!(matches!(Ids::from_list(vec![0, 1, 2]), Ids::Positions(3)));
         assert!(matches!(Ids::from_list(vec![0, 2]), Ids::Listed(_)));
+    }
+
+    #[test]
+    fn a_crafted_file_is_refused_not_searched() {
+        let dir = crate::data::testing::temp_dir("index-crafted");
+        let path = dir.join("bad.safetensors");
+        let vectors = Tensor::from_slice(&[1f32, 0., 0., 1.]).reshape([2, 2]);
+        let ids = Tensor::from_slice(&[3i64, 4]);
+        let nan = Tensor::from_slice(&[1f32, f32::NAN, 0., 1.]).reshape([2, 2]);
+        let cases = [
+            (nan, ids.shallow_clone(), "not all finite"),
+            (
+                vectors.shallow_clone(),
+                ids.to_kind(Kind::Double),
+                "not int64 vectors",
+            ),
+            (
+                vectors.shallow_clone(),
+                ids.reshape([2, 1]),
+                "not int64 vectors",
+            ),
+        ];
+        for (v, i, message) in cases {
+            let named = vec![("vectors".to_string(), v), ("ids".to_string(), i)];
+            crate::files::write_safetensors_atomic(&path, &named, Default::default()).unwrap();
+            let err = Index::load(&path, Device::Cpu).unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
+        let named = vec![("vectors".to_string(), vectors), ("ids".to_string(), ids)];
+        crate::files::write_safetensors_atomic(&path, &named, Default::default()).unwrap();
+        assert_eq!(Index::load(&path, Device::Cpu).unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

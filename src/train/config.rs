@@ -495,6 +495,19 @@ impl TrainConfig {
         at_least("image_size", self.image_size, 0)?;
         at_least("resize_size", self.resize_size, 0)?;
         at_least("pad_jitter", self.pad_jitter, 0)?;
+        let side = crate::data::transform::MAX_SIDE as i64;
+        for (arg, value) in [
+            ("image_size", self.image_size),
+            ("resize_size", self.resize_size),
+            ("pad_jitter", self.pad_jitter),
+        ] {
+            crate::error::ensure(
+                value <= side,
+                arg,
+                || value.to_string(),
+                format!("at most {side}"),
+            )?;
+        }
         non_negative("triplet_margin", self.triplet_margin)
     }
 

@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::run_dir::RunDir;
 use super::runner::RunData;
 use crate::data::transform::{Geometry, Normalization, Transform};
-use crate::error::{Error, Result};
+use crate::error::{ensure, Error, Result};
 use crate::files::write_atomic;
+
+/// The most training classes a run's classifier may have (SOP, the
+/// largest benchmark, has 11,318).
+pub const MAX_CLASSES: i64 = 1 << 24;
 
 /// A run's input, as saved. Every field is required.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,9 +76,31 @@ impl RunInput {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::format(path.display().to_string(), None, e.to_string()))
+        let input: Self = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path.display().to_string(), None, e.to_string()))?;
+        input
+            .check()
+            .map_err(|e| Error::format(path.display().to_string(), None, e.to_string()))?;
+        Ok(Some(input))
+    }
+
+    /// What a run could have written: 1 or 3 channels, at most
+    /// [`MAX_CLASSES`] classes, a transform that builds (its sizes bounded):
+    /// nothing is allocated from an edited file's figures before this.
+    fn check(&self) -> Result<()> {
+        ensure(
+            self.channels == 1 || self.channels == 3,
+            "channels",
+            || self.channels.to_string(),
+            "1 or 3",
+        )?;
+        ensure(
+            (1..=MAX_CLASSES).contains(&self.classes),
+            "classes",
+            || self.classes.to_string(),
+            format!("1 to {MAX_CLASSES}"),
+        )?;
+        self.eval_transform().map(|_| ())
     }
 }
 
@@ -107,6 +133,31 @@ mod tests {
         std::fs::write(dir.input(), text.replace("\"classes\": 5,", "")).unwrap();
         let err = RunInput::load(&dir).unwrap_err().to_string();
         assert!(err.contains("missing field `classes`"), "{err}");
+        // Edited figures are refused before anything is allocated from them.
+        for (from, to, message) in [
+            (
+                "\"size\": 28",
+                "\"size\": 1000000",
+                "size: expected at most 16384",
+            ),
+            (
+                "\"classes\": 5",
+                "\"classes\": 1000000000000",
+                "classes: expected 1 to",
+            ),
+            (
+                "\"channels\": 1",
+                "\"channels\": 3000000",
+                "channels: expected 1 or 3",
+            ),
+        ] {
+            input.save(&dir).unwrap();
+            let text = std::fs::read_to_string(dir.input()).unwrap();
+            assert!(text.contains(from), "{text}");
+            std::fs::write(dir.input(), text.replace(from, to)).unwrap();
+            let err = RunInput::load(&dir).unwrap_err().to_string();
+            assert!(err.contains("input.json") && err.contains(message), "{err}");
+        }
         std::fs::remove_dir_all(&dir.root).unwrap();
     }
 }

@@ -110,9 +110,14 @@ pub const HOMES: [(&str, &Home<'static>); 6] = [
     ("inshop", &inshop::HOME),
 ];
 
-/// The non-empty lines of a text file with their 1-based numbers.
+/// Largest annotation file read: 256 MiB (SOP's, the largest, has 4 MB).
+const MAX_ANNOTATION_FILE: u64 = 1 << 28;
+
+/// The non-empty lines of a text file with their 1-based numbers (a
+/// regular file of at most [`MAX_ANNOTATION_FILE`] bytes).
 pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::data::paths::read_regular_file(path, MAX_ANNOTATION_FILE)
+        .map_err(|e| Error::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()
