@@ -100,6 +100,8 @@ def test_options_are_one_vocabulary(glyphs_root, tmp_path):
     for name in ("image_size", "resize_size", "pad_jitter"):
         with pytest.raises(ValueError, match=f"^{name}: expected at most 16384, got 1000000"):
             training.resolve_config(**{name: 1_000_000})
+    with pytest.raises(ValueError, match="^embedding_size: expected at most 65536, got 1073741824"):
+        training.resolve_config(embedding_size=2**30)
     with pytest.raises(ValueError, match="^preset"):
         training.resolve_config("imagenet")
 
@@ -211,6 +213,19 @@ def test_a_run_loads_and_exports_without_its_dataset(tmp_path):
     assert moved.embed(transformed).shape[0] == 2
     with pytest.raises(ValueError, match=rf"^images: expected {size} x {size}, the run's input"):
         moved.embed(torch.zeros(2, 1, size + 4, size + 4))
+    # An edited input.json is refused before a network is built from its
+    # figures: classes against the checkpoint's classifier, sizes bounded.
+    text = (out / "input.json").read_text()
+    for field, value, message in [
+        ("classes", 2**24, r"classifier\.weight has \d+ rows, the run's input\.json 16777216"),
+        ("size", 10**6, r"input\.json.*size: expected at most 16384"),
+    ]:
+        edited = json.loads(text)
+        edited[field] = value
+        (out / "input.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=message):
+            grouploss.load_run(out, device="cpu")
+    (out / "input.json").write_text(text)
     # Data that moved is given on resume (data_root is where the data is,
     # not a setting: input.json says whether it is the same data).
     again = grouploss.train(resume=out, plots=False, data_root=tmp_path / "moved")

@@ -792,9 +792,7 @@ pub(crate) mod tests {
         let dir = crate::data::testing::temp_dir("mat-inflate-cap");
         let file = dir.join("cars_annos.mat");
         std::fs::write(&file, &bytes).unwrap();
-        let t = std::time::Instant::now();
         let e = read(&file).unwrap_err().to_string();
-        assert!(t.elapsed().as_secs_f64() < 0.5, "{:?}", t.elapsed());
         assert!(e.contains("cars_annos.mat"), "{e}");
         assert!(
             e.contains("inflate to more than the limit of 256 MiB"),

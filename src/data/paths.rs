@@ -50,7 +50,9 @@ pub(crate) fn open_regular_file(path: &Path) -> std::io::Result<(std::fs::File, 
         return Err(not_regular());
     }
     let file = std::fs::File::open(path)?;
-    // The file opened may not be the one checked (replaced in between).
+    // Checked again on what was opened (replaced in between by another
+    // regular file or a device; a FIFO put there in between would still
+    // block the open).
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(not_regular());

@@ -10,6 +10,9 @@ use crate::error::{at_least, non_negative, one_of, positive, Error, Result};
 use crate::eval::Metric;
 use crate::loss::{GroupLossOptions, GroupLossSettings};
 
+/// The widest embedding a run may have.
+pub const MAX_EMBEDDING_SIZE: i64 = 1 << 16;
+
 /// The losses the trainer runs (`loss`).
 pub const LOSSES: [&str; 3] = ["group", "softmax", "triplet"];
 
@@ -484,6 +487,14 @@ impl TrainConfig {
         positive("classifier_scale", self.classifier_scale)?;
         crate::data::dataset::check_val_fraction(self.val_fraction)?;
         at_least("embedding_size", self.embedding_size, 0)?;
+        let widest = MAX_EMBEDDING_SIZE;
+        let size = self.embedding_size;
+        crate::error::ensure(
+            size <= widest,
+            "embedding_size",
+            || size.to_string(),
+            format!("at most {widest}"),
+        )?;
         let least_k = least_count("recall_ks");
         if self.recall_ks.is_empty() || self.recall_ks.iter().any(|&k| k < least_k) {
             return Err(Error::invalid(

@@ -87,6 +87,7 @@ impl RunModel {
             Some(input) => input,
             None => RunInput::of(&RunData::open(&config)?),
         };
+        classes_match(&input, &ck.model, &path)?;
         let vs = nn::VarStore::new(device);
         let net = build_network(&config, &vs, input.channels, input.classes)?;
         load_model(&vs, &ck.model, &path)?;
@@ -269,5 +270,26 @@ impl RunModel {
         }
         let (e, l) = self.embed_dataset(&self.dataset(split, None)?)?;
         evaluate_embeddings(&(e, l, None), &self.config)
+    }
+}
+
+/// The classes `input.json` names are the checkpoint's classifier's rows,
+/// checked before a network of that many outputs is built (an edited
+/// figure would otherwise allocate a classifier of any size first).
+fn classes_match(input: &RunInput, model: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let rows = model
+        .iter()
+        .find(|(name, _)| name == "classifier.weight")
+        .map(|(_, w)| w.size()[0]);
+    match rows {
+        Some(rows) if rows != input.classes => Err(Error::format(
+            path,
+            None,
+            format!(
+                "classifier.weight has {rows} rows, the run's input.json {} classes",
+                input.classes
+            ),
+        )),
+        _ => Ok(()),
     }
 }
