@@ -205,7 +205,7 @@ def test_a_run_on_a_torchscript_backbone_loads_only_when_trusted(runs):
     from elsewhere must not run code by being opened, from Python or from
     any command that loads a run."""
     run_dir = runs("torchscript")
-    with pytest.raises(ValueError, match=r"^trust_torchscript: the backbone of the run in "):
+    with pytest.raises(ValueError, match=r"^trust_torchscript: expected True to load the run in "):
         grouploss.load_run(run_dir)
     with pytest.raises(ValueError, match="^trust_torchscript"):
         grouploss.report(run_dir)

@@ -328,7 +328,13 @@ def initial_state_dict(
 
 @final
 class RunModel:
-    def __init__(self, run_dir: str, checkpoint: str = "best", device: str = "auto") -> None: ...
+    def __init__(
+        self,
+        run_dir: str,
+        checkpoint: str = "best",
+        device: str = "auto",
+        trust_torchscript: bool = False,
+    ) -> None: ...
     @property
     def config(self) -> Dict[str, Any]: ...
     @property

@@ -328,9 +328,9 @@ class RunModel:
         trust_torchscript: bool = False,
     ):
         self.run_dir = pathlib.Path(run_dir)
-        if not boolean("trust_torchscript", trust_torchscript):
-            _refuse_torchscript(self.run_dir)
-        self._native = _native.RunModel(str(self.run_dir), checkpoint, device)
+        trust = boolean("trust_torchscript", trust_torchscript)
+        # Checked on the configuration the loader itself reads.
+        self._native = _native.RunModel(str(self.run_dir), checkpoint, device, trust)
         self.config: dict = self._native.config
         #: The Group Loss's options the run trained with (before its warm-up).
         self.loss_options: _native.GroupLossOptions = self._native.loss_options
@@ -472,18 +472,3 @@ def load_run(
     from elsewhere cannot run code by being opened. The other backbones
     are built from weights alone (safetensors)."""
     return RunModel(run_dir, checkpoint, device, trust_torchscript=trust_torchscript)
-
-
-def _refuse_torchscript(run_dir: pathlib.Path) -> None:
-    """A ValueError if the run's configuration names a TorchScript
-    backbone (a run folder without one is left to the loader to name)."""
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return
-    backbone = _native.resolve_config(None, str(path), {})["backbone"]
-    if backbone.startswith("torchscript:"):
-        raise ValueError(
-            f"trust_torchscript: the backbone of the run in {run_dir} is a TorchScript "
-            f"program ({backbone}), which runs when the run loads; pass "
-            "trust_torchscript=True (--trust-torchscript) if you trust it"
-        )

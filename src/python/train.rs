@@ -265,10 +265,18 @@ impl PyRunModel {
 #[pymethods]
 impl PyRunModel {
     #[new]
-    #[pyo3(signature = (run_dir, checkpoint = "best", device = "auto"))]
-    fn new(py: Python<'_>, run_dir: PathBuf, checkpoint: &str, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (run_dir, checkpoint = "best", device = "auto", trust_torchscript = false))]
+    fn new(
+        py: Python<'_>,
+        run_dir: PathBuf,
+        checkpoint: &str,
+        device: &str,
+        trust_torchscript: bool,
+    ) -> PyResult<Self> {
         let (checkpoint, device) = (checkpoint.to_string(), device.to_string());
-        let inner = without_gil(py, move || RunModel::open(&run_dir, &checkpoint, &device))?;
+        let inner = without_gil(py, move || {
+            RunModel::open(&run_dir, &checkpoint, &device, trust_torchscript)
+        })?;
         Ok(PyRunModel {
             inner: Arc::new(Mutex::new(inner)),
         })

@@ -52,8 +52,14 @@ pub struct RunModel {
 
 impl RunModel {
     /// Loads `run_dir`'s `checkpoint` (`best` or `last`) on `device_name`
-    /// (`auto` by default).
-    pub fn open(run_dir: &Path, checkpoint: &str, device_name: &str) -> Result<Self> {
+    /// (`auto` by default). A run on a TorchScript backbone (a program,
+    /// which runs as it loads) is refused unless `trust_torchscript`.
+    pub fn open(
+        run_dir: &Path,
+        checkpoint: &str,
+        device_name: &str,
+        trust_torchscript: bool,
+    ) -> Result<Self> {
         crate::error::one_of("checkpoint", checkpoint, &["best", "last"])?;
         let dir = RunDir::new(run_dir);
         let text = std::fs::read_to_string(dir.config()).map_err(|e| {
@@ -71,6 +77,18 @@ impl RunModel {
             Error::io(dir.config(), e)
         })?;
         let config = TrainConfig::from_toml(&text, &dir.config().display().to_string())?;
+        if !trust_torchscript && config.backbone.starts_with("torchscript:") {
+            return Err(Error::invalid(
+                "trust_torchscript",
+                "False",
+                format!(
+                    "True to load the run in {}, whose backbone ({}) is a TorchScript program \
+                     that runs as it loads (--trust-torchscript on the command line)",
+                    run_dir.display(),
+                    config.backbone
+                ),
+            ));
+        }
         let member = dir.member(0, config.ensemble);
         let path = if checkpoint == "best" {
             member.best()
