@@ -254,6 +254,48 @@ def test_search_finds_the_query_images_in_the_gallery(small_run, tmp_path):
         assert [r[2] for r in from_file[path]] == expected
 
 
+def test_an_index_with_damaged_class_names_prints_label_numbers(small_run, tmp_path, capsys):
+    """An index file edited elsewhere: class names that are not JSON, not a
+    list of names, or fewer than its labels are printed as numbers, never a
+    KeyError or IndexError."""
+    import grouploss
+
+    gallery = tmp_path / "gallery.safetensors"
+    argv = ["index", str(small_run), "--data", "test", "--out", str(gallery), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    index = grouploss.Index.load(gallery)
+    image = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(image)
+    capsys.readouterr()
+    for names in ("{", '{"a": 1}', '["only one"]'):
+        index.info = {**index.info, "grouploss.class_names": names}
+        index.save(gallery)
+        search = ["search", str(gallery), str(image), "--k", "40", "--run", str(small_run)]
+        assert cli.main([*search, "--device", "cpu"]) == 0
+        labels = [r[2].split()[1] for r in _neighbours(capsys.readouterr().out)[str(image)]]
+        assert len(labels) == 40 and any(label.isdigit() for label in labels), labels
+
+
+def test_damaged_run_files_are_named(small_run, tmp_path):
+    """metrics.jsonl and summary.json that do not hold JSON objects are
+    named, with the line, instead of a bare JSON or TypeError."""
+    import shutil
+
+    import grouploss
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    model = grouploss.load_run(run, device="cpu")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not JSON"):
+        _ = model.history
+    (run / "summary.json").write_text('"a string"')
+    with pytest.raises(ValueError, match=r"summary\.json: expected a JSON object, got str"):
+        _ = model.summary
+
+
 def test_an_index_refuses_queries_of_another_network(small_run, glyphs_root, tmp_path):
     """The queries of an index file must be embedded by the network that
     embedded it: another run's (same input and width) is a usage error."""

@@ -496,6 +496,19 @@ def _gallery_index(model: training.RunModel, data: str, dtype: str = "float32"):
 WEIGHTS_KEY, CLASSES_KEY = "grouploss.weights_sha256", "grouploss.class_names"
 
 
+def _class_names(index) -> Optional[List[str]]:
+    """The class names `grouploss index` recorded, or None (an index from
+    elsewhere, or a record that is not a list of names: labels are then
+    printed as numbers)."""
+    try:
+        names = json.loads(index.info.get(CLASSES_KEY, "null"))
+    except ValueError:
+        return None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
 def _weights_sha256(model: training.RunModel) -> str:
     """A SHA-256 of the embedding network's weights (names, dtypes, shapes
     and values of every tensor but the classifier's): equal for the best
@@ -584,9 +597,7 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
     (the class name with a dataset gallery) and, with one, the image."""
     labels = index.labels
     ids_ = index.ids
-    names = (
-        gallery.classes if gallery is not None else json.loads(index.info.get(CLASSES_KEY, "null"))
-    )
+    names = gallery.classes if gallery is not None else _class_names(index)
     if labels is not None and len(set(ids_.tolist())) < len(ids_):
         labels = None  # ids that repeat do not name one label
     where = {int(i): n for n, i in enumerate(ids_)} if labels is not None else {}
@@ -596,7 +607,8 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
             line = f"  {rank:>3}  {score:.4f}  id {int(i)}"
             if labels is not None:
                 label = int(labels[where[int(i)]])
-                line += f"  label {names[label] if names is not None else label}"
+                named = names is not None and 0 <= label < len(names)
+                line += f"  label {names[label] if named else label}"
             if gallery is not None:
                 line += f"  {gallery.describe(int(i))}"
             print(line)

@@ -343,12 +343,14 @@ class RunModel:
     def history(self) -> list:
         """The per-epoch records of ``metrics.jsonl``."""
         path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
+        return [_json_record(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
 
     @property
     def summary(self) -> dict:
         """The run's ``summary.json`` (written when the run finished)."""
-        return json.loads((self.run_dir / "summary.json").read_text())
+        path = self.run_dir / "summary.json"
+        return _json_record(path, None, path.read_text())
 
     def embed(self, images: torch.Tensor, *, root: Optional[PathLike] = None) -> torch.Tensor:
         """Embeddings of a tensor of images N x C x H x W (uint8: the run's
@@ -455,6 +457,19 @@ class RunModel:
 
         export._check_format(format)
         return export.save(self.to_torch(), path, format=format)
+
+
+def _json_record(path: pathlib.Path, line: Optional[int], text: str) -> dict:
+    """A JSON object of a run's file, or a ValueError naming the file (and
+    line) that does not hold one."""
+    where = f"{path}" if line is None else f"{path}, line {line}"
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def load_run(
