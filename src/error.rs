@@ -126,6 +126,20 @@ pub(crate) fn at_least<T: PartialOrd + std::fmt::Display>(
     }
 }
 
+/// Returns `Err(Error::InvalidArgument)` ("`arg`: expected at most `max`,
+/// got `value`") unless `value <= max`.
+pub(crate) fn at_most<T: PartialOrd + std::fmt::Display>(
+    arg: &str,
+    value: T,
+    max: T,
+) -> Result<()> {
+    if value <= max {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, value, format!("at most {max}")))
+    }
+}
+
 /// Returns `Err(Error::InvalidArgument)` ("`arg`: expected a finite number
 /// > 0, got `value`") unless `value` is finite and positive.
 pub(crate) fn positive(arg: &str, value: f64) -> Result<()> {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::decode::{self, Format};
 use super::image::Image;
 use super::jpeg;
-use crate::error::{at_least, ensure, Error, Result};
+use crate::error::{at_least, at_most, ensure, Error, Result};
 use crate::rng::Rng;
 
 /// Pixels decoded around a JPEG region so that its chroma upsampling has
@@ -209,12 +209,7 @@ impl Transform {
                 || resize.to_string(),
                 format!("at least size ({size}) and at most {MAX_SIDE}"),
             )?,
-            Geometry::PadCrop { pad } => ensure(
-                *pad <= MAX_SIDE,
-                "pad",
-                || pad.to_string(),
-                format!("at most {MAX_SIDE}"),
-            )?,
+            Geometry::PadCrop { pad } => at_most("pad", *pad, MAX_SIDE)?,
         }
         let affine = affine(&normalization, channels)?;
         let (lut, source) = affine.tables();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{at_least, non_negative, one_of, positive, Error, Result};
+use crate::error::{at_least, at_most, non_negative, one_of, positive, Error, Result};
 use crate::eval::Metric;
 use crate::loss::{GroupLossOptions, GroupLossSettings};
 
@@ -487,14 +487,7 @@ impl TrainConfig {
         positive("classifier_scale", self.classifier_scale)?;
         crate::data::dataset::check_val_fraction(self.val_fraction)?;
         at_least("embedding_size", self.embedding_size, 0)?;
-        let widest = MAX_EMBEDDING_SIZE;
-        let size = self.embedding_size;
-        crate::error::ensure(
-            size <= widest,
-            "embedding_size",
-            || size.to_string(),
-            format!("at most {widest}"),
-        )?;
+        at_most("embedding_size", self.embedding_size, MAX_EMBEDDING_SIZE)?;
         let least_k = least_count("recall_ks");
         if self.recall_ks.is_empty() || self.recall_ks.iter().any(|&k| k < least_k) {
             return Err(Error::invalid(
@@ -512,12 +505,7 @@ impl TrainConfig {
             ("resize_size", self.resize_size),
             ("pad_jitter", self.pad_jitter),
         ] {
-            crate::error::ensure(
-                value <= side,
-                arg,
-                || value.to_string(),
-                format!("at most {side}"),
-            )?;
+            at_most(arg, value, side)?;
         }
         non_negative("triplet_margin", self.triplet_margin)
     }

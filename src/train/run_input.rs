@@ -76,11 +76,9 @@ impl RunInput {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let input: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path.display().to_string(), None, e.to_string()))?;
-        input
-            .check()
-            .map_err(|e| Error::format(path.display().to_string(), None, e.to_string()))?;
+        let bad = |e: &dyn std::fmt::Display| Error::format(&path, None, e.to_string());
+        let input: Self = serde_json::from_str(&text).map_err(|e| bad(&e))?;
+        input.check().map_err(|e| bad(&e))?;
         Ok(Some(input))
     }
 
