@@ -585,6 +585,101 @@ def test_zero_variance_rows_give_no_nan():
     assert w[0, 0] == 1 and (w[0, 1:] == 0).all()
 
 
+def _sparse_class_batch():
+    """Class 2 (one sample, an anchor) almost absent around its anchor: its
+    neighbours' prior gives it exp(-3900 / 80) ~ 7e-22, so after a step the
+    anchor's row sums to ~1e-22 and, in float32, the gradient of the zeros
+    of its one-hot row (1e43) overflows."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    emb = torch.randn(9, 8, generator=g, dtype=torch.float64)
+    logits = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    logits[:, 2] = -3900.0
+    kw = dict(temperature=80.0, num_anchors=1, num_iters=3, zero_diagonal=True)
+    return emb, labels, logits, kw
+
+
+def _found_by_hypothesis():
+    """The float32 batch test_properties found (embeddings ~1e-6 in 2-D,
+    a lone class-2 anchor among rows holding ~1e-23 of class 2)."""
+    emb = torch.tensor(
+        [
+            [-2.8650e-07, -6.6835e-07],
+            [1.5175e-06, 1.8911e-08],
+            [-9.9832e-07, -6.9496e-07],
+            [-2.8641e-07, -5.4050e-07],
+            [3.6897e-07, -3.5345e-07],
+            [-6.7469e-07, 8.0544e-07],
+            [-1.1772e-06, 6.3389e-07],
+            [-3.6987e-07, -8.9637e-07],
+            [1.3625e-06, -3.4146e-07],
+            [3.2967e-07, -1.0196e-06],
+            [-2.3246e-06, 1.6486e-06],
+        ],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 2, 0])
+    logits = torch.tensor(
+        [
+            [82.7302, -126.0546, -14.1156, -2403.6702, 732.2870, -247.7425],
+            [-978.9313, -70.2632, 409.1442, 832.9029, 1234.5281, 1549.5735],
+            [-548.9444, -250.2039, 1729.2542, -374.8749, 2126.9871, -1824.6227],
+            [-1596.0166, -777.4169, 1251.3474, 22.9771, -483.2616, 993.9559],
+            [437.4818, -755.5772, 402.5219, -1261.1010, -604.0803, 2570.2307],
+            [872.0852, 836.7053, -1395.6442, -1459.4452, 941.6412, 1309.7336],
+            [396.5524, -142.1185, 538.2755, -744.6594, -738.9079, 903.1686],
+            [820.0747, 1963.1621, -2122.7253, 295.6924, -457.3630, -1278.6882],
+            [-931.4257, 370.2640, -822.4453, -545.5923, -719.1126, 1446.3260],
+            [3327.7622, -657.6365, 1778.7836, 348.7674, -504.0734, -560.2267],
+            [663.4037, 1290.5621, 1224.0531, -1525.5701, 305.4696, 1156.2200],
+        ],
+        dtype=torch.float64,
+    )
+    kw = dict(temperature=80.0, num_anchors=3, num_iters=2, zero_diagonal=True)
+    return emb, labels, logits, kw
+
+
+def _loss_and_grads(emb, labels, logits, dtype, **kw):
+    e = emb.to(dtype).requires_grad_()
+    lg = logits.to(dtype).requires_grad_()
+    loss = F.group_loss(e, labels, lg, **kw)
+    loss.backward()
+    return loss.item(), e.grad.double(), lg.grad.double()
+
+
+def _max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("implementation", ["auto", "autograd", "libtorch", "fused_cpu"])
+def test_a_class_almost_absent_around_its_anchor_keeps_float32_gradients(implementation):
+    # The zeros of a row stay zero, so their gradient reaches nothing; carried,
+    # it overflowed and met the zero as inf * 0 (NaN in every gradient).
+    emb, labels, logits, kw = _sparse_class_batch()
+    want = reference_group_loss(emb, labels, logits, **kw)[0].item()
+    loss, ge, gl = _loss_and_grads(
+        emb, labels, logits, torch.float32, implementation=implementation, **kw
+    )
+    _, ge64, gl64 = _loss_and_grads(
+        emb, labels, logits, torch.float64, implementation="autograd", **kw
+    )
+    assert loss == pytest.approx(want, rel=1e-6)
+    assert _max_rel(ge, ge64) < 1e-4 and _max_rel(gl, gl64) < 1e-4
+
+    # In 2-D the correlation is +-1 wherever it is defined, so the true
+    # embedding gradient is 0 and any float's is rounding: finite is the claim.
+    emb, labels, logits, kw = _found_by_hypothesis()
+    loss, ge, gl = _loss_and_grads(
+        emb, labels, logits, torch.float32, implementation=implementation, **kw
+    )
+    _, _, gl64 = _loss_and_grads(
+        emb, labels, logits, torch.float64, implementation="autograd", **kw
+    )
+    assert torch.isfinite(ge).all()
+    assert loss == pytest.approx(1507.6434170, rel=1e-6)
+    assert _max_rel(gl, gl64) < 1e-4
+
+
 # ------------------------------------------------------ dtypes and devices
 
 

@@ -231,7 +231,13 @@ def group_loss(
             CPU, libtorch ops on other devices), ``"fused_cpu"``,
             ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
             slower, but supports double backward, which the closed forms
-            refuse with a RuntimeError). All give the same values.
+            refuse with a RuntimeError). All give the same values and
+            gradients. In each, an entry of the refined probabilities that
+            is exactly 0 (an anchor's zeros, a prior that underflowed, and
+            what the replicator steps make of them) passes no gradient: it
+            is a constant there, or its true value is below the float range,
+            and its gradient, carried, could overflow float32 and meet the 0
+            as ``inf * 0`` (NaN).
         memory_embeddings: (M, dims) labelled points from outside the batch
             (a memory of earlier batches' embeddings), or None. They join
             the group as anchors: rows of W and one-hot rows of X that are
@@ -387,8 +393,10 @@ def refine(
     one-hot vectors of their labels, then ``num_iters`` times
     ``X <- X * (w @ X)`` and each row is divided by its sum, ``w`` being the
     similarity W (:func:`similarity`). A row whose update sums to 0 is left
-    unchanged (the release divides 0 by 0 there). (0.x's ``W=`` still
-    works, with a ``FutureWarning``.)
+    unchanged (the release divides 0 by 0 there). Gradients are autograd's
+    through these steps, at the zeros of ``probs`` too (the loss, whose
+    zeros are constants, passes none there: see :func:`group_loss`).
+    (0.x's ``W=`` still works, with a ``FutureWarning``.)
     """
     w = renamed_keywords("refine", renamed, {"W": "w"}).get("w", w)
     for name, t in (("probs", probs), ("w", w), ("labels", labels), ("anchor_mask", anchor_mask)):

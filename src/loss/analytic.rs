@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::anchors::anchor_mask;
 use super::checks::check_inputs;
-use super::refine::{apply_anchors, compute_kind, min_normal};
+use super::refine::{apply_anchors, compute_kind, min_normal, on_support};
 use super::similarity::SimilarityPass;
 use super::{GroupLossOptions, GroupLossOutput};
 use crate::error::Result;
@@ -268,7 +268,9 @@ impl LastStep {
         // Gradient of the NLL w.r.t. X_T[i, y_i], then through the row
         // normalisation: dN[i, k] = b_i + [k = y_i] a_i, with
         // c_i = a_i + b_i = g_i (1 - p_i) / s_i and 1 - p_i = s~_i / s_i.
-        let gi = (p + 1e-12).reciprocal() * (-gtg_weight / n);
+        // A label probability that is exactly 0 passes nothing
+        // (refine::gradient_on_support).
+        let gi = ((p + 1e-12).reciprocal() * (-gtg_weight / n)).where_scalarother(&p.ne(0.0), 0.0);
         let zero = gi.zeros_like();
         let a_coef = (&gi / safe_s).where_self(ok, &zero);
         let b_coef = (-&gi * p / safe_s).where_self(ok, &zero);
@@ -308,13 +310,16 @@ impl LastStep {
 }
 
 /// dX0 and dW from the last step's input's `dx` and `dw`, back through the
-/// kept steps.
+/// kept steps. dN is kept on the support of the X it multiplies
+/// ([`on_support`]): a zero entry of X stays zero, its gradient reaches
+/// nothing, and carried it could overflow and meet the zero as inf * 0.
 fn backward_steps(steps: &[Step], w: &Tensor, mut dx: Tensor, mut dw: Tensor) -> (Tensor, Tensor) {
     for st in steps.iter().rev() {
         let r = rowsum(&(&dx * &st.x));
         // st.s and st.ok keep their row dimension (n x 1).
         let ok2 = &st.ok;
         let dn = ((&dx - r) / &st.s.where_scalarother(ok2, 1.0)).where_scalarother(ok2, 0.0);
+        let dn = on_support(&dn, &st.x_prev);
         let da = &dn * &st.x_prev;
         let pass = dx.where_scalarother(&ok2.logical_not(), 0.0);
         dw += da.mm(&st.x_prev.transpose(0, 1));

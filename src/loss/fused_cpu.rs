@@ -995,7 +995,18 @@ impl<T: Real> LastStep<T> {
         let (xy, s, p, ok) = (&self.xy, &self.s, &self.p, &self.ok);
         let eps = T::from_f64(1e-12);
         let gw = T::from_f64(-gtg_weight / n as f64);
-        let gi: Vec<T> = p.iter().map(|&v| gw / (v + eps)).collect();
+        // A label probability that is exactly 0 passes nothing (the rule of
+        // refine::gradient_on_support).
+        let gi: Vec<T> = p
+            .iter()
+            .map(|&v| {
+                if v == T::ZERO {
+                    T::ZERO
+                } else {
+                    gw / (v + eps)
+                }
+            })
+            .collect();
         let coef = |f: &dyn Fn(usize) -> T| -> Vec<T> {
             (0..n).map(|i| if ok[i] { f(i) } else { T::ZERO }).collect()
         };
@@ -1088,7 +1099,10 @@ fn backward_steps<T: Real>(
                     let rr = dot(&dxs[r.clone()], &xt[r.clone()]);
                     let inv = T::ONE / st.s[i];
                     for k in r {
-                        dn[k] = (dxs[k] - rr) * inv;
+                        // dN on the support of X (refine::on_support).
+                        if xp[k] != T::ZERO {
+                            dn[k] = (dxs[k] - rr) * inv;
+                        }
                         das[k] = dn[k] * xp[k];
                     }
                 } else {

@@ -16,23 +16,39 @@ pub fn apply_anchors(probs: &Tensor, labels: &Tensor, anchor_mask: &Tensor) -> T
 /// A row whose update sums to zero (a sample similar to nothing, with a zeroed
 /// diagonal, or whose support vanished) or to less than the smallest normal
 /// number is left as it is: the release divides 0 by 0 there, and below the
-/// normal range the division's gradient overflows. Everywhere else the result is exactly the release's.
+/// normal range the division's gradient overflows. Everywhere else the
+/// result and its autograd gradient are exactly the release's, the gradient
+/// of `probs`' zeros included.
 pub fn replicator(probs: &Tensor, w: &Tensor, num_iters: i64) -> Tensor {
-    replicator_with_support(probs, w, None, num_iters)
+    steps(probs, w, None, num_iters, false)
 }
 
-/// [`replicator`] with `support` (n x m, fixed) added to `W X` at every
-/// step: the pull of labelled points outside the batch, `W_bm Y_m` for
-/// their similarities `W_bm` to the batch and their one-hot rows `Y_m`
-/// (which replicator steps leave one-hot).
+/// The loss's [`replicator`]: `support` (n x m, fixed) added to `W X` at
+/// every step, the pull of labelled points outside the batch (`W_bm Y_m`
+/// for their similarities `W_bm` to the batch and their one-hot rows `Y_m`,
+/// which replicator steps leave one-hot), and no gradient through the exact
+/// zeros of X, from X0 to the result ([`gradient_on_support`]).
 pub fn replicator_with_support(
     probs: &Tensor,
     w: &Tensor,
     support: Option<&Tensor>,
     num_iters: i64,
 ) -> Tensor {
+    steps(probs, w, support, num_iters, true)
+}
+
+fn steps(
+    probs: &Tensor,
+    w: &Tensor,
+    support: Option<&Tensor>,
+    num_iters: i64,
+    zeros_constant: bool,
+) -> Tensor {
     let mut x = probs.shallow_clone();
     for _ in 0..num_iters {
+        if zeros_constant {
+            x = gradient_on_support(&x);
+        }
         let pull = match support {
             Some(s) => w.mm(&x) + s,
             None => w.mm(&x),
@@ -43,7 +59,35 @@ pub fn replicator_with_support(
         let safe_total = total.where_scalarother(&ok, 1.0);
         x = (num / safe_total).where_self(&ok, &x);
     }
-    x
+    if zeros_constant {
+        gradient_on_support(&x)
+    } else {
+        x
+    }
+}
+
+/// `x` whose exact zeros pass no gradient back (autograd).
+///
+/// In the loss an exact zero of X is a constant: X0's zeros are the anchors'
+/// one-hot rows or a prior that underflowed (derivative 0), and a step's
+/// zero comes from a zero of X or of W X, whose terms each have a factor
+/// that is such a zero or a W entry clipped by the relu (or the zeroed
+/// diagonal). Where a product underflowed instead, the derivative is
+/// proportional to the true value, below the float range. Carried anyway,
+/// the gradient of a zero can overflow (an anchor whose neighbours hold
+/// 1e-23 of its class has 1e43 there in float32; a label probability of 0
+/// has 1e12 / n, divided by its row's sum), and inf * 0 made every
+/// gradient NaN. [`on_support`] is the same rule for the closed-form
+/// backward.
+pub fn gradient_on_support(x: &Tensor) -> Tensor {
+    let nonzero = tch::no_grad(|| x.ne(0.0));
+    x.where_self(&nonzero, &x.detach())
+}
+
+/// `grad`, the gradient of X, where `x` is non-zero and 0 elsewhere: see
+/// [`gradient_on_support`].
+pub fn on_support(grad: &Tensor, x: &Tensor) -> Tensor {
+    grad.where_scalarother(&x.ne(0.0), 0.0)
 }
 
 /// The smallest positive normal number of `kind`: row sums at or below it
