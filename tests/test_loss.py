@@ -431,6 +431,30 @@ def test_refine_matches_the_loss_probabilities():
     torch.testing.assert_close(x, ref_x, rtol=1e-12, atol=1e-12)
 
 
+def test_refine_differentiates_the_zeros_of_its_probabilities():
+    # The loss drops the gradient of X's exact zeros (constants there);
+    # F.refine takes any probabilities and keeps autograd's, zeros included.
+    emb, labels, logits = pk_batch(3, 4, m=5, d=8, seed=21)
+    w = F.similarity(emb)
+    prior = torch.softmax(logits, dim=1)
+    prior[0, 1] = 0.0
+    prior[5, 3] = 0.0
+    no_anchors = torch.zeros(len(labels), dtype=torch.bool)
+    seed = torch.randn(prior.shape, generator=torch.Generator().manual_seed(1), dtype=prior.dtype)
+
+    def by_hand(x):
+        for _ in range(2):
+            x = x * (w @ x)
+            x = x / x.sum(dim=1, keepdim=True)
+        return x
+
+    got, want = prior.clone().requires_grad_(), prior.clone().requires_grad_()
+    (F.refine(got, w, labels, no_anchors, num_iters=2) * seed).sum().backward()
+    (by_hand(want) * seed).sum().backward()
+    assert got.grad[0, 1] != 0 and got.grad[5, 3] != 0
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_batch_classes_only_equals_refining_the_restricted_prior():
     emb, labels, logits = pk_batch(3, 4, m=50, d=8, seed=15)
     out = F.group_loss(emb, labels, logits, batch_classes_only=True, return_details=True)
