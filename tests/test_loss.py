@@ -431,6 +431,98 @@ def test_refine_matches_the_loss_probabilities():
     torch.testing.assert_close(x, ref_x, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("implementation", ["auto", "autograd", "libtorch", "fused_cpu"])
+def test_a_label_probability_of_exactly_zero_keeps_float32_gradients(implementation):
+    # Sample 2 (class 3) is pulled by the class-0 anchor alone: its refined
+    # class-3 probability is exactly 0 and its row sums to ~1e-30, so the
+    # NLL's 1e12 / n over that sum overflowed float32 (NaN in every path).
+    emb = torch.tensor(
+        [
+            [1.1930, -0.5592, 0.3592, 1.2947],
+            [-0.1330, -1.2403, -0.6878, -0.0665],
+            [-1.4715, -0.6946, 1.2820, -0.6147],
+            [-1.3742, 1.2279, 0.2802, -0.4485],
+        ],
+        dtype=torch.float64,
+    )
+    logits = torch.tensor(
+        [
+            [-1.985, 11.535, -2.944, 13.954, -6.732, -7.504, 17.820],
+            [-3.920, -4.474, -1.577, -24.096, -5.855, 5.600, -16.115],
+            [-13.569, 20.527, 15.772, 18.590, 1.709, -18.973, 13.198],
+            [-6.894, -0.299, 9.546, -0.660, -14.508, 6.835, -11.867],
+        ],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([5, 3, 3, 0])
+    kw = dict(temperature=0.5, num_anchors=1, num_iters=1, zero_diagonal=True)
+    out = F.group_loss(
+        emb.float(),
+        labels,
+        logits.float(),
+        implementation=implementation,
+        return_details=True,
+        **kw,
+    )
+    assert out.probs[2, 3] == 0
+    loss, ge, gl = _loss_and_grads(
+        emb, labels, logits, torch.float32, implementation=implementation, **kw
+    )
+    # Sample 0, similar to nothing, is 0 / 0 in the spec's computation: the
+    # float64 autograd path is the reference (its gradient of the embeddings
+    # is exactly 0 here: every W entry that could lift p is clipped).
+    want, ge64, gl64 = _loss_and_grads(
+        emb, labels, logits, torch.float64, implementation="autograd", **kw
+    )
+    assert loss == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(ge, ge64, rtol=0, atol=1e-6)
+    assert _max_rel(gl, gl64) < 1e-4
+
+
+def test_the_implementations_agree_on_a_gaussian_w_below_the_normal_range():
+    # Samples 10-20 sigma apart: every W entry underflows. The fused kernels'
+    # exp gave the smallest normal number there (libtorch: 0), which changed
+    # the rows kept as they are, the loss (948.7795 against 948.7981) and
+    # made the fused gradients NaN.
+    emb = torch.tensor(
+        [
+            [-12.73, -0.73, -12.51],
+            [1.25, -9.41, 9.99],
+            [-22.80, 10.09, -7.48],
+            [2.63, 11.32, 7.06],
+            [-17.41, -14.23, -1.45],
+        ]
+    )
+    labels = torch.tensor([2, 0, 3, 3, 3])
+    logits = torch.tensor(
+        [
+            [308.08, -461.30, 1153.96, -903.43, -1456.03, -720.84],
+            [373.05, -644.79, -941.23, 515.73, -448.95, -275.08],
+            [-457.94, -52.53, 62.51, 330.65, 1633.50, -41.99],
+            [-2478.73, 1361.27, -2092.47, -742.64, -458.62, -270.50],
+            [-431.37, 519.58, 2057.74, 903.68, 232.32, -696.79],
+        ]
+    )
+    kw = dict(
+        similarity="gaussian",
+        sigma=1.0,
+        similarity_power=3.0,
+        zero_diagonal=True,
+        num_anchors=1,
+        temperature=80.0,
+    )
+    results = {
+        impl: _loss_and_grads(emb, labels, logits, torch.float32, implementation=impl, **kw)
+        for impl in ("autograd", "libtorch", "fused_cpu")
+    }
+    loss, ge, gl = results["autograd"]
+    assert torch.isfinite(ge).all() and torch.isfinite(gl).all()
+    for other_loss, other_ge, other_gl in results.values():
+        assert other_loss == pytest.approx(loss, rel=1e-6)
+        torch.testing.assert_close(other_ge, ge, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(other_gl, gl, rtol=1e-4, atol=1e-6)
+
+
 def test_refine_differentiates_the_zeros_of_its_probabilities():
     # The loss drops the gradient of X's exact zeros (constants there);
     # F.refine takes any probabilities and keeps autograd's, zeros included.
@@ -664,8 +756,8 @@ def _found_by_hypothesis():
 
 
 def _loss_and_grads(emb, labels, logits, dtype, **kw):
-    e = emb.to(dtype).requires_grad_()
-    lg = logits.to(dtype).requires_grad_()
+    e = emb.to(dtype).clone().requires_grad_()
+    lg = logits.to(dtype).clone().requires_grad_()
     loss = F.group_loss(e, labels, lg, **kw)
     loss.backward()
     return loss.item(), e.grad.double(), lg.grad.double()

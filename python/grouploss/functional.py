@@ -235,9 +235,11 @@ def group_loss(
             gradients. In each, an entry of the refined probabilities that
             is exactly 0 (an anchor's zeros, a prior that underflowed, and
             what the replicator steps make of them) passes no gradient: it
-            is a constant there, or its true value is below the float range,
-            and its gradient, carried, could overflow float32 and meet the 0
-            as ``inf * 0`` (NaN).
+            is a constant there, and its gradient, carried, could overflow
+            float32 and meet the 0 as ``inf * 0`` (NaN). Where a 0 is a
+            product that underflowed instead (a sample many ``sigma`` from
+            all others with a gaussian W and a zeroed diagonal), the
+            gradient is lost with the value: compute in float64 there.
         memory_embeddings: (M, dims) labelled points from outside the batch
             (a memory of earlier batches' embeddings), or None. They join
             the group as anchors: rows of W and one-hot rows of X that are
@@ -260,7 +262,10 @@ def group_loss(
         gtg_weight: weight of the NLL of the refined probabilities.
         ce_weight: weight of the cross-entropy of the raw logits.
         similarity: ``"correlation"`` (release), ``"cosine"`` or ``"gaussian"``.
-        sigma: bandwidth of the gaussian similarity.
+        sigma: bandwidth of the gaussian similarity. In float32 with a
+            zeroed diagonal, samples so far from the others (in sigmas) that
+            their W entries lie near the bottom of the float range can give a
+            wrong loss and NaN gradients: use float64 or a larger sigma.
         similarity_power: sharpness of W, whose entries are raised to this
             power (>= 1; 1 is the release's W). Near pairs keep their weight,
             far ones fade: with many anchors the refinement then behaves like
@@ -395,7 +400,9 @@ def refine(
     similarity W (:func:`similarity`). A row whose update sums to 0 is left
     unchanged (the release divides 0 by 0 there). Gradients are autograd's
     through these steps, at the zeros of ``probs`` too (the loss, whose
-    zeros are constants, passes none there: see :func:`group_loss`).
+    zeros are constants, passes none there: see :func:`group_loss`); a loss
+    of your own on its result can therefore meet the float32 overflows that
+    :func:`group_loss` avoids.
     (0.x's ``W=`` still works, with a ``FutureWarning``.)
     """
     w = renamed_keywords("refine", renamed, {"W": "w"}).get("w", w)

@@ -104,7 +104,8 @@ class GroupLoss(nn.Module):
             adds it; the paper's text does not have it).
         similarity: ``"correlation"`` (release), ``"cosine"`` or
             ``"gaussian"`` (bandwidth ``sigma``).
-        sigma: bandwidth of the gaussian similarity.
+        sigma: bandwidth of the gaussian similarity (its float32 limit:
+            :func:`grouploss.functional.group_loss`).
         similarity_power: sharpness p of W: ``W = relu(S) ** p`` entrywise
             (>= 1; 1 is the release). Far pairs fade faster than near ones;
             for the gaussian W it is the bandwidth ``sigma / sqrt(p)``.

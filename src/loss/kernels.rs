@@ -85,10 +85,12 @@ impl_real!(f32, tiny: 1e-30, exp: exp_f32);
 
 /// exp for f32 without branches or calls, so loops over it vectorise
 /// (Cephes' expf: range reduction by ln 2 in two parts, degree-5
-/// polynomial; within 2 ulp on [-87.3, 88.7]). Inputs are clamped to that
-/// range: exp(-100) gives 1.2e-38 rather than 0, which no sum of the
-/// softmax can tell apart, and a conditional there would stop the
-/// vectoriser.
+/// polynomial; within 2 ulp on [-87.3, 88.7]). Above that range the input
+/// is clamped (3.4e38); below it the result is 0, where libtorch's exp
+/// gives subnormals and then 0: a gaussian W entry there is no weight at
+/// all, as in the libtorch paths, rather than the smallest normal number
+/// (which made rows pass the replicator's smallest-normal test that the
+/// other paths keep as they are). Both are selects, which vectorise.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -109,7 +111,12 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // 2^k from the bits of k + 127 + 2^23, whose low mantissa bits hold
     // k + 127 (a float-to-int cast would not vectorise).
     let bits = (k + 8_388_735.0).to_bits() << 23;
-    y * f32::from_bits(bits)
+    let e = y * f32::from_bits(bits);
+    if x < -87.336_54 {
+        0.0
+    } else {
+        e
+    }
 }
 
 const LANES: usize = 8;
@@ -522,7 +529,10 @@ mod tests {
             );
             x += 0.0137;
         }
-        assert!(exp_f32(-100.0) < 1.3e-38);
+        assert_eq!(exp_f32(-87.4), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(-87.3) > 1.1e-38);
         assert!(exp_f32(100.0) > 3.0e38);
         assert_eq!(exp_f32(0.0), 1.0);
     }

@@ -72,13 +72,14 @@ fn steps(
 /// one-hot rows or a prior that underflowed (derivative 0), and a step's
 /// zero comes from a zero of X or of W X, whose terms each have a factor
 /// that is such a zero or a W entry clipped by the relu (or the zeroed
-/// diagonal). Where a product underflowed instead, the derivative is
-/// proportional to the true value, below the float range. Carried anyway,
-/// the gradient of a zero can overflow (an anchor whose neighbours hold
-/// 1e-23 of its class has 1e43 there in float32; a label probability of 0
-/// has 1e12 / n, divided by its row's sum), and inf * 0 made every
-/// gradient NaN. [`on_support`] is the same rule for the closed-form
-/// backward.
+/// diagonal). Carried anyway, the gradient of such a zero can overflow (an
+/// anchor whose only unanchored neighbour gives its class 7e-23 has 1e43
+/// there in float32; a label probability of 0 has 1e12 / n, divided by its
+/// row's sum), and inf * 0 made every gradient NaN. Where a zero is a
+/// product that underflowed instead (a W entry within 1e-37 of the relu's
+/// kink, a row summing to 1e-35), the gradient it would carry is lost with
+/// its value: float32 holds neither. [`on_support`] is the same rule for
+/// the closed-form backward.
 pub fn gradient_on_support(x: &Tensor) -> Tensor {
     let nonzero = tch::no_grad(|| x.ne(0.0));
     x.where_self(&nonzero, &x.detach())
