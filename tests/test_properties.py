@@ -55,9 +55,10 @@ def loss_inputs(draw):
     num_iters=st.integers(1, 4),
     zero_diagonal=st.booleans(),
     stretch=st.sampled_from([None, 0.5, 0.9, 0.99]),
+    similarity=st.sampled_from(["correlation", "cosine"]),
 )
 def test_loss_and_gradients_are_finite_and_match_the_reference(
-    data, implementation, temperature, num_anchors, num_iters, zero_diagonal, stretch
+    data, implementation, temperature, num_anchors, num_iters, zero_diagonal, stretch, similarity
 ):
     emb, labels, logits = data
     # Where even the largest prior ratio of a row, exp(spread / T), leaves
@@ -79,6 +80,7 @@ def test_loss_and_gradients_are_finite_and_match_the_reference(
         num_anchors=num_anchors,
         num_iters=num_iters,
         zero_diagonal=zero_diagonal,
+        similarity=similarity,
     )
     loss = F.group_loss(emb, labels, logits, implementation=implementation, **kw)
     loss.backward()
