@@ -180,12 +180,7 @@ impl Transform {
         channels: usize,
     ) -> Result<Self> {
         at_least("size", size, 1)?;
-        ensure(
-            size <= MAX_SIDE,
-            "size",
-            || size.to_string(),
-            format!("at most {MAX_SIDE} pixels a side"),
-        )?;
+        at_most("size", size, MAX_SIDE)?;
         ensure(
             channels == 1 || channels == 3,
             "channels",

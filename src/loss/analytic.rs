@@ -268,9 +268,8 @@ impl LastStep {
         // Gradient of the NLL w.r.t. X_T[i, y_i], then through the row
         // normalisation: dN[i, k] = b_i + [k = y_i] a_i, with
         // c_i = a_i + b_i = g_i (1 - p_i) / s_i and 1 - p_i = s~_i / s_i.
-        // A label probability that is exactly 0 passes nothing
-        // (refine::gradient_on_support).
-        let gi = ((p + 1e-12).reciprocal() * (-gtg_weight / n)).where_scalarother(&p.ne(0.0), 0.0);
+        // A label probability that is exactly 0 passes nothing.
+        let gi = on_support(&((p + 1e-12).reciprocal() * (-gtg_weight / n)), p);
         let zero = gi.zeros_like();
         let a_coef = (&gi / safe_s).where_self(ok, &zero);
         let b_coef = (-&gi * p / safe_s).where_self(ok, &zero);

@@ -496,15 +496,13 @@ impl TrainConfig {
                 format!("a non-empty list of integers >= {least_k}"),
             ));
         }
-        at_least("image_size", self.image_size, 0)?;
-        at_least("resize_size", self.resize_size, 0)?;
-        at_least("pad_jitter", self.pad_jitter, 0)?;
         let side = crate::data::transform::MAX_SIDE as i64;
         for (arg, value) in [
             ("image_size", self.image_size),
             ("resize_size", self.resize_size),
             ("pad_jitter", self.pad_jitter),
         ] {
+            at_least(arg, value, 0)?;
             at_most(arg, value, side)?;
         }
         non_negative("triplet_margin", self.triplet_margin)
