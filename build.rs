@@ -1,4 +1,4 @@
-//! Builds the C++ halves of `model::script` and `train::autocast` (what
+//! Builds the C++ halves of `model::script`, `train::autocast` and `names` (what
 //! tch's C API does not reach) and sets the link flags for
 //! binaries that load libtorch without Python (tests, examples).
 //!
@@ -10,7 +10,11 @@
 //! without it a test binary on a GPU machine would see no CUDA device.
 use std::path::Path;
 
-const CPP_FILES: [&str; 2] = ["src/model/script.cpp", "src/train/autocast.cpp"];
+const CPP_FILES: [&str; 3] = [
+    "src/model/script.cpp",
+    "src/train/autocast.cpp",
+    "src/names.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

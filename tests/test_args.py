@@ -88,3 +88,71 @@ def test_dataset_arguments_are_checked_not_coerced():
     ]:
         with pytest.raises(ValueError, match=rf"^{name}: expected "):
             ds(FASHION, **kw)
+
+
+def _meta(*shape, labels=False):
+    if labels:
+        return torch.zeros(shape, dtype=torch.long, device="meta")
+    return torch.empty(shape, device="meta")
+
+
+def _index_holding_one():
+    index = grouploss.Index(4)
+    index.add(torch.randn(3, 4))
+    return index
+
+
+# Every public function that takes tensors, given a meta tensor (no data;
+# tch's C API reports it, and xpu's, as an mps device): once an internal
+# libtorch error "Cannot copy out of meta tensor" with a C++ backtrace, or
+# a panic, and "mps" in the messages that named a device.
+META = [
+    ("embeddings", lambda: F.group_loss(_meta(6, 4), torch.arange(6) % 2, torch.randn(6, 2))),
+    ("embeddings", lambda: GroupLoss(2)(_meta(6, 4), _meta(6, labels=True), _meta(6, 2))),
+    ("embeddings", lambda: F.similarity(_meta(6, 4))),
+    ("labels", lambda: F.anchor_mask(_meta(6, labels=True), 2)),
+    ("probs", lambda: F.refine(_meta(6, 2), _meta(6, 6), _meta(6, labels=True), _meta(6))),
+    ("embeddings", lambda: F.triplet_margin_loss(_meta(6, 4), torch.arange(6) % 2)),
+    ("embeddings", lambda: grouploss.metrics.evaluate(_meta(6, 4), torch.arange(6) % 2)),
+    ("labels", lambda: grouploss.metrics.evaluate(torch.randn(6, 4), _meta(6, labels=True))),
+    ("labels", lambda: grouploss.metrics.nmi(_meta(6, labels=True), torch.arange(6))),
+    ("x", lambda: grouploss.metrics.kmeans(_meta(6, 4), 2)),
+    ("embeddings", lambda: grouploss.metrics.knn(_meta(6, 4), 2)),
+    ("embeddings", lambda: grouploss.Index(4).add(_meta(3, 4))),
+    ("queries", lambda: _index_holding_one().search(_meta(2, 4), 1)),
+]
+
+
+@pytest.mark.parametrize("name, call", META, ids=[f"{n}-{i}" for i, (n, _) in enumerate(META)])
+def test_a_tensor_without_data_is_refused_by_name(name, call):
+    message = rf"^{name}: expected a tensor on cpu or cuda, got a tensor on meta$"
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("embeddings", lambda e, y: torch.func.vmap(lambda x: F.group_loss(x, y, x[:, :2]))(e)),
+        ("embeddings", lambda e, y: torch.func.vmap(lambda x: F.similarity(x))(e)),
+        (
+            "embeddings",
+            lambda e, y: torch.func.jacfwd(lambda x: F.group_loss(x, y, x[:, :2]))(e[0]),
+        ),
+        ("embeddings", lambda e, y: torch.func.vmap(lambda x: grouploss.metrics.knn(x, 1)[0])(e)),
+        ("x", lambda e, y: torch.func.vmap(lambda x: grouploss.metrics.kmeans(x, 2)[1])(e)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_the_wrappers_of_torch_func_are_refused_by_name(name, call):
+    """Once an internal error (a panic on "Cannot access data pointer")."""
+    e, y = torch.randn(3, 6, 4), torch.arange(6) % 2
+    message = rf"^{name}: expected a tensor with data, got a wrapper without data \(torch.func's"
+    with pytest.raises(ValueError, match=message):
+        call(e, y)
+
+
+def test_a_device_mismatch_names_both_devices():
+    message = r"^labels: expected the device of embeddings \(cpu\), got device meta$"
+    with pytest.raises(ValueError, match=message):
+        F.group_loss(torch.randn(6, 4), _meta(6, labels=True), torch.randn(6, 2))

@@ -8,9 +8,11 @@
 
 use tch::{Kind, Tensor};
 
-use super::input::{block_rows, check_batch_size, check_embeddings, check_k, prepare};
+use super::input::{
+    block_rows, check_batch_size, check_embeddings, check_k, prepare, shared_compute_kind,
+};
 use crate::error::{ensure, Result};
-use crate::names::device_name;
+use crate::loss::checks::check_same_device;
 
 /// The `k` largest entries of every row of `s` (b x n, `k <= n`) and their
 /// column indices, ordered by (-value, column). Exact under ties: a row whose
@@ -85,9 +87,10 @@ pub fn knn(
         check_query_like(q, "query_embeddings", embeddings, "embeddings", 1)?;
     }
     check_batch_size(opts.batch_size)?;
-    let g = prepare(embeddings, opts.normalize);
+    let kind = shared_compute_kind(embeddings, query);
+    let g = prepare(embeddings, kind, opts.normalize);
     let q = match query {
-        Some(q) => prepare(q, opts.normalize),
+        Some(q) => prepare(q, kind, opts.normalize),
         None => g.shallow_clone(),
     };
     let n = g.size()[0];
@@ -128,12 +131,7 @@ pub(crate) fn check_query_like(
         || format!("{} columns", q.size()[1]),
         format!("as many columns as {g_arg} ({})", g.size()[1]),
     )?;
-    ensure(
-        q.device() == g.device(),
-        arg,
-        || format!("device {}", device_name(q.device())),
-        format!("the device of {g_arg} ({})", device_name(g.device())),
-    )
+    check_same_device(g_arg, g, &[(arg, q)])
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::GroupLossOptions;
 use crate::error::{at_least, ensure, Error, Result};
-use crate::names::{device_name, dtype_name};
+use crate::names::{dtype_name, has_own_data, is_supported_device, tensor_device_name};
 
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(
@@ -26,8 +26,25 @@ pub(crate) fn shape(t: &Tensor) -> String {
     format!("{:?}", t.size())
 }
 
-/// A strided (dense) tensor: sparse and mkldnn layouts lack most ops used here.
+/// A strided (dense) tensor with data on the CPU or a CUDA device: sparse
+/// and mkldnn layouts lack most ops used here, a `meta` tensor has no data,
+/// the other devices (`mps`, `xpu`) are not supported, and the tensors of
+/// torch.func's transforms and of torch.export's tracing hold no data.
 pub(crate) fn check_dense(t: &Tensor, arg: &str) -> Result<()> {
+    ensure(
+        is_supported_device(t),
+        arg,
+        || format!("a tensor on {}", tensor_device_name(t)),
+        "a tensor on cpu or cuda",
+    )?;
+    ensure(
+        has_own_data(t),
+        arg,
+        || {
+            "a wrapper without data (torch.func's vmap, grad, jacrev and jacfwd, and torch.export, are not supported)".into()
+        },
+        "a tensor with data",
+    )?;
     ensure(
         !t.is_sparse() && !t.is_mkldnn(),
         arg,
@@ -63,8 +80,11 @@ pub(crate) fn check_same_device(
         ensure(
             t.device() == device,
             arg,
-            || format!("device {}", device_name(t.device())),
-            format!("the device of {ref_arg} ({})", device_name(device)),
+            || format!("device {}", tensor_device_name(t)),
+            format!(
+                "the device of {ref_arg} ({})",
+                tensor_device_name(reference)
+            ),
         )?;
     }
     Ok(())

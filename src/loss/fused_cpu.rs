@@ -28,7 +28,7 @@ use super::threads::{self, par_rows};
 use super::GroupLossOptions;
 use super::GroupLossOutput;
 use crate::error::{Error, Result};
-use crate::names::device_name;
+use crate::names::tensor_device_name;
 
 /// A contiguous CPU tensor viewed as a slice of `T`.
 ///
@@ -217,10 +217,7 @@ pub(crate) fn group_loss_with_grads(
     if emb.device() != Device::Cpu {
         return Err(Error::invalid(
             "implementation",
-            format!(
-                "\"fused_cpu\" with tensors on {}",
-                device_name(emb.device())
-            ),
+            format!("\"fused_cpu\" with tensors on {}", tensor_device_name(emb)),
             "CPU tensors (use \"auto\" or \"libtorch\" on other devices)",
         ));
     }
