@@ -15,6 +15,7 @@ import inspect
 from typing import Any, NamedTuple, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _native
 from ._args import SEED_MAX, boolean, integer, number
@@ -57,11 +58,6 @@ class GroupLossOutput(NamedTuple):
 # torch has no such query, it is taken as kept.
 _graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
-_TWICE = (
-    b"the Group Loss's closed-form gradients cannot be differentiated again "
-    b"(create_graph=True): use implementation='autograd' for double backward"
-)
-
 
 def _seeded(grad_loss, g_emb, g_logits):
     """The closed-form gradients times the backward seed. The usual
@@ -76,19 +72,38 @@ def _seeded(grad_loss, g_emb, g_logits):
     return g_emb * grad_loss, g_logits * grad_loss
 
 
+def _save(ctx, r, embeddings, logits, labels, call) -> None:
+    """Saves the closed-form gradients, and the inputs from which
+    :func:`_differentiable_grads` recomputes them (as PyTorch's own losses
+    save theirs: changing one in place before backward is an error)."""
+    ctx.save_for_backward(r.grad_embeddings, r.grad_logits, embeddings, logits, labels)
+    ctx.call = call
+
+
 def _backward(ctx, grad_loss):
-    """The inputs' gradients of a closed-form node. Under ``create_graph``
-    they are constants of the inputs, so differentiating them again must
-    raise (``once_differentiable`` would not: the seed does not require
-    grad), not come out as 0."""
+    """The inputs' gradients of a closed-form node: the saved ones, or under
+    ``create_graph`` (grad mode on in backward) gradients that can be
+    differentiated again."""
+    g_emb, g_logits, embeddings, logits, labels = ctx.saved_tensors
     if not torch.is_grad_enabled():  # the usual backward
-        return (*_seeded(grad_loss, *ctx.saved_tensors), None, None)
-    with torch.no_grad():
-        g_emb, g_logits = _seeded(grad_loss, *ctx.saved_tensors)
-    g_emb, g_logits = torch._C._functions.DelayedError(_TWICE, 2)(
-        g_emb.detach().requires_grad_(), g_logits.detach().requires_grad_()
-    )
-    return g_emb, g_logits, None, None
+        return (*_seeded(grad_loss, g_emb, g_logits), None, None)
+    grads = _differentiable_grads(embeddings, logits, labels, ctx.call, grad_loss)
+    return (*grads, None, None)
+
+
+def _differentiable_grads(embeddings, logits, labels, call, grad_loss):
+    """The gradients of the loss as functions of the inputs, for a backward
+    that builds a graph (``create_graph=True``: gradient penalties,
+    Hessians): the loss recomputed by the ``"autograd"`` implementation (the
+    same values) and differentiated with ``create_graph``. The closed forms'
+    gradients, constants of the inputs, would differentiate to 0 there."""
+    wanted = [t for t in (embeddings, logits) if t.requires_grad]
+    with torch.enable_grad():
+        loss = _native.group_loss(
+            embeddings, labels, logits, want_grads=False, **{**call, "implementation": "autograd"}
+        ).loss
+        found = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+    return tuple(next(found) if t.requires_grad else None for t in (embeddings, logits))
 
 
 class _GroupLoss(torch.autograd.Function):
@@ -105,7 +120,7 @@ class _GroupLoss(torch.autograd.Function):
         # Saved, not kept on ctx: autograd releases saved tensors right after
         # backward (unless retain_graph), so that the gradients handed over
         # become the leaves' .grad without a copy.
-        ctx.save_for_backward(r.grad_embeddings, r.grad_logits)
+        _save(ctx, r, embeddings, logits, labels, call)
         return r.loss
 
     @staticmethod
@@ -120,7 +135,7 @@ class _GroupLossDetails(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, logits, labels, call):
         r = _native.group_loss(embeddings, labels, logits, want_grads=True, want_probs=True, **call)
-        ctx.save_for_backward(r.grad_embeddings, r.grad_logits)
+        _save(ctx, r, embeddings, logits, labels, call)
         extras = [t for t in (r.nll, r.ce, r.probs, r.classes) if t is not None]
         if extras:
             ctx.mark_non_differentiable(*extras)
@@ -155,6 +170,25 @@ def _no_autocast(device: torch.device):
     except (TypeError, RuntimeError):
         enabled = False
     return torch.autocast(kind, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _carries_tangent(*tensors: torch.Tensor) -> bool:
+    """Whether a tensor is a dual one of forward-mode AD (inside
+    ``torch.autograd.forward_ad.dual_level``)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _refuse_tracing() -> None:
+    """``torch.jit.trace`` records torch ops only: the Rust core's loss would
+    be kept as the constant of the traced batch."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "group_loss cannot be traced by torch.jit.trace (the trace would keep the "
+            "traced batch's loss as a constant): compute the loss outside the traced "
+            "module, or export the model alone (grouploss.export)"
+        )
 
 
 def _draw_seed(seed: Optional[int]) -> int:
@@ -230,9 +264,14 @@ def group_loss(
         implementation: ``"auto"`` (closed-form gradients: fused kernels on
             CPU, libtorch ops on other devices), ``"fused_cpu"``,
             ``"libtorch"``, or ``"autograd"`` (autograd through libtorch ops;
-            slower, but supports double backward, which the closed forms
-            refuse with a RuntimeError). All give the same values and
-            gradients. In each, an entry of the refined probabilities that
+            slower). All give the same values and gradients. A backward with
+            ``create_graph=True`` (a gradient penalty, a Hessian) gets
+            gradients it can differentiate again from each: the closed forms
+            then recompute the loss by ``"autograd"`` in their backward.
+            Dual tensors of forward-mode AD (``torch.autograd.forward_ad``)
+            are computed by ``"autograd"`` whatever is asked. torch.func's
+            transforms (``vmap``, ``grad``, ``jacfwd``) and ``torch.jit.trace``
+            are refused. In each, an entry of the refined probabilities that
             is exactly 0 (an anchor's zeros, a prior that underflowed, and
             what the replicator steps make of them) passes no gradient: it
             is a constant there, and its gradient, carried, could overflow
@@ -288,6 +327,9 @@ def group_loss(
     embeddings = _require_tensor("embeddings", embeddings)
     labels = _require_tensor("labels", labels)
     logits = _require_tensor("logits", logits)
+    _refuse_tracing()
+    if _carries_tangent(embeddings, logits):
+        implementation = "autograd"  # the closed forms have no forward-mode derivative
     opts = loss_options(options, option_values, caller="group_loss")
     return_details = boolean("return_details", return_details)
     call = dict(

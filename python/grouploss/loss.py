@@ -136,9 +136,10 @@ class GroupLoss(nn.Module):
         implementation: ``"auto"`` computes the gradients in closed form in
             the same call as the loss (fused kernels on CPU, libtorch ops on
             CUDA); ``"fused_cpu"`` and ``"libtorch"`` force one of them;
-            ``"autograd"`` records libtorch ops for autograd instead (slower,
-            supports double backward, which the closed forms refuse with a
-            RuntimeError). All give the same values.
+            ``"autograd"`` records libtorch ops for autograd instead (slower).
+            All give the same values, and second derivatives
+            (``create_graph=True``): the closed forms recompute the loss by
+            ``"autograd"`` in such a backward.
         gather_ranks: under ``torch.distributed``, refine over the global
             batch: every rank's embeddings, logits and labels are gathered
             (with gradients, :func:`grouploss.distributed.gather_batches`),
