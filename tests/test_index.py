@@ -191,3 +191,53 @@ def _three() -> Index:
     index = Index(3)
     index.add(torch.randn(4, 3))
     return index
+
+
+@pytest.mark.parametrize(
+    "scale, dtype",
+    [
+        (2.0**130, np.float64),  # beyond float32's range: once stored as NaN
+        (2.0**-1000, np.float64),
+        (2.0**70, np.float32),  # squares overflow: once stored as zero rows
+        (2.0**-80, np.float32),  # squares underflow: once left unnormalised
+    ],
+)
+def test_rows_of_any_size_keep_their_direction(scale, dtype):
+    """Vectors and queries scaled by a power of two (exactly) are found as
+    the unscaled ones are, whatever their size in their dtype."""
+    rng = np.random.default_rng(4)
+    gallery, queries = halves(rng, 60), halves(rng, 7)
+    want_s, want_pos = brute(gallery, queries, 5)
+    index = Index(4)
+    index.add(gallery[:30])
+    index.add((gallery[30:].astype(dtype) * scale).astype(dtype))
+    for q in (queries, (queries.astype(dtype) * scale).astype(dtype)):
+        scores, ids = index.search(q, 5)
+        np.testing.assert_array_equal(ids, want_pos)
+        np.testing.assert_allclose(scores, want_s, atol=1e-6)
+
+
+def test_a_file_of_rows_that_add_would_not_store_is_refused(tmp_path):
+    """Scores are cosines of unit rows: a crafted file of longer rows (once
+    scored 3.0) or of no columns is refused."""
+    from safetensors.torch import save_file
+
+    ids = torch.arange(2)
+    for name, vectors in [
+        ("long", torch.full((2, 4), 1.5)),
+        ("empty", torch.zeros((2, 0))),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"vectors": vectors, "ids": ids}, str(path))
+        with pytest.raises(ValueError, match=rf"^path: .*{name}\.safetensors"):
+            Index.load(path)
+    zero_and_unit = torch.tensor([[0.0, 0.0], [0.6, 0.8]])
+    save_file({"vectors": zero_and_unit, "ids": ids}, str(tmp_path / "ok.safetensors"))
+    assert len(Index.load(tmp_path / "ok.safetensors")) == 2
+
+
+def test_an_empty_add_takes_empty_label_and_id_lists():
+    index = Index(2)
+    index.add(np.eye(2, dtype=np.float32), ids=[5, 6], labels=[0, 1])
+    index.add(np.zeros((0, 2), np.float32), ids=[], labels=[])  # once "expected integers"
+    assert len(index) == 2 and list(index.ids) == [5, 6]

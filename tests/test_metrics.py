@@ -434,6 +434,10 @@ def _x():
             lambda x, y: M.knn(x, 10),
             "k: expected 1 <= k <= 9, the number of gallery items per query, got 10",
         ),
+        (
+            lambda x, y: M.knn(x.numpy().astype(np.longdouble), 2),
+            "embeddings: expected a numeric array or tensor, got dtype float128",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, message):
@@ -515,9 +519,14 @@ def test_the_gallery_given_as_queries_leaves_each_query_out():
     emb = rng.normal(size=(300, 8)).astype(np.float32)
     labels = rng.integers(0, 40, size=300)
     same = M.evaluate(emb, labels, ks=(1, 5), include=ALL)
-    for q, ql in ((emb, labels), (emb.copy(), labels.copy()), (torch.from_numpy(emb), labels)):
+    for q, ql in (
+        (emb, labels),
+        (emb.copy(), labels.copy()),
+        (torch.from_numpy(emb), labels),
+        (emb.astype(np.float64), labels.astype(np.int32)),  # the same values, wider
+    ):
         got = M.evaluate(emb, labels, query_embeddings=q, query_labels=ql, ks=(1, 5), include=ALL)
-        assert got == same
+        assert_same(got, same, tol=1e-6)
     # Named by ids instead: the same figures.
     ids = np.arange(300) * 7
     got = M.evaluate(
@@ -594,3 +603,50 @@ def test_read_only_arrays_are_taken_without_a_warning(tmp_path):
         got = M.evaluate(e, y, **query)
     copies = {k: np.array(v) if k != "include" else v for k, v in query.items()}
     assert got == M.evaluate(np.array(e), np.array(y), **copies)
+
+
+def test_queries_and_gallery_of_different_dtypes_are_computed_in_the_wider():
+    """A float64 side makes both float64 (once an internal error, "expected
+    scalar type Double but found Float"); float16 and float32 meet in float32."""
+    rng = np.random.default_rng(5)
+    gallery = rng.normal(size=(40, 6)).astype(np.float32)
+    queries = rng.normal(size=(9, 6))
+    labels, query_labels = rng.integers(0, 4, size=40), rng.integers(0, 4, size=9)
+    for g, q, wide in [
+        (gallery, queries, np.float64),
+        (gallery.astype(np.float64), queries.astype(np.float32), np.float64),
+        (gallery.astype(np.float16), queries.astype(np.float32), np.float32),
+    ]:
+        args = dict(query_labels=query_labels, ks=(1, 3), include=ALL)
+        got = M.evaluate(g, labels, query_embeddings=q, **args)
+        want = M.evaluate(g.astype(wide), labels, query_embeddings=q.astype(wide), **args)
+        assert got == want
+        s, i = M.knn(g, 3, query_embeddings=q)
+        ws, wi = M.knn(g.astype(wide), 3, query_embeddings=q.astype(wide))
+        np.testing.assert_array_equal(i, wi)
+        assert s.dtype == ws.dtype == wide
+
+
+def test_float64_rows_far_below_float32s_range_are_normalised():
+    """Rows of 1e-60 rank as the same rows unscaled (once left unnormalised:
+    the floor of a row's scale was float32's smallest normal number)."""
+    x = np.array([[1.0, 0.0], [10.0, 10.0], [0.9, 0.0], [0.0, 1.0]])
+    y = [0, 1, 0, 1]
+    want = M.evaluate(x, y, ks=(1, 2), include=ALL)
+    assert M.evaluate(x * 2.0**-200, y, ks=(1, 2), include=ALL) == want
+    np.testing.assert_array_equal(M.knn(x * 2.0**-200, 2)[1], M.knn(x, 2)[1])
+
+
+def test_arrays_in_the_other_byte_order_are_read():
+    """Big-endian arrays (as some files store them): once a torch error that
+    named no argument."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(12, 3)), rng.integers(0, 3, size=12)
+    want = M.evaluate(x, y, ks=(1,))
+    assert M.evaluate(x.astype(">f8"), y.astype(">i4"), ks=(1,)) == want
+
+
+def test_empty_label_lists_are_integers():
+    """numpy reads ``[]`` as float64: once refused as "an integer dtype"."""
+    with pytest.raises(ValueError, match=r"^labels: expected at least one label"):
+        M.nmi([], [])

@@ -29,6 +29,8 @@ PathLike = Union[str, os.PathLike]
 def _int64(name: str, value: Any) -> Optional[torch.Tensor]:
     if value is None:
         return None
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        value = np.zeros(0, np.int64)  # numpy reads [] as float64
     t = _as_tensor(name, value)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name}: expected integers, got dtype {t.dtype}")

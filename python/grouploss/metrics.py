@@ -42,8 +42,13 @@ Definitions:
   classes and clusters, ``I(U; V) / ((H(U) + H(V)) / 2)`` (scikit-learn's
   default arithmetic normalisation).
 
-Similarities are computed in float64 for float64 inputs and in float32
-otherwise.
+Similarities are computed in float64 when the embeddings or the queries
+are float64, and in float32 otherwise. They come from matrix products in
+blocks, whose rounding depends on the blocks' shapes: items whose
+similarities are equal in exact arithmetic but not as computed (duplicate
+embeddings of different classes, a collapsed model's) can rank in either
+order, and that order can change with ``batch_size``; the ties that are
+broken by index are those of the computed values.
 
 Example:
 
@@ -108,8 +113,10 @@ def _as_tensor(name: str, value) -> torch.Tensor:
             return value
         value = value.cpu().numpy()  # checked below, as numpy's are
     arr = np.asarray(value)
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
         raise ValueError(f"{name}: expected a numeric array or tensor, got dtype {arr.dtype}")
+    if not arr.dtype.isnative:  # torch takes the machine's byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
         # int64 holds every value below 2**63; larger ones would wrap.
         if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
@@ -124,6 +131,8 @@ def _as_tensor(name: str, value) -> torch.Tensor:
 
 
 def _labels(name: str, value) -> torch.Tensor:
+    if isinstance(value, (list, tuple)) and len(value) == 0:
+        value = np.zeros(0, np.int64)  # numpy reads [] as float64
     t = _as_tensor(name, value)
     if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
         t = t.long()
@@ -149,17 +158,19 @@ def _query(query_embeddings, query_labels):
 
 
 def _same_set(qe, ql, e, y) -> bool:
-    """Whether the query set is the gallery itself."""
+    """Whether the query set is the gallery itself (the same values, in any
+    dtypes: a float32 gallery and its float64 copy are one set)."""
     if qe is e and ql is y:
         return True
-    return (
-        qe.shape == e.shape
-        and ql.shape == y.shape
-        and qe.dtype == e.dtype
-        and qe.device == e.device
-        and bool(torch.equal(qe, e))
-        and bool(torch.equal(ql.to(y.device), y))
-    )
+    if qe.shape != e.shape or ql.shape != y.shape or qe.device != e.device:
+        return False
+    return _equal(qe, e) and _equal(ql.to(y.device), y)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, compared in the dtype both widen to."""
+    wide = torch.promote_types(a.dtype, b.dtype)
+    return bool(torch.equal(a.to(wide), b.to(wide)))
 
 
 def _own_entries(query_ids, gallery_ids, m: int, n: int) -> torch.Tensor:

@@ -16,13 +16,19 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::input::{check_batch_size, check_embeddings, host_vec};
+use super::input::{
+    check_batch_size, check_embeddings, compute_kind, host_vec, normalize_rows_, prepare,
+};
 use super::knn::topk_ordered;
 use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
 use crate::error::{at_least, ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
 use crate::loss::{gemm, threads};
 use crate::names::{device_name, dtype_name};
+
+/// How far from 1 a stored row's norm may be in a file (float16 rows are
+/// within about 1e-3 of it).
+const UNIT_NORM_TOLERANCE: f64 = 1e-2;
 
 /// Rows per chunk of an `add` (its temporaries are a chunk's).
 const ADD_ROWS: i64 = 1_024;
@@ -258,11 +264,13 @@ impl Index {
             let chunk = embeddings.narrow(0, start, len);
             check_finite(&chunk, "embeddings")?;
             let mut rows = out.narrow(0, old + start, len);
-            if kind == Kind::Float {
+            if kind == Kind::Float && chunk.kind() == Kind::Float {
                 rows.copy_(&chunk);
-                let _ = rows.g_div_(&row_norms(&rows));
+                normalize_rows_(&mut rows);
             } else {
-                rows.copy_(&normalize(&chunk.to_device(device).to_kind(Kind::Float)));
+                // Normalised before the cast: float64 rows beyond float32's
+                // range (1e39) or below it keep their direction.
+                rows.copy_(&unit_rows(&chunk.to_device(device)));
             }
         }
         Ok(out)
@@ -326,7 +334,7 @@ impl Index {
         for start in (0..nq).step_by(rows as usize) {
             let len = rows.min(nq - start);
             let q = queries.narrow(0, start, len).to_device(self.device());
-            let q = normalize(&q.to_kind(Kind::Float));
+            let q = unit_rows(&q).to_kind(Kind::Float);
             let (s, i) = if cuda {
                 self.search_block(&q, k, block)?
             } else {
@@ -499,6 +507,7 @@ impl Index {
         let ids = ids.ok_or_else(|| bad_file(path, "no tensor \"ids\""))?;
         let rows = vectors.size().first().copied().unwrap_or(-1);
         let fits = vectors.dim() == 2
+            && vectors.size()[1] >= 1
             && matches!(vectors.kind(), Kind::Float | Kind::Half)
             && rows == ids.len() as i64
             && labels.as_ref().is_none_or(|l| l.len() == ids.len());
@@ -508,6 +517,17 @@ impl Index {
         // The search assumes finite vectors, as `add` checks them.
         if !bool::try_from(vectors.isfinite().all())? {
             return Err(bad_file(path, "vectors that are not all finite"));
+        }
+        // Scores are cosines: `add` stores unit rows (or zero ones).
+        let norms = vectors
+            .to_kind(Kind::Float)
+            .norm_scalaropt_dim(2, [1i64].as_slice(), false);
+        let unit = (&norms - 1.0)
+            .abs()
+            .le(UNIT_NORM_TOLERANCE)
+            .logical_or(&norms.eq(0.0));
+        if !bool::try_from(unit.all())? {
+            return Err(bad_file(path, "vectors that are not of unit length"));
         }
         Ok(Index {
             vectors: vectors.to_device(device),
@@ -599,15 +619,10 @@ fn offer_row(heap: &mut BinaryHeap<Hit>, lo: &mut f32, row: &[f32], col0: i64, k
     }
 }
 
-/// Rows scaled to unit length (zero rows stay zero).
-fn normalize(x: &Tensor) -> Tensor {
-    x / row_norms(x)
-}
-
-/// Every row's L2 norm (n x 1), at least 1e-12.
-fn row_norms(x: &Tensor) -> Tensor {
-    x.norm_scalaropt_dim(2, [1i64].as_slice(), true)
-        .clamp_min(1e-12)
+/// Rows scaled to unit length in their compute dtype (float64, else
+/// float32; zero rows stay zero).
+fn unit_rows(x: &Tensor) -> Tensor {
+    prepare(x, compute_kind(x.kind()), true)
 }
 
 #[cfg(test)]
@@ -633,10 +648,10 @@ mod tests {
         index.add(&g.narrow(0, 0, 120), None, None).unwrap();
         index.add(&g.narrow(0, 120, 180), None, None).unwrap();
         let q = random(&mut rng, 23, d);
-        let s = normalize(&q).matmul(&normalize(&g).tr());
+        let s = unit_rows(&q).matmul(&unit_rows(&g).tr());
         let (want_v, want_i) = topk_ordered(&s, k).unwrap();
         for block in [1, 7, 64, 300] {
-            let q = normalize(&q);
+            let q = unit_rows(&q);
             // The torch top-k (CUDA) and the Rust scans (CPU), over tiles.
             let mut found = vec![
                 index.search_block(&q, k, block).unwrap(),
@@ -666,7 +681,7 @@ mod tests {
         let (n, d, k) = (50, 1024, 5);
         let mut index = Index::new(d, Kind::Float, Device::Cpu).unwrap();
         index.add(&random(&mut rng, n, d), None, None).unwrap();
-        let q = normalize(&random(&mut rng, 700, d));
+        let q = unit_rows(&random(&mut rng, 700, d));
         let (want_v, want_i) = index.search_block(&q, k, 16).unwrap();
         let (v, i) = index.scan_block(&q, k, 16, true).unwrap();
         assert!(v.allclose(&want_v, 0.0, 1e-6, false));

@@ -29,25 +29,53 @@ pub(crate) fn elt_size(kind: Kind) -> i64 {
     }
 }
 
-/// A contiguous copy (or view) of `x` in the compute dtype, detached from
-/// autograd, with rows scaled to unit length when `normalize` is set (zero
-/// rows stay zero). Rows are first divided by their largest magnitude, so
-/// float32 rows of any size (1e-30 or 1e30, whose squares underflow or
-/// overflow) keep their direction.
-pub(crate) fn prepare(x: &Tensor, normalize: bool) -> Tensor {
-    let x = x.detach().to_kind(compute_kind(x.kind()));
+/// The dtype a gallery and its queries are computed in together: float64
+/// when either is float64 (the other widens exactly), else float32.
+pub(crate) fn shared_compute_kind(gallery: &Tensor, query: Option<&Tensor>) -> Kind {
+    let double = query.is_some_and(|q| q.kind() == Kind::Double);
+    compute_kind(if double { Kind::Double } else { gallery.kind() })
+}
+
+/// A contiguous copy (or view) of `x` in `kind` (a compute dtype), detached
+/// from autograd, with rows scaled to unit length when `normalize` is set
+/// (zero rows stay zero, see [`normalize_rows_`]).
+pub(crate) fn prepare(x: &Tensor, kind: Kind, normalize: bool) -> Tensor {
+    let x = x.detach().to_kind(kind);
     if !normalize {
         return x.contiguous();
     }
-    let peak = x
-        .abs()
+    let y = &x / row_peaks(&x);
+    (&y / row_norms(&y)).contiguous()
+}
+
+/// Scales the rows of `rows` (float32 or float64) to unit length in place,
+/// zero rows staying zero. Rows are first divided by their largest
+/// magnitude, so rows of any size (1e-30 or 1e30 in float32, whose squares
+/// underflow or overflow; down to 1e-308 in float64) keep their direction.
+pub(crate) fn normalize_rows_(rows: &mut Tensor) {
+    let peaks = row_peaks(rows);
+    let _ = rows.g_div_(&peaks);
+    let norms = row_norms(rows);
+    let _ = rows.g_div_(&norms);
+}
+
+/// Every row's largest magnitude (n x 1), at least the dtype's smallest
+/// normal number (zero rows divide by it and stay zero).
+fn row_peaks(x: &Tensor) -> Tensor {
+    let smallest_normal = if x.kind() == Kind::Double {
+        f64::MIN_POSITIVE
+    } else {
+        f32::MIN_POSITIVE as f64
+    };
+    x.abs()
         .amax([1i64].as_slice(), true)
-        .clamp_min(f32::MIN_POSITIVE as f64);
-    let y = &x / peak;
-    let norm = y
-        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-        .clamp_min(1e-12);
-    (&y / norm).contiguous()
+        .clamp_min(smallest_normal)
+}
+
+/// Every row's L2 norm (n x 1), at least 1e-12.
+fn row_norms(x: &Tensor) -> Tensor {
+    x.norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12)
 }
 
 /// A host vector of the elements of `t` (any device, any shape) as `T`.
@@ -123,17 +151,26 @@ mod tests {
     #[test]
     fn prepare_normalises_rows_and_keeps_zero_rows() {
         let x = Tensor::from_slice(&[3.0f64, 4.0, 0.0, 0.0]).reshape([2, 2]);
-        let p = prepare(&x, true);
+        let p = prepare(&x, Kind::Double, true);
         assert_eq!(host_vec::<f64>(&p).unwrap(), vec![0.6, 0.8, 0.0, 0.0]);
         assert_eq!(p.kind(), Kind::Double);
-        let h = prepare(&x.to_kind(Kind::Half), false);
-        assert_eq!(h.kind(), Kind::Float);
+        let half = x.to_kind(Kind::Half);
+        assert_eq!(shared_compute_kind(&half, None), Kind::Float);
+        assert_eq!(shared_compute_kind(&half, Some(&x)), Kind::Double);
+        assert_eq!(shared_compute_kind(&x, Some(&half)), Kind::Double);
         // float32 rows whose squared norm overflows or underflows.
         let big = Tensor::from_slice(&[3e30f32, 4e30, 3e-30, -4e-30]).reshape([2, 2]);
-        let p = host_vec::<f32>(&prepare(&big, true)).unwrap();
+        let p = host_vec::<f32>(&prepare(&big, Kind::Float, true)).unwrap();
         for (got, want) in p.iter().zip([0.6f32, 0.8, 0.6, -0.8]) {
             assert!((got - want).abs() < 1e-6, "{p:?}");
         }
+        // float64 rows far below float32's range.
+        let tiny = Tensor::from_slice(&[3e-300f64, -4e-300]).reshape([1, 2]);
+        let p = host_vec::<f64>(&prepare(&tiny, Kind::Double, true)).unwrap();
+        assert!(
+            (p[0] - 0.6).abs() < 1e-12 && (p[1] + 0.8).abs() < 1e-12,
+            "{p:?}"
+        );
     }
 
     #[test]

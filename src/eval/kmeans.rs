@@ -52,7 +52,8 @@
 use tch::{Kind, Tensor};
 
 use super::input::{
-    block_rows, check_batch_size, check_embeddings, check_k, host_vec, prepare, BLOCK_BYTES,
+    block_rows, check_batch_size, check_embeddings, check_k, compute_kind, host_vec, prepare,
+    BLOCK_BYTES,
 };
 use super::kmeans_cpu;
 use super::knn::topk_ordered;
@@ -127,7 +128,7 @@ pub fn kmeans_with(x: &Tensor, k: i64, opts: &KMeansOptions) -> Result<KMeans> {
     at_least("max_iter", opts.max_iter, 1)?;
     non_negative("tol", opts.tol)?;
     check_batch_size(opts.batch_size)?;
-    let x = prepare(x, false);
+    let x = prepare(x, compute_kind(x.kind()), false);
     // The libtorch ops between the fused products are small: on one thread,
     // they leave the cores to the products' threads.
     let _inline = kmeans_cpu::has_product_kernels(&x).then(threads::TorchInline::begin);

@@ -46,7 +46,7 @@ use std::collections::BTreeSet;
 use tch::Tensor;
 
 use crate::error::{at_least, ensure, Result};
-use input::{check_batch_size, check_embeddings, labels_vec, prepare};
+use input::{check_batch_size, check_embeddings, labels_vec, prepare, shared_compute_kind};
 use positives::Own;
 use retrieval::{Need, Request, Strategy};
 
@@ -327,9 +327,10 @@ pub(crate) fn evaluate_with(
     };
     let need = needs(opts, gallery_size)?;
 
-    let g = prepare(embeddings, opts.normalize);
+    let kind = shared_compute_kind(embeddings, query.map(|(qe, _)| qe));
+    let g = prepare(embeddings, kind, opts.normalize);
     let (q, yq) = match (query, yq) {
-        (Some((qe, _)), Some(yq)) => (prepare(qe, opts.normalize), yq),
+        (Some((qe, _)), Some(yq)) => (prepare(qe, kind, opts.normalize), yq),
         _ => (g.shallow_clone(), yg.clone()),
     };
     let mut out = Metrics {
