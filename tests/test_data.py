@@ -125,6 +125,11 @@ def test_caffe_bgr_and_grey_conversions(tmp_path):
     assert torch.allclose(custom[0], (torch.from_numpy(rgb[..., 0]).float() / 255 - 0.5) / 0.25)
 
 
+def test_a_mean_that_is_not_finite_is_the_one_shown():
+    with pytest.raises(ValueError, match=r"got mean \[0.1, 0.2, NaN\] and std \[1.0, 1.0, 1.0\]"):
+        eval_transform(16, resize=16, normalization=([0.1, 0.2, float("nan")], [1, 1, 1]))
+
+
 def test_small_transform_pads_crops_and_passes_through():
     img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     plain = small_transform(28)(img)

@@ -205,6 +205,23 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "nope")
 
 
+def test_folders_without_images_are_not_counted_as_classes(tmp_path):
+    """An empty folder, or one of notes, is no class, nor counted in the
+    train/test cut (it was: the train split of cat, dog and two such
+    folders had no images and raised)."""
+    make_folder(tmp_path)  # cat, dog, eel, fox
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "notes.txt").write_text("not an image")
+    (tmp_path / "bird").mkdir()
+    assert ImageFolder(tmp_path, split="all").classes == ["cat", "dog", "eel", "fox"]
+    assert ImageFolder(tmp_path).classes == ["cat", "dog"]
+    assert ImageFolder(tmp_path, split="test").classes == ["eel", "fox"]
+    empty = tmp_path / "empty"
+    (empty / "logs").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class folders with JPEG or PNG images"):
+        ImageFolder(empty)
+
+
 def test_image_files_in_the_order_given(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "cat" / ".hidden.png").write_bytes(
@@ -453,6 +470,24 @@ def test_real_glyphs_match_classes_tsv_and_files():
         assert np.array_equal(ids[ds.labels], raw)
         assert ds[0][0].shape == (1, 32, 32)
     assert set(Glyphs(split="train").classes).isdisjoint(Glyphs(split="test").classes)
+
+
+def test_a_colour_jpeg_wanted_grey_is_pils_luma_on_every_path(tmp_path):
+    """Grey output of a colour JPEG: the dataset's path (``ds[i]``, the
+    loader: decoded in Rust for the transform) equals the transform of the
+    decoded image and PIL's ``convert("L")``. (It was libjpeg's own grey, the
+    Y plane before RGB clipping: 41 grey levels off on saturated colours.)"""
+    (tmp_path / "c").mkdir()
+    rng = np.random.default_rng(0)
+    rgb = (rng.integers(0, 2, (32, 32, 3)) * 255).astype(np.uint8)  # saturated colours
+    Image.fromarray(rgb).save(tmp_path / "c" / "x.jpg", quality=90)
+    ds = ImageFolder(tmp_path, split="all")
+    t = eval_transform(32, resize=32, normalization="none", channels=1)
+    pil_l = torch.from_numpy(np.asarray(Image.open(ds.path(0)).convert("L")).copy()).float() / 255
+    ds.transform = t
+    via_dataset, _ = ds[0]
+    assert torch.equal(via_dataset, t(ds.load(0)))
+    assert torch.equal(via_dataset[0], pil_l)
 
 
 def test_grey_and_cmyk_jpegs_decode_like_pil(tmp_path):

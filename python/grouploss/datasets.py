@@ -267,7 +267,9 @@ class InShop(_Published):
 class ImageFolder(ImageDataset):
     """``root/<class>/**/*.jpg|jpeg|png``, classes sorted by folder name; the
     first ``train_fraction`` of them are the training classes, the rest the
-    test classes (zero-shot). ``split="all"`` takes every class."""
+    test classes (zero-shot). ``split="all"`` takes every class. Folders
+    without images (notes, logs, empty ones) are not classes, and are not
+    counted in the split."""
 
     _kind = "image_folder"
 

@@ -35,6 +35,10 @@ pub enum Split {
 }
 
 impl Split {
+    /// The names [`Split::parse`] accepts.
+    pub const NAMES: [&'static str; 6] = ["train", "val", "test", "query", "gallery", "all"];
+
+    /// Parses one of [`Split::NAMES`].
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "train" => Split::Train,
@@ -43,10 +47,7 @@ impl Split {
             "query" => Split::Query,
             "gallery" => Split::Gallery,
             "all" => Split::All,
-            other => {
-                let names = ["train", "val", "test", "query", "gallery", "all"];
-                return Err(crate::error::not_one_of("split", other, &names));
-            }
+            other => return Err(crate::error::not_one_of("split", other, &Split::NAMES)),
         })
     }
 

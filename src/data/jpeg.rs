@@ -149,9 +149,13 @@ impl Decoder {
         }
         let cmyk = header.colorspace == tj::TJCS_TJCS_CMYK as c_int
             || header.colorspace == tj::TJCS_TJCS_YCCK as c_int;
+        // A colour JPEG wanted grey is decoded to RGB and converted by
+        // `luma`, as PIL's convert("L") and every other path do: libjpeg's
+        // own grey output is the Y plane before RGB clipping (up to 41 grey
+        // levels off on saturated colours).
         let (format, bpp) = if cmyk {
             (tj::TJPF_TJPF_CMYK, 4)
-        } else if channels == 1 {
+        } else if channels == 1 && header.is_grey() {
             (tj::TJPF_TJPF_GRAY, 1)
         } else {
             (tj::TJPF_TJPF_RGB, 3)
@@ -198,7 +202,7 @@ impl Decoder {
                 .collect();
             return Ok(Image::new(r.w, r.h, 3, rgb).into_channels(channels));
         }
-        Ok(Image::new(r.w, r.h, bpp, out))
+        Ok(Image::new(r.w, r.h, bpp, out).into_channels(channels))
     }
 }
 

@@ -644,7 +644,7 @@ fn affine(normalization: &Normalization, channels: usize) -> Result<Affine> {
             ensure(
                 std.iter().all(|&s| s > 0.0 && s.is_finite()) && mean.iter().all(|m| m.is_finite()),
                 "normalization",
-                || format!("std {std:?}"),
+                || format!("mean {mean:?} and std {std:?}"),
                 "finite values with std > 0",
             )?;
             Ok(affine(255.0, mean, std, &rgb))

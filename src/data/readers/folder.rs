@@ -9,7 +9,8 @@ use crate::data::paths::existing_root;
 use crate::error::{ensure, Error, Result};
 
 /// A folder of class folders; the first `train_fraction` of the sorted
-/// classes are the training classes, the others the test classes.
+/// classes (the folders that hold images) are the training classes, the
+/// others the test classes.
 pub fn image_folder(root: &Path, options: &DatasetOptions, train_fraction: f64) -> Result<Dataset> {
     ensure(
         train_fraction > 0.0 && train_fraction <= 1.0,
@@ -27,16 +28,28 @@ pub fn image_folder(root: &Path, options: &DatasetOptions, train_fraction: f64) 
         })
         .collect();
     classes.sort();
-    if classes.is_empty() {
-        return Err(Error::format(root, None, "no class folders"));
-    }
-    let n = classes.len();
-    let n_train = ((train_fraction * n as f64).round() as usize).clamp(1, n);
-    let mut listing = Listing::new("ImageFolder", root, "line");
-    for (c, (name, dir)) in classes.into_iter().enumerate() {
+    // Folders without images (notes, logs, an empty class) are no classes:
+    // the split below counts only those that have images.
+    let mut found = Vec::new();
+    for (name, dir) in classes {
         let mut files = Vec::new();
         walk(&dir, &mut files, 0)?;
-        files.sort();
+        if !files.is_empty() {
+            files.sort();
+            found.push((name, files));
+        }
+    }
+    if found.is_empty() {
+        return Err(Error::format(
+            root,
+            None,
+            "no class folders with JPEG or PNG images",
+        ));
+    }
+    let n = found.len();
+    let n_train = ((train_fraction * n as f64).round() as usize).clamp(1, n);
+    let mut listing = Listing::new("ImageFolder", root, "line");
+    for (c, (name, files)) in found.into_iter().enumerate() {
         for path in files {
             listing.records.push(Record {
                 item: Item::File(path),
