@@ -78,6 +78,9 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
         ),
         (["embed", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
         (["index", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
+        # Once status 1, from the run's model after it had loaded.
+        (["evaluate", ".", "--split", "tset"], "argument --split: invalid choice: 'tset'"),
+        (["report", ".", "--split", "validation"], "argument --split: invalid choice: 'valid"),
     ],
 )
 def test_usage_errors_are_one_line_with_status_2(capsys, monkeypatch, args, message):

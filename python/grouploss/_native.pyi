@@ -30,6 +30,7 @@ class GroupLossResult:
     def grad_logits(self) -> Optional[torch.Tensor]: ...
 
 IMPLEMENTATIONS: List[str]
+SPLITS: List[str]
 
 @final
 class GroupLossOptions:

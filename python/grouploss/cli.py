@@ -201,7 +201,7 @@ def _model_options(parser: argparse.ArgumentParser, device: bool = True) -> None
 def _evaluate_parser(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run's best model")
     e.add_argument("run_dir", type=_existing)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", choices=SPLITS)
     _model_options(e)
     return e
 
@@ -277,7 +277,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN_DIR/report.html")
     r.add_argument("run_dir", type=_existing)
     r.add_argument("--out", type=_file_out, help="default RUN_DIR/report.html")
-    r.add_argument("--split", default="test")
+    r.add_argument("--split", default="test", choices=SPLITS)
     _model_options(r)
     r.add_argument("--data-root", type=_existing, help="the dataset, if it moved")
     r.add_argument(
@@ -450,7 +450,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SPLITS = ("train", "val", "test", "query", "gallery", "all")
+SPLITS = tuple(_native.SPLITS)
 
 
 def _check_gallery(data: str, option: str) -> str:

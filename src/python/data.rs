@@ -497,6 +497,7 @@ fn default_build_dir(kind: &str) -> PyResult<PathBuf> {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDataset>()?;
+    m.add("SPLITS", Split::NAMES)?;
     m.add_class::<PyTransform>()?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyEpoch>()?;
