@@ -177,10 +177,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data_root, referen
     _assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize("change", ["rename", "drop", "add"])
+@pytest.mark.parametrize("change", ["rename", "drop", "add", "step"])
 def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_path, change):
     """The trainer's state is read field by field: a renamed, missing or
-    unknown key is an error naming it, never a silent restart at epoch 0."""
+    unknown key is an error naming it, never a silent restart at epoch 0;
+    values that do not fit together (a step edited to 10**6 once resumed
+    silently, recording an epoch of loss 0) are named too."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -199,6 +201,8 @@ def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_
         state["epochs_done"] = state.pop("epoch")
     elif change == "drop":
         del state["best_epoch"]
+    elif change == "step":
+        state["step"] = 10**6
     else:
         state["momentum"] = 0.9
     meta["grouploss.trainer_state"] = json.dumps(state)
@@ -207,6 +211,7 @@ def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_
         "rename": "unknown field `epochs_done`",
         "drop": "missing field `best_epoch`",
         "add": "unknown field `momentum`",
+        "step": "step 1000000 with the totals of 0 steps",
     }[change]
     with pytest.raises(ValueError, match="last.safetensors.*trainer state") as e:
         grouploss.train(resume=str(out), plots=False)

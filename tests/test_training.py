@@ -349,6 +349,98 @@ def test_ctrl_c_saves_a_loadable_last_checkpoint(glyphs_root, tmp_path):
     assert model.embed_split("test")[0].shape == (96, 64)
 
 
+def _train_cli(out: pathlib.Path, glyphs_root, *extra: str) -> list:
+    cmd = [sys.executable, "-m", "grouploss.cli", "train", "--preset", "glyphs"]
+    cmd += ["--data-root", str(glyphs_root), "--out-dir", str(out), "--epochs", "2"]
+    cmd += ["--classes-per-batch", "3", "--samples-per-class", "4", "--num-workers", "1"]
+    cmd += ["--val-fraction", "0.3", "--device", "cpu", "--max-steps-per-epoch", "200"]
+    cmd += ["--select-max-images", "60", "--schedule", "step", "--lr-decay-epochs", "2"]
+    return cmd + list(extra)
+
+
+def _trained_after_its_first_line(cmd: list, stop_after: float | None, line_has="] run "):
+    """Runs `cmd`; with `stop_after`, sends SIGINT that many seconds after
+    the first line of progress that holds `line_has` (by default the run's
+    first, "run ... on cpu"). Returns the process, the seconds from that
+    line to its end and its output."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    for line in p.stderr:
+        if line_has in line:
+            break
+    begun = time.perf_counter()
+    if stop_after is not None:
+        time.sleep(stop_after)
+        p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    return p, time.perf_counter() - begun, out
+
+
+def _trainer_state(out: pathlib.Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoints" / "last.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["grouploss.trainer_state"])
+
+
+def test_ctrl_c_within_an_epoch_resumes_to_the_same_records(tmp_path):
+    """Ctrl-C within an epoch, then --resume: every epoch's record (the mean
+    loss and its terms, the epoch whose weights the step schedule reloaded,
+    the validation metrics) is the uninterrupted run's. The resumed epoch
+    once averaged only the steps after the resume, and forgot the reload."""
+    # Epochs of 200 steps: most of an epoch's time is in them.
+    glyphs_root = make_glyph_like(tmp_path / "data", per=400)
+    whole, _, _ = _trained_after_its_first_line(_train_cli(tmp_path / "u", glyphs_root), None)
+    assert whole.returncode == 0
+    replayable = ("train_loss", "train_nll", "train_ce", "reloaded_best_epoch", "lr", "val")
+
+    def records(out):
+        return [{k: h[k] for k in replayable} for h in map(json.loads, open(out / "metrics.jsonl"))]
+
+    want = records(tmp_path / "u")
+    assert want[1]["reloaded_best_epoch"] == 1
+    # Stops in the second epoch (it reloaded epoch 1's weights first), at a
+    # fraction of its time after the first epoch's line: a signal sent at
+    # once stops after its first step whatever the load; later ones land
+    # further in unless the machine runs slower than it did for "u".
+    epoch_s = json.loads((tmp_path / "u" / "metrics.jsonl").read_text().splitlines()[1])["time_s"]
+    within = []
+    for attempt, fraction in enumerate((0.0, 0.4, 0.2)):
+        out = tmp_path / f"i{attempt}"
+        cmd = _train_cli(out, glyphs_root)
+        p, _, _ = _trained_after_its_first_line(cmd, fraction * epoch_s, "] epoch 1/2:")
+        if p.returncode != 130:
+            continue  # the run ended first
+        state = _trainer_state(out)
+        if 0 < state["step"]:
+            within.append((state["epoch"] + 1, state["step"]))
+        resumed = subprocess.run(
+            [sys.executable, "-m", "grouploss.cli", "train", "--resume", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert records(out) == want, (state["epoch"], state["step"])
+        if len(within) == 2:
+            break
+    # (epoch, steps done) of each stop within an epoch.
+    print(f"stopped within an epoch at {within}")
+    assert within
+
+
+def test_ctrl_c_after_the_last_epoch_keeps_the_finished_run(tmp_path):
+    """Ctrl-C in the test evaluation that follows the last epoch (which runs
+    to its end): the run is reported as finished, status 0 and its metrics,
+    not as interrupted with its result lost (status 130, no table)."""
+    glyphs_root = make_glyph_like(tmp_path / "data", per=400)
+    cmd = _train_cli(tmp_path / "run", glyphs_root, "--max-steps-per-epoch", "5")
+    p, _, out = _trained_after_its_first_line(cmd, 0.0, line_has="] epoch 2/2:")
+    assert p.returncode == 0 and "test metrics of the best epoch" in out, out
+    assert "interrupted" not in out
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
 PAPER = tiny_run(
     epochs=1,
     max_steps_per_epoch=2,
@@ -476,6 +568,11 @@ def test_ce_only_baseline_and_ensemble(glyphs_root, tmp_path):
     assert (tmp_path / "ens" / "model-1" / "checkpoints" / "best.safetensors").exists()
     assert r.history[0]["train_nll"] == 0.0
     assert len(r.summary["members"]) == 2
+    # The run as loaded: the first model's records (once FileNotFoundError,
+    # and a report that said no epoch had finished).
+    run = grouploss.load_run(tmp_path / "ens")
+    assert run.history == r.history
+    assert grouploss.RunInspection(tmp_path / "ens").history == r.history
 
 
 def test_a_run_folder_refuses_another_configuration(glyphs_root, tmp_path):

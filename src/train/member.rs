@@ -23,7 +23,7 @@ use super::runner::{
     embed_set, evaluate_for_selection, initial_network, load_model, model_tensors,
     parameter_groups, selection_key, RunData,
 };
-use super::state::{BestState, TrainerState};
+use super::state::{BestState, EpochSoFar, TrainerState};
 use crate::data::{Batch, Loader, LoaderOptions, OnError};
 use crate::error::{Error, Result};
 use crate::model::EmbeddingNet;
@@ -60,24 +60,18 @@ struct Member<'a> {
     memory: Option<Memory>,
 }
 
-/// Where a member starts: the epoch (0-based) and the steps of it done.
+/// Where a member starts: the epoch (0-based), the steps of it done and
+/// what they added up.
 struct Start {
     epoch: usize,
     step: usize,
+    so_far: EpochSoFar,
 }
 
-/// An epoch's running totals.
-#[derive(Default)]
+/// An epoch's running totals: what a checkpoint saves of them (carried on
+/// by a resumed epoch) and the epoch's number of steps.
 struct EpochTotals {
-    loss: f64,
-    nll: f64,
-    ce: f64,
-    /// Images seen, all ranks together.
-    seen: usize,
-    /// Steps done in this call (a resumed epoch counts its rest only).
-    done: usize,
-    /// Seconds of training steps.
-    train_s: f64,
+    sums: EpochSoFar,
     /// The epoch's steps (all of them, done before this call or in it).
     steps: usize,
 }
@@ -86,19 +80,19 @@ impl EpochTotals {
     /// A step done: its control values (stop flag, loss, NLL, CE) and the
     /// images it saw, all ranks together.
     fn add(&mut self, control: &[f64], images: usize) {
-        self.loss += control[1];
-        self.nll += control[2];
-        self.ce += control[3];
-        self.seen += images;
-        self.done += 1;
+        self.sums.loss += control[1];
+        self.sums.nll += control[2];
+        self.sums.ce += control[3];
+        self.sums.images += images;
+        self.sums.steps += 1;
     }
 
     fn mean(&self, sum: f64) -> f64 {
-        sum / self.done.max(1) as f64
+        sum / self.sums.steps.max(1) as f64
     }
 
     fn images_per_s(&self) -> f64 {
-        self.seen as f64 / self.train_s.max(1e-9)
+        self.sums.images as f64 / self.sums.train_s.max(1e-9)
     }
 }
 
@@ -120,14 +114,18 @@ pub(super) fn train_member(
 ) -> Result<(nn::VarStore, EmbeddingNet, Vec<Value>, usize)> {
     let (mut m, start) = Member::set_up(cfg, data, dir, member, members, device, coll)?;
     for epoch in start.epoch..cfg.epochs {
-        let first = if epoch == start.epoch { start.step } else { 0 };
+        let (first, so_far) = if epoch == start.epoch {
+            (start.step, start.so_far.clone())
+        } else {
+            (0, EpochSoFar::default())
+        };
         let started = Instant::now();
-        let (reloaded, objective, totals) = m.train_epoch(epoch, first, stop, progress)?;
+        let (objective, totals) = m.train_epoch(epoch, first, so_far, stop, progress)?;
         if dist::any(coll, stop.load(Ordering::SeqCst), device)? {
-            m.save_last(epoch, totals.steps)?;
+            m.save_last(epoch, totals.steps, &totals.sums)?;
             return Err(Error::Interrupted);
         }
-        m.select(epoch, &totals, reloaded, &objective, started, progress)?;
+        m.select(epoch, &totals, &objective, started, progress)?;
     }
     // Rank 0 kept the best epoch; every rank continues with its weights.
     let best_epoch = reload_best(coll, &m.vs, dir, m.best, device)?
@@ -167,12 +165,18 @@ impl<'a> Member<'a> {
         if let (0, Some(s)) = (rank, &state) {
             dir.write_metrics(&s.history)?;
         }
-        let start = state
-            .as_ref()
-            .map_or(Start { epoch: 0, step: 0 }, |s| Start {
+        let start = state.as_ref().map_or(
+            Start {
+                epoch: 0,
+                step: 0,
+                so_far: EpochSoFar::default(),
+            },
+            |s| Start {
                 epoch: s.epoch,
                 step: s.step,
-            });
+                so_far: s.epoch_so_far.clone(),
+            },
+        );
         let buffers = model_tensors(&vs)
             .into_iter()
             .filter(|(_, t)| !t.requires_grad())
@@ -211,8 +215,9 @@ impl<'a> Member<'a> {
     }
 
     /// Saves the `last` checkpoint (rank 0) at `step` steps into `epoch`
-    /// (0-based; all its steps and no evaluation yet: `step` = its steps).
-    fn save_last(&self, epoch: usize, step: usize) -> Result<()> {
+    /// (0-based; all its steps and no evaluation yet: `step` = its steps),
+    /// which added up to `so_far`.
+    fn save_last(&self, epoch: usize, step: usize, so_far: &EpochSoFar) -> Result<()> {
         if self.coll.rank() != 0 {
             return Ok(());
         }
@@ -231,22 +236,25 @@ impl<'a> Member<'a> {
                 member: self.member,
                 world_size: self.coll.world_size(),
                 memory_steps: self.memory.as_ref().map_or(0, Memory::steps),
+                epoch_so_far: so_far.clone(),
             },
         }
         .save(&self.dir.last())
     }
 
-    /// Runs the steps of `epoch` from step `first`: the release's reload
-    /// of the best weights first where the schedule says so. Returns the
-    /// epoch reloaded, the epoch's objective and its totals. A stop request
-    /// saves `last` after the step and returns [`Error::Interrupted`].
+    /// Runs the steps of `epoch` from step `first` (the steps before it
+    /// added up to `so_far`): the release's reload of the best weights
+    /// first where the schedule says so. Returns the epoch's objective and
+    /// its totals. A stop request saves `last` after the step and returns
+    /// [`Error::Interrupted`].
     fn train_epoch(
         &mut self,
         epoch: usize,
         first: usize,
+        so_far: EpochSoFar,
         stop: &AtomicBool,
         progress: &mut Progress,
-    ) -> Result<(Option<usize>, Objective, EpochTotals)> {
+    ) -> Result<(Objective, EpochTotals)> {
         let cfg = self.cfg;
         self.sampler.set_epoch(epoch as u64);
         let mut plan = self.sampler.batches();
@@ -255,16 +263,15 @@ impl<'a> Member<'a> {
         }
         let steps = plan.len();
         let first = first.min(steps);
-        let reloaded = if first == 0 {
-            self.reload_if_scheduled(epoch, progress)?
-        } else {
-            None
-        };
-        let mut objective = Objective::of(cfg, epoch)?;
         let mut totals = EpochTotals {
+            sums: so_far,
             steps,
-            ..EpochTotals::default()
         };
+        if first == 0 {
+            totals.sums.reloaded_best_epoch = self.reload_if_scheduled(epoch, progress)?;
+        }
+        let mut objective = Objective::of(cfg, epoch)?;
+        let images_before = totals.sums.images;
         let started = Instant::now();
         let batches = plan[first..].to_vec();
         for (j, batch) in self
@@ -278,14 +285,15 @@ impl<'a> Member<'a> {
             self.opt.set_lr_factor(self.schedule.factor(epoch, frac));
             objective.at(cfg, epoch as f64 + frac);
             let control = self.step(epoch, step, &batch, &objective, stop)?;
+            totals.add(&control, batch.indices.len() * self.coll.world_size());
             if control[0] > 0.0 {
                 // Stops after the step: its forward pass already moved the
                 // BatchNorm statistics, so a resumed run must not redo it.
                 self.flush_steps()?;
-                self.save_last(epoch, step + 1)?;
+                totals.sums.train_s += started.elapsed().as_secs_f64();
+                self.save_last(epoch, step + 1, &totals.sums)?;
                 return Err(Error::Interrupted);
             }
-            totals.add(&control, batch.indices.len() * self.coll.world_size());
             let elapsed = started.elapsed().as_secs_f64();
             progress.step(&Step {
                 label: &self.label,
@@ -293,8 +301,8 @@ impl<'a> Member<'a> {
                 epochs: cfg.epochs,
                 step: step + 1,
                 steps,
-                loss: totals.mean(totals.loss),
-                images_per_s: totals.seen as f64 / elapsed.max(1e-9),
+                loss: totals.mean(totals.sums.loss),
+                images_per_s: (totals.sums.images - images_before) as f64 / elapsed.max(1e-9),
                 elapsed_epoch: elapsed,
             });
         }
@@ -305,9 +313,9 @@ impl<'a> Member<'a> {
                 s.message
             ));
         }
-        totals.train_s = started.elapsed().as_secs_f64();
+        totals.sums.train_s += started.elapsed().as_secs_f64();
         self.flush_steps()?;
-        Ok((reloaded, objective, totals))
+        Ok((objective, totals))
     }
 
     /// The release's reload of the best weights at the start of `epoch`,
@@ -399,7 +407,6 @@ impl<'a> Member<'a> {
         &mut self,
         epoch: usize,
         totals: &EpochTotals,
-        reloaded: Option<usize>,
         objective: &Objective,
         started: Instant,
         progress: &mut Progress,
@@ -427,14 +434,14 @@ impl<'a> Member<'a> {
             .unwrap_or(f64::NAN);
         let mut record = json!({
             "epoch": epoch + 1,
-            "train_loss": totals.mean(totals.loss),
-            "train_nll": totals.mean(totals.nll),
-            "train_ce": totals.mean(totals.ce),
+            "train_loss": totals.mean(totals.sums.loss),
+            "train_nll": totals.mean(totals.sums.nll),
+            "train_ce": totals.mean(totals.sums.ce),
             "images_per_s": totals.images_per_s(),
             "lr": self.opt.lrs()[1],
             "gtg_weight": objective.gtg_weight(),
             "backbone_lr": self.opt.lrs()[0],
-            "reloaded_best_epoch": reloaded,
+            "reloaded_best_epoch": totals.sums.reloaded_best_epoch,
             "time_s": started.elapsed().as_secs_f64(),
         });
         record[selection_key(cfg)] = Value::Object(metrics);
@@ -444,14 +451,14 @@ impl<'a> Member<'a> {
             self.best = Some((epoch + 1, value));
             self.save_best(epoch, value)?;
         }
-        self.save_last(epoch + 1, 0)?;
+        self.save_last(epoch + 1, 0, &EpochSoFar::default())?;
         self.dir.write_metrics(&self.history)?;
         progress.line(&format!(
             "{}epoch {}/{}: loss {:.4}, {:.0} img/s, {} {} {:.4}{}",
             self.label,
             epoch + 1,
             cfg.epochs,
-            totals.mean(totals.loss),
+            totals.mean(totals.sums.loss),
             totals.images_per_s(),
             selection_key(cfg),
             cfg.select_metric,

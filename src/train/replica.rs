@@ -78,6 +78,9 @@ fn restore_on_rank_0(
         return Ok(None);
     }
     let ck = Checkpoint::<TrainerState>::load(&dir.last())?;
+    ck.state
+        .check_consistent(cfg.epochs)
+        .map_err(|what| Error::format(dir.last(), None, format!("trainer state: {what}")))?;
     let saved_world = ck.state.world_size;
     if saved_world != world {
         return Err(Error::invalid(
@@ -209,6 +212,7 @@ mod tests {
     use crate::train::objective::{forward_backward, GroupScope, Objective};
     use crate::train::optim::OptimizerKind;
     use crate::train::runner::{build_network, parameter_groups};
+    use crate::train::state::EpochSoFar;
     use std::path::Path;
 
     const STEPS: usize = 3;
@@ -485,6 +489,7 @@ mod tests {
                     member: 0,
                     world_size: 2,
                     memory_steps: 1,
+                    epoch_so_far: EpochSoFar::default(),
                 },
                 optimizer: Vec::new(),
                 memory: vec![

@@ -43,9 +43,63 @@ pub struct TrainerState {
     /// Batches the Group Loss's memory has taken in (`memory_size`; its
     /// tensors are the checkpoint's `memory.*`).
     pub memory_steps: usize,
+    /// The running totals of the epoch in progress (zero at its start), so
+    /// that a run resumed within an epoch reports the epoch's figures.
+    pub epoch_so_far: EpochSoFar,
+}
+
+/// What an epoch has added up over its steps done so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochSoFar {
+    /// Sums over the steps of the loss and of its NLL and CE terms (each
+    /// step's mean over the ranks).
+    pub loss: f64,
+    pub nll: f64,
+    pub ce: f64,
+    /// Steps done.
+    pub steps: usize,
+    /// Images seen, all ranks together.
+    pub images: usize,
+    /// Seconds spent in the steps.
+    pub train_s: f64,
+    /// The epoch whose best weights were reloaded at the epoch's start.
+    #[serde(deserialize_with = "required")]
+    pub reloaded_best_epoch: Option<usize>,
 }
 
 impl TrainerState {
+    /// What a checkpoint written by the trainer always holds, for a run of
+    /// `epochs` epochs: at most `epochs` done, one record per epoch done,
+    /// the steps of the epoch in progress counted in its totals, and a best
+    /// epoch among those done. Says what is wrong otherwise (a hand-edited
+    /// or foreign file).
+    pub fn check_consistent(&self, epochs: usize) -> std::result::Result<(), String> {
+        if self.epoch > epochs {
+            return Err(format!("epoch {} of a run of {epochs} epochs", self.epoch));
+        }
+        if self.history.len() != self.epoch {
+            return Err(format!(
+                "{} epoch records for {} epochs done",
+                self.history.len(),
+                self.epoch
+            ));
+        }
+        if self.epoch_so_far.steps != self.step {
+            return Err(format!(
+                "step {} with the totals of {} steps",
+                self.step, self.epoch_so_far.steps
+            ));
+        }
+        if self.best_epoch.is_some_and(|b| b == 0 || b > self.epoch) {
+            return Err(format!(
+                "best epoch {:?} of {} epochs done",
+                self.best_epoch, self.epoch
+            ));
+        }
+        Ok(())
+    }
+
     /// The best epoch and its value (NaN where none was recorded).
     pub fn best(&self) -> Option<(usize, f64)> {
         self.best_epoch
@@ -73,9 +127,13 @@ mod tests {
 
     fn state() -> Value {
         json!({
-            "epoch": 2, "step": 5, "optimizer_steps": 45, "history": [{"epoch": 1}],
+            "epoch": 2, "step": 5, "optimizer_steps": 45, "history": [{"epoch": 1}, {"epoch": 2}],
             "best_epoch": 1, "best_value": 0.5, "seed": 3, "member": 0, "world_size": 1,
             "memory_steps": 0,
+            "epoch_so_far": {
+                "loss": 6.5, "nll": 4.0, "ce": 2.5, "steps": 5, "images": 60, "train_s": 1.5,
+                "reloaded_best_epoch": null,
+            },
         })
     }
 
@@ -96,6 +154,7 @@ mod tests {
             "best_value",
             "world_size",
             "memory_steps",
+            "epoch_so_far",
         ] {
             let mut v = state();
             v.as_object_mut().unwrap().remove(key);
@@ -110,6 +169,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `epochs_done`"), "{e}");
+        let mut v = state();
+        v["epoch_so_far"]
+            .as_object_mut()
+            .unwrap()
+            .remove("reloaded_best_epoch");
+        let e = serde_json::from_value::<TrainerState>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `reloaded_best_epoch`"), "{e}");
+    }
+
+    #[test]
+    fn an_inconsistent_state_says_what_is_wrong() {
+        let ok: TrainerState = serde_json::from_value(state()).unwrap();
+        assert_eq!(ok.check_consistent(2), Ok(()));
+        let edits: [(&str, Value, &str); 4] = [
+            ("epoch", json!(7), "epoch 7 of a run of 2 epochs"),
+            ("history", json!([]), "0 epoch records for 2 epochs done"),
+            (
+                "step",
+                json!(1_000_000),
+                "step 1000000 with the totals of 5 steps",
+            ),
+            (
+                "best_epoch",
+                json!(3),
+                "best epoch Some(3) of 2 epochs done",
+            ),
+        ];
+        for (key, value, message) in edits {
+            let mut v = state();
+            v[key] = value;
+            let s: TrainerState = serde_json::from_value(v).unwrap();
+            assert_eq!(s.check_consistent(2), Err(message.to_string()), "{key}");
+        }
     }
 
     #[test]
