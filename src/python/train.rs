@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::types::PyDict;
 
 use super::convert::{serialize_to_py, table_from_py, to_py};
@@ -239,7 +240,19 @@ fn train_run(
         // KeyboardInterrupt now, so that it is not raised a second time later.
         py.check_signals()?;
     }
-    serialize_to_py(py, &outcome?)
+    let outcome = outcome?;
+    if stop.load(Ordering::SeqCst) {
+        // Ctrl-C after the last step (in the test evaluation, which runs to
+        // its end): the run has finished and written its summary, so its
+        // result is returned rather than lost to the KeyboardInterrupt that
+        // Python's handler holds pending.
+        if let Err(e) = py.check_signals() {
+            if !e.is_instance_of::<PyKeyboardInterrupt>(py) {
+                return Err(e);
+            }
+        }
+    }
+    serialize_to_py(py, &outcome)
 }
 
 /// A trained model loaded from its run folder.
