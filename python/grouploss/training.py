@@ -341,8 +341,10 @@ class RunModel:
 
     @property
     def history(self) -> list:
-        """The per-epoch records of ``metrics.jsonl``."""
-        path = self.run_dir / "metrics.jsonl"
+        """The per-epoch records of ``metrics.jsonl`` (of the first model,
+        ``model-0/``, in an ensemble, as :attr:`TrainResult.history`)."""
+        folder = self.run_dir / "model-0" if self.config["ensemble"] > 1 else self.run_dir
+        path = folder / "metrics.jsonl"
         lines = path.read_text().splitlines()
         return [_json_record(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
 
