@@ -62,3 +62,20 @@ def test_files_replaced_together_are_kept_together(tmp_path):
             raise OSError("disk full")
     assert (emb.read_bytes(), labels.read_bytes()) == (b"E1", b"L1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb_labels.npy"]
+
+
+def test_a_writer_that_replaces_the_temporary_file_keeps_the_umasks_mode(tmp_path):
+    """safetensors' save_file replaces the file it is given with one of mode
+    0600: an exported model was unreadable to a serving process of another
+    user. The result has the mode the umask gives a new file."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    with replaced(path) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -32,8 +32,14 @@ def replaced_together(paths: Sequence[PathLike]) -> Iterator[List[pathlib.Path]]
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmps.append(_reserve(path))
+        # The mode the umask gives a new file: a writer that replaces the
+        # temporary file instead of writing into it (safetensors' save_file
+        # makes it 0600) must not make the result unreadable to others.
+        modes = [tmp.stat().st_mode & 0o777 for tmp in tmps]
         yield list(tmps)
-        for tmp, path in zip(tmps, paths):
+        for tmp, path, mode in zip(tmps, paths, modes):
+            if tmp.stat().st_mode & 0o777 != mode:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)
     finally:
         for tmp in tmps:
