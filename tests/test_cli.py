@@ -433,3 +433,22 @@ def test_embed_takes_the_checkpoint_and_device_like_the_other_commands(
     assert cli.main([*argv[:-1], str(tmp_path / "plain")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), emb.numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "plain_labels.npy"), labels.numpy())
+
+
+def test_the_launchers_own_loggers_are_silenced():
+    """torch's elastic modules set their loggers' levels themselves: the
+    parent's level let "Received 2 death signal, shutting down workers"
+    through on Ctrl-C of an --nproc-per-node run."""
+    import logging
+
+    from torch.distributed import run  # noqa: F401  creates the launcher's loggers
+
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        cli._quiet_launcher_logs()
+        agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
+        assert not agent.isEnabledFor(logging.WARNING)
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)

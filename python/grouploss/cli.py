@@ -362,13 +362,24 @@ def _stop_when_orphaned() -> None:
     threading.Thread(target=watch, name="grouploss-launcher-watch", daemon=True).start()
 
 
+def _quiet_launcher_logs() -> None:
+    """Silences the loggers of torch's elastic launcher (imported): each of
+    its modules sets its own logger's level (from LOGLEVEL), which the
+    parents' level does not override ("Received 2 death signal, shutting
+    down workers" on Ctrl-C)."""
+    import logging
+
+    launcher = ("torch.distributed.elastic", "torch.distributed.run")
+    for name in [*launcher, *logging.root.manager.loggerDict]:
+        if name.startswith(launcher):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
     """Runs ``torchrun --standalone --nproc-per-node N -m grouploss.cli
     ARGS`` in this process and returns the run's exit status. Each rank
     reports its own error in one line; torchrun's own report of a failed
     child (a traceback) and its log lines are shown only with ``--debug``."""
-    import logging
-
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -380,8 +391,7 @@ def _launch(nproc: int, argv: Sequence[str], debug: bool) -> int:
     args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "grouploss.cli"]
     args += _without_nproc(argv)
     if not debug:
-        for name in ("torch.distributed.elastic", "torch.distributed.run"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _quiet_launcher_logs()
     sys.stdout.flush()
     sys.stderr.flush()
     outer = os.environ.get(LAUNCHER_ENV)
