@@ -177,12 +177,14 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(data_root, referen
     _assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize("change", ["rename", "drop", "add", "step"])
+@pytest.mark.parametrize("change", ["rename", "drop", "add", "step", "seed", "nan"])
 def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_path, change):
     """The trainer's state is read field by field: a renamed, missing or
     unknown key is an error naming it, never a silent restart at epoch 0;
     values that do not fit together (a step edited to 10**6 once resumed
-    silently, recording an epoch of loss 0) are named too."""
+    silently, recording an epoch of loss 0), the state of another run (a
+    `last` copied from a run of another seed once resumed) and NaN in the
+    optimizer's state (once a loss error naming no file) are named too."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -203,16 +205,25 @@ def test_a_checkpoint_with_a_missing_or_unknown_field_is_refused(data_root, tmp_
         del state["best_epoch"]
     elif change == "step":
         state["step"] = 10**6
-    else:
+    elif change == "seed":
+        state["seed"] = 999
+    elif change == "add":
         state["momentum"] = 0.9
     meta["grouploss.trainer_state"] = json.dumps(state)
-    save_file(load_file(str(last)), str(last), metadata=meta)
+    tensors = load_file(str(last))
+    if change == "nan":
+        name = next(k for k in sorted(tensors) if k.startswith("optim."))
+        tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, str(last), metadata=meta)
     expected = {
         "rename": "unknown field `epochs_done`",
         "drop": "missing field `best_epoch`",
         "add": "unknown field `momentum`",
         "step": "step 1000000 with the totals of 0 steps",
+        "seed": "the state of member 0 with seed 999, where this run's member 0 has seed",
+        "nan": "has values that are not finite",
     }[change]
-    with pytest.raises(ValueError, match="last.safetensors.*trainer state") as e:
+    with pytest.raises(ValueError, match="last.safetensors") as e:
         grouploss.train(resume=str(out), plots=False)
     assert expected in str(e.value)
+    assert change == "nan" or "trainer state" in str(e.value)

@@ -61,7 +61,8 @@ impl<S: Serialize> Checkpoint<S> {
 
 impl<S: DeserializeOwned> Checkpoint<S> {
     /// Reads a checkpoint written by [`Checkpoint::save`]; a state with a
-    /// missing or unknown field is an error naming the field.
+    /// missing or unknown field is an error naming the field, a tensor with
+    /// NaN or infinite values one naming the tensor.
     pub fn load(path: &Path) -> Result<Self> {
         let (tensors, metadata) = read_safetensors_with_metadata(path)?;
         if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
@@ -84,6 +85,15 @@ impl<S: DeserializeOwned> Checkpoint<S> {
         let mut optimizer = Vec::new();
         let mut memory = Vec::new();
         for (name, t) in tensors {
+            // Training refuses a non-finite loss, so a checkpoint it wrote
+            // holds finite values: others are a damaged or edited file.
+            if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+                return Err(Error::format(
+                    path,
+                    None,
+                    format!("tensor {name:?} has values that are not finite"),
+                ));
+            }
             if let Some(k) = name.strip_prefix("model.") {
                 model.push((k.to_string(), t));
             } else if let Some(k) = name.strip_prefix("optim.") {
@@ -152,6 +162,30 @@ mod tests {
             .to_string();
         assert!(
             e.contains("junk.safetensors") && e.contains("not a safetensors file"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tensor_with_nan_values_is_named() {
+        let dir = std::env::temp_dir().join(format!("gl-ckpt-nan-{}", std::process::id()));
+        let path = dir.join("last.safetensors");
+        let v = Tensor::from_slice(&[1.0f32, f32::NAN]);
+        let ck = Checkpoint {
+            model: Vec::new(),
+            optimizer: vec![("w.v".into(), v)],
+            memory: Vec::new(),
+            state: serde_json::json!({"epoch": 1}),
+        };
+        ck.save(&path).unwrap();
+        let e = Checkpoint::<serde_json::Value>::load(&path)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("last.safetensors")
+                && e.contains("\"optim.w.v\" has values that are not finite"),
             "{e}"
         );
         let _ = fs::remove_dir_all(&dir);

@@ -162,6 +162,11 @@ impl<'a> Member<'a> {
         );
         let mut memory = group_memory(cfg, world, device)?;
         let state = restore(cfg, dir, &vs, &mut opt, memory.as_mut(), device, coll)?;
+        if let Some(s) = &state {
+            s.check_member(seed, member).map_err(|what| {
+                Error::format(dir.last(), None, format!("trainer state: {what}"))
+            })?;
+        }
         if let (0, Some(s)) = (rank, &state) {
             dir.write_metrics(&s.history)?;
         }

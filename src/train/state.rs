@@ -100,6 +100,19 @@ impl TrainerState {
         Ok(())
     }
 
+    /// Whether this is the state of ensemble member `member` trained with
+    /// `seed` (a `last` checkpoint copied from another run or member is
+    /// not); says what differs otherwise.
+    pub fn check_member(&self, seed: u64, member: usize) -> std::result::Result<(), String> {
+        if (self.seed, self.member) != (seed, member) {
+            return Err(format!(
+                "the state of member {} with seed {}, where this run's member {member} has seed {seed}",
+                self.member, self.seed
+            ));
+        }
+        Ok(())
+    }
+
     /// The best epoch and its value (NaN where none was recorded).
     pub fn best(&self) -> Option<(usize, f64)> {
         self.best_epoch
@@ -204,6 +217,16 @@ mod tests {
             let s: TrainerState = serde_json::from_value(v).unwrap();
             assert_eq!(s.check_consistent(2), Err(message.to_string()), "{key}");
         }
+    }
+
+    #[test]
+    fn another_members_state_is_named() {
+        let s: TrainerState = serde_json::from_value(state()).unwrap();
+        assert_eq!(s.check_member(3, 0), Ok(()));
+        assert_eq!(
+            s.check_member(4, 1),
+            Err("the state of member 0 with seed 3, where this run's member 1 has seed 4".into())
+        );
     }
 
     #[test]
