@@ -4,7 +4,8 @@ use super::image::Image;
 use super::jpeg::MAX_PIXELS;
 
 /// Decodes a PNG file to grey or RGB as stored; alpha is dropped and 16-bit samples keep their high
-/// byte, as PIL's `convert("RGB")` does.
+/// byte, as PIL's `convert("RGB")` does for colour (PIL reads 16-bit grey as `I;16`, whose
+/// `convert("L")` saturates at 255 instead).
 pub(crate) fn decode(data: &[u8]) -> Result<Image, String> {
     let mut decoder = png::Decoder::new_with_limits(
         data,
