@@ -452,3 +452,10 @@ def test_the_launchers_own_loggers_are_silenced():
     finally:
         for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
+
+
+def test_a_path_that_is_not_utf8_is_shown_with_a_replacement_character():
+    """Dataset paths keep a name's undecodable bytes as surrogate escapes,
+    which a UTF-8 stdout refuses: the search's lines show U+FFFD instead."""
+    assert cli._shown("/img/caf\udce9.png") == "/img/caf\ufffd.png"
+    assert cli._shown("/img/café.png") == "/img/café.png"

@@ -205,6 +205,20 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "nope")
 
 
+def test_a_file_name_that_is_not_utf8_is_given_back_openable(tmp_path):
+    """``path(i)`` of a file named in another encoding (Latin-1 here) is the
+    name the OS has, with Python's surrogate escapes: once a replacement
+    character, a path to no file."""
+    import os
+
+    (tmp_path / "d").mkdir()
+    name = (os.fsencode(tmp_path / "d") + b"/caf\xe9.png").decode("utf-8", "surrogateescape")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(name, format="PNG")
+    ds = ImageFolder(tmp_path, split="all")
+    assert ds.path(0) == name and os.path.exists(ds.path(0))
+    assert torch.equal(ds.load(0), pil_chw(name))
+
+
 def test_folders_without_images_are_not_counted_as_classes(tmp_path):
     """An empty folder, or one of notes, is no class, nor counted in the
     train/test cut (it was: the train split of cat, dog and two such

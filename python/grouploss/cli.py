@@ -612,7 +612,7 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
         labels = None  # ids that repeat do not name one label
     where = {int(i): n for n, i in enumerate(ids_)} if labels is not None else {}
     for q in range(len(queries)):
-        print(f"query {q}: {queries.path(q)}")
+        print(f"query {q}: {_shown(queries.path(q))}")
         for rank, (score, i) in enumerate(zip(scores[q], ids[q]), start=1):
             line = f"  {rank:>3}  {score:.4f}  id {int(i)}"
             if labels is not None:
@@ -622,6 +622,12 @@ def _print_neighbours(queries, scores, ids, index, gallery) -> None:
             if gallery is not None:
                 line += f"  {gallery.describe(int(i))}"
             print(line)
+
+
+def _shown(path: str) -> str:
+    """A path for the terminal: the bytes of a name that is not UTF-8 (held
+    as surrogate escapes, which a UTF-8 stdout refuses) shown as U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 //! Bindings of the data module: datasets, transforms and the loader.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -139,11 +140,14 @@ impl PyDataset {
         Ok(self.inner.describe(self.index(index)?))
     }
 
-    fn path(&self, index: i64) -> PyResult<Option<String>> {
+    /// The file of sample `index` as the OS names it: a name that is not
+    /// UTF-8 comes back with Python's surrogate escapes, so that `open`
+    /// finds it (a lossy conversion would name no file).
+    fn path(&self, index: i64) -> PyResult<Option<OsString>> {
         Ok(self
             .inner
             .path(self.index(index)?)
-            .map(|p| p.display().to_string()))
+            .map(|p| p.as_os_str().to_os_string()))
     }
 
     /// Sample `index` decoded, uint8 `(H, W, C)` with C = 1 or 3.
