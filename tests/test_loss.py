@@ -725,8 +725,8 @@ def test_inputs_changed_in_place_before_backward_are_refused(implementation):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("implementation", ["auto", "fused_cpu", "libtorch", "autograd"])
 def test_forward_mode_gives_the_directional_derivative(implementation, requires_grad):
-    """A dual tensor's tangent carries through the loss (once dropped by the
-    closed forms: a loss without tangent, or torch's NotImplementedError)."""
+    """A dual tensor's tangent carries through the loss (the closed forms
+    once dropped it, or refused it as lacking a forward derivative)."""
     import torch.autograd.forward_ad as fwad
 
     emb, labels, logits = pk_batch(3, 3, 6, 5, dtype=torch.float64, seed=5)

@@ -19,7 +19,7 @@ import torch
 from . import _native
 from ._args import integer
 from ._native_attribute import NativeAttribute
-from .metrics import _as_tensor
+from .metrics import _as_tensor, _integers_as_tensor
 
 __all__ = ["Index"]
 
@@ -29,9 +29,7 @@ PathLike = Union[str, os.PathLike]
 def _int64(name: str, value: Any) -> Optional[torch.Tensor]:
     if value is None:
         return None
-    if isinstance(value, (list, tuple)) and len(value) == 0:
-        value = np.zeros(0, np.int64)  # numpy reads [] as float64
-    t = _as_tensor(name, value)
+    t = _integers_as_tensor(name, value)
     if t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name}: expected integers, got dtype {t.dtype}")
     return t.to(torch.int64)

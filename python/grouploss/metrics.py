@@ -130,10 +130,16 @@ def _as_tensor(name: str, value) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def _labels(name: str, value) -> torch.Tensor:
+def _integers_as_tensor(name: str, value) -> torch.Tensor:
+    """:func:`_as_tensor` of integers (labels, ids): an empty list is int64,
+    where numpy reads ``[]`` as float64."""
     if isinstance(value, (list, tuple)) and len(value) == 0:
-        value = np.zeros(0, np.int64)  # numpy reads [] as float64
-    t = _as_tensor(name, value)
+        value = np.zeros(0, np.int64)
+    return _as_tensor(name, value)
+
+
+def _labels(name: str, value) -> torch.Tensor:
+    t = _integers_as_tensor(name, value)
     if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
         t = t.long()
     return t
