@@ -1,5 +1,5 @@
-//! Builds the C++ halves of `model::script`, `train::autocast` and `names` (what
-//! tch's C API does not reach) and sets the link flags for
+//! Builds the C++ halves of `model::script`, `train::autocast`, `names` and
+//! `eval::exact` (what tch's C API does not reach) and sets the link flags for
 //! binaries that load libtorch without Python (tests, examples).
 //!
 //! torch-sys publishes the directory of the libtorch it linked (`links = "tch"`
@@ -10,10 +10,11 @@
 //! without it a test binary on a GPU machine would see no CUDA device.
 use std::path::Path;
 
-const CPP_FILES: [&str; 3] = [
+const CPP_FILES: [&str; 4] = [
     "src/model/script.cpp",
     "src/train/autocast.cpp",
     "src/names.cpp",
+    "src/eval/precision.cpp",
 ];
 
 fn main() {

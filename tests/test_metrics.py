@@ -3,6 +3,7 @@ scikit-learn's NMI and k-means, and its argument checks."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 
@@ -36,12 +37,16 @@ def reference(
     own=None,
     average="query",
     top=False,
+    exact=False,
 ):
     """Recall@K, (with ``top``) open-metric-learning's Precision@K and mAP@K,
     MAP@R, R-Precision and the number left out, straight from the
     definitions: a full similarity matrix, each row sorted by (-similarity,
     index), a query's own gallery entry (``own[i]``, -1 for none) left out;
-    means over the queries or over the classes of their queries' means."""
+    means over the queries or over the classes of their queries' means.
+    With ``exact`` the similarities are the exact inner products, rounded
+    once (``math.fsum`` of the products, exact in float64 for float32
+    inputs), so that equal rows give equal similarities."""
     g = np.asarray(emb, dtype=np.float64)
     labels = np.asarray(labels)
     if normalize:
@@ -54,7 +59,7 @@ def reference(
         if normalize:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     own = np.full(len(q), -1) if own is None else np.asarray(own)
-    sims = q @ g.T
+    sims = exact_similarities(q, g) if exact else q @ g.T
     rows = {}  # metric -> [(class, value)]
 
     def add(key, i, value):
@@ -99,6 +104,13 @@ def reference(
     out = {key: mean(key) for key in keys + ["map@r", "r_precision"]}
     out["left_out"] = left
     return out
+
+
+def exact_similarities(q, g):
+    """Every inner product of rows of ``q`` and ``g`` (float32 or float64),
+    correctly rounded to float64."""
+    q, g = np.asarray(q, dtype=np.float64), np.asarray(g, dtype=np.float64)
+    return np.array([[math.fsum(a * b) for b in g] for a in q])
 
 
 RETRIEVAL = ("recall", "map@r", "r_precision")
@@ -186,6 +198,77 @@ def test_normalised_float64_equals_the_definitions(seed):
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_duplicate_rows_of_different_classes_tie_by_index_at_every_batch_size(seed):
+    # Equal embeddings are equal similarities, ranked by index. Tiles of
+    # different shapes round an inner product differently, so a scan that
+    # ranked by its tiles' values put such ties in either order, by batch
+    # size (a review found Recall@1 of 0.0, 0.125 and 0.5 for 0.083).
+    rng = np.random.default_rng(seed)
+    distinct = rng.standard_normal((10, 24)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    emb = distinct[rng.integers(0, 10, 90)]
+    labels = rng.integers(0, 9, 90)
+    q = distinct[rng.integers(0, 10, 25)]
+    ql = rng.integers(0, 9, 25)
+    ks = (1, 2, 4, 8, 89)
+    want = reference(emb, labels, ks=ks, normalize=False, top=True, exact=True)
+    want_q = reference(emb, labels, q, ql, ks=ks, normalize=False, top=True, exact=True)
+    for batch in (None, 1, 2, 5, 7, 13, 64):
+        got = M.evaluate(emb, labels, ks=ks, include=ALL, normalize=False, batch_size=batch)
+        assert_same(got, want)
+        got = M.evaluate(
+            emb,
+            labels,
+            query_embeddings=q,
+            query_labels=ql,
+            ks=ks,
+            include=ALL,
+            normalize=False,
+            batch_size=batch,
+        )
+        assert_same(got, want_q)
+
+
+def test_a_collapsed_model_ranks_by_index():
+    # Every embedding equal: every similarity ties, and each query's
+    # neighbours are the gallery in index order. Ranking by the tiles'
+    # values gave Recall@1 0.696 for the 0.0001 of the rule on 20,000
+    # x 512 (tiles of 2048 and the positives' batched product rounding
+    # the same inner product differently).
+    rng = np.random.default_rng(0)
+    n = 3000
+    emb = np.tile(rng.standard_normal(256).astype(np.float32), (n, 1))
+    labels = rng.integers(0, 600, n)
+    first = np.where(np.arange(n) == 0, labels[1], labels[0])
+    got = M.evaluate(emb, labels, ks=(1,), include=("recall",), batch_size=1000)
+    assert got["recall@1"] == np.mean(first == labels)
+
+
+@pytest.mark.parametrize("setting", ["bf16", "tf32"])
+def test_reduced_precision_float32_products_leave_the_metrics_exact(setting):
+    # With torch's float32 products allowed in bfloat16 or TF32 (used by
+    # oneDNN on CPUs with AMX or AVX-512 BF16, and by CUDA), the tiles' error
+    # is beyond the bound the scans rely on; they then multiply in float64.
+    rng = np.random.default_rng(4)
+    distinct = rng.standard_normal((12, 40)).astype(np.float32)
+    emb = distinct[rng.integers(0, 12, 150)] + 1e-3 * rng.standard_normal((150, 40)).astype(
+        np.float32
+    )
+    labels = rng.integers(0, 10, 150)
+    ks = (1, 2, 4, 8)
+    want = reference(emb, labels, ks=ks, normalize=False, top=True, exact=True)
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    backend.fp32_precision = setting
+    try:
+        for batch in (None, 7):
+            got = M.evaluate(emb, labels, ks=ks, include=ALL, normalize=False, batch_size=batch)
+            assert_same(got, want)
+    finally:
+        backend.fp32_precision = before
+
+
 def test_single_metrics_and_input_types_agree():
     rng = np.random.default_rng(7)
     emb = rng.standard_normal((120, 8)).astype(np.float32)
@@ -235,6 +318,30 @@ def test_knn_is_ordered_by_similarity_then_index(data, k, use_query):
         order = cand[np.lexsort((cand, -full[i, cand]))][:k]
         assert idx[i].tolist() == order.tolist()
         assert np.array_equal(sims[i], full[i, order])
+
+
+@pytest.mark.parametrize("use_query", [False, True])
+def test_knn_ties_equal_float32_rows_by_index_at_every_batch_size(use_query):
+    rng = np.random.default_rng(11)
+    distinct = rng.standard_normal((8, 33)).astype(np.float32)
+    emb = distinct[rng.integers(0, 8, 70)]
+    q = distinct[rng.integers(0, 8, 20)] if use_query else None
+    queries = emb if q is None else q
+    # Exact inner products rounded to float32, as knn returns them.
+    full = exact_similarities(queries, emb).astype(np.float32)
+    k = 12
+    want = []
+    for i in range(len(queries)):
+        cand = np.arange(len(emb))
+        if q is None:
+            cand = cand[cand != i]
+        want.append(cand[np.lexsort((cand, -full[i, cand]))][:k])
+    for batch in (None, 1, 3, 16):
+        sims, idx = M.knn(emb, k, query_embeddings=q, normalize=False, batch_size=batch)
+        assert sims.dtype == np.float32
+        for i, order in enumerate(want):
+            assert idx[i].tolist() == order.tolist(), (batch, i)
+            assert np.array_equal(sims[i], full[i, order])
 
 
 # ------------------------------------------------------------------ NMI

@@ -42,13 +42,16 @@ Definitions:
   classes and clusters, ``I(U; V) / ((H(U) + H(V)) / 2)`` (scikit-learn's
   default arithmetic normalisation).
 
-Similarities are computed in float64 when the embeddings or the queries
-are float64, and in float32 otherwise. They come from matrix products in
-blocks, whose rounding depends on the blocks' shapes: items whose
-similarities are equal in exact arithmetic but not as computed (duplicate
-embeddings of different classes, a collapsed model's) can rank in either
-order, and that order can change with ``batch_size``; the ties that are
-broken by index are those of the computed values.
+Embeddings are prepared (normalised) in float64 when the embeddings or the
+queries are float64, and in float32 otherwise. Each similarity is the inner
+product of two prepared rows summed in a fixed order in float64 (the
+products of float32 values are exact): a function of the two rows alone.
+So the metrics do not depend on ``batch_size``, on the scan, or on torch's
+float32 matmul precision, and equal embeddings (duplicates of different
+classes, a collapsed model's) are equal similarities, ranked by index. The
+blocked matrix products only find the candidates; an item their rounding
+could move is ranked by that sum. (On another device or CPU, the
+normalisation itself may round differently in the last bit.)
 
 Example:
 
@@ -485,6 +488,9 @@ def knn(
 
     Without ``query_embeddings`` every row of ``embeddings`` searches the
     others (itself excluded); with them, the queries search ``embeddings``.
+    Similarities are those of :func:`evaluate` (a fixed-order float64 sum,
+    see the module's docstring) rounded to the compute dtype, so equal
+    embeddings tie, ranked by index, whatever ``batch_size``.
 
     Returns:
         ``(similarities, indices)``, each (queries x k): numpy arrays for

@@ -16,11 +16,12 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use super::exact::cpu_slice;
 use super::input::{
     check_batch_size, check_embeddings, compute_kind, host_vec, normalize_rows_, prepare,
 };
 use super::knn::topk_ordered;
-use super::scan_cpu::{any_at_least, cpu_slice, GROUP};
+use super::scan_cpu::{any_at_least, GROUP};
 use crate::error::{at_least, ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
 use crate::loss::{gemm, threads};

@@ -18,7 +18,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::scan_cpu::{cpu_slice, Sim};
+use super::exact::{cpu_slice, Sim};
 use crate::error::{Error, Result};
 use crate::loss::{gemm, threads};
 

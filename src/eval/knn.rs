@@ -1,13 +1,16 @@
 //! Nearest neighbours by similarity, in row blocks, ties broken by index.
 //!
 //! Neighbours are ordered by (-similarity, index): of two equally similar
-//! items the one with the smaller index comes first. libtorch's `topk` picks
-//! among equal values in an unspecified way (it differs between CPU and
-//! CUDA), so `topk_ordered` repairs its choice where a tie crosses the k-th
-//! place, and sorts the result into that order.
+//! items the one with the smaller index comes first. The similarity is the
+//! exact one of `eval::exact` rounded to the compute dtype, so that equal
+//! rows tie whatever the blocks; the blocks' matrix products only pick the
+//! candidates. `topk_ordered` orders a tensor's own values the same way
+//! (libtorch's `topk` picks among equal values in an unspecified way, which
+//! differs between CPU and CUDA).
 
 use tch::{Kind, Tensor};
 
+use super::exact::{best_by_exact, cpu_slice, on_host, tile_kind, Rows, Sim};
 use super::input::{
     block_rows, check_batch_size, check_embeddings, check_k, prepare, shared_compute_kind,
 };
@@ -96,9 +99,43 @@ pub fn knn(
     let n = g.size()[0];
     let available = if same_set { n - 1 } else { n };
     check_k(k, available, "the number of gallery items per query")?;
-    let m = q.size()[0];
     let rows = block_rows(opts.batch_size, n, q.kind());
-    let (mut vals, mut idx) = (Vec::new(), Vec::new());
+    let tiles = tile_kind(kind, q.device());
+    let (qt, gt) = (q.to_kind(tiles), g.to_kind(tiles));
+    let (v, i) = match tiles {
+        Kind::Float => knn_typed::<f32>(&qt, &gt, same_set, k, rows, kind)?,
+        _ => knn_typed::<f64>(&qt, &gt, same_set, k, rows, kind)?,
+    };
+    Ok((v.to_kind(kind), i))
+}
+
+/// [`knn`] of prepared `q` and `g` of `T`'s dtype, `rows` queries a block,
+/// similarities in `kind` (the compute dtype; `T` is float64 when float32
+/// products would be in reduced precision).
+fn knn_typed<T: Sim>(
+    q: &Tensor,
+    g: &Tensor,
+    same_set: bool,
+    k: i64,
+    rows: i64,
+    kind: Kind,
+) -> Result<(Tensor, Tensor)> {
+    let (qh, gh) = (on_host(q), on_host(g));
+    let exact = Rows::new(
+        cpu_slice::<T>(&qh)?,
+        cpu_slice::<T>(&gh)?,
+        q.size()[1] as usize,
+    );
+    // The exact similarity rounded to the compute dtype, as returned.
+    let round = |sim: f64| {
+        if kind == Kind::Float {
+            sim as f32 as f64
+        } else {
+            sim
+        }
+    };
+    let m = q.size()[0];
+    let (mut vals, mut idx) = (Vec::with_capacity((m * k) as usize), Vec::new());
     let mut start = 0;
     while start < m {
         let len = rows.min(m - start);
@@ -107,12 +144,20 @@ pub fn knn(
             // Query r of the block is gallery item start + r: never itself.
             let _ = s.diagonal(start, 0, 1).fill_(f64::NEG_INFINITY);
         }
-        let (v, i) = topk_ordered(&s, k)?;
-        vals.push(v);
-        idx.push(i);
+        let caps = vec![k as usize; len as usize];
+        for row in best_by_exact(&exact, &s, start as usize, &caps, round)? {
+            for (v, j) in row {
+                vals.push(T::from_f64(v));
+                idx.push(j);
+            }
+        }
         start += len;
     }
-    Ok((Tensor::cat(&vals, 0), Tensor::cat(&idx, 0)))
+    let device = q.device();
+    Ok((
+        Tensor::from_slice(&vals).reshape([m, k]).to_device(device),
+        Tensor::from_slice(&idx).reshape([m, k]).to_device(device),
+    ))
 }
 
 /// A query set `q` (argument `arg`) matches the gallery `g` (argument

@@ -26,10 +26,12 @@
 //! * NMI: k-means ([`kmeans()`]) of the query embeddings with k = the number of
 //!   their classes, then [`nmi()`] of classes and clusters.
 //!
-//! Similarities are computed in float64 for float64 inputs and in float32
-//! otherwise, in blocks: memory is O(block x n + sum of max(R, K)), never
-//! n x n.
+//! Embeddings are prepared in float64 for float64 inputs and in float32
+//! otherwise. Similarities are found in blocks of matrix products (memory
+//! O(block x n + sum of max(R, K)), never n x n) and ranked by
+//! `exact::dot`, so that no result depends on the blocks.
 
+mod exact;
 pub mod index;
 pub(crate) mod input;
 pub mod kmeans;

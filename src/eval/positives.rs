@@ -1,22 +1,19 @@
 //! The same-class references of every query and their similarities.
 //!
-//! They are few per query (R, the class size in the gallery), so they are
-//! computed class by class with one small matrix product each, and sorted in
-//! the ranking order (-similarity, index). The scans over the whole gallery
-//! then only need, per query, the best of them and its index.
+//! They are few per query (R, the class size in the gallery), so their
+//! similarities are [`dot`](super::exact::dot)s, computed directly, and
+//! sorted in the ranking order (-similarity, index). The scans over the
+//! whole gallery then only need, per query, the best of them and its index.
 
 use std::collections::BTreeMap;
 
 use std::cmp::Ordering;
 
-use tch::{Kind, Tensor};
-
-use super::input::{block_rows, elt_size, host_vec, BLOCK_BYTES};
-use crate::error::Result;
+use super::exact::{Memo, Rows, Sim};
 
 /// For query `i`, `index[offsets[i]..offsets[i + 1]]` are the gallery items
 /// of its class (its own entry excluded, see [`Own`]), best
-/// first, and `sim` their similarities (exact values of the compute dtype).
+/// first, and `sim` their similarities ([`Rows::sim`]).
 #[derive(Debug, Default)]
 pub(crate) struct Positives {
     pub offsets: Vec<usize>,
@@ -103,86 +100,58 @@ fn by_class(labels: &[i64]) -> BTreeMap<i64, Vec<i64>> {
     map
 }
 
-/// The query rows and the gallery rows of one class.
-type ClassRows<'a> = (Vec<i64>, &'a Vec<i64>);
-
-/// The [`Positives`] of queries `q` (labels `yq`) in gallery `g` (labels
-/// `yg`), each query's `own` entry left out. `q` and `g` are prepared
-/// (compute dtype, contiguous) and on one device.
-///
-/// Classes with the same numbers of queries and gallery items go together
-/// through one batched matrix product: thousands of small classes (SOP has
-/// 11,316 of 2 to 12 images) cost a few libtorch calls instead of thousands.
-pub(crate) fn positives(
-    q: &Tensor,
+/// The [`Positives`] of the queries of `rows` (labels `yq`) in its gallery
+/// (labels `yg`), each query's `own` entry left out, computed on
+/// `threads` threads over disjoint queries (the result does not depend on
+/// their number).
+pub(crate) fn positives<T: Sim>(
+    rows: &Rows<'_, T>,
     yq: &[i64],
-    g: &Tensor,
     yg: &[i64],
     own: Own<'_>,
-    batch_size: Option<i64>,
-) -> Result<Positives> {
+    threads: usize,
+) -> Positives {
     let gallery = by_class(yg);
-    // (queries, gallery items) of a class -> the classes of that shape.
-    let mut shapes: BTreeMap<(usize, usize), Vec<ClassRows>> = BTreeMap::new();
-    for (label, queries) in by_class(yq) {
-        if let Some(members) = gallery.get(&label) {
-            shapes
-                .entry((queries.len(), members.len()))
-                .or_default()
-                .push((queries, members));
-        }
-    }
     let mut per_query: Vec<Vec<(f64, i64)>> = vec![Vec::new(); yq.len()];
-    let (device, d) = (q.device(), q.size()[1]);
-    for ((nq, ng), classes) in shapes {
-        // Classes per product: inputs and output within one block budget,
-        // and query rows of a large class in blocks of their own.
-        let per_class = ((nq + ng) as i64 * d + (nq * ng) as i64) * elt_size(q.kind());
-        let batch = (BLOCK_BYTES / per_class.max(1)).max(1) as usize;
-        let rows = block_rows(batch_size, ng as i64, q.kind()) as usize;
-        for group in classes.chunks(batch) {
-            let c = group.len() as i64;
-            let members: Vec<i64> = group.iter().flat_map(|(_, m)| m.iter().copied()).collect();
-            let gm = g
-                .index_select(0, &Tensor::from_slice(&members).to_device(device))
-                .reshape([c, ng as i64, d]);
-            for start in (0..nq).step_by(rows) {
-                let len = rows.min(nq - start);
-                let queries: Vec<i64> = group
+    let per = yq.len().div_ceil(threads.max(1)).max(1);
+    let work = |base: usize, lists: &mut [Vec<(f64, i64)>]| {
+        for (k, list) in lists.iter_mut().enumerate() {
+            let i = base + k;
+            let Some(members) = gallery.get(&yq[i]) else {
+                continue;
+            };
+            let own = own.of(i as i64);
+            let mut memo = Memo::default();
+            list.extend(
+                members
                     .iter()
-                    .flat_map(|(qs, _)| qs[start..start + len].iter().copied())
-                    .collect();
-                let qm = q
-                    .index_select(0, &Tensor::from_slice(&queries).to_device(device))
-                    .reshape([c, len as i64, d]);
-                let s = host_vec::<f64>(&qm.bmm(&gm.transpose(1, 2)).to_kind(Kind::Double))?;
-                let mut sims = s.chunks(ng);
-                for (qs, members) in group {
-                    for &i in &qs[start..start + len] {
-                        let row = sims.next().unwrap_or(&[]);
-                        per_query[i as usize].extend(
-                            row.iter()
-                                .zip(members.iter())
-                                .filter(|&(_, &j)| own.of(i) != Some(j))
-                                .map(|(&v, &j)| (v, j)),
-                        );
-                    }
-                }
-            }
+                    .filter(|&&j| own != Some(j))
+                    .map(|&j| (rows.sim_memo(i, j as usize, &mut memo), j)),
+            );
+            list.sort_unstable_by(rank_order);
         }
+    };
+    if per >= yq.len() {
+        work(0, &mut per_query);
+    } else {
+        let work = &work;
+        std::thread::scope(|scope| {
+            for (k, lists) in per_query.chunks_mut(per).enumerate() {
+                scope.spawn(move || work(k * per, lists));
+            }
+        });
     }
     let mut out = Positives {
         offsets: Vec::with_capacity(yq.len() + 1),
         ..Default::default()
     };
     out.offsets.push(0);
-    for mut list in per_query {
-        list.sort_by(rank_order);
+    for list in per_query {
         for (v, j) in list {
             out.sim.push(v);
             out.index.push(j);
         }
         out.offsets.push(out.index.len());
     }
-    Ok(out)
+    out
 }

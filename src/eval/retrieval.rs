@@ -21,10 +21,11 @@ use tch::{Device, Kind, Tensor};
 use super::input::{elt_size, BLOCK_BYTES};
 use std::collections::BTreeMap;
 
+use super::exact::{cpu_slice, on_host, tile_kind, Rows, Sim};
 use super::positives::{positives, rank_order, Own, Positives};
 use super::scan_cpu::scan_cpu;
 use super::scan_torch::scan_torch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What a scan has to collect.
 #[derive(Clone, Copy, Debug, Default)]
@@ -153,7 +154,60 @@ pub(crate) fn retrieval(
     let same_set = gallery.is_none();
     let own = if same_set { Own::Itself } else { own };
     let (g, yg) = gallery.unwrap_or((q, yq));
-    let pos = positives(q, yq, g, yg, own, req.batch_size)?;
+    let kind = tile_kind(q.kind(), q.device());
+    let (q, g) = (q.to_kind(kind), g.to_kind(kind));
+    let sets = Sets {
+        q: &q,
+        yq,
+        g: &g,
+        yg,
+        same_set,
+        own,
+    };
+    match kind {
+        Kind::Float => retrieval_typed::<f32>(sets, req),
+        Kind::Double => retrieval_typed::<f64>(sets, req),
+        k => Err(Error::invalid(
+            "embeddings",
+            format!("dtype {k:?}"),
+            "float32 or float64 after preparation",
+        )),
+    }
+}
+
+/// Prepared queries and gallery (of one dtype, on one device) with their
+/// labels, and each query's own entry in the gallery.
+#[derive(Clone, Copy)]
+struct Sets<'a> {
+    q: &'a Tensor,
+    yq: &'a [i64],
+    g: &'a Tensor,
+    yg: &'a [i64],
+    same_set: bool,
+    own: Own<'a>,
+}
+
+fn retrieval_typed<T: Sim>(sets: Sets<'_>, req: Request<'_>) -> Result<Retrieval> {
+    let Sets {
+        q,
+        yq,
+        g,
+        yg,
+        same_set,
+        own,
+    } = sets;
+    let (qh, gh) = (on_host(q), on_host(g));
+    let exact = Rows::new(
+        cpu_slice::<T>(&qh)?,
+        cpu_slice::<T>(&gh)?,
+        q.size()[1] as usize,
+    );
+    let threads = if yq.len() < 64 {
+        1
+    } else {
+        tch::get_num_threads().max(1) as usize
+    };
+    let pos = positives(&exact, yq, yg, own, threads);
     let strategy = match req.strategy {
         Strategy::Auto if q.device() == Device::Cpu => Strategy::Cpu { symmetric: true },
         Strategy::Auto => Strategy::Torch,
@@ -170,10 +224,11 @@ pub(crate) fn retrieval(
     let scan = match strategy {
         Strategy::Cpu { symmetric } => scan_cpu(
             input,
+            &exact,
             cpu_tile(req.batch_size, q.kind()),
             symmetric && same_set,
         )?,
-        _ => scan_torch(input, req.batch_size)?,
+        _ => scan_torch(input, &exact, req.batch_size)?,
     };
     Ok(finish(&pos, &scan, yq, req))
 }
@@ -301,10 +356,11 @@ fn average_precision(ranks: &[usize], k: usize) -> (f64, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::exact::dot;
     use crate::rng::Rng;
 
-    /// The definitions, on a full similarity matrix: each query ranks the
-    /// gallery but its own entry, by (-similarity, index).
+    /// The definitions, on a full similarity matrix of [`dot`]s: each query
+    /// ranks the gallery but its own entry, by (-similarity, index).
     #[allow(clippy::too_many_arguments)]
     fn brute(
         q: &[f64],
@@ -326,7 +382,7 @@ mod tests {
                 .filter(|&j| own.of(i as i64) != Some(j))
                 .map(|j| {
                     let b = &g[j as usize * d..(j as usize + 1) * d];
-                    (a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>(), j)
+                    (dot(a, b), j)
                 })
                 .collect();
             order.sort_by(rank_order);
@@ -512,6 +568,66 @@ mod tests {
         let torch = all(&ks, Average::Query, Some(50), Strategy::Torch);
         let b = retrieval(&xt, &y, None, Own::Nothing, torch).unwrap();
         close(&a, &b);
+    }
+
+    /// Equal rows of different classes are equal similarities, ranked by
+    /// index, whatever the tiles: every scan at every block size gives the
+    /// definitions' metrics.
+    #[test]
+    fn equal_float32_rows_tie_by_index_in_every_scan() {
+        let mut rng = Rng::new(41);
+        let (distinct, n, d) = (9usize, 80usize, 21usize);
+        let rows: Vec<f32> = (0..distinct * d)
+            .map(|_| rng.uniform(-1.0, 1.0) as f32)
+            .collect();
+        let pick = |rng: &mut Rng, count: usize| -> (Vec<f32>, Vec<i64>) {
+            let mut x = Vec::with_capacity(count * d);
+            for _ in 0..count {
+                let r = rng.below(distinct as u64) as usize;
+                x.extend_from_slice(&rows[r * d..(r + 1) * d]);
+            }
+            (x, (0..count).map(|_| rng.below(7) as i64).collect())
+        };
+        let (x, y) = pick(&mut rng, n);
+        let (qx, qy) = pick(&mut rng, 23);
+        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| a as f64).collect() };
+        let xt = Tensor::from_slice(&x).reshape([n as i64, d as i64]);
+        let qt = Tensor::from_slice(&qx).reshape([23, d as i64]);
+        let ks = [1, 2, 8, (n - 1) as i64];
+        let want = brute(
+            &wide(&x),
+            &y,
+            &wide(&x),
+            &y,
+            d,
+            Own::Itself,
+            &ks,
+            Average::Query,
+        );
+        let want_q = brute(
+            &wide(&qx),
+            &qy,
+            &wide(&x),
+            &y,
+            d,
+            Own::Nothing,
+            &ks,
+            Average::Query,
+        );
+        let strategies = [
+            Strategy::Cpu { symmetric: true },
+            Strategy::Cpu { symmetric: false },
+            Strategy::Torch,
+        ];
+        for s in strategies {
+            for batch in [Some(1), Some(3), Some(7), Some(16), Some(33), None] {
+                let req = all(&ks, Average::Query, batch, s);
+                let got = retrieval(&xt, &y, None, Own::Nothing, req).unwrap();
+                close(&got, &want);
+                let got = retrieval(&qt, &qy, Some((&xt, &y)), Own::Nothing, req).unwrap();
+                close(&got, &want_q);
+            }
+        }
     }
 
     #[test]

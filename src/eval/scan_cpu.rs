@@ -4,11 +4,14 @@
 //! Per query the scan keeps two things (see [`super::retrieval`]): the number
 //! of other-class items ranked before its best same-class item, and its R
 //! best other-class items (a bounded heap). Most similarities can do neither,
-//! being below the best same-class similarity and below the worst kept item;
-//! a single comparison against that threshold rejects them, checked 16 at a
-//! time so that the compiler can vectorise it. As a sequence of libtorch ops
-//! (mask, compare, count, top-k) the same work reads every tile five times
-//! and costs as much as the matrix product itself.
+//! being below the best same-class similarity and below the worst kept item
+//! by more than the tile's rounding ([`Rows::band`]); a single comparison
+//! against that threshold rejects them, checked 16 at a time so that the
+//! compiler can vectorise it. The few others are counted or kept by their
+//! exact similarity ([`Rows::sim`]), so that no decision depends on how the
+//! tiles were cut. As a sequence of libtorch ops (mask, compare, count,
+//! top-k) the same work reads every tile five times and costs as much as the
+//! matrix product itself.
 //!
 //! When the queries are the gallery the similarity matrix is symmetric: only
 //! the tiles on and above the diagonal are computed, and each off-diagonal
@@ -20,55 +23,20 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use tch::{Device, Kind, Tensor};
-
+use super::exact::{cpu_slice, Memo, Rows, Sim};
 use super::retrieval::{ScanInput, ScanOut};
 use crate::error::{Error, Result};
-use crate::names::{device_name, dtype_name};
 
-/// Similarities are compared in the compute dtype.
-pub(crate) trait Sim:
-    tch::kind::Element + Copy + PartialOrd + Send + Sync + 'static
-{
-    const INF: Self;
-    const NEG_INF: Self;
-    fn to_f64(self) -> f64;
-    /// Exact for values that came from `to_f64`.
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Sim for f32 {
-    const INF: Self = f32::INFINITY;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Sim for f64 {
-    const INF: Self = f64::INFINITY;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
-/// An other-class item of a query's heap. `Ord` puts the item ranked last
-/// (smaller similarity, then larger index) greatest, so a max-heap keeps the
-/// worst kept item on top.
+/// An other-class item of a query's heap, by its [`Rows::sim`]. `Ord` puts
+/// the item ranked last (smaller similarity, then larger index) greatest, so
+/// a max-heap keeps the worst kept item on top.
 #[derive(Clone, Copy, Debug)]
-struct Neg<T> {
-    s: T,
+struct Neg {
+    s: f64,
     j: i64,
 }
 
-impl<T: Sim> Ord for Neg<T> {
+impl Ord for Neg {
     fn cmp(&self, other: &Self) -> Ordering {
         other
             .s
@@ -78,53 +46,57 @@ impl<T: Sim> Ord for Neg<T> {
     }
 }
 
-impl<T: Sim> PartialOrd for Neg<T> {
+impl PartialOrd for Neg {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl<T: Sim> PartialEq for Neg<T> {
+impl PartialEq for Neg {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
 
-impl<T: Sim> Eq for Neg<T> {}
+impl Eq for Neg {}
 
-/// What the scan keeps for one query.
-struct RowState<T> {
+/// What the scan keeps for one query; similarities are [`Rows::sim`]s.
+struct RowState {
     label: i64,
     /// The best same-class similarity and its index; `INF` when not counted.
-    pstar: T,
+    pstar: f64,
     jstar: i64,
     /// Other-class items ranked before (pstar, jstar).
     before: u64,
     /// Heap capacity: R, or 0 when MAP@R and R-Precision are not wanted.
     cap: usize,
-    heap: BinaryHeap<Neg<T>>,
+    heap: BinaryHeap<Neg>,
+    /// [`Rows::band`] of the query.
+    band: f64,
+    memo: Memo,
 }
 
-impl<T: Sim> RowState<T> {
+impl RowState {
     /// Below this similarity an item can neither be counted nor kept.
-    fn lo(&self) -> T {
+    fn lo(&self) -> f64 {
         let heap = if self.cap == 0 {
-            T::INF
+            f64::INFINITY
         } else if self.heap.len() < self.cap {
-            T::NEG_INF
+            f64::NEG_INFINITY
         } else {
-            self.heap.peek().map_or(T::NEG_INF, |w| w.s)
+            self.heap.peek().map_or(f64::NEG_INFINITY, |w| w.s)
         };
-        if self.pstar < heap {
-            self.pstar
-        } else {
-            heap
-        }
+        self.pstar.min(heap)
+    }
+
+    /// Below this tile value an item can neither be counted nor kept.
+    fn threshold<T: Sim>(&self) -> T {
+        T::from_f64(self.lo() - self.band)
     }
 
     /// An other-class item `j` with similarity `s`.
     #[inline]
-    fn offer(&mut self, s: T, j: i64) {
+    fn offer(&mut self, s: f64, j: i64) {
         if s > self.pstar || (s == self.pstar && j < self.jstar) {
             self.before += 1;
         }
@@ -175,8 +147,18 @@ fn any_at_least_each<T: Sim>(xs: &[T], ts: &[T]) -> bool {
     }
 }
 
-/// One query against a row of similarities to gallery items `col0..`.
-fn scan_row<T: Sim>(st: &mut RowState<T>, lo: &mut T, row: &[T], col0: usize, labels: &[i64]) {
+/// Query `i` (state `st`, threshold `lo`) against a row of tile values for
+/// gallery items `col0..` (labels `labels`).
+#[allow(clippy::too_many_arguments)]
+fn scan_row<T: Sim>(
+    rows: &Rows<'_, T>,
+    i: usize,
+    st: &mut RowState,
+    lo: &mut T,
+    row: &[T],
+    col0: usize,
+    labels: &[i64],
+) {
     let mut l = *lo;
     for (g, group) in row.chunks(GROUP).enumerate() {
         if !any_at_least(group, l) {
@@ -184,18 +166,28 @@ fn scan_row<T: Sim>(st: &mut RowState<T>, lo: &mut T, row: &[T], col0: usize, la
         }
         let base = g * GROUP;
         for (t, &s) in group.iter().enumerate() {
+            let j = col0 + base + t;
             if s >= l && labels[base + t] != st.label {
-                st.offer(s, (col0 + base + t) as i64);
-                l = st.lo();
+                let sim = rows.sim_memo(i, j, &mut st.memo);
+                st.offer(sim, j as i64);
+                l = st.threshold();
             }
         }
     }
     *lo = l;
 }
 
-/// Queries `states` (columns of a tile) against gallery item `g` (label
-/// `gl`), whose similarities to them are `seg`.
-fn scan_segment<T: Sim>(states: &mut [RowState<T>], los: &mut [T], seg: &[T], g: i64, gl: i64) {
+/// Queries `q0..` (`states`, thresholds `los`; columns of a tile) against
+/// gallery item `g` (label `gl`), whose tile values for them are `seg`.
+fn scan_segment<T: Sim>(
+    rows: &Rows<'_, T>,
+    q0: usize,
+    states: &mut [RowState],
+    los: &mut [T],
+    seg: &[T],
+    g: usize,
+    gl: i64,
+) {
     for (k, (group, lo)) in seg.chunks(GROUP).zip(los.chunks_mut(GROUP)).enumerate() {
         if !any_at_least_each(group, lo) {
             continue;
@@ -204,8 +196,9 @@ fn scan_segment<T: Sim>(states: &mut [RowState<T>], los: &mut [T], seg: &[T], g:
         for (t, &s) in group.iter().enumerate() {
             let st = &mut states[base + t];
             if s >= lo[t] && st.label != gl {
-                st.offer(s, g);
-                lo[t] = st.lo();
+                let sim = rows.sim_memo(q0 + base + t, g, &mut st.memo);
+                st.offer(sim, g as i64);
+                lo[t] = st.threshold();
             }
         }
     }
@@ -235,8 +228,9 @@ struct Tile<'a, T> {
 /// The rows of `tile` for their queries (of all `states` and `los`; `labels`:
 /// the gallery's), split over `threads`.
 fn rows_pass<T: Sim>(
+    exact: &Rows<'_, T>,
     tile: Tile<'_, T>,
-    states: &mut [RowState<T>],
+    states: &mut [RowState],
     los: &mut [T],
     labels: &[i64],
     threads: usize,
@@ -249,7 +243,7 @@ fn rows_pass<T: Sim>(
     split_queries(states, los, per, |base, st, lo| {
         for (r, (q, l)) in st.iter_mut().zip(lo.iter_mut()).enumerate() {
             let row = &s[(base + r) * width..(base + r + 1) * width];
-            scan_row(q, l, row, tile.col0, labels);
+            scan_row(exact, tile.row0 + base + r, q, l, row, tile.col0, labels);
         }
     });
 }
@@ -257,8 +251,9 @@ fn rows_pass<T: Sim>(
 /// The columns of `tile` for their queries (the gallery being the queries:
 /// of all `states` and `los`; `labels`: the queries'), split over `threads`.
 fn cols_pass<T: Sim>(
+    exact: &Rows<'_, T>,
     tile: Tile<'_, T>,
-    states: &mut [RowState<T>],
+    states: &mut [RowState],
     los: &mut [T],
     labels: &[i64],
     threads: usize,
@@ -272,7 +267,8 @@ fn cols_pass<T: Sim>(
         for (r, &label) in labels.iter().enumerate().take(tile.rows) {
             let start = r * width + base;
             let seg = &s[start..start + st.len()];
-            scan_segment(st, lo, seg, (tile.row0 + r) as i64, label);
+            let q0 = tile.col0 + base;
+            scan_segment(exact, q0, st, lo, seg, tile.row0 + r, label);
         }
     });
 }
@@ -280,10 +276,10 @@ fn cols_pass<T: Sim>(
 /// `work(base, states, los)` over chunks of `per` queries (`base`: the
 /// first one's index), each chunk on its own thread when there are several.
 fn split_queries<T: Sim>(
-    states: &mut [RowState<T>],
+    states: &mut [RowState],
     los: &mut [T],
     per: usize,
-    work: impl Fn(usize, &mut [RowState<T>], &mut [T]) + Sync,
+    work: impl Fn(usize, &mut [RowState], &mut [T]) + Sync,
 ) {
     if per >= states.len() {
         return work(0, states, los);
@@ -296,47 +292,28 @@ fn split_queries<T: Sim>(
     });
 }
 
-/// The elements of a contiguous CPU tensor of `T`'s dtype.
-pub(crate) fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
-    if t.device() != Device::Cpu || !t.is_contiguous() || t.kind() != T::KIND {
+/// The scan of `input` (queries and gallery on the CPU, `exact` their
+/// rows) in `tile` x `tile` tiles. `symmetric` (only when the gallery is the
+/// queries) computes the tiles on and above the diagonal only.
+pub(crate) fn scan_cpu<T: Sim>(
+    input: ScanInput<'_>,
+    exact: &Rows<'_, T>,
+    tile: i64,
+    symmetric: bool,
+) -> Result<ScanOut> {
+    if input.q.kind() != T::KIND {
         return Err(Error::invalid(
-            "similarity tile",
-            format!("{} {}", device_name(t.device()), dtype_name(t.kind())),
-            "a contiguous CPU tensor of the compute dtype",
+            "embeddings",
+            format!("dtype {:?}", input.q.kind()),
+            format!("{:?} after preparation", T::KIND),
         ));
     }
-    let n = t.numel();
-    if n == 0 {
-        return Ok(&[]);
-    }
-    // SAFETY: `t` is a contiguous CPU tensor of `n` elements of type `T`
-    // (checked above); its storage lives as long as the borrow of `t`, and
-    // nothing writes to it while the slice exists.
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) })
-}
-
-/// The scan of `input`, queries and gallery on the CPU, in `tile` x `tile`
-/// tiles. `symmetric` (only when the gallery is the queries) computes the
-/// tiles on and above the diagonal only.
-pub(crate) fn scan_cpu(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Result<ScanOut> {
-    match input.q.kind() {
-        Kind::Float => scan_typed::<f32>(input, tile, symmetric),
-        Kind::Double => scan_typed::<f64>(input, tile, symmetric),
-        k => Err(Error::invalid(
-            "embeddings",
-            format!("dtype {k:?}"),
-            "float32 or float64 after preparation",
-        )),
-    }
-}
-
-fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Result<ScanOut> {
     let (yq, yg, pos, need) = (input.yq, input.yg, input.pos, input.need);
     let (m, n) = (yq.len(), yg.len());
-    let mut states: Vec<RowState<T>> = (0..m)
+    let mut states: Vec<RowState> = (0..m)
         .map(|i| {
             let first = if need.count { pos.first(i) } else { None };
-            let (pstar, jstar) = first.map_or((T::INF, i64::MAX), |(s, j)| (T::from_f64(s), j));
+            let (pstar, jstar) = first.unwrap_or((f64::INFINITY, i64::MAX));
             RowState {
                 label: yq[i],
                 pstar,
@@ -344,10 +321,12 @@ fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Resul
                 before: 0,
                 cap: need.cap(pos.r(i)),
                 heap: BinaryHeap::new(),
+                band: exact.band(i),
+                memo: Memo::default(),
             }
         })
         .collect();
-    let mut los: Vec<T> = states.iter().map(RowState::lo).collect();
+    let mut los: Vec<T> = states.iter().map(RowState::threshold).collect();
     let threads = tch::get_num_threads().max(1) as usize;
     let t = tile.max(1) as usize;
     let gt = input.g.tr();
@@ -365,9 +344,9 @@ fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Resul
                 row0: r0,
                 col0: c0,
             };
-            rows_pass(tile, &mut states, &mut los, yg, threads);
+            rows_pass(exact, tile, &mut states, &mut los, yg, threads);
             if symmetric && c0 > r0 {
-                cols_pass(tile, &mut states, &mut los, yq, threads);
+                cols_pass(exact, tile, &mut states, &mut los, yq, threads);
             }
         }
     }
@@ -379,7 +358,7 @@ fn scan_typed<T: Sim>(input: ScanInput<'_>, tile: i64, symmetric: bool) -> Resul
                 s.heap
                     .into_sorted_vec()
                     .into_iter()
-                    .map(|w| (w.s.to_f64(), w.j))
+                    .map(|w| (w.s, w.j))
                     .collect()
             })
             .collect(),

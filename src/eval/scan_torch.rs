@@ -1,21 +1,28 @@
 //! The retrieval scan as libtorch ops, for tensors on any device (CUDA in
 //! practice; the CPU uses the fused scan of [`super::scan_cpu`]).
 //!
-//! Queries go in row blocks against the whole gallery: a block of
-//! similarities (b x n), same-class entries masked out, then per query the
-//! count of items ranked before its best same-class item and its R best
-//! other-class items by [`topk_ordered`](super::knn::topk_ordered).
+//! Queries go in row blocks against the whole gallery: a block of tile
+//! values (b x n), same-class entries masked out. Per query, the items
+//! clearly ranked before its best same-class item are counted on the device,
+//! and those within the tile's rounding of it ([`Rows::band`]) are decided on
+//! the host by their exact similarity ([`Rows::sim`]); its best other-class
+//! items are the candidates that the tile values cannot rule out, ranked by
+//! their exact similarity.
 
 use tch::{Kind, Tensor};
 
+use super::exact::{best_by_exact, Memo, Rows, Sim};
 use super::input::{block_rows, host_vec};
-use super::knn::topk_ordered;
 use super::retrieval::{ScanInput, ScanOut};
 use crate::error::Result;
 
-/// The scan of `input` (any device), `rows` queries per block (`None`: from
-/// the memory budget).
-pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<ScanOut> {
+/// The scan of `input` (any device; `exact`: its rows on the host), `rows`
+/// queries per block (`None`: from the memory budget).
+pub(crate) fn scan_torch<T: Sim>(
+    input: ScanInput<'_>,
+    exact: &Rows<'_, T>,
+    rows: Option<i64>,
+) -> Result<ScanOut> {
     let ScanInput {
         q,
         yq,
@@ -24,20 +31,12 @@ pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<Scan
         pos,
         need,
     } = input;
-    let device = q.device();
+    let (device, kind) = (q.device(), q.kind());
     let (m, n) = (yq.len() as i64, yg.len() as i64);
     let yq_t = Tensor::from_slice(yq).to_device(device);
     let yg_t = Tensor::from_slice(yg).to_device(device);
-    let cols = Tensor::arange(n, (Kind::Int64, device));
-    let (pstar, jstar): (Vec<f64>, Vec<i64>) = (0..yq.len())
-        .map(|i| pos.first(i).unwrap_or((f64::INFINITY, i64::MAX)))
-        .unzip();
-    let pstar = Tensor::from_slice(&pstar)
-        .to_kind(q.kind())
-        .to_device(device);
-    let jstar = Tensor::from_slice(&jstar).to_device(device);
     let width = (need.cap(pos.max_r()) as i64).min(n);
-    let rows = block_rows(rows, n, q.kind());
+    let rows = block_rows(rows, n, kind);
     let gt = g.tr();
     let mut out = ScanOut {
         before: Vec::with_capacity(yq.len()),
@@ -55,42 +54,94 @@ pub(crate) fn scan_torch(input: ScanInput<'_>, rows: Option<i64>) -> Result<Scan
             .matmul(&gt)
             .masked_fill(&same, f64::NEG_INFINITY);
         drop(same);
+        let block = Block {
+            exact,
+            input,
+            s: &s,
+            start: start as usize,
+            len: len as usize,
+        };
         if need.count {
-            let p = pstar.narrow(0, start, len).unsqueeze(1);
-            let j = jstar.narrow(0, start, len).unsqueeze(1);
-            let ahead = s.gt_tensor(&p).logical_or(
-                &s.eq_tensor(&p)
-                    .logical_and(&cols.unsqueeze(0).lt_tensor(&j)),
-            );
-            let before = host_vec::<i64>(&ahead.sum_dim_intlist(1, false, Kind::Int64))?;
-            out.before.extend(before.into_iter().map(|c| c as u64));
+            out.before.extend(block.before_best_positive()?);
         } else {
             out.before.extend(std::iter::repeat_n(0, len as usize));
         }
         if width > 0 {
-            let (v, i) = topk_ordered(&s, width)?;
-            let v = host_vec::<f64>(&v.to_kind(Kind::Double))?;
-            let i = host_vec::<i64>(&i)?;
-            for (r, (vr, ir)) in v
-                .chunks(width as usize)
-                .zip(i.chunks(width as usize))
-                .enumerate()
-            {
-                let cap = need.cap(pos.r(start as usize + r));
-                // Masked entries (-inf) fill rows with fewer other-class items.
-                out.negatives.push(
-                    vr.iter()
-                        .zip(ir)
-                        .take(cap)
-                        .filter(|(v, _)| v.is_finite())
-                        .map(|(&v, &j)| (v, j))
-                        .collect(),
-                );
-            }
+            out.negatives.extend(block.best_negatives()?);
         } else if need.collects() {
             out.negatives.extend((0..len).map(|_| Vec::new()));
         }
         start += len;
     }
     Ok(out)
+}
+
+/// Queries `start..start + len` and their tile values `s` (same-class
+/// entries -inf).
+struct Block<'a, 'r, T> {
+    exact: &'a Rows<'r, T>,
+    input: ScanInput<'a>,
+    s: &'a Tensor,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Sim> Block<'_, '_, T> {
+    /// A column of `values` (one per query of the block) as a tensor of the
+    /// tile's dtype on its device.
+    fn column(&self, values: impl Iterator<Item = f64>) -> Tensor {
+        let values: Vec<T> = values.map(T::from_f64).collect();
+        Tensor::from_slice(&values)
+            .to_device(self.s.device())
+            .unsqueeze(1)
+    }
+
+    /// Per query, the other-class items ranked before its best same-class
+    /// item (pstar, jstar): those whose tile value is above pstar + band,
+    /// and those within the band whose exact similarity ranks before.
+    fn before_best_positive(&self) -> Result<Vec<u64>> {
+        let pos = self.input.pos;
+        let range = self.start..self.start + self.len;
+        let first: Vec<(f64, i64)> = range
+            .clone()
+            .map(|i| pos.first(i).unwrap_or((f64::INFINITY, i64::MAX)))
+            .collect();
+        let band = |k: usize| self.exact.band(self.start + k);
+        let hi = self.column(first.iter().enumerate().map(|(k, f)| f.0 + band(k)));
+        let lo = self.column(first.iter().enumerate().map(|(k, f)| f.0 - band(k)));
+        let certain = self.s.gt_tensor(&hi).sum_dim_intlist(1, false, Kind::Int64);
+        let mut before: Vec<u64> = host_vec::<i64>(&certain)?
+            .into_iter()
+            .map(|c| c as u64)
+            .collect();
+        let near = self
+            .s
+            .ge_tensor(&lo)
+            .logical_and(&self.s.le_tensor(&hi))
+            .nonzero();
+        // One memo per query (`nonzero` lists the pairs by row).
+        let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
+        for pair in host_vec::<i64>(&near)?.chunks(2) {
+            let (k, j) = (pair[0] as usize, pair[1]);
+            if memo_of != k {
+                (memo, memo_of) = (Memo::default(), k);
+            }
+            let (pstar, jstar) = first[k];
+            let sim = self.exact.sim_memo(self.start + k, j as usize, &mut memo);
+            if sim > pstar || (sim == pstar && j < jstar) {
+                before[k] += 1;
+            }
+        }
+        Ok(before)
+    }
+
+    /// Per query, its [`Need::cap`](super::retrieval::Need::cap) best
+    /// other-class items by exact similarity, best first.
+    fn best_negatives(&self) -> Result<Vec<Vec<(f64, i64)>>> {
+        let input = self.input;
+        let caps: Vec<usize> = (self.start..self.start + self.len)
+            .map(|i| input.need.cap(input.pos.r(i)))
+            .collect();
+        best_by_exact(self.exact, self.s, self.start, &caps, |sim| sim)
+    }
 }
