@@ -78,6 +78,8 @@ def _cli(*args: str, env=None, timeout: int = 300) -> subprocess.CompletedProces
         ),
         (["embed", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
         (["index", ".", "--data", "test", "--out", "/"], "argument --out: / is a folder"),
+        # Once status 1, from the trainer after the data had loaded.
+        (["train", "--device", "gpu"], "device: expected cpu, cuda, cuda:N (an existing device)"),
         # Once status 1, from the run's model after it had loaded.
         (["evaluate", ".", "--split", "tset"], "argument --split: invalid choice: 'tset'"),
         (["report", ".", "--split", "validation"], "argument --split: invalid choice: 'valid"),

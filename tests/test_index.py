@@ -124,10 +124,21 @@ def test_arguments_are_checked(tmp_path):
     index.add(np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="labels: expected labels with every add or none"):
         index.add(np.eye(3, dtype=np.float32), labels=[0, 1, 2])
-    with pytest.raises(ValueError, match="ids: expected one"):
+    with pytest.raises(
+        ValueError, match=r"^ids: expected one id per row of embeddings \(3\), got 2 ids"
+    ):
         index.add(np.eye(3, dtype=np.float32), ids=[1, 2])
-    with pytest.raises(ValueError, match=r"k: expected 1 <= k <= 3"):
-        index.search(np.eye(3, dtype=np.float32), 4)
+    # Ids name one vector each, as metrics.evaluate's gallery_ids do.
+    with pytest.raises(ValueError, match="^ids: expected unique ids, got 5 twice"):
+        index.add(np.eye(3, dtype=np.float32), ids=[5, 6, 5])
+    with pytest.raises(ValueError, match="^ids: expected ids not in the index yet, got 1, an id"):
+        index.add(np.eye(3, dtype=np.float32), ids=[7, 1, 8])
+    index.add(np.eye(3, dtype=np.float32), ids=[7, 9, 8])
+    with pytest.raises(ValueError, match="^ids: expected ids not in the index yet, got 9, an id"):
+        index.add(np.eye(3, dtype=np.float32), ids=[10, 9, 11])
+    np.testing.assert_array_equal(index.ids, [0, 1, 2, 7, 9, 8])
+    with pytest.raises(ValueError, match=r"k: expected 1 <= k <= 6"):
+        index.search(np.eye(3, dtype=np.float32), 7)
     with pytest.raises(ValueError, match='dtype: expected one of "float32", "float16"'):
         Index(3, dtype="bfloat16")
     with pytest.raises(ValueError, match="dim: expected an integer >= 1"):

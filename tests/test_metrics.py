@@ -245,6 +245,72 @@ def test_a_collapsed_model_ranks_by_index():
     assert got["recall@1"] == np.mean(first == labels)
 
 
+_S = 2.0**-69  # rows of norm ~2^-69 against a query of 2^-80: subnormal products
+
+
+@pytest.mark.parametrize(
+    "gallery, labels, query",
+    [
+        # float32 products beyond float32's range: inf and inf - inf = NaN.
+        ([[1e20, 1e20], [1e20, -1e20], [-1, -1]], [0, 1, 0], None),
+        ([[1e20, -1e20], [-1, -1]], [1, 0], [[1e20, 1e20]]),
+        ([[1e20], [1e18], [1e17]], [1, 0, 0], [[1e20]]),
+        ([[1e20], [1e19], [1e18]], [1, 0, 0], [[1e20]]),
+        # Subnormal float32 products: exact 2.8125 against 2.75 (x 2^-149).
+        ([[2.375 * _S, 0.4375 * _S], [1.375 * _S, 1.375 * _S]], [1, 0], [[2.0**-80] * 2]),
+        ([[1.5 * _S, 1.5 * _S], [2.4375 * _S, 1.25 * _S]], [1, 0], [[2.0**-80] * 2]),
+    ],
+)
+def test_similarities_beyond_float32s_range_rank_as_the_exact_ones(gallery, labels, query):
+    # normalize=False keeps the rows' scale. Found by a review: Recall@1 and
+    # MAP@R of 1.0 for 0.0, knn's best item missed or an internal error.
+    emb = np.array(gallery, np.float32)
+    q = None if query is None else np.array(query, np.float32)
+    ql = None if query is None else [0] * len(q)
+    ks = (1,)
+    got = M.evaluate(
+        emb, labels, query_embeddings=q, query_labels=ql, ks=ks, include=ALL, normalize=False
+    )
+    assert_same(got, reference(emb, labels, q, ql, ks=ks, normalize=False, top=True, exact=True))
+    queries = emb if q is None else q
+    with np.errstate(over="ignore"):  # 1e40 is inf in float32, as knn returns it
+        full = exact_similarities(queries, emb).astype(np.float32)
+    sims, idx = M.knn(emb, 1, query_embeddings=q, normalize=False)
+    for i in range(len(queries)):
+        cand = np.arange(len(emb))
+        if q is None:
+            cand = cand[cand != i]
+        best = cand[np.lexsort((cand, -full[i, cand]))][0]
+        assert idx[i, 0] == best and sims[i, 0] == full[i, best]
+
+
+def test_a_zero_query_against_a_gallery_of_huge_norms():
+    # float64, normalize=False: a norm of 1e160 squares to inf, and 0 x inf
+    # made the query's rounding band NaN, which skipped every item.
+    emb, labels = np.array([[1e160], [1.0]]), [1, 0]
+    q, ql = np.array([[0.0]]), [0]
+    got = M.evaluate(
+        emb, labels, query_embeddings=q, query_labels=ql, ks=(1,), include=ALL, normalize=False
+    )
+    assert got["recall@1"] == 0.0  # both similarities are 0: item 0 (the other class) first
+    assert M.knn(emb, 1, query_embeddings=q, normalize=False)[1].tolist() == [[0]]
+
+
+def test_knn_keeps_its_float32_ties_under_reduced_precision_products():
+    # 1 and 1 + 2^-30 are one float32 value: a tie, broken by index. With
+    # the tiles in float64 (reduced-precision float32 products), the
+    # candidates missed items that only tie after rounding.
+    g = np.array([[1, 0], [1, 2**-30]], np.float32)
+    q = np.array([[1, 1]], np.float32)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        sims, idx = M.knn(g, 1, query_embeddings=q, normalize=False)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    assert idx.tolist() == [[0]] and sims.tolist() == [[1.0]]
+
+
 @pytest.mark.parametrize("setting", ["bf16", "tf32"])
 def test_reduced_precision_float32_products_leave_the_metrics_exact(setting):
     # With torch's float32 products allowed in bfloat16 or TF32 (used by

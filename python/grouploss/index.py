@@ -67,8 +67,9 @@ class Index:
     def add(self, embeddings: Any, ids: Any = None, labels: Any = None) -> None:
         """Adds ``embeddings`` ((n, dim), tensor or numpy, any floating dtype
         and device) under integer ``ids`` (default: the integers after the
-        largest id so far) and integer ``labels`` (given with every add, or
-        never)."""
+        largest id so far), each naming one vector (an id given twice, or
+        one the index holds, is a ``ValueError``), and integer ``labels``
+        (given with every add, or never)."""
         self._native.add(
             _as_tensor("embeddings", embeddings), _int64("ids", ids), _int64("labels", labels)
         )

@@ -31,6 +31,9 @@ pub(crate) trait Sim:
 {
     /// Unit roundoff of the type's arithmetic.
     const UNIT_ROUNDOFF: f64;
+    /// The smallest positive (subnormal) value: the absolute error of a
+    /// product or sum that underflows is at most half of it.
+    const TINY: f64;
     fn to_f64(self) -> f64;
     /// The bits of the value.
     fn bits(self) -> u64;
@@ -40,6 +43,7 @@ pub(crate) trait Sim:
 
 impl Sim for f32 {
     const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
+    const TINY: f64 = f32::from_bits(1) as f64; // 2^-149
     fn to_f64(self) -> f64 {
         self as f64
     }
@@ -53,6 +57,7 @@ impl Sim for f32 {
 
 impl Sim for f64 {
     const UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
+    const TINY: f64 = f64::from_bits(1); // 2^-1074
     fn to_f64(self) -> f64 {
         self
     }
@@ -84,6 +89,14 @@ pub(crate) fn dot<T: Sim>(a: &[T], b: &[T]) -> f64 {
         acc[k] += x.to_f64() * y.to_f64();
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// `x >= t`, or `x` is NaN: what the scans look at, so that a NaN tile value
+/// (float32 products overflowing to inf - inf) is decided by [`dot`].
+#[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN passes on purpose
+pub(crate) fn not_below<T: PartialOrd>(x: T, t: T) -> bool {
+    !(x < t)
 }
 
 /// `n * u / (1 - n * u)`: the relative error bound of a sum of `n` products
@@ -159,13 +172,23 @@ impl<'a, T: Sim> Rows<'a, T> {
             |rows: &[T]| -> Vec<f64> { rows.chunks(d.max(1)).map(|r| dot(r, r).sqrt()).collect() };
         let g_max = norm(g).into_iter().fold(0.0f64, f64::max);
         // Both the product's and dot's error are bounded by
-        // gamma(d) * sum |a_k b_k| <= gamma(d) * |a| |b| (Cauchy-Schwarz).
-        // The factor 2 covers the norms' own rounding and the rounding of a
-        // threshold to `T`.
+        // gamma(d) * sum |a_k b_k| <= gamma(d) * |a| |b| (Cauchy-Schwarz),
+        // plus, where products or sums underflow, half the smallest
+        // subnormal a step (Higham 2.2). The factor 2 covers the norms' own
+        // rounding and the rounding of a threshold to `T`. A norm of zero
+        // gives a product of zero, even against an infinite one.
         let unit = gamma(d, T::UNIT_ROUNDOFF) + gamma(d, f64::EPSILON / 2.0) + T::UNIT_ROUNDOFF;
+        let tiny = (d + 2) as f64 * (T::TINY + <f64 as Sim>::TINY);
         let bands = norm(q)
             .into_iter()
-            .map(|qn| 2.0 * unit * qn * g_max)
+            .map(|qn| {
+                let scale = if qn == 0.0 || g_max == 0.0 {
+                    0.0
+                } else {
+                    qn * g_max
+                };
+                2.0 * (unit * scale + tiny)
+            })
             .collect();
         let first_equal = first_equal(g, d);
         Rows {
@@ -206,28 +229,34 @@ impl<'a, T: Sim> Rows<'a, T> {
 }
 
 /// Per row r of `s` (tile values of queries `start..` against the gallery
-/// of `exact`, -inf where an item is excluded), its `caps[r]` best items by
-/// `value` of their exact similarity ([`Rows::sim`]; `value` is monotone:
-/// the identity, or a rounding), ranked by (-value, index).
+/// of `exact`), its `caps[r]` best items by exact similarity ([`Rows::sim`],
+/// rounded to float32 with `round_f32`), ranked by (-similarity, index);
+/// items where `excluded` (bool, the shape of `s`) is true are left out.
 ///
 /// Let v be the row's cap-th best tile value: each of the cap items with
 /// the best tile values has an exact similarity of at least v - band, so
-/// every item of the result has a tile value of at least v - 2 band. Those
-/// are the candidates, few unless many similarities are within rounding of
-/// each other.
+/// every item of the result has a tile value of at least v - 2 band (less
+/// half a float32 step with `round_f32`, as rounding makes ties). Those,
+/// and NaN tile values, are the candidates: few, unless many similarities
+/// are within rounding of each other.
 pub(crate) fn best_by_exact<T: Sim>(
     exact: &Rows<'_, T>,
     s: &Tensor,
+    excluded: Option<&Tensor>,
     start: usize,
     caps: &[usize],
-    value: impl Fn(f64) -> f64,
+    round_f32: bool,
 ) -> Result<Vec<Vec<(f64, i64)>>> {
-    let n = s.size()[1] as usize;
+    let (rows, n) = (caps.len(), s.size()[1] as usize);
     let width = caps.iter().copied().max().unwrap_or(0).min(n);
     if width == 0 {
-        return Ok(vec![Vec::new(); caps.len()]);
+        return Ok(vec![Vec::new(); rows]);
     }
-    let top = host_vec::<f64>(&s.topk(width as i64, 1, true, true).0)?;
+    let masked = match excluded {
+        Some(e) => s.masked_fill(e, f64::NEG_INFINITY),
+        None => s.shallow_clone(),
+    };
+    let top = host_vec::<f64>(&masked.topk(width as i64, 1, true, true).0)?;
     let thresholds: Vec<T> = caps
         .iter()
         .enumerate()
@@ -237,39 +266,39 @@ pub(crate) fn best_by_exact<T: Sim>(
                 cap if cap > n => f64::NEG_INFINITY,
                 cap => top[r * width + cap - 1],
             };
-            let band = exact.band(start + r);
-            T::from_f64(if kth.is_finite() {
-                kth - 2.0 * band
+            if !kth.is_finite() {
+                return T::from_f64(f64::NEG_INFINITY);
+            }
+            let ties = if round_f32 {
+                kth.abs() * f64::from(f32::EPSILON) + f64::from(f32::from_bits(1))
             } else {
-                f64::NEG_INFINITY
-            })
+                0.0
+            };
+            T::from_f64(kth - 2.0 * exact.band(start + r) - ties)
         })
         .collect();
     let thr = Tensor::from_slice(&thresholds)
         .to_device(s.device())
         .unsqueeze(1);
-    let candidates = s.ge_tensor(&thr).logical_and(&s.isfinite());
-    let counts = host_vec::<i64>(&candidates.sum_dim_intlist(1, false, Kind::Int64))?;
-    let wide = counts.iter().copied().max().unwrap_or(0);
-    if wide == 0 {
-        return Ok(vec![Vec::new(); caps.len()]);
+    let mut candidates = s.ge_tensor(&thr).logical_or(&s.isnan());
+    if let Some(e) = excluded {
+        candidates = candidates.logical_and(&e.logical_not());
     }
-    let (v, idx) = s.topk(wide, 1, true, true);
-    let (v, idx) = (host_vec::<f64>(&v)?, host_vec::<i64>(&idx)?);
-    let wide = wide as usize;
-    let mut out = Vec::with_capacity(caps.len());
-    for (r, &cap) in caps.iter().enumerate() {
-        let row = r * wide..r * wide + counts[r] as usize;
-        let mut memo = Memo::default();
-        let mut items: Vec<(f64, i64)> = idx[row.clone()]
-            .iter()
-            .zip(&v[row])
-            .filter(|(_, v)| v.is_finite())
-            .map(|(&j, _)| (value(exact.sim_memo(start + r, j as usize, &mut memo)), j))
-            .collect();
+    let round = |sim: f64| if round_f32 { sim as f32 as f64 } else { sim };
+    let mut out: Vec<Vec<(f64, i64)>> = vec![Vec::new(); rows];
+    let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
+    // `nonzero` lists the candidates row by row.
+    for pair in host_vec::<i64>(&candidates.nonzero())?.chunks(2) {
+        let (r, j) = (pair[0] as usize, pair[1] as usize);
+        if memo_of != r {
+            (memo, memo_of) = (Memo::default(), r);
+        }
+        let sim = round(exact.sim_memo(start + r, j, &mut memo));
+        out[r].push((sim, j as i64));
+    }
+    for (items, &cap) in out.iter_mut().zip(caps) {
         items.sort_unstable_by(rank_order);
         items.truncate(cap);
-        out.push(items);
     }
     Ok(out)
 }

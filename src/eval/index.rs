@@ -10,8 +10,8 @@
 //! by the same heaps.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -21,7 +21,7 @@ use super::input::{
     check_batch_size, check_embeddings, compute_kind, host_vec, normalize_rows_, prepare,
 };
 use super::knn::topk_ordered;
-use super::scan_cpu::{any_at_least, GROUP};
+use super::scan_cpu::{any_not_below, GROUP};
 use crate::error::{at_least, ensure, Error, Result};
 use crate::loss::checks::{check_finite, check_matrix_shape};
 use crate::loss::{gemm, threads};
@@ -53,68 +53,98 @@ const CPU_STORED: i64 = 2_048;
 const CUDA_STORED_BLOCK: i64 = 65_536;
 const CUDA_TILE_BYTES: i64 = 64 << 20;
 
-/// The ids of the stored vectors: their positions (the ids `add` gives when
-/// none are passed, from an empty index) until other ids are added, then a
-/// list. Positions take no memory (a list of 500,000 takes 4 MB).
+/// The ids of the stored vectors, all different: their positions (the ids
+/// `add` gives when none are passed, from an empty index) until other ids
+/// are added, then a list (with a set of them, to refuse an id twice).
+/// Positions take no memory (a list of 500,000 takes about 20 MB).
 #[derive(Debug)]
 enum Ids {
     Positions(usize),
-    Listed(Vec<i64>),
+    Listed { ids: Vec<i64>, set: HashSet<i64> },
 }
 
 impl Ids {
-    /// A saved list: positions where it is `0..n`.
-    fn from_list(ids: Vec<i64>) -> Self {
+    /// A saved list: positions where it is `0..n`; `None` if an id repeats.
+    fn from_list(ids: Vec<i64>) -> Option<Self> {
         if ids.iter().enumerate().all(|(p, &id)| id == p as i64) {
-            Ids::Positions(ids.len())
-        } else {
-            Ids::Listed(ids)
+            return Some(Ids::Positions(ids.len()));
         }
+        let set: HashSet<i64> = ids.iter().copied().collect();
+        (set.len() == ids.len()).then_some(Ids::Listed { ids, set })
     }
 
     fn len(&self) -> usize {
         match self {
             Ids::Positions(n) => *n,
-            Ids::Listed(ids) => ids.len(),
+            Ids::Listed { ids, .. } => ids.len(),
         }
     }
 
     fn get(&self, position: usize) -> i64 {
         match self {
             Ids::Positions(_) => position as i64,
-            Ids::Listed(ids) => ids[position],
+            Ids::Listed { ids, .. } => ids[position],
         }
     }
 
     fn to_vec(&self) -> Vec<i64> {
         match self {
             Ids::Positions(n) => (0..*n as i64).collect(),
-            Ids::Listed(ids) => ids.clone(),
+            Ids::Listed { ids, .. } => ids.clone(),
         }
     }
 
-    /// `m` more: `ids`, or (None) from one past the largest so far.
+    fn contains(&self, id: i64) -> bool {
+        match self {
+            Ids::Positions(n) => usize::try_from(id).is_ok_and(|id| id < *n),
+            Ids::Listed { set, .. } => set.contains(&id),
+        }
+    }
+
+    /// New ids (argument `ids` of `add`) are all different and not stored.
+    fn check_new(&self, new: &[i64]) -> Result<()> {
+        let mut seen = HashSet::with_capacity(new.len());
+        for &id in new {
+            if !seen.insert(id) {
+                return Err(Error::invalid("ids", format!("{id} twice"), "unique ids"));
+            }
+            if self.contains(id) {
+                return Err(Error::invalid(
+                    "ids",
+                    format!("{id}, an id the index holds"),
+                    "ids not in the index yet",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `m` more: `ids` (checked by [`Ids::check_new`]), or (None) from one
+    /// past the largest so far.
     fn extend(&mut self, ids: Option<Vec<i64>>, m: usize) {
         let start = match self {
             Ids::Positions(n) => *n as i64,
-            Ids::Listed(ids) => ids.iter().copied().max().map_or(0, |x| x + 1),
+            Ids::Listed { ids, .. } => ids.iter().copied().max().map_or(0, |x| x + 1),
         };
         let follows = |ids: &[i64]| {
             ids.iter()
                 .enumerate()
                 .all(|(j, &id)| id == start + j as i64)
         };
-        match (self, ids) {
-            (Ids::Positions(n), None) => *n += m,
-            (Ids::Positions(n), Some(ids)) if follows(&ids) => *n += m,
-            (Ids::Listed(stored), ids) => {
-                stored.extend(ids.unwrap_or_else(|| (start..start + m as i64).collect()))
-            }
-            (this @ Ids::Positions(_), Some(ids)) => {
-                let mut all = this.to_vec();
-                all.extend(ids);
-                *this = Ids::Listed(all);
-            }
+        let new = match (&mut *self, ids) {
+            (Ids::Positions(n), None) => return *n += m,
+            (Ids::Positions(n), Some(ids)) if follows(&ids) => return *n += m,
+            (_, Some(ids)) => ids,
+            (_, None) => (start..start + m as i64).collect(),
+        };
+        if let Ids::Positions(_) = self {
+            let ids = self.to_vec();
+            let set = ids.iter().copied().collect();
+            *self = Ids::Listed { ids, set };
+        }
+        if let Ids::Listed { ids, set } = self {
+            set.extend(new.iter().copied());
+            ids.extend(new);
         }
     }
 }
@@ -221,6 +251,7 @@ impl Index {
         };
         if let Some(ids) = &ids {
             one_per_row("ids", ids.len())?;
+            self.ids.check_new(ids)?;
         }
         if let Some(labels) = &labels {
             one_per_row("labels", labels.len())?;
@@ -530,9 +561,10 @@ impl Index {
         if !bool::try_from(unit.all())? {
             return Err(bad_file(path, "vectors that are not of unit length"));
         }
+        let ids = Ids::from_list(ids).ok_or_else(|| bad_file(path, "an id stored twice"))?;
         Ok(Index {
             vectors: vectors.to_device(device),
-            ids: Ids::from_list(ids),
+            ids,
             labels,
             info: info.into_iter().collect(),
         })
@@ -599,7 +631,7 @@ impl PartialOrd for Hit {
 /// position ([`Hit`]'s order), in whatever order they are offered.
 fn offer_row(heap: &mut BinaryHeap<Hit>, lo: &mut f32, row: &[f32], col0: i64, k: usize) {
     for (g, group) in row.chunks(GROUP).enumerate() {
-        if !any_at_least(group, *lo) {
+        if !any_not_below(group, *lo) {
             continue;
         }
         for (i, &s) in group.iter().enumerate() {
@@ -701,8 +733,15 @@ mod tests {
         ids.extend(None, 2);
         assert_eq!(ids.to_vec(), [0, 1, 2, 3, 4, 10, 7, 11, 12]);
         assert_eq!((ids.len(), ids.get(5), ids.get(8)), (9, 10, 12));
-        assert!(matches!(Ids::from_list(vec![0, 1, 2]), Ids::Positions(3)));
-        assert!(matches!(Ids::from_list(vec![0, 2]), Ids::Listed(_)));
+        assert!(matches!(
+            Ids::from_list(vec![0, 1, 2]),
+            Some(Ids::Positions(3))
+        ));
+        assert!(matches!(
+            Ids::from_list(vec![0, 2]),
+            Some(Ids::Listed { .. })
+        ));
+        assert!(Ids::from_list(vec![4, 2, 4]).is_none());
     }
 
     #[test]
@@ -723,6 +762,11 @@ mod tests {
                 vectors.shallow_clone(),
                 ids.reshape([2, 1]),
                 "not int64 vectors",
+            ),
+            (
+                vectors.shallow_clone(),
+                Tensor::from_slice(&[7i64, 7]),
+                "an id stored twice",
             ),
         ];
         for (v, i, message) in cases {

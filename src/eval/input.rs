@@ -3,7 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ensure, Result};
-use crate::loss::checks::{check_label_vector, check_matrix};
+use crate::loss::checks::{check_label_vector, check_matrix, label_noun};
 
 /// Bytes one block of similarities (or distances) may take when the caller
 /// gives no block size: large enough for efficient matrix products, small
@@ -108,7 +108,10 @@ pub(crate) fn labels_vec(labels: &Tensor, arg: &str, n: Option<(i64, &str)>) -> 
         labels,
         arg,
         "a 1-D tensor of integer labels",
-        n.map(|(n, of)| (n, format!("one label per row of {of} ({n})"))),
+        n.map(|(n, of)| {
+            let noun = label_noun(arg, false);
+            (n, format!("one {noun} per row of {of} ({n})"))
+        }),
     )?;
     host_vec::<i64>(labels)
 }
@@ -187,5 +190,12 @@ mod tests {
             "labels: expected one label per row of embeddings (3), got 2 labels"
         );
         assert_eq!(labels_vec(&y, "labels", None).unwrap(), vec![-4, 7]);
+        let e = labels_vec(&y, "gallery_ids", Some((3, "embeddings")))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "gallery_ids: expected one id per row of embeddings (3), got 2 ids"
+        );
     }
 }

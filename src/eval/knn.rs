@@ -126,26 +126,28 @@ fn knn_typed<T: Sim>(
         cpu_slice::<T>(&gh)?,
         q.size()[1] as usize,
     );
-    // The exact similarity rounded to the compute dtype, as returned.
-    let round = |sim: f64| {
-        if kind == Kind::Float {
-            sim as f32 as f64
-        } else {
-            sim
-        }
-    };
     let m = q.size()[0];
     let (mut vals, mut idx) = (Vec::with_capacity((m * k) as usize), Vec::new());
     let mut start = 0;
     while start < m {
         let len = rows.min(m - start);
         let s = q.narrow(0, start, len).matmul(&g.tr());
-        if same_set {
-            // Query r of the block is gallery item start + r: never itself.
-            let _ = s.diagonal(start, 0, 1).fill_(f64::NEG_INFINITY);
-        }
+        // Query r of the block is gallery item start + r: never itself.
+        let itself = same_set.then(|| {
+            let mask = Tensor::zeros(s.size(), (Kind::Bool, s.device()));
+            let _ = mask.diagonal(start, 0, 1).fill_(1);
+            mask
+        });
         let caps = vec![k as usize; len as usize];
-        for row in best_by_exact(&exact, &s, start as usize, &caps, round)? {
+        let round_f32 = kind == Kind::Float;
+        for row in best_by_exact(
+            &exact,
+            &s,
+            itself.as_ref(),
+            start as usize,
+            &caps,
+            round_f32,
+        )? {
             for (v, j) in row {
                 vals.push(T::from_f64(v));
                 idx.push(j);

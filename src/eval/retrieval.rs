@@ -590,43 +590,61 @@ mod tests {
         };
         let (x, y) = pick(&mut rng, n);
         let (qx, qy) = pick(&mut rng, 23);
-        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| a as f64).collect() };
-        let xt = Tensor::from_slice(&x).reshape([n as i64, d as i64]);
-        let qt = Tensor::from_slice(&qx).reshape([23, d as i64]);
+        let every = [Some(1), Some(3), Some(7), Some(16), Some(33), None];
         let ks = [1, 2, 8, (n - 1) as i64];
-        let want = brute(
-            &wide(&x),
-            &y,
-            &wide(&x),
-            &y,
-            d,
-            Own::Itself,
-            &ks,
-            Average::Query,
-        );
-        let want_q = brute(
-            &wide(&qx),
-            &qy,
-            &wide(&x),
-            &y,
-            d,
-            Own::Nothing,
-            &ks,
-            Average::Query,
-        );
+        every_scan_ranks_by_dot((&x, &y), (&qx, &qy), d, &ks, &every);
+    }
+
+    /// Every scan at every block size in `batches` gives the definitions'
+    /// metrics (ranked by [`dot`]) for gallery `x` (labels `y`), in the
+    /// same-set protocol and for queries `q`.
+    fn every_scan_ranks_by_dot(
+        (x, y): (&[f32], &[i64]),
+        (q, qy): (&[f32], &[i64]),
+        d: usize,
+        ks: &[i64],
+        batches: &[Option<i64>],
+    ) {
+        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| a as f64).collect() };
+        let rows = |v: &[f32]| Tensor::from_slice(v).reshape([(v.len() / d) as i64, d as i64]);
+        let (xt, qt) = (rows(x), rows(q));
+        let (xw, qw) = (wide(x), wide(q));
+        let want = brute(&xw, y, &xw, y, d, Own::Itself, ks, Average::Query);
+        let want_q = brute(&qw, qy, &xw, y, d, Own::Nothing, ks, Average::Query);
         let strategies = [
             Strategy::Cpu { symmetric: true },
             Strategy::Cpu { symmetric: false },
             Strategy::Torch,
         ];
         for s in strategies {
-            for batch in [Some(1), Some(3), Some(7), Some(16), Some(33), None] {
-                let req = all(&ks, Average::Query, batch, s);
-                let got = retrieval(&xt, &y, None, Own::Nothing, req).unwrap();
+            for &batch in batches {
+                let req = all(ks, Average::Query, batch, s);
+                let got = retrieval(&xt, y, None, Own::Nothing, req).unwrap();
                 close(&got, &want);
-                let got = retrieval(&qt, &qy, Some((&xt, &y)), Own::Nothing, req).unwrap();
+                let got = retrieval(&qt, qy, Some((&xt, y)), Own::Nothing, req).unwrap();
                 close(&got, &want_q);
             }
+        }
+    }
+
+    /// float32 tiles of rows of norm 1e20 overflow (inf, and inf - inf =
+    /// NaN); rows of norm 2^-69 against 2^-80 give subnormal products. Every
+    /// scan still ranks by the exact similarities.
+    #[test]
+    fn tiles_beyond_float32s_range_rank_as_the_exact_similarities() {
+        let mut rng = Rng::new(77);
+        for scale in [1e20f64, 1e19, 2f64.powi(-72)] {
+            let (n, d) = (40usize, 3usize);
+            let x: Vec<f32> = (0..n * d)
+                .map(|_| (rng.uniform(-1.0, 1.0) * scale) as f32)
+                .collect();
+            let y: Vec<i64> = (0..n).map(|_| rng.below(6) as i64).collect();
+            let qx: Vec<f32> = (0..5 * d)
+                .map(|_| (rng.uniform(-1.0, 1.0) * scale.max(2f64.powi(-8))) as f32)
+                .collect();
+            let qy: Vec<i64> = (0..5).map(|_| rng.below(6) as i64).collect();
+            let ks = [1, 3, (n - 1) as i64];
+            every_scan_ranks_by_dot((&x, &y), (&qx, &qy), d, &ks, &[Some(4), None]);
         }
     }
 

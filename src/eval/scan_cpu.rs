@@ -23,7 +23,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::exact::{cpu_slice, Memo, Rows, Sim};
+use super::exact::{cpu_slice, not_below, Memo, Rows, Sim};
 use super::retrieval::{ScanInput, ScanOut};
 use crate::error::{Error, Result};
 
@@ -60,8 +60,9 @@ impl PartialEq for Neg {
 
 impl Eq for Neg {}
 
-/// What the scan keeps for one query; similarities are [`Rows::sim`]s.
-struct RowState {
+/// What the scan keeps for one query: exact similarities ([`Rows::sim`]),
+/// and the tile values (`T`) at which they must be looked at.
+struct RowState<T> {
     label: i64,
     /// The best same-class similarity and its index; `INF` when not counted.
     pstar: f64,
@@ -74,36 +75,84 @@ struct RowState {
     /// [`Rows::band`] of the query.
     band: f64,
     memo: Memo,
+    /// An item whose tile value is above `ahead` ranks before (pstar,
+    /// jstar) whatever its exact similarity; from `near` to `ahead` that
+    /// decides.
+    ahead: T,
+    near: T,
+    /// From this tile value up an item may enter the heap.
+    heap_lo: T,
 }
 
-impl RowState {
-    /// Below this similarity an item can neither be counted nor kept.
-    fn lo(&self) -> f64 {
-        let heap = if self.cap == 0 {
-            f64::INFINITY
-        } else if self.heap.len() < self.cap {
-            f64::NEG_INFINITY
+impl<T: Sim> RowState<T> {
+    /// Query `i` (label `label`, best same-class item `first` if counted,
+    /// heap capacity `cap`) of `rows`.
+    fn new(
+        rows: &Rows<'_, T>,
+        i: usize,
+        label: i64,
+        first: Option<(f64, i64)>,
+        cap: usize,
+    ) -> Self {
+        let band = rows.band(i);
+        let (pstar, jstar) = first.unwrap_or((f64::INFINITY, i64::MAX));
+        let inf = T::from_f64(f64::INFINITY);
+        let (ahead, near) = if first.is_some() {
+            (T::from_f64(pstar + band), T::from_f64(pstar - band))
         } else {
-            self.heap.peek().map_or(f64::NEG_INFINITY, |w| w.s)
+            (inf, inf)
         };
-        self.pstar.min(heap)
-    }
-
-    /// Below this tile value an item can neither be counted nor kept.
-    fn threshold<T: Sim>(&self) -> T {
-        T::from_f64(self.lo() - self.band)
-    }
-
-    /// An other-class item `j` with similarity `s`.
-    #[inline]
-    fn offer(&mut self, s: f64, j: i64) {
-        if s > self.pstar || (s == self.pstar && j < self.jstar) {
-            self.before += 1;
+        RowState {
+            label,
+            pstar,
+            jstar,
+            before: 0,
+            cap,
+            heap: BinaryHeap::new(),
+            band,
+            memo: Memo::default(),
+            ahead,
+            near,
+            heap_lo: if cap == 0 {
+                inf
+            } else {
+                T::from_f64(f64::NEG_INFINITY)
+            },
         }
-        if self.cap == 0 {
+    }
+
+    /// Below this tile value an item is neither counted nor kept.
+    fn threshold(&self) -> T {
+        if self.near < self.heap_lo {
+            self.near
+        } else {
+            self.heap_lo
+        }
+    }
+
+    /// Other-class item `j` of tile value `s` for query `i` of `rows`. The
+    /// exact similarity is computed only where the tile value cannot decide.
+    /// Comparisons are "not below" so that a NaN tile value (float32
+    /// products overflowing to inf - inf) is looked at.
+    #[inline]
+    fn offer(&mut self, rows: &Rows<'_, T>, i: usize, s: T, j: usize) {
+        let mut exact = None;
+        if s > self.ahead {
+            self.before += 1;
+        } else if not_below(s, self.near) {
+            let sim = *exact.get_or_insert_with(|| rows.sim_memo(i, j, &mut self.memo));
+            if sim > self.pstar || (sim == self.pstar && (j as i64) < self.jstar) {
+                self.before += 1;
+            }
+        }
+        if self.cap == 0 || s < self.heap_lo {
             return;
         }
-        let item = Neg { s, j };
+        let sim = exact.unwrap_or_else(|| rows.sim_memo(i, j, &mut self.memo));
+        let item = Neg {
+            s: sim,
+            j: j as i64,
+        };
         if self.heap.len() < self.cap {
             self.heap.push(item);
         } else if let Some(mut worst) = self.heap.peek_mut() {
@@ -111,39 +160,44 @@ impl RowState {
                 *worst = item;
             }
         }
+        if self.heap.len() == self.cap {
+            let worst = self.heap.peek().map_or(f64::NEG_INFINITY, |w| w.s);
+            self.heap_lo = T::from_f64(worst - self.band);
+        }
     }
 }
 
 /// Width of the groups of similarities rejected by one vectorised test.
 pub(crate) const GROUP: usize = 16;
 
-/// Is any `x >= t`? (A branch-free reduction the compiler vectorises.)
+/// Is any `x` not below `t` (`x >= t`, or NaN)? (A branch-free reduction
+/// the compiler vectorises.)
 #[inline]
-pub(crate) fn any_at_least<T: Sim>(xs: &[T], t: T) -> bool {
+pub(crate) fn any_not_below<T: Sim>(xs: &[T], t: T) -> bool {
     match <&[T; GROUP]>::try_from(xs) {
         Ok(xs) => {
             let mut any = false;
             for &x in xs {
-                any |= x >= t;
+                any |= not_below(x, t);
             }
             any
         }
-        Err(_) => xs.iter().any(|&x| x >= t),
+        Err(_) => xs.iter().any(|&x| not_below(x, t)),
     }
 }
 
-/// Is any `xs[i] >= ts[i]`?
+/// Is any `xs[i]` not below `ts[i]`?
 #[inline]
-fn any_at_least_each<T: Sim>(xs: &[T], ts: &[T]) -> bool {
+fn any_not_below_each<T: Sim>(xs: &[T], ts: &[T]) -> bool {
     match (<&[T; GROUP]>::try_from(xs), <&[T; GROUP]>::try_from(ts)) {
         (Ok(xs), Ok(ts)) => {
             let mut any = false;
             for i in 0..GROUP {
-                any |= xs[i] >= ts[i];
+                any |= not_below(xs[i], ts[i]);
             }
             any
         }
-        _ => xs.iter().zip(ts).any(|(&x, &t)| x >= t),
+        _ => xs.iter().zip(ts).any(|(&x, &t)| not_below(x, t)),
     }
 }
 
@@ -153,7 +207,7 @@ fn any_at_least_each<T: Sim>(xs: &[T], ts: &[T]) -> bool {
 fn scan_row<T: Sim>(
     rows: &Rows<'_, T>,
     i: usize,
-    st: &mut RowState,
+    st: &mut RowState<T>,
     lo: &mut T,
     row: &[T],
     col0: usize,
@@ -161,15 +215,13 @@ fn scan_row<T: Sim>(
 ) {
     let mut l = *lo;
     for (g, group) in row.chunks(GROUP).enumerate() {
-        if !any_at_least(group, l) {
+        if !any_not_below(group, l) {
             continue;
         }
         let base = g * GROUP;
         for (t, &s) in group.iter().enumerate() {
-            let j = col0 + base + t;
-            if s >= l && labels[base + t] != st.label {
-                let sim = rows.sim_memo(i, j, &mut st.memo);
-                st.offer(sim, j as i64);
+            if not_below(s, l) && labels[base + t] != st.label {
+                st.offer(rows, i, s, col0 + base + t);
                 l = st.threshold();
             }
         }
@@ -182,22 +234,21 @@ fn scan_row<T: Sim>(
 fn scan_segment<T: Sim>(
     rows: &Rows<'_, T>,
     q0: usize,
-    states: &mut [RowState],
+    states: &mut [RowState<T>],
     los: &mut [T],
     seg: &[T],
     g: usize,
     gl: i64,
 ) {
     for (k, (group, lo)) in seg.chunks(GROUP).zip(los.chunks_mut(GROUP)).enumerate() {
-        if !any_at_least_each(group, lo) {
+        if !any_not_below_each(group, lo) {
             continue;
         }
         let base = k * GROUP;
         for (t, &s) in group.iter().enumerate() {
             let st = &mut states[base + t];
-            if s >= lo[t] && st.label != gl {
-                let sim = rows.sim_memo(q0 + base + t, g, &mut st.memo);
-                st.offer(sim, g as i64);
+            if not_below(s, lo[t]) && st.label != gl {
+                st.offer(rows, q0 + base + t, s, g);
                 lo[t] = st.threshold();
             }
         }
@@ -230,7 +281,7 @@ struct Tile<'a, T> {
 fn rows_pass<T: Sim>(
     exact: &Rows<'_, T>,
     tile: Tile<'_, T>,
-    states: &mut [RowState],
+    states: &mut [RowState<T>],
     los: &mut [T],
     labels: &[i64],
     threads: usize,
@@ -253,7 +304,7 @@ fn rows_pass<T: Sim>(
 fn cols_pass<T: Sim>(
     exact: &Rows<'_, T>,
     tile: Tile<'_, T>,
-    states: &mut [RowState],
+    states: &mut [RowState<T>],
     los: &mut [T],
     labels: &[i64],
     threads: usize,
@@ -276,10 +327,10 @@ fn cols_pass<T: Sim>(
 /// `work(base, states, los)` over chunks of `per` queries (`base`: the
 /// first one's index), each chunk on its own thread when there are several.
 fn split_queries<T: Sim>(
-    states: &mut [RowState],
+    states: &mut [RowState<T>],
     los: &mut [T],
     per: usize,
-    work: impl Fn(usize, &mut [RowState], &mut [T]) + Sync,
+    work: impl Fn(usize, &mut [RowState<T>], &mut [T]) + Sync,
 ) {
     if per >= states.len() {
         return work(0, states, los);
@@ -310,20 +361,10 @@ pub(crate) fn scan_cpu<T: Sim>(
     }
     let (yq, yg, pos, need) = (input.yq, input.yg, input.pos, input.need);
     let (m, n) = (yq.len(), yg.len());
-    let mut states: Vec<RowState> = (0..m)
+    let mut states: Vec<RowState<T>> = (0..m)
         .map(|i| {
             let first = if need.count { pos.first(i) } else { None };
-            let (pstar, jstar) = first.unwrap_or((f64::INFINITY, i64::MAX));
-            RowState {
-                label: yq[i],
-                pstar,
-                jstar,
-                before: 0,
-                cap: need.cap(pos.r(i)),
-                heap: BinaryHeap::new(),
-                band: exact.band(i),
-                memo: Memo::default(),
-            }
+            RowState::new(exact, i, yq[i], first, need.cap(pos.r(i)))
         })
         .collect();
     let mut los: Vec<T> = states.iter().map(RowState::threshold).collect();

@@ -49,15 +49,12 @@ pub(crate) fn scan_torch<T: Sim>(
             .narrow(0, start, len)
             .unsqueeze(1)
             .eq_tensor(&yg_t.unsqueeze(0));
-        let s = q
-            .narrow(0, start, len)
-            .matmul(&gt)
-            .masked_fill(&same, f64::NEG_INFINITY);
-        drop(same);
+        let s = q.narrow(0, start, len).matmul(&gt);
         let block = Block {
             exact,
             input,
             s: &s,
+            same: &same,
             start: start as usize,
             len: len as usize,
         };
@@ -76,12 +73,13 @@ pub(crate) fn scan_torch<T: Sim>(
     Ok(out)
 }
 
-/// Queries `start..start + len` and their tile values `s` (same-class
-/// entries -inf).
+/// Queries `start..start + len`, their tile values `s` and where the
+/// items are of their class (`same`).
 struct Block<'a, 'r, T> {
     exact: &'a Rows<'r, T>,
     input: ScanInput<'a>,
     s: &'a Tensor,
+    same: &'a Tensor,
     start: usize,
     len: usize,
 }
@@ -98,7 +96,8 @@ impl<T: Sim> Block<'_, '_, T> {
 
     /// Per query, the other-class items ranked before its best same-class
     /// item (pstar, jstar): those whose tile value is above pstar + band,
-    /// and those within the band whose exact similarity ranks before.
+    /// and those within the band (or NaN) whose exact similarity ranks
+    /// before.
     fn before_best_positive(&self) -> Result<Vec<u64>> {
         let pos = self.input.pos;
         let range = self.start..self.start + self.len;
@@ -106,18 +105,32 @@ impl<T: Sim> Block<'_, '_, T> {
             .clone()
             .map(|i| pos.first(i).unwrap_or((f64::INFINITY, i64::MAX)))
             .collect();
-        let band = |k: usize| self.exact.band(self.start + k);
-        let hi = self.column(first.iter().enumerate().map(|(k, f)| f.0 + band(k)));
-        let lo = self.column(first.iter().enumerate().map(|(k, f)| f.0 - band(k)));
-        let certain = self.s.gt_tensor(&hi).sum_dim_intlist(1, false, Kind::Int64);
+        // Queries without a best same-class item count nothing: +inf.
+        let edge = |k: usize, sign: f64| {
+            let (pstar, _) = first[k];
+            if pstar.is_finite() {
+                pstar + sign * self.exact.band(self.start + k)
+            } else {
+                f64::INFINITY
+            }
+        };
+        let hi = self.column((0..self.len).map(|k| edge(k, 1.0)));
+        let lo = self.column((0..self.len).map(|k| edge(k, -1.0)));
+        let other = self.same.logical_not();
+        let above = self.s.gt_tensor(&hi);
+        let certain = above
+            .logical_and(&other)
+            .sum_dim_intlist(1, false, Kind::Int64);
         let mut before: Vec<u64> = host_vec::<i64>(&certain)?
             .into_iter()
             .map(|c| c as u64)
             .collect();
         let near = self
             .s
-            .ge_tensor(&lo)
-            .logical_and(&self.s.le_tensor(&hi))
+            .lt_tensor(&lo)
+            .logical_or(&above)
+            .logical_not()
+            .logical_and(&other)
             .nonzero();
         // One memo per query (`nonzero` lists the pairs by row).
         let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
@@ -142,6 +155,13 @@ impl<T: Sim> Block<'_, '_, T> {
         let caps: Vec<usize> = (self.start..self.start + self.len)
             .map(|i| input.need.cap(input.pos.r(i)))
             .collect();
-        best_by_exact(self.exact, self.s, self.start, &caps, |sim| sim)
+        best_by_exact(
+            self.exact,
+            self.s,
+            Some(self.same),
+            self.start,
+            &caps,
+            false,
+        )
     }
 }

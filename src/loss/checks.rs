@@ -198,6 +198,17 @@ pub(crate) fn check_labels_shape(labels: &Tensor, n: Option<i64>) -> Result<()> 
     )
 }
 
+/// What argument `arg` (labels, or ids: `ids`, `query_ids`) holds, in the
+/// `plural` or singular.
+pub(crate) fn label_noun(arg: &str, plural: bool) -> &'static str {
+    match (arg.ends_with("ids"), plural) {
+        (true, true) => "ids",
+        (true, false) => "id",
+        (false, true) => "labels",
+        (false, false) => "label",
+    }
+}
+
 /// Argument `arg` holds dense integer labels of rank 1 (reads no data).
 /// `what` describes the 1-D tensor expected; `count`, if given, is the
 /// number of labels expected and how the message puts it.
@@ -219,7 +230,7 @@ pub(crate) fn check_label_vector(
         ensure(
             labels.size()[0] == n,
             arg,
-            || format!("{} labels", labels.size()[0]),
+            || format!("{} {}", labels.size()[0], label_noun(arg, true)),
             expected,
         )?;
     }

@@ -521,6 +521,7 @@ impl TrainConfig {
         one_of("loss", &self.loss, &LOSSES)?;
         one_of("select_on", &self.select_on, &["val", "test"])?;
         crate::data::loader::OnError::parse(&self.on_error)?;
+        super::runner::DeviceName::parse(&self.device)?;
         crate::model::ClassifierKind::parse(&self.classifier, self.classifier_scale)?;
         one_of(
             "normalization",
@@ -795,6 +796,11 @@ mod tests {
                 "epochs: expected an integer, got 1.5",
             ),
             ("lr", "x".into(), "lr: expected a number, got \"x\""),
+            (
+                "device",
+                "cuda:x".into(),
+                "device: expected cpu, cuda, cuda:N (an existing device) or auto, got \"cuda:x\"",
+            ),
             (
                 "bf16",
                 toml::Value::Integer(1),

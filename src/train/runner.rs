@@ -190,33 +190,51 @@ fn normalization(cfg: &TrainConfig, train: &Dataset, channels: usize) -> Result<
     }
 }
 
+/// The devices a configuration can name: `auto`, `cpu`, `cuda`, `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DeviceName {
+    Auto,
+    Cpu,
+    Cuda(Option<usize>),
+}
+
+impl DeviceName {
+    /// The name's form, whatever devices this machine has.
+    pub(crate) fn parse(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(DeviceName::Auto),
+            "cpu" => Ok(DeviceName::Cpu),
+            "cuda" => Ok(DeviceName::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map(|i| DeviceName::Cuda(Some(i)))
+                .ok_or_else(|| not_a_device(other)),
+        }
+    }
+}
+
+fn not_a_device(name: &str) -> Error {
+    Error::invalid(
+        "device",
+        format!("{name:?}"),
+        "cpu, cuda, cuda:N (an existing device) or auto",
+    )
+}
+
 /// The device a configuration asks for.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
-            } else {
-                Err(Error::invalid(
-                    "device",
-                    "\"cuda\"",
-                    "a CUDA device (none is available)",
-                ))
-            }
-        }
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-        {
-            Some(i) if (i as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(i)),
-            _ => Err(Error::invalid(
-                "device",
-                format!("{other:?}"),
-                "cpu, cuda, cuda:N (an existing device) or auto",
-            )),
-        },
+    match DeviceName::parse(name)? {
+        DeviceName::Auto => Ok(Device::cuda_if_available()),
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda(None) if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceName::Cuda(None) => Err(Error::invalid(
+            "device",
+            "\"cuda\"",
+            "a CUDA device (none is available)",
+        )),
+        DeviceName::Cuda(Some(i)) if (i as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(i)),
+        DeviceName::Cuda(Some(_)) => Err(not_a_device(name)),
     }
 }
 
