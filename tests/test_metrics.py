@@ -3,6 +3,7 @@ scikit-learn's NMI and k-means, and its argument checks."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -104,6 +105,19 @@ def reference(
     out = {key: mean(key) for key in keys + ["map@r", "r_precision"]}
     out["left_out"] = left
     return out
+
+
+@contextlib.contextmanager
+def cpu_float32_products(precision):
+    """torch's precision of float32 matrix products on the CPU (oneDNN's
+    ``fp32_precision``: "ieee", "tf32" or "bf16") within the block."""
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    backend.fp32_precision = precision
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
 
 
 def exact_similarities(q, g):
@@ -284,6 +298,60 @@ def test_similarities_beyond_float32s_range_rank_as_the_exact_ones(gallery, labe
         assert idx[i, 0] == best and sims[i, 0] == full[i, best]
 
 
+_B = 2.0**64  # products of 2^128: beyond float32, inf in a matrix product's sums
+
+
+@pytest.mark.parametrize(
+    "gallery, labels, want",
+    [
+        # Tile +inf, exact 0: below the same-class item (2^64), so a hit.
+        ([[1, 0]] + [[_B, _B]] * 15, [0] + [1] * 15, 1.0),
+        # Tile -inf, exact 0: above the same-class item (-2^64), a miss.
+        ([[-1, 0]] + [[-_B, -_B]] * 15, [0] + [1] * 15, 0.0),
+    ],
+)
+def test_infinite_tile_values_are_decided_by_the_exact_similarities(gallery, labels, want):
+    # A matrix product's inf says nothing of the exact value: found by a
+    # second review, which saw these two come out the other way round.
+    emb = np.array(gallery, np.float32)
+    q = np.tile(np.array([[_B, -_B]], np.float32), (16, 1))
+    ql = [0] * 16
+    got = M.evaluate(
+        emb, labels, query_embeddings=q, query_labels=ql, ks=(1,), include=ALL, normalize=False
+    )
+    assert got["recall@1"] == want
+    assert_same(got, reference(emb, labels, q, ql, ks=(1,), normalize=False, top=True, exact=True))
+    with np.errstate(over="ignore"):
+        full = exact_similarities(q, emb).astype(np.float32)
+    sims, idx = M.knn(emb, 2, query_embeddings=q, normalize=False)
+    order = np.lexsort((np.arange(len(emb)), -full[0]))[:2]
+    assert idx[0].tolist() == order.tolist() and np.array_equal(sims[0], full[0, order])
+
+
+def test_float64_similarities_that_overflow_rank_last():
+    # 1e200 * 1e200 - 1e200 * 1e200 is inf - inf: no similarity. It ranks
+    # last (it made the sort of a row fail with an internal error).
+    emb = np.array([[1e200, 1e200], [1.0, 0.0], [0.0, 1.0]])
+    q = np.array([[1e200, -1e200]])
+    sims, idx = M.knn(emb, 3, query_embeddings=q, normalize=False)
+    assert idx.tolist() == [[1, 2, 0]]
+    assert sims[0, 0] == 1e200 and sims[0, 2] == -np.inf
+    got = M.evaluate(
+        emb, [0, 1, 1], query_embeddings=q, query_labels=[1], ks=(1,), include=ALL, normalize=False
+    )
+    assert got["recall@1"] == 1.0 and got["map@r"] == 1.0
+
+
+@pytest.mark.parametrize("gallery", [[[5e18], [1e19]], [[-5e19], [-1e19]]])
+def test_knn_ties_beyond_float32s_range_under_reduced_precision_products(gallery):
+    # Both similarities round to the same float32 infinity: a tie, broken by
+    # index, also when the tiles are float64.
+    emb, q = np.array(gallery, np.float32), np.array([[1e20]], np.float32)
+    with cpu_float32_products("bf16"):
+        _, idx = M.knn(emb, 1, query_embeddings=q, normalize=False)
+    assert idx.tolist() == [[0]]
+
+
 def test_a_zero_query_against_a_gallery_of_huge_norms():
     # float64, normalize=False: a norm of 1e160 squares to inf, and 0 x inf
     # made the query's rounding band NaN, which skipped every item.
@@ -302,12 +370,8 @@ def test_knn_keeps_its_float32_ties_under_reduced_precision_products():
     # candidates missed items that only tie after rounding.
     g = np.array([[1, 0], [1, 2**-30]], np.float32)
     q = np.array([[1, 1]], np.float32)
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
+    with cpu_float32_products("bf16"):
         sims, idx = M.knn(g, 1, query_embeddings=q, normalize=False)
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
     assert idx.tolist() == [[0]] and sims.tolist() == [[1.0]]
 
 
@@ -324,15 +388,10 @@ def test_reduced_precision_float32_products_leave_the_metrics_exact(setting):
     labels = rng.integers(0, 10, 150)
     ks = (1, 2, 4, 8)
     want = reference(emb, labels, ks=ks, normalize=False, top=True, exact=True)
-    backend = torch.backends.mkldnn.matmul
-    before = backend.fp32_precision
-    backend.fp32_precision = setting
-    try:
+    with cpu_float32_products(setting):
         for batch in (None, 7):
             got = M.evaluate(emb, labels, ks=ks, include=ALL, normalize=False, batch_size=batch)
             assert_same(got, want)
-    finally:
-        backend.fp32_precision = before
 
 
 def test_single_metrics_and_input_types_agree():

@@ -31,9 +31,11 @@ pub(crate) trait Sim:
 {
     /// Unit roundoff of the type's arithmetic.
     const UNIT_ROUNDOFF: f64;
-    /// The smallest positive (subnormal) value: the absolute error of a
-    /// product or sum that underflows is at most half of it.
+    /// The smallest normal value: the absolute error of a product or sum
+    /// that underflows is below it, subnormals kept or flushed to zero (as
+    /// cuBLAS and a CPU in flush-to-zero mode do).
     const TINY: f64;
+    fn is_finite(self) -> bool;
     fn to_f64(self) -> f64;
     /// The bits of the value.
     fn bits(self) -> u64;
@@ -43,12 +45,15 @@ pub(crate) trait Sim:
 
 impl Sim for f32 {
     const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
-    const TINY: f64 = f32::from_bits(1) as f64; // 2^-149
+    const TINY: f64 = f32::MIN_POSITIVE as f64;
     fn to_f64(self) -> f64 {
         self as f64
     }
     fn bits(self) -> u64 {
         self.to_bits() as u64
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -57,12 +62,15 @@ impl Sim for f32 {
 
 impl Sim for f64 {
     const UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
-    const TINY: f64 = f64::from_bits(1); // 2^-1074
+    const TINY: f64 = f64::MIN_POSITIVE;
     fn to_f64(self) -> f64 {
         self
     }
     fn bits(self) -> u64 {
         self.to_bits()
+    }
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
     fn from_f64(v: f64) -> Self {
         v
@@ -91,12 +99,27 @@ pub(crate) fn dot<T: Sim>(a: &[T], b: &[T]) -> f64 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// `x >= t`, or `x` is NaN: what the scans look at, so that a NaN tile value
-/// (float32 products overflowing to inf - inf) is decided by [`dot`].
+/// `x >= t`, or `x` is not finite: what the scans look at. A tile value
+/// that overflowed (inf, -inf, or NaN from inf - inf) says nothing of the
+/// exact similarity, so [`dot`] decides.
 #[inline]
-#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN passes on purpose
-pub(crate) fn not_below<T: PartialOrd>(x: T, t: T) -> bool {
-    !(x < t)
+pub(crate) fn not_below<T: Sim>(x: T, t: T) -> bool {
+    // `|`, not `||`: no branch, so that loops over it vectorise.
+    (x >= t) | !x.is_finite()
+}
+
+/// The L2 norm of `row` in float64, scaled by its largest magnitude so that
+/// it neither overflows nor underflows where the norm itself does not.
+fn row_norm<T: Sim>(row: &[T]) -> f64 {
+    let peak = row.iter().fold(0.0f64, |m, x| m.max(x.to_f64().abs()));
+    if peak == 0.0 || !peak.is_finite() {
+        return peak;
+    }
+    peak * row
+        .iter()
+        .map(|x| (x.to_f64() / peak).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// `n * u / (1 - n * u)`: the relative error bound of a sum of `n` products
@@ -168,8 +191,7 @@ impl<'a, T: Sim> Rows<'a, T> {
     /// `q` (m x d) and `g` (n x d) as contiguous host slices of `T`, with
     /// products computed in `T`'s arithmetic.
     pub fn new(q: &'a [T], g: &'a [T], d: usize) -> Self {
-        let norm =
-            |rows: &[T]| -> Vec<f64> { rows.chunks(d.max(1)).map(|r| dot(r, r).sqrt()).collect() };
+        let norm = |rows: &[T]| -> Vec<f64> { rows.chunks(d.max(1)).map(row_norm).collect() };
         let g_max = norm(g).into_iter().fold(0.0f64, f64::max);
         // Both the product's and dot's error are bounded by
         // gamma(d) * sum |a_k b_k| <= gamma(d) * |a| |b| (Cauchy-Schwarz),
@@ -200,11 +222,18 @@ impl<'a, T: Sim> Rows<'a, T> {
         }
     }
 
-    /// [`dot`] of query `i` and gallery item `j`.
+    /// [`dot`] of query `i` and gallery item `j`; NaN (float64 rows whose
+    /// products overflow to inf - inf) is -inf, so that similarities have a
+    /// total order: such an item ranks last.
     #[inline]
     pub fn sim(&self, i: usize, j: usize) -> f64 {
         let d = self.d;
-        dot(&self.q[i * d..(i + 1) * d], &self.g[j * d..(j + 1) * d])
+        let sim = dot(&self.q[i * d..(i + 1) * d], &self.g[j * d..(j + 1) * d]);
+        if sim.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            sim
+        }
     }
 
     /// [`Rows::sim`], reusing `memo` when item `j`'s row equals the row it
@@ -233,11 +262,11 @@ impl<'a, T: Sim> Rows<'a, T> {
 /// rounded to float32 with `round_f32`), ranked by (-similarity, index);
 /// items where `excluded` (bool, the shape of `s`) is true are left out.
 ///
-/// Let v be the row's cap-th best tile value: each of the cap items with
-/// the best tile values has an exact similarity of at least v - band, so
-/// every item of the result has a tile value of at least v - 2 band (less
-/// half a float32 step with `round_f32`, as rounding makes ties). Those,
-/// and NaN tile values, are the candidates: few, unless many similarities
+/// Let v be the row's cap-th best finite tile value: each of the cap items
+/// with the best finite tile values has an exact similarity of at least
+/// v - band, so every item of the result has a tile value of at least
+/// v - 2 band (less what rounding to float32 makes a tie with v), or one
+/// that overflowed. Those are the candidates: few, unless many similarities
 /// are within rounding of each other.
 pub(crate) fn best_by_exact<T: Sim>(
     exact: &Rows<'_, T>,
@@ -252,10 +281,12 @@ pub(crate) fn best_by_exact<T: Sim>(
     if width == 0 {
         return Ok(vec![Vec::new(); rows]);
     }
-    let masked = match excluded {
-        Some(e) => s.masked_fill(e, f64::NEG_INFINITY),
-        None => s.shallow_clone(),
-    };
+    let overflowed = s.isfinite().logical_not();
+    let mut candidates_out = overflowed.shallow_clone();
+    if let Some(e) = excluded {
+        candidates_out = candidates_out.logical_or(e);
+    }
+    let masked = s.masked_fill(&candidates_out, f64::NEG_INFINITY);
     let top = host_vec::<f64>(&masked.topk(width as i64, 1, true, true).0)?;
     let thresholds: Vec<T> = caps
         .iter()
@@ -266,41 +297,65 @@ pub(crate) fn best_by_exact<T: Sim>(
                 cap if cap > n => f64::NEG_INFINITY,
                 cap => top[r * width + cap - 1],
             };
-            if !kth.is_finite() {
-                return T::from_f64(f64::NEG_INFINITY);
-            }
-            let ties = if round_f32 {
-                kth.abs() * f64::from(f32::EPSILON) + f64::from(f32::from_bits(1))
-            } else {
-                0.0
-            };
-            T::from_f64(kth - 2.0 * exact.band(start + r) - ties)
+            T::from_f64(candidate_threshold(kth, exact.band(start + r), round_f32))
         })
         .collect();
     let thr = Tensor::from_slice(&thresholds)
         .to_device(s.device())
         .unsqueeze(1);
-    let mut candidates = s.ge_tensor(&thr).logical_or(&s.isnan());
+    let mut candidates = s.ge_tensor(&thr).logical_or(&overflowed);
     if let Some(e) = excluded {
         candidates = candidates.logical_and(&e.logical_not());
     }
+    let counts = host_vec::<i64>(&candidates.sum_dim_intlist(1, false, Kind::Int64))?;
     let round = |sim: f64| if round_f32 { sim as f32 as f64 } else { sim };
     let mut out: Vec<Vec<(f64, i64)>> = vec![Vec::new(); rows];
-    let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
-    // `nonzero` lists the candidates row by row.
-    for pair in host_vec::<i64>(&candidates.nonzero())?.chunks(2) {
-        let (r, j) = (pair[0] as usize, pair[1] as usize);
-        if memo_of != r {
-            (memo, memo_of) = (Memo::default(), r);
+    // The candidates' (row, column) pairs, rows at a time: at most about
+    // 2^22 pairs (64 MB) a pass unless one row has more.
+    let mut r0 = 0;
+    while r0 < rows {
+        let (mut r1, mut pairs) = (r0, 0i64);
+        while r1 < rows && (r1 == r0 || pairs + counts[r1] <= 1 << 22) {
+            pairs += counts[r1];
+            r1 += 1;
         }
-        let sim = round(exact.sim_memo(start + r, j, &mut memo));
-        out[r].push((sim, j as i64));
+        let chunk = candidates.narrow(0, r0 as i64, (r1 - r0) as i64);
+        let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
+        // `nonzero` lists the pairs row by row.
+        for pair in host_vec::<i64>(&chunk.nonzero())?.chunks(2) {
+            let (r, j) = (r0 + pair[0] as usize, pair[1] as usize);
+            if memo_of != r {
+                (memo, memo_of) = (Memo::default(), r);
+            }
+            out[r].push((round(exact.sim_memo(start + r, j, &mut memo)), j as i64));
+        }
+        r0 = r1;
     }
     for (items, &cap) in out.iter_mut().zip(caps) {
         items.sort_unstable_by(rank_order);
         items.truncate(cap);
     }
     Ok(out)
+}
+
+/// The lowest tile value that can be among a row's best items, its cap-th
+/// best finite tile value being `kth` (-inf when there is none) and its
+/// band `band`. With `round_f32` an exact similarity rounded to the same
+/// float32 as the cap-th best one ties with it: half a float32 step lower,
+/// or every value beyond float32's range where that rounds to an infinity.
+fn candidate_threshold(kth: f64, band: f64, round_f32: bool) -> f64 {
+    if !kth.is_finite() {
+        return f64::NEG_INFINITY;
+    }
+    if !round_f32 {
+        return kth - 2.0 * band;
+    }
+    let lowest = kth - 2.0 * band;
+    match lowest as f32 {
+        f32::NEG_INFINITY => f64::NEG_INFINITY,
+        f32::INFINITY => f64::from(f32::MAX) - 2.0 * band,
+        _ => lowest - lowest.abs() * f64::from(f32::EPSILON) - f64::from(f32::from_bits(1)),
+    }
 }
 
 /// The elements of a contiguous CPU tensor of `T`'s dtype.

@@ -122,6 +122,7 @@ impl<T: Sim> RowState<T> {
     }
 
     /// Below this tile value an item is neither counted nor kept.
+    #[inline(always)]
     fn threshold(&self) -> T {
         if self.near < self.heap_lo {
             self.near
@@ -131,13 +132,12 @@ impl<T: Sim> RowState<T> {
     }
 
     /// Other-class item `j` of tile value `s` for query `i` of `rows`. The
-    /// exact similarity is computed only where the tile value cannot decide.
-    /// Comparisons are "not below" so that a NaN tile value (float32
-    /// products overflowing to inf - inf) is looked at.
-    #[inline]
+    /// exact similarity is computed only where the tile value cannot decide,
+    /// which a tile value that overflowed ([`not_below`]) never does.
+    #[inline(always)]
     fn offer(&mut self, rows: &Rows<'_, T>, i: usize, s: T, j: usize) {
         let mut exact = None;
-        if s > self.ahead {
+        if (s > self.ahead) & s.is_finite() {
             self.before += 1;
         } else if not_below(s, self.near) {
             let sim = *exact.get_or_insert_with(|| rows.sim_memo(i, j, &mut self.memo));
@@ -145,7 +145,7 @@ impl<T: Sim> RowState<T> {
                 self.before += 1;
             }
         }
-        if self.cap == 0 || s < self.heap_lo {
+        if self.cap == 0 || !not_below(s, self.heap_lo) {
             return;
         }
         let sim = exact.unwrap_or_else(|| rows.sim_memo(i, j, &mut self.memo));

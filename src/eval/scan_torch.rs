@@ -96,8 +96,8 @@ impl<T: Sim> Block<'_, '_, T> {
 
     /// Per query, the other-class items ranked before its best same-class
     /// item (pstar, jstar): those whose tile value is above pstar + band,
-    /// and those within the band (or NaN) whose exact similarity ranks
-    /// before.
+    /// and those within the band (or not finite) whose exact similarity
+    /// ranks before.
     fn before_best_positive(&self) -> Result<Vec<u64>> {
         let pos = self.input.pos;
         let range = self.start..self.start + self.len;
@@ -117,19 +117,23 @@ impl<T: Sim> Block<'_, '_, T> {
         let hi = self.column((0..self.len).map(|k| edge(k, 1.0)));
         let lo = self.column((0..self.len).map(|k| edge(k, -1.0)));
         let other = self.same.logical_not();
+        let finite = self.s.isfinite();
         let above = self.s.gt_tensor(&hi);
         let certain = above
+            .logical_and(&finite)
             .logical_and(&other)
             .sum_dim_intlist(1, false, Kind::Int64);
         let mut before: Vec<u64> = host_vec::<i64>(&certain)?
             .into_iter()
             .map(|c| c as u64)
             .collect();
+        // Within the band, or overflowed (a tile value that tells nothing).
         let near = self
             .s
             .lt_tensor(&lo)
             .logical_or(&above)
             .logical_not()
+            .logical_or(&finite.logical_not())
             .logical_and(&other)
             .nonzero();
         // One memo per query (`nonzero` lists the pairs by row).
