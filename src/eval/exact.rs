@@ -195,8 +195,8 @@ impl<'a, T: Sim> Rows<'a, T> {
         let g_max = norm(g).into_iter().fold(0.0f64, f64::max);
         // Both the product's and dot's error are bounded by
         // gamma(d) * sum |a_k b_k| <= gamma(d) * |a| |b| (Cauchy-Schwarz),
-        // plus, where products or sums underflow, half the smallest
-        // subnormal a step (Higham 2.2). The factor 2 covers the norms' own
+        // plus, where products or sums underflow, less than the smallest
+        // normal number a step (Higham 2.2; also with flush-to-zero). The factor 2 covers the norms' own
         // rounding and the rounding of a threshold to `T`. A norm of zero
         // gives a product of zero, even against an infinite one.
         let unit = gamma(d, T::UNIT_ROUNDOFF) + gamma(d, f64::EPSILON / 2.0) + T::UNIT_ROUNDOFF;
@@ -220,6 +220,11 @@ impl<'a, T: Sim> Rows<'a, T> {
             bands,
             first_equal,
         }
+    }
+
+    /// The width of a row.
+    pub fn dim(&self) -> usize {
+        self.d
     }
 
     /// [`dot`] of query `i` and gallery item `j`; NaN (float64 rows whose
@@ -307,35 +312,71 @@ pub(crate) fn best_by_exact<T: Sim>(
     if let Some(e) = excluded {
         candidates = candidates.logical_and(&e.logical_not());
     }
-    let counts = host_vec::<i64>(&candidates.sum_dim_intlist(1, false, Kind::Int64))?;
     let round = |sim: f64| if round_f32 { sim as f32 as f64 } else { sim };
     let mut out: Vec<Vec<(f64, i64)>> = vec![Vec::new(); rows];
-    // The candidates' (row, column) pairs, rows at a time: at most about
-    // 2^22 pairs (64 MB) a pass unless one row has more.
-    let mut r0 = 0;
-    while r0 < rows {
-        let (mut r1, mut pairs) = (r0, 0i64);
-        while r1 < rows && (r1 == r0 || pairs + counts[r1] <= 1 << 22) {
-            pairs += counts[r1];
-            r1 += 1;
-        }
-        let chunk = candidates.narrow(0, r0 as i64, (r1 - r0) as i64);
-        let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
-        // `nonzero` lists the pairs row by row.
-        for pair in host_vec::<i64>(&chunk.nonzero())?.chunks(2) {
-            let (r, j) = (r0 + pair[0] as usize, pair[1] as usize);
-            if memo_of != r {
-                (memo, memo_of) = (Memo::default(), r);
-            }
-            out[r].push((round(exact.sim_memo(start + r, j, &mut memo)), j as i64));
-        }
-        r0 = r1;
-    }
+    for_each_exact(exact, &candidates, start, |r, j, sim| {
+        out[r].push((round(sim), j as i64))
+    })?;
     for (items, &cap) in out.iter_mut().zip(caps) {
         items.sort_unstable_by(rank_order);
         items.truncate(cap);
     }
     Ok(out)
+}
+
+/// `f(r, j, sim)` for every true entry (r, j) of `mask` (rows: queries
+/// `start..`; columns: the gallery of `exact`), row by row, `sim` being
+/// their [`Rows::sim`]. The pairs are read from the device a chunk of rows
+/// at a time: at most about 2^22 pairs (64 MB) unless one row has more.
+pub(crate) fn for_each_exact<T: Sim>(
+    exact: &Rows<'_, T>,
+    mask: &Tensor,
+    start: usize,
+    mut f: impl FnMut(usize, usize, f64),
+) -> Result<()> {
+    let counts = host_vec::<i64>(&mask.sum_dim_intlist(1, false, Kind::Int64))?;
+    let mut r0 = 0;
+    while r0 < counts.len() {
+        let (mut r1, mut pairs) = (r0, 0i64);
+        while r1 < counts.len() && (r1 == r0 || pairs + counts[r1] <= 1 << 22) {
+            pairs += counts[r1];
+            r1 += 1;
+        }
+        let chunk = mask.narrow(0, r0 as i64, (r1 - r0) as i64);
+        let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
+        // `nonzero` lists the pairs row by row: one memo per row.
+        for pair in host_vec::<i64>(&chunk.nonzero())?.chunks(2) {
+            let (r, j) = (r0 + pair[0] as usize, pair[1] as usize);
+            if memo_of != r {
+                (memo, memo_of) = (Memo::default(), r);
+            }
+            f(r, j, exact.sim_memo(start + r, j, &mut memo));
+        }
+        r0 = r1;
+    }
+    Ok(())
+}
+
+/// Host copies of prepared queries and gallery (the tensors themselves when
+/// they are contiguous CPU ones), which [`Rows`] borrow.
+pub(crate) struct HostRows {
+    q: Tensor,
+    g: Tensor,
+}
+
+impl HostRows {
+    pub fn new(q: &Tensor, g: &Tensor) -> Self {
+        HostRows {
+            q: on_host(q),
+            g: on_host(g),
+        }
+    }
+
+    /// Their [`Rows`], of `T`'s dtype.
+    pub fn rows<T: Sim>(&self) -> Result<Rows<'_, T>> {
+        let d = self.q.size()[1] as usize;
+        Ok(Rows::new(cpu_slice(&self.q)?, cpu_slice(&self.g)?, d))
+    }
 }
 
 /// The lowest tile value that can be among a row's best items, its cap-th
@@ -378,7 +419,7 @@ pub(crate) fn cpu_slice<T: Sim>(t: &Tensor) -> Result<&[T]> {
 }
 
 /// A contiguous CPU copy of `t` (or `t` itself when it is one).
-pub(crate) fn on_host(t: &Tensor) -> Tensor {
+fn on_host(t: &Tensor) -> Tensor {
     t.to_device(Device::Cpu).contiguous()
 }
 

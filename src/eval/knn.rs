@@ -10,7 +10,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::exact::{best_by_exact, cpu_slice, on_host, tile_kind, Rows, Sim};
+use super::exact::{best_by_exact, tile_kind, HostRows, Sim};
 use super::input::{
     block_rows, check_batch_size, check_embeddings, check_k, prepare, shared_compute_kind,
 };
@@ -120,12 +120,8 @@ fn knn_typed<T: Sim>(
     rows: i64,
     kind: Kind,
 ) -> Result<(Tensor, Tensor)> {
-    let (qh, gh) = (on_host(q), on_host(g));
-    let exact = Rows::new(
-        cpu_slice::<T>(&qh)?,
-        cpu_slice::<T>(&gh)?,
-        q.size()[1] as usize,
-    );
+    let host = HostRows::new(q, g);
+    let exact = host.rows::<T>()?;
     let m = q.size()[0];
     let (mut vals, mut idx) = (Vec::with_capacity((m * k) as usize), Vec::new());
     let mut start = 0;

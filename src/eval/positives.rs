@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::cmp::Ordering;
 
 use super::exact::{Memo, Rows, Sim};
+use crate::loss::threads::par_rows;
 
 /// For query `i`, `index[offsets[i]..offsets[i + 1]]` are the gallery items
 /// of its class (its own entry excluded, see [`Own`]), best
@@ -101,46 +102,30 @@ fn by_class(labels: &[i64]) -> BTreeMap<i64, Vec<i64>> {
 }
 
 /// The [`Positives`] of the queries of `rows` (labels `yq`) in its gallery
-/// (labels `yg`), each query's `own` entry left out, computed on
-/// `threads` threads over disjoint queries (the result does not depend on
-/// their number).
+/// (labels `yg`), each query's `own` entry left out; queries run in
+/// parallel when there is enough work (the result does not depend on it).
 pub(crate) fn positives<T: Sim>(
     rows: &Rows<'_, T>,
     yq: &[i64],
     yg: &[i64],
     own: Own<'_>,
-    threads: usize,
 ) -> Positives {
     let gallery = by_class(yg);
-    let mut per_query: Vec<Vec<(f64, i64)>> = vec![Vec::new(); yq.len()];
-    let per = yq.len().div_ceil(threads.max(1)).max(1);
-    let work = |base: usize, lists: &mut [Vec<(f64, i64)>]| {
-        for (k, list) in lists.iter_mut().enumerate() {
-            let i = base + k;
-            let Some(members) = gallery.get(&yq[i]) else {
-                continue;
-            };
-            let own = own.of(i as i64);
-            let mut memo = Memo::default();
-            list.extend(
-                members
-                    .iter()
-                    .filter(|&&j| own != Some(j))
-                    .map(|&j| (rows.sim_memo(i, j as usize, &mut memo), j)),
-            );
-            list.sort_unstable_by(rank_order);
-        }
-    };
-    if per >= yq.len() {
-        work(0, &mut per_query);
-    } else {
-        let work = &work;
-        std::thread::scope(|scope| {
-            for (k, lists) in per_query.chunks_mut(per).enumerate() {
-                scope.spawn(move || work(k * per, lists));
-            }
-        });
-    }
+    let pairs: usize = yq.iter().map(|y| gallery.get(y).map_or(0, Vec::len)).sum();
+    let per_query = par_rows(yq.len(), pairs * rows.dim(), |i| {
+        let Some(members) = gallery.get(&yq[i]) else {
+            return Vec::new();
+        };
+        let own = own.of(i as i64);
+        let mut memo = Memo::default();
+        let mut list: Vec<(f64, i64)> = members
+            .iter()
+            .filter(|&&j| own != Some(j))
+            .map(|&j| (rows.sim_memo(i, j as usize, &mut memo), j))
+            .collect();
+        list.sort_unstable_by(rank_order);
+        list
+    });
     let mut out = Positives {
         offsets: Vec::with_capacity(yq.len() + 1),
         ..Default::default()

@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 use super::input::{elt_size, BLOCK_BYTES};
 use std::collections::BTreeMap;
 
-use super::exact::{cpu_slice, on_host, tile_kind, Rows, Sim};
+use super::exact::{tile_kind, HostRows, Sim};
 use super::positives::{positives, rank_order, Own, Positives};
 use super::scan_cpu::scan_cpu;
 use super::scan_torch::scan_torch;
@@ -196,18 +196,9 @@ fn retrieval_typed<T: Sim>(sets: Sets<'_>, req: Request<'_>) -> Result<Retrieval
         same_set,
         own,
     } = sets;
-    let (qh, gh) = (on_host(q), on_host(g));
-    let exact = Rows::new(
-        cpu_slice::<T>(&qh)?,
-        cpu_slice::<T>(&gh)?,
-        q.size()[1] as usize,
-    );
-    let threads = if yq.len() < 64 {
-        1
-    } else {
-        tch::get_num_threads().max(1) as usize
-    };
-    let pos = positives(&exact, yq, yg, own, threads);
+    let host = HostRows::new(q, g);
+    let exact = host.rows::<T>()?;
+    let pos = positives(&exact, yq, yg, own);
     let strategy = match req.strategy {
         Strategy::Auto if q.device() == Device::Cpu => Strategy::Cpu { symmetric: true },
         Strategy::Auto => Strategy::Torch,

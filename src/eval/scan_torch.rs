@@ -11,7 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::exact::{best_by_exact, Memo, Rows, Sim};
+use super::exact::{best_by_exact, for_each_exact, Rows, Sim};
 use super::input::{block_rows, host_vec};
 use super::retrieval::{ScanInput, ScanOut};
 use crate::error::Result;
@@ -134,21 +134,13 @@ impl<T: Sim> Block<'_, '_, T> {
             .logical_or(&above)
             .logical_not()
             .logical_or(&finite.logical_not())
-            .logical_and(&other)
-            .nonzero();
-        // One memo per query (`nonzero` lists the pairs by row).
-        let (mut memo, mut memo_of) = (Memo::default(), usize::MAX);
-        for pair in host_vec::<i64>(&near)?.chunks(2) {
-            let (k, j) = (pair[0] as usize, pair[1]);
-            if memo_of != k {
-                (memo, memo_of) = (Memo::default(), k);
-            }
+            .logical_and(&other);
+        for_each_exact(self.exact, &near, self.start, |k, j, sim| {
             let (pstar, jstar) = first[k];
-            let sim = self.exact.sim_memo(self.start + k, j as usize, &mut memo);
-            if sim > pstar || (sim == pstar && j < jstar) {
+            if sim > pstar || (sim == pstar && (j as i64) < jstar) {
                 before[k] += 1;
             }
-        }
+        })?;
         Ok(before)
     }
 
